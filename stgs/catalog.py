@@ -168,7 +168,9 @@ SKUS: dict[str, GpuSku] = {
     for sku in (
         GpuSku("A100-40GB", 108, 40960, _A100_40, aliases=("A100-SXM4-40GB", "A100-PCIE-40GB")),
         GpuSku("A100-80GB", 108, 81920, _A100_80, aliases=("A100-SXM4-80GB", "A100-PCIE-80GB")),
-        GpuSku("H100-80GB", 132, 81559, _H100_80, aliases=("H100", "H100-SXM5-80GB", "H100-80GB-HBM3")),
+        GpuSku(
+            "H100-80GB", 132, 81559, _H100_80, aliases=("H100", "H100-SXM5-80GB", "H100-80GB-HBM3")
+        ),
         GpuSku("H200-141GB", 132, 143771, _H200_141, aliases=("H200",)),
         GpuSku("L4", 58, 23034),
         GpuSku("T4", 40, 15360),

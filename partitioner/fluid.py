@@ -1,0 +1,197 @@
+"""The fluid bound and the fractional split of each model's rate over GPU types.
+
+Serving one request/s of model m on shape s of GPU type t costs ``frac(s) / T`` of a GPU's
+compute and ``mem_frac(s) / T`` of its memory slices, with ``T(m, t, s)`` the saturated
+throughput at the best batch b with ``2 (1 + h) l(b, s) <= slo`` (planning-notes.md: the
+efficiency frontier). Packing fractionally (a linear program) gives
+
+    k* = max k  s.t.  sum_{t,s} y[m,t,s] = k r_m                       for every model m
+                      sum_{m,s} y[m,t,s] frac(s) / T(m,t,s) <= N_t       compute, per GPU type
+                      sum_{m,s} y[m,t,s] mem_frac(s) / T(m,t,s) <= N_t   memory slices, per type
+
+No plan can beat k*: every valid MIG layout keeps both sums <= 1 per GPU (MPS shares keep their
+one sum <= 1), and a model that time-shares a partition still uses a share >= r / T of it (its
+batch latency is at most slo/2 because d >= L and d + L <= slo). The bound leaves interference
+out (it only makes things slower), so it stays an upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from scipy.optimize import linprog
+
+from partitioner.problem import Curve, Problem, Shape
+from stgs.types import GpuSpec, ModelSpec
+
+_EPS = 1e-9
+
+
+def saturated_rps(curve: Curve, *, interference: bool = True) -> float:
+    if interference:
+        return curve.max_rps
+    lat = curve.raw_solo * (1.0 + curve.headroom)
+    ok = (2 * lat <= curve.model.slo_ms + _EPS) & (curve.memory <= curve.shape.memory_mib)
+    return float(np.max(1000.0 * curve.buckets[ok] / lat[ok])) if ok.any() else 0.0
+
+
+def best_shape(
+    problem: Problem,
+    model: ModelSpec,
+    gtype: GpuSpec,
+    shapes: Iterable[Shape] | None = None,
+    *,
+    interference: bool = True,
+) -> tuple[float, Shape | None]:
+    """(packing weight per request/s, shape): the cheapest way to serve ``model`` on ``gtype``."""
+    best: tuple[float, Shape | None] = (math.inf, None)
+    for shape in shapes if shapes is not None else problem.shapes(gtype):
+        c = problem.curve(model, gtype, shape)
+        if c is None:
+            continue
+        t = saturated_rps(c, interference=interference)
+        if t > 0 and shape.weight / t < best[0] - 1e-15:
+            best = (shape.weight / t, shape)
+    return best
+
+
+def _lp(
+    problem: Problem, costs: dict[tuple[str, GpuSpec], float], maximize_k: bool
+) -> tuple[float, dict[tuple[str, GpuSpec], float]] | None:
+    """Solve the fluid LP. maximize_k: max k; else min total GPU use at k = 1."""
+    models = [m for m in problem.models if m.rate_rps > 0]
+    types = problem.gpu_types
+    var: list[tuple[str, GpuSpec]] = [
+        (m.name, t)
+        for m in models
+        for t in types
+        if math.isfinite(costs.get((m.name, t), math.inf))
+    ]
+    if not models:
+        return (math.inf if maximize_k else 1.0), {}
+    served = {name for name, _ in var}
+    if any(m.name not in served for m in models):
+        return None
+    n = len(var) + 1  # last variable: k
+    idx = {v: i for i, v in enumerate(var)}
+    a_eq = np.zeros((len(models), n))
+    for r, m in enumerate(models):
+        for t in types:
+            i = idx.get((m.name, t))
+            if i is not None:
+                a_eq[r, i] = 1.0
+        a_eq[r, -1] = -m.rate_rps
+    a_ub = np.zeros((len(types), n))
+    for r, t in enumerate(types):
+        for (name, tt), i in idx.items():
+            if tt == t:
+                a_ub[r, i] = costs[(name, tt)]
+    b_ub = np.array([problem.count(t) for t in types], dtype=float)
+    c = np.zeros(n)
+    if maximize_k:
+        c[-1] = -1.0
+        bounds = [(0, None)] * (n - 1) + [(0, None)]
+    else:
+        for (name, t), i in idx.items():
+            c[i] = costs[(name, t)]
+        bounds = [(0, None)] * (n - 1) + [(1.0, 1.0)]
+    res = linprog(
+        c,
+        A_ub=a_ub,
+        b_ub=b_ub,
+        A_eq=a_eq,
+        b_eq=np.zeros(len(models)),
+        bounds=bounds,
+        method="highs",
+    )
+    if res.status != 0:
+        return None
+    x = res.x
+    return float(x[-1]), {v: float(x[i]) for v, i in idx.items()}
+
+
+def fluid_bound(problem: Problem) -> float:
+    """k*: the largest factor on all rates that a fractional packing could serve (0: none)."""
+    models = [m for m in problem.models if m.rate_rps > 0]
+    if not models:
+        return math.inf
+    types = problem.gpu_types
+    cols: list[tuple[int, int, float, float]] = []  # (model row, type row, compute, memory)
+    for mi, m in enumerate(models):
+        for ti, t in enumerate(types):
+            front: list[tuple[float, float]] = []
+            for shape in problem.shapes(t):
+                c = problem.curve(m, t, shape)
+                if c is None:
+                    continue
+                tput = saturated_rps(c, interference=False)
+                if tput > 0:
+                    front.append((shape.frac / tput, shape.mem_frac / tput))
+            # keep the Pareto front of (compute, memory) cost per request/s
+            front.sort()
+            best_mem = math.inf
+            for cc, mc in front:
+                if mc < best_mem - 1e-15:
+                    cols.append((mi, ti, cc, mc))
+                    best_mem = mc
+    served = {mi for mi, *_ in cols}
+    if len(served) < len(models):
+        return 0.0
+    n = len(cols) + 1
+    a_eq = np.zeros((len(models), n))
+    a_ub = np.zeros((2 * len(types), n))
+    for j, (mi, ti, cc, mc) in enumerate(cols):
+        a_eq[mi, j] = 1.0
+        a_ub[2 * ti, j] = cc
+        a_ub[2 * ti + 1, j] = mc
+    for mi, m in enumerate(models):
+        a_eq[mi, -1] = -m.rate_rps
+    b_ub = np.repeat([float(problem.count(t)) for t in types], 2)
+    c = np.zeros(n)
+    c[-1] = -1.0
+    res = linprog(
+        c,
+        A_ub=a_ub,
+        b_ub=b_ub,
+        A_eq=a_eq,
+        b_eq=np.zeros(len(models)),
+        bounds=[(0, None)] * n,
+        method="highs",
+    )
+    return float(res.x[-1]) if res.status == 0 else 0.0
+
+
+def split_rates(
+    problem: Problem, costs: dict[tuple[str, GpuSpec], float]
+) -> dict[tuple[str, GpuSpec], float]:
+    """How much of each model's rate each GPU type should serve (guidance for rounding)."""
+    types = problem.gpu_types
+    out: dict[tuple[str, GpuSpec], float] = {}
+    if len(types) == 1:
+        for m in problem.models:
+            out[(m.name, types[0])] = m.rate_rps
+        return out
+    sol = _lp(problem, costs, maximize_k=False)
+    if sol is None:
+        sol_k = _lp(problem, costs, maximize_k=True)
+        if sol_k is None or sol_k[0] <= 0:
+            # no fractional packing at all: send each model to its cheapest type
+            for m in problem.models:
+                t = min(types, key=lambda t: costs.get((m.name, t), math.inf))
+                out[(m.name, t)] = m.rate_rps
+            return out
+        k, y = sol_k
+        sol = (1.0, {v: val / k for v, val in y.items()})
+    _, y = sol
+    for m in problem.models:
+        if m.rate_rps <= 0:
+            t = min(types, key=lambda t: costs.get((m.name, t), math.inf))
+            out[(m.name, t)] = 0.0
+            continue
+        for t in types:
+            val = y.get((m.name, t), 0.0)
+            if val > 1e-6 * m.rate_rps:
+                out[(m.name, t)] = val
+    return out

@@ -1,0 +1,490 @@
+"""The greedy engine behind the heuristic policies: size partitions, time-share, pack, assemble.
+
+One engine, configured per policy (which shape families, whether partitions are time-shared):
+
+1. split each model's rate over GPU types (the fluid LP's guidance, ``fluid.split_rates``);
+2. per GPU type, give each model ``floor(rate / T*)`` dedicated partitions of its most efficient
+   shape (throughput ``T*`` at its best batch), leaving a residual rate;
+3. place residuals, largest first: into an open time-shared partition where the duty-cycle
+   schedule still holds (best fit), else into a new partition of the shape that serves the
+   residual at the least GPU fraction x utilisation;
+4. shrink every shared partition to the smallest shape that still schedules its models;
+5. pack partitions onto GPUs (MPS shares, MIG placements); what does not fit is re-placed
+   into the free space left on any GPU (smaller shapes, rate split), else reported unserved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from partitioner.fluid import best_shape, split_rates
+from partitioner.packing import GpuBin, Instance
+from partitioner.problem import Curve, Problem, Schedule, Shape, schedule
+from stgs.catalog import get_sku
+from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan, Unserved
+from stgs.types import GpuSpec, ModelSpec
+
+FULL, MPS, MIG, MIG_MPS = "full", "mps", "mig", "mig-mps"
+ALL_FAMILIES = frozenset({FULL, MPS, MIG, MIG_MPS})
+
+
+def family(shape: Shape) -> str:
+    if shape.kind == "mps":
+        return MIG_MPS if shape.in_mig else MPS
+    return shape.kind
+
+
+@dataclass(frozen=True)
+class GreedyConfig:
+    name: str
+    families: frozenset[str] = ALL_FAMILIES
+    time_sharing: bool = True
+    shrink: bool = True
+    fallback_families: frozenset[str] = frozenset({FULL})  # for GPU types that have none of them
+
+
+@dataclass
+class Part:
+    """A partition under construction."""
+
+    gtype: GpuSpec
+    shape: Shape
+    items: list[tuple[ModelSpec, float]]
+    sched: Schedule
+    shared: bool = True
+    bin: int = -1
+    instance: Instance | None = None
+    pct_index: int = -1
+
+    @property
+    def load(self) -> float:
+        return self.shape.weight * self.sched.utilisation
+
+
+@dataclass
+class _TypeState:
+    gtype: GpuSpec
+    shapes: tuple[Shape, ...]
+    parts: list[Part] = field(default_factory=list)
+    bins: list[GpuBin] = field(default_factory=list)
+
+
+class Greedy:
+    def __init__(self, problem: Problem, cfg: GreedyConfig) -> None:
+        self.p = problem
+        self.cfg = cfg
+        self.max_models = problem.options.max_models_per_partition if cfg.time_sharing else 1
+        self.types: dict[GpuSpec, _TypeState] = {}
+        for t in problem.gpu_types:
+            shapes = tuple(s for s in problem.shapes(t) if family(s) in cfg.families)
+            if not shapes:
+                shapes = tuple(s for s in problem.shapes(t) if family(s) in cfg.fallback_families)
+            self.types[t] = _TypeState(t, shapes)
+        self.unserved: dict[str, list[tuple[float, str]]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ helpers
+    def _curve(self, m: ModelSpec, t: GpuSpec, s: Shape) -> Curve | None:
+        c = self.p.curve(m, t, s)
+        return c if c is not None and c.servable else None
+
+    def _sched(
+        self, t: GpuSpec, s: Shape, items: Sequence[tuple[ModelSpec, float]]
+    ) -> Schedule | None:
+        curves = []
+        for m, r in items:
+            c = self._curve(m, t, s)
+            if c is None:
+                return None
+            curves.append((c, r))
+        return schedule(curves)
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> Plan:
+        costs = {
+            (m.name, t): best_shape(self.p, m, t, st.shapes)[0]
+            for m in self.p.models
+            for t, st in self.types.items()
+        }
+        admitted = []
+        for m in self.p.models:
+            if all(math.isinf(costs[(m.name, t)]) for t in self.types):
+                self.unserved[m.name].append((m.rate_rps, self._refusal(m)))
+            else:
+                admitted.append(m)
+        split = split_rates(self.p.with_models(admitted), costs) if admitted else {}
+        residuals: list[tuple[ModelSpec, GpuSpec, float]] = []
+        by_name = {m.name: m for m in admitted}
+        for (name, t), rate in split.items():
+            residuals.extend(self._dedicate(by_name[name], t, rate))
+        self._place_residuals(residuals)
+        if self.cfg.shrink:
+            for st in self.types.values():
+                for part in st.parts:
+                    if part.shared:
+                        self._shrink(part)
+        leftovers: list[tuple[ModelSpec, float]] = []
+        for st in self.types.values():
+            leftovers.extend(self._pack(st))
+        for m, rate in leftovers:
+            rest = self._fill_free_space(m, rate)
+            if rest > 1e-9 * max(1.0, m.rate_rps):
+                self.unserved[m.name].append(
+                    (rest, "insufficient GPU capacity: no free partition can take this rate")
+                )
+        return self._assemble()
+
+    def _refusal(self, m: ModelSpec) -> str:
+        best: tuple[float, str] | None = None
+        for t, st in self.types.items():
+            for s in st.shapes:
+                c = self.p.curve(m, t, s)
+                if c is not None and (best is None or float(c.lat[0]) < best[0]):
+                    best = (float(c.lat[0]), f"{t.sku} {s.label}")
+        if best is None:
+            return f"no profile of {m.profile!r} on these GPUs"
+        return (
+            f"cannot meet slo_ms={m.slo_ms:g} on any partition of these GPUs: the fastest batch"
+            f" of 1 takes {best[0]:.2f} ms with headroom and interference ({best[1]}), and"
+            f" a request may wait one duty cycle before its batch runs"
+        )
+
+    # ------------------------------------------------------------------ step 2
+    def _dedicate(
+        self, m: ModelSpec, t: GpuSpec, rate: float
+    ) -> list[tuple[ModelSpec, GpuSpec, float]]:
+        st = self.types[t]
+        cost, shape = best_shape(self.p, m, t, st.shapes)
+        if shape is None:
+            return [(m, t, rate)]
+        curve = self._curve(m, t, shape)
+        assert curve is not None
+        tmax = curve.max_rps * (1 - 1e-9)
+        n = int(rate // tmax) if rate > 0 else 0
+        if n:
+            sched = schedule([(curve, tmax)])
+            if sched is None:  # numerical edge: fall back to residual placement
+                return [(m, t, rate)]
+            for _ in range(n):
+                st.parts.append(Part(t, shape, [(m, tmax)], sched, shared=False))
+        return [(m, t, rate - n * tmax)] if rate - n * tmax > 1e-9 or rate <= 0 else []
+
+    # ------------------------------------------------------------------ step 3
+    def _place_residuals(self, residuals: list[tuple[ModelSpec, GpuSpec, float]]) -> None:
+        def weight(item: tuple[ModelSpec, GpuSpec, float]) -> float:
+            m, t, r = item
+            c, _ = best_shape(self.p, m, t, self.types[t].shapes)
+            return r * c if math.isfinite(c) else 0.0
+
+        for m, t, rate in sorted(residuals, key=weight, reverse=True):
+            self._place_one(m, t, rate)
+
+    def _place_one(self, m: ModelSpec, t: GpuSpec, rate: float) -> None:
+        st = self.types[t]
+        if self.cfg.time_sharing:
+            best: tuple[float, Part, Schedule] | None = None
+            for part in st.parts:
+                if not part.shared or len(part.items) >= self.max_models:
+                    continue
+                if any(pm.name == m.name for pm, _ in part.items):
+                    continue
+                sched = self._sched(t, part.shape, [*part.items, (m, rate)])
+                if sched is None:
+                    continue
+                # best fit: the partition left with the least idle time after adding
+                key = sched.utilisation
+                if best is None or key > best[0]:
+                    best = (key, part, sched)
+            if best is not None:
+                _, part, sched = best
+                part.items.append((m, rate))
+                part.sched = sched
+                return
+        opened = self._open(m, t, rate)
+        if opened is None:
+            # the residual alone is more than any one shape serves within SLO: split it
+            cost, shape = best_shape(self.p, m, t, st.shapes)
+            curve = self._curve(m, t, shape) if shape is not None else None
+            if curve is None or curve.max_rps <= 0:
+                self.unserved[m.name].append(
+                    (rate, "no partition shape serves it on this GPU type")
+                )
+                return
+            half = rate / 2
+            self._place_one(m, t, half)
+            self._place_one(m, t, rate - half)
+            return
+        st.parts.append(opened)
+
+    def _open(self, m: ModelSpec, t: GpuSpec, rate: float) -> Part | None:
+        best: tuple[float, Part] | None = None
+        for shape in self.types[t].shapes:
+            sched = self._sched(t, shape, [(m, rate)])
+            if sched is None:
+                continue
+            if self.cfg.time_sharing:
+                key = shape.weight * sched.utilisation + 1e-6 * shape.weight
+            else:
+                key = shape.weight  # no sharing: the smallest partition that serves it
+            if best is None or key < best[0]:
+                best = (key, Part(t, shape, [(m, rate)], sched, shared=self.cfg.time_sharing))
+        return best[1] if best else None
+
+    def _shrink(self, part: Part) -> None:
+        for shape in self.types[part.gtype].shapes:  # smallest first
+            if shape.weight >= part.shape.weight:
+                break
+            sched = self._sched(part.gtype, shape, part.items)
+            if sched is not None:
+                part.shape, part.sched = shape, sched
+                return
+
+    # ------------------------------------------------------------------ step 5
+    def _pack(self, st: _TypeState) -> list[tuple[ModelSpec, float]]:
+        """Pack this type's partitions onto its GPUs; return the rates that did not fit."""
+        n_gpus = self.p.count(st.gtype)
+        st.bins = [GpuBin(st.gtype.sku) for _ in range(n_gpus)]
+        left: list[tuple[ModelSpec, float]] = []
+        mig_parts = [p for p in st.parts if p.shape.in_mig]
+        flat_parts = [p for p in st.parts if not p.shape.in_mig]
+        sku = get_sku(st.gtype.sku)
+
+        # MPS inside MIG: group shares into instances of their profile (first-fit decreasing)
+        groups: dict[str, list[tuple[Instance, list[Part]]]] = defaultdict(list)
+        whole: list[Part] = []
+        for part in sorted(mig_parts, key=lambda p: -(p.shape.mps_pct or 100)):
+            if part.shape.kind == "mig":
+                whole.append(part)
+                continue
+            pct = part.shape.mps_pct or 100
+            prof = part.shape.mig_profile or ""
+            for inst, members in groups[prof]:
+                if inst.mps_free >= pct:
+                    inst.mps_pcts.append(pct)
+                    members.append(part)
+                    break
+            else:
+                groups[prof].append((Instance(prof, -1, [pct]), [part]))
+        units: list[tuple[str, list[Part], Instance | None]] = [
+            (p.shape.mig_profile or "", [p], None) for p in whole
+        ]
+        for prof, insts in groups.items():
+            units.extend((prof, members, inst) for inst, members in insts)
+        units.sort(
+            key=lambda u: (
+                -sku.mig_profile(u[0]).compute_slices,
+                -sku.mig_profile(u[0]).memory_slices,
+            )
+        )
+        for prof, members, proto in units:
+            placed = False
+            for bi, b in enumerate(st.bins):
+                start = b.best_start(prof)
+                if start is None:
+                    continue
+                inst = b.take_instance(prof, start)
+                if proto is not None:
+                    inst.mps_pcts = list(proto.mps_pcts)
+                for j, part in enumerate(members):
+                    part.bin, part.instance, part.pct_index = bi, inst, j
+                placed = True
+                break
+            if not placed:
+                left.extend(it for part in members for it in part.items)
+                for part in members:
+                    part.bin = -1
+        for part in sorted(flat_parts, key=lambda p: -p.shape.frac):
+            pct = part.shape.mps_pct or 100
+            for bi, b in enumerate(st.bins):
+                if b.can_take_mps(pct):
+                    part.pct_index = b.take_mps(pct)
+                    part.bin = bi
+                    break
+            else:
+                left.extend(part.items)
+                part.bin = -1
+        st.parts = [p for p in st.parts if p.bin >= 0]
+        return left
+
+    def _fill_free_space(self, m: ModelSpec, rate: float) -> float:
+        """Serve ``rate`` of ``m`` from shapes that still fit somewhere; return what is left."""
+        for t, st in self.types.items():
+            if rate <= 1e-9:
+                break
+            # shared partitions with room first
+            if self.cfg.time_sharing:
+                for part in st.parts:
+                    if rate <= 1e-9:
+                        break
+                    if not part.shared or len(part.items) >= self.max_models:
+                        continue
+                    if any(pm.name == m.name for pm, _ in part.items):
+                        continue
+                    take = self._max_rate(t, part.shape, part.items, m, rate)
+                    if take > 0:
+                        sched = self._sched(t, part.shape, [*part.items, (m, take)])
+                        assert sched is not None
+                        part.items.append((m, take))
+                        part.sched = sched
+                        rate -= take
+            while rate > 1e-9:
+                got = self._new_in_free_space(st, m, rate)
+                if got <= 0:
+                    break
+                rate -= got
+        return max(0.0, rate)
+
+    def _max_rate(
+        self,
+        t: GpuSpec,
+        shape: Shape,
+        items: Sequence[tuple[ModelSpec, float]],
+        m: ModelSpec,
+        rate: float,
+    ) -> float:
+        """Largest rate <= ``rate`` of ``m`` that can join ``items`` on ``shape`` (bisection)."""
+        if self._sched(t, shape, [*items, (m, rate)]) is not None:
+            return rate
+        lo, hi = 0.0, rate
+        if self._sched(t, shape, [*items, (m, 0.0)]) is None:
+            return 0.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if self._sched(t, shape, [*items, (m, mid)]) is not None:
+                lo = mid
+            else:
+                hi = mid
+        return lo if lo > 1e-6 * max(1.0, rate) else 0.0
+
+    def _new_in_free_space(self, st: _TypeState, m: ModelSpec, rate: float) -> float:
+        """Open the shape serving the most of ``rate`` in some GPU's free space; return the rate."""
+        best: tuple[float, Shape, int, float] | None = None
+        for bi, b in enumerate(st.bins):
+            for shape in st.shapes:
+                if not self._fits(b, shape):
+                    continue
+                take = self._max_rate(st.gtype, shape, [], m, rate)
+                if take <= 0:
+                    continue
+                key = take - 1e-9 * shape.weight
+                if best is None or key > best[0]:
+                    best = (key, shape, bi, take)
+        if best is None:
+            return 0.0
+        _, shape, bi, take = best
+        sched = self._sched(st.gtype, shape, [(m, take)])
+        assert sched is not None
+        part = Part(st.gtype, shape, [(m, take)], sched, shared=self.cfg.time_sharing, bin=bi)
+        b = st.bins[bi]
+        if shape.kind == "mig":
+            start = b.best_start(shape.mig_profile or "")
+            assert start is not None
+            part.instance = b.take_instance(shape.mig_profile or "", start)
+        elif shape.in_mig:
+            inst = next(
+                (
+                    i
+                    for i in b.instances
+                    if i.profile == shape.mig_profile
+                    and i.mps_pcts
+                    and i.mps_free >= (shape.mps_pct or 0)
+                ),
+                None,
+            )
+            if inst is None:
+                start = b.best_start(shape.mig_profile or "")
+                assert start is not None
+                inst = b.take_instance(shape.mig_profile or "", start)
+            inst.mps_pcts.append(shape.mps_pct or 100)
+            part.instance, part.pct_index = inst, len(inst.mps_pcts) - 1
+        else:
+            part.pct_index = b.take_mps(shape.mps_pct or 100)
+        st.parts.append(part)
+        return take
+
+    @staticmethod
+    def _fits(b: GpuBin, shape: Shape) -> bool:
+        if shape.kind == "mig":
+            return b.best_start(shape.mig_profile or "") is not None
+        if shape.in_mig:
+            if any(
+                i.profile == shape.mig_profile and i.mps_pcts and i.mps_free >= (shape.mps_pct or 0)
+                for i in b.instances
+            ):
+                return True
+            return b.best_start(shape.mig_profile or "") is not None
+        return b.can_take_mps(shape.mps_pct or 100)
+
+    # ------------------------------------------------------------------ assembly
+    def _assemble(self) -> Plan:
+        indices: dict[GpuSpec, list[int]] = defaultdict(list)
+        for i, g in enumerate(self.p.gpus):
+            indices[g].append(i)
+        gpu_plans: dict[int, GpuPlan] = {}
+        for t, st in self.types.items():
+            by_bin: dict[int, list[Part]] = defaultdict(list)
+            for part in st.parts:
+                by_bin[part.bin].append(part)
+            for bi, idx in enumerate(indices[t]):
+                parts = by_bin.get(bi, [])
+                b = st.bins[bi] if bi < len(st.bins) else GpuBin(t.sku)
+                gpu_plans[idx] = GpuPlan(
+                    idx, t.sku, bool(b.mig), tuple(self._partition(p, b) for p in _ordered(parts))
+                )
+        unserved = tuple(
+            Unserved(name, sum(r for r, _ in items), items[0][1])
+            for name, items in self.unserved.items()
+        )
+        return Plan(
+            policy=self.cfg.name,
+            feasible=not unserved,
+            gpus=tuple(gpu_plans[i] for i in range(len(self.p.gpus))),
+            unserved=unserved,
+        )
+
+    def _partition(self, part: Part, b: GpuBin) -> Partition:
+        shape = part.shape
+        if shape.kind == "mps":
+            if part.instance is not None:
+                neighbours = sum(part.instance.mps_pcts) - (shape.mps_pct or 0)
+            else:
+                neighbours = sum(b.mps_pcts) - (shape.mps_pct or 0)
+        else:
+            neighbours = 0
+        models = []
+        for slot in part.sched.slots:
+            i = int(slot.curve.buckets.searchsorted(slot.batch))
+            slow = self.p.interference.slowdown(
+                slot.curve.model.profile, part.gtype.sku, neighbours
+            )
+            models.append(
+                ModelAssignment(
+                    slot.curve.model.name,
+                    slot.batch,
+                    slot.rate_rps,
+                    float(slot.curve.raw_solo[i]) * slow,
+                )
+            )
+        return Partition(
+            kind=shape.kind,  # type: ignore[arg-type]
+            sm_count=shape.sm_count,
+            memory_mib=shape.memory_mib,
+            duty_cycle_ms=part.sched.duty_cycle_ms,
+            models=tuple(models),
+            mig_profile=shape.mig_profile,
+            mig_start=part.instance.start if part.instance is not None else None,
+            mps_pct=shape.mps_pct,
+        )
+
+
+def _ordered(parts: Iterable[Part]) -> list[Part]:
+    return sorted(
+        parts,
+        key=lambda p: (
+            p.instance.start if p.instance is not None else -1,
+            -(p.shape.mps_pct or 100),
+            p.pct_index,
+        ),
+    )

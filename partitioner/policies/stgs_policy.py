@@ -1,0 +1,45 @@
+"""``stgs``: adaptive partition sizes (MIG, MPS, MPS inside MIG) plus temporal sharing.
+
+Runs the greedy engine in a few variants (every shape family; MIG-mode families only; flat
+MPS only) and keeps the best plan: feasible first, then fewest GPUs, then least GPU compute in
+partitions. With a current plan, it also considers keeping or repairing that plan and charges
+every partition changed ``options.reconfig_cost`` GPUs (see ``partitioner.replan``).
+"""
+
+from __future__ import annotations
+
+from partitioner.greedy import ALL_FAMILIES, FULL, MIG, MIG_MPS, MPS, Greedy, GreedyConfig
+from partitioner.policies import Policy, register
+from partitioner.problem import Problem
+from stgs.plan import Plan
+
+VARIANTS = (
+    GreedyConfig("stgs", ALL_FAMILIES),
+    GreedyConfig("stgs", frozenset({MIG, MIG_MPS}), fallback_families=frozenset({FULL, MPS})),
+    GreedyConfig("stgs", frozenset({FULL, MPS})),
+)
+
+
+def plan_score(plan: Plan) -> tuple[float, ...]:
+    """Lower is better: unserved rate, GPUs used, GPU compute allotted to partitions."""
+    unserved = sum(u.rate_rps for u in plan.unserved)
+    frac = 0.0
+    for g in plan.gpus:
+        for p in g.partitions:
+            frac += p.sm_count
+    return (round(unserved, 6), plan.gpus_used, frac)
+
+
+@register
+class Stgs(Policy):
+    name = "stgs"
+    description = "spatio-temporal: adaptive MIG/MPS partition sizes + duty-cycle time sharing"
+
+    def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
+        plans = [Greedy(problem, cfg).run() for cfg in VARIANTS]
+        best = min(plans, key=plan_score)
+        if current is not None:
+            from partitioner.replan import choose_incremental
+
+            best = choose_incremental(problem, current, best)
+        return best

@@ -1,0 +1,400 @@
+"""The planning problem: partition shapes per GPU type, per-(model, shape) latency curves, and
+the duty-cycle schedule check that every policy shares.
+
+Feasibility of one partition (Nexus's duty cycle; every latency below carries the headroom
+factor ``1 + h`` and, for MPS partitions, the interference factor):
+
+    sum_m L_m(b_m)  <=  d          (the partition runs each model's batch once per cycle)
+    b_m  >=  r_m * d / 1000        (a cycle's arrivals fit in one batch)
+    d + L_m(b_m)  <=  slo_m        (a request waits at most one cycle, then its batch runs)
+
+Batches come from the runtime's CUDA-graph buckets (``BATCH_BUCKETS``): the runtime pads a batch
+to its bucket, so planning with bucket sizes predicts what runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from stgs.catalog import GpuSku, get_sku
+from stgs.errors import ProfileError
+from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
+from stgs.profiles import ProfileTable, default_profiles_path, read_interference, read_profiles
+from stgs.scenario import PlannerOptions, Scenario
+from stgs.types import GpuSpec, ModelSpec
+
+FloatArray = npt.NDArray[np.float64]
+
+BATCH_BUCKETS: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A partition shape available on a GPU type.
+
+    ``frac`` is the share of the GPU's compute it takes (compute slices / 7 for MIG, the MPS
+    percentage for MPS, both for MPS inside a MIG instance) and ``mem_frac`` its share of the
+    memory slices (memory slices / 8 for MIG): a valid layout keeps both sums <= 1, and
+    ``weight = max(frac, mem_frac)`` is what a partition costs when packing. ``isolated`` shapes
+    (a whole GPU, a MIG instance) have no co-located neighbours sharing their L2 and bandwidth.
+    """
+
+    kind: str  # "full" | "mps" | "mig"
+    sm_count: int
+    memory_mib: float
+    frac: float
+    mps_pct: int | None = None
+    mig_profile: str | None = None  # for "mig", and for "mps" inside a MIG instance
+    mem_frac: float = -1.0  # default: equal to frac
+
+    def __post_init__(self) -> None:
+        if self.mem_frac < 0:
+            object.__setattr__(self, "mem_frac", self.frac)
+
+    @property
+    def weight(self) -> float:
+        return max(self.frac, self.mem_frac)
+
+    @property
+    def isolated(self) -> bool:
+        return self.kind != "mps"
+
+    @property
+    def in_mig(self) -> bool:
+        return self.mig_profile is not None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "full":
+            return "full"
+        if self.kind == "mig":
+            return f"mig:{self.mig_profile}"
+        if self.mig_profile:
+            return f"mig:{self.mig_profile}/mps:{self.mps_pct}"
+        return f"mps:{self.mps_pct}"
+
+    def neighbour_pct(self) -> float:
+        """Share of the enclosing GPU or MIG instance that co-located MPS neighbours may hold."""
+        return 0.0 if self.isolated else float(100 - (self.mps_pct or 100))
+
+
+def shapes_for(gpu: GpuSpec, options: PlannerOptions) -> tuple[Shape, ...]:
+    """Every partition shape the planner may use on ``gpu``, smallest first."""
+    sku = gpu.info
+    out: list[Shape] = [Shape("full", sku.sm_count, float(sku.memory_mib), 1.0)]
+    for pct in options.mps_shares:
+        if pct < 100:
+            out.append(
+                Shape("mps", sku.mps_sm_count(pct), sku.memory_mib * pct / 100.0, pct / 100.0, pct)
+            )
+    if gpu.mig:
+        for prof in sku.mig_profiles:
+            mem_frac = prof.memory_slices / sku.memory_slices
+            out.append(
+                Shape(
+                    "mig",
+                    prof.sm_count,
+                    float(prof.memory_mib),
+                    prof.fraction,
+                    None,
+                    prof.name,
+                    mem_frac,
+                )
+            )
+            if options.mps_in_mig and prof.compute_slices > 1:
+                for pct in options.mps_shares:
+                    if pct < 100:
+                        out.append(
+                            Shape(
+                                "mps",
+                                sku.mps_sm_count(pct, within_sm=prof.sm_count),
+                                prof.memory_mib * pct / 100.0,
+                                prof.fraction * pct / 100.0,
+                                pct,
+                                prof.name,
+                                mem_frac * pct / 100.0,
+                            )
+                        )
+    out.sort(key=lambda s: (s.weight, s.frac, s.kind != "mig", s.label))
+    return tuple(out)
+
+
+@dataclass
+class Curve:
+    """One model on one shape of one GPU type: batch latencies with headroom and interference.
+
+    ``lat[i]`` is the planning latency (ms) of batch ``buckets[i]``; ``raw[i]`` the predicted
+    latency without headroom and with the shape's worst-case interference.
+    """
+
+    model: ModelSpec
+    shape: Shape
+    buckets: npt.NDArray[np.int64]
+    lat: FloatArray
+    raw_solo: FloatArray
+    memory: FloatArray
+    slowdown: float
+    headroom: float
+
+    @cached_property
+    def max_rps(self) -> float:
+        """Saturated throughput alone on the partition: max 1000 b / L(b) with 2 L(b) <= slo."""
+        ok = (2 * self.lat <= self.model.slo_ms + _EPS) & (self.memory <= self.shape.memory_mib)
+        if not ok.any():
+            return 0.0
+        return float(np.max(1000.0 * self.buckets[ok] / self.lat[ok]))
+
+    @cached_property
+    def cost_per_rps(self) -> float:
+        """GPU share (packing weight) per request/s when saturated (inf when it cannot serve)."""
+        return self.shape.weight / self.max_rps if self.max_rps > 0 else math.inf
+
+    @property
+    def servable(self) -> bool:
+        return self.max_rps > 0
+
+
+@dataclass
+class Problem:
+    """Everything a policy needs: GPUs, models, their latency curves per GPU type and shape."""
+
+    gpus: tuple[GpuSpec, ...]
+    models: tuple[ModelSpec, ...]
+    latency: dict[tuple[str, str], LatencyModel]
+    interference: InterferenceModel
+    headroom: float = 0.1
+    options: PlannerOptions = field(default_factory=PlannerOptions)
+    _curves: dict[tuple[str, GpuSpec, Shape], Curve | None] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_scenario(cls, sc: Scenario, table: ProfileTable | None = None) -> Problem:
+        if table is None:
+            table = load_profile_table(sc.profiles)
+        latency = build_latency_models(table)
+        if sc.interference is not None:
+            rows = read_interference(sc.interference)
+        elif sc.profiles is None:
+            rows = _shipped_interference()
+        else:
+            rows = []
+        interference = InterferenceModel.from_rows(
+            rows, default_gamma=sc.options.interference_gamma
+        )
+        prob = cls(sc.gpus, sc.models, latency, interference, sc.headroom, sc.options)
+        prob.check_profiles()
+        return prob
+
+    def with_models(self, models: Sequence[ModelSpec]) -> Problem:
+        """The same GPUs and curves (cache shared), other models or rates."""
+        p = Problem(
+            self.gpus, tuple(models), self.latency, self.interference, self.headroom, self.options
+        )
+        p._curves = self._curves  # noqa: SLF001 - curves depend on (model profile, slo), keyed so
+        return p
+
+    def with_gpus(self, gpus: Sequence[GpuSpec]) -> Problem:
+        p = Problem(
+            tuple(gpus), self.models, self.latency, self.interference, self.headroom, self.options
+        )
+        p._curves = self._curves  # noqa: SLF001
+        return p
+
+    def check_profiles(self) -> None:
+        """Every model needs a profile on at least one of the GPU types."""
+        skus = {g.sku for g in self.gpus}
+        for m in self.models:
+            if not any((sku, m.profile) in self.latency for sku in skus):
+                have = sorted({gm for (_, gm) in self.latency})
+                raise ProfileError(
+                    f"model {m.name!r}: no profile for {m.profile!r} on {', '.join(sorted(skus))}"
+                    f" (profiled models: {', '.join(have) or 'none'})"
+                )
+
+    # ---------------------------------------------------------------- queries
+    @cached_property
+    def gpu_types(self) -> tuple[GpuSpec, ...]:
+        """Distinct (sku, mig) types in first-seen order."""
+        return tuple(dict.fromkeys(self.gpus))
+
+    def count(self, gtype: GpuSpec) -> int:
+        return sum(1 for g in self.gpus if g == gtype)
+
+    def shapes(self, gtype: GpuSpec) -> tuple[Shape, ...]:
+        return shapes_for(gtype, self.options)
+
+    def max_batch(self, model: ModelSpec, sku: str) -> int:
+        if self.options.max_batch is not None:
+            return self.options.max_batch
+        lm = self.latency.get((sku, model.profile))
+        return lm.max_measured_batch if lm is not None else BATCH_BUCKETS[0]
+
+    def curve(self, model: ModelSpec, gtype: GpuSpec, shape: Shape) -> Curve | None:
+        """Latency curve of ``model`` on ``shape``, or None when it has no profile there."""
+        key = (f"{model.profile}|{model.slo_ms}|{model.name}", gtype, shape)
+        if key in self._curves:
+            cached = self._curves[key]
+            if cached is None or cached.model == model:
+                return cached
+            # same profile/slo, other rate: the curve does not depend on the rate
+            return Curve(
+                model,
+                cached.shape,
+                cached.buckets,
+                cached.lat,
+                cached.raw_solo,
+                cached.memory,
+                cached.slowdown,
+                cached.headroom,
+            )
+        lm = self.latency.get((gtype.sku, model.profile))
+        if lm is None:
+            self._curves[key] = None
+            return None
+        bmax = self.max_batch(model, gtype.sku)
+        buckets = np.array([b for b in BATCH_BUCKETS if b <= bmax] or [1], dtype=np.int64)
+        mig_profile = shape.mig_profile if shape.in_mig else None
+        solo = lm.latency_curve(buckets, shape.sm_count, mig_profile=mig_profile)
+        slowdown = self.interference.slowdown(model.profile, gtype.sku, shape.neighbour_pct())
+        memory = np.array([lm.memory_mib(int(b)) for b in buckets], dtype=np.float64)
+        c = Curve(
+            model,
+            shape,
+            buckets,
+            np.asarray(solo, dtype=np.float64) * slowdown * (1.0 + self.headroom),
+            np.asarray(solo, dtype=np.float64),
+            memory,
+            slowdown,
+            self.headroom,
+        )
+        self._curves[key] = c
+        return c
+
+    def sku(self, gtype: GpuSpec) -> GpuSku:
+        return get_sku(gtype.sku)
+
+
+def load_profile_table(path: Path | None) -> ProfileTable:
+    return read_profiles(path if path is not None else default_profiles_path())
+
+
+def _shipped_interference() -> list[object]:
+    p = default_profiles_path().with_name("example-interference.csv")
+    return list(read_interference(p)) if p.is_file() else []
+
+
+# ---------------------------------------------------------------------------- scheduling
+@dataclass(frozen=True)
+class Slot:
+    """One model's place in a partition's schedule."""
+
+    curve: Curve
+    rate_rps: float
+    batch: int
+    latency_ms: float  # planning latency (headroom and interference included)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    duty_cycle_ms: float
+    slots: tuple[Slot, ...]
+
+    @property
+    def busy_ms(self) -> float:
+        return sum(s.latency_ms for s in self.slots)
+
+    @property
+    def utilisation(self) -> float:
+        return self.busy_ms / self.duty_cycle_ms if self.duty_cycle_ms > 0 else 1.0
+
+    @property
+    def memory_mib(self) -> float:
+        return sum(
+            float(s.curve.memory[int(np.searchsorted(s.curve.buckets, s.batch))])
+            for s in self.slots
+        )
+
+
+def _bucket_index(curve: Curve, need: float) -> int:
+    """Index of the smallest bucket >= need (len(buckets) when none)."""
+    return int(np.searchsorted(curve.buckets, need - 1e-9, side="left"))
+
+
+def schedule(items: Sequence[tuple[Curve, float]]) -> Schedule | None:
+    """The best duty cycle for models time-sharing one partition, or None when infeasible.
+
+    ``items``: (curve, rate_rps) per model; all curves belong to the same shape. Exact over the
+    bucket grid: the feasible duty cycles of each model form an interval (0, d_m]; within a
+    stretch of d where every batch is constant the capacity check is easiest at its right end, so
+    checking ``d_max = min_m d_m`` and every batch breakpoint below it is exhaustive.
+    """
+    if not items:
+        return None
+    d_max = math.inf
+    for curve, rate in items:
+        d_m = _max_cycle(curve, rate)
+        if d_m <= 0:
+            return None
+        d_max = min(d_max, d_m)
+    # Memory: the models' memory at their batches must fit the partition.
+    shape_mem = items[0][0].shape.memory_mib
+    cands = [d_max]
+    sched = _try(items, d_max, shape_mem)
+    if sched is not None:
+        return sched
+    for curve, rate in items:
+        if rate <= 0:
+            continue
+        for b in curve.buckets:
+            d = 1000.0 * float(b) / rate
+            if d < d_max - 1e-12:
+                cands.append(d)
+    for d in sorted(set(cands), reverse=True)[1:]:
+        sched = _try(items, d, shape_mem)
+        if sched is not None:
+            return sched
+    return None
+
+
+def _max_cycle(curve: Curve, rate: float) -> float:
+    """Largest duty cycle d with d + L(b(d)) <= slo and memory fitting, for one model alone."""
+    slo = curve.model.slo_ms
+    fits = curve.memory <= curve.shape.memory_mib
+    if rate <= 0:
+        # batch 1 every cycle; its latency bounds the cycle through the SLO
+        return slo - float(curve.lat[0]) if fits[0] else -1.0
+    # batch bucket b covers d in (1000 * prev / r, 1000 * b / r] (b(d) = smallest bucket >= r d / 1000)
+    ub = 1000.0 * curve.buckets / rate
+    lb = np.concatenate(([0.0], ub[:-1]))
+    cap = np.minimum(ub, slo - curve.lat)
+    ok = (cap > lb + 1e-12) & fits
+    if not ok.any():
+        return -1.0
+    return float(np.max(cap[ok]))
+
+
+def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Schedule | None:
+    slots = []
+    busy = 0.0
+    mem = 0.0
+    for curve, rate in items:
+        i = _bucket_index(curve, rate * d / 1000.0) if rate > 0 else 0
+        if i >= len(curve.buckets):
+            return None
+        lat = float(curve.lat[i])
+        if d + lat > curve.model.slo_ms + 1e-9:
+            return None
+        busy += lat
+        mem += float(curve.memory[i])
+        slots.append(Slot(curve, rate, int(curve.buckets[i]), lat))
+    if busy > d + 1e-9 or mem > shape_mem + 1e-6:
+        return None
+    return Schedule(d, tuple(slots))

@@ -1,0 +1,171 @@
+"""Incremental replanning: diff two plans, and prefer plans that change few partitions.
+
+A partition is *kept* when the same GPU has a partition of the same shape and place (kind, MIG
+profile and start, MPS share) in both plans; everything else is added or removed. A model is
+*moved* when the set of partitions that serve it changes. The runtime turns added/removed
+partitions into MIG/MPS changes and worker starts/stops, so they are what reconfiguration costs.
+
+Score of a candidate: ``gpus_used + reconfig_cost * (partitions added + removed)``, among the
+candidates that serve every model (else the one serving the most).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+
+from partitioner.problem import Curve, Problem, Shape, schedule
+from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
+from stgs.types import GpuSpec
+
+
+@dataclass(frozen=True)
+class Changes:
+    partitions_added: int
+    partitions_removed: int
+    partitions_kept: int
+    models_moved: tuple[str, ...]
+    gpus_mode_changed: tuple[int, ...]
+
+    @property
+    def partitions_changed(self) -> int:
+        return self.partitions_added + self.partitions_removed
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "partitions_added": self.partitions_added,
+            "partitions_removed": self.partitions_removed,
+            "partitions_kept": self.partitions_kept,
+            "models_moved": list(self.models_moved),
+            "gpus_mode_changed": list(self.gpus_mode_changed),
+        }
+
+
+def _keys(g: GpuPlan) -> Counter[tuple[object, ...]]:
+    return Counter(p.key for p in g.partitions)
+
+
+def diff(old: Plan, new: Plan) -> Changes:
+    added = removed = kept = 0
+    mode_changed = []
+    old_by = {g.index: g for g in old.gpus}
+    for g in new.gpus:
+        o = old_by.get(g.index)
+        ok = _keys(o) if o is not None else Counter()
+        nk = _keys(g)
+        common = sum((ok & nk).values())
+        kept += common
+        added += sum(nk.values()) - common
+        removed += sum(ok.values()) - common
+        if o is not None and o.partitions and g.partitions and o.mig != g.mig:
+            mode_changed.append(g.index)
+    new_idx = {g.index for g in new.gpus}
+    for g in old.gpus:
+        if g.index not in new_idx:
+            removed += len(g.partitions)
+
+    def homes(plan: Plan) -> dict[str, set[tuple[object, ...]]]:
+        out: dict[str, set[tuple[object, ...]]] = defaultdict(set)
+        for g in plan.gpus:
+            for p in g.partitions:
+                for m in p.models:
+                    out[m.name].add((g.index, *p.key))
+        return out
+
+    oh, nh = homes(old), homes(new)
+    moved = tuple(sorted(n for n in set(oh) | set(nh) if oh.get(n) != nh.get(n)))
+    return Changes(added, removed, kept, moved, tuple(mode_changed))
+
+
+def keep_plan(problem: Problem, current: Plan) -> Plan | None:
+    """The current partitions and model placement at the new rates, or None if it cannot hold.
+
+    Each model's new rate is spread over its current partitions in proportion to the old rates
+    (evenly where the old rates were zero); every partition's duty cycle is then re-solved.
+    """
+    models = {m.name: m for m in problem.models}
+    old_rate: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for _, p in current.partitions():
+        for a in p.models:
+            old_rate[a.name] += a.rate_rps
+            count[a.name] += 1
+    if set(old_rate) != set(models):
+        return None
+    gpus = []
+    for g in current.gpus:
+        if g.index >= len(problem.gpus) or problem.gpus[g.index].sku != g.sku:
+            return None
+        gtype = problem.gpus[g.index]
+        parts = []
+        for p in g.partitions:
+            shape = _shape_of(problem, gtype, p)
+            if shape is None:
+                return None
+            items = []
+            for a in p.models:
+                m = models[a.name]
+                share = a.rate_rps / old_rate[a.name] if old_rate[a.name] > 0 else 1 / count[a.name]
+                c = problem.curve(m, gtype, shape)
+                if c is None:
+                    return None
+                items.append((c, m.rate_rps * share))
+            sched = schedule(items)
+            if sched is None:
+                return None
+            parts.append(
+                Partition(
+                    kind=p.kind,
+                    sm_count=p.sm_count,
+                    memory_mib=p.memory_mib,
+                    duty_cycle_ms=sched.duty_cycle_ms,
+                    models=tuple(
+                        ModelAssignment(
+                            s.curve.model.name,
+                            s.batch,
+                            s.rate_rps,
+                            _rescaled(s.curve, s.batch, a.latency_ms, a.batch),
+                        )
+                        for s, a in zip(sched.slots, p.models, strict=True)
+                    ),
+                    mig_profile=p.mig_profile,
+                    mig_start=p.mig_start,
+                    mps_pct=p.mps_pct,
+                )
+            )
+        gpus.append(GpuPlan(g.index, g.sku, g.mig, tuple(parts)))
+    return Plan(policy=current.policy, feasible=True, gpus=tuple(gpus))
+
+
+def _rescaled(curve: Curve, batch: int, old_latency: float, old_batch: int) -> float:
+    """Predicted latency at the new batch, keeping the interference the old plan reported
+    (the neighbours did not change)."""
+    i = int(curve.buckets.searchsorted(batch))
+    j = int(curve.buckets.searchsorted(old_batch))
+    if j < len(curve.raw_solo) and curve.raw_solo[j] > 0 and old_latency > 0:
+        return float(old_latency * curve.raw_solo[i] / curve.raw_solo[j])
+    return float(curve.raw_solo[i] * curve.slowdown)
+
+
+def _shape_of(problem: Problem, gtype: GpuSpec, p: Partition) -> Shape | None:
+    for s in problem.shapes(gtype):
+        if s.kind == p.kind and s.mig_profile == p.mig_profile and s.mps_pct == p.mps_pct:
+            return s
+    return None
+
+
+def score(plan: Plan, current: Plan, reconfig_cost: float) -> tuple[float, float]:
+    unserved = sum(u.rate_rps for u in plan.unserved)
+    return (unserved, plan.gpus_used + reconfig_cost * diff(current, plan).partitions_changed)
+
+
+def choose_incremental(problem: Problem, current: Plan, fresh: Plan) -> Plan:
+    """Pick between keeping the current layout and the fresh plan, by the reconfiguration-aware
+    score; the chosen plan carries the changes it makes in ``info["changes"]``."""
+    candidates = [fresh]
+    kept = keep_plan(problem, current)
+    if kept is not None:
+        candidates.append(replace(kept, policy=fresh.policy))
+    cost = problem.options.reconfig_cost
+    best = min(candidates, key=lambda p: score(p, current, cost))
+    return best.with_info(changes=diff(current, best).to_dict())

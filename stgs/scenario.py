@@ -1,0 +1,179 @@
+"""Scenario files (YAML): the GPUs, the models with their SLOs and rates, and where profiles are.
+
+    gpus: [{sku: H100-80GB, count: 2}, {sku: H200-141GB, count: 1, mig: false}]
+    profiles: profiles.csv       # optional, relative to the YAML file; default: shipped profiles
+    interference: coloc.csv      # optional co-location measurements (see stgs.profiles)
+    headroom: 0.1                # optional latency margin (fraction); default 0.1
+    models: [{name: resnet50, slo_ms: 50, rate_rps: 800}]
+    planner: {mps_shares: [12, 25, 37, 50, 62, 75, 87, 100], max_batch: 128}   # optional
+
+Every key is checked (unknown keys are errors: a typo must not be ignored silently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stgs.catalog import get_sku
+from stgs.errors import ConfigError, UnknownSkuError
+from stgs.types import GpuSpec, ModelSpec
+
+DEFAULT_HEADROOM = 0.1
+DEFAULT_MPS_SHARES = (12, 25, 37, 50, 62, 75, 87, 100)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuEntry(_Strict):
+    sku: str
+    count: int = Field(default=1, ge=1, le=4096)
+    mig: bool | None = None  # None: MIG where the SKU supports it
+
+    @field_validator("sku")
+    @classmethod
+    def _known_sku(cls, v: str) -> str:
+        try:
+            return get_sku(v).name
+        except UnknownSkuError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @model_validator(mode="after")
+    def _mig_supported(self) -> GpuEntry:
+        if self.mig and not get_sku(self.sku).supports_mig:
+            raise ValueError(f"{self.sku} does not support MIG (mig: true)")
+        return self
+
+
+class ModelEntry(_Strict):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    slo_ms: float = Field(gt=0, le=600_000)
+    rate_rps: float = Field(ge=0, le=10_000_000)
+    profile: str | None = None
+
+
+class PlannerOptions(_Strict):
+    """Knobs of the planner; every policy reads the ones that concern it."""
+
+    mps_shares: tuple[int, ...] = DEFAULT_MPS_SHARES
+    max_batch: int | None = Field(default=None, ge=1, le=4096)  # None: largest profiled batch
+    interference_gamma: float = Field(default=0.45, ge=0, le=10)
+    mps_in_mig: bool = True
+    max_models_per_partition: int = Field(default=8, ge=1, le=64)
+    reconfig_cost: float = Field(default=0.05, ge=0)  # GPU-fractions one changed partition costs
+    time_limit_s: float = Field(default=30.0, gt=0)  # for the exact solver
+
+    @field_validator("mps_shares")
+    @classmethod
+    def _shares(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(not 1 <= s <= 100 for s in v):
+            raise ValueError("mps_shares must be percentages in 1..100")
+        return tuple(sorted(set(v)))
+
+
+class ScenarioFile(_Strict):
+    gpus: list[GpuEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=1)
+    profiles: str | None = None
+    interference: str | None = None
+    headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1)
+    planner: PlannerOptions = PlannerOptions()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ScenarioFile:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model {m.name!r} is listed twice")
+            seen.add(m.name)
+        return self
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A resolved scenario: one ``GpuSpec`` per physical GPU, models, and file paths."""
+
+    gpus: tuple[GpuSpec, ...]
+    models: tuple[ModelSpec, ...]
+    headroom: float = DEFAULT_HEADROOM
+    profiles: Path | None = None  # None: the shipped profiles
+    interference: Path | None = None
+    options: PlannerOptions = field(default_factory=PlannerOptions)
+
+    def scaled(self, k: float) -> Scenario:
+        return Scenario(
+            self.gpus,
+            tuple(m.scaled(k) for m in self.models),
+            self.headroom,
+            self.profiles,
+            self.interference,
+            self.options,
+        )
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def scenario_from_mapping(
+    data: Any, base_dir: Path | None = None, source: str = "scenario"
+) -> Scenario:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with keys gpus and models")
+    try:
+        sf = ScenarioFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_one_line(exc)}") from exc
+    gpus: list[GpuSpec] = []
+    for entry in sf.gpus:
+        mig = get_sku(entry.sku).supports_mig if entry.mig is None else entry.mig
+        gpus.extend(GpuSpec(entry.sku, mig) for _ in range(entry.count))
+    models = tuple(ModelSpec(m.name, m.slo_ms, m.rate_rps, m.profile or m.name) for m in sf.models)
+
+    def resolve(p: str | None) -> Path | None:
+        if p is None:
+            return None
+        path = Path(p)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise ConfigError(f"{source}: file not found: {path}")
+        return path
+
+    return Scenario(
+        gpus=tuple(gpus),
+        models=models,
+        headroom=sf.headroom,
+        profiles=resolve(sf.profiles),
+        interference=resolve(sf.interference),
+        options=sf.planner,
+    )
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file; every problem is a one-line ``ConfigError``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read scenario {p}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError(f"{p}: malformed YAML{where}: {problem}") from exc
+    return scenario_from_mapping(data, base_dir=p.parent, source=str(p))
