@@ -90,13 +90,14 @@ def _lp(
                 a_ub[r, i] = costs[(name, tt)]
     b_ub = np.array([problem.count(t) for t in types], dtype=float)
     c = np.zeros(n)
+    bounds: list[tuple[float, float | None]]
     if maximize_k:
         c[-1] = -1.0
-        bounds = [(0, None)] * (n - 1) + [(0, None)]
+        bounds = [(0.0, None)] * n
     else:
         for (name, t), i in idx.items():
             c[i] = costs[(name, t)]
-        bounds = [(0, None)] * (n - 1) + [(1.0, 1.0)]
+        bounds = [(0.0, None)] * (n - 1) + [(1.0, 1.0)]
     res = linprog(
         c,
         A_ub=a_ub,
@@ -123,10 +124,10 @@ def fluid_bound(problem: Problem) -> float:
         for ti, t in enumerate(types):
             front: list[tuple[float, float]] = []
             for shape in problem.shapes(t):
-                c = problem.curve(m, t, shape)
-                if c is None:
+                curve = problem.curve(m, t, shape)
+                if curve is None:
                     continue
-                tput = saturated_rps(c, interference=False)
+                tput = saturated_rps(curve, interference=False)
                 if tput > 0:
                     front.append((shape.frac / tput, shape.mem_frac / tput))
             # keep the Pareto front of (compute, memory) cost per request/s

@@ -156,7 +156,7 @@ class Greedy:
         self, m: ModelSpec, t: GpuSpec, rate: float
     ) -> list[tuple[ModelSpec, GpuSpec, float]]:
         st = self.types[t]
-        cost, shape = best_shape(self.p, m, t, st.shapes)
+        _cost, shape = best_shape(self.p, m, t, st.shapes)
         if shape is None:
             return [(m, t, rate)]
         curve = self._curve(m, t, shape)
@@ -205,7 +205,7 @@ class Greedy:
         opened = self._open(m, t, rate)
         if opened is None:
             # the residual alone is more than any one shape serves within SLO: split it
-            cost, shape = best_shape(self.p, m, t, st.shapes)
+            _cost, shape = best_shape(self.p, m, t, st.shapes)
             curve = self._curve(m, t, shape) if shape is not None else None
             if curve is None or curve.max_rps <= 0:
                 self.unserved[m.name].append(

@@ -26,7 +26,13 @@ import numpy.typing as npt
 from stgs.catalog import GpuSku, get_sku
 from stgs.errors import ProfileError
 from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
-from stgs.profiles import ProfileTable, default_profiles_path, read_interference, read_profiles
+from stgs.profiles import (
+    InterferenceRow,
+    ProfileTable,
+    default_profiles_path,
+    read_interference,
+    read_profiles,
+)
 from stgs.scenario import PlannerOptions, Scenario
 from stgs.types import GpuSpec, ModelSpec
 
@@ -198,14 +204,14 @@ class Problem:
         p = Problem(
             self.gpus, tuple(models), self.latency, self.interference, self.headroom, self.options
         )
-        p._curves = self._curves  # noqa: SLF001 - curves depend on (model profile, slo), keyed so
+        p._curves = self._curves
         return p
 
     def with_gpus(self, gpus: Sequence[GpuSpec]) -> Problem:
         p = Problem(
             tuple(gpus), self.models, self.latency, self.interference, self.headroom, self.options
         )
-        p._curves = self._curves  # noqa: SLF001
+        p._curves = self._curves
         return p
 
     def check_profiles(self) -> None:
@@ -286,7 +292,7 @@ def load_profile_table(path: Path | None) -> ProfileTable:
     return read_profiles(path if path is not None else default_profiles_path())
 
 
-def _shipped_interference() -> list[object]:
+def _shipped_interference() -> list[InterferenceRow]:
     p = default_profiles_path().with_name("example-interference.csv")
     return list(read_interference(p)) if p.is_file() else []
 
@@ -371,7 +377,7 @@ def _max_cycle(curve: Curve, rate: float) -> float:
     if rate <= 0:
         # batch 1 every cycle; its latency bounds the cycle through the SLO
         return slo - float(curve.lat[0]) if fits[0] else -1.0
-    # batch bucket b covers d in (1000 * prev / r, 1000 * b / r] (b(d) = smallest bucket >= r d / 1000)
+    # bucket b serves d in (1000 * prev / r, 1000 * b / r]: b(d) = smallest bucket >= r d / 1000
     ub = 1000.0 * curve.buckets / rate
     lb = np.concatenate(([0.0], ub[:-1]))
     cap = np.minimum(ub, slo - curve.lat)

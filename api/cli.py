@@ -1,0 +1,138 @@
+"""The ``stgs`` command: the composition root. Imports heavy parts lazily per sub-command, so
+``stgs plan`` never pays for torch or FastAPI.
+
+Exit codes: 0 success; 1 the plan is infeasible (``stgs plan``: some rate unserved);
+2 bad input (usage, scenario, profiles, policy): one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+
+from stgs import __version__
+from stgs.errors import ConfigError, StgsError
+
+EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE = 0, 1, 2
+
+
+def _example_scenario() -> Path:
+    return Path(str(files("stgs") / "data" / "example-scenario.yaml"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="stgs",
+        description="Spatial-temporal GPU partitioning for DNN inference.",
+    )
+    ap.add_argument("--version", action="version", version=f"stgs {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="plan a scenario: partitions, time sharing, batches")
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        help="scenario YAML (default: the embedded example scenario)",
+    )
+    p.add_argument("--policy", default="stgs", help="policy name or dotted path (default: stgs)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (stgs.plan/v1)")
+    p.add_argument(
+        "--peak",
+        action="store_true",
+        help="find the largest factor k on all rates that still fits, and the plan at k",
+    )
+    p.add_argument("--current", metavar="PLAN.json", help="replan incrementally from this plan")
+
+    sub.add_parser("policies", help="list the planning policies")
+
+    f = sub.add_parser("fit", help="fit latency functions to a profile table and report errors")
+    f.add_argument("profiles", nargs="?", help="profile CSV (default: the shipped profiles)")
+    f.add_argument("--gpu", help="only this GPU SKU")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "plan":
+            return _cmd_plan(args)
+        if args.cmd == "policies":
+            return _cmd_policies()
+        if args.cmd == "fit":
+            return _cmd_fit(args)
+    except ConfigError as exc:
+        print(f"stgs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StgsError as exc:
+        print(f"stgs: error: {exc}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from partitioner.planner import make_plan
+    from stgs.plan import Plan
+    from stgs.scenario import load_scenario
+
+    path = Path(args.scenario) if args.scenario else _example_scenario()
+    scenario = load_scenario(path)
+    current = None
+    if args.current:
+        try:
+            current = Plan.from_json(Path(args.current).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read plan {args.current}: {exc.strerror or exc}") from exc
+    plan = make_plan(scenario, args.policy, current=current, peak=args.peak)
+    if args.json:
+        print(plan.to_json())
+    else:
+        from api.render import render_plan
+
+        if not args.scenario:
+            print(f"(embedded example scenario: {path})")
+        render_plan(plan, scenario)
+    return EXIT_OK if plan.feasible else EXIT_INFEASIBLE
+
+
+def _cmd_policies() -> int:
+    from partitioner.policies import REGISTRY, policy_names
+
+    for name in policy_names():
+        print(f"{name:10s} {REGISTRY[name].description}")
+    return EXIT_OK
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from stgs.latency import build_latency_models, fit_report
+    from stgs.profiles import default_profiles_path, read_profiles
+
+    table = read_profiles(args.profiles or default_profiles_path())
+    out = Table(title="Latency-function fit error (leave-one-out on interior measured points)")
+    for col in ("gpu", "model", "points", "median", "p95", "max"):
+        out.add_column(col, justify="right" if col not in ("gpu", "model") else "left")
+    for (gpu, model), lm in sorted(build_latency_models(table).items()):
+        if args.gpu and gpu != args.gpu:
+            continue
+        r = fit_report(lm)
+        out.add_row(
+            gpu,
+            model,
+            str(r.n_points),
+            f"{r.median_error:.1%}",
+            f"{r.p95_error:.1%}",
+            f"{r.max_error:.1%}",
+        )
+    Console().print(out)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

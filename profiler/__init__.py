@@ -1,0 +1,1 @@
+"""Profiling models on real GPUs (issue: `stgs profile`). Imports torch lazily."""
