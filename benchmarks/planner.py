@@ -1,0 +1,236 @@
+"""Planner benchmark: peak load factor k per policy against the fluid bound, gap to the exact
+optimum on small instances, and solve times.
+
+    python benchmarks/planner.py [--quick] [--json OUT.json]
+
+Scenarios: a mixed model zoo on 1 to 16 GPUs (MIG and non-MIG), rates 10 to 5000 rps, SLOs 10 to
+200 ms, on the profiles shipped in the package. Prints tables; numbers are what this run measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from partitioner.fluid import fluid_bound
+from partitioner.peak import find_peak
+from partitioner.policies import get_policy, policy_names
+from partitioner.problem import Problem
+from stgs.errors import PlanningError
+from stgs.scenario import scenario_from_mapping
+
+ZOO = [
+    "resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16", "densenet121",
+    "vgg16", "inception_v3", "googlenet", "mnasnet1_0", "bert_base", "wav2vec2_base",
+]  # fmt: skip
+HEURISTICS = ["stgs", "temporal", "mig-only", "mps-only"]
+
+
+@dataclass
+class Case:
+    name: str
+    data: dict[str, object]
+    small: bool = False  # small enough for the exact solver
+
+
+def _models(rng: random.Random, n: int, rate_lo: float, rate_hi: float) -> list[dict[str, object]]:
+    out = []
+    names = rng.sample(ZOO, min(n, len(ZOO)))
+    while len(names) < n:
+        names.append(rng.choice(ZOO))
+    for i, prof in enumerate(names):
+        slo = rng.choice([10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200])
+        rate = math.exp(rng.uniform(math.log(rate_lo), math.log(rate_hi)))
+        out.append(
+            {"name": f"{prof}-{i}", "profile": prof, "slo_ms": slo, "rate_rps": round(rate, 1)}
+        )
+    return out
+
+
+def scenarios(quick: bool) -> list[Case]:
+    rng = random.Random(20261122)
+    cases = [
+        Case(
+            "small-1xH100-3m",
+            {"gpus": [{"sku": "H100-80GB", "count": 1}], "models": _models(rng, 3, 10, 300)},
+            small=True,
+        ),
+        Case(
+            "small-1xL4-3m",
+            {"gpus": [{"sku": "L4", "count": 1}], "models": _models(rng, 3, 10, 200)},
+            small=True,
+        ),
+        Case(
+            "small-1xH200nomig-4m",
+            {"gpus": [{"sku": "H200-141GB", "count": 1, "mig": False}],
+             "models": _models(rng, 4, 10, 500)},
+            small=True,
+        ),
+        Case(
+            "mixed-2xH100-6m",
+            {"gpus": [{"sku": "H100-80GB", "count": 2}], "models": _models(rng, 6, 10, 2000)},
+        ),
+        Case(
+            "mixed-4xH100-10m",
+            {"gpus": [{"sku": "H100-80GB", "count": 4}], "models": _models(rng, 10, 10, 5000)},
+        ),
+        Case(
+            "hetero-2xH100+2xH200nomig-12m",
+            {
+                "gpus": [{"sku": "H100-80GB", "count": 2},
+                         {"sku": "H200-141GB", "count": 2, "mig": False}],
+                "models": _models(rng, 12, 10, 3000),
+            },
+        ),
+        Case(
+            "a100-4x-8m-tightslo",
+            {"gpus": [{"sku": "A100-80GB", "count": 4}],
+             "models": [{**m, "slo_ms": min(float(m["slo_ms"]), 30.0)}  # type: ignore[arg-type]
+                        for m in _models(rng, 8, 10, 2000)]},
+        ),
+        Case(
+            "l4-8x-10m",
+            {"gpus": [{"sku": "L4", "count": 8}], "models": _models(rng, 10, 10, 1000)},
+        ),
+        Case(
+            "many-small-8xH100-24m",
+            {"gpus": [{"sku": "H100-80GB", "count": 8}], "models": _models(rng, 24, 10, 400)},
+        ),
+        Case(
+            "big-16xmix-30m",
+            {
+                "gpus": [{"sku": "H100-80GB", "count": 8}, {"sku": "H200-141GB", "count": 4},
+                         {"sku": "A100-80GB", "count": 4, "mig": False}],
+                "models": _models(rng, 30, 10, 5000),
+            },
+        ),
+    ]  # fmt: skip
+    return cases[:5] if quick else cases
+
+
+def timing_case(n_models: int, n_gpus: int, seed: int) -> Problem:
+    rng = random.Random(seed)
+    data = {
+        "gpus": [{"sku": "H100-80GB", "count": n_gpus // 2},
+                 {"sku": "H200-141GB", "count": n_gpus - n_gpus // 2, "mig": False}],
+        "models": _models(rng, n_models, 10, 5000),
+    }  # fmt: skip
+    prob = Problem.from_scenario(scenario_from_mapping(data))
+    # scale to a load the GPUs can just carry (70% of the fluid bound)
+    k = 0.7 * fluid_bound(prob)
+    return prob.with_models([m.scaled(k) for m in prob.models])
+
+
+def geomean(xs: list[float]) -> float:
+    xs = [x for x in xs if x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer scenarios, no large timing case")
+    ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument("--optimal-limit", type=float, default=60.0, help="MILP time limit (s)")
+    args = ap.parse_args()
+
+    print(f"# planner benchmark · {time.strftime('%Y-%m-%d')} · python {platform.python_version()}"
+          f" · {platform.processor() or platform.machine()}")
+    pols = HEURISTICS + (["optimal"] if "optimal" in policy_names() else [])
+    rows = []
+    for case in scenarios(args.quick):
+        prob = Problem.from_scenario(scenario_from_mapping(case.data))
+        bound = fluid_bound(prob)
+        row: dict[str, object] = {"scenario": case.name, "gpus": len(prob.gpus),
+                                  "models": len(prob.models), "bound": bound}
+        for pol in pols:
+            if pol == "optimal" and not case.small:
+                continue
+            opts = prob.options
+            if pol == "optimal":
+                opts = opts.model_copy(update={"time_limit_s": args.optimal_limit})
+            p2 = Problem(prob.gpus, prob.models, prob.latency, prob.interference, prob.headroom,
+                         opts)
+            t0 = time.perf_counter()
+            try:
+                pk = find_peak(p2, get_policy(pol))
+            except PlanningError as exc:
+                row[pol] = None
+                row[f"{pol}_note"] = str(exc)
+                continue
+            row[pol] = pk.k
+            row[f"{pol}_s"] = time.perf_counter() - t0
+            solver = pk.plan.info.get("solver")
+            if isinstance(solver, dict):
+                row[f"{pol}_status"] = solver.get("status")
+        rows.append(row)
+        print(f"  done {case.name}", file=sys.stderr)
+
+    hdr = ["scenario", "GPUs", "models", "fluid k*", *[f"{p} k" for p in pols], "stgs/k*",
+           "stgs/opt", "stgs/temporal", "stgs/best(mig,mps)"]
+    print("\n## Peak load factor k per policy (higher is better)\n")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    ratios: dict[str, list[float]] = {"bound": [], "opt": [], "temporal": [], "single": []}
+    for r in rows:
+        s = r.get("stgs")
+        b = float(r["bound"])  # type: ignore[arg-type]
+        cells = [str(r["scenario"]), str(r["gpus"]), str(r["models"]), f"{b:.3f}"]
+        for p in pols:
+            v = r.get(p)
+            st = r.get(f"{p}_status")
+            cells.append("-" if v is None else f"{v:.3f}" + (f" ({st})" if st and st != "optimal"
+                                                              else ""))
+        def ratio(num: object, den: object, key: str) -> str:
+            if not isinstance(num, float) or not isinstance(den, float) or den <= 0:
+                return "-"
+            ratios[key].append(num / den)
+            return f"{num / den:.3f}"
+        cells.append(ratio(s, b, "bound"))
+        cells.append(ratio(s, r.get("optimal"), "opt"))
+        cells.append(ratio(s, r.get("temporal"), "temporal"))
+        single = max((x for x in (r.get("mig-only"), r.get("mps-only")) if isinstance(x, float)),
+                     default=None)
+        cells.append(ratio(s, single, "single"))
+        print("| " + " | ".join(cells) + " |")
+    print("\n## Geometric means of stgs's ratios\n")
+    print("| ratio | geomean | min | target |")
+    print("|---|---|---|---|")
+    for key, label, target in [("bound", "stgs / fluid bound", ">= 0.9"),
+                               ("opt", "stgs / optimal", ">= 0.95"),
+                               ("temporal", "stgs / temporal", ">= 1.3"),
+                               ("single", "stgs / best of mig-only, mps-only", ">= 1.15")]:
+        xs = ratios[key]
+        print(f"| {label} | {geomean(xs):.3f} | {min(xs) if xs else float('nan'):.3f} |"
+              f" {target} |")
+
+    print("\n## Solve time of one `stgs` plan (median of 5; load at 0.7 of the fluid bound)\n")
+    print("| models | GPUs | median ms | max ms |")
+    print("|---|---|---|---|")
+    sizes = [(10, 4), (50, 16)] + ([] if args.quick else [(500, 64)])
+    timing = []
+    for n_models, n_gpus in sizes:
+        prob = timing_case(n_models, n_gpus, seed=n_models)
+        pol = get_policy("stgs")
+        ts = []
+        for _ in range(5 if n_models < 500 else 3):
+            t0 = time.perf_counter()
+            pol.plan(prob)
+            ts.append((time.perf_counter() - t0) * 1000)
+        timing.append({"models": n_models, "gpus": n_gpus, "median_ms": statistics.median(ts),
+                       "max_ms": max(ts)})
+        print(f"| {n_models} | {n_gpus} | {statistics.median(ts):.1f} | {max(ts):.1f} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"peak": rows, "timing": timing}, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
