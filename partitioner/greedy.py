@@ -84,11 +84,15 @@ class Greedy:
                 shapes = tuple(s for s in problem.shapes(t) if family(s) in cfg.fallback_families)
             self.types[t] = _TypeState(t, shapes)
         self.unserved: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        self._curves: dict[tuple[str, float, GpuSpec, Shape], Curve | None] = {}
 
     # ------------------------------------------------------------------ helpers
     def _curve(self, m: ModelSpec, t: GpuSpec, s: Shape) -> Curve | None:
-        c = self.p.curve(m, t, s)
-        return c if c is not None and c.servable else None
+        key = (m.name, m.rate_rps, t, s)
+        if key not in self._curves:
+            c = self.p.curve(m, t, s)
+            self._curves[key] = c if c is not None and c.servable else None
+        return self._curves[key]
 
     def _sched(
         self, t: GpuSpec, s: Shape, items: Sequence[tuple[ModelSpec, float]]
@@ -185,11 +189,7 @@ class Greedy:
         st = self.types[t]
         if self.cfg.time_sharing:
             best: tuple[float, Part, Schedule] | None = None
-            for part in st.parts:
-                if not part.shared or len(part.items) >= self.max_models:
-                    continue
-                if any(pm.name == m.name for pm, _ in part.items):
-                    continue
+            for part in self._open_shared(st, m):
                 sched = self._sched(t, part.shape, [*part.items, (m, rate)])
                 if sched is None:
                     continue
@@ -217,6 +217,21 @@ class Greedy:
             self._place_one(m, t, rate - half)
             return
         st.parts.append(opened)
+
+    CANDIDATES = 24  # shared partitions tried per placement: the ones with the most idle time
+
+    def _open_shared(self, st: _TypeState, m: ModelSpec) -> list[Part]:
+        """Shared partitions that could take ``m``, the idlest first, at most CANDIDATES."""
+        parts = [
+            p
+            for p in st.parts
+            if p.shared
+            and len(p.items) < self.max_models
+            and p.sched.utilisation < 0.999
+            and all(pm.name != m.name for pm, _ in p.items)
+        ]
+        parts.sort(key=lambda p: p.sched.utilisation)
+        return parts[: self.CANDIDATES]
 
     def _open(self, m: ModelSpec, t: GpuSpec, rate: float) -> Part | None:
         best: tuple[float, Part] | None = None
@@ -315,13 +330,9 @@ class Greedy:
                 break
             # shared partitions with room first
             if self.cfg.time_sharing:
-                for part in st.parts:
+                for part in self._open_shared(st, m):
                     if rate <= 1e-9:
                         break
-                    if not part.shared or len(part.items) >= self.max_models:
-                        continue
-                    if any(pm.name == m.name for pm, _ in part.items):
-                        continue
                     take = self._max_rate(t, part.shape, part.items, m, rate)
                     if take > 0:
                         sched = self._sched(t, part.shape, [*part.items, (m, take)])
@@ -347,10 +358,18 @@ class Greedy:
         """Largest rate <= ``rate`` of ``m`` that can join ``items`` on ``shape`` (bisection)."""
         if self._sched(t, shape, [*items, (m, rate)]) is not None:
             return rate
+        if not items:
+            # alone on a partition a model serves up to its saturated throughput
+            curve = self._curve(m, t, shape)
+            if curve is None:
+                return 0.0
+            cap = min(rate, curve.max_rps * (1 - 1e-9))
+            if cap > 0 and self._sched(t, shape, [(m, cap)]) is not None:
+                return cap
         lo, hi = 0.0, rate
         if self._sched(t, shape, [*items, (m, 0.0)]) is None:
             return 0.0
-        for _ in range(30):
+        for _ in range(14):
             mid = (lo + hi) / 2
             if self._sched(t, shape, [*items, (m, mid)]) is not None:
                 lo = mid
@@ -361,7 +380,17 @@ class Greedy:
     def _new_in_free_space(self, st: _TypeState, m: ModelSpec, rate: float) -> float:
         """Open the shape serving the most of ``rate`` in some GPU's free space; return the rate."""
         best: tuple[float, Shape, int, float] | None = None
+        seen: set[tuple[object, ...]] = set()
         for bi, b in enumerate(st.bins):
+            room = (
+                b.mig,
+                b.layout,
+                tuple(sorted(b.mps_pcts)),
+                tuple(sorted((i.profile, i.mps_free) for i in b.instances if i.mps_pcts)),
+            )
+            if room in seen:  # an identical bin was already tried
+                continue
+            seen.add(room)
             for shape in st.shapes:
                 if not self._fits(b, shape):
                     continue

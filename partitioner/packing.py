@@ -66,26 +66,30 @@ class GpuBin:
         """Where a new ``profile`` instance leaves the most room (None: it does not fit)."""
         if self.mig is False:
             return None
-        sku = get_sku(self.sku)
-        if not sku.supports_mig:
-            return None
-        layout = self.layout
-        starts = free_starts(sku, layout, profile)
-        if not starts:
-            return None
-        return max(
-            starts,
-            key=lambda s: (
-                _extensions(self.sku, canonical_layout([*layout, MigPlacement(s, profile)])),
-                s,
-            ),
-        )
+        return _best_start(self.sku, self.layout, profile)
 
     def take_instance(self, profile: str, start: int) -> Instance:
         self.mig = True
         inst = Instance(profile, start)
         self.instances.append(inst)
         return inst
+
+
+@cache
+def _best_start(sku_name: str, layout: tuple[MigPlacement, ...], profile: str) -> int | None:
+    sku = get_sku(sku_name)
+    if not sku.supports_mig:
+        return None
+    starts = free_starts(sku, layout, profile)
+    if not starts:
+        return None
+    return max(
+        starts,
+        key=lambda s: (
+            _extensions(sku_name, canonical_layout([*layout, MigPlacement(s, profile)])),
+            s,
+        ),
+    )
 
 
 @cache

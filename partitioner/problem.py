@@ -14,6 +14,7 @@ to its bucket, so planning with bucket sizes predicts what runs.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,18 @@ class Curve:
     memory: FloatArray
     slowdown: float
     headroom: float
+
+    @cached_property
+    def bucket_list(self) -> list[int]:
+        return [int(b) for b in self.buckets]
+
+    @cached_property
+    def lat_list(self) -> list[float]:
+        return [float(x) for x in self.lat]
+
+    @cached_property
+    def memory_list(self) -> list[float]:
+        return [float(x) for x in self.memory]
 
     @cached_property
     def max_rps(self) -> float:
@@ -331,7 +344,7 @@ class Schedule:
 
 def _bucket_index(curve: Curve, need: float) -> int:
     """Index of the smallest bucket >= need (len(buckets) when none)."""
-    return int(np.searchsorted(curve.buckets, need - 1e-9, side="left"))
+    return bisect.bisect_left(curve.bucket_list, need - 1e-9)
 
 
 def schedule(items: Sequence[tuple[Curve, float]]) -> Schedule | None:
@@ -393,14 +406,16 @@ def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Sc
     mem = 0.0
     for curve, rate in items:
         i = _bucket_index(curve, rate * d / 1000.0) if rate > 0 else 0
-        if i >= len(curve.buckets):
+        if i >= len(curve.bucket_list):
             return None
-        lat = float(curve.lat[i])
+        lat = curve.lat_list[i]
         if d + lat > curve.model.slo_ms + 1e-9:
             return None
         busy += lat
-        mem += float(curve.memory[i])
-        slots.append(Slot(curve, rate, int(curve.buckets[i]), lat))
-    if busy > d + 1e-9 or mem > shape_mem + 1e-6:
+        if busy > d + 1e-9:
+            return None
+        mem += curve.memory_list[i]
+        slots.append(Slot(curve, rate, curve.bucket_list[i], lat))
+    if mem > shape_mem + 1e-6:
         return None
     return Schedule(d, tuple(slots))

@@ -186,6 +186,12 @@ def _norm(name: str) -> str:
 
 def get_sku(name: str) -> GpuSku:
     """The catalog entry for ``name`` (case-insensitive; known aliases accepted)."""
+    sku = SKUS.get(name)
+    return sku if sku is not None else _lookup_sku(name)
+
+
+@cache
+def _lookup_sku(name: str) -> GpuSku:
     key = _norm(name)
     for sku in SKUS.values():
         if key == _norm(sku.name) or key in (_norm(a) for a in sku.aliases):
@@ -228,13 +234,18 @@ def layout_violation(sku: GpuSku, placements: Sequence[MigPlacement]) -> str | N
 
 def free_starts(sku: GpuSku, layout: Sequence[MigPlacement], profile: str) -> list[int]:
     """Starts at which one more ``profile`` instance can be added to ``layout``."""
+    return list(_free_starts(sku, canonical_layout(layout), profile))
+
+
+@cache
+def _free_starts(sku: GpuSku, layout: MigLayout, profile: str) -> tuple[int, ...]:
     prof = sku.mig_profile(profile)
     out = []
     for start in prof.starts:
         cand = [*layout, MigPlacement(start, profile)]
         if layout_violation(sku, cand) is None:
             out.append(start)
-    return out
+    return tuple(out)
 
 
 @cache

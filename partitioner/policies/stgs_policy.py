@@ -13,6 +13,8 @@ from partitioner.policies import Policy, register
 from partitioner.problem import Problem
 from stgs.plan import Plan
 
+LARGE_MODELS = 100
+
 VARIANTS = (
     GreedyConfig("stgs", ALL_FAMILIES),
     GreedyConfig("stgs", frozenset({MIG, MIG_MPS}), fallback_families=frozenset({FULL, MPS})),
@@ -36,7 +38,9 @@ class Stgs(Policy):
     description = "spatio-temporal: adaptive MIG/MPS partition sizes + duty-cycle time sharing"
 
     def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
-        plans = [Greedy(problem, cfg).run() for cfg in VARIANTS]
+        # Large instances: the all-families variant alone (solve time grows with models x GPUs).
+        variants = VARIANTS if len(problem.models) <= LARGE_MODELS else VARIANTS[:1]
+        plans = [Greedy(problem, cfg).run() for cfg in variants]
         best = min(plans, key=plan_score)
         if current is not None:
             from partitioner.replan import choose_incremental
