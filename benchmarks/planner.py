@@ -140,23 +140,30 @@ def main() -> int:
     ap.add_argument("--optimal-limit", type=float, default=60.0, help="MILP time limit (s)")
     args = ap.parse_args()
 
-    print(f"# planner benchmark · {time.strftime('%Y-%m-%d')} · python {platform.python_version()}"
-          f" · {platform.processor() or platform.machine()}")
+    print(
+        f"# planner benchmark · {time.strftime('%Y-%m-%d')} · python {platform.python_version()}"
+        f" · {platform.processor() or platform.machine()}"
+    )
     pols = HEURISTICS + (["optimal"] if "optimal" in policy_names() else [])
     rows = []
     for case in scenarios(args.quick):
         prob = Problem.from_scenario(scenario_from_mapping(case.data))
         bound = fluid_bound(prob)
-        row: dict[str, object] = {"scenario": case.name, "gpus": len(prob.gpus),
-                                  "models": len(prob.models), "bound": bound}
+        row: dict[str, object] = {
+            "scenario": case.name,
+            "gpus": len(prob.gpus),
+            "models": len(prob.models),
+            "bound": bound,
+        }
         for pol in pols:
             if pol == "optimal" and not case.small:
                 continue
             opts = prob.options
             if pol == "optimal":
                 opts = opts.model_copy(update={"time_limit_s": args.optimal_limit})
-            p2 = Problem(prob.gpus, prob.models, prob.latency, prob.interference, prob.headroom,
-                         opts)
+            p2 = Problem(
+                prob.gpus, prob.models, prob.latency, prob.interference, prob.headroom, opts
+            )
             t0 = time.perf_counter()
             try:
                 pk = find_peak(p2, get_policy(pol))
@@ -172,8 +179,17 @@ def main() -> int:
         rows.append(row)
         print(f"  done {case.name}", file=sys.stderr)
 
-    hdr = ["scenario", "GPUs", "models", "fluid k*", *[f"{p} k" for p in pols], "stgs/k*",
-           "stgs/opt", "stgs/temporal", "stgs/best(mig,mps)"]
+    hdr = [
+        "scenario",
+        "GPUs",
+        "models",
+        "fluid k*",
+        *[f"{p} k" for p in pols],
+        "stgs/k*",
+        "stgs/opt",
+        "stgs/temporal",
+        "stgs/best(mig,mps)",
+    ]
     print("\n## Peak load factor k per policy (higher is better)\n")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -185,30 +201,36 @@ def main() -> int:
         for p in pols:
             v = r.get(p)
             st = r.get(f"{p}_status")
-            cells.append("-" if v is None else f"{v:.3f}" + (f" ({st})" if st and st != "optimal"
-                                                              else ""))
+            cells.append(
+                "-" if v is None else f"{v:.3f}" + (f" ({st})" if st and st != "optimal" else "")
+            )
+
         def ratio(num: object, den: object, key: str) -> str:
             if not isinstance(num, float) or not isinstance(den, float) or den <= 0:
                 return "-"
             ratios[key].append(num / den)
             return f"{num / den:.3f}"
+
         cells.append(ratio(s, b, "bound"))
         cells.append(ratio(s, r.get("optimal"), "opt"))
         cells.append(ratio(s, r.get("temporal"), "temporal"))
-        single = max((x for x in (r.get("mig-only"), r.get("mps-only")) if isinstance(x, float)),
-                     default=None)
+        single = max(
+            (x for x in (r.get("mig-only"), r.get("mps-only")) if isinstance(x, float)),
+            default=None,
+        )
         cells.append(ratio(s, single, "single"))
         print("| " + " | ".join(cells) + " |")
     print("\n## Geometric means of stgs's ratios\n")
     print("| ratio | geomean | min | target |")
     print("|---|---|---|---|")
-    for key, label, target in [("bound", "stgs / fluid bound", ">= 0.9"),
-                               ("opt", "stgs / optimal", ">= 0.95"),
-                               ("temporal", "stgs / temporal", ">= 1.3"),
-                               ("single", "stgs / best of mig-only, mps-only", ">= 1.15")]:
+    for key, label, target in [
+        ("bound", "stgs / fluid bound", ">= 0.9"),
+        ("opt", "stgs / optimal", ">= 0.95"),
+        ("temporal", "stgs / temporal", ">= 1.3"),
+        ("single", "stgs / best of mig-only, mps-only", ">= 1.15"),
+    ]:
         xs = ratios[key]
-        print(f"| {label} | {geomean(xs):.3f} | {min(xs) if xs else float('nan'):.3f} |"
-              f" {target} |")
+        print(f"| {label} | {geomean(xs):.3f} | {min(xs) if xs else float('nan'):.3f} | {target} |")
 
     print("\n## Solve time of one `stgs` plan (median of 5; load at 0.7 of the fluid bound)\n")
     print("| models | GPUs | median ms | max ms |")
@@ -223,8 +245,14 @@ def main() -> int:
             t0 = time.perf_counter()
             pol.plan(prob)
             ts.append((time.perf_counter() - t0) * 1000)
-        timing.append({"models": n_models, "gpus": n_gpus, "median_ms": statistics.median(ts),
-                       "max_ms": max(ts)})
+        timing.append(
+            {
+                "models": n_models,
+                "gpus": n_gpus,
+                "median_ms": statistics.median(ts),
+                "max_ms": max(ts),
+            }
+        )
         print(f"| {n_models} | {n_gpus} | {statistics.median(ts):.1f} | {max(ts):.1f} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

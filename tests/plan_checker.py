@@ -103,9 +103,8 @@ def mig_layout_violations(sku: GpuSku, instances: Sequence[tuple[int, str]]) -> 
             out.append(f"{label}: {name} may only start at memory slices {list(prof.starts)}")
         end = start + prof.memory_slices
         if start < 0 or end > sku.memory_slices:
-            out.append(
-                f"{label}: spans memory slices {start}..{end - 1}, outside 0..{sku.memory_slices - 1}"
-            )
+            last = sku.memory_slices - 1
+            out.append(f"{label}: spans memory slices {start}..{end - 1}, outside 0..{last}")
         for s in range(start, end):
             if s in owner:
                 out.append(f"{label} overlaps {owner[s]} at memory slice {s}")
@@ -445,8 +444,7 @@ def _check_partition(
         v.append(f"{pw}: serves no model")
     if len(assigned) > opts.max_models_per_partition:
         v.append(
-            f"{pw}: {len(assigned)} models time-share it, at most "
-            f"{opts.max_models_per_partition}"
+            f"{pw}: {len(assigned)} models time-share it, at most {opts.max_models_per_partition}"
         )
     names = [str(m.get("name")) for m in assigned]
     if len(set(names)) != len(names):

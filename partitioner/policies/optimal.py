@@ -1,58 +1,63 @@
 """``optimal``: the exact optimum over stgs's discrete choices, as a mixed-integer linear program.
 
-For small instances only (a few GPUs, a few models); it proves what the heuristic ``stgs`` leaves
-on the table. Same choices as the heuristic: the shapes of ``problem.shapes(t)``, the batch
-buckets of the curves, the curves' planning latencies (headroom and worst-case interference, so
-the two policies are comparable) and the duty-cycle schedule of ``partitioner.problem``.
+For small instances only (a few GPUs, a few models): it measures what the heuristic ``stgs``
+leaves on the table. Same choices as the heuristic: the shapes of ``problem.shapes(t)``, the
+batch buckets of the curves, the curves' planning latencies (headroom and worst-case
+interference, so both policies are judged alike) and the duty-cycle rule of
+``partitioner.problem``.
 
-Formulation (HiGHS through ``scipy.optimize.milp``). Per GPU g, binary modes ``zf`` (no MIG)
-and ``zm`` (MIG, where allowed), ``zf + zm <= 1``. Instead of enumerating whole-GPU patterns,
-a pattern is decomposed into *slots* of fixed shape, each with an activation binary ``a``:
+Formulation: a configuration program, solved by HiGHS (``scipy.optimize.milp``).
 
-* no-MIG mode: one ``full`` slot and ``floor(100 / pct)`` copies of each MPS share,
-  ``sum pct * a <= 100 zf`` (``full`` counts 100);
-* MIG mode: every placement (profile, start) of the catalog is either used whole (binary ``h``,
-  one ``mig`` slot) or hosts MPS shares (binary ``q``, ``floor(100 / pct)`` copies of each
-  MPS-in-MIG share, ``sum pct * a <= 100 q``). The placement rules of ``stgs.catalog`` are
-  linear: per memory slice ``sum (h + q) <= zm``, compute slices ``sum c (h + q) <= 7 zm``,
-  ``max_count`` per profile. So every valid MIG layout (with instances left empty) is a
-  feasible point and nothing else is: exact, without listing the layouts.
+* A *configuration* of a shape is a set of models with one batch bucket each,
+  ``|set| <= max_models_per_partition``, whose memory fits the shape and whose duty cycle
+  ``D = sum_m L_m(b_m)`` (the smallest possible one) meets every SLO: ``D + L_m(b_m) <= slo_m``.
+  It serves any rates ``r_m <= cap_m = 1000 b_m / D``: at ``d = D`` every constraint of the duty
+  cycle holds (a larger d only lowers what it serves). So a partition's feasible rates are
+  exactly the union of its configurations' boxes ``[0, cap]``, and choosing one configuration
+  per partition linearises the duty cycle without approximation. Configurations are enumerated
+  depth-first with SLO and memory pruning; those whose ``cap`` vector another one of the same
+  shape dominates are dropped (Pareto filter), which loses nothing.
+* Integer ``n[g, s, c]``: how many partitions of shape s on GPU g run configuration c. Partitions
+  of one shape on one GPU are interchangeable, so counting them instead of naming slots removes
+  the symmetry between copies.
+* GPU g: binary ``zf`` (no MIG: ``sum pct * n <= 100 zf`` over MPS shares, ``full`` counts 100)
+  or, where MIG is allowed, binary ``x[g, mu]`` choosing a *maximal* MIG layout up to placement,
+  i.e. a multiset mu of profiles that some valid layout of ``stgs.catalog.enumerate_layouts``
+  realises (instances may stay empty; where an instance sits does not change its curves). Each
+  instance of profile p is used whole (a ``mig`` partition) or hosts MPS shares: integer
+  ``h[g, p, pi]`` instances host the share multiset pi (maximal multisets of the MPS-in-MIG
+  shares, sum <= 100). ``zf + sum_mu x <= 1``;
+  ``sum_c n[g, mig:p, c] + sum_pi h[g, p, pi] <= sum_mu mu(p) x[g, mu]``;
+  ``sum_c n[g, p/pct, c] <= sum_pi pi(pct) h[g, p, pi]``.
+* Coverage: ``sum_{g,s,c} cap_m(c) n[g,s,c] >= lambda rate_m`` (a model with no load must be
+  placed once); identical GPUs are used in order (symmetry).
 
-Copies of one shape in one host are ordered (``a_c <= a_{c-1}``), and among identical GPUs a GPU
-is used only when the previous one is. Per slot j (duty cycle ``d_j = 1 / f_j`` ms), model m
-and batch bucket b: binary ``w`` (m runs batch b in j) and ``g = w f_j`` (McCormick, exact for a
-binary ``w``). With L the planning latency (``curve.lat``):
+Two phases: (A) maximise ``lambda <= min(1, fluid bound)``, the smallest served fraction over the
+models (it stops as soon as every rate is served); (B) if ``lambda = 1``: minimise GPUs used +
+eps * total shape weight (eps < 1 / total weight: the weight only breaks ties). When the full
+rates cannot be served, phase A's plan is returned: it maximises min_m served_m / rate_m (no
+further tie-break) and is ``feasible = False``.
 
-    sum_b w[j,m,b] <= a_j ;  sum_{m,b} w <= max_models_per_partition
-    sum_{m,b} L g <= 1                            (sum L <= d)
-    f_j >= sum_b w[j,m,b] / (slo_m - L_m(b))      (d + L <= slo)
-    sum_{m,b} memory w <= shape memory
-    sum_{j,b} 1000 b g[j,m,b] >= lambda rate_m    (b >= r d / 1000, summed over the slots)
+The plan is built like the greedy's (``Greedy._partition``): every partition is checked with
+``schedule()`` at its rates (each model's rate split over its partitions in proportion to their
+``cap``; in the rare case rounding breaks ``schedule`` the partition's rates are scaled down by
+bisection). ``plan.info["solver"]["status"]``: ``optimal``, ``time_limit`` (stopped early: the
+best plan found, maybe not optimal) or ``infeasible`` (full rates proven unservable).
 
-(m, b) pairs with ``2 L > slo`` or memory above the shape's are never generated (they cannot
-run), nor slots where no model runs. Two phases: (A) maximise ``lambda <= min(1, fluid bound)``,
-the smallest served fraction over the models (stops at once when every rate can be served);
-(B) if ``lambda = 1``: minimise GPUs used + eps * total shape weight (eps keeps the weight
-secondary). When full rates cannot be served the plan of phase A is returned: it maximises the
-minimum over models of served / rate (no further tie-break), ``feasible = False``.
-
-The plan is rebuilt like the greedy's (``Greedy._partition``); each model's rate is split over its
-slots in proportion to their capacity ``1000 b / d``, and each partition is checked with
-``schedule()`` (rates scaled down by bisection in the rare case rounding makes it fail).
-
-Limits: at most ``MAX_GPUS`` GPUs, ``MAX_MODELS`` models and ``MAX_COLUMNS`` variables, else
-``PlanningError``. Time: phase A gets ``options.time_limit_s``, phase B what is left (at least a
-tenth of it); ``plan.info["solver"]["status"]`` says ``optimal``, ``time_limit`` (stopped early:
-the plan is the best found, maybe not optimal) or ``infeasible`` (full rates proven unservable).
+Limits (else ``PlanningError``): ``MAX_GPUS`` GPUs, ``MAX_MODELS`` models, ``MAX_CONFIGS``
+enumerated configurations, ``MAX_COLUMNS`` variables. The configurations grow like
+(buckets + 1) ^ models on large shapes: 3 to 4 models with loose SLOs, more with tight ones.
+Time: phase A gets ``options.time_limit_s``, phase B what is left (at least a tenth of it).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -63,56 +68,171 @@ from scipy.sparse import coo_array
 from partitioner.fluid import fluid_bound
 from partitioner.policies import Policy, register
 from partitioner.problem import Curve, Problem, Shape, schedule
-from stgs.catalog import get_sku
+from stgs.catalog import MigLayout, MigPlacement, enumerate_layouts, get_sku
 from stgs.errors import PlanningError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan, Unserved
-from stgs.types import GpuSpec, ModelSpec
+from stgs.types import GpuSpec
 
 MAX_GPUS = 4
 MAX_MODELS = 8
+MAX_CONFIGS = 400_000  # enumerated, before the Pareto filter, over all (GPU type, shape)
 MAX_COLUMNS = 200_000
 _EPS = 1e-9
-_FULL_TOL = 1e-6  # lambda >= 1 - this counts as serving every rate
+_DISP = False
+_FULL_TOL = 1e-6  # lambda >= 1 - this: every rate is served
 
 FloatArray = npt.NDArray[np.float64]
 
 
+# ---------------------------------------------------------------------------- configurations
 @dataclass(frozen=True)
-class _Entry:
-    """Model ``model`` running batch ``curve.buckets[bi]`` in a slot: columns w and g."""
+class _Config:
+    """Models (index, bucket index) time-sharing one partition at duty cycle ``cycle_ms``."""
 
-    model: int
-    curve: Curve
-    bi: int
-    w: int
-    g: int
-
-    @property
-    def batch(self) -> int:
-        return int(self.curve.buckets[self.bi])
+    runs: tuple[tuple[int, int], ...]
+    cycle_ms: float
+    caps: tuple[float, ...]  # rps per run: 1000 b / cycle
 
 
 @dataclass
-class _Slot:
-    gpu: int
+class _ShapeConfigs:
     shape: Shape
-    act: int  # column of the activation binary
-    f: int  # column of f = 1 / duty cycle (1/ms)
-    host: tuple[int, int | None]  # (gpu, MIG start or None): partitions sharing one MPS server
-    start: int | None
-    index: int  # copy number within its host and shape
-    entries: list[_Entry] = field(default_factory=list)
+    curves: dict[int, Curve]
+    configs: list[_Config]
 
 
-@dataclass
-class _Gpu:
-    zf: int
-    zm: int | None
+class _TooLarge(Exception):
+    pass
 
 
+def _enumerate(
+    shape: Shape, curves: dict[int, Curve], max_models: int, budget: int
+) -> list[_Config]:
+    """Every feasible configuration of ``shape`` (raises _TooLarge past ``budget``)."""
+    cands: list[tuple[int, list[tuple[int, float, float, float]]]] = []
+    for mi, c in sorted(curves.items()):
+        opts = []
+        slo = c.model.slo_ms
+        for bi in range(len(c.buckets)):
+            lat = float(c.lat[bi])
+            mem = float(c.memory[bi])
+            if lat > 0 and 2 * lat <= slo + _EPS and mem <= shape.memory_mib:
+                opts.append((bi, lat, mem, slo - lat))
+        if opts:
+            cands.append((mi, opts))
+    out: list[_Config] = []
+    runs: list[tuple[int, int]] = []
+    lats: list[float] = []
+
+    def walk(i: int, total: float, mem: float, slack: float) -> None:
+        if i == len(cands):
+            if runs:
+                if len(out) >= budget:
+                    raise _TooLarge
+                caps = tuple(1000.0 * float(curves[mi].buckets[bi]) / total for mi, bi in runs)
+                out.append(_Config(tuple(runs), total, caps))
+            return
+        walk(i + 1, total, mem, slack)
+        if len(runs) >= max_models:
+            return
+        mi, opts = cands[i]
+        for bi, lat, m_mem, m_slack in opts:
+            t2 = total + lat
+            s2 = min(slack, m_slack)
+            if t2 > s2 + _EPS or mem + m_mem > shape.memory_mib:
+                continue
+            runs.append((mi, bi))
+            lats.append(lat)
+            walk(i + 1, t2, mem + m_mem, s2)
+            runs.pop()
+            lats.pop()
+
+    walk(0, 0.0, 0.0, math.inf)
+    return out
+
+
+def _pareto(configs: list[_Config], n_models: int) -> list[_Config]:
+    """Drop configurations whose capacity vector another one dominates (ties: keep one)."""
+    if len(configs) <= 1:
+        return configs
+    caps = np.zeros((len(configs), n_models))
+    for i, c in enumerate(configs):
+        for (mi, _), cap in zip(c.runs, c.caps, strict=True):
+            caps[i, mi] = cap
+    order = np.lexsort((np.arange(len(configs)), -caps.sum(axis=1)))
+    kept = np.zeros((0, n_models))
+    keep_idx: list[int] = []
+    tol = 1e-9
+    chunk = 512
+    for s in range(0, len(order), chunk):
+        idx = order[s : s + chunk]
+        x = caps[idx]
+        alive = np.ones(len(idx), dtype=bool)
+        if len(kept):
+            for k0 in range(0, len(kept), 4096):
+                kb = kept[k0 : k0 + 4096]
+                dom = (kb[:, None, :] >= x[None, :, :] - tol).all(axis=2).any(axis=0)
+                alive &= ~dom
+        # within the chunk: j (earlier in the order) dominates i
+        sub = x[alive]
+        sub_idx = idx[alive]
+        if len(sub) > 1:
+            ge = (sub[:, None, :] >= sub[None, :, :] - tol).all(axis=2)  # ge[j, i]: j >= i
+            earlier = np.tri(len(sub), k=-1, dtype=bool).T  # earlier[j, i]: j < i
+            dominated = (ge & earlier).any(axis=0)
+            sub, sub_idx = sub[~dominated], sub_idx[~dominated]
+        kept = np.vstack([kept, sub])
+        keep_idx.extend(int(i) for i in sub_idx)
+    return [configs[i] for i in sorted(keep_idx)]
+
+
+# ---------------------------------------------------------------------------- MIG structure
+@cache
+def _profile_multisets(
+    sku: str, profiles: frozenset[str]
+) -> tuple[tuple[Counter[str], MigLayout], ...]:
+    """Maximal multisets of ``profiles`` that a valid layout realises, with one such layout."""
+    seen: dict[tuple[tuple[str, int], ...], tuple[MigPlacement, ...]] = {}
+    for lay in enumerate_layouts(sku):
+        kept = tuple(p for p in lay if p.profile in profiles)
+        key = tuple(sorted(Counter(p.profile for p in kept).items()))
+        if key and key not in seen:
+            seen[key] = kept
+    keys = list(seen)
+    out = []
+    for k in keys:
+        ck = Counter(dict(k))
+        if any(k2 != k and _sub(ck, Counter(dict(k2))) for k2 in keys):
+            continue
+        out.append((ck, seen[k]))
+    return tuple(out)
+
+
+def _sub(a: Counter[str], b: Counter[str]) -> bool:
+    return all(b[p] >= n for p, n in a.items())
+
+
+@cache
+def _share_multisets(pcts: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Maximal multisets of MPS shares (sum <= 100), largest share first."""
+    out: list[tuple[int, ...]] = []
+    ordered = sorted(set(pcts), reverse=True)
+
+    def walk(i: int, left: int, cur: list[int]) -> None:
+        if i == len(ordered):
+            if cur and left < min(ordered):
+                out.append(tuple(cur))
+            return
+        p = ordered[i]
+        for k in range(left // p, -1, -1):
+            walk(i + 1, left - k * p, cur + [p] * k)
+
+    walk(0, 100, [])
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------- the MILP
 class _Milp:
-    """Columns and sparse rows, built incrementally."""
-
     def __init__(self) -> None:
         self.lb: list[float] = []
         self.ub: list[float] = []
@@ -123,14 +243,11 @@ class _Milp:
         self.rlo: list[float] = []
         self.rhi: list[float] = []
 
-    def var(self, lb: float, ub: float, integer: bool) -> int:
+    def var(self, lb: float, ub: float, integer: bool = True) -> int:
         self.lb.append(lb)
         self.ub.append(ub)
         self.integer.append(1 if integer else 0)
         return len(self.lb) - 1
-
-    def binary(self) -> int:
-        return self.var(0.0, 1.0, True)
 
     def row(self, terms: Sequence[tuple[int, float]], lo: float, hi: float) -> None:
         r = len(self.rlo)
@@ -155,6 +272,26 @@ class _Milp:
 
 
 @dataclass
+class _Use:
+    """Columns n[g, s, c] of one (GPU, shape)."""
+
+    gpu: int
+    sc: _ShapeConfigs
+    cols: list[int]
+
+
+@dataclass
+class _GpuCols:
+    zf: int
+    layouts: list[tuple[int, Counter[str], MigLayout]]  # (column, multiset, one layout)
+    hosts: dict[str, list[tuple[int, tuple[int, ...]]]]  # profile -> (column h, share multiset)
+
+    @property
+    def used(self) -> list[int]:
+        return [self.zf, *(c for c, _, _ in self.layouts)]
+
+
+@dataclass
 class _Solve:
     phase: str
     status: int
@@ -164,7 +301,6 @@ class _Solve:
     message: str
 
 
-# ---------------------------------------------------------------------------- policy
 @register
 class Optimal(Policy):
     name = "optimal"
@@ -174,226 +310,191 @@ class Optimal(Policy):
         return _Solver(problem).run()
 
 
+_CONFIG_CACHE: dict[tuple[object, ...], tuple[object, _ShapeConfigs]] = {}
+
+
 class _Solver:
     def __init__(self, problem: Problem) -> None:
         self.p = problem
         self.models = problem.models
         self.max_models = problem.options.max_models_per_partition
-        self._entry_cache: dict[tuple[GpuSpec, Shape], list[tuple[int, Curve, int]]] = {}
 
-    # ------------------------------------------------------------------ candidates
-    def _candidates(self, t: GpuSpec, shape: Shape) -> list[tuple[int, Curve, int]]:
-        """(model index, curve, bucket index) that can run on ``shape`` at all."""
-        key = (t, shape)
-        if key not in self._entry_cache:
-            out: list[tuple[int, Curve, int]] = []
-            for mi, m in enumerate(self.models):
-                c = self.p.curve(m, t, shape)
-                if c is None:
-                    continue
-                for bi in range(len(c.buckets)):
-                    lat = float(c.lat[bi])
-                    if lat <= 0 or 2 * lat > m.slo_ms + _EPS:
-                        continue
-                    if float(c.memory[bi]) > shape.memory_mib:
-                        continue
-                    out.append((mi, c, bi))
-            self._entry_cache[key] = out
-        return self._entry_cache[key]
+    # ------------------------------------------------------------------ configurations
+    def _shape_configs(self, t: GpuSpec, shape: Shape, budget: int) -> _ShapeConfigs:
+        curves: dict[int, Curve] = {}
+        for mi, m in enumerate(self.models):
+            c = self.p.curve(m, t, shape)
+            if c is not None:
+                curves[mi] = c
+        # configurations depend on the curves, not on the rates: cache across rate scalings
+        key = (
+            t,
+            shape,
+            self.max_models,
+            tuple((m.profile, m.slo_ms, m.name) for m in self.models),
+            id(self.p.latency),
+            id(self.p.interference),
+            self.p.headroom,
+        )
+        hit = _CONFIG_CACHE.get(key)
+        if hit is not None and hit[0] is self.p.latency:
+            sc = hit[1]
+            return _ShapeConfigs(shape, curves, sc.configs)
+        configs = _pareto(_enumerate(shape, curves, self.max_models, budget), len(self.models))
+        sc = _ShapeConfigs(shape, curves, configs)
+        if len(_CONFIG_CACHE) > 4096:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = (self.p.latency, sc)
+        return sc
 
-    def _size(self) -> int:
-        """Columns the model will have (before building it)."""
-        n = 0
-        for t in self.p.gpus:
-            sku = get_sku(t.sku)
+    def _too_large(self, what: str) -> PlanningError:
+        return PlanningError(
+            f"instance too large for the exact solver ({what}; limits: {MAX_GPUS} GPUs,"
+            f" {MAX_MODELS} models, {MAX_CONFIGS} partition configurations, {MAX_COLUMNS}"
+            " variables): use --policy stgs"
+        )
+
+    def _configs(self) -> dict[GpuSpec, list[_ShapeConfigs]]:
+        if len(self.p.gpus) > MAX_GPUS or len(self.models) > MAX_MODELS:
+            raise self._too_large(f"{len(self.p.gpus)} GPUs, {len(self.models)} models")
+        out: dict[GpuSpec, list[_ShapeConfigs]] = {}
+        budget = MAX_CONFIGS
+        for t in self.p.gpu_types:
+            out[t] = []
             for s in self.p.shapes(t):
-                k = len(self._candidates(t, s))
-                if not k:
-                    continue
-                copies = 1 if s.kind != "mps" else 100 // (s.mps_pct or 100)
-                hosts = len(sku.mig_profile(s.mig_profile).starts) if s.in_mig else 1
-                n += copies * hosts * (2 * k + 2)
-        return n
-
-    def _check_size(self) -> None:
-        n = self._size()
-        if len(self.p.gpus) > MAX_GPUS or len(self.models) > MAX_MODELS or n > MAX_COLUMNS:
-            raise PlanningError(
-                f"instance too large for the exact solver ({len(self.p.gpus)} GPUs,"
-                f" {len(self.models)} models, about {n} variables; limits: {MAX_GPUS} GPUs,"
-                f" {MAX_MODELS} models, {MAX_COLUMNS} variables): use --policy stgs"
-            )
+                try:
+                    sc = self._shape_configs(t, s, budget)
+                except _TooLarge:
+                    raise self._too_large(
+                        f"more than {MAX_CONFIGS} partition configurations"
+                    ) from None
+                budget -= len(sc.configs)
+                if sc.configs:
+                    out[t].append(sc)
+        return out
 
     # ------------------------------------------------------------------ model
-    def _build(self) -> None:
+    def _build(self, by_type: dict[GpuSpec, list[_ShapeConfigs]]) -> None:
         lp = _Milp()
         self.lp = lp
-        self.lam = lp.var(0.0, 1.0, False)
-        self.gpus: list[_Gpu] = []
-        self.slots: list[_Slot] = []
+        self.lam = lp.var(0.0, 1.0, integer=False)
+        self.gpu_cols: list[_GpuCols] = []
+        self.uses: list[_Use] = []
         prev_of_type: dict[GpuSpec, int] = {}
         for gi, t in enumerate(self.p.gpus):
-            gpu = self._build_gpu(gi, t)
-            self.gpus.append(gpu)
-            if t in prev_of_type:  # identical GPUs: use them in order
-                prev = self.gpus[prev_of_type[t]]
+            cols = self._build_gpu(gi, t, by_type[t])
+            self.gpu_cols.append(cols)
+            if t in prev_of_type:  # identical GPUs are used in order
+                prev = self.gpu_cols[prev_of_type[t]]
                 lp.row(
-                    [(c, 1.0) for c in self._used(gpu)] + [(c, -1.0) for c in self._used(prev)],
+                    [(c, 1.0) for c in cols.used] + [(c, -1.0) for c in prev.used],
                     -math.inf,
                     0.0,
                 )
             prev_of_type[t] = gi
-        for slot in self.slots:
-            self._build_slot(slot)
-        # coverage
-        by_model: dict[int, list[_Entry]] = defaultdict(list)
-        for slot in self.slots:
-            for e in slot.entries:
-                by_model[e.model].append(e)
-        self.servable = [bool(by_model.get(mi)) for mi in range(len(self.models))]
-        for mi, m in enumerate(self.models):
-            if not self.servable[mi]:
-                continue
-            if m.rate_rps > 0:
-                terms = [(e.g, 1000.0 * e.batch / m.rate_rps) for e in by_model[mi]]
-            else:  # a model with no load is still deployed once
-                terms = [(e.w, 1.0) for e in by_model[mi]]
+            if lp.n > MAX_COLUMNS:
+                raise self._too_large(f"more than {MAX_COLUMNS} variables")
+        cover: dict[int, list[tuple[int, float]]] = defaultdict(list)
+        for use in self.uses:
+            for col, cfg in zip(use.cols, use.sc.configs, strict=True):
+                for (mi, _), cap in zip(cfg.runs, cfg.caps, strict=True):
+                    r = self.models[mi].rate_rps
+                    cover[mi].append((col, cap / r if r > 0 else 1.0))
+        self.servable = [mi in cover for mi in range(len(self.models))]
+        for terms in cover.values():
             lp.row([*terms, (self.lam, -1.0)], 0.0, math.inf)
 
-    @staticmethod
-    def _used(gpu: _Gpu) -> list[int]:
-        return [gpu.zf] if gpu.zm is None else [gpu.zf, gpu.zm]
+    def _use(self, gi: int, sc: _ShapeConfigs, ub: float) -> _Use:
+        use = _Use(gi, sc, [self.lp.var(0.0, ub) for _ in sc.configs])
+        self.uses.append(use)
+        return use
 
-    def _new_slot(
-        self, gi: int, shape: Shape, host: tuple[int, int | None], start: int | None, index: int
-    ) -> _Slot:
-        act = self.lp.binary()
-        slot = _Slot(gi, shape, act, -1, host, start, index)
-        self.slots.append(slot)
-        return slot
-
-    def _share_copies(
-        self, gi: int, shapes: Sequence[Shape], host_col: int, start: int | None, t: GpuSpec
-    ) -> None:
-        """MPS shares (copies of each) under one host (a GPU's no-MIG mode or a MIG instance)."""
+    def _build_gpu(self, gi: int, t: GpuSpec, scs: list[_ShapeConfigs]) -> _GpuCols:
         lp = self.lp
+        zf = lp.var(0.0, 1.0)
         knap: list[tuple[int, float]] = []
-        for s in shapes:
-            if not self._candidates(t, s):
+        for sc in scs:
+            s = sc.shape
+            if s.in_mig:
                 continue
             pct = 100 if s.kind == "full" else (s.mps_pct or 100)
-            copies = 1 if s.kind == "full" else 100 // pct
-            prev: int | None = None
-            for c in range(copies):
-                slot = self._new_slot(gi, s, (gi, start), start, c)
-                lp.row([(slot.act, 1.0), (host_col, -1.0)], -math.inf, 0.0)
-                if prev is not None:
-                    lp.row([(slot.act, 1.0), (prev, -1.0)], -math.inf, 0.0)
-                prev = slot.act
-                knap.append((slot.act, float(pct)))
+            use = self._use(gi, sc, float(100 // pct))
+            knap.extend((c, float(pct)) for c in use.cols)
         if knap:
-            lp.row([*knap, (host_col, -100.0)], -math.inf, 0.0)
-
-    def _build_gpu(self, gi: int, t: GpuSpec) -> _Gpu:
-        lp = self.lp
-        shapes = self.p.shapes(t)
-        zf = lp.binary()
-        self._share_copies(gi, [s for s in shapes if not s.in_mig], zf, None, t)
-        whole = {s.mig_profile: s for s in shapes if s.kind == "mig" and s.mig_profile}
-        shared: dict[str, list[Shape]] = defaultdict(list)
-        for s in shapes:
-            if s.kind == "mps" and s.mig_profile:
-                shared[s.mig_profile].append(s)
-        if not t.mig or not (whole or shared):
-            return _Gpu(zf, None)
-        zm = lp.binary()
-        lp.row([(zf, 1.0), (zm, 1.0)], -math.inf, 1.0)
+            lp.row([*knap, (zf, -100.0)], -math.inf, 0.0)
+        else:
+            lp.ub[zf] = 0.0
+        cols = _GpuCols(zf, [], {})
+        mig_scs = [sc for sc in scs if sc.shape.in_mig]
+        if not t.mig or not mig_scs:
+            lp.row([(zf, 1.0)], -math.inf, 1.0)
+            return cols
         sku = get_sku(t.sku)
-        slices: dict[int, list[int]] = defaultdict(list)
-        compute: list[tuple[int, float]] = []
-        for prof_name in sorted(set(whole) | set(shared)):
-            prof = sku.mig_profile(prof_name)
-            count: list[tuple[int, float]] = []
-            for start in prof.starts:
-                occ: list[int] = []
-                s_whole = whole.get(prof_name)
-                if s_whole is not None and self._candidates(t, s_whole):
-                    occ.append(self._new_slot(gi, s_whole, (gi, start), start, 0).act)
-                if any(self._candidates(t, s) for s in shared.get(prof_name, [])):
-                    q = lp.binary()
-                    self._share_copies(gi, shared[prof_name], q, start, t)
-                    occ.append(q)
-                if not occ:
-                    continue
-                if len(occ) > 1:
-                    lp.row([(c, 1.0) for c in occ], -math.inf, 1.0)
-                for c in occ:
-                    for sl in range(start, start + prof.memory_slices):
-                        slices[sl].append(c)
-                    compute.append((c, float(prof.compute_slices)))
-                    count.append((c, 1.0))
-            if len(count) > prof.max_count:
-                lp.row(count, -math.inf, float(prof.max_count))
-        for cols in slices.values():
-            lp.row([(c, 1.0) for c in cols] + [(zm, -1.0)], -math.inf, 0.0)
-        if compute:
-            lp.row([*compute, (zm, -float(sku.compute_slices))], -math.inf, 0.0)
-        return _Gpu(zf, zm)
-
-    def _build_slot(self, slot: _Slot) -> None:
-        lp = self.lp
-        t = self.p.gpus[slot.gpu]
-        cands = self._candidates(t, slot.shape)
-        f_max = max(1.0 / float(c.lat[bi]) for _, c, bi in cands)
-        slot.f = lp.var(0.0, f_max, False)
-        lp.row([(slot.f, 1.0), (slot.act, -f_max)], -math.inf, 0.0)
-        cap: list[tuple[int, float]] = []
-        mem: list[tuple[int, float]] = []
-        per_model: dict[int, list[_Entry]] = defaultdict(list)
-        for mi, c, bi in cands:
-            lat = float(c.lat[bi])
-            w = lp.binary()
-            g = lp.var(0.0, 1.0 / lat, False)
-            e = _Entry(mi, c, bi, w, g)
-            slot.entries.append(e)
-            per_model[mi].append(e)
-            lp.row([(g, 1.0), (w, -1.0 / lat)], -math.inf, 0.0)  # g <= w / L
-            lp.row([(g, 1.0), (slot.f, -1.0)], -math.inf, 0.0)  # g <= f
-            lp.row([(slot.f, 1.0), (g, -1.0), (w, f_max)], -math.inf, f_max)  # g >= f - F(1-w)
-            cap.append((g, lat))
-            mem.append((w, float(c.memory[bi])))
-        lp.row(cap, -math.inf, 1.0)
-        if sum(v for _, v in mem) > slot.shape.memory_mib:
-            lp.row([*mem, (slot.act, -slot.shape.memory_mib)], -math.inf, 0.0)
-        for mi, es in per_model.items():
-            slo = self.models[mi].slo_ms
-            lp.row([(e.w, 1.0) for e in es] + [(slot.act, -1.0)], -math.inf, 0.0)
-            lp.row(
-                [(e.w, 1.0 / (slo - float(e.curve.lat[e.bi]))) for e in es] + [(slot.f, -1.0)],
-                -math.inf,
-                0.0,
-            )
-        if len(per_model) > self.max_models:
-            lp.row(
-                [(e.w, 1.0) for e in slot.entries] + [(slot.act, -float(self.max_models))],
-                -math.inf,
-                0.0,
-            )
+        profiles = frozenset(sc.shape.mig_profile or "" for sc in mig_scs)
+        for ms, lay in _profile_multisets(sku.name, profiles):
+            cols.layouts.append((lp.var(0.0, 1.0), ms, lay))
+        lp.row([(c, 1.0) for c in cols.used], -math.inf, 1.0)
+        for prof in sorted(profiles):
+            max_count = sku.mig_profile(prof).max_count
+            inst: list[tuple[int, float]] = []
+            whole = [
+                sc for sc in mig_scs if sc.shape.kind == "mig" and sc.shape.mig_profile == prof
+            ]
+            for sc in whole:
+                inst.extend((c, 1.0) for c in self._use(gi, sc, float(max_count)).cols)
+            shared = [
+                sc for sc in mig_scs if sc.shape.kind == "mps" and sc.shape.mig_profile == prof
+            ]
+            if shared:
+                pcts = tuple(sorted({sc.shape.mps_pct or 100 for sc in shared}))
+                hosts = [(lp.var(0.0, float(max_count)), pi) for pi in _share_multisets(pcts)]
+                cols.hosts[prof] = hosts
+                inst.extend((c, 1.0) for c, _ in hosts)
+                for sc in shared:
+                    pct = sc.shape.mps_pct or 100
+                    use = self._use(gi, sc, float(max_count * (100 // pct)))
+                    lp.row(
+                        [(c, 1.0) for c in use.cols]
+                        + [(c, -float(pi.count(pct))) for c, pi in hosts],
+                        -math.inf,
+                        0.0,
+                    )
+            lp.row([*inst] + [(c, -float(ms[prof])) for c, ms, _ in cols.layouts], -math.inf, 0.0)
+        return cols
 
     # ------------------------------------------------------------------ solve
+    def _lp_bound(self, c: FloatArray) -> float:
+        """min c x over the LP relaxation at full rates (-inf when it fails)."""
+        lb = np.array(self.lp.lb)
+        ub = np.array(self.lp.ub)
+        lb[self.lam] = ub[self.lam] = 1.0
+        res = milp(c, bounds=Bounds(lb, ub), constraints=self.cons)
+        return float(res.fun) if res.status == 0 else -math.inf
+
     def _solve(
-        self, phase: str, c: FloatArray, lam_lb: float, lam_ub: float, limit: float
+        self,
+        phase: str,
+        c: FloatArray,
+        lam_lb: float,
+        lam_ub: float,
+        limit: float,
+        at_least: Sequence[tuple[list[int], float]] = (),
     ) -> _Solve:
         lb = np.array(self.lp.lb)
         ub = np.array(self.lp.ub)
         lb[self.lam], ub[self.lam] = lam_lb, lam_ub
+        cons = [self.cons]
+        for cols, rhs in at_least:
+            row = np.zeros(self.lp.n)
+            row[cols] = 1.0
+            cons.append(LinearConstraint(row[None, :], rhs, np.inf))
         t0 = time.perf_counter()
         res = milp(
             c,
             integrality=np.array(self.lp.integer),
             bounds=Bounds(lb, ub),
-            constraints=self.cons,
-            options={"time_limit": max(limit, 0.01), "disp": False},
+            constraints=cons,
+            options={"time_limit": max(limit, 0.01), "disp": _DISP},
         )
         seconds = time.perf_counter() - t0
         gap = getattr(res, "mip_gap", None)
@@ -409,19 +510,18 @@ class _Solver:
 
     def run(self) -> Plan:
         t_start = time.perf_counter()
-        self._check_size()
-        self._build()
+        by_type = self._configs()
+        self._build(by_type)
         self.cons = self.lp.constraint()
         n = self.lp.n
         limit = float(self.p.options.time_limit_s)
+        t_built = time.perf_counter()
 
-        servable_pos = [
-            m for mi, m in enumerate(self.models) if self.servable[mi] and m.rate_rps > 0
-        ]
-        bound = fluid_bound(self.p.with_models(servable_pos)) if servable_pos else math.inf
+        pos = [m for mi, m in enumerate(self.models) if self.servable[mi] and m.rate_rps > 0]
+        bound = fluid_bound(self.p.with_models(pos)) if pos else math.inf
         lam_ub = min(1.0, bound * (1 + 1e-6) + 1e-9)
 
-        # phase A: the largest served fraction lambda
+        # phase A: the largest fraction lambda of every model's rate that can be served
         c_a = np.zeros(n)
         c_a[self.lam] = -1.0
         a = self._solve("max-served-fraction", c_a, 0.0, lam_ub, limit)
@@ -436,106 +536,98 @@ class _Solver:
             raise PlanningError(f"exact solver failed: {a.message}")
 
         if a.x is not None and lam >= 1 - _FULL_TOL:
-            # phase B: fewest GPUs, then least shape weight, at full rates
+            # phase B: fewest GPUs, then least shape weight, serving every rate
             c_b = np.zeros(n)
-            eps = 0.4 / max(1, len(self.gpus))
-            for gpu in self.gpus:
-                for col in self._used(gpu):
+            eps = 0.4 / max(1, len(self.p.gpus))
+            for cols in self.gpu_cols:
+                for col in cols.used:
                     c_b[col] = 1.0
-            for slot in self.slots:
-                c_b[slot.act] = eps * slot.shape.weight
-            left = limit - (time.perf_counter() - t_start)
-            b = self._solve("min-gpus", c_b, 1.0, 1.0, max(left, 0.1 * limit))
+            for use in self.uses:
+                for col in use.cols:
+                    c_b[col] = eps * use.sc.shape.weight
+            # the LP bound on the GPU count, rounded up, tightens the weak relaxation of used_g
+            used_cols = [col for cols in self.gpu_cols for col in cols.used]
+            c_lp = np.zeros(n)
+            c_lp[used_cols] = 1.0
+            lb_gpus = self._lp_bound(c_lp)
+            extra = [(used_cols, math.ceil(lb_gpus - 1e-6))] if lb_gpus > 0 else []
+            left = limit - (time.perf_counter() - t_built)
+            b = self._solve("min-gpus", c_b, 1.0, 1.0, max(left, 0.1 * limit), extra)
             solves.append(b)
             if b.x is not None and float(c_b @ b.x) <= float(c_b @ a.x) + 1e-9:
                 chosen = b
             if b.status != 0:
                 status = "time_limit"
-        elapsed = time.perf_counter() - t_start
         info: dict[str, Any] = {
             "status": status,
             "mip_gap": chosen.mip_gap if chosen is not None else None,
-            "solve_s": round(elapsed, 4),
+            "solve_s": round(time.perf_counter() - t_start, 4),
             "served_fraction": round(lam, 6),
             "columns": n,
             "rows": len(self.lp.rlo),
             "phases": [
                 {
                     "phase": s.phase,
-                    "status": s.message,
+                    "message": s.message,
                     "solve_s": round(s.seconds, 4),
                     "mip_gap": s.mip_gap,
                 }
                 for s in solves
             ],
         }
-        return self._assemble(chosen.x if chosen is not None else None, status, lam, info)
+        x = chosen.x if chosen is not None else None
+        return self._assemble(x, status, lam, info)
 
     # ------------------------------------------------------------------ plan
     def _assemble(
         self, x: FloatArray | None, status: str, lam: float, info: dict[str, Any]
     ) -> Plan:
-        # per slot: (entry, capacity rps) of the models that run there
-        placed: list[tuple[_Slot, list[tuple[_Entry, float]]]] = []
+        # the partitions: (gpu, shape, configuration, MIG start or None, host key)
+        parts = list(self._placed(x)) if x is not None else []
         total_cap: dict[int, float] = defaultdict(float)
-        if x is not None:
-            for slot in self.slots:
-                if x[slot.act] < 0.5:
-                    continue
-                f = float(x[slot.f])
-                runs = [(e, 1000.0 * e.batch * f) for e in slot.entries if x[e.w] > 0.5]
-                if runs:
-                    placed.append((slot, runs))
-                    for e, cap in runs:
-                        total_cap[e.model] += cap
-        # rates: each model's served rate split over its slots in proportion to capacity
-        served_target = {
-            mi: min(m.rate_rps, total_cap.get(mi, 0.0)) for mi, m in enumerate(self.models)
-        }
+        for _, _, cfg, _, _ in parts:
+            for (mi, _), cap in zip(cfg.runs, cfg.caps, strict=True):
+                total_cap[mi] += cap
+        target = {mi: min(m.rate_rps, total_cap.get(mi, 0.0)) for mi, m in enumerate(self.models)}
         zero_placed: set[int] = set()
-        parts: list[tuple[_Slot, list[tuple[Curve, float]]]] = []
-        for slot, runs in placed:
+        fitted: list[tuple[int, _ShapeConfigs, int | None, tuple[int, int | None], Any]] = []
+        for gi, sc, cfg, start, host in parts:
             items: list[tuple[Curve, float]] = []
-            for e, cap in runs:
-                m = self.models[e.model]
+            for (mi, _), cap in zip(cfg.runs, cfg.caps, strict=True):
+                m = self.models[mi]
                 if m.rate_rps <= 0:
-                    if e.model in zero_placed:
-                        continue
-                    zero_placed.add(e.model)
-                    items.append((e.curve, 0.0))
+                    if mi not in zero_placed:
+                        zero_placed.add(mi)
+                        items.append((sc.curves[mi], 0.0))
                     continue
-                tot = total_cap[e.model]
-                rate = served_target[e.model] * cap / tot if tot > 0 else 0.0
+                rate = target[mi] * cap / total_cap[mi]
                 if rate > _EPS * max(1.0, m.rate_rps):
-                    items.append((e.curve, rate))
-            if items:
-                parts.append((slot, _fit(items)))
-        # neighbours for the interference of MPS partitions: shares in the same host
+                    items.append((sc.curves[mi], rate))
+            sched = schedule(_fit(items)) if items else None
+            if sched is not None:
+                fitted.append((gi, sc, start, host, sched))
+        # MPS neighbours (interference): the shares present in the same host
         host_pct: dict[tuple[int, int | None], int] = defaultdict(int)
-        for slot, _ in parts:
-            if slot.shape.kind == "mps":
-                host_pct[slot.host] += slot.shape.mps_pct or 0
-        by_gpu: dict[int, list[tuple[tuple[int, int, int], Partition]]] = defaultdict(list)
+        for _, sc, _, host, _ in fitted:
+            if sc.shape.kind == "mps":
+                host_pct[host] += sc.shape.mps_pct or 0
+        index = {m.name: i for i, m in enumerate(self.models)}
         served: dict[int, float] = defaultdict(float)
-        for slot, items in parts:
-            sched = schedule(items)
-            if sched is None:  # _fit guarantees a schedule; keep the plan honest regardless
-                continue
-            t = self.p.gpus[slot.gpu]
-            shape = slot.shape
-            neighbours = host_pct[slot.host] - (shape.mps_pct or 0) if shape.kind == "mps" else 0
+        by_gpu: dict[int, list[tuple[tuple[int, int], Partition]]] = defaultdict(list)
+        for gi, sc, start, host, sched in fitted:
+            shape = sc.shape
+            sku = self.p.gpus[gi].sku
+            neighbours = host_pct[host] - (shape.mps_pct or 0) if shape.kind == "mps" else 0
             models = []
             for s in sched.slots:
                 i = int(s.curve.buckets.searchsorted(s.batch))
-                slow = self.p.interference.slowdown(s.curve.model.profile, t.sku, neighbours)
+                slow = self.p.interference.slowdown(s.curve.model.profile, sku, neighbours)
                 models.append(
                     ModelAssignment(
                         s.curve.model.name, s.batch, s.rate_rps, float(s.curve.raw_solo[i]) * slow
                     )
                 )
-            for (c, r), mi in zip(items, _model_indices(self.models, items), strict=True):
-                del c
-                served[mi] += r
+                served[index[s.curve.model.name]] += s.rate_rps
             part = Partition(
                 kind=shape.kind,  # type: ignore[arg-type]
                 sm_count=shape.sm_count,
@@ -543,15 +635,10 @@ class _Solver:
                 duty_cycle_ms=sched.duty_cycle_ms,
                 models=tuple(models),
                 mig_profile=shape.mig_profile,
-                mig_start=slot.start,
+                mig_start=start,
                 mps_pct=shape.mps_pct,
             )
-            key = (
-                slot.start if slot.start is not None else -1,
-                -(shape.mps_pct or 100),
-                slot.index,
-            )
-            by_gpu[slot.gpu].append((key, part))
+            by_gpu[gi].append(((-1 if start is None else start, -(shape.mps_pct or 100)), part))
         gpus = tuple(
             GpuPlan(
                 gi,
@@ -564,8 +651,7 @@ class _Solver:
         unserved = []
         for mi, m in enumerate(self.models):
             rest = m.rate_rps - served.get(mi, 0.0)
-            missing_zero = m.rate_rps <= 0 and mi not in zero_placed
-            if rest > 1e-6 * max(1.0, m.rate_rps) or missing_zero:
+            if rest > 1e-6 * max(1.0, m.rate_rps) or (m.rate_rps <= 0 and mi not in zero_placed):
                 unserved.append(Unserved(m.name, max(0.0, rest), self._reason(mi, status, lam)))
         return Plan(
             policy="optimal",
@@ -575,13 +661,54 @@ class _Solver:
             info={"solver": info},
         )
 
+    def _placed(
+        self, x: FloatArray
+    ) -> Iterator[tuple[int, _ShapeConfigs, _Config, int | None, tuple[int, int | None]]]:
+        """The chosen partitions, with their MIG placements."""
+        chosen: dict[tuple[int, Shape], list[tuple[_ShapeConfigs, _Config]]] = defaultdict(list)
+        for use in self.uses:
+            for col, cfg in zip(use.cols, use.sc.configs, strict=True):
+                for _ in range(round(float(x[col]))):
+                    chosen[(use.gpu, use.sc.shape)].append((use.sc, cfg))
+        for gi, cols in enumerate(self.gpu_cols):
+            flat = [k for k in chosen if k[0] == gi and not k[1].in_mig]
+            for key in flat:
+                for sc, cfg in chosen[key]:
+                    yield gi, sc, cfg, None, (gi, None)
+            layout = next((lay for c, _, lay in cols.layouts if x[c] > 0.5), None)
+            if layout is None:
+                continue
+            free: dict[str, list[int]] = defaultdict(list)
+            for pl in layout:
+                free[pl.profile].append(pl.start)
+            # whole instances first, then the instances hosting MPS shares
+            for key in [k for k in chosen if k[0] == gi and k[1].kind == "mig"]:
+                for sc, cfg in chosen[key]:
+                    start = free[key[1].mig_profile or ""].pop(0)
+                    yield gi, sc, cfg, start, (gi, start)
+            for prof, hosts in cols.hosts.items():
+                queues = {
+                    pct: list(chosen[k])
+                    for k in chosen
+                    if k[0] == gi and k[1].kind == "mps" and k[1].mig_profile == prof
+                    for pct in [k[1].mps_pct or 100]
+                }
+                for col, pi in hosts:
+                    for _ in range(round(float(x[col]))):
+                        start = free[prof].pop(0)
+                        for pct in pi:
+                            q = queues.get(pct)
+                            if q:
+                                sc, cfg = q.pop(0)
+                                yield gi, sc, cfg, start, (gi, start)
+
     def _reason(self, mi: int, status: str, lam: float) -> str:
         if not self.servable[mi]:
             m = self.models[mi]
             return (
-                f"no partition of these GPUs serves it within slo_ms={m.slo_ms:g} (no profile,"
-                " or even a batch of 1 takes more than half the SLO with headroom and"
-                " interference, or it does not fit in memory)"
+                f"no partition of these GPUs serves it within slo_ms={m.slo_ms:g}: no profile,"
+                " or a batch of 1 takes more than half the SLO with headroom and interference,"
+                " or it does not fit in memory"
             )
         if status == "time_limit":
             return "the exact solver stopped at its time limit before serving this rate"
@@ -589,11 +716,6 @@ class _Solver:
             "insufficient GPU capacity: the exact optimum serves at most"
             f" {100 * lam:.2f}% of every model's rate"
         )
-
-
-def _model_indices(models: Sequence[ModelSpec], items: Sequence[tuple[Curve, float]]) -> list[int]:
-    index = {m.name: i for i, m in enumerate(models)}
-    return [index[c.model.name] for c, _ in items]
 
 
 def _fit(items: list[tuple[Curve, float]]) -> list[tuple[Curve, float]]:
@@ -604,9 +726,9 @@ def _fit(items: list[tuple[Curve, float]]) -> list[tuple[Curve, float]]:
     def scaled(k: float) -> list[tuple[Curve, float]]:
         return [(c, r * k) for c, r in items]
 
-    lo, hi = 0.0, 1.0
     if schedule(scaled(0.0)) is None:
         return []
+    lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
         if schedule(scaled(mid)) is not None:
