@@ -63,7 +63,9 @@ BAD = {
     "malformed-yaml": "gpus: [{sku: L4\nmodels: [\n",
     "not-a-mapping": "- just\n- a list\n",
     "unknown-key": "gpus: [{sku: L4}]\nmodels: [{name: resnet50, slo: 50, rate_rps: 1}]\n",
-    "mig-on-l4": "gpus: [{sku: L4, mig: true}]\nmodels: [{name: resnet50, slo_ms: 50, rate_rps: 1}]\n",
+    "mig-on-l4": (
+        "gpus: [{sku: L4, mig: true}]\nmodels: [{name: resnet50, slo_ms: 50, rate_rps: 1}]\n"
+    ),
 }
 
 
