@@ -196,25 +196,26 @@ PEAK_SCENARIOS_SMALL = ("l4-single", "h100-nomig-single")
 EXACT = "optimal"
 
 
-@cache
+_MODELS_CACHE: dict[tuple[object, ...], tuple[Any, InterferenceModel]] = {}
+
+
 def _checker_models(
-    gamma: float,
+    sc: Scenario,
 ) -> tuple[dict[tuple[str, str], LatencyModel], InterferenceModel]:
-    # Scenarios here have no profiles/interference keys: only gamma varies.
-    return build_models(scenario_from_mapping({"gpus": [{"sku": "L4"}], **_gamma_stub(gamma)}))
-
-
-def _gamma_stub(gamma: float) -> dict[str, Any]:
-    return {"models": [_m("resnet50", 10, 1)], "planner": {"interference_gamma": gamma}}
+    """The checker's own latency/interference models (built once per profile set and gamma)."""
+    key = (sc.profiles, sc.interference, sc.options.interference_gamma)
+    if key not in _MODELS_CACHE:
+        _MODELS_CACHE[key] = build_models(sc)
+    return _MODELS_CACHE[key]
 
 
 def _check(plan: Plan, sc: Scenario) -> list[str]:
-    lm, interference = _checker_models(sc.options.interference_gamma)
+    lm, interference = _checker_models(sc)
     return check_plan(plan, sc, lm, interference)
 
 
 def _assert_valid(plan: Plan, sc: Scenario) -> None:
-    lm, interference = _checker_models(sc.options.interference_gamma)
+    lm, interference = _checker_models(sc)
     assert_valid(plan, sc, lm, interference)
 
 
@@ -338,7 +339,7 @@ def _find(
 
 
 def _violations(data: Mapping[str, Any], sc: Scenario) -> list[str]:
-    lm, interference = _checker_models(sc.options.interference_gamma)
+    lm, interference = _checker_models(sc)
     return check_plan(data, sc, lm, interference)
 
 
@@ -461,7 +462,7 @@ def test_assert_valid_raises_with_every_violation() -> None:
     broken = copy.deepcopy(data)
     broken["format"] = "nope"
     _busy_partition(broken)["duty_cycle_ms"] /= 4
-    lm, interference = _checker_models(sc.options.interference_gamma)
+    lm, interference = _checker_models(sc)
     with pytest.raises(AssertionError, match="format") as info:
         assert_valid(broken, sc, lm, interference)
     assert "duty cycle" in str(info.value)
