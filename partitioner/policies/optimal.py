@@ -3,51 +3,65 @@
 For small instances only (a few GPUs, a few models): it measures what the heuristic ``stgs``
 leaves on the table. Same choices as the heuristic: the shapes of ``problem.shapes(t)``, the
 batch buckets of the curves, the curves' planning latencies (headroom and worst-case
-interference, so both policies are judged alike) and the duty-cycle rule of
+interference, as they are, so both policies are judged alike) and the duty-cycle rule of
 ``partitioner.problem``.
 
 Formulation: a configuration program, solved by HiGHS (``scipy.optimize.milp``).
 
-* A *configuration* of a shape is a set of models with one batch bucket each,
-  ``|set| <= max_models_per_partition``, whose memory fits the shape and whose duty cycle
-  ``D = sum_m L_m(b_m)`` (the smallest possible one) meets every SLO: ``D + L_m(b_m) <= slo_m``.
-  It serves any rates ``r_m <= cap_m = 1000 b_m / D``: at ``d = D`` every constraint of the duty
-  cycle holds (a larger d only lowers what it serves). So a partition's feasible rates are
-  exactly the union of its configurations' boxes ``[0, cap]``, and choosing one configuration
-  per partition linearises the duty cycle without approximation. Configurations are enumerated
-  depth-first with SLO and memory pruning; those whose ``cap`` vector another one of the same
-  shape dominates are dropped (Pareto filter), which loses nothing.
-* Integer ``n[g, s, c]``: how many partitions of shape s on GPU g run configuration c. Partitions
-  of one shape on one GPU are interchangeable, so counting them instead of naming slots removes
-  the symmetry between copies.
-* GPU g: binary ``zf`` (no MIG: ``sum pct * n <= 100 zf`` over MPS shares, ``full`` counts 100)
-  or, where MIG is allowed, binary ``x[g, mu]`` choosing a *maximal* MIG layout up to placement,
-  i.e. a multiset mu of profiles that some valid layout of ``stgs.catalog.enumerate_layouts``
-  realises (instances may stay empty; where an instance sits does not change its curves). Each
-  instance of profile p is used whole (a ``mig`` partition) or hosts MPS shares: integer
-  ``h[g, p, pi]`` instances host the share multiset pi (maximal multisets of the MPS-in-MIG
-  shares, sum <= 100). ``zf + sum_mu x <= 1``;
+* A *configuration* of a shape: models with one batch bucket each (at most
+  ``max_models_per_partition``), their memory within the shape's, whose smallest duty cycle
+  ``D = sum_m L_m(b_m)`` meets every SLO: ``D + L_m(b_m) <= slo_m``. It serves any rates
+  ``r_m <= cap_m = 1000 b_m / D`` (at ``d = D`` the duty-cycle rule holds; a larger d serves
+  less). A partition's feasible rates are exactly the union of its configurations' boxes
+  ``[0, cap]``, so choosing one configuration per partition linearises the duty cycle exactly
+  (no McCormick products, a strong LP relaxation). Enumerated depth first with SLO and memory
+  pruning; left out as dominated (nothing lost): a batch whose next smaller bucket already
+  serves the model's whole rate, and, within a *group* of shapes taking the same resource (the
+  shares of a GPU without MIG, ``full`` = 100%; the MPS shares inside one MIG profile; one MIG
+  profile used whole), a configuration that serves no more of any model (counted up to its
+  rate) on a share at least as large (Pareto filter, on groups of at most ``_PARETO_MAX``).
+* Integer ``n[g, s, c]``: partitions of shape s on GPU g running configuration c (counting
+  instead of naming slots removes the symmetry between copies).
+* GPU g: binary ``zf`` (no MIG: ``sum pct * n <= 100 zf`` over MPS shares and ``full``) or, where
+  MIG is allowed, binary ``x[g, mu]`` choosing a *maximal* MIG layout up to placement: a multiset
+  mu of profiles that some layout of ``stgs.catalog.enumerate_layouts`` realises (instances may
+  stay empty; where an instance sits does not change its curves). An instance of profile p is
+  used whole or hosts MPS shares: integer ``h[g, p, pi]`` instances host the share multiset pi
+  (maximal multisets of its MPS-in-MIG shares, sum <= 100). ``zf + sum_mu x <= 1``;
   ``sum_c n[g, mig:p, c] + sum_pi h[g, p, pi] <= sum_mu mu(p) x[g, mu]``;
-  ``sum_c n[g, p/pct, c] <= sum_pi pi(pct) h[g, p, pi]``.
-* Coverage: ``sum_{g,s,c} cap_m(c) n[g,s,c] >= lambda rate_m`` (a model with no load must be
-  placed once); identical GPUs are used in order (symmetry).
+  ``sum_c n[g, p/pct, c] <= sum_pi pi(pct) h[g, p, pi]``. Identical GPUs are used in order.
+* Coverage: ``sum cap_m(c) n[g, s, c] >= lambda rate_m`` (a model with no load: placed once).
 
-Two phases: (A) maximise ``lambda <= min(1, fluid bound)``, the smallest served fraction over the
-models (it stops as soon as every rate is served); (B) if ``lambda = 1``: minimise GPUs used +
-eps * total shape weight (eps < 1 / total weight: the weight only breaks ties). When the full
-rates cannot be served, phase A's plan is returned: it maximises min_m served_m / rate_m (no
-further tie-break) and is ``feasible = False``.
+Objective, lexicographic in two steps: (A) maximise lambda <= 1, the smallest served fraction
+over the models (skipped when the ``stgs`` plan already serves every rate); (B) at lambda = 1,
+minimise GPUs used + eps * total weight, eps < 1 / (largest total weight): fewest GPUs, then
+least shape weight (a MIG instance hosting MPS shares counts its whole weight, once: it is
+taken from the GPU whole; a tiny extra per hosted share prefers a whole instance on ties).
+When the full rates cannot be served, A's plan is returned: ``feasible = False``, maximising
+min_m served_m / rate_m (no further tie-break). Past the peak, ``k * lambda`` is the peak
+itself: ``exact_peak`` finds it in one solve.
 
-The plan is built like the greedy's (``Greedy._partition``): every partition is checked with
-``schedule()`` at its rates (each model's rate split over its partitions in proportion to their
-``cap``; in the rare case rounding breaks ``schedule`` the partition's rates are scaled down by
-bisection). ``plan.info["solver"]["status"]``: ``optimal``, ``time_limit`` (stopped early: the
-best plan found, maybe not optimal) or ``infeasible`` (full rates proven unservable).
+Each step: LP relaxation (bound, reduced costs); a MIP over the ``_RESTRICT`` columns of least
+reduced cost for a good solution fast; reduced-cost fixing against the best solution known
+(``stgs``'s plan, step A's, the restricted one) drops the columns that cannot be in a better
+one; then the exact MIP over the rest (HiGHS is slow on many columns, mostly in presolve).
+``stgs``'s plan also caps the GPU count, so ``optimal`` never uses more GPUs than ``stgs``.
+Relative gaps: 1e-7 in A (it decides whether lambda reaches 1), 1e-4 in B (the GPU count is
+integral, so exact; the weight within the gap).
+
+The plan is built like the greedy's (``Greedy._partition``): each model's rate is split over its
+partitions in proportion to their ``cap``, every partition is checked with ``schedule()`` at
+its rates (scaled down by bisection in the rare case rounding breaks it).
+``plan.info["solver"]``: ``status`` (``optimal``; ``time_limit``: stopped early, the best plan
+found, which may be ``stgs``'s, see ``plan_from``; ``infeasible``: the full rates are proven
+unservable), ``mip_gap``, ``solve_s``, ``served_fraction``, per-solve details.
 
 Limits (else ``PlanningError``): ``MAX_GPUS`` GPUs, ``MAX_MODELS`` models, ``MAX_CONFIGS``
-enumerated configurations, ``MAX_COLUMNS`` variables. The configurations grow like
-(buckets + 1) ^ models on large shapes: 3 to 4 models with loose SLOs, more with tight ones.
-Time: phase A gets ``options.time_limit_s``, phase B what is left (at least a tenth of it).
+enumerated configurations, ``MAX_COLUMNS`` variables. Configurations grow like
+(buckets + 1) ^ models on large shapes (fewer with tight SLOs and low rates): 3 to 4 models on
+one or two GPUs solve in seconds; beyond, expect ``time_limit``. Time: step A gets
+``options.time_limit_s``, step B what is left (at least a tenth of it); enumeration and the
+``stgs`` start are not counted.
 """
 
 from __future__ import annotations
@@ -56,17 +70,18 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_array
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+from scipy.sparse import coo_array, csr_array, vstack
 
 from partitioner.fluid import fluid_bound
 from partitioner.policies import Policy, register
+from partitioner.policies.stgs_policy import Stgs
 from partitioner.problem import Curve, Problem, Shape, schedule
 from stgs.catalog import MigLayout, MigPlacement, enumerate_layouts, get_sku
 from stgs.errors import PlanningError
@@ -75,13 +90,22 @@ from stgs.types import GpuSpec
 
 MAX_GPUS = 4
 MAX_MODELS = 8
-MAX_CONFIGS = 400_000  # enumerated, before the Pareto filter, over all (GPU type, shape)
+MAX_CONFIGS = 300_000  # enumerated, before the Pareto filter, over all (GPU type, shape)
 MAX_COLUMNS = 200_000
 _EPS = 1e-9
 _DISP = False
+# relative MIP gaps: A decides whether lambda reaches 1, so it must close below _FULL_TOL; in B
+# the GPU count is integral (exact under any gap < 1 / objective) and the weight a tie-break
+_GAP_A = 1e-7
+_GAP_B = 1e-4
 _FULL_TOL = 1e-6  # lambda >= 1 - this: every rate is served
+_PARETO_MAX = 10_000  # larger groups: left to reduced-cost fixing (Pareto is quadratic)
+_RESTRICT = 1500  # columns of least reduced cost in the MIP that looks for a first solution
+_RESTRICT_S = 5.0  # and its time limit (s)
+_TINY = 1e-3  # cost of an MPS share inside MIG, relative to its weight (tie-break)
 
 FloatArray = npt.NDArray[np.float64]
+_Cut = tuple[list[int], float, float]  # sum of the columns within [lower, upper]
 
 
 # ---------------------------------------------------------------------------- configurations
@@ -106,27 +130,56 @@ class _TooLarge(Exception):
 
 
 def _enumerate(
-    shape: Shape, curves: dict[int, Curve], max_models: int, budget: int
+    shape: Shape,
+    curves: dict[int, Curve],
+    rates: Sequence[float],
+    max_models: int,
+    budget: int,
 ) -> list[_Config]:
-    """Every feasible configuration of ``shape`` (raises _TooLarge past ``budget``)."""
-    cands: list[tuple[int, list[tuple[int, float, float, float]]]] = []
+    """The feasible configurations of ``shape`` that can matter (raises _TooLarge past budget).
+
+    Left out, as dominated (a configuration with a smaller batch for one model serves the
+    others more, and this model still its whole rate): a model whose next smaller bucket would
+    already serve its rate, i.e. ``1000 b' / D' >= rate`` with ``D'`` the cycle with that
+    bucket. In the depth-first walk, ``D`` is bounded by the SLO slack of the models chosen so
+    far, which prunes whole branches. Needs latency and memory non-decreasing in the batch
+    (checked per curve; without it nothing is pruned for that model). A model with no load only
+    ever needs its smallest bucket.
+    """
+    cands: list[tuple[int, bool, list[tuple[int, float, float, float, float]]]] = []
     for mi, c in sorted(curves.items()):
-        opts = []
         slo = c.model.slo_ms
+        mono = bool(np.all(np.diff(c.lat) >= 0) and np.all(np.diff(c.memory) >= 0))
+        opts: list[tuple[int, float, float, float, float]] = []
         for bi in range(len(c.buckets)):
             lat = float(c.lat[bi])
             mem = float(c.memory[bi])
             if lat > 0 and 2 * lat <= slo + _EPS and mem <= shape.memory_mib:
-                opts.append((bi, lat, mem, slo - lat))
+                opts.append((bi, float(c.buckets[bi]), lat, mem, slo - lat))
+        if rates[mi] <= 0:
+            opts = opts[:1]
         if opts:
-            cands.append((mi, opts))
+            cands.append((mi, mono, opts))
     out: list[_Config] = []
     runs: list[tuple[int, int]] = []
-    lats: list[float] = []
+    chosen: list[tuple[int, bool, int]] = []  # (model, monotone, option index)
+
+    def dominated(total: float) -> bool:
+        """Could one model take its next smaller bucket and still serve its whole rate?"""
+        for (mi, mono, k), (_, _, opts) in zip(chosen, picked, strict=True):
+            if not mono or k == 0:
+                continue
+            _, b_prev, l_prev, _, _ = opts[k - 1]
+            lat = opts[k][2]
+            if 1000.0 * b_prev >= rates[mi] * (total - lat + l_prev):
+                return True
+        return False
+
+    picked: list[tuple[int, bool, list[tuple[int, float, float, float, float]]]] = []
 
     def walk(i: int, total: float, mem: float, slack: float) -> None:
         if i == len(cands):
-            if runs:
+            if runs and not dominated(total):
                 if len(out) >= budget:
                     raise _TooLarge
                 caps = tuple(1000.0 * float(curves[mi].buckets[bi]) / total for mi, bi in runs)
@@ -135,47 +188,57 @@ def _enumerate(
         walk(i + 1, total, mem, slack)
         if len(runs) >= max_models:
             return
-        mi, opts = cands[i]
-        for bi, lat, m_mem, m_slack in opts:
+        mi, mono, opts = cands[i]
+        rate = rates[mi]
+        for k, (bi, _, lat, m_mem, m_slack) in enumerate(opts):
             t2 = total + lat
             s2 = min(slack, m_slack)
-            if t2 > s2 + _EPS or mem + m_mem > shape.memory_mib:
+            if t2 > s2 + _EPS:
+                if mono:
+                    break  # larger buckets: longer latency, less slack
                 continue
+            if mem + m_mem > shape.memory_mib:
+                if mono:
+                    break
+                continue
+            # the final cycle is at most s2: if the smaller bucket serves the rate even then,
+            # this bucket and every larger one are dominated
+            if mono and k > 0 and rate > 0 and 1000.0 * opts[k - 1][1] >= rate * s2:
+                break
             runs.append((mi, bi))
-            lats.append(lat)
+            chosen.append((mi, mono, k))
+            picked.append(cands[i])
             walk(i + 1, t2, mem + m_mem, s2)
             runs.pop()
-            lats.pop()
+            chosen.pop()
+            picked.pop()
 
     walk(0, 0.0, 0.0, math.inf)
     return out
 
 
-def _pareto(configs: list[_Config], n_models: int) -> list[_Config]:
-    """Drop configurations whose capacity vector another one dominates (ties: keep one)."""
-    if len(configs) <= 1:
-        return configs
-    caps = np.zeros((len(configs), n_models))
-    for i, c in enumerate(configs):
-        for (mi, _), cap in zip(c.runs, c.caps, strict=True):
-            caps[i, mi] = cap
-    order = np.lexsort((np.arange(len(configs)), -caps.sum(axis=1)))
-    kept = np.zeros((0, n_models))
+def _pareto(values: FloatArray) -> list[int]:
+    """Rows of ``values`` (bigger is better in every column) that no other row dominates.
+
+    Of rows equal within tolerance, the first is kept.
+    """
+    n = len(values)
+    if n <= 1:
+        return list(range(n))
+    order = np.lexsort((np.arange(n), -values.sum(axis=1)))
+    kept = np.zeros((0, values.shape[1]))
     keep_idx: list[int] = []
     tol = 1e-9
     chunk = 512
-    for s in range(0, len(order), chunk):
+    for s in range(0, n, chunk):
         idx = order[s : s + chunk]
-        x = caps[idx]
+        x = values[idx]
         alive = np.ones(len(idx), dtype=bool)
-        if len(kept):
-            for k0 in range(0, len(kept), 4096):
-                kb = kept[k0 : k0 + 4096]
-                dom = (kb[:, None, :] >= x[None, :, :] - tol).all(axis=2).any(axis=0)
-                alive &= ~dom
-        # within the chunk: j (earlier in the order) dominates i
-        sub = x[alive]
-        sub_idx = idx[alive]
+        for k0 in range(0, len(kept), 4096):
+            kb = kept[k0 : k0 + 4096]
+            alive &= ~(kb[:, None, :] >= x[None, :, :] - tol).all(axis=2).any(axis=0)
+        # within the chunk: j, earlier in the order, dominates i
+        sub, sub_idx = x[alive], idx[alive]
         if len(sub) > 1:
             ge = (sub[:, None, :] >= sub[None, :, :] - tol).all(axis=2)  # ge[j, i]: j >= i
             earlier = np.tri(len(sub), k=-1, dtype=bool).T  # earlier[j, i]: j < i
@@ -183,7 +246,44 @@ def _pareto(configs: list[_Config], n_models: int) -> list[_Config]:
             sub, sub_idx = sub[~dominated], sub_idx[~dominated]
         kept = np.vstack([kept, sub])
         keep_idx.extend(int(i) for i in sub_idx)
-    return [configs[i] for i in sorted(keep_idx)]
+    return sorted(keep_idx)
+
+
+def _filter_group(group: list[_ShapeConfigs], rates: Sequence[float]) -> None:
+    """Drop the configurations another one of the group serves at least as well, for less.
+
+    A group is a set of shapes that take the same resource: the shares of a GPU without MIG
+    (``full`` takes 100%), the MPS shares inside one MIG profile, or that profile used whole.
+    What a configuration serves is counted up to each rate (one partition never needs more; a
+    model with no load counts 1 where it is placed). A configuration that serves no more of any
+    model on a share at least as large is never needed: swapping it for the better one keeps
+    every constraint (a smaller share still fits the GPU's or the instance's 100%, shares may
+    stay empty) and does not raise the objective (costs grow with the share within a group).
+    """
+    n_models = len(rates)
+    rows: list[tuple[int, int]] = []
+    for gi, sc in enumerate(group):
+        rows.extend((gi, ci) for ci in range(len(sc.configs)))
+    if len(rows) <= 1:
+        return
+    values = np.zeros((len(rows), n_models + 1))
+    for r, (gi, ci) in enumerate(rows):
+        sc = group[gi]
+        cfg = sc.configs[ci]
+        for (mi, _), cap in zip(cfg.runs, cfg.caps, strict=True):
+            values[r, mi] = min(cap, rates[mi]) / rates[mi] if rates[mi] > 0 else 1.0
+        values[r, n_models] = -float(_share(sc.shape))
+    keep: dict[int, list[int]] = defaultdict(list)
+    for r in _pareto(values):
+        gi, ci = rows[r]
+        keep[gi].append(ci)
+    for gi, sc in enumerate(group):
+        sc.configs = [sc.configs[ci] for ci in keep.get(gi, [])]
+
+
+def _share(shape: Shape) -> int:
+    """Percentage of its host (a GPU without MIG, or a MIG instance) that a shape takes."""
+    return 100 if shape.kind != "mps" else (shape.mps_pct or 100)
 
 
 # ---------------------------------------------------------------------------- MIG structure
@@ -299,6 +399,16 @@ class _Solve:
     mip_gap: float | None
     seconds: float
     message: str
+    fixed: int | None = None  # columns fixed to 0 by reduced costs
+
+
+@dataclass
+class _Best:
+    """The best solution known: objective value, where it came from, its columns (None: stgs)."""
+
+    value: float
+    source: str
+    x: FloatArray | None
 
 
 @register
@@ -310,7 +420,21 @@ class Optimal(Policy):
         return _Solver(problem).run()
 
 
-_CONFIG_CACHE: dict[tuple[object, ...], tuple[object, _ShapeConfigs]] = {}
+def exact_peak(problem: Problem, k_hi: float | None = None) -> tuple[float, str]:
+    """The largest factor k on all rates that a plan over these choices serves: (k, status).
+
+    One solve instead of a bisection: at any ``k_hi`` at or past the peak, the largest served
+    fraction lambda of rates ``k_hi * r`` gives the peak ``k_hi * lambda`` (serving a fraction of
+    every rate and serving scaled rates are the same thing). ``k_hi`` defaults to the fluid bound,
+    which no plan exceeds. With status ``time_limit`` the k returned is only a lower bound.
+    """
+    if k_hi is None:
+        k_hi = fluid_bound(problem) * (1 + 1e-6)
+    if not math.isfinite(k_hi) or k_hi <= 0:
+        return max(k_hi, 0.0), "optimal"
+    plan = _Solver(problem.with_models([m.scaled(k_hi) for m in problem.models])).run()
+    solver = plan.info["solver"]
+    return k_hi * float(solver["served_fraction"]), str(solver["status"])
 
 
 class _Solver:
@@ -318,34 +442,30 @@ class _Solver:
         self.p = problem
         self.models = problem.models
         self.max_models = problem.options.max_models_per_partition
+        self.gap: float | None = None  # relative gap of the last optimisation
 
     # ------------------------------------------------------------------ configurations
-    def _shape_configs(self, t: GpuSpec, shape: Shape, budget: int) -> _ShapeConfigs:
-        curves: dict[int, Curve] = {}
-        for mi, m in enumerate(self.models):
-            c = self.p.curve(m, t, shape)
-            if c is not None:
-                curves[mi] = c
-        # configurations depend on the curves, not on the rates: cache across rate scalings
-        key = (
-            t,
-            shape,
-            self.max_models,
-            tuple((m.profile, m.slo_ms, m.name) for m in self.models),
-            id(self.p.latency),
-            id(self.p.interference),
-            self.p.headroom,
-        )
-        hit = _CONFIG_CACHE.get(key)
-        if hit is not None and hit[0] is self.p.latency:
-            sc = hit[1]
-            return _ShapeConfigs(shape, curves, sc.configs)
-        configs = _pareto(_enumerate(shape, curves, self.max_models, budget), len(self.models))
-        sc = _ShapeConfigs(shape, curves, configs)
-        if len(_CONFIG_CACHE) > 4096:
-            _CONFIG_CACHE.clear()
-        _CONFIG_CACHE[key] = (self.p.latency, sc)
-        return sc
+    def _type_configs(self, t: GpuSpec, budget: int) -> tuple[list[_ShapeConfigs], int]:
+        """The configurations of every shape of type ``t`` (and how many were enumerated)."""
+        rates = [m.rate_rps for m in self.models]
+        out: list[_ShapeConfigs] = []
+        count = 0
+        for shape in self.p.shapes(t):
+            curves: dict[int, Curve] = {}
+            for mi, m in enumerate(self.models):
+                c = self.p.curve(m, t, shape)
+                if c is not None:
+                    curves[mi] = c
+            configs = _enumerate(shape, curves, rates, self.max_models, budget - count)
+            count += len(configs)
+            out.append(_ShapeConfigs(shape, curves, configs))
+        groups: dict[tuple[str | None, bool], list[_ShapeConfigs]] = defaultdict(list)
+        for sc in out:
+            groups[(sc.shape.mig_profile, sc.shape.kind == "mig")].append(sc)
+        for group in groups.values():
+            if sum(len(sc.configs) for sc in group) <= _PARETO_MAX:
+                _filter_group(group, rates)
+        return [sc for sc in out if sc.configs], count
 
     def _too_large(self, what: str) -> PlanningError:
         return PlanningError(
@@ -360,17 +480,13 @@ class _Solver:
         out: dict[GpuSpec, list[_ShapeConfigs]] = {}
         budget = MAX_CONFIGS
         for t in self.p.gpu_types:
-            out[t] = []
-            for s in self.p.shapes(t):
-                try:
-                    sc = self._shape_configs(t, s, budget)
-                except _TooLarge:
-                    raise self._too_large(
-                        f"more than {MAX_CONFIGS} partition configurations"
-                    ) from None
-                budget -= len(sc.configs)
-                if sc.configs:
-                    out[t].append(sc)
+            try:
+                out[t], count = self._type_configs(t, budget)
+            except _TooLarge:
+                raise self._too_large(
+                    f"more than {MAX_CONFIGS} partition configurations to enumerate"
+                ) from None
+            budget -= count
         return out
 
     # ------------------------------------------------------------------ model
@@ -463,13 +579,43 @@ class _Solver:
         return cols
 
     # ------------------------------------------------------------------ solve
-    def _lp_bound(self, c: FloatArray) -> float:
-        """min c x over the LP relaxation at full rates (-inf when it fails)."""
-        lb = np.array(self.lp.lb)
-        ub = np.array(self.lp.ub)
-        lb[self.lam] = ub[self.lam] = 1.0
-        res = milp(c, bounds=Bounds(lb, ub), constraints=self.cons)
-        return float(res.fun) if res.status == 0 else -math.inf
+    def _matrix(self, cuts: Sequence[_Cut]) -> tuple[Any, FloatArray, FloatArray]:
+        """The rows with the cuts appended: (csr matrix, lower, upper)."""
+        a = self.cons.A
+        lo, hi = np.asarray(self.cons.lb, dtype=float), np.asarray(self.cons.ub, dtype=float)
+        if cuts:
+            extra = np.zeros((len(cuts), self.lp.n))
+            for r, (cols, _, _) in enumerate(cuts):
+                extra[r, cols] = 1.0
+            a = vstack([a, csr_array(extra)], format="csr")
+            lo = np.concatenate([lo, [c[1] for c in cuts]])
+            hi = np.concatenate([hi, [c[2] for c in cuts]])
+        return a, lo, hi
+
+    def _bounds(
+        self, lam_lb: float, lam_ub: float, ub: FloatArray | None = None
+    ) -> tuple[FloatArray, FloatArray]:
+        lower = np.array(self.lp.lb)
+        upper = np.array(self.lp.ub) if ub is None else ub.copy()
+        lower[self.lam], upper[self.lam] = lam_lb, lam_ub
+        return lower, upper
+
+    def _relax(
+        self, c: FloatArray, lam_lb: float, lam_ub: float, cuts: Sequence[_Cut]
+    ) -> tuple[float, FloatArray] | None:
+        """The LP relaxation: its optimum and the reduced costs at the lower bounds."""
+        a, lo, hi = self._matrix(cuts)
+        up, down = np.isfinite(hi), np.isfinite(lo)
+        a_ub = vstack([a[up], -a[down]], format="csr")
+        b_ub = np.concatenate([hi[up], -lo[down]])
+        lower, upper = self._bounds(lam_lb, lam_ub)
+        bounds = [
+            (lo_, None if math.isinf(up_) else up_) for lo_, up_ in zip(lower, upper, strict=True)
+        ]
+        res = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
+        if res.status != 0:
+            return None
+        return float(res.fun), np.asarray(res.lower.marginals, dtype=np.float64)
 
     def _solve(
         self,
@@ -478,92 +624,247 @@ class _Solver:
         lam_lb: float,
         lam_ub: float,
         limit: float,
-        at_least: Sequence[tuple[list[int], float]] = (),
+        cuts: Sequence[_Cut] = (),
+        ub: FloatArray | None = None,
+        gap: float = _GAP_B,
     ) -> _Solve:
-        lb = np.array(self.lp.lb)
-        ub = np.array(self.lp.ub)
-        lb[self.lam], ub[self.lam] = lam_lb, lam_ub
-        cons = [self.cons]
-        for cols, rhs in at_least:
-            row = np.zeros(self.lp.n)
-            row[cols] = 1.0
-            cons.append(LinearConstraint(row[None, :], rhs, np.inf))
+        lower, upper = self._bounds(lam_lb, lam_ub, ub)
+        a, lo, hi = self._matrix(cuts)
         t0 = time.perf_counter()
         res = milp(
             c,
             integrality=np.array(self.lp.integer),
-            bounds=Bounds(lb, ub),
-            constraints=cons,
-            options={"time_limit": max(limit, 0.01), "disp": _DISP},
+            bounds=Bounds(lower, upper),
+            constraints=LinearConstraint(a, lo, hi),
+            options={
+                "time_limit": max(limit, 0.01),
+                "disp": _DISP,
+                "mip_rel_gap": gap,
+            },
         )
         seconds = time.perf_counter() - t0
-        gap = getattr(res, "mip_gap", None)
+        got = getattr(res, "mip_gap", None)
         x = None if res.x is None else np.asarray(res.x, dtype=np.float64)
         return _Solve(
             phase,
             int(res.status),
             x,
-            float(gap) if gap is not None and math.isfinite(gap) else None,
+            float(got) if got is not None and math.isfinite(got) else None,
             seconds,
             str(res.message),
+            None if ub is None else int(np.sum((ub == 0) & (np.array(self.lp.ub) > 0))),
         )
+
+    # ------------------------------------------------------------------ incumbent
+    def _heuristic(self) -> tuple[Plan, float, float | None]:
+        """The ``stgs`` plan as a starting incumbent: (plan, served fraction, cost in phase B).
+
+        It is a feasible point of this program (same shapes, buckets, curves and schedule rule),
+        so its values bound the optimum and drive reduced-cost fixing.
+        """
+        plan = Stgs().plan(self.p)
+        lam = 1.0
+        for mi, m in enumerate(self.models):
+            if not self.servable[mi]:
+                continue
+            if m.rate_rps > 0:
+                lam = min(lam, plan.served_rate(m.name) / m.rate_rps)
+            elif not any(a.name == m.name for _, p in plan.partitions() for a in p.models):
+                lam = 0.0
+        if lam < 1 - _FULL_TOL:
+            return plan, max(0.0, lam), None
+        cost = 0.0
+        for g in plan.gpus:
+            if not g.partitions:
+                continue
+            cost += 1.0
+            shapes = self.p.shapes(self.p.gpus[g.index])
+            hosts: set[int | None] = set()
+            for part in g.partitions:
+                hosted = part.kind == "mps" and part.mig_profile is not None
+                if hosted and part.mig_start not in hosts:  # the instance's weight, once
+                    hosts.add(part.mig_start)
+                    cost += self.eps * _instance_weight(g.sku, part.mig_profile or "")
+                shape = next(
+                    (
+                        s
+                        for s in shapes
+                        if s.kind == part.kind
+                        and s.mig_profile == part.mig_profile
+                        and s.mps_pct == part.mps_pct
+                    ),
+                    None,
+                )
+                w = shape.weight if shape is not None else 1.0
+                cost += self.eps * (_TINY * w if shape is not None and _hosted(shape) else w)
+        return plan, 1.0, cost
+
+    def _optimise(
+        self,
+        phase: str,
+        c: FloatArray,
+        lam: tuple[float, float],
+        cuts: Sequence[_Cut],
+        gap: float,
+        best: _Best | None,
+        deadline: float,
+        solves: list[_Solve],
+        floor: float = -math.inf,
+    ) -> tuple[bool, _Best | None]:
+        """min c x: (proven optimal, best solution), ``best`` being a known one or None.
+
+        The LP relaxation gives a bound and reduced costs; a MIP over the columns of least
+        reduced cost finds a good solution fast; against the best known value, reduced-cost
+        fixing drops the columns that cannot appear in a better solution; the MIP over the rest
+        is exact (HiGHS is slow on many columns, mostly in presolve).
+        """
+
+        def left() -> float:
+            return deadline - time.perf_counter()
+
+        def keep_better(sol: _Solve) -> None:
+            nonlocal best
+            if sol.x is not None:
+                value = float(c @ sol.x)
+                if best is None or value < best.value - 1e-12:
+                    best = _Best(value, "milp", sol.x)
+
+        # the LP leaves lambda unbounded above: with lambda at its bound of 1 the LP duals (and
+        # so the reduced costs) vanish; a relaxation with more room keeps them informative
+        relax = self._relax(c, lam[0], math.inf if lam[1] > lam[0] else lam[1], cuts)
+        if relax is None:  # no LP answer: the plain MIP
+            sol = self._solve(phase, c, lam[0], lam[1], left(), cuts, gap=gap)
+            solves.append(sol)
+            keep_better(sol)
+            self.gap = sol.mip_gap
+            return sol.status == 0, best
+        z, d = relax
+
+        bound = max(z, floor)
+
+        def proven() -> bool:
+            if best is None:
+                return False
+            self.gap = max(0.0, best.value - bound) / max(1.0, abs(best.value))
+            return best.value - bound <= gap * max(1.0, abs(best.value)) + 1e-9
+
+        cfg = self.config_cols
+        if not proven() and len(cfg) > _RESTRICT:
+            ub = np.array(self.lp.ub)
+            keep = cfg[np.argsort(d[cfg], kind="stable")[:_RESTRICT]]
+            ub[cfg] = 0.0
+            ub[keep] = np.asarray(self.lp.ub)[keep]
+            limit = min(0.25 * left(), _RESTRICT_S)
+            sol = self._solve(f"{phase} (restricted)", c, lam[0], lam[1], limit, cuts, ub, gap)
+            solves.append(sol)
+            keep_better(sol)
+        if proven():
+            return True, best
+        ub_fixed = None
+        if best is not None:
+            ub_fixed = np.array(self.lp.ub)
+            tol = 1e-6 * max(1.0, abs(best.value))
+            drop = (np.array(self.lp.lb) == 0) & (z + d > best.value + tol)
+            drop[self.lam] = False
+            ub_fixed[drop] = 0.0
+        sol = self._solve(phase, c, lam[0], lam[1], max(left(), 0.01), cuts, ub_fixed, gap)
+        solves.append(sol)
+        keep_better(sol)
+        if sol.status == 2:
+            self.gap = 0.0
+        elif sol.mip_gap is not None:
+            self.gap = sol.mip_gap
+        else:
+            proven()  # the gap to the LP bound
+        # status 2 after fixing: no solution beats the known one, which is then optimal
+        return sol.status == 0 or (sol.status == 2 and best is not None), best
 
     def run(self) -> Plan:
         t_start = time.perf_counter()
         by_type = self._configs()
         self._build(by_type)
         self.cons = self.lp.constraint()
+        self.config_cols = np.array([c for use in self.uses for c in use.cols], dtype=np.int64)
         n = self.lp.n
         limit = float(self.p.options.time_limit_s)
+
+        self.eps = 0.4 / max(1, len(self.p.gpus))  # total weight < 2 per GPU: eps W < 1 GPU
+        used_cols = [col for cols in self.gpu_cols for col in cols.used]
+        c_b = np.zeros(n)
+        c_b[used_cols] = 1.0
+        # weights: a partition's shape; MPS inside MIG: the hosting instance, once (and a
+        # tiny share of its own weight, so a whole instance wins a tie with one hosting shares)
+        for use in self.uses:
+            w = use.sc.shape.weight
+            c_b[use.cols] = self.eps * (_TINY * w if _hosted(use.sc.shape) else w)
+        for gi, cols in enumerate(self.gpu_cols):
+            for prof, hosts in cols.hosts.items():
+                w = _instance_weight(self.p.gpus[gi].sku, prof)
+                c_b[[col for col, _ in hosts]] = self.eps * w
+        heur, heur_lam, heur_cost = self._heuristic()
         t_built = time.perf_counter()
+        deadline = t_built + limit
 
-        pos = [m for mi, m in enumerate(self.models) if self.servable[mi] and m.rate_rps > 0]
-        bound = fluid_bound(self.p.with_models(pos)) if pos else math.inf
-        lam_ub = min(1.0, bound * (1 + 1e-6) + 1e-9)
+        solves: list[_Solve] = []
+        lam = heur_lam
+        a_best: _Best | None = None
+        if heur_lam < 1 - _FULL_TOL:
+            # phase A: the largest fraction lambda of every model's rate that can be served
+            c_a = np.zeros(n)
+            c_a[self.lam] = -1.0
+            known = _Best(-heur_lam, "stgs", None) if heur_lam > 0 else None
+            proven, a_best = self._optimise(
+                "max-served-fraction", c_a, (0.0, 1.0), (), _GAP_A, known, deadline, solves, -1.0
+            )
+            if a_best is not None:
+                lam = -a_best.value
+            if lam < 1 - _FULL_TOL:
+                status = "infeasible" if proven else "time_limit"
+                info = self._info(status, lam, solves, t_start, a_best)
+                if a_best is None or a_best.x is None:
+                    return replace(heur, policy="optimal", info={"solver": info})
+                return self._assemble(a_best.x, status, lam, info)
+        lam = 1.0
 
-        # phase A: the largest fraction lambda of every model's rate that can be served
-        c_a = np.zeros(n)
-        c_a[self.lam] = -1.0
-        a = self._solve("max-served-fraction", c_a, 0.0, lam_ub, limit)
-        solves = [a]
-        chosen = a if a.x is not None else None
-        lam = float(a.x[self.lam]) if a.x is not None else 0.0
-        if a.status == 0:
-            status = "optimal" if lam >= 1 - _FULL_TOL else "infeasible"
-        elif a.status == 1:
-            status = "time_limit"
-        else:
-            raise PlanningError(f"exact solver failed: {a.message}")
+        # phase B: fewest GPUs, then least shape weight, serving every rate
+        known_b: _Best | None = None
+        if heur_cost is not None:
+            known_b = _Best(heur_cost, "stgs", None)
+        if a_best is not None and a_best.x is not None:
+            value = float(c_b @ a_best.x)
+            if known_b is None or value < known_b.value:
+                known_b = _Best(value, "milp", a_best.x)
+        assert known_b is not None  # lambda = 1 came from stgs or from phase A
+        # the GPU count: at least the LP bound (rounded up), at most the known solution's
+        c_used = np.zeros(n)
+        c_used[used_cols] = 1.0
+        relax = self._relax(c_used, 1.0, 1.0, ())
+        g_lo = math.ceil(relax[0] - 1e-6) if relax is not None else 0
+        cuts: list[_Cut] = [(used_cols, float(g_lo), float(math.floor(known_b.value + 1e-9)))]
+        deadline_b = max(deadline, time.perf_counter() + 0.1 * limit)
+        proven, b_best = self._optimise(
+            "min-gpus", c_b, (1.0, 1.0), cuts, _GAP_B, known_b, deadline_b, solves
+        )
+        info = self._info("optimal" if proven else "time_limit", lam, solves, t_start, b_best)
+        if b_best is None or b_best.x is None:
+            return replace(heur, policy="optimal", info={"solver": info})
+        return self._assemble(b_best.x, info["status"], lam, info)
 
-        if a.x is not None and lam >= 1 - _FULL_TOL:
-            # phase B: fewest GPUs, then least shape weight, serving every rate
-            c_b = np.zeros(n)
-            eps = 0.4 / max(1, len(self.p.gpus))
-            for cols in self.gpu_cols:
-                for col in cols.used:
-                    c_b[col] = 1.0
-            for use in self.uses:
-                for col in use.cols:
-                    c_b[col] = eps * use.sc.shape.weight
-            # the LP bound on the GPU count, rounded up, tightens the weak relaxation of used_g
-            used_cols = [col for cols in self.gpu_cols for col in cols.used]
-            c_lp = np.zeros(n)
-            c_lp[used_cols] = 1.0
-            lb_gpus = self._lp_bound(c_lp)
-            extra = [(used_cols, math.ceil(lb_gpus - 1e-6))] if lb_gpus > 0 else []
-            left = limit - (time.perf_counter() - t_built)
-            b = self._solve("min-gpus", c_b, 1.0, 1.0, max(left, 0.1 * limit), extra)
-            solves.append(b)
-            if b.x is not None and float(c_b @ b.x) <= float(c_b @ a.x) + 1e-9:
-                chosen = b
-            if b.status != 0:
-                status = "time_limit"
-        info: dict[str, Any] = {
+    def _info(
+        self,
+        status: str,
+        lam: float,
+        solves: Sequence[_Solve],
+        t_start: float,
+        best: _Best | None,
+    ) -> dict[str, Any]:
+        return {
             "status": status,
-            "mip_gap": chosen.mip_gap if chosen is not None else None,
+            "mip_gap": self.gap,
             "solve_s": round(time.perf_counter() - t_start, 4),
-            "served_fraction": round(lam, 6),
-            "columns": n,
+            "served_fraction": lam,
+            "plan_from": "stgs" if best is None else best.source,
+            "columns": self.lp.n,
             "rows": len(self.lp.rlo),
             "phases": [
                 {
@@ -571,12 +872,11 @@ class _Solver:
                     "message": s.message,
                     "solve_s": round(s.seconds, 4),
                     "mip_gap": s.mip_gap,
+                    "fixed_columns": s.fixed,
                 }
                 for s in solves
             ],
         }
-        x = chosen.x if chosen is not None else None
-        return self._assemble(x, status, lam, info)
 
     # ------------------------------------------------------------------ plan
     def _assemble(
@@ -648,10 +948,11 @@ class _Solver:
             )
             for gi, t in enumerate(self.p.gpus)
         )
+        placed = {index[a.name] for parts_ in by_gpu.values() for _, q in parts_ for a in q.models}
         unserved = []
         for mi, m in enumerate(self.models):
             rest = m.rate_rps - served.get(mi, 0.0)
-            if rest > 1e-6 * max(1.0, m.rate_rps) or (m.rate_rps <= 0 and mi not in zero_placed):
+            if rest > 1e-6 * max(1.0, m.rate_rps) or (m.rate_rps <= 0 and mi not in placed):
                 unserved.append(Unserved(m.name, max(0.0, rest), self._reason(mi, status, lam)))
         return Plan(
             policy="optimal",
@@ -684,8 +985,10 @@ class _Solver:
             # whole instances first, then the instances hosting MPS shares
             for key in [k for k in chosen if k[0] == gi and k[1].kind == "mig"]:
                 for sc, cfg in chosen[key]:
-                    start = free[key[1].mig_profile or ""].pop(0)
-                    yield gi, sc, cfg, start, (gi, start)
+                    starts = free[key[1].mig_profile or ""]
+                    if starts:  # always, for a solution within tolerances
+                        start = starts.pop(0)
+                        yield gi, sc, cfg, start, (gi, start)
             for prof, hosts in cols.hosts.items():
                 queues = {
                     pct: list(chosen[k])
@@ -695,6 +998,8 @@ class _Solver:
                 }
                 for col, pi in hosts:
                     for _ in range(round(float(x[col]))):
+                        if not free[prof]:
+                            break
                         start = free[prof].pop(0)
                         for pct in pi:
                             q = queues.get(pct)
@@ -716,6 +1021,18 @@ class _Solver:
             "insufficient GPU capacity: the exact optimum serves at most"
             f" {100 * lam:.2f}% of every model's rate"
         )
+
+
+def _hosted(shape: Shape) -> bool:
+    """An MPS share inside a MIG instance."""
+    return shape.kind == "mps" and shape.in_mig
+
+
+def _instance_weight(sku_name: str, profile: str) -> float:
+    """Packing weight of a whole MIG instance: max(compute share, memory share)."""
+    sku = get_sku(sku_name)
+    prof = sku.mig_profile(profile)
+    return max(prof.fraction, prof.memory_slices / sku.memory_slices)
 
 
 def _fit(items: list[tuple[Curve, float]]) -> list[tuple[Curve, float]]:
