@@ -84,11 +84,11 @@ class Greedy:
                 shapes = tuple(s for s in problem.shapes(t) if family(s) in cfg.fallback_families)
             self.types[t] = _TypeState(t, shapes)
         self.unserved: dict[str, list[tuple[float, str]]] = defaultdict(list)
-        self._curves: dict[tuple[str, float, GpuSpec, Shape], Curve | None] = {}
+        self._curves: dict[tuple[str, GpuSpec, Shape], Curve | None] = {}
 
     # ------------------------------------------------------------------ helpers
     def _curve(self, m: ModelSpec, t: GpuSpec, s: Shape) -> Curve | None:
-        key = (m.name, m.rate_rps, t, s)
+        key = (m.name, t, s)
         if key not in self._curves:
             c = self.p.curve(m, t, s)
             self._curves[key] = c if c is not None and c.servable else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from partitioner.fluid import fluid_bound
 from partitioner.peak import find_peak
@@ -29,14 +30,7 @@ def make_plan(
     t0 = time.perf_counter()
     if peak:
         res = find_peak(prob, pol)
-        out = Plan(
-            policy=res.plan.policy,
-            feasible=res.plan.feasible,
-            gpus=res.plan.gpus,
-            unserved=res.plan.unserved,
-            k=res.k,
-            info=dict(res.plan.info),
-        ).with_info(fluid_bound_k=round(res.bound, 6))
+        out = replace(res.plan, k=res.k).with_info(fluid_bound_k=round(res.bound, 6))
     else:
         out = pol.plan(prob, current)
     return out.with_info(solve_ms=round((time.perf_counter() - t0) * 1000, 3))

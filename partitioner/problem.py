@@ -191,7 +191,9 @@ class Problem:
     interference: InterferenceModel
     headroom: float = 0.1
     options: PlannerOptions = field(default_factory=PlannerOptions)
-    _curves: dict[tuple[str, GpuSpec, Shape], Curve | None] = field(default_factory=dict)
+    _curves: dict[tuple[str, str, float, GpuSpec, Shape], Curve | None] = field(
+        default_factory=dict
+    )
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -258,22 +260,11 @@ class Problem:
 
     def curve(self, model: ModelSpec, gtype: GpuSpec, shape: Shape) -> Curve | None:
         """Latency curve of ``model`` on ``shape``, or None when it has no profile there."""
-        key = (f"{model.profile}|{model.slo_ms}|{model.name}", gtype, shape)
+        # A curve depends on the model's name, profile and SLO, not on its rate: plans at other
+        # rates (peak search, replanning) reuse it. Rates live in schedules, never in curves.
+        key = (model.name, model.profile, model.slo_ms, gtype, shape)
         if key in self._curves:
-            cached = self._curves[key]
-            if cached is None or cached.model == model:
-                return cached
-            # same profile/slo, other rate: the curve does not depend on the rate
-            return Curve(
-                model,
-                cached.shape,
-                cached.buckets,
-                cached.lat,
-                cached.raw_solo,
-                cached.memory,
-                cached.slowdown,
-                cached.headroom,
-            )
+            return self._curves[key]
         lm = self.latency.get((gtype.sku, model.profile))
         if lm is None:
             self._curves[key] = None

@@ -23,13 +23,10 @@ VARIANTS = (
 
 
 def plan_score(plan: Plan) -> tuple[float, ...]:
-    """Lower is better: unserved rate, GPUs used, GPU compute allotted to partitions."""
+    """Lower is better: unserved rate, GPUs used, SMs allotted to partitions."""
     unserved = sum(u.rate_rps for u in plan.unserved)
-    frac = 0.0
-    for g in plan.gpus:
-        for p in g.partitions:
-            frac += p.sm_count
-    return (round(unserved, 6), plan.gpus_used, frac)
+    sms = sum(p.sm_count for _, p in plan.partitions())
+    return (round(unserved, 6), plan.gpus_used, float(sms))
 
 
 @register
