@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 $(BIN)/stgs: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	# torch 2.13.0 first, pinned: on CI and dev machines that resolves to the local CPU wheel;
+	# an unpinned torch would pull the multi-GB CUDA build. The profiler's CPU mode and the
+	# CPU workers of the runtime run on it.
+	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
