@@ -6,10 +6,26 @@
     │   ├── ProfileError        a profile table that cannot be read, or a model/GPU it lacks
     │   └── PolicyNotFoundError a policy name or dotted path that does not resolve
     ├── MigLayoutError         a MIG layout that breaks the placement rules
-    └── PlanningError          the planner could not produce a plan (not: "infeasible", which
-                               is a valid plan with ``feasible = False``)
+    ├── PlanningError          the planner could not produce a plan (not: "infeasible", which
+    │                          is a valid plan with ``feasible = False``)
+    ├── BackendError           the hardware (NVML, MPS) or the simulated node refused a step
+    │   ├── BackendUnavailableError  no driver, no NVML, no such GPU or instance
+    │   ├── InUseError              processes are still attached (NVML_ERROR_IN_USE)
+    │   ├── InsufficientResourcesError  no room: slices taken, MPS client limit reached
+    │   ├── GpuLostError            the GPU fell off the bus or is unhealthy (Xid 79)
+    │   ├── NotSupportedError       not supported on this GPU or driver
+    │   ├── NoPermissionError       needs root (MIG changes) or access to the MPS pipes
+    │   └── MpsError                an MPS control daemon failed to start, answer or stop
+    ├── ServingError           a request could not be served
+    │   ├── DeadlineExceededError   the request can no longer meet its deadline
+    │   ├── WorkerDiedError         its worker died with the request in flight
+    │   ├── NoWorkerError           no ready worker serves that model
+    │   ├── InvalidRequestError     wrong model, shape or dtype
+    │   └── WorkerError             the model raised inside the worker
+    └── TransitionError        a plan transition failed (and was rolled back); ``reason`` kept
 
-Lower-level errors (YAML, CSV, pydantic) are mapped at the boundary with ``raise X(...) from exc``.
+Lower-level errors (YAML, CSV, pydantic, NVML) are mapped at the boundary with
+``raise X(...) from exc``.
 """
 
 from __future__ import annotations
@@ -41,3 +57,72 @@ class MigLayoutError(StgsError):
 
 class PlanningError(StgsError):
     """The planner failed to produce a plan at all."""
+
+
+class BackendError(StgsError):
+    """The hardware (NVML, MPS) or the simulated node refused or failed an operation."""
+
+
+class BackendUnavailableError(BackendError):
+    """No driver or NVML library, or no such GPU, MIG instance or MPS daemon."""
+
+
+class InUseError(BackendError):
+    """Processes are still attached to the instance, GPU or MPS daemon."""
+
+
+class InsufficientResourcesError(BackendError):
+    """No room: the memory slices are taken, or the MPS client limit is reached."""
+
+
+class GpuLostError(BackendError):
+    """The GPU fell off the bus or is unhealthy; nothing on it can be trusted."""
+
+
+class NotSupportedError(BackendError):
+    """The operation is not supported on this GPU or driver."""
+
+
+class NoPermissionError(BackendError):
+    """The operation needs privileges the daemon does not have (MIG changes need root)."""
+
+
+class MpsError(BackendError):
+    """An MPS control daemon failed to start, to answer or to stop."""
+
+
+class ServingError(StgsError):
+    """A request could not be served."""
+
+
+class DeadlineExceededError(ServingError):
+    """The request can no longer meet its deadline; the worker did not run it."""
+
+
+class WorkerDiedError(ServingError):
+    """The worker serving the request died with the request in flight."""
+
+
+class NoWorkerError(ServingError):
+    """No ready worker serves the requested model."""
+
+
+class InvalidRequestError(ServingError):
+    """The request names an unknown model or has the wrong shape or dtype."""
+
+
+class WorkerError(ServingError):
+    """The model raised inside the worker; the message is the worker's."""
+
+
+class TransitionError(StgsError):
+    """A plan transition failed; the runtime rolled back to the last good plan.
+
+    ``reason`` is why the transition failed; ``rolled_back`` whether the rollback succeeded.
+    """
+
+    def __init__(self, reason: str, *, rolled_back: bool) -> None:
+        suffix = "rolled back to the last good plan" if rolled_back else "ROLLBACK FAILED"
+        super().__init__(f"plan transition failed: {reason} ({suffix})")
+        self.reason = reason
+        self.rolled_back = rolled_back
