@@ -43,6 +43,7 @@ class GreedyConfig:
     families: frozenset[str] = ALL_FAMILIES
     time_sharing: bool = True
     shrink: bool = True
+    consolidate: bool = True  # empty lightly loaded shared partitions into the others
     fallback_families: frozenset[str] = frozenset({FULL})  # for GPU types that have none of them
 
 
@@ -124,6 +125,9 @@ class Greedy:
         for (name, t), rate in split.items():
             residuals.extend(self._dedicate(by_name[name], t, rate))
         self._place_residuals(residuals)
+        if self.cfg.time_sharing and self.cfg.consolidate:
+            for st in self.types.values():
+                self._consolidate(st)
         if self.cfg.shrink:
             for st in self.types.values():
                 for part in st.parts:
@@ -185,24 +189,33 @@ class Greedy:
         for m, t, rate in sorted(residuals, key=weight, reverse=True):
             self._place_one(m, t, rate)
 
+    IDLE_COST = 0.5  # what a new partition's idle share is charged, against joining one
+
     def _place_one(self, m: ModelSpec, t: GpuSpec, rate: float) -> None:
         st = self.types[t]
+        opened = self._open(m, t, rate)
         if self.cfg.time_sharing:
-            best: tuple[float, Part, Schedule] | None = None
+            # Join the open partition whose load (weight x utilisation) grows least: a tight-SLO
+            # model that shortens a partition's duty cycle shrinks every neighbour's batch, and
+            # that loss counts here. Opening a new partition costs its load plus part of its
+            # idle share (later residuals may fill it, or they may not).
+            best: tuple[float, Part | None, Schedule | None] | None = None
+            if opened is not None:
+                w = opened.shape.weight
+                u = opened.sched.utilisation
+                best = (w * u + self.IDLE_COST * w * (1 - u), None, None)
             for part in self._open_shared(st, m):
                 sched = self._sched(t, part.shape, [*part.items, (m, rate)])
                 if sched is None:
                     continue
-                # best fit: the partition left with the least idle time after adding
-                key = sched.utilisation
-                if best is None or key > best[0]:
+                key = part.shape.weight * (sched.utilisation - part.sched.utilisation)
+                if best is None or key < best[0]:
                     best = (key, part, sched)
-            if best is not None:
-                _, part, sched = best
+            if best is not None and best[1] is not None and best[2] is not None:
+                _, part, sched = best[0], best[1], best[2]
                 part.items.append((m, rate))
                 part.sched = sched
                 return
-        opened = self._open(m, t, rate)
         if opened is None:
             # the residual alone is more than any one shape serves within SLO: split it
             _cost, shape = best_shape(self.p, m, t, st.shapes)
@@ -246,6 +259,61 @@ class Greedy:
             if best is None or key < best[0]:
                 best = (key, Part(t, shape, [(m, rate)], sched, shared=self.cfg.time_sharing))
         return best[1] if best else None
+
+    def _consolidate(self, st: _TypeState) -> None:
+        """Empty the least-loaded shared partitions into the others where their schedules hold.
+
+        Residual placement is greedy: late residuals open partitions that stay half idle. Here
+        each shared partition, least loaded first, tries to hand all its models (splitting a
+        rate over several partitions where needed) to the other shared partitions; when every
+        model finds room the partition is dropped, else nothing changes.
+        """
+        t = st.gtype
+        for part in sorted((p for p in st.parts if p.shared), key=lambda p: p.load):
+            others = [q for q in st.parts if q.shared and q is not part]
+            if not others:
+                break
+            saved = [(q, list(q.items), q.sched) for q in others]
+            ok = True
+            for m, rate in sorted(part.items, key=lambda it: -it[1]):
+                left = rate
+                others.sort(key=lambda q: q.sched.utilisation)
+                for q in others[: self.CANDIDATES]:
+                    if left <= 1e-9:
+                        break
+                    has = any(qm.name == m.name for qm, _ in q.items)
+                    if not has and len(q.items) >= self.max_models:
+                        continue
+                    take = self._max_extra(t, q, m, left)
+                    if take > 0:
+                        q.items = _with_rate(q.items, m, take)
+                        sched = self._sched(t, q.shape, q.items)
+                        assert sched is not None
+                        q.sched = sched
+                        left -= take
+                if left > 1e-9 * max(1.0, rate):
+                    ok = False
+                    break
+            if ok:
+                st.parts.remove(part)
+            else:
+                for q, items, sched in saved:
+                    q.items, q.sched = items, sched
+
+    def _max_extra(self, t: GpuSpec, q: Part, m: ModelSpec, rate: float) -> float:
+        """Largest extra rate <= ``rate`` of ``m`` that partition ``q`` can take (bisection)."""
+        if self._sched(t, q.shape, _with_rate(q.items, m, rate)) is not None:
+            return rate
+        if self._sched(t, q.shape, _with_rate(q.items, m, 0.0)) is None:
+            return 0.0
+        lo, hi = 0.0, rate
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if self._sched(t, q.shape, _with_rate(q.items, m, mid)) is not None:
+                lo = mid
+            else:
+                hi = mid
+        return lo if lo > 1e-3 * rate else 0.0
 
     def _shrink(self, part: Part) -> None:
         for shape in self.types[part.gtype].shapes:  # smallest first
@@ -506,6 +574,19 @@ class Greedy:
             mig_start=part.instance.start if part.instance is not None else None,
             mps_pct=shape.mps_pct,
         )
+
+
+def _with_rate(
+    items: Sequence[tuple[ModelSpec, float]], m: ModelSpec, extra: float
+) -> list[tuple[ModelSpec, float]]:
+    """``items`` with ``extra`` rate of ``m`` added (to its entry, or as a new one)."""
+    out = list(items)
+    for i, (im, r) in enumerate(out):
+        if im.name == m.name:
+            out[i] = (im, r + extra)
+            return out
+    out.append((m, extra))
+    return out
 
 
 def _ordered(parts: Iterable[Part]) -> list[Part]:

@@ -8,6 +8,8 @@ every partition changed ``options.reconfig_cost`` GPUs (see ``partitioner.replan
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from partitioner.greedy import ALL_FAMILIES, FULL, MIG, MIG_MPS, MPS, Greedy, GreedyConfig
 from partitioner.policies import Policy, register
 from partitioner.problem import Problem
@@ -15,11 +17,12 @@ from stgs.plan import Plan
 
 LARGE_MODELS = 100
 
-VARIANTS = (
+_BASE = (
     GreedyConfig("stgs", ALL_FAMILIES),
     GreedyConfig("stgs", frozenset({MIG, MIG_MPS}), fallback_families=frozenset({FULL, MPS})),
     GreedyConfig("stgs", frozenset({FULL, MPS})),
 )
+VARIANTS = _BASE + tuple(replace(c, consolidate=False) for c in _BASE)
 
 
 def plan_score(plan: Plan) -> tuple[float, ...]:
