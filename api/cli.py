@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit latency functions to a profile table and report errors")
     f.add_argument("profiles", nargs="?", help="profile CSV (default: the shipped profiles)")
     f.add_argument("--gpu", help="only this GPU SKU")
+
+    from profiler.command import add_arguments as add_profile_arguments  # light: no torch
+
+    add_profile_arguments(
+        sub.add_parser("profile", help="measure latency profiles of models on a GPU (or CPU)")
+    )
     return ap
 
 
@@ -63,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_policies()
         if args.cmd == "fit":
             return _cmd_fit(args)
+        if args.cmd == "profile":
+            from profiler.command import profile_command
+
+            return profile_command(args)
     except ConfigError as exc:
         print(f"stgs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

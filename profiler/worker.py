@@ -1,0 +1,263 @@
+"""A measuring process: ``python -m profiler.worker`` speaks JSON lines on stdin/stdout.
+
+One worker holds one CUDA context (or runs on the CPU) in the environment it was started with
+(plain, an MPS client at a share, or one MIG device); the orchestrator (:mod:`profiler.run`)
+keeps one per partition environment. Requests and replies, one JSON object a line:
+
+* ``{"op": "info"}`` -> device name, SM count, memory, torch version, compute capability;
+* ``{"op": "load", "spec": {...}, "dtype": "fp16"}`` -> builds the model (replacing any other);
+* ``{"op": "measure", "partition": "full|mps:P|mig:X|green:N", "batch": B, "timing": {...}}``
+  -> median/p99 (ms), peak memory (MiB), graph kind, iterations, the SM count seen;
+* ``{"op": "prepare", "partition": ..., "batch": B}`` then ``{"op": "run_for", "seconds": S}``
+  -> back-to-back replays for co-location runs (median/p99 of that window);
+* ``{"op": "quit"}``.
+
+Every reply has ``ok``; a failed request has ``error`` and ``fatal`` (the worker exits after a
+fatal one: a CUDA error leaves its context unusable). Anything else the process prints goes to
+stderr, so stdout carries the protocol alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import IO, Any
+
+from profiler.errors import ModelLoadError
+from profiler.measure import (
+    Prepared,
+    TimingOptions,
+    measure_cpu,
+    measure_cuda,
+    prepare_cuda,
+    run_for,
+    summarise,
+)
+from profiler.models import ModelSpec, build_model
+
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """CUDA errors other than out-of-memory poison the context: the worker must exit."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(exc, accel):
+        return True
+    text = str(exc)
+    return "CUDA error" in text or "illegal memory access" in text or "CUBLAS_STATUS" in text
+
+
+class WorkerState:
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.cuda = device != "cpu"
+        if self.cuda and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available in this worker")
+        self.device = torch.device(device)
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        self.model: Any = None
+        self.make_input: Any = None
+        self.model_name: str | None = None
+        self.weights_mib = 0.0
+        self.green: dict[int, Any] = {}
+        self.prepared: Prepared | None = None
+        self.prepared_green: Any = None
+        self._stream: Any = None
+
+    # --- requests ---------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        torch = self.torch
+        out: dict[str, Any] = {"torch": torch.__version__, "device": str(self.device)}
+        if self.cuda:
+            p = torch.cuda.get_device_properties(self.device)
+            out.update(
+                name=p.name,
+                sm_count=p.multi_processor_count,
+                memory_mib=p.total_memory / 2**20,
+                capability=f"{p.major}.{p.minor}",
+                cuda=torch.version.cuda,
+                green_contexts=hasattr(torch.cuda, "green_contexts"),
+            )
+        else:
+            out.update(name="cpu", sm_count=max(1, torch.get_num_threads()), memory_mib=0.0)
+        return out
+
+    def load(self, spec: dict[str, Any], dtype: str) -> dict[str, Any]:
+        self.unload()
+        ms = ModelSpec(
+            name=spec["name"],
+            kind=spec["kind"],
+            target=spec["target"],
+            input_shape=tuple(spec["input_shape"]) if spec.get("input_shape") else None,
+        )
+        t0 = time.perf_counter()
+        dt = _torch_dtype(dtype) if self.cuda else self.torch.float32
+        before = self.torch.cuda.memory_allocated(self.device) if self.cuda else 0
+        self.model, self.make_input = build_model(ms, self.device, dt)
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+            self.weights_mib = (self.torch.cuda.memory_allocated(self.device) - before) / 2**20
+        self.model_name = ms.name
+        return {"name": ms.name, "seconds": time.perf_counter() - t0}
+
+    def unload(self) -> dict[str, Any]:
+        self.prepared = None
+        self.model = self.make_input = self.model_name = None
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.empty_cache()
+        return {}
+
+    def _stream_for(self, partition: str) -> tuple[Any, Any, int]:
+        """(stream, green context or None, SM count) for a partition."""
+        torch = self.torch
+        kind, _, arg = partition.partition(":")
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        if kind == "green":
+            n = int(arg)
+            gc = self.green.get(n)
+            if gc is None:
+                from torch.cuda.green_contexts import GreenContext
+
+                gc = GreenContext.create(num_sms=n, device_id=self.device.index or 0)
+                self.green[n] = gc
+            gc.set_context()
+            stream = gc.Stream() if hasattr(gc, "Stream") else torch.cuda.current_stream()
+            return stream, gc, n
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream, None, sms
+
+    def measure(self, partition: str, batch: int, timing: dict[str, Any]) -> dict[str, Any]:
+        if self.model is None:
+            raise RuntimeError("no model loaded")
+        opts = TimingOptions(**timing)
+        t0 = time.perf_counter()
+        if not self.cuda:
+            if partition != "full":
+                raise RuntimeError(f"partition {partition} needs a GPU")
+            m = measure_cpu(self.model, self.make_input, batch, opts)
+            sms = max(1, self.torch.get_num_threads())
+        else:
+            stream, gc, sms = self._stream_for(partition)
+            try:
+                m = measure_cuda(self.model, self.make_input, batch, opts, stream)
+            finally:
+                if gc is not None:
+                    gc.pop_context()
+        out = asdict(m)
+        out["memory_mib"] += self.weights_mib
+        out.pop("samples_ms")
+        out.update(sm_count=sms, seconds=time.perf_counter() - t0)
+        return out
+
+    def prepare(self, partition: str, batch: int, timing: dict[str, Any]) -> dict[str, Any]:
+        if self.model is None or not self.cuda:
+            raise RuntimeError("prepare needs a loaded model on a GPU")
+        self.prepared = None
+        stream, gc, sms = self._stream_for(partition)
+        self.prepared_green = gc
+        try:
+            self.prepared = prepare_cuda(
+                self.model, self.make_input, batch, TimingOptions(**timing), stream
+            )
+        finally:
+            if gc is not None:
+                gc.pop_context()
+        return {"graph": self.prepared.kind, "sm_count": sms}
+
+    def run_for(self, seconds: float) -> dict[str, Any]:
+        if self.prepared is None:
+            raise RuntimeError("nothing prepared")
+        gc = self.prepared_green
+        if gc is not None:
+            gc.set_context()
+        try:
+            with self.torch.inference_mode():
+                samples = run_for(self.prepared.run, self.prepared.stream, seconds)
+        finally:
+            if gc is not None:
+                gc.pop_context()
+        med, p99 = summarise(samples)
+        return {"median_ms": med, "p99_ms": p99, "iters": len(samples)}
+
+
+def serve(device: str, inp: IO[str], out: IO[str]) -> int:
+    """The request loop; returns the exit status."""
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    try:
+        state = WorkerState(device)
+    except Exception as exc:
+        reply({"ok": False, "error": f"{type(exc).__name__}: {exc}", "fatal": True})
+        return 1
+    reply({"ok": True, "ready": True})
+    for line in inp:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        op = req.get("op")
+        try:
+            if op == "quit":
+                reply({"ok": True})
+                return 0
+            if op == "info":
+                res = state.info()
+            elif op == "load":
+                res = state.load(req["spec"], req.get("dtype", "fp32"))
+            elif op == "unload":
+                res = state.unload()
+            elif op == "measure":
+                res = state.measure(req["partition"], int(req["batch"]), req.get("timing", {}))
+            elif op == "prepare":
+                res = state.prepare(req["partition"], int(req["batch"]), req.get("timing", {}))
+            elif op == "run_for":
+                res = state.run_for(float(req["seconds"]))
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except ModelLoadError as exc:
+            reply({"ok": False, "error": str(exc), "fatal": False, "load_error": True})
+            continue
+        except Exception as exc:
+            fatal = _is_fatal(exc)
+            reply({"ok": False, "error": f"{type(exc).__name__}: {exc}", "fatal": fatal})
+            if fatal:
+                return 1
+            if state.cuda and isinstance(exc, state.torch.cuda.OutOfMemoryError):
+                state.torch.cuda.empty_cache()
+            continue
+        reply({"ok": True, **res})
+    return 0
+
+
+def main() -> int:
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda:0"
+    # stdout carries the protocol alone: keep a private handle, send fd 1 to stderr
+    proto = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return serve(device, sys.stdin, proto)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
