@@ -113,8 +113,13 @@ def _lp(
     return float(x[-1]), {v: float(x[i]) for v, i in idx.items()}
 
 
-def fluid_bound(problem: Problem) -> float:
-    """k*: the largest factor on all rates that a fractional packing could serve (0: none)."""
+def fluid_bound(problem: Problem, *, interference: bool = False) -> float:
+    """k*: the largest factor on all rates that a fractional packing could serve (0: none).
+
+    ``interference=True`` charges every MPS shape the slowdown of a GPU (or MIG instance)
+    filled with neighbours: no longer a bound (a partition may run with idle neighbours), but
+    a diagnostic of how much of the gap to k* the interference model alone explains.
+    """
     models = [m for m in problem.models if m.rate_rps > 0]
     if not models:
         return math.inf
@@ -127,7 +132,7 @@ def fluid_bound(problem: Problem) -> float:
                 curve = problem.curve(m, t, shape)
                 if curve is None:
                     continue
-                tput = saturated_rps(curve, interference=False)
+                tput = saturated_rps(curve, interference=interference)
                 if tput > 0:
                     front.append((shape.frac / tput, shape.mem_frac / tput))
             # keep the Pareto front of (compute, memory) cost per request/s
