@@ -1,0 +1,150 @@
+"""The daemon's configuration: a TOML file (``stgs serve --config FILE``), every option below.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Paths may be
+relative: they resolve against the config file's directory. ``deploy/stgs.toml`` is the
+documented example; ``DaemonConfig()`` is the embedded default (loopback, simulated node when
+no GPU is found, state under ``./stgs-state``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stgs.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="address to bind; not loopback needs a token")
+    port: int = Field(8470, ge=0, le=65535, description="TCP port (0: any free port)")
+    token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token; required when host is not loopback."
+        " With a token, every mutating call needs it (and every call off loopback)",
+    )
+
+
+class PathsConfig(_Strict):
+    state_dir: Path = Field(Path("stgs-state"), description="SQLite state (systemd StateDirectory)")
+    runtime_dir: Path = Field(
+        Path("stgs-run"), description="MPS pipe/log directories, worker sockets (RuntimeDirectory)"
+    )
+    model_dir: Path = Field(
+        Path("models"), description="model files load only from here (no path traversal)"
+    )
+
+
+class SimulatedGpu(_Strict):
+    sku: str
+    count: int = Field(1, ge=1)
+    mig: bool = True
+
+
+class BackendConfig(_Strict):
+    kind: Literal["auto", "nvml", "simulated"] = Field(
+        "auto", description="auto: NVML when a GPU is found, else the simulated node"
+    )
+    simulated_gpus: list[SimulatedGpu] = Field(
+        default_factory=lambda: [SimulatedGpu(sku="H100-80GB", count=1)],
+        description="the simulated node's GPUs (workers then run on the CPU)",
+    )
+    allow_mig_changes: bool = Field(
+        True, description="false: never change MIG layouts; plan on the layout found"
+    )
+
+
+class PlannerConfig(_Strict):
+    policy: str = Field("stgs", description="policy name or dotted path")
+    headroom: float = Field(0.1, ge=0.0, lt=1.0, description="latency margin (fraction)")
+    profiles: Path | None = Field(None, description="extra profile CSV loaded at start")
+    reconfig_cost: float = Field(0.05, ge=0.0, description="GPUs charged per changed partition")
+
+
+class ControllerConfig(_Strict):
+    interval_s: float = Field(5.0, gt=0, description="reconcile loop period")
+    rate_halflife_s: float = Field(30.0, gt=0, description="EWMA half-life of measured rates")
+    hysteresis: float = Field(
+        0.2, ge=0.0, description="re-plan when a rate leaves [r/(1+h), r(1+h)] of the plan's"
+    )
+    hold_s: float = Field(30.0, ge=0.0, description="a change must hold this long before acting")
+    min_attainment: float = Field(
+        0.99, ge=0.0, le=1.0, description="re-plan when a model's SLO attainment falls below"
+    )
+    deadline_drop: bool = Field(
+        True, description="answer 'deadline exceeded' for requests that can no longer meet SLO"
+    )
+
+
+class DaemonConfig(_Strict):
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig())
+    paths: PathsConfig = Field(default_factory=lambda: PathsConfig())
+    backend: BackendConfig = Field(default_factory=lambda: BackendConfig())
+    planner: PlannerConfig = Field(default_factory=lambda: PlannerConfig())
+    controller: ControllerConfig = Field(default_factory=lambda: ControllerConfig())
+
+    @field_validator("server")
+    @classmethod
+    def _token_off_loopback(cls, v: ServerConfig) -> ServerConfig:
+        if v.host not in ("127.0.0.1", "::1", "localhost") and v.token_file is None:
+            raise ValueError(f"host {v.host!r} is not loopback: set server.token_file")
+        return v
+
+    def resolved(self, base: Path) -> DaemonConfig:
+        """Relative paths made absolute against ``base`` (the config file's directory)."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+        return self.model_copy(
+            update={
+                "server": self.server.model_copy(
+                    update={"token_file": fix(self.server.token_file)}
+                ),
+                "paths": PathsConfig(
+                    state_dir=fix(self.paths.state_dir) or self.paths.state_dir,
+                    runtime_dir=fix(self.paths.runtime_dir) or self.paths.runtime_dir,
+                    model_dir=fix(self.paths.model_dir) or self.paths.model_dir,
+                ),
+                "planner": self.planner.model_copy(update={"profiles": fix(self.planner.profiles)}),
+            }
+        )
+
+
+def load_config(path: Path | None) -> DaemonConfig:
+    """Read and validate a TOML config; ``None``: the embedded default (relative to cwd)."""
+    if path is None:
+        return DaemonConfig().resolved(Path.cwd())
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        cfg = DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top)"
+        raise ConfigError(f"{path}: {where}: {err['msg']}") from exc
+    return cfg.resolved(path.parent.resolve())
+
+
+def read_token(cfg: DaemonConfig) -> str | None:
+    """The bearer token from ``server.token_file`` (stripped), or None when none is set."""
+    tf = cfg.server.token_file
+    if tf is None:
+        return None
+    try:
+        token = tf.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{tf}: cannot read the token file: {exc.strerror}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"{tf}: the token must be at least 16 characters")
+    return token

@@ -1,0 +1,292 @@
+"""The daemon's state: one SQLite database in the state directory (no other server needed).
+
+What it keeps, so that a crash, ``kill -9`` or a reboot loses nothing registered:
+
+* ``models``: every registered model (its spec as JSON) and its status
+  (``profiling``, ``ready``, ``refused``, ``failed``, ...), with a status detail;
+* ``profiles``: measured profile rows per (gpu, model), the same columns as the profile CSV;
+* ``plans``: every plan the daemon applied or tried, with its role (``current``,
+  ``last_good``) and outcome; the current and the last good plan are read back at start;
+* ``events``: an append-only log of what the daemon did (registrations, re-plans, applies,
+  failures), newest first on read.
+
+Writes are transactions in WAL mode with ``synchronous=FULL``: a write acknowledged to a client
+is on disk. One connection is shared by the daemon's threads behind a lock (SQLite serialises
+writers anyway); reads are cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stgs.errors import StgsError
+from stgs.plan import Plan
+from stgs.profiles import PROFILE_COLUMNS, ProfileRow
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS profiles (
+    gpu TEXT NOT NULL,
+    model TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    sm_count INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    memory_mib REAL NOT NULL,
+    PRIMARY KEY (gpu, model, partition, batch)
+);
+CREATE TABLE IF NOT EXISTS plans (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    role TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    plan TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS plans_role ON plans (role, id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    data TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class StoreError(StgsError):
+    """The state database cannot be opened or has an unknown schema."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    spec: dict[str, Any]
+    status: str
+    detail: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    id: int
+    created_at: float
+    role: str
+    state: str
+    reason: str
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    kind: str
+    message: str
+    data: dict[str, Any]
+
+
+class Store:
+    """The daemon's SQLite state. ``Store(path)`` creates the file and schema when missing."""
+
+    def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: state schema {row[0]}, this stgs reads {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+
+    # ------------------------------------------------------------------ models
+    def put_model(self, name: str, spec: Mapping[str, Any], status: str, detail: str = "") -> None:
+        """Register ``name`` (or replace its spec), keeping its creation time."""
+        now = self._clock()
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO models (name, spec, status, detail, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, status=excluded.status,"
+                " detail=excluded.detail, updated_at=excluded.updated_at",
+                (name, json.dumps(dict(spec), sort_keys=True), status, detail, now, now),
+            )
+
+    def set_model_status(self, name: str, status: str, detail: str = "") -> bool:
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE models SET status=?, detail=?, updated_at=? WHERE name=?",
+                (status, detail, self._clock(), name),
+            )
+            return cur.rowcount > 0
+
+    def delete_model(self, name: str) -> bool:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM models WHERE name=?", (name,))
+            return cur.rowcount > 0
+
+    def get_model(self, name: str) -> ModelRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT name, spec, status, detail, created_at, updated_at FROM models"
+                " WHERE name=?",
+                (name,),
+            ).fetchone()
+        return _model(row) if row else None
+
+    def models(self) -> list[ModelRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, spec, status, detail, created_at, updated_at FROM models"
+                " ORDER BY created_at, name"
+            ).fetchall()
+        return [_model(r) for r in rows]
+
+    # ------------------------------------------------------------------ profiles
+    def put_profiles(self, rows: Iterable[ProfileRow]) -> int:
+        """Insert or replace profile rows (one per gpu, model, partition, batch)."""
+        data = [
+            (r.gpu, r.model, r.partition, r.sm_count, r.batch, r.latency_ms, r.memory_mib)
+            for r in rows
+        ]
+        with self._tx() as cur:
+            cur.executemany(
+                "INSERT OR REPLACE INTO profiles (" + ", ".join(PROFILE_COLUMNS) + ")"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                data,
+            )
+        return len(data)
+
+    def profiles(self, gpu: str | None = None, model: str | None = None) -> list[ProfileRow]:
+        sql = "SELECT " + ", ".join(PROFILE_COLUMNS) + " FROM profiles"
+        where, args = [], []
+        if gpu is not None:
+            where.append("gpu=?")
+            args.append(gpu)
+        if model is not None:
+            where.append("model=?")
+            args.append(model)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY gpu, model, partition, batch"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [
+            ProfileRow(r[0], r[1], r[2], int(r[3]), int(r[4]), float(r[5]), float(r[6]))
+            for r in rows
+        ]
+
+    def has_profile(self, gpu: str, model: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM profiles WHERE gpu=? AND model=? LIMIT 1", (gpu, model)
+            ).fetchone()
+        return row is not None
+
+    # ------------------------------------------------------------------ plans
+    def save_plan(self, plan: Plan, role: str, state: str, reason: str = "") -> int:
+        """Record a plan; ``role`` is ``current``, ``last_good`` or ``tried``."""
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO plans (created_at, role, state, reason, plan) VALUES (?, ?, ?, ?, ?)",
+                (self._clock(), role, state, reason, plan.to_json(indent=None)),
+            )
+            return int(cur.lastrowid or 0)
+
+    def latest_plan(self, role: str) -> PlanRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, created_at, role, state, reason, plan FROM plans WHERE role=?"
+                " ORDER BY id DESC LIMIT 1",
+                (role,),
+            ).fetchone()
+        if row is None:
+            return None
+        return PlanRecord(
+            int(row[0]), float(row[1]), row[2], row[3], row[4], Plan.from_json(row[5])
+        )
+
+    def prune_plans(self, keep: int = 200) -> None:
+        """Keep the newest ``keep`` plans and the newest of each role."""
+        with self._tx() as cur:
+            cur.execute(
+                "DELETE FROM plans WHERE id NOT IN (SELECT id FROM plans ORDER BY id DESC LIMIT ?)"
+                " AND id NOT IN (SELECT MAX(id) FROM plans GROUP BY role)",
+                (keep,),
+            )
+
+    # ------------------------------------------------------------------ events
+    def log_event(self, kind: str, message: str, **data: Any) -> int:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO events (ts, kind, message, data) VALUES (?, ?, ?, ?)",
+                (self._clock(), kind, message, json.dumps(data, sort_keys=True, default=str)),
+            )
+            return int(cur.lastrowid or 0)
+
+    def events(self, limit: int = 100, kind: str | None = None) -> list[Event]:
+        sql = "SELECT id, ts, kind, message, data FROM events"
+        args: list[Any] = []
+        if kind is not None:
+            sql += " WHERE kind=?"
+            args.append(kind)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [Event(int(r[0]), float(r[1]), r[2], r[3], json.loads(r[4])) for r in rows]
+
+
+def _model(row: tuple[Any, ...]) -> ModelRecord:
+    return ModelRecord(row[0], json.loads(row[1]), row[2], row[3], float(row[4]), float(row[5]))
