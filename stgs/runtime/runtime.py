@@ -1,0 +1,592 @@
+"""Carry out a plan: partitions, MPS daemons, workers; move between plans; route requests.
+
+:class:`Runtime` is the one place that changes what runs. Two entry points:
+
+* :meth:`Runtime.apply` moves from the current plan to a target plan. It diffs the two and
+  changes only what differs (a partition is identified by its GPU, shape, place and its models
+  with their batches; a rate change alone only re-weights routing). Make before break: new MIG
+  instances are created beside the old ones where their slices are free, new MPS daemons and
+  workers are started and must be READY before the old partitions are drained (no new requests,
+  the ones in flight finish) and stopped; then the MIG instances no longer used are destroyed.
+  A new instance whose slices are still held by an old one is made after that old partition is
+  drained and stopped (break first, for those only). When any step fails, the runtime rolls back
+  to the last good plan, keeps the reason (:attr:`Runtime.history`) and raises
+  :class:`~stgs.errors.TransitionError`.
+* :meth:`Runtime.update` is the reconcile step, safe to call at any time and often (a monitor
+  thread calls it every ``monitor_interval_s`` and whenever a worker's connection closes): it
+  notices dead workers, fails their partition, and restarts it, up to ``restart_limit`` times.
+
+Every partition has an explicit :class:`PartitionState`: ``pending`` (decided, not started),
+``starting`` (process up, loading models), ``ready`` (receives requests), ``draining`` (no new
+requests, in-flight ones finish), ``stopped``, ``failed`` (died or never became ready).
+
+Requests: :meth:`Runtime.submit` picks a ready partition that serves the model (weighted by the
+rate the plan assigned to it there, least loaded first) and returns a future. Deadlines come from
+``slos`` (per model, ms) unless given per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from stgs.backend.base import Backend, DeviceRef
+from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, layout_violation
+from stgs.errors import (
+    BackendError,
+    ConfigError,
+    NoWorkerError,
+    StgsError,
+    TransitionError,
+)
+from stgs.plan import GpuPlan, Partition, Plan
+from stgs.runtime.process import WorkerProcess
+from stgs.runtime.transport import Array, SocketTransport
+from stgs.runtime.worker import ModelSlot, WorkerSpec
+
+__all__ = [
+    "PartitionKey",
+    "PartitionRuntime",
+    "PartitionState",
+    "Runtime",
+    "TransitionRecord",
+    "TransitionState",
+]
+
+log = logging.getLogger(__name__)
+
+
+class PartitionState(Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class TransitionState(Enum):
+    APPLYING = "applying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # and rolled back to the last good plan
+    ROLLBACK_FAILED = "rollback_failed"
+
+
+@dataclass(frozen=True, order=True)
+class PartitionKey:
+    """What makes two partitions the same worker: GPU, shape, place, models and batches."""
+
+    gpu: int
+    kind: str
+    mig_profile: str | None
+    mig_start: int | None
+    mps_pct: int | None
+    models: tuple[tuple[str, int], ...]
+    ordinal: int = 0  # tells identical partitions of one GPU apart
+
+    def __str__(self) -> str:
+        place = "" if self.mig_start is None else f" {self.mig_profile}@{self.mig_start}"
+        share = "" if self.mps_pct is None else f" mps{self.mps_pct}%"
+        models = ",".join(f"{m}x{b}" for m, b in self.models)
+        suffix = f"#{self.ordinal}" if self.ordinal else ""
+        return f"gpu{self.gpu} {self.kind}{place}{share} [{models}]{suffix}"
+
+
+def _slices(profile: Any, start: int) -> range:
+    return range(start, start + int(profile.memory_slices))
+
+
+def partition_keys(plan: Plan) -> dict[PartitionKey, tuple[GpuPlan, Partition]]:
+    out: dict[PartitionKey, tuple[GpuPlan, Partition]] = {}
+    seen: Counter[PartitionKey] = Counter()
+    for g, p in plan.partitions():
+        base = PartitionKey(
+            g.index,
+            p.kind,
+            p.mig_profile,
+            p.mig_start,
+            p.mps_pct,
+            tuple((m.name, m.batch) for m in p.models),
+        )
+        key = PartitionKey(**{**base.__dict__, "ordinal": seen[base]})
+        seen[base] += 1
+        out[key] = (g, p)
+    return out
+
+
+@dataclass
+class PartitionRuntime:
+    """One partition's live record."""
+
+    key: PartitionKey
+    partition: Partition
+    ref: DeviceRef
+    state: PartitionState = PartitionState.PENDING
+    worker: WorkerProcess | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    started_at: float = 0.0
+    rates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.worker is None else self.worker.pid
+
+
+@dataclass
+class TransitionRecord:
+    policy: str
+    state: TransitionState
+    started_at: float
+    finished_at: float | None = None
+    reason: str | None = None
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+class _TransitionFailed(StgsError):
+    pass
+
+
+class Runtime:
+    """Runs plans on a backend's GPUs; see the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        slos: Mapping[str, float] | None = None,
+        device: str | None = None,
+        admission: bool = True,
+        ready_timeout_s: float = 120.0,
+        drain_timeout_s: float = 30.0,
+        restart_limit: int = 5,
+        monitor_interval_s: float = 0.1,
+        cpu_threads: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.slos = dict(slos or {})
+        self.device = device
+        self.admission = admission
+        self.ready_timeout_s = ready_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.restart_limit = restart_limit
+        self.monitor_interval_s = monitor_interval_s
+        self.cpu_threads = cpu_threads
+        self.clock = clock
+        self.current_plan: Plan | None = None
+        self.last_good: Plan | None = None
+        self.history: list[TransitionRecord] = []
+        self.partitions: dict[PartitionKey, PartitionRuntime] = {}
+        self._lock = threading.RLock()  # one transition or reconcile step at a time
+        self._route_lock = threading.Lock()  # routing choices vs state changes
+        self._wake = threading.Event()
+        self._stop_monitor = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._started_mps: set[DeviceRef] = set()
+
+    # ------------------------------------------------------------------ queries
+    def states(self) -> dict[PartitionKey, PartitionState]:
+        return {k: p.state for k, p in self.partitions.items()}
+
+    def count(self, state: PartitionState) -> int:
+        return sum(1 for p in self.partitions.values() if p.state is state)
+
+    # ------------------------------------------------------------------ requests
+    def submit(
+        self, model: str, array: Array, *, deadline_ms: float | None = None
+    ) -> Future[Array]:
+        """Route one request; the future raises a ServingError subclass on failure."""
+        ms = deadline_ms if deadline_ms is not None else self.slos.get(model)
+        deadline_ns = 0 if ms is None else time.monotonic_ns() + int(ms * 1e6)
+        with self._route_lock:
+            best: tuple[float, PartitionRuntime] | None = None
+            for p in self.partitions.values():
+                if p.state is not PartitionState.READY or p.worker is None:
+                    continue
+                if model not in p.rates or p.worker.transport.closed:
+                    continue
+                load = (p.worker.transport.in_flight + 1) / max(p.rates[model], 1e-6)
+                if best is None or load < best[0]:
+                    best = (load, p)
+            if best is not None:
+                assert best[1].worker is not None
+                return best[1].worker.transport.submit(model, array, deadline_ns=deadline_ns)
+        fut: Future[Array] = Future()
+        fut.set_exception(NoWorkerError(f"no ready worker serves {model!r}"))
+        return fut
+
+    def infer(
+        self,
+        model: str,
+        array: Array,
+        *,
+        deadline_ms: float | None = None,
+        timeout_s: float = 30.0,
+    ) -> Array:
+        return self.submit(model, array, deadline_ms=deadline_ms).result(timeout_s)
+
+    # ------------------------------------------------------------------ monitor
+    def start_monitor(self) -> None:
+        if self._monitor is not None:
+            return
+        self._stop_monitor.clear()
+        self._monitor = threading.Thread(
+            target=self._monitor_loop, name="stgs-monitor", daemon=True
+        )
+        self._monitor.start()
+
+    def _monitor_loop(self) -> None:
+        while not self._stop_monitor.is_set():
+            self._wake.wait(self.monitor_interval_s)
+            self._wake.clear()
+            if self._stop_monitor.is_set():
+                break
+            try:
+                self.update(blocking=False)
+            except Exception:  # the loop survives every exception, and says so
+                log.exception("reconcile step failed")
+
+    def _on_close(self, _t: SocketTransport) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the monitor and every worker (quickly: no draining)."""
+        self._stop_monitor.set()
+        self._wake.set()
+        if self._monitor is not None:
+            self._monitor.join(5)
+            self._monitor = None
+        with self._lock:
+            for p in self.partitions.values():
+                if p.worker is not None:
+                    p.worker.kill()
+                p.state = PartitionState.STOPPED
+            self.partitions.clear()
+
+    # ------------------------------------------------------------------ reconcile
+    def update(self, *, blocking: bool = True) -> None:
+        """One reconcile step: promote ready workers, fail and restart dead ones."""
+        if not self._lock.acquire(blocking=blocking):
+            return  # a transition is under way; it owns the partitions
+        try:
+            now = self.clock()
+            for p in list(self.partitions.values()):
+                w = p.worker
+                if w is None or p.state not in (PartitionState.STARTING, PartitionState.READY):
+                    continue
+                if not w.alive:
+                    reason = w.exit_reason()
+                    w.kill()  # reap, fail what was in flight
+                    self._set(p, PartitionState.FAILED, reason)
+                    log.warning("partition %s failed: %s", p.key, reason)
+                    if p.restarts < self.restart_limit:
+                        p.restarts += 1
+                        self._spawn(p)
+                elif p.state is PartitionState.STARTING:
+                    if w.transport.ready.is_set():
+                        self._set(p, PartitionState.READY)
+                    elif now - p.started_at > self.ready_timeout_s:
+                        w.kill()
+                        self._set(p, PartitionState.FAILED, "not ready in time")
+        finally:
+            self._lock.release()
+
+    def _set(self, p: PartitionRuntime, state: PartitionState, error: str | None = None) -> None:
+        with self._route_lock:
+            p.state = state
+            if error is not None:
+                p.last_error = error
+
+    def _spawn(self, p: PartitionRuntime) -> None:
+        spec = WorkerSpec(
+            name=str(p.key),
+            models=tuple(ModelSlot(m.name, m.batch) for m in p.partition.models),
+            duty_cycle_ms=p.partition.duty_cycle_ms,
+            device=self.device,
+            admission=self.admission,
+            cpu_threads=self.cpu_threads,
+        )
+        mps_pct = p.partition.mps_pct if p.partition.kind == "mps" else None
+        try:
+            p.worker = WorkerProcess(self.backend, p.ref, mps_pct, spec, on_close=self._on_close)
+        except (BackendError, OSError) as exc:
+            p.worker = None
+            self._set(p, PartitionState.FAILED, f"could not start: {exc}")
+            return
+        p.started_at = self.clock()
+        self._set(p, PartitionState.STARTING)
+
+    # ------------------------------------------------------------------ transitions
+    def apply(self, target: Plan) -> TransitionRecord:
+        """Move to ``target``; on failure roll back to the last good plan and raise."""
+        with self._lock:
+            rec = TransitionRecord(target.policy, TransitionState.APPLYING, self.clock())
+            self.history.append(rec)
+            before = self._observe()
+            try:
+                self._transition(target, rec)
+            except StgsError as exc:
+                rec.reason = str(exc)
+                log.warning("transition to %s failed: %s; rolling back", target.policy, exc)
+                try:
+                    self._rollback(before)
+                except StgsError as exc2:
+                    rec.state = TransitionState.ROLLBACK_FAILED
+                    rec.reason = f"{exc}; rollback failed: {exc2}"
+                    rec.finished_at = self.clock()
+                    raise TransitionError(rec.reason, rolled_back=False) from exc2
+                rec.state = TransitionState.FAILED
+                rec.finished_at = self.clock()
+                raise TransitionError(rec.reason, rolled_back=True) from exc
+            rec.state = TransitionState.SUCCEEDED
+            rec.finished_at = self.clock()
+            self.current_plan = self.last_good = target
+            return rec
+
+    def _observe(self) -> dict[int, tuple[bool, MigLayout]]:
+        out = {}
+        for info in self.backend.gpus():
+            if not info.healthy:
+                continue
+            layout = self.backend.mig_layout(info.index) if info.mig_enabled else ()
+            out[info.index] = (info.mig_enabled, layout)
+        return out
+
+    def _rollback(self, before: Mapping[int, tuple[bool, MigLayout]]) -> None:
+        if self.last_good is not None:
+            self._transition(
+                self.last_good, TransitionRecord("rollback", TransitionState.APPLYING, self.clock())
+            )
+            return
+        for p in list(self.partitions.values()):
+            self._stop_partition(p, drain=False)
+        self.partitions.clear()
+        self._stop_unused_mps(set())
+        for gpu, (mig, layout) in before.items():
+            info = self.backend.gpus()[gpu]
+            if info.mig_enabled and self.backend.mig_layout(gpu) != layout:
+                self.backend.apply_mig_layout(gpu, () if not mig else layout)
+            if info.mig_enabled != mig:
+                self.backend.set_mig_mode(gpu, mig)
+
+    def _validate(self, plan: Plan) -> dict[int, MigLayout]:
+        infos = self.backend.gpus()
+        layouts: dict[int, MigLayout] = {}
+        for g in plan.gpus:
+            if not 0 <= g.index < len(infos):
+                raise ConfigError(f"plan uses GPU {g.index}; the node has {len(infos)}")
+            sku = self.backend.sku(g.index)
+            if get_sku(g.sku).name != sku.name:
+                raise ConfigError(f"plan has a {g.sku} as GPU {g.index}; the node a {sku.name}")
+            if g.partitions and not infos[g.index].healthy:
+                raise BackendError(f"GPU {g.index} is unhealthy")
+            starts: dict[int, str] = {}
+            for p in g.partitions:
+                if p.kind == "mps" and p.mps_pct is None:
+                    raise ConfigError(f"GPU {g.index}: an MPS partition without mps_pct")
+                if g.mig:
+                    if p.mig_start is None or p.mig_profile is None:
+                        raise ConfigError(
+                            f"GPU {g.index} is in MIG mode: {p.kind} partition "
+                            "without a MIG placement"
+                        )
+                    if starts.setdefault(p.mig_start, p.mig_profile) != p.mig_profile:
+                        raise ConfigError(f"GPU {g.index}: two profiles at slice {p.mig_start}")
+                elif p.kind == "mig" or p.mig_start is not None:
+                    raise ConfigError(f"GPU {g.index}: MIG partition on a GPU without MIG")
+            layout = canonical_layout(MigPlacement(s, prof) for s, prof in starts.items())
+            if g.mig:
+                why = layout_violation(sku, layout)
+                if why is not None:
+                    raise ConfigError(f"GPU {g.index}: invalid MIG layout: {why}")
+            layouts[g.index] = layout
+        return layouts
+
+    def _transition(self, target: Plan, rec: TransitionRecord) -> None:
+        layouts = self._validate(target)
+        gpu_mig = {g.index: g.mig for g in target.gpus}
+        want = partition_keys(target)
+        live = {
+            k: p
+            for k, p in self.partitions.items()
+            if p.state in (PartitionState.READY, PartitionState.STARTING)
+        }
+        keep = {k for k in want if k in live}
+        to_start = [k for k in want if k not in keep]
+        to_stop = [p for k, p in self.partitions.items() if k not in keep]
+        for k in keep:  # rate changes only re-weight routing
+            _, part = want[k]
+            p = self.partitions[k]
+            with self._route_lock:
+                p.partition = part
+                p.rates = {m.name: m.rate_rps for m in part.models}
+            rec.kept.append(str(k))
+
+        # 1. MIG: mode changes and instances whose slices are taken break first.
+        infos = {i.index: i for i in self.backend.gpus()}
+        for gpu, layout in layouts.items():
+            info = infos[gpu]
+            if info.mig_enabled != gpu_mig[gpu]:
+                if not target.gpus[self._gpu_pos(target, gpu)].partitions and not info.mig_enabled:
+                    continue  # an idle GPU keeps its mode
+                self._break_gpu(gpu, to_stop, rec, lambda _p: True)
+                if info.mig_enabled:
+                    self.backend.apply_mig_layout(gpu, ())
+                self.backend.set_mig_mode(gpu, gpu_mig[gpu])
+                if gpu_mig[gpu]:
+                    self.backend.apply_mig_layout(gpu, layout)
+                continue
+            if not info.mig_enabled:
+                continue
+            current = self.backend.mig_layout(gpu)
+            new = [pl for pl in layout if pl not in current]
+            if not new:
+                continue
+            sku = self.backend.sku(gpu)
+            if layout_violation(sku, canonical_layout([*current, *new])) is None:
+                self.backend.apply_mig_layout(gpu, [*current, *new])  # make before break
+                continue
+            # Break first, but only the old instances in the way: those whose memory slices the
+            # new ones need, or all the old ones when compute slices or counts still do not fit.
+            goners = [pl for pl in current if pl not in layout]
+            taken = {s for pl in new for s in _slices(sku.mig_profile(pl.profile), pl.start)}
+            blocking = {
+                pl.start
+                for pl in goners
+                if taken & set(_slices(sku.mig_profile(pl.profile), pl.start))
+            }
+            rest = [pl for pl in current if pl.start not in blocking]
+            if layout_violation(sku, canonical_layout([*rest, *new])) is not None:
+                blocking = {pl.start for pl in goners}
+                rest = [pl for pl in current if pl.start not in blocking]
+
+            def in_the_way(p: PartitionRuntime, starts: set[int] = blocking) -> bool:
+                return p.ref.mig_start in starts
+
+            self._break_gpu(gpu, to_stop, rec, in_the_way)
+            self.backend.apply_mig_layout(gpu, [*rest, *new])
+
+        # 2. MPS daemons for the new MPS partitions.
+        refs: dict[PartitionKey, DeviceRef] = {}
+        for k in to_start:
+            g, part = want[k]
+            ref = DeviceRef(g.index, part.mig_start if g.mig else None)
+            refs[k] = ref
+            if part.kind == "mps":
+                self.backend.start_mps(ref)
+                self._started_mps.add(ref)
+
+        # 3. Start the new workers; every one must become ready.
+        started: list[PartitionRuntime] = []
+        for k in to_start:
+            _, part = want[k]
+            p = PartitionRuntime(k, part, refs[k], rates={m.name: m.rate_rps for m in part.models})
+            self.partitions[k] = p
+            self._spawn(p)
+            started.append(p)
+            rec.started.append(str(k))
+        deadline = self.clock() + self.ready_timeout_s
+        for p in started:
+            if p.state is PartitionState.FAILED or p.worker is None:
+                raise _TransitionFailed(f"partition {p.key}: {p.last_error}")
+            left = max(0.0, deadline - self.clock())
+            if not p.worker.wait_ready(left):
+                why = (
+                    p.worker.exit_reason()
+                    if p.worker.proc.poll() is not None
+                    else (f"not ready within {self.ready_timeout_s:g} s")
+                )
+                p.worker.kill()
+                self._set(p, PartitionState.FAILED, why)
+                raise _TransitionFailed(f"partition {p.key}: worker did not start: {why}")
+            self._set(p, PartitionState.READY)
+
+        # 4. Drain and stop the old partitions, then free their instances and daemons.
+        for p in to_stop:
+            if p.state is not PartitionState.STOPPED:
+                self._stop_partition(p, drain=True)
+                rec.stopped.append(str(p.key))
+        for p in to_stop:
+            if self.partitions.get(p.key) is p:
+                del self.partitions[p.key]
+        self._stop_unused_mps(
+            {p.ref for p in self.partitions.values() if p.partition.kind == "mps"}
+        )
+        for gpu, layout in layouts.items():
+            if self.backend.gpus()[gpu].mig_enabled and gpu_mig[gpu]:
+                self.backend.apply_mig_layout(gpu, layout)
+        self.current_plan = target
+
+    @staticmethod
+    def _gpu_pos(plan: Plan, gpu: int) -> int:
+        return next(i for i, g in enumerate(plan.gpus) if g.index == gpu)
+
+    def _break_gpu(
+        self,
+        gpu: int,
+        to_stop: list[PartitionRuntime],
+        rec: TransitionRecord,
+        which: Callable[[PartitionRuntime], bool],
+    ) -> None:
+        """Drain and stop, before anything new starts, the old partitions in the way."""
+        for p in to_stop:
+            if p.ref.gpu == gpu and p.state is not PartitionState.STOPPED and which(p):
+                self._stop_partition(p, drain=True)
+                rec.stopped.append(str(p.key))
+        in_use = {
+            p.ref
+            for p in self.partitions.values()
+            if p.state is not PartitionState.STOPPED and p.partition.kind == "mps"
+        }
+        self._stop_unused_mps(in_use)
+
+    def _stop_partition(self, p: PartitionRuntime, *, drain: bool) -> None:
+        w = p.worker
+        if w is None:
+            self._set(p, PartitionState.STOPPED)
+            return
+        if drain and p.state is PartitionState.READY:
+            self._set(p, PartitionState.DRAINING)  # the router sends it nothing new
+            end = self.clock() + self.drain_timeout_s
+            while w.transport.in_flight and w.alive and self.clock() < end:
+                time.sleep(0.002)
+            w.stop(timeout_s=max(0.0, end - self.clock()) + 1.0)
+        else:
+            w.kill()
+        self._set(p, PartitionState.STOPPED)
+
+    def _stop_unused_mps(self, in_use: set[DeviceRef]) -> None:
+        for ref in sorted(self._started_mps - in_use):
+            try:
+                self.backend.stop_mps(ref)
+            except BackendError as exc:
+                if self._daemon_exists(ref):
+                    raise
+                log.debug("MPS daemon on %s already gone: %s", ref, exc)
+            self._started_mps.discard(ref)
+
+    def _daemon_exists(self, ref: DeviceRef) -> bool:
+        return any(d.ref == ref for d in self.backend.mps_daemons())
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per partition: key, state, pid, restarts, last error (for status pages and logs)."""
+        return [
+            {
+                "partition": str(k),
+                "state": p.state.value,
+                "pid": p.pid,
+                "restarts": p.restarts,
+                "last_error": p.last_error,
+            }
+            for k, p in sorted(self.partitions.items())
+        ]

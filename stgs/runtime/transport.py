@@ -1,0 +1,366 @@
+"""Transport between the daemon and its workers: requests in, results out.
+
+The I/O boundary is one small interface, :class:`Transport` (``submit`` a tensor for a model,
+get a :class:`~concurrent.futures.Future` of the result), with two implementations:
+
+* :class:`SocketTransport`: a worker process at the other end of a Unix stream socket (a
+  ``socketpair`` made by the supervisor). Tensors travel as raw buffers: one ``sendmsg`` of a
+  fixed header, the shape and the array's own memory (no pickling, no copy on send), received
+  with ``recv_into`` straight into the array's buffer. A reader thread resolves the futures;
+  when the socket closes (the worker died) every request in flight fails at once with
+  :class:`~stgs.errors.WorkerDiedError`.
+* :class:`MockTransport`: a handler function in this process, for tests (httpx's idea).
+
+Frames (little endian)::
+
+    header  kind u8 | status u8 | dtype u8 | ndim u8 | model u32 | req_id u64 | deadline_ns i64
+            | nbytes u64                                                       (32 bytes)
+    shape   ndim x u32
+    payload nbytes bytes (the array, C order; for an error: its UTF-8 message)
+
+``deadline_ns`` is on ``time.monotonic_ns()``, which is one clock for every process of a Linux
+host; 0 means no deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import struct
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from stgs.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ServingError,
+    WorkerDiedError,
+    WorkerError,
+)
+
+__all__ = [
+    "Frame",
+    "FrameSocket",
+    "MockTransport",
+    "SocketTransport",
+    "Transport",
+]
+
+HEADER = struct.Struct("<BBBBIQqQ")
+
+# kinds
+REQUEST = 1
+RESPONSE = 2
+READY = 3  # worker -> daemon once its models are loaded; payload: JSON facts
+STOP = 4  # daemon -> worker: finish what is queued, then exit
+# statuses of a response
+OK = 0
+DEADLINE = 1
+INVALID = 2
+FAILED = 3
+
+_DTYPES: tuple[np.dtype[Any], ...] = tuple(
+    np.dtype(t)
+    for t in ("float32", "float16", "float64", "int64", "int32", "uint8", "int8", "bool")
+)
+_DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+
+Array = npt.NDArray[Any]
+
+
+def dtype_code(dtype: np.dtype[Any]) -> int:
+    try:
+        return _DTYPE_CODE[np.dtype(dtype)]
+    except KeyError:
+        known = ", ".join(str(d) for d in _DTYPES)
+        raise InvalidRequestError(f"dtype {dtype} cannot travel; known: {known}") from None
+
+
+@dataclass
+class Frame:
+    kind: int
+    status: int
+    model: int
+    req_id: int
+    deadline_ns: int
+    dtype: int
+    shape: tuple[int, ...]
+    payload: bytearray
+
+    def array(self) -> Array:
+        """The payload as an array (no copy: it views the receive buffer)."""
+        dt = _DTYPES[self.dtype]
+        return np.frombuffer(self.payload, dtype=dt).reshape(self.shape)
+
+    def text(self) -> str:
+        return self.payload.decode("utf-8", errors="replace")
+
+
+class FrameSocket:
+    """Frames over a connected stream socket; ``send`` is thread safe, ``recv`` is not."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._hdr = bytearray(HEADER.size)
+
+    def send(
+        self,
+        kind: int,
+        *,
+        status: int = OK,
+        model: int = 0,
+        req_id: int = 0,
+        deadline_ns: int = 0,
+        array: Array | None = None,
+        data: bytes = b"",
+    ) -> None:
+        if array is not None:
+            if not array.flags.c_contiguous:
+                array = np.ascontiguousarray(array)
+            shape = array.shape
+            code = dtype_code(array.dtype)
+            body: memoryview | bytes = memoryview(array.data).cast("B") if array.size else b""
+        else:
+            shape, code, body = (len(data),), _DTYPE_CODE[np.dtype("uint8")], data
+        head = HEADER.pack(kind, status, code, len(shape), model, req_id, deadline_ns, len(body))
+        if shape:
+            head += struct.pack(f"<{len(shape)}I", *shape)
+        with self._send_lock:
+            _sendmsg_all(self.sock, [head, body] if len(body) else [head])
+
+    def recv(self) -> Frame | None:
+        """The next frame, or None when the peer closed the socket."""
+        if not _recv_exact(self.sock, memoryview(self._hdr)):
+            return None
+        kind, status, dt, ndim, model, req_id, deadline_ns, nbytes = HEADER.unpack(self._hdr)
+        shape: tuple[int, ...] = ()
+        if ndim:
+            sbuf = bytearray(4 * ndim)
+            if not _recv_exact(self.sock, memoryview(sbuf)):
+                return None
+            shape = struct.unpack(f"<{ndim}I", sbuf)
+        payload = bytearray(nbytes)
+        if nbytes and not _recv_exact(self.sock, memoryview(payload)):
+            return None
+        if dt >= len(_DTYPES):
+            raise ValueError(f"bad dtype code {dt}")
+        return Frame(kind, status, model, req_id, deadline_ns, dt, shape, payload)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def _sendmsg_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+class Transport(ABC):
+    """Requests in, results out: how the daemon talks to one worker."""
+
+    name: str
+    models: tuple[str, ...]
+
+    @abstractmethod
+    def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
+        """Send one request; the future raises a :class:`~stgs.errors.ServingError` subclass."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once the worker is gone: every later ``submit`` fails at once."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Fail what is in flight and release the connection."""
+
+
+def _error(status: int, message: str) -> ServingError:
+    if status == DEADLINE:
+        return DeadlineExceededError(message)
+    if status == INVALID:
+        return InvalidRequestError(message)
+    return WorkerError(message)
+
+
+class SocketTransport(Transport):
+    """The daemon's end of a worker's socket: ``submit`` from any thread."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        models: Sequence[str],
+        *,
+        name: str = "worker",
+        on_ready: Callable[[Frame], None] | None = None,
+        on_close: Callable[[SocketTransport], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.models = tuple(models)
+        self._index = {m: i for i, m in enumerate(self.models)}
+        self._fs = FrameSocket(sock)
+        self._pending: dict[int, Future[Array]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._reason = "worker connection closed"
+        self._on_ready = on_ready
+        self._on_close = on_close
+        self.ready = threading.Event()
+        self.ready_info: Frame | None = None
+        self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
+        fut: Future[Array] = Future()
+        idx = self._index.get(model)
+        if idx is None:
+            fut.set_exception(InvalidRequestError(f"{self.name} does not serve {model!r}"))
+            return fut
+        req_id = next(self._ids)
+        with self._lock:
+            if self._closed:
+                fut.set_exception(WorkerDiedError(f"{self.name}: {self._reason}"))
+                return fut
+            self._pending[req_id] = fut
+        try:
+            self._fs.send(REQUEST, model=idx, req_id=req_id, deadline_ns=deadline_ns, array=array)
+        except InvalidRequestError as exc:
+            self._pop(req_id)
+            fut.set_exception(exc)
+        except OSError as exc:
+            self._pop(req_id)
+            fut.set_exception(WorkerDiedError(f"{self.name}: send failed: {exc}"))
+        return fut
+
+    def stop(self) -> None:
+        """Ask the worker to finish its queue and exit (it closes the socket when done)."""
+        with contextlib.suppress(OSError):
+            self._fs.send(STOP)
+
+    def _pop(self, req_id: int) -> Future[Array] | None:
+        with self._lock:
+            return self._pending.pop(req_id, None)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                frame = self._fs.recv()
+                if frame is None:
+                    break
+                if frame.kind == RESPONSE:
+                    fut = self._pop(frame.req_id)
+                    if fut is None:
+                        continue
+                    if frame.status == OK:
+                        fut.set_result(frame.array())
+                    else:
+                        fut.set_exception(_error(frame.status, frame.text()))
+                elif frame.kind == READY:
+                    self.ready_info = frame
+                    self.ready.set()
+                    if self._on_ready is not None:
+                        self._on_ready(frame)
+        except (OSError, ValueError) as exc:
+            self._reason = f"worker connection broke: {exc}"
+        self._shutdown(self._reason)
+
+    def fail(self, reason: str) -> None:
+        """Mark the worker dead (the supervisor saw the process exit): fail everything."""
+        self._reason = reason
+        self._shutdown(reason)
+
+    def _shutdown(self, reason: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            fut.set_exception(WorkerDiedError(f"{self.name}: {reason}; request lost in flight"))
+        self._fs.close()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def close(self) -> None:
+        self._shutdown("closed by the daemon")
+
+
+class MockTransport(Transport):
+    """A transport that calls ``handler(model, array) -> array`` in this process."""
+
+    def __init__(
+        self, handler: Callable[[str, Array], Array], models: Sequence[str], name: str = "mock"
+    ) -> None:
+        self.name = name
+        self.models = tuple(models)
+        self._handler = handler
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
+        fut: Future[Array] = Future()
+        if self._closed:
+            fut.set_exception(WorkerDiedError(f"{self.name}: closed"))
+        elif model not in self.models:
+            fut.set_exception(InvalidRequestError(f"{self.name} does not serve {model!r}"))
+        elif deadline_ns and time.monotonic_ns() > deadline_ns:
+            fut.set_exception(DeadlineExceededError(f"{model}: deadline exceeded"))
+        else:
+            try:
+                fut.set_result(self._handler(model, array))
+            except ServingError as exc:
+                fut.set_exception(exc)
+        return fut
+
+    def close(self) -> None:
+        self._closed = True

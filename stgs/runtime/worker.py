@@ -1,0 +1,222 @@
+"""The worker process: one per partition, ``python -m stgs.runtime --fd N --spec JSON``.
+
+Its device is pinned by the environment the backend gave it (``CUDA_VISIBLE_DEVICES=MIG-<uuid>``,
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``); ``STGS_DEVICE`` says whether to run on ``cuda`` or, behind
+the simulated node, on the ``cpu``. It loads each of its models once, says READY, then runs the
+partition's duty cycle: round-robin over its models, one batch of up to ``batch`` queued requests
+per model per cycle. The loop is work conserving: a cycle with nothing queued waits for the next
+request instead of sleeping out the planned cycle length, so latency never pays for idle time.
+
+Deadlines: a request whose deadline has passed, or (with admission on) that would finish after
+its deadline given the model's measured batch latency, is answered "deadline exceeded" without
+running. A STOP frame drains: what is queued is served, then the worker exits; a closed socket
+(the daemon is gone) ends the worker at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stgs.runtime.models import BatchRunner, load_runner, model_entry
+from stgs.runtime.transport import (
+    DEADLINE,
+    FAILED,
+    INVALID,
+    READY,
+    REQUEST,
+    RESPONSE,
+    STOP,
+    Array,
+    FrameSocket,
+)
+
+__all__ = ["ModelSlot", "WorkerSpec", "main"]
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    name: str
+    batch: int
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker serves. ``device`` None: from ``STGS_DEVICE`` (default ``cuda``)."""
+
+    name: str
+    models: tuple[ModelSlot, ...]
+    duty_cycle_ms: float = 0.0
+    device: str | None = None
+    admission: bool = True
+    dtype: str = "float16"
+    cpu_threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        d = json.loads(text)
+        d["models"] = tuple(ModelSlot(**m) for m in d["models"])
+        return cls(**d)
+
+
+@dataclass
+class _Request:
+    req_id: int
+    deadline_ns: int
+    array: Array
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, fs: FrameSocket) -> None:
+        self.spec = spec
+        self.fs = fs
+        self.device = spec.device or os.environ.get("STGS_DEVICE", "cuda")
+        self.queues: list[deque[_Request]] = [deque() for _ in spec.models]
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.gone = False
+        self.est_ns = [0.0] * len(spec.models)  # EMA of measured batch latency
+        self.runners: list[BatchRunner] = []
+
+    def load(self) -> None:
+        torch_models = any(model_entry(m.name).needs_torch for m in self.spec.models)
+        if self.device == "cpu" and torch_models:
+            import torch
+
+            torch.set_num_threads(max(1, self.spec.cpu_threads))
+        loaded: dict[str, BatchRunner] = {}
+        for slot in self.spec.models:
+            if slot.name not in loaded:  # one copy of the weights per process
+                top = max(s.batch for s in self.spec.models if s.name == slot.name)
+                loaded[slot.name] = load_runner(slot.name, self.device, top, dtype=self.spec.dtype)
+            self.runners.append(loaded[slot.name])
+
+    def read(self) -> None:
+        try:
+            while True:
+                frame = self.fs.recv()
+                if frame is None:
+                    break
+                if frame.kind == STOP:
+                    with self.cond:
+                        self.stopping = True
+                        self.cond.notify()
+                    continue
+                if frame.kind != REQUEST:
+                    continue
+                if frame.model >= len(self.queues):
+                    self._reply_error(frame.req_id, INVALID, f"no model #{frame.model}")
+                    continue
+                entry = self.runners[frame.model].entry
+                arr = frame.array()
+                why = _invalid(entry.input_shape, entry.input_dtype, arr)
+                if why is not None:
+                    name = self.spec.models[frame.model].name
+                    self._reply_error(frame.req_id, INVALID, f"{name}: {why}")
+                    continue
+                with self.cond:
+                    self.queues[frame.model].append(_Request(frame.req_id, frame.deadline_ns, arr))
+                    self.cond.notify()
+        except (OSError, ValueError):
+            pass
+        with self.cond:
+            self.gone = True
+            self.cond.notify()
+
+    def _reply_error(self, req_id: int, status: int, message: str) -> None:
+        with contextlib.suppress(OSError):
+            self.fs.send(RESPONSE, status=status, req_id=req_id, data=message.encode())
+
+    def serve(self) -> None:
+        models = self.spec.models
+        while True:
+            with self.cond:
+                while not self.gone and not self.stopping and not any(self.queues):
+                    self.cond.wait()
+                if self.gone or (self.stopping and not any(self.queues)):
+                    return
+            for i, slot in enumerate(models):
+                with self.cond:
+                    q = self.queues[i]
+                    take = [q.popleft() for _ in range(min(slot.batch, len(q)))]
+                if take:
+                    self._run(i, take)
+
+    def _run(self, i: int, take: list[_Request]) -> None:
+        now = time.monotonic_ns()
+        margin = self.est_ns[i] if self.spec.admission else 0.0
+        live = []
+        for r in take:
+            if r.deadline_ns and now + margin > r.deadline_ns:
+                late_ms = (now - r.deadline_ns) / 1e6
+                msg = f"{self.spec.models[i].name}: deadline exceeded " + (
+                    f"by {late_ms:.2f} ms in the queue"
+                    if late_ms >= 0
+                    else f"(predicted batch latency {margin / 1e6:.2f} ms would miss it)"
+                )
+                self._reply_error(r.req_id, DEADLINE, msg)
+            else:
+                live.append(r)
+        if not live:
+            return
+        t0 = time.monotonic_ns()
+        try:
+            outs = self.runners[i].run([r.array for r in live])
+        except Exception as exc:  # the model failed: answer, keep serving
+            for r in live:
+                self._reply_error(r.req_id, FAILED, f"{self.spec.models[i].name}: {exc!r}")
+            return
+        dt = time.monotonic_ns() - t0
+        self.est_ns[i] = dt if self.est_ns[i] == 0 else 0.8 * self.est_ns[i] + 0.2 * dt
+        for r, out in zip(live, outs, strict=True):
+            try:
+                self.fs.send(RESPONSE, req_id=r.req_id, array=np.asarray(out))
+            except OSError:
+                return
+
+
+def _invalid(shape: tuple[int, ...] | None, dtype: str, arr: Array) -> str | None:
+    if shape is not None and tuple(arr.shape) != shape:
+        return f"input shape {tuple(arr.shape)}, expected {shape}"
+    if dtype and arr.dtype != np.dtype(dtype):
+        return f"input dtype {arr.dtype}, expected {dtype}"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stgs-worker")
+    ap.add_argument("--fd", type=int, required=True, help="connected socket inherited")
+    ap.add_argument("--spec", required=True, help="WorkerSpec as JSON")
+    args = ap.parse_args(argv)
+    spec = WorkerSpec.from_json(args.spec)
+    fs = FrameSocket(socket.socket(fileno=args.fd))
+    worker = Worker(spec, fs)
+    t0 = time.monotonic()
+    try:
+        worker.load()
+    except Exception as exc:
+        print(f"stgs worker {spec.name}: loading failed: {exc!r}", file=sys.stderr)
+        return 3
+    info = {"pid": os.getpid(), "device": worker.device, "load_s": time.monotonic() - t0}
+    fs.send(READY, data=json.dumps(info).encode())
+    reader = threading.Thread(target=worker.read, name="reader", daemon=True)
+    reader.start()
+    worker.serve()
+    fs.close()
+    return 0

@@ -1,0 +1,222 @@
+"""Transport frames, worker processes on the CPU, deadlines, and worker death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from stgs.backend import DeviceRef, SimulatedNode
+from stgs.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    WorkerDiedError,
+    WorkerError,
+)
+from stgs.runtime.models import batch_buckets, model_entry
+from stgs.runtime.process import WorkerProcess
+from stgs.runtime.transport import OK, REQUEST, RESPONSE, FrameSocket, MockTransport
+from stgs.runtime.worker import ModelSlot, WorkerSpec
+
+TIMEOUT = 20.0
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(6, dtype=np.int64),
+        np.ones((2, 3, 4), dtype=np.float16),
+        np.array(3.5, dtype=np.float64),  # 0-d
+        np.zeros((0, 5), dtype=np.uint8),  # empty
+        np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),  # not C order
+        np.random.default_rng(0).standard_normal((3, 224, 224), dtype=np.float32),  # 600 KB
+    ],
+)
+def test_frames_round_trip_raw_arrays(array: np.ndarray) -> None:
+    a, b = socket.socketpair()
+    fa, fb = FrameSocket(a), FrameSocket(b)
+    try:
+        # Large arrays do not fit the socket buffer: send from another thread.
+        sender = threading.Thread(
+            target=lambda: fa.send(REQUEST, model=7, req_id=2**40 + 3, deadline_ns=123, array=array)
+        )
+        sender.start()
+        frame = fb.recv()
+        sender.join(TIMEOUT)
+        assert frame is not None
+        assert (frame.kind, frame.model, frame.req_id, frame.deadline_ns) == (
+            REQUEST,
+            7,
+            2**40 + 3,
+            123,
+        )
+        got = frame.array()
+        assert got.dtype == array.dtype and got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+        fb.send(RESPONSE, status=OK, data=b"done")
+        reply = fa.recv()
+        assert reply is not None and reply.text() == "done"
+        fa.close()
+        assert fb.recv() is None  # end of file: the peer is gone
+    finally:
+        fa.close()
+        fb.close()
+
+
+def test_unsupported_dtype_is_an_invalid_request() -> None:
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(InvalidRequestError, match="cannot travel"):
+            FrameSocket(a).send(REQUEST, array=np.zeros(2, dtype=np.complex64))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_mock_transport() -> None:
+    t = MockTransport(lambda _m, x: x * 2, ["m"])
+    np.testing.assert_array_equal(t.submit("m", np.ones(2)).result(), [2.0, 2.0])
+    with pytest.raises(InvalidRequestError):
+        t.submit("other", np.ones(2)).result()
+    with pytest.raises(DeadlineExceededError):
+        t.submit("m", np.ones(2), deadline_ns=time.monotonic_ns() - 1).result()
+    t.close()
+    with pytest.raises(WorkerDiedError):
+        t.submit("m", np.ones(2)).result()
+
+
+def test_model_registry() -> None:
+    assert model_entry("tiny_cnn").input_shape == (3, 32, 32)
+    assert model_entry("bert_base").input_dtype == "int64"
+    assert model_entry("sleep:5").needs_torch is False
+    with pytest.raises(ConfigError, match="unknown model"):
+        model_entry("no_such_net")
+    with pytest.raises(ConfigError):
+        model_entry("sleep:x")
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(8) == (1, 2, 4, 8)
+    assert batch_buckets(24) == (1, 2, 4, 8, 16, 24)
+
+
+def test_bert_encoder_shape() -> None:
+    torch = pytest.importorskip("torch")
+    from stgs.runtime.models import bert_encoder
+
+    net = bert_encoder(vocab=100, hidden=32, layers=2, heads=4, ff=64).eval()
+    with torch.inference_mode():
+        out = net(torch.randint(0, 100, (3, 16)))
+    assert tuple(out.shape) == (3, 32)
+
+
+@pytest.fixture
+def node() -> Iterator[SimulatedNode]:
+    n = SimulatedNode("L4")
+    yield n
+    n.close()  # kills whatever worker a failed test left behind
+
+
+def _worker(node: SimulatedNode, *slots: tuple[str, int], admission: bool = True) -> WorkerProcess:
+    spec = WorkerSpec("w", tuple(ModelSlot(n, b) for n, b in slots), admission=admission)
+    w = WorkerProcess(node, DeviceRef(0), None, spec)
+    assert w.wait_ready(TIMEOUT), w.exit_reason()
+    return w
+
+
+def test_cpu_worker_serves_real_models_end_to_end(node: SimulatedNode) -> None:
+    torch = pytest.importorskip("torch")
+    from stgs.runtime.models import build_module
+
+    w = _worker(node, ("tiny_mlp", 4), ("tiny_cnn", 2))
+    try:
+        assert w.pid in node.clients(DeviceRef(0))
+        for name in ("tiny_mlp", "tiny_cnn"):
+            entry = model_entry(name)
+            xs = [entry.example(seed) for seed in range(5)]
+            futs = [w.transport.submit(name, x) for x in xs]  # batched up to the slot's batch
+            outs = [f.result(TIMEOUT) for f in futs]
+            ref_net = build_module(name)
+            with torch.inference_mode():
+                want = ref_net(torch.from_numpy(np.stack(xs))).numpy()
+            np.testing.assert_allclose(np.stack(outs), want, rtol=1e-4, atol=1e-5)
+        with pytest.raises(InvalidRequestError, match="shape"):
+            w.transport.submit("tiny_mlp", np.zeros(63, np.float32)).result(TIMEOUT)
+        with pytest.raises(InvalidRequestError, match="dtype"):
+            w.transport.submit("tiny_mlp", np.zeros(64, np.float64)).result(TIMEOUT)
+        with pytest.raises(InvalidRequestError, match="does not serve"):
+            w.transport.submit("resnet50", np.zeros(3, np.float32)).result(TIMEOUT)
+    finally:
+        w.stop()
+    assert w.proc.returncode == 0
+
+
+def test_deadlines_and_model_errors(node: SimulatedNode) -> None:
+    w = _worker(node, ("sleep:100", 1), ("echo", 4), ("fail", 1))
+    try:
+        x = np.ones(3, np.float32)
+        past = time.monotonic_ns() - 1
+        with pytest.raises(DeadlineExceededError, match="deadline exceeded"):
+            w.transport.submit("echo", x, deadline_ns=past).result(TIMEOUT)
+        with pytest.raises(WorkerError, match="always fails"):
+            w.transport.submit("fail", x).result(TIMEOUT)
+        # Four 100 ms requests, one per batch, each with a 250 ms deadline: the first two fit;
+        # the third would end at ~300 ms and is refused without running, and so is the fourth.
+        soon = time.monotonic_ns() + 250_000_000
+        futs = [w.transport.submit("sleep:100", x, deadline_ns=soon) for _ in range(4)]
+        results = []
+        for f in futs:
+            try:
+                f.result(TIMEOUT)
+                results.append("ok")
+            except DeadlineExceededError:
+                results.append("late")
+        assert results[0] == "ok"
+        assert results[2:] == ["late", "late"]
+        # Still serving after all that.
+        np.testing.assert_array_equal(w.transport.submit("echo", x).result(TIMEOUT), x)
+    finally:
+        w.stop()
+
+
+def test_sigkill_fails_in_flight_requests_fast(node: SimulatedNode) -> None:
+    w = _worker(node, ("sleep:2000", 1))
+    x = np.ones(3, np.float32)
+    futs = [w.transport.submit("sleep:2000", x) for _ in range(4)]
+    time.sleep(0.1)  # the first one is running, the others queued in the worker
+    t0 = time.monotonic()
+    os.kill(w.pid, signal.SIGKILL)
+    for f in futs:
+        with pytest.raises(WorkerDiedError, match="in flight"):
+            f.result(TIMEOUT)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(WorkerDiedError):
+        w.transport.submit("sleep:2000", x).result(1.0)  # later requests fail at once
+    w.kill()
+    assert "signal 9" in w.exit_reason()
+
+
+def test_stop_serves_what_is_queued(node: SimulatedNode) -> None:
+    w = _worker(node, ("sleep:20", 1))
+    x = np.ones(3, np.float32)
+    futs = [w.transport.submit("sleep:20", x) for _ in range(5)]
+    w.stop(timeout_s=TIMEOUT)
+    for f in futs:
+        np.testing.assert_array_equal(f.result(TIMEOUT), x)
+    assert w.proc.returncode == 0
+
+
+def test_worker_that_cannot_load_reports_it(node: SimulatedNode) -> None:
+    spec = WorkerSpec("w", (ModelSlot("tiny_mlp", 1),), device="tpu")
+    w = WorkerProcess(node, DeviceRef(0), None, spec)
+    try:
+        assert not w.wait_ready(TIMEOUT)
+        assert w.proc.wait(TIMEOUT) == 3
+    finally:
+        w.kill()
