@@ -86,8 +86,17 @@ class Greedy:
             self.types[t] = _TypeState(t, shapes)
         self.unserved: dict[str, list[tuple[float, str]]] = defaultdict(list)
         self._curves: dict[tuple[str, GpuSpec, Shape], Curve | None] = {}
+        self._best_cache: dict[tuple[str, GpuSpec], tuple[float, Shape | None]] = {}
 
     # ------------------------------------------------------------------ helpers
+    def _best(self, m: ModelSpec, t: GpuSpec) -> tuple[float, Shape | None]:
+        """(packing weight per request/s, shape) of ``m``'s cheapest shape on ``t`` (cached)."""
+        key = (m.name, t)
+        got = self._best_cache.get(key)
+        if got is None:
+            got = self._best_cache[key] = best_shape(self.p, m, t, self.types[t].shapes)
+        return got
+
     def _curve(self, m: ModelSpec, t: GpuSpec, s: Shape) -> Curve | None:
         key = (m.name, t, s)
         if key not in self._curves:
@@ -108,11 +117,7 @@ class Greedy:
 
     # ------------------------------------------------------------------ main
     def run(self) -> Plan:
-        costs = {
-            (m.name, t): best_shape(self.p, m, t, st.shapes)[0]
-            for m in self.p.models
-            for t, st in self.types.items()
-        }
+        costs = {(m.name, t): self._best(m, t)[0] for m in self.p.models for t in self.types}
         admitted = []
         for m in self.p.models:
             if all(math.isinf(costs[(m.name, t)]) for t in self.types):
@@ -164,7 +169,7 @@ class Greedy:
         self, m: ModelSpec, t: GpuSpec, rate: float
     ) -> list[tuple[ModelSpec, GpuSpec, float]]:
         st = self.types[t]
-        _cost, shape = best_shape(self.p, m, t, st.shapes)
+        _cost, shape = self._best(m, t)
         if shape is None:
             return [(m, t, rate)]
         curve = self._curve(m, t, shape)
@@ -183,7 +188,7 @@ class Greedy:
     def _place_residuals(self, residuals: list[tuple[ModelSpec, GpuSpec, float]]) -> None:
         def weight(item: tuple[ModelSpec, GpuSpec, float]) -> float:
             m, t, r = item
-            c, _ = best_shape(self.p, m, t, self.types[t].shapes)
+            c, _ = self._best(m, t)
             return r * c if math.isfinite(c) else 0.0
 
         for m, t, rate in sorted(residuals, key=weight, reverse=True):
@@ -218,7 +223,7 @@ class Greedy:
                 return
         if opened is None:
             # the residual alone is more than any one shape serves within SLO: split it
-            _cost, shape = best_shape(self.p, m, t, st.shapes)
+            _cost, shape = self._best(m, t)
             curve = self._curve(m, t, shape) if shape is not None else None
             if curve is None or curve.max_rps <= 0:
                 self.unserved[m.name].append(

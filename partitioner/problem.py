@@ -150,6 +150,7 @@ class Curve:
     memory: FloatArray
     slowdown: float
     headroom: float
+    cycle_cache: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def bucket_list(self) -> list[int]:
@@ -376,6 +377,16 @@ def schedule(items: Sequence[tuple[Curve, float]]) -> Schedule | None:
 
 def _max_cycle(curve: Curve, rate: float) -> float:
     """Largest duty cycle d with d + L(b(d)) <= slo and memory fitting, for one model alone."""
+    cache = curve.cycle_cache
+    d = cache.get(rate)
+    if d is None:
+        if len(cache) > 4096:
+            cache.clear()
+        d = cache[rate] = _max_cycle_uncached(curve, rate)
+    return d
+
+
+def _max_cycle_uncached(curve: Curve, rate: float) -> float:
     slo = curve.model.slo_ms
     fits = curve.memory <= curve.shape.memory_mib
     if rate <= 0:
