@@ -67,6 +67,16 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None and not self.transport.closed
 
+    def reap(self, grace_s: float = 0.5) -> str:
+        """After a lost connection: give the process ``grace_s`` to exit, kill it, say why."""
+        try:
+            self.proc.wait(grace_s)
+            reason = self.exit_reason()
+        except subprocess.TimeoutExpired:
+            reason = f"worker pid {self.pid} lost its connection; killed"
+        self.kill()
+        return reason
+
     def exit_reason(self) -> str:
         code = self.proc.poll()
         if code is None:

@@ -285,8 +285,7 @@ class Runtime:
                 if w is None or p.state not in (PartitionState.STARTING, PartitionState.READY):
                     continue
                 if not w.alive:
-                    reason = w.exit_reason()
-                    w.kill()  # reap, fail what was in flight
+                    reason = w.reap()  # fails what was in flight
                     self._set(p, PartitionState.FAILED, reason)
                     log.warning("partition %s failed: %s", p.key, reason)
                     if p.restarts < self.restart_limit:

@@ -43,7 +43,7 @@ from stgs.runtime.transport import (
     FrameSocket,
 )
 
-__all__ = ["ModelSlot", "WorkerSpec", "main"]
+__all__ = ["ModelSlot", "WorkerSpec", "main", "run"]
 
 
 @dataclass(frozen=True)
@@ -219,4 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     reader.start()
     worker.serve()
     fs.close()
+    reader.join(5.0)
     return 0
+
+
+def run() -> None:
+    """Process entry point: no interpreter teardown (torch's thread pools can abort in it)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
