@@ -113,28 +113,37 @@ def _lp(
     return float(x[-1]), {v: float(x[i]) for v, i in idx.items()}
 
 
-def fluid_bound(problem: Problem, *, interference: bool = False) -> float:
-    """k*: the largest factor on all rates that a fractional packing could serve (0: none).
+def _columns(
+    problem: Problem, models: list[ModelSpec], k: float | None, interference: bool
+) -> list[tuple[int, int, float, float]]:
+    """LP columns (model row, type row, compute cost, memory cost) per request/s.
 
-    ``interference=True`` charges every MPS shape the slowdown of a GPU (or MIG instance)
-    filled with neighbours: no longer a bound (a partition may run with idle neighbours), but
-    a diagnostic of how much of the gap to k* the interference model alone explains.
+    ``k=None``: the classic frontier, every feasible batch at its saturated throughput. Else the
+    batches a model's rate ``k r`` can fill: a duty cycle ``d`` gathers ``n = k r d / 1000``
+    requests and ``d + L(b) <= slo``, so a bucket ``b`` carries at most
+    ``n_b = min(b, k r (slo - L(b)) / 1000)`` requests per run at cost ``frac L(b) / (1000 n_b)``
+    per request/s (a split rate only gathers fewer).
     """
-    models = [m for m in problem.models if m.rate_rps > 0]
-    if not models:
-        return math.inf
-    types = problem.gpu_types
-    cols: list[tuple[int, int, float, float]] = []  # (model row, type row, compute, memory)
+    cols: list[tuple[int, int, float, float]] = []
     for mi, m in enumerate(models):
-        for ti, t in enumerate(types):
+        for ti, t in enumerate(problem.gpu_types):
             front: list[tuple[float, float]] = []
             for shape in problem.shapes(t):
                 curve = problem.curve(m, t, shape)
                 if curve is None:
                     continue
-                tput = saturated_rps(curve, interference=interference)
-                if tput > 0:
-                    front.append((shape.frac / tput, shape.mem_frac / tput))
+                lat = curve.lat if interference else curve.raw_solo * (1.0 + curve.headroom)
+                ok = (2 * lat <= m.slo_ms + _EPS) & (curve.memory <= shape.memory_mib)
+                if not ok.any():
+                    continue
+                b = curve.buckets[ok].astype(np.float64)
+                lb = lat[ok]
+                n = b if k is None else np.minimum(b, k * m.rate_rps * (m.slo_ms - lb) / 1000.0)
+                pos = n > 0
+                if not pos.any():
+                    continue
+                per_rps = float(np.min(lb[pos] / (1000.0 * n[pos])))  # GPU-time per request/s
+                front.append((shape.frac * per_rps, shape.mem_frac * per_rps))
             # keep the Pareto front of (compute, memory) cost per request/s
             front.sort()
             best_mem = math.inf
@@ -142,6 +151,14 @@ def fluid_bound(problem: Problem, *, interference: bool = False) -> float:
                 if mc < best_mem - 1e-15:
                     cols.append((mi, ti, cc, mc))
                     best_mem = mc
+    return cols
+
+
+def _max_k(
+    problem: Problem, models: list[ModelSpec], cols: list[tuple[int, int, float, float]]
+) -> float:
+    """The LP: largest k with every model's rate k r_m packed fractionally at these costs."""
+    types = problem.gpu_types
     served = {mi for mi, *_ in cols}
     if len(served) < len(models):
         return 0.0
@@ -167,6 +184,39 @@ def fluid_bound(problem: Problem, *, interference: bool = False) -> float:
         method="highs",
     )
     return float(res.x[-1]) if res.status == 0 else 0.0
+
+
+def fluid_bound(
+    problem: Problem, *, interference: bool = False, rate_aware: bool = True, rel_tol: float = 1e-4
+) -> float:
+    """k*: the largest factor on all rates that a fractional packing could serve (0: none).
+
+    Every model is served at its most efficient partition shape and batch, packed fractionally
+    (compute and memory slices per GPU type). ``rate_aware`` (default) admits only the batches
+    that the model's scaled rate fills within its SLO (see ``_columns``): a model at 20 request/s
+    with a 50 ms SLO never runs batches of 64, in any plan. Its cost per request/s then falls as
+    k grows while k r_m grows, so the served load is monotone in k and a bisection on k finds
+    the bound. ``rate_aware=False`` is the classic frontier (saturated batches at any rate),
+    looser still. ``interference=True`` charges every MPS shape the slowdown of a GPU (or MIG
+    instance) filled with neighbours: no longer a bound (a partition may run beside idle
+    neighbours), but a diagnostic of how much of the gap to k* the interference model explains.
+    """
+    models = [m for m in problem.models if m.rate_rps > 0]
+    if not models:
+        return math.inf
+    k_hi = _max_k(problem, models, _columns(problem, models, None, interference))
+    if not rate_aware or k_hi <= 0:
+        return k_hi
+    # Fixed-point iteration from above: for k >= k*, costs at k are no larger than at k*, so the
+    # LP at rate-k costs still reaches k* (k' >= k*), and k' < k until k = k*. Every iterate
+    # is therefore an upper bound, decreasing to k*.
+    k = k_hi
+    for _ in range(100):
+        k_next = _max_k(problem, models, _columns(problem, models, k, interference))
+        if k_next >= k * (1 - rel_tol):
+            return k
+        k = k_next
+    return k
 
 
 def split_rates(
