@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 HEADER = struct.Struct("<BBBBIQqQ")
+SOCKET_BUFFER_BYTES = 4 << 20
 
 # kinds
 REQUEST = 1
@@ -110,6 +111,10 @@ class FrameSocket:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # Room for a whole image batch in the socket: fewer wake-ups per large tensor.
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
         self._send_lock = threading.Lock()
         self._hdr = bytearray(HEADER.size)
 
