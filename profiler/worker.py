@@ -119,6 +119,7 @@ class WorkerState:
 
     def unload(self) -> dict[str, Any]:
         self.prepared = None
+        self.weights_mib = 0.0
         self.model = self.make_input = self.model_name = None
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
@@ -158,7 +159,15 @@ class WorkerState:
         else:
             stream, gc, sms = self._stream_for(partition)
             try:
-                m = measure_cuda(self.model, self.make_input, batch, opts, stream)
+                try:
+                    m = measure_cuda(self.model, self.make_input, batch, opts, stream)
+                except RuntimeError as exc:
+                    if "cuDNN error" not in str(exc):
+                        raise
+                    # seen inside green contexts at large batches: let cuDNN pick its
+                    # algorithms by benchmarking, once
+                    with self.torch.backends.cudnn.flags(enabled=True, benchmark=True):
+                        m = measure_cuda(self.model, self.make_input, batch, opts, stream)
             finally:
                 if gc is not None:
                     gc.pop_context()
