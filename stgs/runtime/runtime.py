@@ -220,8 +220,11 @@ class Runtime:
                     best = (load, p)
             if best is not None:
                 assert best[1].worker is not None
-                return best[1].worker.transport.submit(model, array, deadline_ns=deadline_ns)
-        fut: Future[Array] = Future()
+                fut, send = best[1].worker.transport.reserve(model, array, deadline_ns=deadline_ns)
+        if best is not None:
+            send()  # outside the lock: large tensors to different workers go in parallel
+            return fut
+        fut = Future()
         fut.set_exception(NoWorkerError(f"no ready worker serves {model!r}"))
         return fut
 

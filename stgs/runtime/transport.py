@@ -214,6 +214,10 @@ class Transport(ABC):
         """Fail what is in flight and release the connection."""
 
 
+def _nothing() -> None:
+    pass
+
+
 def _error(status: int, message: str) -> ServingError:
     if status == DEADLINE:
         return DeadlineExceededError(message)
@@ -259,26 +263,43 @@ class SocketTransport(Transport):
         return self._closed
 
     def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
+        fut, send = self.reserve(model, array, deadline_ns=deadline_ns)
+        send()
+        return fut
+
+    def reserve(
+        self, model: str, array: Array, *, deadline_ns: int = 0
+    ) -> tuple[Future[Array], Callable[[], None]]:
+        """Register a request (it counts as in flight from now on) and return its sender.
+
+        The router reserves under its lock, so a worker it is about to drain never misses a
+        request, and sends outside it, so that large tensors to different workers go in parallel.
+        """
         fut: Future[Array] = Future()
         idx = self._index.get(model)
         if idx is None:
             fut.set_exception(InvalidRequestError(f"{self.name} does not serve {model!r}"))
-            return fut
+            return fut, _nothing
         req_id = next(self._ids)
         with self._lock:
             if self._closed:
                 fut.set_exception(WorkerDiedError(f"{self.name}: {self._reason}"))
-                return fut
+                return fut, _nothing
             self._pending[req_id] = fut
-        try:
-            self._fs.send(REQUEST, model=idx, req_id=req_id, deadline_ns=deadline_ns, array=array)
-        except InvalidRequestError as exc:
-            self._pop(req_id)
-            fut.set_exception(exc)
-        except OSError as exc:
-            self._pop(req_id)
-            fut.set_exception(WorkerDiedError(f"{self.name}: send failed: {exc}"))
-        return fut
+
+        def send() -> None:
+            try:
+                self._fs.send(
+                    REQUEST, model=idx, req_id=req_id, deadline_ns=deadline_ns, array=array
+                )
+            except InvalidRequestError as exc:
+                if self._pop(req_id) is not None:
+                    fut.set_exception(exc)
+            except OSError as exc:
+                if self._pop(req_id) is not None:
+                    fut.set_exception(WorkerDiedError(f"{self.name}: send failed: {exc}"))
+
+        return fut, send
 
     def stop(self) -> None:
         """Ask the worker to finish its queue and exit (it closes the socket when done)."""
