@@ -320,3 +320,19 @@ def test_cpu_torch_model_through_the_runtime(node: SimulatedNode) -> None:
         assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
     finally:
         rt.close()
+
+
+def test_mig_mode_changes_drain_the_gpu_first(rt: Runtime, node: SimulatedNode) -> None:
+    rt.apply(PLAN_A)
+    whole = plan("W", ("H100-80GB", False, [part([("echo", 4, 1.0)], kind="mps", mps=50)]))
+    rt.apply(whole)
+    assert not node.gpus()[0].mig_enabled
+    assert [d.ref for d in node.mps_daemons()] == [DeviceRef(0)]
+    np.testing.assert_array_equal(rt.infer("echo", X), X)
+    rt.apply(PLAN_A)
+    assert node.gpus()[0].mig_enabled
+    assert node.mig_layout(0) == canonical_layout(
+        [MigPlacement(0, "3g.40gb"), MigPlacement(4, "2g.20gb")]
+    )
+    assert [d.ref for d in node.mps_daemons()] == [DeviceRef(0, 4)]
+    assert rt.count(PartitionState.READY) == 3
