@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("profiles", nargs="?", help="profile CSV (default: the shipped profiles)")
     f.add_argument("--gpu", help="only this GPU SKU")
 
+    c = sub.add_parser("compare", help="simulate a grid of policies x workloads x GPUs x seeds")
+    c.add_argument("experiment", help="experiment YAML (see docs/simulator.md)")
+    c.add_argument("--out", default="compare-out", help="output directory (default: compare-out)")
+    c.add_argument("--jobs", type=int, default=0, help="processes (default: the available cores)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     from profiler.command import add_arguments as add_profile_arguments  # light: no torch
 
     add_profile_arguments(
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_policies()
         if args.cmd == "fit":
             return _cmd_fit(args)
+        if args.cmd == "compare":
+            return _cmd_compare(args)
         if args.cmd == "profile":
             from profiler.command import profile_command
 
@@ -114,6 +122,35 @@ def _cmd_policies() -> int:
 
     for name in policy_names():
         print(f"{name:10s} {REGISTRY[name].description}")
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from partitioner.sim.compare import (
+        default_jobs,
+        load_experiment,
+        run_experiment,
+        summary_table,
+        write_outputs,
+    )
+
+    exp = load_experiment(args.experiment)
+    jobs = args.jobs if args.jobs > 0 else default_jobs()
+    rows = run_experiment(exp, jobs=jobs, progress=not args.no_progress)
+    out = Path(args.out)
+    plots = write_outputs(exp, rows, out)
+    header, *body = list(summary_table(rows))
+    table = Table(title=f"{exp.spec.name}: means over {len(exp.spec.seeds)} seed(s)")
+    for col in header:
+        table.add_column(col, justify="left" if col in ("gpus", "workload", "policy") else "right")
+    for r in body:
+        table.add_row(*r)
+    Console(width=max(120, Console().width)).print(table)
+    print(f"wrote {out}/results.csv, results.json, summary.csv, experiment.resolved.json")
+    print(f"plots: {', '.join(str(p) for p in plots)}")
     return EXIT_OK
 
 

@@ -1,0 +1,749 @@
+"""The discrete-event simulator: a plan's partitions serve per-model arrivals in virtual time.
+
+No GPU, no threads, no wall clock: one event loop over pre-generated arrivals (merged, sorted)
+and a heap of partition and controller events. What it mirrors of the runtime
+(``stgs/runtime``; see docs/simulator.md for the differences):
+
+* **Routing** (``Runtime.submit``): a request goes to the READY partition serving its model with
+  the least ``(in_flight + 1) / rate`` (the rate the plan assigned there); ties go to the older
+  partition. No READY partition: the request fails at once ("no worker").
+* **Executor** (``Worker.serve``): work conserving round-robin over the partition's models in
+  plan order; a cycle starts at the first model whenever something is queued; each visit takes up
+  to ``batch`` queued requests of that model (FIFO), answers "deadline exceeded" for those whose
+  deadline (arrival + SLO) is before now + the EMA of that model's measured batch latency
+  (admission; without admission: before now), and runs the rest as one batch.
+* **Batch latency**: the runtime pads a batch of n to the smallest captured bucket >= n, its
+  buckets being the powers of two below the planned batch and the planned batch itself
+  (``stgs.runtime.models.batch_buckets``); latency = l(bucket, partition) from the latency
+  functions x the interference slowdown of the partition's MPS neighbours in the plan x a
+  lognormal noise factor (median 1, sigma fitted from the profile's ``p99_ms``).
+* **Re-planning** (the controller, in virtual time): see ``partitioner.sim.controller``.
+
+Deterministic: the same inputs and seed give the same results to the bit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from partitioner.problem import Problem
+from partitioner.sim.config import ReconfigCosts, SimOptions
+from partitioner.sim.workload import model_rng
+from stgs.catalog import MigPlacement, canonical_layout, get_sku, layout_violation
+from stgs.errors import ConfigError
+from stgs.plan import GpuPlan, Partition, Plan
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+# request outcomes
+OK, DEADLINE, NO_WORKER = 0, 1, 2
+# partition states (the runtime's PartitionState, those that matter here)
+STARTING, READY, DRAINING, STOPPED = 0, 1, 2, 3
+# event kinds
+_DONE, _CTRL, _READY, _FINISH = 0, 1, 2, 3
+
+_NOISE_BLOCK = 4096
+_NOISE_STREAM = 0x401
+
+
+def runtime_buckets(batch: int) -> tuple[int, ...]:
+    """The batch sizes a worker captures for a planned batch (``stgs.runtime.models``)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    out = []
+    b = 1
+    while b < batch:
+        out.append(b)
+        b *= 2
+    out.append(batch)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------ keys
+PartKey = tuple[object, ...]
+
+
+def partition_keys(plan: Plan) -> list[tuple[PartKey, GpuPlan, Partition]]:
+    """The runtime's partition identity: GPU, shape, place, models with batches, ordinal."""
+    out = []
+    seen: dict[PartKey, int] = {}
+    for g, p in plan.partitions():
+        base: PartKey = (
+            g.index,
+            p.kind,
+            p.mig_profile,
+            p.mig_start,
+            p.mps_pct,
+            tuple((m.name, m.batch) for m in p.models),
+        )
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append(((*base, n), g, p))
+    return out
+
+
+def gpu_fraction(g: GpuPlan, p: Partition) -> float:
+    """Share of the GPU's compute a partition holds (for utilisation)."""
+    frac = 1.0
+    if p.mig_profile is not None and g.mig:
+        frac = get_sku(g.sku).mig_profile(p.mig_profile).fraction
+    if p.kind == "mps" and p.mps_pct is not None:
+        frac *= p.mps_pct / 100.0
+    return frac
+
+
+# ------------------------------------------------------------------------------------ noise
+@dataclass(frozen=True)
+class NoiseModel:
+    """Lognormal sigma per (gpu sku, profile name); ``default`` for the rest."""
+
+    sigmas: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    default: float = 0.0
+
+    def sigma(self, sku: str, profile: str) -> float:
+        return self.sigmas.get((sku, profile), self.default)
+
+
+# ------------------------------------------------------------------------------------ parts
+class _Part:
+    __slots__ = (
+        "born_ms",
+        "busy",
+        "busy_ms",
+        "died_ms",
+        "gpu",
+        "in_flight",
+        "key",
+        "lat",
+        "margin",
+        "model_idx",
+        "nbatch",
+        "noise",
+        "noise_i",
+        "partition",
+        "queues",
+        "rates",
+        "rng",
+        "sigma",
+        "slot_of",
+        "state",
+        "weight",
+    )
+
+    def __init__(self, key: PartKey, gpu: GpuPlan, partition: Partition) -> None:
+        self.key = key
+        self.gpu = gpu
+        self.partition = partition
+        self.state = STARTING
+        self.in_flight = 0
+        self.busy = False
+        self.busy_ms = 0.0
+        self.born_ms = 0.0
+        self.died_ms = math.nan
+        self.weight = gpu_fraction(gpu, partition)
+        self.model_idx: list[int] = []
+        self.nbatch: list[int] = []
+        self.lat: list[list[float]] = []  # per slot: latency (ms) of a batch of n, n = 0..batch
+        self.sigma: list[float] = []
+        self.queues: list[deque[int]] = []
+        self.margin: list[float] = []
+        self.slot_of: dict[int, int] = {}
+        self.rates: dict[int, float] = {}
+        self.noise: list[float] = []
+        self.noise_i = 0
+        self.rng: np.random.Generator | None = None
+
+
+@dataclass
+class _Transition:
+    plan: Plan
+    start_ms: float
+    new_parts: list[_Part]
+    old_parts: list[_Part]
+    blocking: list[_Part]
+    steps_s: float = 0.0  # MIG and MPS steps before workers start
+    phase: str = "break"  # break -> start -> drain -> done
+    ready_ms: float = math.nan
+
+
+@dataclass(frozen=True)
+class Reconfiguration:
+    """One plan change that started or stopped partitions."""
+
+    start_s: float
+    ready_s: float  # new partitions serving
+    done_s: float  # old partitions drained and stopped
+    partitions_started: int
+    partitions_stopped: int
+    break_first: int  # old partitions stopped before their replacement was ready
+    gpus_used: int
+
+
+@dataclass
+class SimResult:
+    """Per request: arrival and finish (ms), model index, outcome; plus run facts."""
+
+    models: tuple[str, ...]
+    slo_ms: FloatArray
+    arrival_ms: FloatArray
+    finish_ms: FloatArray
+    model: IntArray
+    status: IntArray
+    duration_s: float
+    warmup_s: float
+    plans: list[tuple[float, Plan]]  # (time s the plan took effect, plan)
+    reconfigurations: list[Reconfiguration]
+    replans: int  # policy calls by the controller
+    busy_weighted_ms: float  # sum over partitions of busy time x GPU fraction
+    alive_weighted_ms: float  # sum over partitions of READY..STOPPED time x GPU fraction
+    batches: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ engine
+class Simulator:
+    """Simulate ``plan`` (and, with the controller on, its successors) under ``arrivals``.
+
+    ``arrivals``: per model name, sorted arrival times in seconds. ``replan``: called by the
+    controller with (new rates per model, current plan); returns the next plan.
+    ``planned_rates``: the rates ``plan`` was made for (the controller's starting estimate;
+    default: the rates the plan assigns).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        plan: Plan,
+        arrivals: Mapping[str, FloatArray],
+        options: SimOptions,
+        *,
+        seed: int = 0,
+        noise: NoiseModel | None = None,
+        replan: Callable[[Mapping[str, float], Plan], Plan] | None = None,
+        planned_rates: Mapping[str, float] | None = None,
+    ) -> None:
+        self.problem = problem
+        self.options = options
+        self.seed = seed
+        self.noise = noise or NoiseModel(default=0.0)
+        self.replan_fn = replan
+        self.planned_rates = dict(planned_rates) if planned_rates is not None else None
+        self.models = tuple(m.name for m in problem.models)
+        self.midx = {n: i for i, n in enumerate(self.models)}
+        self.specs = {m.name: m for m in problem.models}
+        unknown = sorted(set(arrivals) - set(self.midx))
+        if unknown:
+            raise ConfigError(f"arrivals for models not in the problem: {', '.join(unknown)}")
+        self.arrivals_ms = [
+            np.asarray(arrivals.get(n, np.empty(0)), dtype=np.float64) * 1000.0 for n in self.models
+        ]
+        self.plan = plan
+        self.parts: list[_Part] = []
+        self.routes: list[list[tuple[_Part, float]]] = [[] for _ in self.models]
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self.n_parts_made = 0
+        self.transition: _Transition | None = None
+        self.plans: list[tuple[float, Plan]] = [(0.0, plan)]
+        self.reconfigs: list[Reconfiguration] = []
+        self.replans = 0
+        self.batches = 0
+        self.busy_weighted_ms = 0.0
+        self.alive_weighted_ms = 0.0
+        self.ctrl_prev_ms = 0.0
+        self.ctrl_last_ms = -math.inf
+        self.ctrl_est: dict[str, float] = {}
+        self.ctrl_basis: dict[str, float] = {}
+        self._finish: list[float] = []
+        self._status: list[int] = []
+        self._deadline: list[float] = []
+
+    # -------------------------------------------------------------------- partitions
+    def _make_part(self, key: PartKey, g: GpuPlan, p: Partition, plan: Plan) -> _Part:
+        part = _Part(key, g, p)
+        sku = g.sku
+        neighbour = _neighbour_pct(plan, g, p)
+        mig_profile = p.mig_profile if (g.mig and p.mig_profile is not None) else None
+        for slot, a in enumerate(p.models):
+            if a.name not in self.midx:
+                raise ConfigError(f"plan serves {a.name!r}, which the problem does not list")
+            spec = self.specs[a.name]
+            lm = self.problem.latency.get((sku, spec.profile))
+            if lm is None:
+                raise ConfigError(f"no latency function for {spec.profile!r} on {sku}")
+            buckets = runtime_buckets(a.batch)
+            lat_b = lm.latency_curve(
+                np.asarray(buckets, dtype=np.float64), p.sm_count, mig_profile=mig_profile
+            )
+            slow = self.problem.interference.slowdown(spec.profile, sku, neighbour)
+            by_n = [0.0]
+            j = 0
+            for n in range(1, a.batch + 1):
+                while buckets[j] < n:
+                    j += 1
+                by_n.append(float(lat_b[j]) * slow)
+            mi = self.midx[a.name]
+            part.model_idx.append(mi)
+            part.nbatch.append(a.batch)
+            part.lat.append(by_n)
+            part.sigma.append(self._sigma(sku, spec.profile))
+            part.queues.append(deque())
+            part.margin.append(0.0)
+            part.slot_of.setdefault(mi, slot)
+            part.rates[mi] = part.rates.get(mi, 0.0) + a.rate_rps
+        if any(s > 0 for s in part.sigma):
+            part.rng = model_rng(self.seed, f"partition#{self.n_parts_made}", _NOISE_STREAM)
+        self.n_parts_made += 1
+        self.parts.append(part)
+        return part
+
+    def _sigma(self, sku: str, profile: str) -> float:
+        mode = self.options.noise
+        if mode == "off":
+            return 0.0
+        if mode == "profile":
+            return self.noise.sigma(sku, profile)
+        return float(mode)
+
+    def _rebuild_routes(self) -> None:
+        routes: list[list[tuple[_Part, float]]] = [[] for _ in self.models]
+        for part in self.parts:
+            if part.state != READY:
+                continue
+            for mi, rate in part.rates.items():
+                routes[mi].append((part, 1.0 / max(rate, 1e-6)))
+        self.routes = routes
+
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, payload))
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> SimResult:
+        opts = self.options
+        for key, g, p in partition_keys(self.plan):
+            part = self._make_part(key, g, p, self.plan)
+            part.state = READY
+        self._rebuild_routes()
+        duration_ms = opts.duration_s * 1000.0
+        ctrl = opts.controller
+        if ctrl.enabled and self.replan_fn is not None:
+            pr = self.planned_rates
+            self.ctrl_est = {
+                n: (pr.get(n, 0.0) if pr is not None else self._plan_rate(self.plan, n))
+                for n in self.models
+            }
+            self.ctrl_basis = dict(self.ctrl_est)
+            self._push(ctrl.interval_s * 1000.0, _CTRL, None)
+
+        # merged arrivals
+        counts = [a.size for a in self.arrivals_ms]
+        n_total = int(sum(counts))
+        arr = np.concatenate(self.arrivals_ms) if n_total else np.empty(0, dtype=np.float64)
+        mod = (
+            np.concatenate([np.full(c, i, dtype=np.int64) for i, c in enumerate(counts)])
+            if n_total
+            else np.empty(0, dtype=np.int64)
+        )
+        order = np.lexsort((mod, arr))  # by time, then model index: stable, deterministic
+        arr = arr[order]
+        mod = mod[order]
+        slo = np.array([self.specs[n].slo_ms for n in self.models], dtype=np.float64)
+        deadline = (arr + slo[mod]).tolist()
+        arr_l = arr.tolist()
+        mod_l = mod.tolist()
+        finish = [math.nan] * n_total
+        status = [OK] * n_total
+        self._finish = finish
+        self._status = status
+        self._deadline = deadline
+
+        heap = self.heap
+        heappop = heapq.heappop
+        i = 0
+        inf = math.inf
+        while True:
+            t_ev = heap[0][0] if heap else inf
+            if i < n_total and arr_l[i] <= t_ev:
+                t = arr_l[i]
+                m = mod_l[i]
+                cands = self.routes[m]
+                if not cands:
+                    status[i] = NO_WORKER
+                    finish[i] = t
+                    i += 1
+                    continue
+                if len(cands) == 1:
+                    part = cands[0][0]
+                else:
+                    part = cands[0][0]
+                    best = (part.in_flight + 1) * cands[0][1]
+                    for c, inv in cands[1:]:
+                        load = (c.in_flight + 1) * inv
+                        if load < best:
+                            best = load
+                            part = c
+                part.queues[part.slot_of[m]].append(i)
+                part.in_flight += 1
+                if not part.busy:
+                    self._serve(part, t, 0)
+                i += 1
+                continue
+            if not heap:
+                break
+            t, _, kind, payload = heappop(heap)
+            if kind == _DONE:
+                part, slot, live, dur = payload
+                for j in live:
+                    finish[j] = t
+                part.in_flight -= len(live)
+                est = part.margin[slot]
+                part.margin[slot] = dur if est == 0.0 else 0.8 * est + 0.2 * dur
+                part.busy_ms += dur
+                self._serve(part, t, slot + 1)
+            elif kind == _CTRL:
+                self._control(t, duration_ms)
+            elif kind == _READY:
+                self._on_ready(t, payload)
+            elif kind == _FINISH:
+                self._on_finish(t, payload)
+
+        end_ms = max(duration_ms, max((f for f in finish if f == f), default=0.0))
+        for part in self.parts:
+            died = part.died_ms if part.died_ms == part.died_ms else end_ms
+            if part.born_ms == part.born_ms:  # it served at some point
+                self.alive_weighted_ms += max(0.0, died - part.born_ms) * part.weight
+            self.busy_weighted_ms += part.busy_ms * part.weight
+        return SimResult(
+            models=self.models,
+            slo_ms=slo,
+            arrival_ms=arr,
+            finish_ms=np.asarray(finish, dtype=np.float64),
+            model=mod,
+            status=np.asarray(status, dtype=np.int64),
+            duration_s=opts.duration_s,
+            warmup_s=opts.warmup_s,
+            plans=[(t / 1000.0, p) for t, p in self.plans],
+            reconfigurations=self.reconfigs,
+            replans=self.replans,
+            busy_weighted_ms=self.busy_weighted_ms,
+            alive_weighted_ms=self.alive_weighted_ms,
+            batches=self.batches,
+        )
+
+    # -------------------------------------------------------------------- the executor
+    def _serve(self, part: _Part, t: float, slot: int) -> None:
+        """The worker loop from ``slot`` at time ``t``: start the next batch, or go idle."""
+        queues = part.queues
+        n_slots = len(queues)
+        deadline = self._deadline
+        status = self._status
+        finish = self._finish
+        admission = self.options.admission
+        while True:
+            while slot < n_slots:
+                q = queues[slot]
+                if q:
+                    k = part.nbatch[slot]
+                    take = [q.popleft() for _ in range(min(k, len(q)))]
+                    lim = t + (part.margin[slot] if admission else 0.0)
+                    live = []
+                    for j in take:
+                        if lim > deadline[j]:
+                            status[j] = DEADLINE
+                            finish[j] = t
+                        else:
+                            live.append(j)
+                    part.in_flight -= len(take) - len(live)
+                    if live:
+                        dur = part.lat[slot][len(live)]
+                        sigma = part.sigma[slot]
+                        if sigma > 0.0:
+                            dur *= math.exp(sigma * self._normal(part))
+                        part.busy = True
+                        self.batches += 1
+                        self._push(t + dur, _DONE, (part, slot, live, dur))
+                        return
+                slot += 1
+            if any(queues):
+                slot = 0
+                continue
+            part.busy = False
+            if part.state == DRAINING:
+                self._stopped(part, t)
+            return
+
+    @staticmethod
+    def _normal(part: _Part) -> float:
+        if part.noise_i >= len(part.noise):
+            assert part.rng is not None
+            part.noise = part.rng.standard_normal(_NOISE_BLOCK).tolist()
+            part.noise_i = 0
+        z = part.noise[part.noise_i]
+        part.noise_i += 1
+        return z
+
+    # -------------------------------------------------------------------- controller
+    @staticmethod
+    def _plan_rate(plan: Plan, model: str) -> float:
+        return plan.served_rate(model) + sum(u.rate_rps for u in plan.unserved if u.name == model)
+
+    def _control(self, t: float, duration_ms: float) -> None:
+        ctrl = self.options.controller
+        dt_s = (t - self.ctrl_prev_ms) / 1000.0
+        for mi, name in enumerate(self.models):
+            a = self.arrivals_ms[mi]
+            n = int(np.searchsorted(a, t, "right") - np.searchsorted(a, self.ctrl_prev_ms, "right"))
+            inst = n / dt_s if dt_s > 0 else 0.0
+            self.ctrl_est[name] = (
+                ctrl.ewma_alpha * inst + (1 - ctrl.ewma_alpha) * self.ctrl_est[name]
+            )
+        self.ctrl_prev_ms = t
+        nxt = t + ctrl.interval_s * 1000.0
+        if nxt < duration_ms:
+            self._push(nxt, _CTRL, None)
+        if self.transition is not None or t - self.ctrl_last_ms < ctrl.cooldown_s * 1000.0:
+            return
+        outside = any(
+            abs(self.ctrl_est[n] - self.ctrl_basis[n])
+            > ctrl.band * max(self.ctrl_basis[n], ctrl.min_rate_rps)
+            for n in self.models
+        )
+        if not outside:
+            return
+        assert self.replan_fn is not None
+        self.ctrl_basis = dict(self.ctrl_est)
+        self.ctrl_last_ms = t
+        target = {n: r * (1.0 + ctrl.margin) for n, r in self.ctrl_est.items()}
+        new = self.replan_fn(target, self.plan)
+        self.replans += 1
+        self._begin_transition(t, new)
+
+    # -------------------------------------------------------------------- transitions
+    def _begin_transition(self, t: float, new: Plan) -> None:
+        """Mirror ``Runtime._transition``: keep what matches, make before break."""
+        costs = self.options.reconfig
+        live = {p.key: p for p in self.parts if p.state in (READY, STARTING)}
+        want = partition_keys(new)
+        keep = {k for k, _, _ in want if k in live}
+        for k, _, p in want:  # rate changes only re-weight routing
+            if k in keep:
+                part = live[k]
+                part.partition = p
+                part.rates = {}
+                for a in p.models:
+                    mi = self.midx[a.name]
+                    part.rates[mi] = part.rates.get(mi, 0.0) + a.rate_rps
+        old = [p for k, p in live.items() if k not in keep]
+        to_start = [(k, g, p) for k, g, p in want if k not in keep]
+        if not to_start and not old:
+            self.plan = new
+            self.plans.append((t, new))
+            self._rebuild_routes()
+            return
+        steps_s, blocking = _mig_steps(self.plan, new, old, costs)
+        new_parts = []
+        for k, g, p in to_start:
+            part = self._make_part(k, g, p, new)
+            part.born_ms = math.nan
+            new_parts.append(part)
+        # MPS daemons for new MPS partitions whose (gpu, instance) has none running.
+        running = {
+            (p.gpu.index, p.partition.mig_start)
+            for p in live.values()
+            if p.partition.kind == "mps" and p not in blocking
+        }
+        new_refs = {
+            (p.gpu.index, p.partition.mig_start) for p in new_parts if p.partition.kind == "mps"
+        }
+        steps_s += costs.mps_start_s * len(new_refs - running)
+        tr = _Transition(new, t, new_parts, old, blocking, steps_s)
+        self.transition = tr
+        for b in blocking:
+            self._drain(b, t)
+        self._rebuild_routes()
+        if not blocking:  # else the last of them to stop starts the workers (_stopped)
+            self._start_workers(t)
+
+    def _start_workers(self, t: float) -> None:
+        tr = self.transition
+        assert tr is not None
+        tr.phase = "start"
+        costs = self.options.reconfig
+        t0 = t + tr.steps_s * 1000.0
+        ready = t0
+        for part in tr.new_parts:
+            own = costs.worker_start_s
+            for b in part.nbatch:
+                own += costs.model_load_s + costs.graph_capture_s * len(runtime_buckets(b))
+            ready = max(ready, t0 + own * 1000.0)  # started together, awaited in order
+            self._push(ready, _READY, part)
+        if not tr.new_parts:
+            self._push(t0, _READY, None)
+
+    def _on_ready(self, t: float, part: _Part | None) -> None:
+        tr = self.transition
+        assert tr is not None
+        if part is not None:
+            part.state = READY
+            part.born_ms = t
+            self._rebuild_routes()
+        if part is None or part is tr.new_parts[-1]:
+            tr.phase = "drain"
+            tr.ready_ms = t
+            self.plan = tr.plan
+            self.plans.append((t, tr.plan))
+            for p in tr.old_parts:
+                if p.state in (READY, STARTING):
+                    self._drain(p, t)
+            self._rebuild_routes()
+            self._maybe_done(t)
+
+    def _drain(self, part: _Part, t: float) -> None:
+        if part.state == STARTING:
+            part.state = STOPPED
+            part.died_ms = t
+            return
+        part.state = DRAINING
+        if not part.busy and not any(part.queues):
+            self._stopped(part, t)
+
+    def _stopped(self, part: _Part, t: float) -> None:
+        part.state = STOPPED
+        part.died_ms = t
+        tr = self.transition
+        if tr is None:
+            return
+        if tr.phase == "break" and all(p.state == STOPPED for p in tr.blocking):
+            self._push(t, _FINISH, "break")
+        elif tr.phase == "drain":
+            self._maybe_done(t)
+
+    def _on_finish(self, t: float, what: str) -> None:
+        tr = self.transition
+        if tr is None:
+            return
+        if what == "break" and tr.phase == "break":
+            self._start_workers(t)
+        elif what == "done" and tr.phase == "finishing":
+            n_old = len(tr.old_parts)
+            self.reconfigs.append(
+                Reconfiguration(
+                    start_s=tr.start_ms / 1000.0,
+                    ready_s=tr.ready_ms / 1000.0,
+                    done_s=t / 1000.0,
+                    partitions_started=len(tr.new_parts),
+                    partitions_stopped=n_old,
+                    break_first=len(tr.blocking),
+                    gpus_used=tr.plan.gpus_used,
+                )
+            )
+            tr.phase = "done"
+            self.transition = None
+
+    def _maybe_done(self, t: float) -> None:
+        tr = self.transition
+        assert tr is not None
+        if all(p.state == STOPPED for p in tr.old_parts):
+            destroyed = _instances_removed(tr.old_parts, tr.plan)
+            self._push(
+                t + destroyed * self.options.reconfig.mig_destroy_s * 1000.0, _FINISH, "done"
+            )
+            tr.phase = "finishing"
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _neighbour_pct(plan: Plan, g: GpuPlan, p: Partition) -> float:
+    """Share held by the other MPS partitions of the same GPU (or MIG instance) in ``plan``."""
+    if p.kind != "mps":
+        return 0.0
+    total = 0.0
+    seen_self = False
+    for q in g.partitions:
+        if q.kind != "mps" or q.mig_start != p.mig_start:
+            continue
+        if q is p and not seen_self:
+            seen_self = True
+            continue
+        total += float(q.mps_pct or 0)
+    return total
+
+
+def _layout(g: GpuPlan) -> list[MigPlacement]:
+    if not g.mig:
+        return []
+    starts = {
+        p.mig_start: p.mig_profile
+        for p in g.partitions
+        if p.mig_start is not None and p.mig_profile
+    }
+    return list(canonical_layout(MigPlacement(s, prof) for s, prof in starts.items()))
+
+
+def _mig_steps(
+    old: Plan, new: Plan, old_parts: Sequence[_Part], costs: ReconfigCosts
+) -> tuple[float, list[_Part]]:
+    """Seconds of MIG work before new workers can start, and the old partitions in the way
+    (drained and stopped first), following ``Runtime._transition`` step 1."""
+    seconds = 0.0
+    blocking: list[_Part] = []
+    old_by = {g.index: g for g in old.gpus}
+    for g in new.gpus:
+        o = old_by.get(g.index)
+        was_mig = o.mig if (o is not None and o.partitions) else g.mig
+        if not g.partitions and not was_mig:
+            continue
+        old_layout = _layout(o) if o is not None else []
+        new_layout = _layout(g)
+        if was_mig != g.mig and (g.partitions or (o is not None and o.partitions)):
+            blocking += [p for p in old_parts if p.gpu.index == g.index]
+            seconds += costs.mig_destroy_s * len(old_layout) + costs.mig_mode_change_s
+            seconds += costs.mig_create_s * len(new_layout)
+            continue
+        if not g.mig:
+            continue
+        added = [pl for pl in new_layout if pl not in old_layout]
+        if not added:
+            continue
+        sku = get_sku(g.sku)
+        seconds += costs.mig_create_s * len(added)
+        if layout_violation(sku, canonical_layout([*old_layout, *added])) is None:
+            continue
+        goners = [pl for pl in old_layout if pl not in new_layout]
+        taken = {
+            s
+            for pl in added
+            for s in range(pl.start, pl.start + sku.mig_profile(pl.profile).memory_slices)
+        }
+        block = {
+            pl.start
+            for pl in goners
+            if taken & set(range(pl.start, pl.start + sku.mig_profile(pl.profile).memory_slices))
+        }
+        rest = [pl for pl in old_layout if pl.start not in block]
+        if layout_violation(sku, canonical_layout([*rest, *added])) is not None:
+            block = {pl.start for pl in goners}
+        seconds += costs.mig_destroy_s * len(block)
+        blocking += [
+            p for p in old_parts if p.gpu.index == g.index and p.partition.mig_start in block
+        ]
+    return seconds, blocking
+
+
+def _instances_removed(old_parts: Sequence[_Part], new: Plan) -> int:
+    gone = set()
+    new_by = {g.index: {pl.start for pl in _layout(g)} for g in new.gpus}
+    for p in old_parts:
+        s = p.partition.mig_start
+        if s is not None and p.gpu.mig and s not in new_by.get(p.gpu.index, set()):
+            gone.add((p.gpu.index, s))
+    return len(gone)

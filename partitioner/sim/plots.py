@@ -1,0 +1,154 @@
+"""Plots of a comparison (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from partitioner.sim.compare import Experiment
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 3)
+    return math.ceil(n / cols), cols
+
+
+def make_plots(
+    exp: Experiment,
+    rows: Sequence[dict[str, Any]],
+    summary: Sequence[dict[str, Any]],
+    out: Path,
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    policies = list(exp.spec.policies)
+    workloads = [w.name for w in exp.spec.workloads]
+    gsets = [name for name, _ in exp.gpu_sets]
+    written: list[Path] = []
+    markers = "os^vD<>p*h"
+
+    def by(gs: str, wl: str, pol: str, key: str) -> tuple[list[float], list[float]]:
+        pts = sorted(
+            (s["load"], s[key])
+            for s in summary
+            if s["gpu_set"] == gs and s["workload"] == wl and s["policy"] == pol
+        )
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    for key, ylabel, fname in (
+        ("slo_attainment", "SLO attainment", "attainment_vs_load"),
+        ("goodput_rps", "goodput (requests/s within SLO)", "goodput_vs_load"),
+        ("gpus_used_mean", "GPUs used (time average)", "gpus_needed"),
+        ("reconfigurations", "reconfigurations per run", "reconfigurations"),
+    ):
+        for gs in gsets:
+            nr, nc = _grid(len(workloads))
+            fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.3 * nr), squeeze=False)
+            for i, wl in enumerate(workloads):
+                ax = axes[i // nc][i % nc]
+                for j, pol in enumerate(policies):
+                    x, y = by(gs, wl, pol, key)
+                    ax.plot(x, y, marker=markers[j % len(markers)], label=pol, lw=1.4, ms=4)
+                ax.set_title(wl, fontsize=10)
+                ax.set_xlabel("load (x scenario rates)")
+                ax.set_ylabel(ylabel, fontsize=9)
+                if key == "slo_attainment":
+                    ax.set_ylim(-0.02, 1.02)
+                    ax.axhline(0.99, color="grey", lw=0.8, ls=":")
+                ax.grid(alpha=0.3)
+            for k in range(len(workloads), nr * nc):
+                axes[k // nc][k % nc].axis("off")
+            axes[0][0].legend(fontsize=8)
+            fig.suptitle(f"{exp.spec.name}: {ylabel} ({gs})", fontsize=11)
+            fig.tight_layout()
+            suffix = "" if len(gsets) == 1 else f"_{_safe(gs)}"
+            p = out / f"{fname}{suffix}.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            written.append(p)
+
+    # attainment and GPUs over time: the workload with the most reconfigurations, at the
+    # largest load where the best policy still attains >= 0.9 (else the smallest load).
+    for gs in gsets:
+        wl_score = {
+            wl: sum(
+                r["reconfigurations"] for r in rows if r["gpu_set"] == gs and r["workload"] == wl
+            )
+            for wl in workloads
+        }
+        wl = max(workloads, key=lambda w: (wl_score[w], -workloads.index(w)))
+        loads = sorted({r["load"] for r in rows})
+        good = [
+            ld
+            for ld in loads
+            if max(
+                (
+                    s["slo_attainment"]
+                    for s in summary
+                    if s["gpu_set"] == gs and s["workload"] == wl and s["load"] == ld
+                ),
+                default=0.0,
+            )
+            >= 0.9
+        ]
+        load = good[-1] if good else loads[0]
+        seed = exp.spec.seeds[0]
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+        for j, pol in enumerate(policies):
+            run = next(
+                (
+                    r
+                    for r in rows
+                    if r["gpu_set"] == gs
+                    and r["workload"] == wl
+                    and r["load"] == load
+                    and r["policy"] == pol
+                    and r["seed"] == seed
+                ),
+                None,
+            )
+            if run is None:
+                continue
+            ts = run["timeseries"]
+            t = np.asarray(ts["t_s"], dtype=np.float64)
+            line = ax1.plot(t, ts["slo_attainment"], label=pol, lw=1.3)[0]
+            ax2.step(
+                t,
+                ts["gpus_used"],
+                where="mid",
+                color=line.get_color(),
+                lw=1.3,
+                marker=markers[j % len(markers)],
+                ms=3,
+                markevery=max(1, len(t) // 12),
+            )
+            for x in ts["reconfig_start_s"]:
+                ax1.axvline(x, color=line.get_color(), lw=0.8, ls="--", alpha=0.6)
+        ax1.set_ylabel("SLO attainment")
+        ax1.set_ylim(-0.02, 1.02)
+        ax1.grid(alpha=0.3)
+        ax1.legend(fontsize=8, loc="lower left")
+        ax2.set_ylabel("GPUs used")
+        ax2.set_xlabel("time (s); dashed: reconfiguration started")
+        ax2.grid(alpha=0.3)
+        fig.suptitle(f"{exp.spec.name}: {wl} at load {load:g} ({gs}, seed {seed})", fontsize=11)
+        fig.tight_layout()
+        suffix = "" if len(gsets) == 1 else f"_{_safe(gs)}"
+        p = out / f"attainment_over_time{suffix}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
