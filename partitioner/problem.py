@@ -273,7 +273,7 @@ class Problem:
         bmax = self.max_batch(model, gtype.sku)
         buckets = np.array([b for b in BATCH_BUCKETS if b <= bmax] or [1], dtype=np.int64)
         mig_profile = shape.mig_profile if shape.in_mig else None
-        solo = lm.latency_curve(buckets, shape.sm_count, mig_profile=mig_profile)
+        solo = lm.latency_curve(buckets, shape.sm_count, mig_profile=mig_profile, kind=shape.kind)
         slowdown = self.interference.slowdown(model.profile, gtype.sku, shape.neighbour_pct())
         memory = np.array([lm.memory_mib(int(b)) for b in buckets], dtype=np.float64)
         c = Curve(

@@ -28,6 +28,13 @@ Interpolation (monotone by construction: a larger batch is never faster, more SM
    directions, and a whole row at a given SM count is a blend of two stored rows, so
    :meth:`LatencyModel.latency_curve` costs one ``np.interp`` per call (rows are cached).
 
+Partition kinds: an MPS client runs 4-7% slower than a green context or the whole GPU at the
+same SM count (measured on an H100: the MPS server's per-launch overhead), so rows are also
+fitted per *family*: ``mps`` (``mps:*`` rows) and ``sm`` (``full`` and ``green:*`` rows).
+``latency_curve(..., kind="mps")`` uses the MPS family when it has two or more SM counts;
+``kind="full"`` / ``"green"`` and MIG predictions without MIG rows use the ``sm`` family; else
+(and with ``kind=None``) the shared curve of all non-MIG rows.
+
 Monotone splines (PCHIP) were considered: they are smoother but need >= 3 points per axis,
 overshoot nothing yet extrapolate poorly, and cost more per evaluation; piecewise-linear is
 exact at measurements and easy to reason about.
@@ -192,6 +199,7 @@ class LatencyModel:
         self.gpu, self.model = next(iter(keys))
 
         shared: dict[tuple[int, int], list[float]] = {}
+        fam: dict[str, dict[tuple[int, int], list[float]]] = {"mps": {}, "sm": {}}
         mig: dict[tuple[int, int], list[float]] = {}
         per_profile: dict[str, dict[tuple[int, int], list[float]]] = {}
         memory: dict[int, float] = {}
@@ -203,6 +211,7 @@ class LatencyModel:
                 prof.setdefault(key, []).append(r.latency_ms)
             else:
                 shared.setdefault(key, []).append(r.latency_ms)
+                fam["mps" if r.kind == "mps" else "sm"].setdefault(key, []).append(r.latency_ms)
             memory[r.batch] = max(memory.get(r.batch, 0.0), r.memory_mib)
 
         self.has_mig_measurements: bool = bool(mig)
@@ -218,6 +227,15 @@ class LatencyModel:
             assert mig_curve is not None
             self._shared = mig_curve
         self._mig: _Curve | None = mig_curve
+        # Per-family curves (see the module docstring): used when a family has >= 2 SM counts.
+        self._family_points: dict[str, dict[tuple[int, int], float]] = {}
+        self._families: dict[str, _Curve] = {}
+        both = all(fam.values())  # with one family only, the shared curve is that family
+        for name, fpts in fam.items():
+            med = {k: _median(v) for k, v in fpts.items()}
+            if both and len({sm for sm, _ in med}) >= 2:
+                self._family_points[name] = med
+                self._families[name] = _Curve.fit(med)
         # A MIG profile measured at one SM count keeps its own batch curve (two profiles may
         # share an SM count but not memory slices, e.g. 1g.10gb and 1g.20gb on an A100).
         self._profiles: dict[str, tuple[int, _Curve]] = {}
@@ -234,7 +252,9 @@ class LatencyModel:
         self.max_measured_batch: int = max(r.batch for r in self.rows)
         self.sm_counts: tuple[int, ...] = self._shared.sm_counts
         self.mig_profiles: tuple[str, ...] = tuple(sorted(per_profile))
-        self._cache: dict[tuple[float, str | None], tuple[FloatArray, FloatArray, float]] = {}
+        self._cache: dict[
+            tuple[float, str | None, str | None], tuple[FloatArray, FloatArray, float]
+        ] = {}
 
     @classmethod
     def from_table(cls, table: ProfileTable, gpu: str, model: str) -> LatencyModel:
@@ -251,9 +271,9 @@ class LatencyModel:
         )
 
     def _row(
-        self, sm_count: float, mig_profile: str | None
+        self, sm_count: float, mig_profile: str | None, kind: str | None = None
     ) -> tuple[FloatArray, FloatArray, float]:
-        key = (sm_count, mig_profile)
+        key = (sm_count, mig_profile, kind)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -264,6 +284,11 @@ class LatencyModel:
             own = self._profiles.get(mig_profile)
             if own is not None and own[0] == sm_count:
                 curve = own[1]
+        elif kind == "mps":
+            curve = self._families.get("mps", self._shared)
+        elif kind in ("full", "green", "mig") or mig_profile is not None:
+            # a MIG instance without MIG rows: predicted from the whole-GPU/green SM curve
+            curve = self._families.get("sm", self._shared)
         vals, tail = curve.row(sm_count)
         out = (curve.grid, vals, tail)
         if len(self._cache) >= _CACHE_SIZE:
@@ -277,8 +302,12 @@ class LatencyModel:
         sm_count: float,
         *,
         mig_profile: str | None = None,
+        kind: str | None = None,
     ) -> FloatArray:
         """Latency (ms) of each batch size in ``batches`` on ``sm_count`` SMs.
+
+        ``kind`` is the partition kind (``full``, ``mps``, ``mig``, ``green``; None: any), which
+        picks the row family the prediction comes from (see the module docstring).
 
         With ``mig_profile`` (a MIG instance of that profile and ``sm_count`` SMs) the MIG
         curve is used when this model has MIG measurements: the profile's own rows when it was
@@ -288,14 +317,21 @@ class LatencyModel:
         b = np.asarray(batches, dtype=np.float64)
         if b.size and not bool(np.all(b > 0)):
             raise ValueError("batch sizes must be > 0")
-        grid, vals, tail = self._row(sm_count, mig_profile)
+        grid, vals, tail = self._row(sm_count, mig_profile, kind)
         return _eval(grid, vals, tail, b)
 
-    def latency_ms(self, batch: float, sm_count: float, *, mig_profile: str | None = None) -> float:
+    def latency_ms(
+        self,
+        batch: float,
+        sm_count: float,
+        *,
+        mig_profile: str | None = None,
+        kind: str | None = None,
+    ) -> float:
         """Latency (ms) of one batch of ``batch`` on ``sm_count`` SMs (see latency_curve)."""
         if not batch > 0:
             raise ValueError(f"batch size must be > 0, got {batch}")
-        grid, vals, tail = self._row(sm_count, mig_profile)
+        grid, vals, tail = self._row(sm_count, mig_profile, kind)
         return float(_eval(grid, vals, tail, np.array([batch], dtype=np.float64))[0])
 
     def memory_mib(self, batch: float) -> float:
@@ -388,7 +424,11 @@ def fit_report(
             errors.append(abs(pred - points[(s, b)]) / points[(s, b)])
 
     if mode == "point":
-        families = [lm._shared_points] if lm._shared_points else []
+        # each point is predicted by the curve the planner would use for its partition kind
+        if len(lm._family_points) == 2:
+            families = [lm._family_points["mps"], lm._family_points["sm"]]
+        else:
+            families = [lm._shared_points] if lm._shared_points else []
         families += [lm._profile_points[name] for name in sorted(lm._profiles)]
         for points in families:
             batches_at: dict[int, list[int]] = {}

@@ -473,7 +473,9 @@ def _check_partition(
         if lm is None:
             v.append(f"{mw}: no profile of {spec.profile!r} on {sku.name}")
             continue
-        solo = lm.latency_ms(b, sm, mig_profile=mig_profile)
+        # the latency function of the partition's kind (an MPS client is slower than a green
+        # context or the whole GPU at the same SM count)
+        solo = lm.latency_ms(b, sm, mig_profile=mig_profile, kind=str(p.get("kind")))
         slow = interference.slowdown(spec.profile, sku.name, neighbours)
         raw = solo * slow
         lat = (1.0 + h) * raw

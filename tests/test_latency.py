@@ -196,6 +196,31 @@ def test_mig_rows_used_when_present() -> None:
     assert lm.latency_ms(8, 32, mig_profile="2g.35gb") == pytest.approx(analytic(8, 32) * 1.25)
 
 
+def test_partition_kind_families() -> None:
+    """MPS clients measured slower than green contexts at the same SM count: each kind is
+    predicted from its own rows, and kind=None keeps the shared curve of both."""
+    rows = noise_free_rows()
+    mps = [
+        ProfileRow("H200", "toy", f"mps:{pct}", s, b, analytic(b, s) * 1.06, 300)
+        for pct, s in ((25, 32), (50, 66), (100, 132))
+        for b in BATCHES
+    ]
+    lm = LatencyModel(rows + mps)
+    for b in (1, 8, 64):
+        assert lm.latency_ms(b, 66, kind="mps") == pytest.approx(analytic(b, 66) * 1.06)
+        assert lm.latency_ms(b, 66, kind="full") == pytest.approx(analytic(b, 66))
+        assert lm.latency_ms(b, 16, kind="green") == pytest.approx(analytic(b, 16))
+        # a MIG instance without MIG rows: predicted from the whole-GPU / green curve
+        assert lm.latency_ms(b, 32, mig_profile="2g.35gb", kind="mig") == pytest.approx(
+            analytic(b, 32)
+        )
+        shared = lm.latency_ms(b, 66)
+        assert analytic(b, 66) <= shared <= analytic(b, 66) * 1.06 + 1e-9
+    # MPS rows at one SM count only: no MPS family, the shared curve serves kind="mps"
+    lm1 = LatencyModel(rows + [r for r in mps if r.sm_count == 66])
+    assert lm1.latency_ms(8, 66, kind="mps") == lm1.latency_ms(8, 66)
+
+
 def test_a100_profiles_with_same_sm_count_keep_their_own_curves() -> None:
     m = shipped()[("A100-80GB", "resnet50")]
     small = m.latency_ms(128, 14, mig_profile="1g.10gb")
