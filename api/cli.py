@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
         help="find the largest factor k on all rates that still fits, and the plan at k",
     )
     p.add_argument("--current", metavar="PLAN.json", help="replan incrementally from this plan")
+    from api.client import add_arguments as add_daemon_arguments  # light: no httpx, FastAPI
+    from api.client import add_live_arguments
+
+    add_live_arguments(p)
 
     sub.add_parser("policies", help="list the planning policies")
 
@@ -63,12 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     add_profile_arguments(
         sub.add_parser("profile", help="measure latency profiles of models on a GPU (or CPU)")
     )
+    add_daemon_arguments(sub)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.cmd in ("serve", "status", "models") or getattr(args, "live", False):
+            from api.client import run as run_daemon_command
+
+            return run_daemon_command(args)
         if args.cmd == "plan":
             return _cmd_plan(args)
         if args.cmd == "policies":

@@ -1,0 +1,388 @@
+"""The FastAPI app: the REST API (``/v1``), KServe v2 inference (``/v2``), ``/metrics``.
+
+``create_app(ctx)`` builds it around an :class:`AppContext` (service, controller, metrics, token);
+the daemon (:mod:`api.daemon`) and the tests are its two callers. OpenAPI at ``/openapi.json``,
+Swagger UI at ``/docs``.
+
+Errors: every one is ``{"error": "<message>"}`` with the right status: 400 malformed inference
+request, 401 missing or wrong token, 404 unknown model, 409 conflict with the daemon's state,
+422 invalid registration or refused by admission control, 429 request shed (it could not meet
+its deadline), 503 nothing can serve it now. Security: with a token, every mutating ``/v1``
+call needs ``Authorization: Bearer <token>``; bound off loopback, every call does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, FastAPI, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import kserve
+from api.controller import Controller
+from api.metrics import CONTENT_TYPE, Metrics
+from api.service import (
+    ConflictError,
+    NotFoundError,
+    RefusedError,
+    Service,
+    UnavailableError,
+)
+from api.store import ModelRecord
+from stgs import __version__
+from stgs.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    NoWorkerError,
+    ServingError,
+    StgsError,
+    WorkerDiedError,
+    WorkerError,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128)]
+MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@dataclass
+class AppContext:
+    service: Service
+    controller: Controller | None
+    metrics: Metrics
+    token: str | None = None
+    auth_all: bool = False  # bound off loopback: every call needs the token
+    backend_kind: str = "simulated"
+
+
+# ---------------------------------------------------------------------- REST schemas
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_In):
+    name: str = Field("input", pattern=NAME_PATTERN, max_length=64)
+    datatype: Literal["FP32", "FP16", "INT64", "INT32", "UINT8"] = "FP32"
+    shape: list[Annotated[int, Field(ge=1, le=1 << 20)]] = Field(
+        min_length=1, max_length=8, description="one sample's shape (no batch dimension)"
+    )
+
+
+class ModelIn(_In):
+    """A model to register."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=128, examples=["tiny_mlp"])
+    source: str | None = Field(
+        None,
+        max_length=1024,
+        description="builtin:<name> (default: builtin:<name>) or file:<path in model_dir>",
+    )
+    slo_ms: float = Field(gt=0, le=600_000, allow_inf_nan=False, description="latency SLO")
+    rate_rps: float = Field(ge=0, le=1_000_000, allow_inf_nan=False, description="expected rate")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="compute dtype on GPUs")
+    inputs: list[TensorSpec] = Field(default_factory=list, max_length=1)
+
+
+class ModelOut(BaseModel):
+    name: str
+    status: str
+    detail: str
+    spec: dict[str, Any]
+    ready: bool
+    planned_rate_rps: float
+    created_at: float
+    updated_at: float
+
+
+class PlanRequest(_In):
+    policy: str | None = Field(None, max_length=64, description="a registered policy name")
+    rates: (
+        dict[
+            Annotated[str, Field(max_length=128)],
+            Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)],
+        ]
+        | None
+    ) = Field(None, description="model -> rate_rps to plan for (default: current)")
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorOut} for s in (400, 401, 404, 409, 422, 429, 503)
+}
+
+
+# ---------------------------------------------------------------------- helpers
+def _status_of(exc: StgsError) -> int:
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, ConflictError):
+        return 409
+    if isinstance(exc, RefusedError | ConfigError):
+        return 422
+    if isinstance(exc, InvalidRequestError | WorkerError):
+        return 400
+    if isinstance(exc, DeadlineExceededError):
+        return 429
+    if isinstance(exc, UnavailableError | NoWorkerError | WorkerDiedError | ServingError):
+        return 503
+    return 409
+
+
+def _model_out(svc: Service, rec: ModelRecord) -> ModelOut:
+    plan = svc.runtime.current_plan
+    return ModelOut(
+        name=rec.name,
+        status=rec.status,
+        detail=rec.detail,
+        spec=rec.spec,
+        ready=svc.model_ready(rec.name),
+        planned_rate_rps=0.0 if plan is None else round(plan.served_rate(rec.name), 6),
+        created_at=rec.created_at,
+        updated_at=rec.updated_at,
+    )
+
+
+def _allowed_policy(name: str | None) -> str | None:
+    if name is None:
+        return None
+    from partitioner.policies import policy_names
+
+    known = policy_names()
+    if name not in known:  # no dotted paths over HTTP: they would import arbitrary modules
+        raise ConfigError(f"unknown policy {name!r}; known: {', '.join(known)}")
+    return name
+
+
+def create_app(
+    ctx: AppContext,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="stgs",
+        version=__version__,
+        description="Spatial-temporal GPU partitioning daemon: models, plans, KServe v2 inference.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.service = ctx.service
+    svc = ctx.service
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(StgsError)
+    async def _stgs_error(_req: Request, exc: StgsError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()))
+            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    # ------------------------------------------------------------------ auth
+    @app.middleware("http")
+    async def _auth(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        path = request.url.path
+        needs = ctx.auth_all or (request.method in MUTATING and path.startswith("/v1/"))
+        if needs and ctx.token is not None:
+            got = request.headers.get("authorization", "")
+            scheme, _, value = got.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                value.strip().encode(), ctx.token.encode()
+            ):
+                return JSONResponse(
+                    {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    # ------------------------------------------------------------------ models
+    @app.post("/v1/models", status_code=201, responses=ERRORS, tags=["models"])
+    async def register(model: ModelIn, response: Response) -> ModelOut:
+        """Register a model: validate, profile when needed (202, in the background), admission
+        control (422 with the planner's reason), plan and apply (201 when it serves)."""
+        spec = model.model_dump()
+        spec["source"] = spec["source"] or f"builtin:{model.name}"
+        rec, _ = await run_in_threadpool(svc.register, spec)
+        if rec.status == "profiling":
+            response.status_code = 202
+        return _model_out(svc, rec)
+
+    @app.get("/v1/models", tags=["models"])
+    def list_models() -> list[ModelOut]:
+        return [_model_out(svc, r) for r in svc.models()]
+
+    @app.get("/v1/models/{name}", responses=ERRORS, tags=["models"])
+    def get_model(name: ModelName) -> ModelOut:
+        return _model_out(svc, svc.get(name))
+
+    @app.delete("/v1/models/{name}", responses=ERRORS, tags=["models"])
+    async def delete_model(name: ModelName) -> dict[str, str]:
+        await run_in_threadpool(svc.delete, name)
+        return {"deleted": name}
+
+    # ------------------------------------------------------------------ plans
+    def _plan_view() -> dict[str, Any]:
+        plan = svc.runtime.current_plan
+        hist = svc.runtime.history[-1] if svc.runtime.history else None
+        return {
+            "plan": None if plan is None else plan.to_dict(),
+            "partitions": svc.runtime.describe(),
+            "last_transition": None
+            if hist is None
+            else {
+                "policy": hist.policy,
+                "state": hist.state.value,
+                "reason": hist.reason,
+                "started": hist.started,
+                "stopped": hist.stopped,
+                "kept": hist.kept,
+            },
+            "controller": None if ctx.controller is None else ctx.controller.status(),
+        }
+
+    @app.get("/v1/plan", tags=["plans"])
+    def get_plan() -> dict[str, Any]:
+        """The current plan, with the state of every partition."""
+        return _plan_view()
+
+    @app.post("/v1/plan/preview", responses=ERRORS, tags=["plans"])
+    async def preview(req: Annotated[PlanRequest | None, Body()] = None) -> dict[str, Any]:
+        """Dry run: the plan a policy would choose now, and the changes it would make."""
+        r = req or PlanRequest()
+        policy = _allowed_policy(r.policy)
+        plan, changes = await run_in_threadpool(svc.preview, r.rates, policy)
+        return {"plan": plan.to_dict(), "changes": changes}
+
+    @app.post("/v1/plan/apply", responses=ERRORS, tags=["plans"])
+    async def apply(req: Annotated[PlanRequest | None, Body()] = None) -> dict[str, Any]:
+        """Re-plan now (optionally with another policy or rates) and apply."""
+        r = req or PlanRequest()
+        policy = _allowed_policy(r.policy)
+        plan = await run_in_threadpool(
+            lambda: svc.replan(r.rates, reason="api: plan/apply", policy=policy)
+        )
+        return {"plan": plan.to_dict(), **_plan_view()}
+
+    # ------------------------------------------------------------------ node
+    @app.get("/v1/gpus", tags=["node"])
+    def gpus() -> dict[str, Any]:
+        """The backend's view: GPUs, MIG mode and layout, MPS daemons, partitions."""
+        return gpu_view(ctx)
+
+    @app.get("/v1/events", tags=["node"])
+    def events(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        kind: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> list[dict[str, Any]]:
+        return [
+            {"id": e.id, "ts": e.ts, "kind": e.kind, "message": e.message, "data": e.data}
+            for e in svc.store.events(limit=limit, kind=kind)
+        ]
+
+    @app.get("/v1/status", tags=["node"])
+    def status() -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in svc.models():
+            counts[r.status] = counts.get(r.status, 0) + 1
+        plan = svc.runtime.current_plan
+        return {
+            "version": __version__,
+            "backend": ctx.backend_kind,
+            "restored": svc.restored,
+            "models": counts,
+            "gpus_used": 0 if plan is None else plan.gpus_used,
+            "partitions": {
+                s: sum(1 for p in svc.runtime.describe() if p["state"] == s)
+                for s in ("starting", "ready", "draining", "failed")
+            },
+            "policy": svc.cfg.planner.policy,
+            "controller": None if ctx.controller is None else ctx.controller.status(),
+            "last_error": svc.last_error,
+        }
+
+    @app.get("/metrics", tags=["node"], response_class=Response)
+    def metrics() -> Response:
+        ctx.metrics.refresh(svc, ctx.controller)
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(kserve.router())
+    return app
+
+
+def gpu_view(ctx: AppContext) -> dict[str, Any]:
+    """Read path: every value the backend gives; a failing read is reported, not raised."""
+    svc = ctx.service
+    backend = svc.backend
+    out: dict[str, Any] = {"backend": ctx.backend_kind, "gpus": [], "mps_daemons": []}
+    try:
+        infos = backend.gpus()
+    except StgsError as exc:
+        out["error"] = str(exc)
+        return out
+    by_gpu: dict[int, list[Mapping[str, Any]]] = {}
+    for p in svc.runtime.describe():
+        by_gpu.setdefault(int(p["partition"].split()[0].removeprefix("gpu")), []).append(p)
+    for info in infos:
+        g: dict[str, Any] = {
+            "index": info.index,
+            "uuid": info.uuid,
+            "name": info.name,
+            "sku": info.sku,
+            "sm_count": info.sm_count,
+            "memory_mib": info.memory_mib,
+            "mig_capable": info.mig_capable,
+            "mig_enabled": info.mig_enabled,
+            "mig_pending": info.mig_pending,
+            "healthy": info.healthy,
+            "mig_devices": [],
+            "partitions": by_gpu.get(info.index, []),
+        }
+        if info.mig_enabled and info.healthy:
+            try:
+                g["mig_devices"] = [
+                    {
+                        "profile": d.placement.profile,
+                        "start": d.placement.start,
+                        "uuid": d.uuid,
+                        "sm_count": d.sm_count,
+                        "memory_mib": d.memory_mib,
+                    }
+                    for d in backend.mig_devices(info.index)
+                ]
+            except StgsError as exc:
+                g["error"] = str(exc)
+        out["gpus"].append(g)
+    try:
+        out["mps_daemons"] = [
+            {"device": str(d.ref), "uuid": d.device_uuid, "pipe_dir": str(d.pipe_dir), "pid": d.pid}
+            for d in backend.mps_daemons()
+        ]
+    except StgsError as exc:
+        out["mps_error"] = str(exc)
+    return out

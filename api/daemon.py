@@ -1,0 +1,209 @@
+"""``stgs serve``: config -> store -> backend -> runtime -> service -> controller -> uvicorn.
+
+Start-up order: open the SQLite store in ``paths.state_dir``; pick the backend (``auto``: NVML
+when a GPU answers, else the simulated node of ``backend.simulated_gpus``, whose workers run on
+the CPU); start the runtime's monitor; serve HTTP at once (``/v2/health/live`` answers while the
+state is restored); restore in the background (the last good plan, else a fresh plan, so every
+registered model serves again); then tell systemd ``READY=1`` and start the controller.
+
+systemd (``Type=notify``): ``READY=1`` once restored, ``STATUS=`` lines as things happen,
+``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while the controller loop is alive, ``STOPPING=1`` at
+shutdown. SIGTERM (uvicorn's handler) stops the controller, the workers and the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from api.app import AppContext, create_app
+from api.config import DaemonConfig, read_token
+from api.controller import Controller, LoadMeter
+from api.metrics import Metrics
+from api.service import Observer, Service, cpu_profiler, gpu_profiler
+from api.store import Store
+from stgs.backend.base import Backend
+from stgs.backend.simulated import SimulatedNode
+from stgs.errors import BackendError, ConfigError
+from stgs.runtime import Runtime
+
+log = logging.getLogger("stgs.daemon")
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to systemd's $NOTIFY_SOCKET; False when not under systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], exc)
+        return False
+    return True
+
+
+def make_backend(cfg: DaemonConfig) -> tuple[Backend, str, list[bool] | None]:
+    """(backend, kind, per-GPU MIG permission or None for 'as the SKU allows')."""
+    kind = cfg.backend.kind
+    cfg.paths.runtime_dir.mkdir(parents=True, exist_ok=True)
+    if kind in ("auto", "nvml"):
+        try:
+            from stgs.backend.nvml import NvmlBackend
+
+            nv = NvmlBackend(cfg.paths.runtime_dir)
+            if nv.gpus():
+                return nv, "nvml", None
+            nv.close()
+            if kind == "nvml":
+                raise ConfigError("backend.kind = nvml, but NVML reports no GPU")
+        except (BackendError, ImportError) as exc:
+            if kind == "nvml":
+                raise ConfigError(f"backend.kind = nvml: {exc}") from exc
+            log.info("no GPU through NVML (%s): using the simulated node", exc)
+    names: list[str] = []
+    mig: list[bool] = []
+    for g in cfg.backend.simulated_gpus:
+        names += [g.sku] * g.count
+        mig += [g.mig] * g.count
+    node = SimulatedNode(names, runtime_dir=cfg.paths.runtime_dir / "sim")
+    return node, "simulated", mig
+
+
+@dataclass
+class Daemon:
+    cfg: DaemonConfig
+    store: Store
+    backend: Backend
+    runtime: Runtime
+    service: Service
+    controller: Controller
+    metrics: Metrics
+    ctx: AppContext
+
+    def close(self) -> None:
+        self.controller.stop()
+        self.service.close()
+        self.runtime.close()
+        self.backend.close()
+        self.store.close()
+
+
+def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
+    token = read_token(cfg)
+    cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(cfg.paths.state_dir / "stgs.db")
+    backend, kind, mig = make_backend(cfg)
+    runtime = Runtime(backend, ready_timeout_s=120.0, drain_timeout_s=30.0)
+    metrics = Metrics()
+    meter = LoadMeter(cfg.controller.rate_halflife_s)
+
+    def on_request(model: str, n: int, secs: float, met: bool, error: str) -> None:
+        metrics.on_request(model, n, secs, met, error)
+        meter.arrived(model, n)
+        meter.finished(model, n, met)
+
+    profiler = (
+        cpu_profiler(cfg.paths.state_dir / "profiling")
+        if kind == "simulated"
+        else gpu_profiler(cfg.paths.state_dir / "profiling")
+    )
+    service = Service(
+        cfg,
+        store,
+        backend,
+        runtime,
+        profiler=profiler,
+        observer=Observer(on_request=on_request, on_reconfig=metrics.on_reconfig),
+        background=background,
+        mig_allowed=mig,
+    )
+    controller = Controller(service, cfg.controller, meter=meter)
+    controller.on_replan = lambda _r: metrics.replans.inc()
+    controller.on_error = metrics.controller_errors.inc
+    ctx = AppContext(
+        service,
+        controller,
+        metrics,
+        token=token,
+        auth_all=cfg.server.host not in LOOPBACK,
+        backend_kind=kind,
+    )
+    return Daemon(cfg, store, backend, runtime, service, controller, metrics, ctx)
+
+
+def serve(cfg: DaemonConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; 0 on a clean stop."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    d = build(cfg)
+    server: Any = None
+    stop = threading.Event()
+
+    def restore() -> None:
+        sd_notify("STATUS=restoring registered models")
+        try:
+            d.service.restore()
+        except Exception as exc:  # the daemon still serves; the error is visible in status
+            log.exception("restore failed")
+            d.service.last_error = f"restore failed: {exc}"
+            d.service.restored = True
+        while server is not None and not server.started and not stop.is_set():
+            time.sleep(0.05)
+        d.controller.start()
+        n = len(d.store.models())
+        sd_notify(f"READY=1\nSTATUS=serving {n} model(s) on {cfg.server.host}:{cfg.server.port}")
+        log.info("ready: %d model(s), %s backend", n, d.ctx.backend_kind)
+
+    def watchdog() -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if usec <= 0:
+            return
+        period = usec / 2e6
+        while not stop.wait(period):
+            last = d.controller.last_step
+            stale = 3 * cfg.controller.interval_s + period
+            if last is None or time.monotonic() - last < stale:
+                sd_notify("WATCHDOG=1")
+            else:
+                log.error("controller loop stalled: no WATCHDOG=1 (systemd will restart us)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        threading.Thread(target=restore, name="stgs-restore", daemon=True).start()
+        threading.Thread(target=watchdog, name="stgs-watchdog", daemon=True).start()
+        yield
+        stop.set()
+        sd_notify("STOPPING=1")
+        log.info("stopping")
+        d.close()
+
+    app = create_app(d.ctx, lifespan=lifespan)
+    config = uvicorn.Config(
+        app,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        log_level="info",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0

@@ -1,0 +1,189 @@
+"""Prometheus metrics at ``/metrics``, named in the style of Triton (``nv_inference_*``) and
+dcgm-exporter, with the ``stgs_`` prefix and units in the names.
+
+Per model: ``stgs_inference_request_success_total``, ``stgs_inference_request_failure_total``
+(by ``reason``), ``stgs_inference_count_total`` (samples),
+``stgs_inference_request_duration_seconds`` (histogram), ``stgs_inference_slo_met_total``,
+``stgs_slo_attainment_ratio`` (EWMA),
+``stgs_inference_pending_requests`` (queued or running samples), ``stgs_model_request_rate_rps``
+(measured, EWMA) and ``stgs_model_planned_rate_rps``.
+
+Per partition (labels ``gpu``, ``partition``): ``stgs_partition_up`` (1 when ready),
+``stgs_partition_planned_utilization_ratio`` (busy time / duty cycle of the plan),
+``stgs_partition_memory_mib`` (planned), ``stgs_partition_restarts_total``,
+``stgs_partition_requests_in_flight``. Per GPU: ``stgs_gpu_memory_total_mib``, ``stgs_gpu_healthy``,
+``stgs_gpu_mig_enabled``. Reconfigurations: ``stgs_reconfigurations_total`` (by ``result``),
+``stgs_reconfiguration_duration_seconds``. Controller: ``stgs_controller_replans_total``,
+``stgs_controller_errors_total``.
+
+Measured SM utilisation per MIG instance (GPM on Hopper) is not exported yet: the backend
+interface has no read for it (see docs/operations.md).
+
+Each daemon has its own registry (several apps live in one test process). The per-partition
+and per-GPU gauges are read at scrape time and tolerate a backend that does not answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from api.controller import Controller
+    from api.service import Service
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.success = Counter(
+            "stgs_inference_request_success", "Successful inference requests", ["model"], registry=r
+        )
+        self.failure = Counter(
+            "stgs_inference_request_failure",
+            "Failed inference requests",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.samples = Counter(
+            "stgs_inference_count",
+            "Samples inferred (a request may carry several)",
+            ["model"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "stgs_inference_request_duration_seconds",
+            "End-to-end request latency in the daemon",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.slo_met = Counter(
+            "stgs_inference_slo_met", "Requests answered within their SLO", ["model"], registry=r
+        )
+        self.attainment = Gauge(
+            "stgs_slo_attainment_ratio", "SLO attainment (EWMA) per model", ["model"], registry=r
+        )
+        self.pending = Gauge(
+            "stgs_inference_pending_requests", "Samples queued or running", ["model"], registry=r
+        )
+        self.rate = Gauge(
+            "stgs_model_request_rate_rps", "Measured arrival rate (EWMA)", ["model"], registry=r
+        )
+        self.planned_rate = Gauge(
+            "stgs_model_planned_rate_rps", "Rate the current plan serves", ["model"], registry=r
+        )
+        labels = ["gpu", "partition"]
+        self.part_up = Gauge(
+            "stgs_partition_up", "1 when the partition is ready", labels, registry=r
+        )
+        self.part_util = Gauge(
+            "stgs_partition_planned_utilization_ratio",
+            "Busy share of the partition's duty cycle in the plan",
+            labels,
+            registry=r,
+        )
+        self.part_mem = Gauge(
+            "stgs_partition_memory_mib", "Partition memory in the plan (MiB)", labels, registry=r
+        )
+        self.part_restarts = Gauge(
+            "stgs_partition_restarts_total", "Worker restarts of the partition", labels, registry=r
+        )
+        self.part_inflight = Gauge(
+            "stgs_partition_requests_in_flight",
+            "Requests sent to the worker, not answered",
+            labels,
+            registry=r,
+        )
+        self.gpu_mem = Gauge("stgs_gpu_memory_total_mib", "GPU memory (MiB)", ["gpu"], registry=r)
+        self.gpu_healthy = Gauge(
+            "stgs_gpu_healthy", "1 when the GPU is healthy", ["gpu"], registry=r
+        )
+        self.gpu_mig = Gauge("stgs_gpu_mig_enabled", "1 when MIG mode is on", ["gpu"], registry=r)
+        self.reconfigs = Counter(
+            "stgs_reconfigurations", "Plan transitions by result", ["result"], registry=r
+        )
+        self.reconfig_duration = Histogram(
+            "stgs_reconfiguration_duration_seconds",
+            "Duration of plan transitions",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.replans = Counter(
+            "stgs_controller_replans", "Re-plans decided by the controller", registry=r
+        )
+        self.controller_errors = Counter(
+            "stgs_controller_errors", "Controller steps that raised", registry=r
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def on_request(self, model: str, n: int, seconds: float, slo_met: bool, error: str) -> None:
+        if error:
+            self.failure.labels(model, error).inc()
+            return
+        self.success.labels(model).inc()
+        self.samples.labels(model).inc(n)
+        self.duration.labels(model).observe(seconds)
+        if slo_met:
+            self.slo_met.labels(model).inc()
+
+    def on_reconfig(self, ok: bool, seconds: float) -> None:
+        self.reconfigs.labels("success" if ok else "failure").inc()
+        self.reconfig_duration.observe(seconds)
+
+    # ------------------------------------------------------------------ scrape
+    def refresh(self, service: Service, controller: Controller | None) -> None:
+        """Read the live gauges; a failing read leaves those gauges empty, never raises."""
+        for g in (
+            self.part_up,
+            self.part_util,
+            self.part_mem,
+            self.part_restarts,
+            self.part_inflight,
+            self.rate,
+            self.attainment,
+            self.planned_rate,
+            self.pending,
+        ):
+            g.clear()
+        try:
+            for name, rate in service.planned_rates().items():
+                self.planned_rate.labels(name).set(rate)
+            with service.inflight.lock:
+                for name, n in service.inflight.counts.items():
+                    self.pending.labels(name).set(n)
+            if controller is not None:
+                for name, (rate, att) in controller.meter.snapshot().items():
+                    self.rate.labels(name).set(rate)
+                    self.attainment.labels(name).set(att)
+            for p in list(service.runtime.partitions.values()):
+                labels = (str(p.key.gpu), str(p.key))
+                self.part_up.labels(*labels).set(1 if p.state.value == "ready" else 0)
+                part = p.partition
+                busy = sum(m.latency_ms for m in part.models)
+                util = busy / part.duty_cycle_ms if part.duty_cycle_ms > 0 else 0.0
+                self.part_util.labels(*labels).set(min(1.0, util))
+                self.part_mem.labels(*labels).set(part.memory_mib)
+                self.part_restarts.labels(*labels).set(p.restarts)
+                w = p.worker
+                self.part_inflight.labels(*labels).set(0 if w is None else w.transport.in_flight)
+        except Exception:  # read path: tolerate, log
+            log.exception("metrics: reading the runtime failed")
+        try:
+            for info in service.backend.gpus():
+                g = str(info.index)
+                self.gpu_mem.labels(g).set(info.memory_mib)
+                self.gpu_healthy.labels(g).set(1 if info.healthy else 0)
+                self.gpu_mig.labels(g).set(1 if info.mig_enabled else 0)
+        except Exception:
+            log.exception("metrics: reading the backend failed")
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

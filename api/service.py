@@ -1,0 +1,609 @@
+"""The daemon's core, without HTTP: registered models, profiling, admission, plans, inference.
+
+The REST layer (:mod:`api.app`, :mod:`api.kserve`) and the controller (:mod:`api.controller`)
+call this one object; it is the one place that decides a plan and hands it to the runtime.
+Every registration and every plan is written to the store before a call returns.
+
+Model statuses (``GET /v1/models/{name}``):
+
+* ``profiling``: no profile on this node's GPU type yet; measuring in the background;
+* ``pending``: profiled, admitted, waiting for its plan to be applied;
+* ``ready``: served by the current plan;
+* ``refused``: admission control said no (the planner's reason is the detail);
+* ``failed``: profiling or applying its plan failed (the detail says why).
+
+Plans are made by the configured policy, incrementally from the current plan (the policy
+weighs reconfiguration cost), and applied through :meth:`stgs.runtime.Runtime.apply`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.config import DaemonConfig
+from api.store import ModelRecord, Store
+from partitioner.planner import make_plan
+from partitioner.problem import Problem
+from partitioner.replan import diff
+from stgs.backend.base import Backend
+from stgs.catalog import get_sku
+from stgs.errors import ConfigError, NoWorkerError, ProfileError, StgsError, TransitionError
+from stgs.plan import Plan, empty_plan
+from stgs.profiles import ProfileRow, ProfileTable, default_profiles_path, read_profiles
+from stgs.runtime import PartitionState, Runtime
+from stgs.scenario import PlannerOptions, Scenario
+from stgs.types import GpuSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+PROFILING, PENDING, READY, REFUSED, FAILED = "profiling", "pending", "ready", "refused", "failed"
+LIVE = (PENDING, READY)  # statuses of models that belong in the plan
+MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2")
+NO_WORKER_WAIT_S = 10.0  # a request waits this long for a live model's worker to be ready
+
+ProfileFn = Callable[[str, str], list[ProfileRow]]
+"""(model name, GPU SKU) -> measured profile rows of that model on that SKU."""
+
+
+class NotFoundError(StgsError):
+    """No such model (HTTP 404)."""
+
+
+class ConflictError(StgsError):
+    """The request conflicts with the daemon's state (HTTP 409)."""
+
+
+class RefusedError(StgsError):
+    """Admission control refused a model (HTTP 422); the planner's reason is the message."""
+
+
+class UnavailableError(StgsError):
+    """The daemon cannot do it now: the plan could not be applied (HTTP 503)."""
+
+
+@dataclass
+class Observer:
+    """Hooks for metrics and the controller's meters; every one optional."""
+
+    on_request: Callable[[str, int, float, bool, str], None] | None = None
+    on_reconfig: Callable[[bool, float], None] | None = None
+
+
+def resolve_model_file(model_dir: Path, rel: str) -> Path:
+    """``rel`` inside ``model_dir``, resolved (symlinks too); ConfigError on traversal."""
+    if not rel or "\x00" in rel:
+        raise ConfigError("model file: empty path")
+    base = model_dir.resolve()
+    p = Path(rel)
+    if p.is_absolute():
+        raise ConfigError(f"model file {rel!r}: give a path relative to the model directory")
+    target = (base / p).resolve()
+    if not target.is_relative_to(base):
+        raise ConfigError(f"model file {rel!r} is outside the model directory")
+    if target.suffix not in MODEL_FILE_SUFFIXES:
+        raise ConfigError(
+            f"model file {rel!r}: only TorchScript (.pt, .ts) or torch.export (.pt2) files load"
+            " (never pickled modules)"
+        )
+    if not target.is_file():
+        raise ConfigError(f"model file {rel!r}: no such file in the model directory")
+    return target
+
+
+def cpu_profiler(
+    work_dir: Path,
+    batches: Sequence[int] = (1, 2, 4, 8, 16),
+    iters: int = 5,
+) -> ProfileFn:
+    """Profile on the CPU with the profiler's CPU mode (simulated node): the rows it measures
+    stand in for the simulated GPU's whole-GPU rows (``full`` at the SKU's SM count); the
+    latency functions scale them to smaller partitions."""
+
+    def run(model: str, sku: str) -> list[ProfileRow]:
+        from profiler.measure import TimingOptions
+        from profiler.models import resolve_spec
+        from profiler.run import ProfileConfig, run_profile
+
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            out = Path(tmp) / "profile.csv"
+            cfg = ProfileConfig(
+                models=(resolve_spec(model),),
+                out=out,
+                device="cpu",
+                batches=tuple(batches),
+                timing=TimingOptions(iters=iters, min_iters=min(3, iters), warmup=2),
+                gpu_label=sku,
+                quiet=True,
+            )
+            summary = run_profile(cfg)
+            if summary.load_failures:
+                raise ProfileError("; ".join(summary.load_failures.values()))
+            if not out.is_file():
+                raise ProfileError(f"profiling {model} measured nothing")
+            sms = get_sku(sku).sm_count
+            return [
+                ProfileRow(sku, r.model, "full", sms, r.batch, r.latency_ms, r.memory_mib)
+                for r in read_profiles(out)
+            ]
+
+    return run
+
+
+def gpu_profiler(work_dir: Path, device: str = "0") -> ProfileFn:
+    """Profile on a real GPU with the profiler's default grid (whole GPU, MPS shares)."""
+
+    def run(model: str, sku: str) -> list[ProfileRow]:
+        from profiler.models import resolve_spec
+        from profiler.run import ProfileConfig, run_profile
+
+        work_dir.mkdir(parents=True, exist_ok=True)
+        out = work_dir / f"{model}.csv"  # resumable across restarts
+        summary = run_profile(
+            ProfileConfig(models=(resolve_spec(model),), out=out, device=device, quiet=True)
+        )
+        if summary.load_failures:
+            raise ProfileError("; ".join(summary.load_failures.values()))
+        return [r for r in read_profiles(out) if r.model == model]
+
+    return run
+
+
+@dataclass
+class _Inflight:
+    counts: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, model: str, n: int) -> None:
+        with self.lock:
+            self.counts[model] = self.counts.get(model, 0) + n
+
+
+class Service:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        store: Store,
+        backend: Backend,
+        runtime: Runtime,
+        *,
+        profiler: ProfileFn | None = None,
+        observer: Observer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
+        mig_allowed: Sequence[bool] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.backend = backend
+        self.runtime = runtime
+        self.profiler = profiler
+        self.observer = observer or Observer()
+        self.clock = clock
+        self.background = background  # False: profile inline (tests)
+        self.mig_allowed = None if mig_allowed is None else list(mig_allowed)
+        self._lock = threading.RLock()  # one plan decision and transition at a time
+        self._base_table: ProfileTable | None = None
+        self._threads: list[threading.Thread] = []
+        self.inflight = _Inflight()
+        self.restored = False
+        self.last_error: str | None = None
+
+    def log_event(self, kind: str, message: str, **data: Any) -> None:
+        self.store.log_event(kind, message, **data)
+
+    # ------------------------------------------------------------------ node
+    def gpu_specs(self) -> tuple[GpuSpec, ...]:
+        out = []
+        for info in self.backend.gpus():
+            sku = self.backend.sku(info.index)
+            if self.cfg.backend.allow_mig_changes:
+                allowed = self.mig_allowed is None or (
+                    info.index < len(self.mig_allowed) and self.mig_allowed[info.index]
+                )
+                mig = sku.supports_mig and allowed
+            else:
+                mig = info.mig_enabled
+            out.append(GpuSpec(sku.name, mig))
+        return tuple(out)
+
+    def skus(self) -> list[str]:
+        return sorted({g.sku for g in self.gpu_specs()})
+
+    # ------------------------------------------------------------------ profiles
+    def base_table(self) -> ProfileTable:
+        if self._base_table is None:
+            t = read_profiles(default_profiles_path())
+            if self.cfg.planner.profiles is not None:
+                t = t.merge(read_profiles(self.cfg.planner.profiles))
+            self._base_table = t
+        return self._base_table
+
+    def table(self) -> ProfileTable:
+        return self.base_table().merge(self.store.profiles())
+
+    def has_profile(self, model: str) -> bool:
+        return any(
+            self.base_table().has(sku, model) or self.store.has_profile(sku, model)
+            for sku in self.skus()
+        )
+
+    # ------------------------------------------------------------------ planning
+    def planned_rates(self) -> dict[str, float]:
+        """Each model's rate in the current plan (its registered rate when not planned yet)."""
+        plan = self.runtime.current_plan
+        out = {}
+        for rec in self.store.models():
+            if rec.status not in LIVE:
+                continue
+            r = plan.served_rate(rec.name) if plan is not None else 0.0
+            out[rec.name] = r if r > 0 else float(rec.spec["rate_rps"])
+        return out
+
+    def _specs(self, rates: Mapping[str, float], extra: ModelRecord | None = None) -> list[Any]:
+        recs = [r for r in self.store.models() if r.status in LIVE]
+        if extra is not None and all(r.name != extra.name for r in recs):
+            recs.append(extra)
+        return [
+            ModelSpec(r.name, float(r.spec["slo_ms"]), float(rates.get(r.name, r.spec["rate_rps"])))
+            for r in recs
+        ]
+
+    def plan(
+        self,
+        rates: Mapping[str, float] | None = None,
+        *,
+        policy: str | None = None,
+        extra: ModelRecord | None = None,
+        incremental: bool = True,
+    ) -> Plan:
+        """The plan ``policy`` chooses now for the live models at ``rates`` (pure: no apply)."""
+        pol = policy or self.cfg.planner.policy
+        gpus = self.gpu_specs()
+        models = self._specs(rates if rates is not None else self.planned_rates(), extra)
+        if not models:
+            return empty_plan(pol, [(g.sku, g.mig) for g in gpus])
+        sc = Scenario(
+            gpus=gpus,
+            models=tuple(models),
+            headroom=self.cfg.planner.headroom,
+            options=PlannerOptions(reconfig_cost=self.cfg.planner.reconfig_cost),
+        )
+        prob = Problem.from_scenario(sc, table=self.table())
+        current = self.runtime.current_plan if incremental else None
+        return make_plan(sc, pol, current=current, problem=prob)
+
+    def preview(
+        self, rates: Mapping[str, float] | None = None, policy: str | None = None
+    ) -> tuple[Plan, dict[str, Any]]:
+        plan = self.plan(self._merged_rates(rates), policy=policy)
+        cur = self.runtime.current_plan or empty_plan(plan.policy, [])
+        return plan, diff(cur, plan).to_dict()
+
+    def _merged_rates(self, rates: Mapping[str, float] | None) -> dict[str, float]:
+        out = self.planned_rates()
+        for name, r in (rates or {}).items():
+            if name not in out:
+                raise NotFoundError(f"no live model {name!r} to set a rate for")
+            out[name] = float(r)
+        return out
+
+    def apply(self, plan: Plan, reason: str) -> Plan:
+        """Apply ``plan`` through the runtime; stored first, then marked by its outcome."""
+        with self._lock:
+            self.store.save_plan(plan, "current", "applying", reason)
+            t0 = time.perf_counter()
+            try:
+                rec = self.runtime.apply(plan)
+            except TransitionError as exc:
+                secs = time.perf_counter() - t0
+                self.store.save_plan(plan, "tried", "failed", exc.reason)
+                good = self.runtime.last_good
+                if good is not None:
+                    self.store.save_plan(good, "current", "ready", "rolled back")
+                self.store.log_event("apply_failed", str(exc), reason=reason)
+                self._reconfig(False, secs)
+                self.last_error = str(exc)
+                raise UnavailableError(str(exc)) from exc
+            secs = time.perf_counter() - t0
+            self.store.save_plan(plan, "current", "ready", reason)
+            self.store.save_plan(plan, "last_good", "ready", reason)
+            self.store.prune_plans()
+            served = {m.name for _, p in plan.partitions() for m in p.models}
+            for r in self.store.models():
+                if r.name in served and r.status != READY:
+                    self.store.set_model_status(r.name, READY, "serving")
+                elif r.status == READY and r.name not in served:
+                    self.store.set_model_status(r.name, PENDING, "not in the current plan")
+            self.store.log_event(
+                "apply",
+                f"applied a {plan.policy} plan ({reason}): {len(rec.started)} started, "
+                f"{len(rec.stopped)} stopped, {len(rec.kept)} kept in {secs:.2f} s",
+                reason=reason,
+                changes=plan.info.get("changes"),
+            )
+            self._reconfig(True, secs)
+            return plan
+
+    def _reconfig(self, ok: bool, secs: float) -> None:
+        if self.observer.on_reconfig is not None:
+            self.observer.on_reconfig(ok, secs)
+
+    def replan(
+        self,
+        rates: Mapping[str, float] | None = None,
+        *,
+        reason: str,
+        policy: str | None = None,
+    ) -> Plan:
+        """Plan and apply. A plan that drops a live model entirely is not applied."""
+        with self._lock:
+            plan = self.plan(self._merged_rates(rates), policy=policy)
+            missing = [
+                n
+                for n in self.planned_rates()
+                if plan.served_rate(n) <= 0 and self.planned_rates()[n] > 0
+            ]
+            if missing:
+                why = "; ".join(u.reason for u in plan.unserved) or "not placed"
+                raise ConflictError(
+                    f"the {plan.policy} plan would serve none of {', '.join(missing)}: {why}"
+                )
+            return self.apply(plan, reason)
+
+    # ------------------------------------------------------------------ models
+    def models(self) -> list[ModelRecord]:
+        return self.store.models()
+
+    def get(self, name: str) -> ModelRecord:
+        rec = self.store.get_model(name)
+        if rec is None:
+            raise NotFoundError(f"no model {name!r} is registered")
+        return rec
+
+    def validate(self, spec: Mapping[str, Any]) -> None:
+        """Checks that need the node: the runtime knows the model; a file is in model_dir."""
+        from stgs.runtime.models import model_entry
+
+        source = str(spec.get("source") or f"builtin:{spec['name']}")
+        kind, _, target = source.partition(":")
+        if kind == "file":
+            resolve_model_file(self.cfg.paths.model_dir, target)
+            raise ConfigError(
+                f"model file {target!r} is in the model directory, but the serving runtime loads"
+                " built-in and torchvision models only for now; register it by its built-in name"
+            )
+        if kind != "builtin":
+            raise ConfigError(f"source {source!r}: expected builtin:<name> or file:<path>")
+        if target != spec["name"]:
+            raise ConfigError(
+                f"source {source!r}: a built-in model is served under its own name"
+                f" (name {target!r})"
+            )
+        entry = model_entry(target)  # ConfigError for unknown names
+        inputs = spec.get("inputs") or []
+        if inputs:
+            want = entry.input_shape
+            shape = tuple(int(d) for d in inputs[0]["shape"])
+            if want is not None and shape != want:
+                raise ConfigError(
+                    f"input shape {list(shape)} does not match {target}'s sample shape {list(want)}"
+                )
+
+    def register(self, spec: Mapping[str, Any]) -> tuple[ModelRecord, bool]:
+        """Register a model. Returns (record, done): done False while it profiles.
+
+        Raises ConflictError (already registered), RefusedError (admission control),
+        ConfigError (invalid), UnavailableError (the plan could not be applied).
+        """
+        name = str(spec["name"])
+        self.validate(spec)
+        with self._lock:
+            old = self.store.get_model(name)
+            if old is not None and old.status not in (REFUSED, FAILED):
+                raise ConflictError(
+                    f"model {name!r} is already registered ({old.status}); delete it first"
+                )
+            self.runtime.slos[name] = float(spec["slo_ms"])
+            if not self.has_profile(name):
+                if self.profiler is None:
+                    raise ConfigError(f"no profile for {name!r} on {', '.join(self.skus())}")
+                self.store.put_model(name, spec, PROFILING, "queued")
+                self.store.log_event("register", f"model {name}: profiling", model=name)
+                self._start_profiling(name)
+                return self.get(name), False
+            self.store.put_model(name, spec, PENDING, "admission")
+            self.store.log_event("register", f"model {name}", model=name)
+            self._admit(name)
+            return self.get(name), True
+
+    def _admit(self, name: str) -> None:
+        """Admission control, then plan and apply; the outcome is the model's status."""
+        with self._lock:
+            rec = self.get(name)
+            if rec.status != PENDING:
+                self.store.set_model_status(name, PENDING, "admission control")
+            try:
+                plan = self.plan()
+            except ConfigError as exc:
+                self.store.set_model_status(name, REFUSED, str(exc))
+                raise RefusedError(str(exc)) from exc
+            mine = [u for u in plan.unserved if u.name == name]
+            others = [u for u in plan.unserved if u.name != name]
+            if mine or others or plan.served_rate(name) <= 0:
+                if mine:
+                    why = mine[0].reason
+                elif others:
+                    why = "admitting it would leave others unserved: " + "; ".join(
+                        f"{u.name}: {u.reason}" for u in others
+                    )
+                else:
+                    why = "the planner did not place it"
+                self.store.set_model_status(name, REFUSED, why)
+                self.store.log_event("refused", f"model {name}: {why}", model=name)
+                raise RefusedError(f"model {name!r} refused: {why}")
+            try:
+                self.apply(plan, f"register {name}")
+            except UnavailableError as exc:
+                self.store.set_model_status(name, FAILED, str(exc))
+                raise
+
+    def _start_profiling(self, name: str) -> None:
+        if not self.background:
+            self._profile(name)
+            return
+        t = threading.Thread(target=self._profile, args=(name,), name=f"profile-{name}")
+        t.daemon = True
+        self._threads.append(t)
+        t.start()
+
+    def _profile(self, name: str) -> None:
+        """Background: profile ``name`` on every SKU of the node, then admit it."""
+        assert self.profiler is not None
+        try:
+            for sku in self.skus():
+                if self.store.get_model(name) is None:
+                    return  # deleted meanwhile
+                self.store.set_model_status(name, PROFILING, f"measuring on {sku}")
+                rows = self.profiler(name, sku)
+                if not rows:
+                    raise ProfileError(f"profiling {name} on {sku} measured nothing")
+                self.store.put_profiles(rows)
+                self.store.log_event("profiled", f"{name} on {sku}: {len(rows)} rows", model=name)
+        except Exception as exc:  # a background task: record every failure, never raise
+            log.warning("profiling %s failed: %s", name, exc)
+            if self.store.get_model(name) is not None:
+                self.store.set_model_status(name, FAILED, f"profiling failed: {exc}")
+            self.store.log_event("profile_failed", f"{name}: {exc}", model=name)
+            return
+        if self.store.get_model(name) is None:
+            return
+        self.store.set_model_status(name, PROFILING, "profiled; admission control")
+        try:
+            self._admit(name)
+        except StgsError as exc:
+            log.info("model %s not admitted: %s", name, exc)
+        except Exception as exc:
+            log.exception("admitting %s failed", name)
+            self.store.set_model_status(name, FAILED, f"admission failed: {exc}")
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            rec = self.get(name)
+            self.store.delete_model(name)
+            self.runtime.slos.pop(name, None)
+            self.store.log_event("delete", f"model {name}", model=name)
+            cur = self.runtime.current_plan
+            if rec.status in LIVE and cur is not None and cur.served_rate(name) > 0:
+                self.apply(self.plan(), f"delete {name}")
+
+    def wait_background(self, timeout_s: float = 60.0) -> None:
+        """Join the profiling threads (tests, shutdown)."""
+        end = time.monotonic() + timeout_s
+        for t in list(self._threads):
+            t.join(max(0.0, end - time.monotonic()))
+
+    # ------------------------------------------------------------------ restart
+    def restore(self) -> None:
+        """At start: the registered models serve again (the last good plan, else a new one)."""
+        models = self.store.models()
+        for r in models:
+            self.runtime.slos[r.name] = float(r.spec["slo_ms"])
+        found = self._observed_layout()
+        self.store.log_event("start", f"daemon start; node: {found}", node=found)
+        live = {r.name for r in models if r.status in LIVE}
+        good = self.store.latest_plan("last_good")
+        with self._lock:
+            if good is not None and live:
+                names = {m.name for _, p in good.plan.partitions() for m in p.models}
+                if names <= live:
+                    try:
+                        self.apply(good.plan, "restart: last good plan")
+                    except (UnavailableError, ConfigError) as exc:
+                        log.warning("last good plan did not apply: %s", exc)
+            cur = self.runtime.current_plan
+            if live and (cur is None or any(cur.served_rate(n) <= 0 for n in live)):
+                try:
+                    self.replan(reason="restart: rebuild")
+                except StgsError as exc:
+                    log.warning("rebuild at start failed: %s", exc)
+                    self.last_error = str(exc)
+                    self.store.log_event("restore_failed", str(exc))
+        for r in models:
+            if r.status == PROFILING:
+                self._start_profiling(r.name)
+        self.restored = True
+
+    def _observed_layout(self) -> list[dict[str, Any]]:
+        out = []
+        for info in self.backend.gpus():
+            layout: Iterable[Any] = ()
+            if info.mig_enabled and info.healthy:
+                try:
+                    layout = self.backend.mig_layout(info.index)
+                except StgsError:
+                    layout = ()
+            out.append(
+                {"gpu": info.index, "mig": info.mig_enabled, "layout": [str(p) for p in layout]}
+            )
+        return out
+
+    # ------------------------------------------------------------------ serving
+    def model_ready(self, name: str) -> bool:
+        return any(
+            p.state is PartitionState.READY and name in p.rates
+            for p in list(self.runtime.partitions.values())
+        )
+
+    def infer(self, name: str, samples: list[np.ndarray], timeout_s: float = 30.0) -> list[Any]:
+        """Run ``samples`` (one array per sample) through the model; ServingError on failure."""
+        slo_ms = self.runtime.slos.get(name)
+        t0 = time.perf_counter()
+        self.inflight.add(name, len(samples))
+        ok = False
+        kind = ""
+        try:
+            futs = [self._submit(name, s) for s in samples]
+            out = [f.result(timeout_s) for f in futs]
+            ok = True
+            return out
+        except StgsError as exc:
+            kind = type(exc).__name__
+            raise
+        except TimeoutError:
+            kind = "Timeout"
+            raise
+        finally:
+            self.inflight.add(name, -len(samples))
+            secs = time.perf_counter() - t0
+            if self.observer.on_request is not None:
+                met = ok and (slo_ms is None or secs * 1000.0 <= slo_ms)
+                self.observer.on_request(name, len(samples), secs, met, kind)
+
+    def _submit(self, name: str, sample: np.ndarray) -> Future[Any]:
+        """Submit; while a live model has no ready worker (a transition that had to stop its
+        old partition before the new one was ready), wait up to NO_WORKER_WAIT_S for one."""
+        end = time.monotonic() + NO_WORKER_WAIT_S
+        while True:
+            fut = self.runtime.submit(name, sample)
+            if not (fut.done() and isinstance(fut.exception(), NoWorkerError)):
+                return fut
+            rec = self.store.get_model(name)
+            if rec is None or rec.status not in LIVE or time.monotonic() > end:
+                return fut
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.wait_background(1.0)
