@@ -25,6 +25,7 @@ from partitioner.policies import get_policy, policy_names
 from partitioner.policies.optimal import exact_peak
 from partitioner.problem import Problem
 from stgs.errors import PlanningError
+from stgs.profiles import default_profiles_path
 from stgs.scenario import scenario_from_mapping
 
 ZOO = [
@@ -133,13 +134,61 @@ def scenarios(quick: bool) -> list[Case]:
     return cases[:6] if quick else cases
 
 
-def timing_case(n_models: int, n_gpus: int, seed: int) -> Problem:
+def measured_scenarios(quick: bool, sku: str, profiles: str | None) -> list[Case]:
+    """The same shapes of mix on the GPU the shipped profiles were measured on (MIG on and off).
+
+    ``profiles``: a profile CSV (None: the shipped default); its interference companion is read
+    when the scenario names none (see stgs.scenario)."""
+    rng = random.Random(20261122)
+
+    def g(count: int, mig: bool = True) -> dict[str, object]:
+        return {"sku": sku, "count": count, "mig": mig}
+
+    def tight(ms: list[dict[str, object]], slo: float) -> list[dict[str, object]]:
+        return [{**m, "slo_ms": min(float(m["slo_ms"]), slo)} for m in ms]  # type: ignore[arg-type]
+
+    cases = [
+        Case("small-1xMIG-3m", {"gpus": [g(1)], "models": _models(rng, 3, 10, 300)}, small=True),
+        Case("small-1xnoMIG-3m", {"gpus": [g(1, False)], "models": _models(rng, 3, 10, 300)},
+             small=True),
+        Case("small-1xMIG-2m-tight", {"gpus": [g(1)],
+             "models": tight(_models(rng, 2, 10, 800), 25)}, small=True),
+        Case("small-1xnoMIG-4m-tight", {"gpus": [g(1, False)],
+             "models": tight(_models(rng, 4, 10, 500), 30)}, small=True),
+        Case("small-2xnoMIG-4m", {"gpus": [g(2, False)], "models": _models(rng, 4, 10, 600)},
+             small=True),
+        Case("mixed-2xMIG-6m", {"gpus": [g(2)], "models": _models(rng, 6, 10, 2000)}),
+        Case("mixed-4xMIG-10m", {"gpus": [g(4)], "models": _models(rng, 10, 10, 5000)}),
+        Case("hetero-2xMIG+2xnoMIG-12m", {"gpus": [g(2), g(2, False)],
+             "models": _models(rng, 12, 10, 3000)}),
+        Case("tight-4xnoMIG-8m", {"gpus": [g(4, False)],
+             "models": tight(_models(rng, 8, 10, 2000), 30)}),
+        Case("many-small-8xMIG-24m", {"gpus": [g(8)], "models": _models(rng, 24, 10, 400)}),
+        Case("big-16x-30m", {"gpus": [g(8), g(8, False)], "models": _models(rng, 30, 10, 5000)}),
+    ]  # fmt: skip
+    if profiles is not None:
+        for c in cases:
+            c.data["profiles"] = profiles
+    return cases[:6] if quick else cases
+
+
+def timing_case(
+    n_models: int, n_gpus: int, seed: int, sku: str | None = None, profiles: str | None = None
+) -> Problem:
+    """Half the GPUs with MIG, half without: ``sku`` for both (measured set), or H100 with MIG
+    and H200 without (synthetic set, ``sku=None``, example profiles)."""
     rng = random.Random(seed)
-    data = {
-        "gpus": [{"sku": "H100-80GB", "count": n_gpus // 2},
-                 {"sku": "H200-141GB", "count": n_gpus - n_gpus // 2, "mig": False}],
+    data: dict[str, object] = {
+        "gpus": [{"sku": sku or "H100-80GB", "count": n_gpus // 2},
+                 {"sku": sku or "H200-141GB", "count": n_gpus - n_gpus // 2, "mig": False}],
         "models": _models(rng, n_models, 10, 5000),
     }  # fmt: skip
+    if sku is None:
+        data_dir = default_profiles_path().parent
+        data["profiles"] = str(data_dir / "example-profiles.csv")
+        data["interference"] = str(data_dir / "example-interference.csv")
+    elif profiles is not None:
+        data["profiles"] = profiles
     prob = Problem.from_scenario(scenario_from_mapping(data))
     # scale to a load the GPUs can just carry (70% of the classic fluid bound: any batch)
     k = 0.7 * fluid_bound(prob, rate_aware=False)
@@ -156,6 +205,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer scenarios, no large timing case")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--optimal-limit", type=float, default=60.0, help="MILP time limit (s)")
+    ap.add_argument(
+        "--set",
+        choices=["measured", "synthetic"],
+        default="measured",
+        help="measured: scenarios on the GPU of the shipped measured profiles (default);"
+        " synthetic: the example profiles' mix of L4, A100, H100, H200",
+    )
+    ap.add_argument("--sku", default="H100-80GB", help="GPU of the measured set")
+    ap.add_argument("--profiles", help="profile CSV for the measured set (default: shipped)")
     args = ap.parse_args()
 
     print(
@@ -164,7 +222,16 @@ def main() -> int:
     )
     pols = HEURISTICS + (["optimal"] if "optimal" in policy_names() else [])
     rows = []
-    for case in scenarios(args.quick):
+    if args.set == "measured":
+        cases = measured_scenarios(args.quick, args.sku, args.profiles)
+    else:
+        cases = scenarios(args.quick)
+        data_dir = default_profiles_path().parent
+        for c in cases:
+            c.data["profiles"] = str(data_dir / "example-profiles.csv")
+            c.data["interference"] = str(data_dir / "example-interference.csv")
+    print(f"# scenario set: {args.set}" + (f" ({args.sku})" if args.set == "measured" else ""))
+    for case in cases:
         prob = Problem.from_scenario(scenario_from_mapping(case.data))
         bound = fluid_bound(prob)
         row: dict[str, object] = {
@@ -280,7 +347,10 @@ def main() -> int:
     sizes = [(10, 4), (50, 16)] + ([] if args.quick else [(500, 64)])
     timing = []
     for n_models, n_gpus in sizes:
-        prob = timing_case(n_models, n_gpus, seed=n_models)
+        if args.set == "measured":
+            prob = timing_case(n_models, n_gpus, n_models, args.sku, args.profiles)
+        else:
+            prob = timing_case(n_models, n_gpus, n_models)
         pol = get_policy("stgs")
         ts = []
         for _ in range(5 if n_models < 500 else 3):

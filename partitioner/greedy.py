@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from partitioner.fluid import best_shape, split_rates
+from partitioner.fluid import split_rates
 from partitioner.packing import GpuBin, Instance
 from partitioner.problem import Curve, Problem, Schedule, Shape, schedule
 from stgs.catalog import get_sku
@@ -90,11 +90,22 @@ class Greedy:
 
     # ------------------------------------------------------------------ helpers
     def _best(self, m: ModelSpec, t: GpuSpec) -> tuple[float, Shape | None]:
-        """(packing weight per request/s, shape) of ``m``'s cheapest shape on ``t`` (cached)."""
+        """(packing weight per request/s, shape) of ``m``'s cheapest shape on ``t`` (cached).
+
+        The weight is the shape's *packing* weight (``_pack_weight``): copies of an MPS share
+        that leave a sliver of their GPU or MIG instance unused are charged part of it."""
         key = (m.name, t)
         got = self._best_cache.get(key)
         if got is None:
-            got = self._best_cache[key] = best_shape(self.p, m, t, self.types[t].shapes)
+            best: tuple[float, Shape | None] = (math.inf, None)
+            for shape in self.types[t].shapes:
+                c = self._curve(m, t, shape)
+                if c is None:
+                    continue
+                cost = _pack_weight(t, shape) / c.max_rps
+                if cost < best[0] - 1e-15:
+                    best = (cost, shape)
+            got = self._best_cache[key] = best
         return got
 
     def _curve(self, m: ModelSpec, t: GpuSpec, s: Shape) -> Curve | None:
@@ -579,6 +590,31 @@ class Greedy:
             mig_start=part.instance.start if part.instance is not None else None,
             mps_pct=shape.mps_pct,
         )
+
+
+PACK_WASTE_COST = 0.5  # share of an MPS container's unusable remainder charged to each copy
+
+
+def _pack_weight(t: GpuSpec, shape: Shape) -> float:
+    """What one copy of ``shape`` costs when a model's dedicated copies fill their container.
+
+    ``c = floor(100 / pct)`` copies of an MPS share fit in a MIG instance; the rest of the
+    instance, ``1 - c pct / 100`` of it, only takes smaller shares of that same instance, so
+    each copy is charged ``PACK_WASTE_COST`` of its part of that remainder: an 87% share of a
+    3g instance costs more than its 43.5% of the GPU, a 50% or 25% share nothing more. A
+    flat MPS share's remainder is open to every other model's partitions on the GPU (measured:
+    charging it too left more rate unserved on large mixes), so it is charged nothing.
+    """
+    if shape.kind != "mps" or not shape.mps_pct or shape.mig_profile is None:
+        return shape.weight
+    sku = get_sku(t.sku)
+    prof = sku.mig_profile(shape.mig_profile)
+    container = max(
+        prof.compute_slices / sku.compute_slices, prof.memory_slices / sku.memory_slices
+    )
+    copies = max(1, 100 // shape.mps_pct)
+    rest = max(0.0, 1.0 - copies * shape.mps_pct / 100.0)
+    return shape.weight + PACK_WASTE_COST * container * rest / copies
 
 
 def _with_rate(
