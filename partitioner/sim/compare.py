@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
 from partitioner.sim.config import SimOptions
-from partitioner.sim.run import fit_noise, simulate
+from partitioner.sim.run import fit_noise, fresh_problem, simulate
 from partitioner.sim.workload import WorkloadSpec, generate, trace_rates
 from stgs.errors import ConfigError
 from stgs.profiles import default_profiles_path
@@ -222,7 +222,9 @@ def run_cell(exp: Experiment, cell: Cell) -> list[dict[str, Any]]:
     policy = get_policy(cell.policy)
     noise = fit_noise(sc.profiles or default_profiles_path(), opts.default_sigma)
     t0 = time.perf_counter()
-    plan = policy.plan(prob.with_models([replace(m, rate_rps=base[m.name]) for m in prob.models]))
+    plan = policy.plan(
+        fresh_problem(prob, [replace(m, rate_rps=base[m.name]) for m in prob.models])
+    )
     plan_s = time.perf_counter() - t0
     rows = []
     for seed in exp.spec.seeds:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from partitioner.sim.workload import FloatArray
 from stgs.errors import ProfileError
 from stgs.plan import Plan
 from stgs.profiles import normalise_gpu
+from stgs.types import ModelSpec
 
 _Z99 = 2.3263478740408408  # the standard normal's 99th percentile
 
@@ -49,6 +50,19 @@ def fit_noise(profiles: Path | None, default_sigma: float) -> NoiseModel:
     return NoiseModel({k: statistics.median(v) for k, v in per.items()}, default_sigma)
 
 
+def fresh_problem(problem: Problem, models: Sequence[ModelSpec] | None = None) -> Problem:
+    """The same GPUs and latency functions with an empty curve cache: a run's plans must not
+    depend on what other runs in the same process planned before (same seed, same results)."""
+    return Problem(
+        problem.gpus,
+        tuple(models if models is not None else problem.models),
+        problem.latency,
+        problem.interference,
+        problem.headroom,
+        problem.options,
+    )
+
+
 def simulate(
     problem: Problem,
     policy: Policy,
@@ -62,7 +76,7 @@ def simulate(
 ) -> tuple[SimResult, RunMetrics]:
     """Plan ``base_rates`` with ``policy`` (unless ``plan`` is given) and simulate."""
     models = [replace(m, rate_rps=float(base_rates.get(m.name, 0.0))) for m in problem.models]
-    prob = problem.with_models(models)
+    prob = fresh_problem(problem, models)
     first = plan if plan is not None else policy.plan(prob)
 
     def replan(rates: Mapping[str, float], current: Plan) -> Plan:

@@ -1,0 +1,60 @@
+"""Simulator speed: requests simulated per minute of wall time, on one core.
+
+    .venv/bin/python benchmarks/simulator.py [--duration 60] [--loads 1 2 3]
+
+Plans the embedded example scenario (2x H100 + 1x H200, eight models) with each policy once,
+then times ``Simulator.run`` alone (arrivals generated beforehand, planning not timed) under
+Poisson arrivals at each load factor, and prints a table. Target (issue #6): >= 1,000,000
+requests per minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import replace
+from datetime import date
+from importlib.resources import files
+from pathlib import Path
+
+from partitioner.policies import get_policy
+from partitioner.problem import Problem
+from partitioner.sim import SimOptions, Simulator, WorkloadSpec, compute_metrics, generate
+from stgs.scenario import load_scenario
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, default=60.0, help="simulated seconds per run")
+    ap.add_argument("--loads", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    ap.add_argument("--policies", nargs="+", default=["stgs", "temporal", "mig-only", "mps-only"])
+    args = ap.parse_args()
+    sc = load_scenario(Path(str(files("stgs") / "data" / "example-scenario.yaml")))
+    prob = Problem.from_scenario(sc)
+    print(f"# simulator benchmark · {date.today()} · python {platform.python_version()} · 1 core")
+    print(f"# example scenario, Poisson arrivals, {args.duration:g} simulated s per run\n")
+    print("| policy | load | requests | SLO att. | wall s | requests/min |")
+    print("|---|---|---|---|---|---|")
+    tot_n, tot_s = 0, 0.0
+    for pol in args.policies:
+        policy = get_policy(pol)
+        for load in args.loads:
+            rates = {m.name: m.rate_rps * load for m in sc.models}
+            p = prob.with_models([replace(m, rate_rps=rates[m.name]) for m in prob.models])
+            plan = policy.plan(p)
+            arr = generate(WorkloadSpec(name="poisson"), rates, args.duration, seed=0)
+            sim = Simulator(p, plan, arr, SimOptions(duration_s=args.duration), seed=0)
+            t0 = time.perf_counter()
+            res = sim.run()
+            dt = time.perf_counter() - t0
+            n = int(res.arrival_ms.size)
+            att = compute_metrics(res).summary["slo_attainment"]
+            tot_n += n
+            tot_s += dt
+            print(f"| {pol} | {load:g} | {n} | {att:.4f} | {dt:.3f} | {n / dt * 60:,.0f} |")
+    print(f"| **all** | | {tot_n} | | {tot_s:.3f} | **{tot_n / tot_s * 60:,.0f}** |")
+
+
+if __name__ == "__main__":
+    main()
