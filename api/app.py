@@ -229,6 +229,8 @@ def create_app(
         spec = model.model_dump()
         spec["source"] = spec["source"] or f"builtin:{model.name}"
         rec, _ = await run_in_threadpool(svc.register, spec)
+        if rec.status == "refused":  # profiled inline, then refused
+            raise RefusedError(f"model {rec.name!r} refused: {rec.detail}")
         if rec.status == "profiling":
             response.status_code = 202
         return _model_out(svc, rec)
