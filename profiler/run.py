@@ -1,13 +1,17 @@
 """The orchestrator of ``stgs profile``: points -> workers -> rows, resumable, failure-tolerant.
 
 For each model (in the order given) it measures every partition and batch that ``--out`` does
-not have yet: ``full`` and green contexts in one plain worker process, each MPS share in its own
-client process under an MPS control daemon (started with private directories and quit at the
-end), each existing MIG instance in a process pinned to it. Workers live for the whole run, one
-model loaded at a time; a worker that crashes or hangs costs the point it was measuring, is
-restarted, and the run goes on. Rows are appended and flushed as they are measured; failures go
-to the side file (see :mod:`profiler.output`). With ``interference``, pairs of models then run
-side by side in two MPS clients (solo, then together) and the companion CSV gets a row for each.
+not have yet: ``full`` in a plain worker process, each green context in its own process (made
+current once, for the process's whole life: measured on the H100, a process that switched
+between green contexts reused cuDNN plans chosen in another context, which then ran slowly or
+failed with CUDNN_STATUS_EXECUTION_FAILED), each MPS share in its own client process under an
+MPS control daemon (started with private directories and quit at the end), each existing MIG
+instance in a process pinned to it. Workers live for the whole run, one model loaded at a time.
+A point that fails is retried once, after the other points of its model, in a fresh worker; a
+worker that crashes or hangs costs the point it was measuring and is restarted. Rows are
+appended and flushed as they are measured; failures go to the side file (see
+:mod:`profiler.output`). With ``interference``, pairs of models then run side by side in two
+MPS clients (solo, then together) and the companion CSV gets a row for each.
 
 No torch here: everything that touches the GPU runs in the workers.
 """
@@ -119,6 +123,7 @@ class _Run:
         self.failures: CsvAppender | None = None
         self.rows: CsvAppender | None = None
         self.specs = {m.name: m for m in cfg.models}
+        self.retry: list[Point] | None = None
 
     # --- workers ----------------------------------------------------------------------
 
@@ -136,7 +141,12 @@ class _Run:
             return env
         if key[0] == "mig":
             return visible_devices_env(key[1])
-        return visible_devices_env(self.cfg.device)
+        env = visible_devices_env(self.cfg.device)
+        if key[0] == "green":
+            from profiler.worker import GREEN_ENV
+
+            env[GREEN_ENV] = key[1]
+        return env
 
     def worker(self, key: WorkerKey) -> Any:
         w = self.workers.get(key)
@@ -250,11 +260,16 @@ class _Run:
             return ("mps", arg, "0")
         if kind == "mig":
             return ("mig", self.mig[arg])
+        if kind == "green":
+            return ("green", arg)
         return ("plain",)
 
     # --- the profile grid -------------------------------------------------------------
 
     def fail(self, p: Point, error: str) -> None:
+        if self.retry is not None:  # a first attempt: retried after the model's other points
+            self.retry.append(p)
+            return
         self.s.failed += 1
         if self.failures is None:
             assert self.s.failures_out is not None
@@ -343,10 +358,17 @@ class _Run:
                         self.fail(p, f"{type(exc).__name__}: {exc}")
                     self.progress.advance(task, len(gpts))
                     continue
+                self.retry = []
                 for p in gpts:
                     self.progress.update(task, description=f"{p.model} {p.partition} b={p.batch}")
                     self.measure(p)
                     self.progress.advance(task)
+                again, self.retry = self.retry, None
+                if again:  # once more, in a fresh worker
+                    self.drop(key)
+                    for p in again:
+                        self.progress.update(task, description=f"{p.model} {p.partition} retry")
+                        self.measure(p)
                 self.unload(key)
             self.s.seconds_per_model[model] = time.monotonic() - t0
         self.progress.update(task, description="profiled")

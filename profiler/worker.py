@@ -1,8 +1,9 @@
 """A measuring process: ``python -m profiler.worker`` speaks JSON lines on stdin/stdout.
 
 One worker holds one CUDA context (or runs on the CPU) in the environment it was started with
-(plain, an MPS client at a share, or one MIG device); the orchestrator (:mod:`profiler.run`)
-keeps one per partition environment. Requests and replies, one JSON object a line:
+(plain, a green context of N SMs, an MPS client at a share, or one MIG device); the
+orchestrator (:mod:`profiler.run`) keeps one per partition environment. Requests and
+replies, one JSON object a line:
 
 * ``{"op": "info"}`` -> device name, SM count, memory, torch version, compute capability;
 * ``{"op": "load", "spec": {...}, "dtype": "fp16"}`` -> builds the model (replacing any other);
@@ -39,6 +40,8 @@ from profiler.measure import (
 from profiler.models import ModelSpec, build_model
 
 DTYPES = ("fp16", "bf16", "fp32")
+GREEN_ENV = "STGS_PROFILER_GREEN_SMS"
+"""Set by the orchestrator: this worker runs inside a green context of that many SMs."""
 
 
 def _torch_dtype(name: str) -> Any:
@@ -75,10 +78,20 @@ class WorkerState:
         self.make_input: Any = None
         self.model_name: str | None = None
         self.weights_mib = 0.0
-        self.green: dict[int, Any] = {}
         self.prepared: Prepared | None = None
-        self.prepared_green: Any = None
+        # A green-context worker makes its context current once, for its whole life: streams,
+        # library handles and cuDNN's cached plans are then all made inside it.
+        self.green_sms: int | None = None
         self._stream: Any = None
+        green = os.environ.get(GREEN_ENV)
+        if green and self.cuda:
+            from torch.cuda.green_contexts import GreenContext
+
+            self.green_sms = int(green)
+            self._green = GreenContext.create(num_sms=self.green_sms, device_id=0)
+            self._green.set_context()
+            stream = self._green.Stream() if hasattr(self._green, "Stream") else None
+            self._stream = stream if stream is not None else torch.cuda.current_stream()
 
     # --- requests ---------------------------------------------------------------------
 
@@ -126,25 +139,19 @@ class WorkerState:
             self.torch.cuda.empty_cache()
         return {}
 
-    def _stream_for(self, partition: str) -> tuple[Any, Any, int]:
-        """(stream, green context or None, SM count) for a partition."""
+    def _stream_for(self, partition: str) -> tuple[Any, int]:
+        """(stream, SM count) for a partition; it must be this worker's own."""
         torch = self.torch
         kind, _, arg = partition.partition(":")
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         if kind == "green":
-            n = int(arg)
-            gc = self.green.get(n)
-            if gc is None:
-                from torch.cuda.green_contexts import GreenContext
-
-                gc = GreenContext.create(num_sms=n, device_id=self.device.index or 0)
-                self.green[n] = gc
-            gc.set_context()
-            stream = gc.Stream() if hasattr(gc, "Stream") else torch.cuda.current_stream()
-            return stream, gc, n
+            if self.green_sms != int(arg):
+                raise RuntimeError(f"{partition} asked of a worker for green:{self.green_sms}")
+            return self._stream, self.green_sms
+        if self.green_sms is not None:
+            raise RuntimeError(f"{partition} asked of a green-context worker")
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        return self._stream, None, sms
+        return self._stream, torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def measure(self, partition: str, batch: int, timing: dict[str, Any]) -> dict[str, Any]:
         if self.model is None:
@@ -157,20 +164,8 @@ class WorkerState:
             m = measure_cpu(self.model, self.make_input, batch, opts)
             sms = max(1, self.torch.get_num_threads())
         else:
-            stream, gc, sms = self._stream_for(partition)
-            try:
-                try:
-                    m = measure_cuda(self.model, self.make_input, batch, opts, stream)
-                except RuntimeError as exc:
-                    if "cuDNN error" not in str(exc):
-                        raise
-                    # seen inside green contexts at large batches: let cuDNN pick its
-                    # algorithms by benchmarking, once
-                    with self.torch.backends.cudnn.flags(enabled=True, benchmark=True):
-                        m = measure_cuda(self.model, self.make_input, batch, opts, stream)
-            finally:
-                if gc is not None:
-                    gc.pop_context()
+            stream, sms = self._stream_for(partition)
+            m = measure_cuda(self.model, self.make_input, batch, opts, stream)
         out = asdict(m)
         out["memory_mib"] += self.weights_mib
         out.pop("samples_ms")
@@ -181,29 +176,17 @@ class WorkerState:
         if self.model is None or not self.cuda:
             raise RuntimeError("prepare needs a loaded model on a GPU")
         self.prepared = None
-        stream, gc, sms = self._stream_for(partition)
-        self.prepared_green = gc
-        try:
-            self.prepared = prepare_cuda(
-                self.model, self.make_input, batch, TimingOptions(**timing), stream
-            )
-        finally:
-            if gc is not None:
-                gc.pop_context()
+        stream, sms = self._stream_for(partition)
+        self.prepared = prepare_cuda(
+            self.model, self.make_input, batch, TimingOptions(**timing), stream
+        )
         return {"graph": self.prepared.kind, "sm_count": sms}
 
     def run_for(self, seconds: float) -> dict[str, Any]:
         if self.prepared is None:
             raise RuntimeError("nothing prepared")
-        gc = self.prepared_green
-        if gc is not None:
-            gc.set_context()
-        try:
-            with self.torch.inference_mode():
-                samples = run_for(self.prepared.run, self.prepared.stream, seconds)
-        finally:
-            if gc is not None:
-                gc.pop_context()
+        with self.torch.inference_mode():
+            samples = run_for(self.prepared.run, self.prepared.stream, seconds)
         med, p99 = summarise(samples)
         return {"median_ms": med, "p99_ms": p99, "iters": len(samples)}
 

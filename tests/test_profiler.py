@@ -295,11 +295,29 @@ def test_failures_are_recorded_and_retried(tmp_path: Path, fake_mps: None) -> No
     assert (s.measured, s.failed) == (7, 2)
     text = failures_path(tmp_path / "p.csv").read_text()
     assert "cuDNN error" in text and "WorkerDied" in text
-    # the crashed plain worker was replaced and the model reloaded in the new one
-    assert len([w for w in fac.workers if "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in w.env]) == 2
+    # the crashed plain worker was replaced and the model reloaded in the new one; each failed
+    # point was retried once in a fresh worker (and failed again)
+    special = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "STGS_PROFILER_GREEN_SMS"}
+    plain = [w for w in fac.workers if not special & set(w.env)]
+    assert len(plain) == 3
+    assert len([w for w in fac.workers if w.env.get("STGS_PROFILER_GREEN_SMS") == "16"]) == 2
     # a second run measures only the two failed points
     s2 = run_profile(_cfg(tmp_path, "resnet50"), factory=_factory([]))
     assert (s2.measured, s2.skipped, s2.failed) == (2, 7, 0)
+
+
+def test_a_failed_point_is_retried_once(tmp_path: Path, fake_mps: None) -> None:
+    flaky = {"error": "resnet50/green:16/32"}
+
+    class Flaky(FakeWorker):
+        def request(self, msg: Mapping[str, Any], timeout_s: float) -> dict[str, Any]:
+            r = super().request(msg, timeout_s)
+            if msg["op"] == "measure" and not r["ok"]:
+                flaky.clear()  # succeeds next time
+            return r
+
+    s = run_profile(_cfg(tmp_path, "resnet50"), factory=lambda d, env: Flaky(env, [], flaky))
+    assert (s.measured, s.failed) == (9, 0)
 
 
 def test_model_that_does_not_load_costs_only_its_points(tmp_path: Path, fake_mps: None) -> None:
