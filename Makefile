@@ -17,9 +17,11 @@ $(BIN)/stgs: pyproject.toml
 
 setup: $(BIN)/stgs
 
-## Set up, then plan the embedded example scenario (no GPU needed).
+## Set up, plan the embedded example scenario, then run the daemon on the simulated node:
+## register two models over REST, serve KServe v2 inference, stop (no GPU needed).
 demo: setup
 	$(BIN)/stgs plan
+	$(BIN)/python scripts/demo.py
 
 ## Set up, then run every check: ruff, mypy on the core, import-linter, pytest.
 test: setup lint
