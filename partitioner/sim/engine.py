@@ -282,7 +282,10 @@ class Simulator:
                 raise ConfigError(f"no latency function for {spec.profile!r} on {sku}")
             buckets = runtime_buckets(a.batch)
             lat_b = lm.latency_curve(
-                np.asarray(buckets, dtype=np.float64), p.sm_count, mig_profile=mig_profile
+                np.asarray(buckets, dtype=np.float64),
+                p.sm_count,
+                mig_profile=mig_profile,
+                kind=p.kind,  # as the planner predicts it (MPS clients are slower)
             )
             slow = self.problem.interference.slowdown(spec.profile, sku, neighbour)
             by_n = [0.0]
