@@ -160,6 +160,110 @@ class Greedy:
                 )
         return self._assemble()
 
+    def repair(self, current: Plan) -> Plan | None:
+        """The current plan kept in place, with the new rates fitted into it and the free space.
+
+        Every current partition stays where it is (no MIG instance is destroyed, no MPS client
+        restarted) unless no model of it remains; each model's new rate is spread over its
+        current partitions in proportion to the old rates; a partition that cannot hold its
+        share gives up the largest uniform fraction it must, and that rate, with the rates of
+        new models, goes to shared partitions with room or to new partitions in the free
+        space (``_fill_free_space``). None when the plan does not fit these GPUs.
+        """
+        if len(current.gpus) != len(self.p.gpus):
+            return None
+        models = {m.name: m for m in self.p.models}
+        old_rate: dict[str, float] = defaultdict(float)
+        count: dict[str, int] = defaultdict(int)
+        for _, cur in current.partitions():
+            for a in cur.models:
+                old_rate[a.name] += a.rate_rps
+                count[a.name] += 1
+        indices: dict[GpuSpec, list[int]] = defaultdict(list)
+        for i, spec in enumerate(self.p.gpus):
+            indices[spec].append(i)
+        for t, st in self.types.items():
+            st.parts = []
+            st.bins = [GpuBin(t.sku) for _ in indices[t]]
+        residual: list[tuple[ModelSpec, float]] = []
+        for g in current.gpus:
+            t = self.p.gpus[g.index]
+            if g.sku != t.sku or (g.mig and not t.mig):
+                return None
+            st = self.types[t]
+            bi = indices[t].index(g.index)
+            b = st.bins[bi]
+            instances: dict[int, Instance] = {}
+            for p in g.partitions:
+                shape = next(
+                    (
+                        s
+                        for s in self.p.shapes(t)
+                        if s.kind == p.kind
+                        and s.mig_profile == p.mig_profile
+                        and s.mps_pct == p.mps_pct
+                    ),
+                    None,
+                )
+                if shape is None:
+                    return None
+                items = []
+                for a in p.models:
+                    m = models.get(a.name)
+                    if m is None:
+                        continue  # deregistered
+                    share = (
+                        a.rate_rps / old_rate[a.name] if old_rate[a.name] > 0 else 1 / count[a.name]
+                    )
+                    items.append((m, m.rate_rps * share))
+                sched = self._sched(t, shape, items) if items else None
+                if items and sched is None:
+                    lam = self._max_fraction(t, shape, items)
+                    residual.extend((m, r * (1 - lam)) for m, r in items)
+                    items = [(m, r * lam) for m, r in items] if lam > 0 else []
+                    sched = self._sched(t, shape, items) if items else None
+                if not items or sched is None:
+                    residual.extend(items)
+                    continue  # the partition goes; its space is free
+                kept = Part(t, shape, items, sched, shared=self.cfg.time_sharing, bin=bi)
+                if shape.kind == "mig" or shape.in_mig:
+                    start = p.mig_start if p.mig_start is not None else -1
+                    inst = instances.get(start)
+                    if inst is None:
+                        inst = instances[start] = b.take_instance(shape.mig_profile or "", start)
+                    if shape.in_mig:
+                        inst.mps_pcts.append(shape.mps_pct or 100)
+                        kept.pct_index = len(inst.mps_pcts) - 1
+                    kept.instance = inst
+                else:
+                    kept.pct_index = b.take_mps(shape.mps_pct or 100)
+                st.parts.append(kept)
+        for m in self.p.models:
+            if m.name not in old_rate:
+                residual.append((m, m.rate_rps))
+        for m, rate in residual:
+            if rate <= 1e-9:
+                continue
+            rest = self._fill_free_space(m, rate)
+            if rest > 1e-9 * max(1.0, m.rate_rps):
+                self.unserved[m.name].append(
+                    (rest, "insufficient GPU capacity: no free partition can take this rate")
+                )
+        return self._assemble()
+
+    def _max_fraction(
+        self, t: GpuSpec, shape: Shape, items: Sequence[tuple[ModelSpec, float]]
+    ) -> float:
+        """Largest lambda in [0, 1] with every rate scaled by lambda still scheduling."""
+        lo, hi = 0.0, 1.0
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if self._sched(t, shape, [(m, r * mid) for m, r in items]) is not None:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     def _refusal(self, m: ModelSpec) -> str:
         best: tuple[float, str] | None = None
         for t, st in self.types.items():

@@ -159,13 +159,19 @@ def score(plan: Plan, current: Plan, reconfig_cost: float) -> tuple[float, float
     return (unserved, plan.gpus_used + reconfig_cost * diff(current, plan).partitions_changed)
 
 
-def choose_incremental(problem: Problem, current: Plan, fresh: Plan) -> Plan:
-    """Pick between keeping the current layout and the fresh plan, by the reconfiguration-aware
-    score; the chosen plan carries the changes it makes in ``info["changes"]``."""
+def choose_incremental(
+    problem: Problem, current: Plan, fresh: Plan, repaired: Plan | None = None
+) -> Plan:
+    """Pick among keeping the current layout, repairing it (the current partitions kept, the
+    new rates fitted into them and the free space: ``Greedy.repair``) and the fresh plan, by
+    the reconfiguration-aware score; the chosen plan carries the changes it makes in
+    ``info["changes"]``."""
     candidates = [fresh]
     kept = keep_plan(problem, current)
     if kept is not None:
         candidates.append(replace(kept, policy=fresh.policy))
+    if repaired is not None:
+        candidates.append(replace(repaired, policy=fresh.policy))
     cost = problem.options.reconfig_cost
     best = min(candidates, key=lambda p: score(p, current, cost))
     return best.with_info(changes=diff(current, best).to_dict())

@@ -45,5 +45,6 @@ class Stgs(Policy):
         if current is not None:
             from partitioner.replan import choose_incremental
 
-            best = choose_incremental(problem, current, best)
+            repaired = Greedy(problem, VARIANTS[0]).repair(current)
+            best = choose_incremental(problem, current, best, repaired)
         return best
