@@ -30,6 +30,7 @@ from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
 from stgs.profiles import (
     InterferenceRow,
     ProfileTable,
+    default_interference_path,
     default_profiles_path,
     read_interference,
     read_profiles,
@@ -150,7 +151,28 @@ class Curve:
     memory: FloatArray
     slowdown: float
     headroom: float
+    margin_z: float = 0.0  # Poisson batch margin (PlannerOptions.batch_margin_z)
     cycle_cache: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
+
+    @cached_property
+    def capacity(self) -> FloatArray:
+        """Requests a cycle may *expect* at each bucket: the n with n + z sqrt(n) = b."""
+        b = self.buckets.astype(np.float64)
+        z = self.margin_z
+        if z <= 0:
+            return b
+        root = (-z + np.sqrt(z * z + 4.0 * b)) / 2.0
+        return np.asarray(root * root, dtype=np.float64)
+
+    @cached_property
+    def capacity_list(self) -> list[float]:
+        return [float(x) for x in self.capacity]
+
+    def need(self, expected: float) -> float:
+        """The batch a cycle expecting ``expected`` requests needs (margin included)."""
+        if expected <= 0 or self.margin_z <= 0:
+            return expected
+        return expected + self.margin_z * math.sqrt(expected)
 
     @cached_property
     def bucket_list(self) -> list[int]:
@@ -170,7 +192,7 @@ class Curve:
         ok = (2 * self.lat <= self.model.slo_ms + _EPS) & (self.memory <= self.shape.memory_mib)
         if not ok.any():
             return 0.0
-        return float(np.max(1000.0 * self.buckets[ok] / self.lat[ok]))
+        return float(np.max(1000.0 * self.capacity[ok] / self.lat[ok]))
 
     @cached_property
     def cost_per_rps(self) -> float:
@@ -285,6 +307,7 @@ class Problem:
             memory,
             slowdown,
             self.headroom,
+            self.options.batch_margin_z,
         )
         self._curves[key] = c
         return c
@@ -298,7 +321,7 @@ def load_profile_table(path: Path | None) -> ProfileTable:
 
 
 def _shipped_interference() -> list[InterferenceRow]:
-    p = default_profiles_path().with_name("example-interference.csv")
+    p = default_interference_path()
     return list(read_interference(p)) if p.is_file() else []
 
 
@@ -334,9 +357,10 @@ class Schedule:
         )
 
 
-def _bucket_index(curve: Curve, need: float) -> int:
-    """Index of the smallest bucket >= need (len(buckets) when none)."""
-    return bisect.bisect_left(curve.bucket_list, need - 1e-9)
+def _bucket_index(curve: Curve, expected: float) -> int:
+    """Index of the smallest bucket whose capacity covers ``expected`` requests per cycle
+    (len(buckets) when none)."""
+    return bisect.bisect_left(curve.capacity_list, expected - 1e-9)
 
 
 def schedule(items: Sequence[tuple[Curve, float]]) -> Schedule | None:
@@ -364,8 +388,8 @@ def schedule(items: Sequence[tuple[Curve, float]]) -> Schedule | None:
     for curve, rate in items:
         if rate <= 0:
             continue
-        for b in curve.buckets:
-            d = 1000.0 * float(b) / rate
+        for cap in curve.capacity_list:
+            d = 1000.0 * cap / rate
             if d < d_max - 1e-12:
                 cands.append(d)
     for d in sorted(set(cands), reverse=True)[1:]:
@@ -392,8 +416,9 @@ def _max_cycle_uncached(curve: Curve, rate: float) -> float:
     if rate <= 0:
         # batch 1 every cycle; its latency bounds the cycle through the SLO
         return slo - float(curve.lat[0]) if fits[0] else -1.0
-    # bucket b serves d in (1000 * prev / r, 1000 * b / r]: b(d) = smallest bucket >= r d / 1000
-    ub = 1000.0 * curve.buckets / rate
+    # bucket b serves d in (1000 cap(prev) / r, 1000 cap(b) / r]: the smallest bucket whose
+    # capacity (the batch less its Poisson margin) covers the r d / 1000 expected requests
+    ub = 1000.0 * curve.capacity / rate
     lb = np.concatenate(([0.0], ub[:-1]))
     cap = np.minimum(ub, slo - curve.lat)
     ok = (cap > lb + 1e-12) & fits

@@ -1,7 +1,9 @@
 """Scenario files (YAML): the GPUs, the models with their SLOs and rates, and where profiles are.
 
     gpus: [{sku: H100-80GB, count: 2}, {sku: H200-141GB, count: 1, mig: false}]
-    profiles: profiles.csv       # optional, relative to the YAML file; default: shipped profiles
+    profiles: profiles.csv       # optional, relative to the YAML file; default: the shipped
+                                 # measured profiles ($STGS_PROFILES overrides); `example`:
+                                 # the shipped SYNTHETIC example set (every catalog SKU)
     interference: coloc.csv      # optional co-location measurements (see stgs.profiles)
     headroom: 0.1                # optional latency margin (fraction); default 0.1
     models: [{name: resnet50, slo_ms: 50, rate_rps: 800}]
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stgs.catalog import get_sku
 from stgs.errors import ConfigError, UnknownSkuError
+from stgs.profiles import example_interference_path, example_profiles_path
 from stgs.types import GpuSpec, ModelSpec
 
 DEFAULT_HEADROOM = 0.1
@@ -69,6 +72,9 @@ class PlannerOptions(_Strict):
     max_models_per_partition: int = Field(default=8, ge=1, le=64)
     reconfig_cost: float = Field(default=0.05, ge=0)  # GPU-fractions one changed partition costs
     time_limit_s: float = Field(default=30.0, gt=0)  # for the exact solver
+    # Poisson margin on batches: a cycle that expects n requests gets a batch of at least
+    # n + z sqrt(n), so that bursts rarely spill into the next cycle (0: the mean rule b >= n).
+    batch_margin_z: float = Field(default=1.0, ge=0, le=5)
 
     @field_validator("mps_shares")
     @classmethod
@@ -145,6 +151,8 @@ def scenario_from_mapping(
     def resolve(p: str | None) -> Path | None:
         if p is None:
             return None
+        if p == "example":  # the shipped synthetic example set
+            return example_profiles_path()
         path = Path(p)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
@@ -157,7 +165,11 @@ def scenario_from_mapping(
         models=models,
         headroom=sf.headroom,
         profiles=resolve(sf.profiles),
-        interference=resolve(sf.interference),
+        interference=(
+            example_interference_path()
+            if sf.profiles == "example" and sf.interference is None
+            else resolve(sf.interference)
+        ),
         options=sf.planner,
     )
 

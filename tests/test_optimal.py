@@ -87,7 +87,7 @@ def test_registered() -> None:
 @pytest.mark.parametrize(
     ("gpus", "models", "k"),
     [
-        ([{"sku": "L4"}], [RESNET, MOBILENET, BERT], 0.4),
+        ([{"sku": "L4"}], [RESNET, MOBILENET, BERT], 0.3),
         ([{"sku": "H100-80GB"}], [RESNET, MOBILENET], 1.0),
         ([{"sku": "H100-80GB", "mig": False}], [RESNET, MOBILENET, BERT], 1.0),
         ([{"sku": "H100-80GB"}], [RESNET, VGG], 2.0),

@@ -11,8 +11,9 @@ Formulation: a configuration program, solved by HiGHS (``scipy.optimize.milp``).
 * A *configuration* of a shape: models with one batch bucket each (at most
   ``max_models_per_partition``), their memory within the shape's, whose smallest duty cycle
   ``D = sum_m L_m(b_m)`` meets every SLO: ``D + L_m(b_m) <= slo_m``. It serves any rates
-  ``r_m <= cap_m = 1000 b_m / D`` (at ``d = D`` the duty-cycle rule holds; a larger d serves
-  less). A partition's feasible rates are exactly the union of its configurations' boxes
+  ``r_m <= cap_m = 1000 n(b_m) / D`` (at ``d = D`` the duty-cycle rule holds; a larger d serves
+  less; n(b) is the number of requests a batch b may expect, its Poisson margin taken off).
+  A partition's feasible rates are exactly the union of its configurations' boxes
   ``[0, cap]``, so choosing one configuration per partition linearises the duty cycle exactly
   (no McCormick products, a strong LP relaxation). Enumerated depth first with SLO and memory
   pruning; left out as dominated (nothing lost): a batch whose next smaller bucket already
@@ -155,7 +156,7 @@ def _enumerate(
             lat = float(c.lat[bi])
             mem = float(c.memory[bi])
             if lat > 0 and 2 * lat <= slo + _EPS and mem <= shape.memory_mib:
-                opts.append((bi, float(c.buckets[bi]), lat, mem, slo - lat))
+                opts.append((bi, float(c.capacity[bi]), lat, mem, slo - lat))
         if rates[mi] <= 0:
             opts = opts[:1]
         if opts:
@@ -182,7 +183,7 @@ def _enumerate(
             if runs and not dominated(total):
                 if len(out) >= budget:
                     raise _TooLarge
-                caps = tuple(1000.0 * float(curves[mi].buckets[bi]) / total for mi, bi in runs)
+                caps = tuple(1000.0 * float(curves[mi].capacity[bi]) / total for mi, bi in runs)
                 out.append(_Config(tuple(runs), total, caps))
             return
         walk(i + 1, total, mem, slack)
