@@ -5,8 +5,11 @@ profile and start, MPS share) in both plans; everything else is added or removed
 *moved* when the set of partitions that serve it changes. The runtime turns added/removed
 partitions into MIG/MPS changes and worker starts/stops, so they are what reconfiguration costs.
 
-Score of a candidate: ``gpus_used + reconfig_cost * (partitions added + removed)``, among the
-candidates that serve every model (else the one serving the most).
+Score of a candidate: ``gpus_used + reconfig_cost * (partitions added + removed + 10 x GPUs
+disrupted)``, among the candidates that serve every model (else the one serving the most). A
+GPU is *disrupted* when its new partitions cannot start beside the old ones (``disruptive``):
+the runtime must then stop serving there before it starts again. A fresh plan's GPUs are first
+renumbered (``align_gpus``) so that new layouts land on GPUs idle now where they can.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
 from partitioner.problem import Curve, Problem, Shape, schedule
+from stgs.catalog import MigPlacement, get_sku, layout_violation
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.types import GpuSpec
 
@@ -154,9 +161,94 @@ def _shape_of(problem: Problem, gtype: GpuSpec, p: Partition) -> Shape | None:
     return None
 
 
+def disruptive(old: GpuPlan | None, new: GpuPlan) -> bool:
+    """Must this GPU stop old partitions before its new ones can start (no make before break)?
+
+    True when partitions are added beside old ones that would not fit together: MPS shares
+    (kept, removed and added) over 100%, MIG instances overlapping the old ones, or a change of
+    MIG mode on a GPU that still serves."""
+    if old is None or not old.partitions:
+        return False
+    ok, nk = _keys(old), _keys(new)
+    added = nk - ok
+    if not added:
+        return False
+    if old.mig != new.mig:
+        return True
+    if not new.mig:
+        return (
+            sum(_pct(p) for p in old.partitions)
+            + sum(_pct(p) for p in new.partitions if added[p.key] > 0)
+            > 100
+        )
+    old_inst = {(p.mig_start, p.mig_profile) for p in old.partitions}
+    new_inst = {(p.mig_start, p.mig_profile) for p in new.partitions} - old_inst
+    sku = get_sku(new.sku)
+    both = [MigPlacement(int(s or 0), str(prof)) for s, prof in old_inst | new_inst]
+    if layout_violation(sku, sorted(both)) is not None:
+        return True
+    # MPS shares added inside a kept instance must fit beside the old ones
+    for s, prof in old_inst:
+        olds = [p for p in old.partitions if (p.mig_start, p.mig_profile) == (s, prof)]
+        adds = [
+            p
+            for p in new.partitions
+            if (p.mig_start, p.mig_profile) == (s, prof) and added[p.key] > 0
+        ]
+        if adds and sum(_pct(p) for p in olds) + sum(_pct(p) for p in adds) > 100:
+            return True
+    return False
+
+
+def _pct(p: Partition) -> int:
+    return 100 if p.kind != "mps" else int(p.mps_pct or 100)
+
+
+def disruptions(current: Plan, plan: Plan) -> int:
+    old_by = {g.index: g for g in current.gpus}
+    return sum(1 for g in plan.gpus if disruptive(old_by.get(g.index), g))
+
+
+def align_gpus(current: Plan, plan: Plan, problem: Problem) -> Plan:
+    """Renumber ``plan``'s GPUs (within each SKU and MIG capability) to keep most of the
+    current partitions in place and to put new layouts on GPUs that are idle now, so that the
+    runtime can start them before it stops the old ones. A linear assignment per GPU type."""
+    old_by = {g.index: g for g in current.gpus}
+    groups: dict[GpuSpec, list[GpuPlan]] = defaultdict(list)
+    for g in plan.gpus:
+        if g.index >= len(problem.gpus):
+            return plan
+        groups[problem.gpus[g.index]].append(g)  # same SKU and same MIG permission
+    remap: dict[int, int] = {}
+    for gs in groups.values():
+        idx = [g.index for g in gs]
+        if len(gs) < 2:
+            continue
+        cost = np.zeros((len(gs), len(idx)))
+        for i, g in enumerate(gs):
+            for j, phys in enumerate(idx):
+                old = old_by.get(phys)
+                moved = replace(g, index=phys)
+                kept = sum((_keys(old) & _keys(moved)).values()) if old is not None else 0
+                mode = old is not None and old.partitions and old.mig != g.mig
+                cost[i, j] = (
+                    10.0 * disruptive(old, moved) + 3.0 * bool(mode) - kept + 1e-3 * abs(i - j)
+                )
+        rows, cols = linear_sum_assignment(cost)
+        for r, c in zip(rows, cols, strict=True):
+            remap[gs[r].index] = idx[c]
+    if all(k == v for k, v in remap.items()):
+        return plan
+    gpus = sorted((replace(g, index=remap.get(g.index, g.index)) for g in plan.gpus),
+                  key=lambda g: g.index)  # fmt: skip
+    return replace(plan, gpus=tuple(gpus))
+
+
 def score(plan: Plan, current: Plan, reconfig_cost: float) -> tuple[float, float]:
+    """(unserved rate, GPUs + reconfig_cost x (partitions changed + 10 x disruptive GPUs))."""
     unserved = sum(u.rate_rps for u in plan.unserved)
-    return (unserved, plan.gpus_used + reconfig_cost * diff(current, plan).partitions_changed)
+    changes = diff(current, plan).partitions_changed + 10 * disruptions(current, plan)
+    return (unserved, plan.gpus_used + reconfig_cost * changes)
 
 
 def choose_incremental(
@@ -166,7 +258,7 @@ def choose_incremental(
     new rates fitted into them and the free space: ``Greedy.repair``) and the fresh plan, by
     the reconfiguration-aware score; the chosen plan carries the changes it makes in
     ``info["changes"]``."""
-    candidates = [fresh]
+    candidates = [align_gpus(current, fresh, problem)]
     kept = keep_plan(problem, current)
     if kept is not None:
         candidates.append(replace(kept, policy=fresh.policy))
@@ -174,4 +266,6 @@ def choose_incremental(
         candidates.append(replace(repaired, policy=fresh.policy))
     cost = problem.options.reconfig_cost
     best = min(candidates, key=lambda p: score(p, current, cost))
-    return best.with_info(changes=diff(current, best).to_dict())
+    return best.with_info(
+        changes={**diff(current, best).to_dict(), "gpus_disrupted": disruptions(current, best)}
+    )

@@ -10,8 +10,8 @@ from partitioner.greedy import Greedy
 from partitioner.policies import get_policy
 from partitioner.policies.stgs_policy import VARIANTS
 from partitioner.problem import Problem
-from partitioner.replan import diff
-from stgs.plan import Plan
+from partitioner.replan import align_gpus, diff, disruptions, disruptive
+from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.scenario import scenario_from_mapping
 
 GPUS = [{"sku": "H100-80GB", "count": 2}, {"sku": "H100-80GB", "count": 1, "mig": False}]
@@ -99,3 +99,53 @@ def test_repair_refuses_a_plan_for_other_gpus() -> None:
         scenario_from_mapping({"gpus": [{"sku": "L4", "count": 3}], "models": MODELS})
     )
     assert Greedy(other, VARIANTS[0]).repair(cur) is None
+
+
+def _mps(pct: int, name: str = "m") -> Partition:
+    return Partition("mps", 66, 40000.0, 10.0, (ModelAssignment(name, 4, 100.0, 2.0),), mps_pct=pct)
+
+
+def _mig(prof: str, start: int, name: str = "m") -> Partition:
+    return Partition(
+        "mig", 16, 10000.0, 10.0, (ModelAssignment(name, 4, 100.0, 2.0),), mig_profile=prof,
+        mig_start=start,
+    )  # fmt: skip
+
+
+def _plan(*gpus: GpuPlan) -> Plan:
+    return Plan(policy="t", feasible=True, gpus=gpus)
+
+
+def test_disruptive_rules() -> None:
+    old = GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(50, "b")))
+    assert not disruptive(old, old)
+    assert disruptive(old, GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(37, "c"))))
+    half = GpuPlan(0, "H100-80GB", False, (_mps(50, "a"),))
+    assert not disruptive(half, GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(25, "c"))))
+    assert not disruptive(None, old)
+    mig = GpuPlan(0, "H100-80GB", True, (_mig("3g.40gb", 0),))
+    assert not disruptive(
+        mig, GpuPlan(0, "H100-80GB", True, (_mig("3g.40gb", 0), _mig("3g.40gb", 4)))
+    )
+    assert disruptive(mig, GpuPlan(0, "H100-80GB", True, (_mig("1g.10gb", 0),)))
+    assert disruptive(mig, old)  # MIG mode off under a serving GPU
+
+
+def test_align_puts_a_new_layout_on_the_idle_gpu() -> None:
+    prob = Problem.from_scenario(
+        scenario_from_mapping(
+            {"gpus": [{"sku": "H100-80GB", "count": 2, "mig": False}], "models": MODELS[:1]}
+        )
+    )
+    cur = _plan(
+        GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(50, "b"))),
+        GpuPlan(1, "H100-80GB", False, ()),
+    )
+    fresh = _plan(
+        GpuPlan(0, "H100-80GB", False, (_mps(75, "a"), _mps(25, "b"))),
+        GpuPlan(1, "H100-80GB", False, ()),
+    )
+    assert disruptions(cur, fresh) == 1
+    aligned = align_gpus(cur, fresh, prob)
+    assert disruptions(cur, aligned) == 0
+    assert [len(g.partitions) for g in aligned.gpus] == [0, 2]
