@@ -537,15 +537,12 @@ def run_profile(
             summary.device_name = str(info.get("name", ""))
             summary.torch = str(info.get("torch", ""))
             summary.sm_count = int(info.get("sm_count", 0))
-            if cfg.gpu_label:
-                summary.gpu = cfg.gpu_label
-            elif cfg.cpu:
-                summary.gpu = "cpu"
-            else:
+            if not cfg.cpu:
                 from profiler.gpu import driver_version, gpu_label
 
                 summary.gpu = gpu_label(summary.device_name, float(info.get("memory_mib", 0)))
                 summary.driver = driver_version()
+            summary.gpu = cfg.gpu_label or ("cpu" if cfg.cpu else summary.gpu)
             if points is None:
                 points = grid_points(cfg, run.partitions(info))
             done = measured_points(cfg.out)
