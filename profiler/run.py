@@ -130,6 +130,7 @@ class _Run:
     def _env(self, key: WorkerKey) -> dict[str, str]:
         from profiler.mps import MpsDaemon, visible_devices_env
 
+        env: dict[str, str]
         if self.cfg.cpu:
             env = dict(os.environ)
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -137,7 +138,7 @@ class _Run:
         if key[0] == "mps":
             if self.daemon is None:
                 self.daemon = MpsDaemon(self.cfg.device, self.cfg.mps_pipe_dir).start()
-            env: dict[str, str] = self.daemon.client_env(float(key[1]))
+            env = self.daemon.client_env(float(key[1]))
             return env
         if key[0] == "mig":
             return visible_devices_env(key[1])
@@ -212,7 +213,7 @@ class _Run:
             ) from exc
         if not info.get("ok"):
             raise NoGpuError(f"device {self.cfg.device}: {info.get('error')}")
-        return info
+        return dict(info)
 
     def partitions(self, info: Mapping[str, Any]) -> tuple[str, ...]:
         from profiler.mps import mps_available
@@ -401,9 +402,9 @@ class _Run:
         for a, b in self.pairs():
             for pa, pb in cfg.interference_splits:
                 for batch in cfg.interference_batches:
-                    ka = (self.s.gpu, a, float(pa), batch, float(pb), b)
-                    kb = (self.s.gpu, b, float(pb), batch, float(pa), a)
-                    if ka not in done or kb not in done:
+                    row_a = (self.s.gpu, a, float(pa), batch, float(pb), b)
+                    row_b = (self.s.gpu, b, float(pb), batch, float(pa), a)
+                    if row_a not in done or row_b not in done:
                         todo.append((a, b, pa, pb, batch))
         if not todo:
             return
