@@ -59,6 +59,10 @@ __all__ = [
     "ProfileTable",
     "default_interference_path",
     "default_profiles_path",
+    "example_interference_path",
+    "example_profiles_path",
+    "measured_interference_path",
+    "measured_profiles_path",
     "normalise_gpu",
     "parse_partition",
     "read_interference",
@@ -413,11 +417,57 @@ def _data_file(name: str) -> Path:
     return Path(str(resources.files("stgs").joinpath("data", name)))
 
 
-def default_profiles_path() -> Path:
-    """The shipped EXAMPLE profile table, ``stgs/data/example-profiles.csv`` (synthetic)."""
+PROFILES_ENV = "STGS_PROFILES"
+"""Environment variable naming the default profile table (a CSV path, or ``example``)."""
+INTERFERENCE_ENV = "STGS_INTERFERENCE"
+"""Environment variable naming the default interference table (a CSV path)."""
+
+
+def measured_profiles_path() -> Path:
+    """The shipped MEASURED profiles, ``stgs/data/profiles.csv`` (made by ``stgs profile``)."""
+    return _data_file("profiles.csv")
+
+
+def measured_interference_path() -> Path:
+    """The shipped MEASURED co-location table, ``stgs/data/interference.csv``."""
+    return _data_file("interference.csv")
+
+
+def example_profiles_path() -> Path:
+    """The shipped EXAMPLE profiles, ``stgs/data/example-profiles.csv``: SYNTHETIC rows for every
+    catalog SKU (scripts/make_example_profiles.py), for GPUs nobody has measured yet."""
     return _data_file("example-profiles.csv")
 
 
-def default_interference_path() -> Path:
-    """The shipped EXAMPLE interference table, ``stgs/data/example-interference.csv``."""
+def example_interference_path() -> Path:
+    """The shipped EXAMPLE (synthetic) interference table."""
     return _data_file("example-interference.csv")
+
+
+def default_profiles_path() -> Path:
+    """The profile table used where a scenario names none.
+
+    ``$STGS_PROFILES`` when set (a CSV path, or ``example`` for the synthetic example set),
+    else the shipped measured profiles."""
+    env = os.environ.get(PROFILES_ENV, "").strip()
+    if env:
+        return example_profiles_path() if env == "example" else Path(env)
+    return measured_profiles_path()
+
+
+def default_interference_path() -> Path:
+    """The interference table that goes with :func:`default_profiles_path`.
+
+    ``$STGS_INTERFERENCE`` when set; else the example table with ``STGS_PROFILES=example``,
+    ``<stem>-interference.csv`` beside a ``$STGS_PROFILES`` file, or the shipped measured one.
+    The file may not exist (then interference takes its stated default)."""
+    env = os.environ.get(INTERFERENCE_ENV, "").strip()
+    if env:
+        return Path(env)
+    prof = os.environ.get(PROFILES_ENV, "").strip()
+    if prof == "example":
+        return example_interference_path()
+    if prof:
+        p = Path(prof)
+        return p.with_name(f"{p.stem}-interference.csv")
+    return measured_interference_path()

@@ -3,13 +3,31 @@
 Unit tests never touch a real GPU: NVML initialisation fails in them as on a machine without
 an NVIDIA driver (``NVMLError_LibraryNotFound``), whatever machine runs them. Tests marked
 ``@pytest.mark.gpu`` are exempt.
+
+Tests plan on the shipped SYNTHETIC example profiles (``STGS_PROFILES=example``): they cover
+every catalog SKU (L4, A100, H200, ...), where the measured set covers the GPUs profiled so far.
+Tests marked ``@pytest.mark.shipped_profiles`` run on the real default (the measured set).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+
+# Module- and session-scoped fixtures read profiles before any function-scoped fixture runs.
+os.environ["STGS_PROFILES"] = "example"
+os.environ.pop("STGS_INTERFERENCE", None)
+
+
+@pytest.fixture(autouse=True)
+def _example_profiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STGS_INTERFERENCE", raising=False)
+    if request.node.get_closest_marker("shipped_profiles") is not None:
+        monkeypatch.delenv("STGS_PROFILES", raising=False)
+    else:
+        monkeypatch.setenv("STGS_PROFILES", "example")
 
 
 @pytest.fixture(autouse=True)
