@@ -5,7 +5,7 @@ Two steps (the first needs no GPU, the second no planner):
     # 1. plan a scenario that uses the shipped measured profiles (default: a built-in one)
     python benchmarks/profile_check.py plan [--scenario S.yaml] --plan-out plan.json
     # 2. on the GPU: replay each chosen (model, batch) at its chosen partition, compare
-    python benchmarks/profile_check.py replay plan.json --profiles stgs/data/profiles-H100-80GB.csv
+    python benchmarks/profile_check.py replay plan.json --profiles stgs/data/profiles.csv
 
 The replay measures every (partition, model, batch) of the plan's GPUs of the profiled SKU with
 ``stgs profile``'s own machinery (CUDA graphs, an MPS client at the partition's share, a green
@@ -70,9 +70,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         data = ROOT / "stgs" / "data"
         tmp = Path(tempfile.mkdtemp(prefix="stgs-check-"))
         scenario = tmp / "scenario.yaml"
-        interference = data / "profiles-H100-80GB-interference.csv"
+        interference = data / "interference.csv"
         text = DEFAULT_SCENARIO.format(
-            profiles=data / "profiles-H100-80GB.csv",
+            profiles=data / "profiles.csv",
             interference=interference if interference.is_file() else "null",
         )
         scenario.write_text(text.replace("interference: null\n", ""))
@@ -248,7 +248,7 @@ def main() -> int:
     p.add_argument("--policy", default="stgs", help="planning policy (default: stgs)")
     r = sub.add_parser("replay", help="replay a plan's batches at its partitions on the GPU")
     r.add_argument("plan")
-    r.add_argument("--profiles", default=str(ROOT / "stgs" / "data" / "profiles-H100-80GB.csv"))
+    r.add_argument("--profiles", default=str(ROOT / "stgs" / "data" / "profiles.csv"))
     r.add_argument("--gpu", help="SKU to replay (default: the profiles' GPU)")
     r.add_argument("--device", default="0")
     r.add_argument("--out", default="profile-check-measured.csv")

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # Median spread of batch latency measured on an H100 with CUDA graphs (the 344 rows of
-# stgs/data/profiles-H100-80GB.csv: ln(p99_ms / latency_ms) / 2.326, median 0.0023,
+# stgs/data/profiles.csv: ln(p99_ms / latency_ms) / 2.326, median 0.0023,
 # p90 0.0060, max 0.0127). Used for (gpu, model) pairs whose profile has no p99_ms column.
 MEASURED_DEFAULT_SIGMA = 0.0025
 
