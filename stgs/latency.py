@@ -407,8 +407,9 @@ def fit_report(
     predicted; only *interior* points count, those with measured batches below and above at
     the same SM count or MIG profile, since removing any other point would leave nothing to
     interpolate from (edges are extrapolated, not interpolated).
-    ``mode="sm"``: each interior measured SM count of the shared curve (not the smallest or
-    the largest) is left out whole and its points predicted across SM counts (linear in 1/s).
+    ``mode="sm"``: each interior measured SM count of each family's curve (the MPS and the
+    whole-GPU/green curves where both exist, else the shared curve; not the smallest or the
+    largest count) is left out whole and its points predicted across SM counts (linear in 1/s).
     Errors are |predicted - measured| / measured. Each refit is of the one curve the point
     belongs to (the shared SM curve or the MIG profile's own curve), as the model would use it;
     a MIG profile measured at several SM counts (unusual) is not assessed.
@@ -438,10 +439,14 @@ def fit_report(
                 if min(batches_at[s]) < b < max(batches_at[s]):
                     loo(points, {(s, b)})
     elif mode == "sm":
-        points = lm._shared_points
-        sms = sorted({s for s, _ in points})
-        for sm in sms[1:-1]:
-            loo(points, {k for k in points if k[0] == sm})
+        if len(lm._family_points) == 2:
+            fams = [lm._family_points["mps"], lm._family_points["sm"]]
+        else:
+            fams = [lm._shared_points]
+        for points in fams:
+            sms = sorted({s for s, _ in points})
+            for sm in sms[1:-1]:
+                loo(points, {k for k in points if k[0] == sm})
     else:
         raise ValueError(f"mode must be 'point' or 'sm', got {mode!r}")
     return _report(lm.gpu, lm.model, errors)
