@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from partitioner.fluid import split_rates
 from partitioner.packing import GpuBin, Instance
 from partitioner.problem import Curve, Problem, Schedule, Shape, schedule
+from partitioner.replan import current_rates, rate_share
 from stgs.catalog import get_sku
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan, Unserved
 from stgs.types import GpuSpec, ModelSpec
@@ -173,12 +174,7 @@ class Greedy:
         if len(current.gpus) != len(self.p.gpus):
             return None
         models = {m.name: m for m in self.p.models}
-        old_rate: dict[str, float] = defaultdict(float)
-        count: dict[str, int] = defaultdict(int)
-        for _, cur in current.partitions():
-            for a in cur.models:
-                old_rate[a.name] += a.rate_rps
-                count[a.name] += 1
+        old_rate, count = current_rates(current)
         indices: dict[GpuSpec, list[int]] = defaultdict(list)
         for i, spec in enumerate(self.p.gpus):
             indices[spec].append(i)
@@ -212,10 +208,7 @@ class Greedy:
                     m = models.get(a.name)
                     if m is None:
                         continue  # deregistered
-                    share = (
-                        a.rate_rps / old_rate[a.name] if old_rate[a.name] > 0 else 1 / count[a.name]
-                    )
-                    items.append((m, m.rate_rps * share))
+                    items.append((m, m.rate_rps * rate_share(a, old_rate, count)))
                 sched = self._sched(t, shape, items) if items else None
                 if items and sched is None:
                     lam = self._max_fraction(t, shape, items)

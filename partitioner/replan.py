@@ -84,6 +84,23 @@ def diff(old: Plan, new: Plan) -> Changes:
     return Changes(added, removed, kept, moved, tuple(mode_changed))
 
 
+def current_rates(current: Plan) -> tuple[dict[str, float], dict[str, int]]:
+    """Per model: the total rate the plan gives it, and how many partitions serve it."""
+    old_rate: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for _, p in current.partitions():
+        for a in p.models:
+            old_rate[a.name] += a.rate_rps
+            count[a.name] += 1
+    return old_rate, count
+
+
+def rate_share(a: ModelAssignment, old_rate: dict[str, float], count: dict[str, int]) -> float:
+    """The share of its model's new rate an assignment keeps: its share of the old rate
+    (evenly over its partitions where the old rate was zero)."""
+    return a.rate_rps / old_rate[a.name] if old_rate[a.name] > 0 else 1 / count[a.name]
+
+
 def keep_plan(problem: Problem, current: Plan) -> Plan | None:
     """The current partitions and model placement at the new rates, or None if it cannot hold.
 
@@ -91,12 +108,7 @@ def keep_plan(problem: Problem, current: Plan) -> Plan | None:
     (evenly where the old rates were zero); every partition's duty cycle is then re-solved.
     """
     models = {m.name: m for m in problem.models}
-    old_rate: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    for _, p in current.partitions():
-        for a in p.models:
-            old_rate[a.name] += a.rate_rps
-            count[a.name] += 1
+    old_rate, count = current_rates(current)
     if set(old_rate) != set(models):
         return None
     gpus = []
@@ -112,7 +124,7 @@ def keep_plan(problem: Problem, current: Plan) -> Plan | None:
             items = []
             for a in p.models:
                 m = models[a.name]
-                share = a.rate_rps / old_rate[a.name] if old_rate[a.name] > 0 else 1 / count[a.name]
+                share = rate_share(a, old_rate, count)
                 c = problem.curve(m, gtype, shape)
                 if c is None:
                     return None

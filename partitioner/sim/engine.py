@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,8 @@ from partitioner.sim.workload import model_rng
 from stgs.catalog import MigPlacement, canonical_layout, get_sku, layout_violation
 from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, Partition, Plan
+from stgs.runtime.models import batch_buckets
+from stgs.runtime.runtime import partition_keys as runtime_partition_keys
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -55,40 +57,18 @@ _NOISE_BLOCK = 4096
 _NOISE_STREAM = 0x401
 
 
-def runtime_buckets(batch: int) -> tuple[int, ...]:
-    """The batch sizes a worker captures for a planned batch (``stgs.runtime.models``)."""
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    out = []
-    b = 1
-    while b < batch:
-        out.append(b)
-        b *= 2
-    out.append(batch)
-    return tuple(out)
+# The batch sizes a worker captures for a planned batch: the runtime's own function.
+runtime_buckets = batch_buckets
 
 
 # ------------------------------------------------------------------------------------ keys
-PartKey = tuple[object, ...]
+PartKey = Hashable
 
 
 def partition_keys(plan: Plan) -> list[tuple[PartKey, GpuPlan, Partition]]:
-    """The runtime's partition identity: GPU, shape, place, models with batches, ordinal."""
-    out = []
-    seen: dict[PartKey, int] = {}
-    for g, p in plan.partitions():
-        base: PartKey = (
-            g.index,
-            p.kind,
-            p.mig_profile,
-            p.mig_start,
-            p.mps_pct,
-            tuple((m.name, m.batch) for m in p.models),
-        )
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        out.append(((*base, n), g, p))
-    return out
+    """The runtime's partition identity (``stgs.runtime.runtime.partition_keys``): GPU, shape,
+    place, models with batches, ordinal."""
+    return [(k, g, p) for k, (g, p) in runtime_partition_keys(plan).items()]
 
 
 def gpu_fraction(g: GpuPlan, p: Partition) -> float:
