@@ -24,7 +24,7 @@ from partitioner.fluid import split_rates
 from partitioner.packing import GpuBin, Instance
 from partitioner.problem import Curve, Problem, Schedule, Shape, schedule
 from partitioner.replan import current_rates, rate_share
-from stgs.catalog import get_sku
+from stgs.catalog import MigPlacement, free_starts, get_sku
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan, Unserved
 from stgs.types import GpuSpec, ModelSpec
 
@@ -153,6 +153,9 @@ class Greedy:
         leftovers: list[tuple[ModelSpec, float]] = []
         for st in self.types.values():
             leftovers.extend(self._pack(st))
+        if leftovers:
+            for st in self.types.values():
+                self._upgrade_mig(st)
         for m, rate in leftovers:
             rest = self._fill_free_space(m, rate)
             if rest > 1e-9 * max(1.0, m.rate_rps):
@@ -504,12 +507,71 @@ class Greedy:
         st.parts = [p for p in st.parts if p.bin >= 0]
         return left
 
+    def _upgrade_mig(self, st: _TypeState) -> None:
+        """On MIG GPUs whose compute slices are all taken, move whole-instance partitions to a
+        profile with the same compute slices and more memory slices (and SMs: H100 1g.10gb ->
+        1g.20gb) where a free memory slice allows: no other instance could use that slice, and
+        the partition gains room for the rates that did not fit."""
+        t = st.gtype
+        if not t.mig:
+            return
+        sku = get_sku(t.sku)
+        shapes = {s.mig_profile: s for s in self.p.shapes(t) if s.kind == "mig"}
+        for bi, b in enumerate(st.bins):
+            if not b.mig:
+                continue
+            used = sum(sku.mig_profile(i.profile).compute_slices for i in b.instances)
+            if used < sku.compute_slices:
+                continue
+            for part in sorted(st.parts, key=lambda p: -p.load):
+                inst = part.instance
+                if part.bin != bi or part.shape.kind != "mig" or inst is None:
+                    continue
+                cur = sku.mig_profile(inst.profile)
+                others = [MigPlacement(i.start, i.profile) for i in b.instances if i is not inst]
+                for prof in sku.mig_profiles:
+                    if (
+                        prof.compute_slices != cur.compute_slices
+                        or prof.memory_slices <= cur.memory_slices
+                        or prof.sm_count < cur.sm_count
+                        or prof.name not in shapes
+                    ):
+                        continue
+                    starts = free_starts(sku, others, prof.name)
+                    if not starts:
+                        continue
+                    sched = self._sched(t, shapes[prof.name], part.items)
+                    if sched is None:
+                        continue
+                    inst.profile, inst.start = (
+                        prof.name,
+                        min(starts, key=lambda x: abs(x - inst.start)),
+                    )
+                    part.shape, part.sched = shapes[prof.name], sched
+                    part.shared = part.shared or self.cfg.time_sharing  # room for others now
+                    break
+
     def _fill_free_space(self, m: ModelSpec, rate: float) -> float:
         """Serve ``rate`` of ``m`` from shapes that still fit somewhere; return what is left."""
         for t, st in self.types.items():
             if rate <= 1e-9:
                 break
-            # shared partitions with room first
+            # partitions that already serve m and have room (e.g. upgraded MIG instances)
+            for part in st.parts:
+                if rate <= 1e-9:
+                    break
+                if part.bin < 0 or part.sched.utilisation >= 0.999:
+                    continue
+                if not any(pm.name == m.name for pm, _ in part.items):
+                    continue
+                take = self._max_extra(t, part, m, rate)
+                if take > 0:
+                    part.items = _with_rate(part.items, m, take)
+                    sched = self._sched(t, part.shape, part.items)
+                    assert sched is not None
+                    part.sched = sched
+                    rate -= take
+            # shared partitions with room
             if self.cfg.time_sharing:
                 for part in self._open_shared(st, m):
                     if rate <= 1e-9:
