@@ -65,6 +65,13 @@ class PlannerConfig(_Strict):
     headroom: float = Field(0.1, ge=0.0, lt=1.0, description="latency margin (fraction)")
     profiles: Path | None = Field(None, description="extra profile CSV loaded at start")
     reconfig_cost: float = Field(0.05, ge=0.0, description="GPUs charged per changed partition")
+    spare_factor: float = Field(
+        1.5,
+        ge=1.0,
+        le=10.0,
+        description="plan for the rates x this where the GPUs allow (headroom for bursts and"
+        " load steps on GPUs that would sit idle); 1: the fewest GPUs",
+    )
 
 
 class ControllerConfig(_Strict):

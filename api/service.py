@@ -279,7 +279,10 @@ class Service:
             gpus=gpus,
             models=tuple(models),
             headroom=self.cfg.planner.headroom,
-            options=PlannerOptions(reconfig_cost=self.cfg.planner.reconfig_cost),
+            options=PlannerOptions(
+                reconfig_cost=self.cfg.planner.reconfig_cost,
+                spare_factor=self.cfg.planner.spare_factor,
+            ),
         )
         prob = Problem.from_scenario(sc, table=self.table())
         current = self.runtime.current_plan if incremental else None

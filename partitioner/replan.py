@@ -256,15 +256,23 @@ def align_gpus(current: Plan, plan: Plan, problem: Problem) -> Plan:
     return replace(plan, gpus=tuple(gpus))
 
 
-def score(plan: Plan, current: Plan, reconfig_cost: float) -> tuple[float, float]:
-    """(unserved rate, GPUs + reconfig_cost x (partitions changed + 10 x disruptive GPUs))."""
+def score(
+    plan: Plan, current: Plan, reconfig_cost: float, count_gpus: bool = True
+) -> tuple[float, float]:
+    """(unserved rate, GPUs + reconfig_cost x (partitions changed + 10 x disruptive GPUs));
+    without ``count_gpus`` (spare capacity planning) the changes alone."""
     unserved = sum(u.rate_rps for u in plan.unserved)
     changes = diff(current, plan).partitions_changed + 10 * disruptions(current, plan)
-    return (unserved, plan.gpus_used + reconfig_cost * changes)
+    return (unserved, (plan.gpus_used if count_gpus else 0) + reconfig_cost * changes)
 
 
 def choose_incremental(
-    problem: Problem, current: Plan, fresh: Plan, repaired: Plan | None = None
+    problem: Problem,
+    current: Plan,
+    fresh: Plan,
+    repaired: Plan | None = None,
+    *,
+    count_gpus: bool = True,
 ) -> Plan:
     """Pick among keeping the current layout, repairing it (the current partitions kept, the
     new rates fitted into them and the free space: ``Greedy.repair``) and the fresh plan, by
@@ -277,7 +285,7 @@ def choose_incremental(
     if repaired is not None:
         candidates.append(replace(repaired, policy=fresh.policy))
     cost = problem.options.reconfig_cost
-    best = min(candidates, key=lambda p: score(p, current, cost))
+    best = min(candidates, key=lambda p: score(p, current, cost, count_gpus))
     return best.with_info(
         changes={**diff(current, best).to_dict(), "gpus_disrupted": disruptions(current, best)}
     )

@@ -75,6 +75,10 @@ class PlannerOptions(_Strict):
     # Poisson margin on batches: a cycle that expects n requests gets a batch of at least
     # n + z sqrt(n), so that bursts rarely spill into the next cycle (0: the mean rule b >= n).
     batch_margin_z: float = Field(default=1.0, ge=0, le=5)
+    # Spare capacity (stgs policy): when > 1, plan the rates x this factor (or the largest of
+    # x factor, x sqrt(factor) that fits) and serve the real rates on that plan, so that idle
+    # GPUs become headroom for bursts and steps instead of staying empty. 1: fewest GPUs.
+    spare_factor: float = Field(default=1.0, ge=1, le=10)
 
     @field_validator("mps_shares")
     @classmethod

@@ -149,3 +149,23 @@ def test_align_puts_a_new_layout_on_the_idle_gpu() -> None:
     aligned = align_gpus(cur, fresh, prob)
     assert disruptions(cur, aligned) == 0
     assert [len(g.partitions) for g in aligned.gpus] == [0, 2]
+
+
+def test_spare_factor_plans_headroom_and_keeps_it() -> None:
+    """spare_factor 1.5: a plan for 1.5x the rates serving the real rates (valid at them), and
+    a later 1.3x rise is absorbed by keeping the layout (no partition changed)."""
+    data = {**_data(MODELS), "planner": {"spare_factor": 1.5}}
+    prob = Problem.from_scenario(scenario_from_mapping(data))
+    plan = get_policy("stgs").plan(prob)
+    assert plan.feasible and plan.info.get("spare_factor") in (1.5, round(1.5**0.5, 4))
+    _valid(MODELS, plan)
+    lean = get_policy("stgs").plan(_problem(MODELS))
+    assert plan.gpus_used >= lean.gpus_used
+    up = [{**m, "rate_rps": m["rate_rps"] * 1.2} for m in MODELS]
+    prob_up = Problem.from_scenario(
+        scenario_from_mapping({**_data(up), "planner": data["planner"]})
+    )
+    again = get_policy("stgs").plan(prob_up, plan)
+    assert again.feasible
+    assert diff(plan, again).partitions_changed == 0
+    _valid(up, again)

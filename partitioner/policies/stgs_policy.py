@@ -8,6 +8,7 @@ every partition changed ``options.reconfig_cost`` GPUs (see ``partitioner.replan
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from partitioner.greedy import ALL_FAMILIES, FULL, MIG, MIG_MPS, MPS, Greedy, GreedyConfig
@@ -32,19 +33,51 @@ def plan_score(plan: Plan) -> tuple[float, ...]:
     return (round(unserved, 6), plan.gpus_used, float(sms))
 
 
+def at_rates(plan: Plan, factor: float) -> Plan:
+    """A plan made for rates x ``factor``, serving ``rates``: every assignment's rate divided
+    by the factor; batches and duty cycles stay (still valid: fewer arrivals per cycle)."""
+    gpus = tuple(
+        replace(
+            g,
+            partitions=tuple(
+                replace(
+                    p,
+                    models=tuple(replace(a, rate_rps=a.rate_rps / factor) for a in p.models),
+                )
+                for p in g.partitions
+            ),
+        )
+        for g in plan.gpus
+    )
+    return replace(plan, gpus=gpus).with_info(spare_factor=round(factor, 4))
+
+
 @register
 class Stgs(Policy):
     name = "stgs"
     description = "spatio-temporal: adaptive MIG/MPS partition sizes + duty-cycle time sharing"
 
+    @staticmethod
+    def _fresh(problem: Problem, variants: tuple[GreedyConfig, ...]) -> Plan:
+        return min((Greedy(problem, cfg).run() for cfg in variants), key=plan_score)
+
     def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
         # Large instances: the all-families variant alone (solve time grows with models x GPUs).
         variants = VARIANTS if len(problem.models) <= LARGE_MODELS else VARIANTS[:1]
-        plans = [Greedy(problem, cfg).run() for cfg in variants]
-        best = min(plans, key=plan_score)
+        best = self._fresh(problem, variants)
+        spare = problem.options.spare_factor
+        if spare > 1 and best.feasible:
+            # plan for more than the rates where the GPUs allow it (see PlannerOptions)
+            for f in (spare, math.sqrt(spare)):
+                p_f = problem.with_models([m.scaled(f) for m in problem.models])
+                roomy = self._fresh(p_f, variants)
+                if roomy.feasible:
+                    best = at_rates(roomy, f)
+                    break
         if current is not None:
             from partitioner.replan import choose_incremental
 
             repaired = Greedy(problem, VARIANTS[0]).repair(current)
-            best = choose_incremental(problem, current, best, repaired)
+            # with spare capacity the GPUs are meant to be used: judge changes, not GPU count
+            best = choose_incremental(problem, current, best, repaired, count_gpus=spare <= 1)
         return best
