@@ -81,3 +81,25 @@ class Stgs(Policy):
             # with spare capacity the GPUs are meant to be used: judge changes, not GPU count
             best = choose_incremental(problem, current, best, repaired, count_gpus=spare <= 1)
         return best
+
+
+@register
+class StgsSpare(Stgs):
+    """``stgs`` with spare capacity (``spare_factor`` 1.5 unless the problem sets one): what
+    the daemon runs by default."""
+
+    name = "stgs-spare"
+    description = "stgs planning for 1.5x the rates where the GPUs allow (headroom), as the daemon"
+
+    def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
+        if problem.options.spare_factor <= 1:
+            opts = problem.options.model_copy(update={"spare_factor": 1.5})
+            problem = Problem(
+                problem.gpus,
+                problem.models,
+                problem.latency,
+                problem.interference,
+                problem.headroom,
+                opts,
+            )
+        return replace(super().plan(problem, current), policy=self.name)
