@@ -30,10 +30,12 @@ Interpolation (monotone by construction: a larger batch is never faster, more SM
 
 Partition kinds: an MPS client runs 4-7% slower than a green context or the whole GPU at the
 same SM count (measured on an H100: the MPS server's per-launch overhead), so rows are also
-fitted per *family*: ``mps`` (``mps:*`` rows) and ``sm`` (``full`` and ``green:*`` rows).
-``latency_curve(..., kind="mps")`` uses the MPS family when it has two or more SM counts;
-``kind="full"`` / ``"green"`` and MIG predictions without MIG rows use the ``sm`` family; else
-(and with ``kind=None``) the shared curve of all non-MIG rows.
+fitted per *family* where rows of several kinds exist: ``mps`` (``mps:*`` rows), ``green``
+(``green:*`` rows) and ``full`` (the whole GPU). ``latency_curve(..., kind="mps")`` uses the MPS
+family when it has two or more SM counts; ``kind="full"`` the whole-GPU rows; ``"green"`` and
+MIG predictions without MIG rows the green family (green contexts can be much slower than the
+whole GPU at nearly its SM count: vit_b_16 at 128 of 132 SMs, +29%); else (and with
+``kind=None``) the shared curve of all non-MIG rows.
 
 Monotone splines (PCHIP) were considered: they are smoother but need >= 3 points per axis,
 overshoot nothing yet extrapolate poorly, and cost more per evaluation; piecewise-linear is
@@ -109,6 +111,7 @@ class _Curve:
             rows.append(_row_on_grid(grid, bs, ls, tail))
             tails.append(tail)
         values = np.array(rows)
+        _transfer_shape(values, grid, sms, by_sm)
         tail_arr = np.array(tails)
         # Fewer SMs are never faster: raise each row to the row of the next larger SM count.
         values = np.maximum.accumulate(values, axis=0)
@@ -167,6 +170,41 @@ class _Curve:
         return vals, float((1.0 - w) * self.tails[i] + w * self.tails[i + 1])
 
 
+def _transfer_shape(
+    values: FloatArray,
+    grid: FloatArray,
+    sms: Sequence[int],
+    by_sm: Mapping[int, Sequence[tuple[int, float]]],
+) -> None:
+    """Fill a row's unmeasured interior grid batch from the shape of the nearest row that has it.
+
+    Ragged grids (a batch measured at some SM counts, not at others) are first filled by each
+    row's own linear interpolation; where the nearest row (in 1/SM count) measured the batch and
+    the two around it, its deviation from that linear interpolation (e.g. a cuDNN algorithm
+    switch at batch 8, which every SM count shows) is carried over as a ratio. Rows that measured
+    every grid batch, and so every measured point, are untouched.
+    """
+    meas = {s: {b: v for b, v in pts} for s, pts in by_sm.items()}
+    xs = {s: 1.0 / s for s in sms}
+    for i, s in enumerate(sms):
+        own = meas[s]
+        bs = sorted(own)
+        for j, g in enumerate(grid):
+            gb = int(g)
+            if gb in own or not bs[0] < gb < bs[-1]:
+                continue
+            lo = max(b for b in bs if b < gb)
+            hi = min(b for b in bs if b > gb)
+            donors = [q for q in sms if q != s and {gb, lo, hi} <= meas[q].keys()]
+            if not donors:
+                continue
+            q = min(donors, key=lambda q: abs(xs[q] - xs[s]))
+            mq = meas[q]
+            lin = mq[lo] + (mq[hi] - mq[lo]) * (gb - lo) / (hi - lo)
+            if lin > 0:
+                values[i, j] *= mq[gb] / lin
+
+
 def _eval(grid: FloatArray, vals: FloatArray, tail: float, batches: FloatArray) -> FloatArray:
     out = np.interp(batches, grid, vals)
     top = grid[-1]
@@ -199,7 +237,7 @@ class LatencyModel:
         self.gpu, self.model = next(iter(keys))
 
         shared: dict[tuple[int, int], list[float]] = {}
-        fam: dict[str, dict[tuple[int, int], list[float]]] = {"mps": {}, "sm": {}}
+        fam: dict[str, dict[tuple[int, int], list[float]]] = {"mps": {}, "green": {}, "full": {}}
         mig: dict[tuple[int, int], list[float]] = {}
         per_profile: dict[str, dict[tuple[int, int], list[float]]] = {}
         memory: dict[int, float] = {}
@@ -211,7 +249,7 @@ class LatencyModel:
                 prof.setdefault(key, []).append(r.latency_ms)
             else:
                 shared.setdefault(key, []).append(r.latency_ms)
-                fam["mps" if r.kind == "mps" else "sm"].setdefault(key, []).append(r.latency_ms)
+                fam[r.kind if r.kind in fam else "full"].setdefault(key, []).append(r.latency_ms)
             memory[r.batch] = max(memory.get(r.batch, 0.0), r.memory_mib)
 
         self.has_mig_measurements: bool = bool(mig)
@@ -227,13 +265,14 @@ class LatencyModel:
             assert mig_curve is not None
             self._shared = mig_curve
         self._mig: _Curve | None = mig_curve
-        # Per-family curves (see the module docstring): used when a family has >= 2 SM counts.
+        # Per-family curves (see the module docstring), where rows of several kinds exist: MPS
+        # and green curves need >= 2 SM counts; the whole-GPU rows (one SM count) serve "full".
         self._family_points: dict[str, dict[tuple[int, int], float]] = {}
         self._families: dict[str, _Curve] = {}
-        both = all(fam.values())  # with one family only, the shared curve is that family
+        mixed = sum(1 for v in fam.values() if v) >= 2
         for name, fpts in fam.items():
             med = {k: _median(v) for k, v in fpts.items()}
-            if both and len({sm for sm, _ in med}) >= 2:
+            if mixed and med and (name == "full" or len({sm for sm, _ in med}) >= 2):
                 self._family_points[name] = med
                 self._families[name] = _Curve.fit(med)
         # A MIG profile measured at one SM count keeps its own batch curve (two profiles may
@@ -286,9 +325,12 @@ class LatencyModel:
                 curve = own[1]
         elif kind == "mps":
             curve = self._families.get("mps", self._shared)
+        elif kind == "full" and "full" in self._families:
+            full = self._families["full"]
+            curve = full if sm_count in full.sm_counts else self._families.get("green", full)
         elif kind in ("full", "green", "mig") or mig_profile is not None:
-            # a MIG instance without MIG rows: predicted from the whole-GPU/green SM curve
-            curve = self._families.get("sm", self._shared)
+            # a MIG instance without MIG rows: predicted from the green-context SM curve
+            curve = self._families.get("green", self._shared)
         vals, tail = curve.row(sm_count)
         out = (curve.grid, vals, tail)
         if len(self._cache) >= _CACHE_SIZE:
@@ -426,8 +468,10 @@ def fit_report(
 
     if mode == "point":
         # each point is predicted by the curve the planner would use for its partition kind
-        if len(lm._family_points) == 2:
-            families = [lm._family_points["mps"], lm._family_points["sm"]]
+        if lm._family_points:
+            families = [
+                lm._family_points[f] for f in ("mps", "green", "full") if f in lm._family_points
+            ]
         else:
             families = [lm._shared_points] if lm._shared_points else []
         families += [lm._profile_points[name] for name in sorted(lm._profiles)]
@@ -439,8 +483,8 @@ def fit_report(
                 if min(batches_at[s]) < b < max(batches_at[s]):
                     loo(points, {(s, b)})
     elif mode == "sm":
-        if len(lm._family_points) == 2:
-            fams = [lm._family_points["mps"], lm._family_points["sm"]]
+        if lm._family_points:
+            fams = [lm._family_points[f] for f in ("mps", "green") if f in lm._family_points]
         else:
             fams = [lm._shared_points]
         for points in fams:
