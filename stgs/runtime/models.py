@@ -280,7 +280,9 @@ class _TorchCudaGraphs(BatchRunner):
 
         n = len(samples)
         bucket = next(b for b in self.buckets if b >= n)
-        self.host_in[:n].copy_(torch.from_numpy(np.stack(samples)))
+        host = self.host_in.numpy()  # the pinned buffer: one copy per sample, no np.stack
+        for k, sample in enumerate(samples):
+            host[k] = sample
         with torch.cuda.stream(self.stream):
             # Pad on the GPU: only the n real rows move; rows n..bucket keep stale inputs.
             self.static_in[:n].copy_(self.host_in[:n], non_blocking=True)

@@ -1,0 +1,53 @@
+"""Smoke test of benchmarks/serve_gpu.py in --simulated mode (CPU workers, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.shipped_profiles
+def test_serve_gpu_simulated(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "serve_gpu.py"),
+            "--simulated",
+            "--warmup-s",
+            "0.5",
+            "--phase-s",
+            "2",
+            "--after-s",
+            "1",
+            "--runtime-dir",
+            str(tmp_path / "rt"),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PHASE 1" in proc.stdout and "SWITCH" in proc.stdout
+    res = json.loads(out.read_text())
+    c1 = res["checks"]["plan1"]
+    assert c1["mps_partitions"] >= 3 and c1["time_shared_partitions"] >= 1 and c1["models"] >= 4
+    assert res["checks"]["plan2"]["shares"] != c1["shares"]  # different partition sizes
+    assert res["switch"]["record"]["state"] == "succeeded"
+    assert res["lost"] == 0
+    assert all(p["state"] == "ready" for p in res["partitions2"])
+    phase1 = res["windows"]["phase1"]["rows"][-1]
+    assert phase1["model"] == "all" and phase1["sent"] > 0
+    assert phase1["ok"] + phase1["deadline"] == phase1["sent"]
+    assert any("quit" in note for note in res["cleanup"])
+    assert out.with_suffix(".npz").is_file()
