@@ -1,0 +1,293 @@
+"""The daemon's end-to-end flow with real workers: register, infer (KServe v2, JSON and binary),
+kill -9, restart, infer again. Issue #5's flow on a lent GPU (``--backend nvml``) or on the
+simulated node with CPU workers (``--backend simulated``, tiny models).
+
+    python benchmarks/daemon_gpu.py [--backend nvml|simulated] [--json OUT.json]
+
+Starts ``stgs serve`` as a subprocess with a throw-away config (state, runtime and MPS pipe
+directories in a temp dir), registers the models over REST (the shipped H100 profiles serve the
+zoo models; no profiling on the GPU), waits until they are ready, sends JSON and binary-tensor
+inference to each and checks that both answers agree, measures sequential request latency,
+SIGKILLs the daemon, restarts it on the same state, waits until every model answers again, and
+stops it. MPS daemons left by the killed process are quit at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, fn: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes]) -> Any:
+    end = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({proc.returncode}) waiting for {what}")
+        try:
+            last = fn()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.25)
+    raise RuntimeError(f"timed out waiting for {what}: {last!r}")
+
+
+def _input(c: httpx.Client, model: str, batch: int, seed: int) -> tuple[str, str, np.ndarray]:
+    meta = c.get(f"/v2/models/{model}").json()
+    inp = meta["inputs"][0]
+    shape = [batch if d == -1 else int(d) for d in inp["shape"]]
+    dt = DTYPES[inp["datatype"]]
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dt, np.integer):
+        x = rng.integers(0, 1000, size=shape).astype(dt)
+    else:
+        x = rng.standard_normal(shape).astype(dt)
+    return str(inp["name"]), str(inp["datatype"]), x
+
+
+def infer_json(c: httpx.Client, model: str, name: str, dtype: str, x: np.ndarray) -> np.ndarray:
+    body = {
+        "inputs": [
+            {"name": name, "shape": list(x.shape), "datatype": dtype, "data": x.ravel().tolist()}
+        ]
+    }
+    r = c.post(f"/v2/models/{model}/infer", json=body)
+    r.raise_for_status()
+    out = r.json()["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def infer_binary(c: httpx.Client, model: str, name: str, dtype: str, x: np.ndarray) -> np.ndarray:
+    raw = np.ascontiguousarray(x).tobytes()
+    header = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(x.shape),
+                "datatype": dtype,
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
+        "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+    }
+    h = json.dumps(header).encode()
+    r = c.post(
+        f"/v2/models/{model}/infer",
+        content=h + raw,
+        headers={
+            "Inference-Header-Content-Length": str(len(h)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
+    r.raise_for_status()
+    n = int(r.headers.get("Inference-Header-Content-Length", len(r.content)))
+    meta = json.loads(r.content[:n])
+    out = meta["outputs"][0]
+    dt = DTYPES.get(out["datatype"], np.float32)
+    return np.frombuffer(r.content[n:], dtype=dt).reshape(out["shape"]).astype(np.float32)
+
+
+def check_models(c: httpx.Client, models: list[str], seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, m in enumerate(models):
+        name, dtype, x = _input(c, m, 2, seed + i)
+        a = infer_json(c, m, name, dtype, x)
+        b = infer_binary(c, m, name, dtype, x)
+        same = bool(np.allclose(a, b, rtol=1e-2, atol=1e-2))
+        lat = []
+        _, _, one = _input(c, m, 1, seed + 100 + i)
+        for _ in range(30):
+            t = time.perf_counter()
+            infer_binary(c, m, name, dtype, one)
+            lat.append((time.perf_counter() - t) * 1000)
+        out[m] = {
+            "output_shape": list(a.shape),
+            "json_equals_binary": same,
+            "seq_latency_p50_ms": round(statistics.median(lat), 3),
+            "seq_latency_max_ms": round(max(lat), 3),
+        }
+        print(
+            f"  {m}: output {list(a.shape)}, JSON == binary: {same}, sequential batch-1 latency"
+            f" p50 {statistics.median(lat):.2f} ms (max {max(lat):.2f})"
+        )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=["nvml", "simulated"], default="nvml")
+    ap.add_argument("--models", default="", help="name:slo_ms:rate_rps,... (default per backend)")
+    ap.add_argument("--ready-timeout-s", type=float, default=240.0)
+    ap.add_argument("--json", default=None, help="summary path (default $OUT/daemon_gpu.json)")
+    args = ap.parse_args()
+    default = (
+        "resnet50:30:200,mobilenet_v3_large:20:200"
+        if args.backend == "nvml"
+        else "tiny_mlp:500:20,tiny_cnn:500:10"
+    )
+    specs = [s.split(":") for s in (args.models or default).split(",")]
+    names = [s[0] for s in specs]
+    work = Path(tempfile.mkdtemp(prefix="stgs-daemon-gpu-"))
+    port = _free_port()
+    token = "daemon-gpu-" + os.urandom(8).hex()
+    (work / "token").write_text(token + "\n")
+    (work / "stgs.toml").write_text(
+        f"""[server]
+port = {port}
+token_file = "token"
+[paths]
+state_dir = "state"
+runtime_dir = "run"
+model_dir = "models"
+[backend]
+kind = "{args.backend}"
+simulated_gpus = [{{ sku = "H100-80GB", count = 1, mig = false }}]
+allow_mig_changes = false
+"""
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (work / "daemon.log").open("ab")
+    result: dict[str, Any] = {
+        "backend": args.backend,
+        "models": specs,
+        "date": time.strftime("%F %T %Z"),
+    }
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--config", str(work / "stgs.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
+
+    procs: list[subprocess.Popen[bytes]] = []
+    rc = 1
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60.0,
+        ) as c:
+            t0 = time.monotonic()
+            p = start()
+            procs.append(p)
+            _wait("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 120, p)
+            print(f"daemon up in {time.monotonic() - t0:.1f} s ({args.backend})")
+            gpus = c.get("/v1/gpus").json()
+            result["gpus"] = gpus
+            print(f"GET /v1/gpus: {json.dumps(gpus)[:300]}")
+            for name, slo, rate in specs:
+                r = c.post(
+                    "/v1/models", json={"name": name, "slo_ms": float(slo), "rate_rps": float(rate)}
+                )
+                print(f"POST /v1/models {name} -> {r.status_code} {r.json().get('status')}")
+                if r.status_code not in (201, 202):
+                    raise RuntimeError(f"registration of {name} failed: {r.text}")
+
+            def ready() -> bool:
+                ms = c.get("/v1/models").json()
+                bad = [m for m in ms if m["status"] in ("failed", "refused")]
+                if bad:
+                    raise RuntimeError(f"registration failed: {bad}")
+                return all(m["ready"] for m in ms)
+
+            t1 = time.monotonic()
+            _wait("every model ready", ready, args.ready_timeout_s, p)
+            result["ready_s"] = round(time.monotonic() - t1, 2)
+            print(f"models ready in {result['ready_s']} s; plan:")
+            plan = c.get("/v1/plan").json()
+            for part in plan.get("partitions", []):
+                print(f"  {json.dumps(part)[:200]}")
+            result["plan"] = plan
+            result["first"] = check_models(c, names, 0)
+
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(30)
+            print("daemon killed with SIGKILL; restarting on the same state")
+            t2 = time.monotonic()
+            p2 = start()
+            procs.append(p2)
+            _wait(
+                "the daemon after restart",
+                lambda: c.get("/v2/health/live").status_code == 200,
+                120,
+                p2,
+            )
+            _wait("every model ready after restart", ready, args.ready_timeout_s, p2)
+            result["restart_ready_s"] = round(time.monotonic() - t2, 2)
+            listed = sorted(m["name"] for m in c.get("/v1/models").json())
+            result["listed_after_restart"] = listed
+            print(f"after restart ({result['restart_ready_s']} s): models {listed}")
+            result["after_restart"] = check_models(c, names, 7)
+            ok = listed == sorted(names) and all(
+                v["json_equals_binary"]
+                for k in ("first", "after_restart")
+                for v in result[k].values()
+            )
+            result["ok"] = ok
+            print(f"\nresult: {'PASS' if ok else 'FAIL'}")
+            rc = 0 if ok else 1
+    except Exception as exc:  # report, clean up, fail
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"error: {result['error']}", file=sys.stderr)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        log.close()
+        # MPS daemons the killed daemon left behind (their pipe dirs are under run/)
+        for pipe in (work / "run").glob("**/pipe"):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    ["nvidia-cuda-mps-control"],
+                    input=b"quit\n",
+                    env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)},
+                    timeout=15,
+                    check=False,
+                )
+        result["log_tail"] = (work / "daemon.log").read_text(errors="replace")[-4000:]
+        path = args.json or (
+            str(Path(os.environ["OUT"]) / "daemon_gpu.json") if os.environ.get("OUT") else None
+        )
+        if path:
+            Path(path).write_text(json.dumps(result, indent=1, default=str))
+            print(f"wrote {path}")
+        shutil.rmtree(work, ignore_errors=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
