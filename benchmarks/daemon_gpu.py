@@ -114,29 +114,119 @@ def infer_binary(c: httpx.Client, model: str, name: str, dtype: str, x: np.ndarr
     return np.frombuffer(r.content[n:], dtype=dt).reshape(out["shape"]).astype(np.float32)
 
 
-def check_models(c: httpx.Client, models: list[str], seed: int) -> dict[str, Any]:
+def triton_pair(port: int, model: str, name: str, dtype: str, x: np.ndarray) -> tuple[Any, Any]:
+    """JSON and binary inference with tritonclient (the real KServe v2 client); None if absent."""
+    try:
+        import tritonclient.http as th
+    except ImportError:
+        return None, None
+    tc = th.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=60.0)
+    try:
+        res = []
+        for binary in (False, True):
+            inp = th.InferInput(name, list(x.shape), dtype)
+            inp.set_data_from_numpy(x, binary_data=binary)
+            out = th.InferRequestedOutput("output", binary_data=binary)
+            r = tc.infer(model, [inp], outputs=[out])
+            res.append(np.asarray(r.as_numpy("output"), dtype=np.float32))
+        return res[0], res[1]
+    finally:
+        tc.close()
+
+
+def check_models(c: httpx.Client, models: list[str], seed: int, port: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i, m in enumerate(models):
         name, dtype, x = _input(c, m, 2, seed + i)
-        a = infer_json(c, m, name, dtype, x)
-        b = infer_binary(c, m, name, dtype, x)
+        a, b = triton_pair(port, m, name, dtype, x) if port else (None, None)
+        client = "tritonclient"
+        if a is None:
+            a = infer_json(c, m, name, dtype, x)
+            b = infer_binary(c, m, name, dtype, x)
+            client = "httpx"
         same = bool(np.allclose(a, b, rtol=1e-2, atol=1e-2))
         lat = []
         _, _, one = _input(c, m, 1, seed + 100 + i)
+        shed = 0
         for _ in range(30):
             t = time.perf_counter()
-            infer_binary(c, m, name, dtype, one)
+            try:
+                infer_binary(c, m, name, dtype, one)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 429:
+                    raise
+                shed += 1  # "deadline exceeded": the worker predicted a miss (e.g. still cold)
+                continue
             lat.append((time.perf_counter() - t) * 1000)
+        if not lat:
+            raise RuntimeError(f"{m}: every request answered 'deadline exceeded'")
         out[m] = {
+            "client": client,
             "output_shape": list(a.shape),
             "json_equals_binary": same,
+            "deadline_exceeded_of_30": shed,
             "seq_latency_p50_ms": round(statistics.median(lat), 3),
             "seq_latency_max_ms": round(max(lat), 3),
         }
         print(
-            f"  {m}: output {list(a.shape)}, JSON == binary: {same}, sequential batch-1 latency"
+            f"  {m} ({client}): output {list(a.shape)}, JSON == binary: {same}, batch-1 latency"
             f" p50 {statistics.median(lat):.2f} ms (max {max(lat):.2f})"
         )
+    return out
+
+
+def raise_load(
+    c: httpx.Client, model: str, registered: float, proc: subprocess.Popen[bytes]
+) -> dict[str, Any]:
+    """Send one model far more than its registered rate until the controller re-plans it."""
+    import threading
+
+    name, dtype, x = _input(c, model, 1, 99)
+    stop = threading.Event()
+    sent = [0]
+    refused = [0]
+
+    def sender() -> None:
+        with httpx.Client(base_url=c.base_url, headers=c.headers, timeout=60.0) as cc:
+            while not stop.is_set():
+                try:
+                    infer_binary(cc, model, name, dtype, x)
+                    sent[0] += 1
+                except httpx.HTTPStatusError:  # 429: the daemon sheds load past the plan
+                    refused[0] += 1
+
+    threads = [threading.Thread(target=sender, daemon=True) for _ in range(6)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    planned = registered
+    try:
+        end = t0 + 60
+        while time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.5)
+            planned = float(c.get(f"/v1/models/{model}").json()["planned_rate_rps"])
+            if planned > 1.5 * registered:
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    dt = time.monotonic() - t0
+    ctrl = c.get("/v1/plan").json().get("controller", {})
+    out = {
+        "model": model,
+        "registered_rps": registered,
+        "offered_rps": round(sent[0] / dt, 1),
+        "refused_429": refused[0],
+        "planned_rps_after": planned,
+        "replanned": planned > 1.5 * registered,
+        "seconds": round(dt, 2),
+        "controller": ctrl,
+    }
+    print(
+        f"load on {model}: {out['offered_rps']} req/s for {dt:.1f} s (registered {registered:g});"
+        f" planned rate now {planned:g} -> {'re-planned' if out['replanned'] else 'NOT re-planned'}"
+    )
     return out
 
 
@@ -148,7 +238,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="summary path (default $OUT/daemon_gpu.json)")
     args = ap.parse_args()
     default = (
-        "resnet50:30:200,mobilenet_v3_large:20:200"
+        "resnet50:30:200,mobilenet_v3_large:20:20"
         if args.backend == "nvml"
         else "tiny_mlp:500:20,tiny_cnn:500:10"
     )
@@ -170,6 +260,11 @@ model_dir = "models"
 kind = "{args.backend}"
 simulated_gpus = [{{ sku = "H100-80GB", count = 1, mig = false }}]
 allow_mig_changes = false
+[controller]
+interval_s = 0.5
+rate_halflife_s = 1.0
+hysteresis = 0.5
+hold_s = 1.0
 """
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -228,7 +323,8 @@ allow_mig_changes = false
             for part in plan.get("partitions", []):
                 print(f"  {json.dumps(part)[:200]}")
             result["plan"] = plan
-            result["first"] = check_models(c, names, 0)
+            result["first"] = check_models(c, names, 0, port)
+            result["replan"] = raise_load(c, names[-1], float(specs[-1][2]), p)
 
             os.kill(p.pid, signal.SIGKILL)
             p.wait(30)
@@ -247,11 +343,15 @@ allow_mig_changes = false
             listed = sorted(m["name"] for m in c.get("/v1/models").json())
             result["listed_after_restart"] = listed
             print(f"after restart ({result['restart_ready_s']} s): models {listed}")
-            result["after_restart"] = check_models(c, names, 7)
-            ok = listed == sorted(names) and all(
-                v["json_equals_binary"]
-                for k in ("first", "after_restart")
-                for v in result[k].values()
+            result["after_restart"] = check_models(c, names, 7, port)
+            ok = (
+                listed == sorted(names)
+                and bool(result["replan"]["replanned"])
+                and all(
+                    v["json_equals_binary"]
+                    for k in ("first", "after_restart")
+                    for v in result[k].values()
+                )
             )
             result["ok"] = ok
             print(f"\nresult: {'PASS' if ok else 'FAIL'}")
