@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -101,6 +102,11 @@ def test_model_registry() -> None:
         model_entry("no_such_net")
     with pytest.raises(ConfigError):
         model_entry("sleep:x")
+    if importlib.util.find_spec("torchaudio") is None:
+        with pytest.raises(ConfigError, match="unknown model"):
+            model_entry("wav2vec2_base")
+    else:
+        assert model_entry("wav2vec2_base").input_shape == (16000,)
     assert batch_buckets(1) == (1,)
     assert batch_buckets(8) == (1, 2, 4, 8)
     assert batch_buckets(24) == (1, 2, 4, 8, 16, 24)

@@ -3,8 +3,11 @@
 Names:
 
 * ``tiny_mlp``, ``tiny_cnn``: small built-in networks for CI (CPU, milliseconds);
-* ``bert_base``: a BERT-base sized encoder (12 layers, 768 wide, 12 heads, sequence 128) built
-  from ``torch.nn`` alone, so it needs no extra package; input: token ids;
+* ``bert_base``: BERT-base, sequence 128, input token ids: transformers ``BertModel`` (the model
+  the shipped profiles measured) where transformers is installed, else an encoder of the same
+  shape built from ``torch.nn`` alone (12 layers, 768 wide, 12 heads);
+* ``wav2vec2_base``: torchaudio's wav2vec2 base on 1 s of 16 kHz audio, where torchaudio is
+  installed;
 * any ``torchvision.models`` name (``resnet50``, ``vit_b_16``, ...) when torchvision is
   installed, with random weights (``weights=None``): latency does not depend on the weights;
 * ``echo`` (returns its input, any shape), ``sleep:<ms>`` (echo after ``ms`` milliseconds per
@@ -47,6 +50,7 @@ Array = npt.NDArray[Any]
 _IMAGE = (3, 224, 224)
 _TV_INPUT = {"inception_v3": (3, 299, 299)}
 BERT_SEQ_LEN = 128
+WAV2VEC2_SAMPLES = 16000  # 1 s of 16 kHz audio, as profiled
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ def model_entry(name: str) -> ModelEntry:
         return ModelEntry(name, (3, 32, 32), "float32", needs_torch=True)
     if name == "bert_base":
         return ModelEntry(name, (BERT_SEQ_LEN,), "int64", needs_torch=True)
+    if name == "wav2vec2_base" and importlib.util.find_spec("torchaudio") is not None:
+        return ModelEntry(name, (WAV2VEC2_SAMPLES,), "float32", needs_torch=True)
     if name in _torchvision_names():
         return ModelEntry(name, _TV_INPUT.get(name, _IMAGE), "float32", needs_torch=True)
     hint = "" if _torchvision_names() else " (torchvision is not installed)"
@@ -192,6 +198,46 @@ def bert_encoder(
     return BertEncoder()
 
 
+def _bert_base() -> torch.nn.Module:
+    """BERT-base as profiled (transformers ``BertModel(BertConfig())``, pooled output) where
+    transformers is installed, so that the served model is the one the shipped profiles
+    measured; else the torch.nn encoder of the same shape (CI, CPU machines)."""
+    if importlib.util.find_spec("transformers") is None:
+        return bert_encoder()
+    import torch
+
+    tf: Any = importlib.import_module("transformers")
+
+    class _Bert(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = tf.BertModel(tf.BertConfig())
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.bert(input_ids=ids, return_dict=False)[1]  # pooled [CLS]
+            return out
+
+    return _Bert()
+
+
+def _wav2vec2_base() -> torch.nn.Module:
+    """torchaudio's wav2vec2 base (random weights), as profiled: 1 s of 16 kHz audio in."""
+    import torch
+
+    ta: Any = importlib.import_module("torchaudio")
+
+    class _W2V(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = ta.models.wav2vec2_base()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.m(x)[0].mean(dim=1)  # pooled frame features
+            return out
+
+    return _W2V()
+
+
 def build_module(name: str) -> torch.nn.Module:
     """A fresh ``torch.nn.Module`` for ``name`` (deterministic weights), in eval mode."""
     import torch
@@ -200,7 +246,8 @@ def build_module(name: str) -> torch.nn.Module:
     builders: dict[str, Callable[[], torch.nn.Module]] = {
         "tiny_mlp": _tiny_mlp,
         "tiny_cnn": _tiny_cnn,
-        "bert_base": bert_encoder,
+        "bert_base": _bert_base,
+        "wav2vec2_base": _wav2vec2_base,
     }
     if name in builders:
         module = builders[name]()
