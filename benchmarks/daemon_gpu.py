@@ -20,43 +20,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
+from api.launch import LocalDaemon, wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(what: str, fn: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes]) -> Any:
-    end = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited ({proc.returncode}) waiting for {what}")
-        try:
-            last = fn()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.25)
-    raise RuntimeError(f"timed out waiting for {what}: {last!r}")
 
 
 def _input(c: httpx.Client, model: str, batch: int, seed: int) -> tuple[str, str, np.ndarray]:
@@ -245,18 +223,9 @@ def main() -> int:
     specs = [s.split(":") for s in (args.models or default).split(",")]
     names = [s[0] for s in specs]
     work = Path(tempfile.mkdtemp(prefix="stgs-daemon-gpu-"))
-    port = _free_port()
-    token = "daemon-gpu-" + os.urandom(8).hex()
-    (work / "token").write_text(token + "\n")
-    (work / "stgs.toml").write_text(
-        f"""[server]
-port = {port}
-token_file = "token"
-[paths]
-state_dir = "state"
-runtime_dir = "run"
-model_dir = "models"
-[backend]
+    d = LocalDaemon(
+        work,
+        f"""[backend]
 kind = "{args.backend}"
 simulated_gpus = [{{ sku = "H100-80GB", count = 1, mig = false }}]
 allow_mig_changes = false
@@ -265,37 +234,21 @@ interval_s = 0.5
 rate_halflife_s = 1.0
 hysteresis = 0.5
 hold_s = 1.0
-"""
+""",
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = (work / "daemon.log").open("ab")
+    port = d.port
     result: dict[str, Any] = {
         "backend": args.backend,
         "models": specs,
         "date": time.strftime("%F %T %Z"),
     }
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(work / "stgs.toml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
-        )
-
-    procs: list[subprocess.Popen[bytes]] = []
+    start = d.start
     rc = 1
     try:
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=60.0,
-        ) as c:
+        with d.client() as c:
             t0 = time.monotonic()
             p = start()
-            procs.append(p)
-            _wait("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 120, p)
+            wait_until("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 120, p)
             print(f"daemon up in {time.monotonic() - t0:.1f} s ({args.backend})")
             gpus = c.get("/v1/gpus").json()
             result["gpus"] = gpus
@@ -316,7 +269,7 @@ hold_s = 1.0
                 return all(m["ready"] for m in ms)
 
             t1 = time.monotonic()
-            _wait("every model ready", ready, args.ready_timeout_s, p)
+            wait_until("every model ready", ready, args.ready_timeout_s, p)
             result["ready_s"] = round(time.monotonic() - t1, 2)
             print(f"models ready in {result['ready_s']} s; plan:")
             plan = c.get("/v1/plan").json()
@@ -331,14 +284,13 @@ hold_s = 1.0
             print("daemon killed with SIGKILL; restarting on the same state")
             t2 = time.monotonic()
             p2 = start()
-            procs.append(p2)
-            _wait(
+            wait_until(
                 "the daemon after restart",
                 lambda: c.get("/v2/health/live").status_code == 200,
                 120,
                 p2,
             )
-            _wait("every model ready after restart", ready, args.ready_timeout_s, p2)
+            wait_until("every model ready after restart", ready, args.ready_timeout_s, p2)
             result["restart_ready_s"] = round(time.monotonic() - t2, 2)
             listed = sorted(m["name"] for m in c.get("/v1/models").json())
             result["listed_after_restart"] = listed
@@ -360,14 +312,7 @@ hold_s = 1.0
         result["error"] = f"{type(exc).__name__}: {exc}"
         print(f"error: {result['error']}", file=sys.stderr)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        log.close()
+        d.stop()
         # MPS daemons the killed daemon left behind (their pipe dirs are under run/)
         for pipe in (work / "run").glob("**/pipe"):
             with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -378,7 +323,7 @@ hold_s = 1.0
                     timeout=15,
                     check=False,
                 )
-        result["log_tail"] = (work / "daemon.log").read_text(errors="replace")[-4000:]
+        result["log_tail"] = d.log_path.read_text(errors="replace")[-4000:]
         path = args.json or (
             str(Path(os.environ["OUT"]) / "daemon_gpu.json") if os.environ.get("OUT") else None
         )

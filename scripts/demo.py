@@ -11,42 +11,13 @@ the plan the daemon applied and a few metrics, then stops the daemon (SIGTERM).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(what: str, fn: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes]) -> Any:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: the daemon exited ({proc.returncode}) waiting for {what}")
-        try:
-            got = fn()
-            if got:
-                return got
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"demo: timed out waiting for {what}")
+from api.launch import LocalDaemon, wait_until
 
 
 def main() -> int:
@@ -54,37 +25,15 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary state directory")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stgs-demo-"))
-    port = _free_port()
-    token = "demo-token-" + os.urandom(8).hex()
-    (work / "token").write_text(token + "\n")
-    (work / "stgs.toml").write_text(
-        f"""[server]
-port = {port}
-token_file = "token"
-[paths]
-state_dir = "state"
-runtime_dir = "run"
-model_dir = "models"
-[backend]
-kind = "simulated"
-simulated_gpus = [{{ sku = "H100-80GB", count = 1 }}]
-"""
+    d = LocalDaemon(
+        work,
+        '[backend]\nkind = "simulated"\nsimulated_gpus = [{ sku = "H100-80GB", count = 1 }]\n',
     )
-    log = (work / "daemon.log").open("ab")
-    print(f"demo: starting `stgs serve` on 127.0.0.1:{port} (simulated H100, CPU workers)")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--config", str(work / "stgs.toml")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    print(f"demo: starting `stgs serve` on 127.0.0.1:{d.port} (simulated H100, CPU workers)")
+    proc = d.start()
     try:
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30.0
-        ) as c:
-            _wait("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 30, proc)
+        with d.client(30.0) as c:
+            wait_until("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 30, proc)
             for name, slo, rate in (("tiny_mlp", 500, 20), ("tiny_cnn", 500, 10)):
                 r = c.post("/v1/models", json={"name": name, "slo_ms": slo, "rate_rps": rate})
                 print(f"demo: POST /v1/models {name} -> {r.status_code} {r.json().get('status')}")
@@ -96,7 +45,7 @@ simulated_gpus = [{{ sku = "H100-80GB", count = 1 }}]
                     raise SystemExit(f"demo: registration failed: {bad}")
                 return all(m["ready"] for m in ms)
 
-            _wait("both models profiled, planned and ready", ready, 90, proc)
+            wait_until("both models profiled, planned and ready", ready, 90, proc)
             body = {
                 "inputs": [
                     {
@@ -138,13 +87,10 @@ simulated_gpus = [{{ sku = "H100-80GB", count = 1 }}]
             print("\ndemo: GET /metrics (excerpt)")
             for ln in metrics:
                 print("  " + ln)
+    except RuntimeError as exc:
+        raise SystemExit(f"demo: {exc}") from exc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        d.stop(20)
         if args.keep:
             print(f"\ndemo: state and log kept in {work}")
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
+from api.launch import free_port, wait_until
+
 pytestmark = pytest.mark.slow
 
 tritonhttp = pytest.importorskip("tritonclient.http")
@@ -30,33 +31,9 @@ tritonhttp = pytest.importorskip("tritonclient.http")
 TOKEN = "e2e-token-0123456789abcdef"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _until(
-    what: str, fn: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes]
-) -> Any:
-    end = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"the daemon exited ({proc.returncode}) waiting for {what}")
-        try:
-            last = fn()
-            if last:
-                return last
-        except (httpx.HTTPError, ConnectionError, OSError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: last {last!r}")
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    port = _free_port()
+    port = free_port()
     (tmp_path / "token").write_text(TOKEN + "\n")
     cfg = tmp_path / "stgs.toml"
     cfg.write_text(
@@ -145,7 +122,7 @@ def test_daemon_serves_replans_and_survives_sigkill(
     p = daemon()
     port = p.port  # type: ignore[attr-defined]
     with _client(port) as c:
-        _until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 30, p)
+        wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 30, p)
         # mutating calls need the token
         assert httpx.post(f"http://127.0.0.1:{port}/v1/models", json={}).status_code == 401
         _register(c, "tiny_mlp", slo_ms=5000, rate=2)
@@ -157,7 +134,7 @@ def test_daemon_serves_replans_and_survives_sigkill(
             assert not bad, bad
             return all(ms[n]["status"] == "ready" and ms[n]["ready"] for n in ms)
 
-        _until("both models ready", both_ready, 45, p)
+        wait_until("both models ready", both_ready, 45, p)
 
         tc = tritonhttp.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=30.0)
         try:
@@ -183,7 +160,7 @@ def test_daemon_serves_replans_and_survives_sigkill(
                 # re-planned at the measured rate, well above the registered 2 rps
                 return bool(c.get("/v1/models/tiny_mlp").json()["planned_rate_rps"] > 5)
 
-            _until("a controller re-plan for the higher load", replanned, 30, p)
+            wait_until("a controller re-plan for the higher load", replanned, 30, p)
             assert c.get("/v1/plan").json()["controller"]["replans"] >= 1
             events = c.get("/v1/events", params={"kind": "apply"}).json()
             assert any("controller" in e["data"].get("reason", "") for e in events)
@@ -198,8 +175,10 @@ def test_daemon_serves_replans_and_survives_sigkill(
     p.wait(10)
     p2 = daemon()
     with _client(port) as c:
-        _until("ready after restart", lambda: c.get("/v2/health/ready").status_code == 200, 30, p2)
-        _until(
+        wait_until(
+            "ready after restart", lambda: c.get("/v2/health/ready").status_code == 200, 30, p2
+        )
+        wait_until(
             "every model ready after restart",
             lambda: all(m["ready"] for m in c.get("/v1/models").json()),
             45,

@@ -1,0 +1,116 @@
+"""Run ``stgs serve`` as a subprocess with a throw-away config and state directory.
+
+Shared by the demo (``scripts/demo.py``), the GPU flow (``benchmarks/daemon_gpu.py``) and the
+end-to-end test: a free loopback port, a bearer token, a TOML config, the daemon's log in the
+work directory, and a wait that fails fast when the daemon exits.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    what: str, fn: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes]
+) -> Any:
+    """Poll ``fn`` until it returns something true; RuntimeError on timeout or daemon exit."""
+    end = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({proc.returncode}) waiting for {what}")
+        try:
+            last = fn()
+            if last:
+                return last
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out waiting for {what}: last {last!r}")
+
+
+@dataclass
+class LocalDaemon:
+    """A daemon config in ``work`` (token, state, runtime and model dirs) and its processes."""
+
+    work: Path
+    sections: str  # TOML after [server] and [paths]: [backend], [controller], ...
+    port: int = field(default_factory=free_port)
+    token: str = field(default_factory=lambda: "local-" + os.urandom(12).hex())
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _log: IO[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "token").write_text(self.token + "\n")
+        self.config.write_text(
+            f"[server]\nport = {self.port}\ntoken_file = \"token\"\n"
+            "[paths]\nstate_dir = \"state\"\nruntime_dir = \"run\"\nmodel_dir = \"models\"\n"
+            + self.sections
+        )
+
+    @property
+    def config(self) -> Path:
+        return self.work / "stgs.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work / "daemon.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        if self._log is None:
+            self._log = self.log_path.open("ab")
+        e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        e.pop("NOTIFY_SOCKET", None)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=e,
+        )
+        self.procs.append(p)
+        return p
+
+    def client(self, timeout_s: float = 60.0) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=timeout_s,
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM every process still running (then SIGKILL), close the log."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
