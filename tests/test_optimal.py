@@ -234,3 +234,18 @@ def test_mps_inside_mig_is_placed_in_its_instance() -> None:
     assert hosted
     assert len({q.mig_start for q in hosted}) == 1
     assert plan.gpus[0].mode == "mig+mps"
+
+
+def test_solver_prints_go_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """HiGHS writes debug lines to fd 1 even with disp off; they must not reach stdout (where
+    `stgs plan --json` writes its JSON)."""
+    import os
+
+    from partitioner.policies.optimal import _stdout_to_stderr
+
+    with _stdout_to_stderr():
+        os.write(1, b"HighsMipSolverData::noise\n")
+    os.write(1, b"after\n")
+    out, err = capfd.readouterr()
+    assert "noise" not in out and "noise" in err
+    assert out == "after\n"

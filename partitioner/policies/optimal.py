@@ -68,9 +68,13 @@ one or two GPUs solve in seconds; beyond, expect ``time_limit``. Time: step A ge
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
@@ -421,6 +425,29 @@ class Optimal(Policy):
         return _Solver(problem).run()
 
 
+_FD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what the solver's C++ code prints to file descriptor 1 (HiGHS writes debug lines
+    such as ``HighsMipSolverData::...`` even with ``disp`` off) to stderr, so that
+    ``stgs plan --json`` keeps stdout pure JSON. Python-level output is untouched."""
+    with _FD_LOCK:
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError):  # no usable fd 1: nothing to protect
+            yield
+            return
+        try:
+            os.dup2(2, 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def exact_peak(problem: Problem, k_hi: float | None = None) -> tuple[float, str]:
     """The largest factor k on all rates that a plan over these choices serves: (k, status).
 
@@ -635,17 +662,18 @@ class _Solver:
         lower, upper = self._bounds(lam_lb, lam_ub, ub)
         a, lo, hi = self._matrix(cuts)
         t0 = time.perf_counter()
-        res = milp(
-            c,
-            integrality=np.array(self.lp.integer),
-            bounds=Bounds(lower, upper),
-            constraints=LinearConstraint(a, lo, hi),
-            options={
-                "time_limit": max(limit, 0.01),
-                "disp": _DISP,
-                "mip_rel_gap": gap,
-            },
-        )
+        with _stdout_to_stderr():
+            res = milp(
+                c,
+                integrality=np.array(self.lp.integer),
+                bounds=Bounds(lower, upper),
+                constraints=LinearConstraint(a, lo, hi),
+                options={
+                    "time_limit": max(limit, 0.01),
+                    "disp": _DISP,
+                    "mip_rel_gap": gap,
+                },
+            )
         seconds = time.perf_counter() - t0
         got = getattr(res, "mip_gap", None)
         x = None if res.x is None else np.asarray(res.x, dtype=np.float64)
