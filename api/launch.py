@@ -62,8 +62,8 @@ class LocalDaemon:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "token").write_text(self.token + "\n")
         self.config.write_text(
-            f"[server]\nport = {self.port}\ntoken_file = \"token\"\n"
-            "[paths]\nstate_dir = \"state\"\nruntime_dir = \"run\"\nmodel_dir = \"models\"\n"
+            f'[server]\nport = {self.port}\ntoken_file = "token"\n'
+            '[paths]\nstate_dir = "state"\nruntime_dir = "run"\nmodel_dir = "models"\n'
             + self.sections
         )
 
