@@ -45,6 +45,7 @@ class GreedyConfig:
     time_sharing: bool = True
     shrink: bool = True
     consolidate: bool = True  # empty lightly loaded shared partitions into the others
+    dedicate: bool = True  # False: no saturated copies first, every rate placed as a residual
     fallback_families: frozenset[str] = frozenset({FULL})  # for GPU types that have none of them
 
 
@@ -140,7 +141,10 @@ class Greedy:
         residuals: list[tuple[ModelSpec, GpuSpec, float]] = []
         by_name = {m.name: m for m in admitted}
         for (name, t), rate in split.items():
-            residuals.extend(self._dedicate(by_name[name], t, rate))
+            if self.cfg.dedicate:
+                residuals.extend(self._dedicate(by_name[name], t, rate))
+            else:
+                residuals.append((by_name[name], t, rate))
         self._place_residuals(residuals)
         if self.cfg.time_sharing and self.cfg.consolidate:
             for st in self.types.values():

@@ -24,6 +24,10 @@ _BASE = (
     GreedyConfig("stgs", frozenset({FULL, MPS})),
 )
 VARIANTS = _BASE + tuple(replace(c, consolidate=False) for c in _BASE)
+# Small instances also try placing every rate as a residual (no saturated copies first): the
+# exact optimum often time-shares two models over several small partitions at large batches.
+SMALL_MODELS = 12
+SMALL_VARIANTS = (replace(_BASE[0], dedicate=False),)
 
 
 def plan_score(plan: Plan) -> tuple[float, ...]:
@@ -64,6 +68,8 @@ class Stgs(Policy):
     def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
         # Large instances: the all-families variant alone (solve time grows with models x GPUs).
         variants = VARIANTS if len(problem.models) <= LARGE_MODELS else VARIANTS[:1]
+        if len(problem.models) <= SMALL_MODELS:
+            variants = variants + SMALL_VARIANTS
         best = self._fresh(problem, variants)
         spare = problem.options.spare_factor
         if spare > 1 and best.feasible:
