@@ -24,14 +24,11 @@ from partitioner.peak import find_peak
 from partitioner.policies import get_policy, policy_names
 from partitioner.policies.optimal import exact_peak
 from partitioner.problem import Problem
+from profiler.models import ZOO
 from stgs.errors import PlanningError
 from stgs.profiles import default_profiles_path
 from stgs.scenario import scenario_from_mapping
 
-ZOO = [
-    "resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16", "densenet121",
-    "vgg16", "inception_v3", "googlenet", "mnasnet1_0", "bert_base", "wav2vec2_base",
-]  # fmt: skip
 HEURISTICS = ["stgs", "temporal", "mig-only", "mps-only"]
 
 
@@ -248,12 +245,7 @@ def main() -> int:
         for pol in pols:
             if pol == "optimal" and not case.small:
                 continue
-            opts = prob.options
-            if pol == "optimal":
-                opts = opts.model_copy(update={"time_limit_s": args.optimal_limit})
-            p2 = Problem(
-                prob.gpus, prob.models, prob.latency, prob.interference, prob.headroom, opts
-            )
+            p2 = prob.with_options(time_limit_s=args.optimal_limit) if pol == "optimal" else prob
             t0 = time.perf_counter()
             if pol == "optimal":
                 # one MILP solve at the fluid bound: the largest served fraction gives the peak

@@ -18,43 +18,14 @@ out (it only makes things slower), so it stays an upper bound.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import numpy as np
 from scipy.optimize import linprog
 
-from partitioner.problem import Curve, Problem, Shape
+from partitioner.problem import Problem
 from stgs.types import GpuSpec, ModelSpec
 
 _EPS = 1e-9
-
-
-def saturated_rps(curve: Curve, *, interference: bool = True) -> float:
-    if interference:
-        return curve.max_rps
-    lat = curve.raw_solo * (1.0 + curve.headroom)
-    ok = (2 * lat <= curve.model.slo_ms + _EPS) & (curve.memory <= curve.shape.memory_mib)
-    return float(np.max(1000.0 * curve.buckets[ok] / lat[ok])) if ok.any() else 0.0
-
-
-def best_shape(
-    problem: Problem,
-    model: ModelSpec,
-    gtype: GpuSpec,
-    shapes: Iterable[Shape] | None = None,
-    *,
-    interference: bool = True,
-) -> tuple[float, Shape | None]:
-    """(packing weight per request/s, shape): the cheapest way to serve ``model`` on ``gtype``."""
-    best: tuple[float, Shape | None] = (math.inf, None)
-    for shape in shapes if shapes is not None else problem.shapes(gtype):
-        c = problem.curve(model, gtype, shape)
-        if c is None:
-            continue
-        t = saturated_rps(c, interference=interference)
-        if t > 0 and shape.weight / t < best[0] - 1e-15:
-            best = (shape.weight / t, shape)
-    return best
 
 
 def _lp(

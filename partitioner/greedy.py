@@ -404,13 +404,7 @@ class Greedy:
                     has = any(qm.name == m.name for qm, _ in q.items)
                     if not has and len(q.items) >= self.max_models:
                         continue
-                    take = self._max_extra(t, q, m, left)
-                    if take > 0:
-                        q.items = _with_rate(q.items, m, take)
-                        sched = self._sched(t, q.shape, q.items)
-                        assert sched is not None
-                        q.sched = sched
-                        left -= take
+                    left -= self._top_up(t, q, m, left)
                 if left > 1e-9 * max(1.0, rate):
                     ok = False
                     break
@@ -419,6 +413,16 @@ class Greedy:
             else:
                 for q, items, sched in saved:
                     q.items, q.sched = items, sched
+
+    def _top_up(self, t: GpuSpec, q: Part, m: ModelSpec, rate: float) -> float:
+        """Add the most of ``rate`` of ``m`` that ``q`` can take (``_max_extra``); return it."""
+        take = self._max_extra(t, q, m, rate)
+        if take > 0:
+            q.items = _with_rate(q.items, m, take)
+            sched = self._sched(t, q.shape, q.items)
+            assert sched is not None
+            q.sched = sched
+        return take
 
     def _max_extra(self, t: GpuSpec, q: Part, m: ModelSpec, rate: float) -> float:
         """Largest extra rate <= ``rate`` of ``m`` that partition ``q`` can take (bisection)."""
@@ -568,13 +572,7 @@ class Greedy:
                     continue
                 if not any(pm.name == m.name for pm, _ in part.items):
                     continue
-                take = self._max_extra(t, part, m, rate)
-                if take > 0:
-                    part.items = _with_rate(part.items, m, take)
-                    sched = self._sched(t, part.shape, part.items)
-                    assert sched is not None
-                    part.sched = sched
-                    rate -= take
+                rate -= self._top_up(t, part, m, rate)
             # shared partitions with room
             if self.cfg.time_sharing:
                 for part in self._open_shared(st, m):

@@ -245,6 +245,26 @@ class Problem:
         p._curves = self._curves
         return p
 
+    # Planner options that shapes and curves do not depend on: changing them keeps the cache.
+    _CURVE_FREE_OPTIONS = frozenset(
+        {"spare_factor", "reconfig_cost", "time_limit_s", "max_models_per_partition"}
+    )
+
+    def with_options(self, **update: object) -> Problem:
+        """The same GPUs and models with planner options changed; the curve cache is shared
+        when no changed option enters the curves (``_CURVE_FREE_OPTIONS``)."""
+        p = Problem(
+            self.gpus,
+            self.models,
+            self.latency,
+            self.interference,
+            self.headroom,
+            self.options.model_copy(update=update),
+        )
+        if set(update) <= self._CURVE_FREE_OPTIONS:
+            p._curves = self._curves
+        return p
+
     def with_gpus(self, gpus: Sequence[GpuSpec]) -> Problem:
         p = Problem(
             tuple(gpus), self.models, self.latency, self.interference, self.headroom, self.options

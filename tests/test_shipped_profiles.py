@@ -13,6 +13,7 @@ from partitioner.fluid import fluid_bound
 from partitioner.peak import find_peak
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
+from profiler.models import ZOO as ZOO_MODELS
 from stgs.latency import fit_report
 from stgs.profiles import (
     default_interference_path,
@@ -27,10 +28,7 @@ from stgs.scenario import load_scenario, scenario_from_mapping
 
 pytestmark = pytest.mark.shipped_profiles
 
-ZOO = {
-    "resnet50", "resnet18", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16", "densenet121",
-    "vgg16", "inception_v3", "googlenet", "mnasnet1_0", "bert_base", "wav2vec2_base",
-}  # fmt: skip
+ZOO = set(ZOO_MODELS)
 
 
 def test_default_is_the_measured_set() -> None:

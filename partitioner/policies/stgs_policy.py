@@ -99,13 +99,5 @@ class StgsSpare(Stgs):
 
     def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
         if problem.options.spare_factor <= 1:
-            opts = problem.options.model_copy(update={"spare_factor": 1.5})
-            problem = Problem(
-                problem.gpus,
-                problem.models,
-                problem.latency,
-                problem.interference,
-                problem.headroom,
-                opts,
-            )
+            problem = problem.with_options(spare_factor=1.5)
         return replace(super().plan(problem, current), policy=self.name)
