@@ -278,9 +278,12 @@ class Problem:
         for m in self.models:
             if not any((sku, m.profile) in self.latency for sku in skus):
                 have = sorted({gm for (_, gm) in self.latency})
+                gpus = sorted({g for (g, _) in self.latency})
                 raise ProfileError(
                     f"model {m.name!r}: no profile for {m.profile!r} on {', '.join(sorted(skus))}"
-                    f" (profiled models: {', '.join(have) or 'none'})"
+                    f" (profiled models: {', '.join(have) or 'none'}; profiled GPUs:"
+                    f" {', '.join(gpus) or 'none'}; measure with `stgs profile`, or use"
+                    " `profiles: example` for the synthetic example set)"
                 )
 
     # ---------------------------------------------------------------- queries
