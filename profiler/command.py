@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interference-seconds", type=float, default=1.0)
     p.add_argument("--no-fit", action="store_true", help="skip the fit report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-prewarm",
+        action="store_true",
+        help="do not start, load and warm a model's workers in parallel before timing it",
+    )
 
 
 def _splits(items: list[str]) -> tuple[tuple[float, float], ...]:
@@ -114,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         interference_seconds=args.interference_seconds,
         interference_out=Path(args.interference_out) if args.interference_out else None,
         quiet=args.quiet,
+        prewarm=not args.no_prewarm,
     )
 
 

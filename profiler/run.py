@@ -7,6 +7,11 @@ between green contexts reused cuDNN plans chosen in another context, which then 
 failed with CUDNN_STATUS_EXECUTION_FAILED), each MPS share in its own client process under an
 MPS control daemon (started with private directories and quit at the end), each existing MIG
 instance in a process pinned to it. Workers live for the whole run, one model loaded at a time.
+Before a model's points are timed, its workers are started, load the model and run each batch
+once eagerly, all at the same time (``prewarm``): the first forward pass of a new input shape
+costs a process ~2 s of host time for models with many small convolutions (cuDNN's per-shape
+plan set-up: efficientnet_b0, mobilenet_v3_large on the H100), which would otherwise be paid
+partition after partition; the timed points then run one at a time on a quiet GPU.
 A point that fails is retried once, after the other points of its model, in a fresh worker; a
 worker that crashes or hangs costs the point it was measuring and is restarted. Rows are
 appended and flushed as they are measured; failures go to the side file (see
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +58,7 @@ WorkerFactory = Callable[[str, Mapping[str, str]], Any]
 """(device, environment) -> a started worker (see :class:`profiler.workers.Worker`)."""
 
 LOAD_TIMEOUT_S = 600.0
+WARM_TIMEOUT_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class ProfileConfig:
     interference_seconds: float = 1.0
     interference_out: Path | None = None
     quiet: bool = False
+    prewarm: bool = True  # start, load and warm a model's workers in parallel (see above)
 
     @property
     def cpu(self) -> bool:
@@ -187,6 +195,55 @@ class _Run:
             raise ModelLoadError(str(r.get("error")))
         self.loaded[key] = model
         return w
+
+    def prewarm(self, model: str, groups: Mapping[WorkerKey, Sequence[Point]]) -> None:
+        """Start the workers of ``groups``, load ``model`` and run each of its batches once in
+        every worker, all workers at once (nothing is timed).
+
+        Best effort: a worker that does not start, load or warm is left to the serial path,
+        which retries it and records the failure against the points.
+        """
+        envs: dict[WorkerKey, dict[str, str]] = {}
+        for key in groups:
+            w = self.workers.get(key)
+            if w is None or not w.alive:
+                try:
+                    envs[key] = self._env(key)  # may start the MPS daemon: not in a thread
+                except Exception:  # the serial path reports it
+                    continue
+        device = "cpu" if self.cfg.cpu else "cuda:0"
+        spec = asdict(self.specs[model])
+
+        def job(key: WorkerKey) -> tuple[WorkerKey, Any, bool]:
+            w = self.workers.get(key) if key not in envs else None
+            try:
+                if w is None:
+                    w = self.factory(device, envs[key])
+                if self.loaded.get(key) != model:
+                    msg = {"op": "load", "spec": spec, "dtype": self.cfg.dtype}
+                    if not w.request(msg, LOAD_TIMEOUT_S).get("ok"):
+                        return key, w, False
+                batches = sorted({p.batch for p in groups[key]})
+                warm: dict[str, Any] = {"op": "warm", "batches": batches}
+                warm["partition"] = groups[key][0].partition
+                w.request(warm, WARM_TIMEOUT_S)
+                return key, w, True
+            except Exception:  # the serial path retries this worker and records why
+                return key, w, False
+
+        keys = [k for k in groups if k in envs or k in self.workers]
+        if not keys:
+            return
+        with ThreadPoolExecutor(max_workers=len(keys)) as pool:
+            results = list(pool.map(job, keys))
+        for key, w, loaded in results:
+            if key in envs and w is not None:
+                self.drop(key)  # a dead predecessor, if any
+                self.workers[key] = w
+            if loaded and w is not None and w.alive:
+                self.loaded[key] = model
+            else:
+                self.loaded.pop(key, None)
 
     def unload(self, key: WorkerKey) -> None:
         w = self.workers.get(key)
@@ -344,6 +401,9 @@ class _Run:
             groups: dict[WorkerKey, list[Point]] = {}
             for p in pts:
                 groups.setdefault(self.key_of(p.partition), []).append(p)
+            if self.cfg.prewarm:
+                self.progress.update(task, description=f"{model}: loading and warming up")
+                self.prewarm(model, groups)
             for key, gpts in groups.items():
                 try:
                     self.ensure_loaded(key, model)

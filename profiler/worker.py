@@ -172,6 +172,33 @@ class WorkerState:
         out.update(sm_count=sms, seconds=time.perf_counter() - t0)
         return out
 
+    def warm(self, partition: str, batches: list[int]) -> dict[str, Any]:
+        """Run the model once per batch, untimed, so that per-shape library set-up (cuDNN plans,
+        cuBLAS heuristics) is done before the timed points. A batch that runs out of memory is
+        skipped (its point will fail and say so)."""
+        if self.model is None:
+            raise RuntimeError("no model loaded")
+        torch = self.torch
+        t0 = time.perf_counter()
+        skipped = []
+        with torch.inference_mode():
+            if not self.cuda:
+                for b in batches:
+                    self.model(self.make_input(b))
+                return {"seconds": time.perf_counter() - t0, "skipped": []}
+            stream, _ = self._stream_for(partition)
+            with torch.cuda.stream(stream):
+                for b in batches:
+                    try:
+                        self.model(self.make_input(b))
+                        stream.synchronize()
+                    except torch.cuda.OutOfMemoryError:
+                        skipped.append(b)
+                        torch.cuda.empty_cache()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return {"seconds": time.perf_counter() - t0, "skipped": skipped}
+
     def prepare(self, partition: str, batch: int, timing: dict[str, Any]) -> dict[str, Any]:
         if self.model is None or not self.cuda:
             raise RuntimeError("prepare needs a loaded model on a GPU")
@@ -221,6 +248,8 @@ def serve(device: str, inp: IO[str], out: IO[str]) -> int:
                 res = state.unload()
             elif op == "measure":
                 res = state.measure(req["partition"], int(req["batch"]), req.get("timing", {}))
+            elif op == "warm":
+                res = state.warm(req["partition"], [int(b) for b in req["batches"]])
             elif op == "prepare":
                 res = state.prepare(req["partition"], int(req["batch"]), req.get("timing", {}))
             elif op == "run_for":

@@ -198,6 +198,9 @@ class FakeWorker:
                 "sm_count": sms,
                 "seconds": 0.01,
             }
+        if op == "warm":
+            assert self.model is not None, "warm before load"
+            return {"ok": True, "seconds": 0.01, "skipped": []}
         if op == "prepare":
             return {"ok": True, "graph": "cuda"}
         if op == "run_for":
@@ -285,6 +288,32 @@ def test_grid_rows_resume_and_fit(tmp_path: Path, fake_mps: None) -> None:
     rows = fit_rows(read_profiles(tmp_path / "p.csv"))
     assert [r.model for r in rows] == ["resnet50", "vgg16"]
     assert "| H100-80GB | resnet50 |" in fit_markdown(rows)
+
+
+def test_prewarm_loads_and_warms_every_partition_before_timing(
+    tmp_path: Path, fake_mps: None
+) -> None:
+    log: list[tuple[str, Any]] = []
+    fac = _factory(log)
+    s = run_profile(_cfg(tmp_path, "resnet50", "vgg16"), factory=fac)
+    assert s.measured == 18
+    ops = [op for op, _ in log]
+    first_measure = ops.index("measure")
+    # resnet50: three workers loaded and warmed (one per partition) before its first point,
+    # and not loaded again by the serial path
+    assert sorted(p for op, p in log[:first_measure] if op == "warm") == [
+        "full",
+        "green:16",
+        "mps:50",
+    ]
+    assert ops[:first_measure].count("load") == 3
+    assert ops.count("load") == 6 and ops.count("warm") == 6  # and the same for vgg16
+    # without prewarm: no warm op, the same rows
+    log.clear()
+    sub = tmp_path / "again"
+    sub.mkdir()
+    s2 = run_profile(_cfg(sub, "resnet50", prewarm=False), factory=_factory(log))
+    assert s2.measured == 9 and "warm" not in [op for op, _ in log]
 
 
 def test_failures_are_recorded_and_retried(tmp_path: Path, fake_mps: None) -> None:
