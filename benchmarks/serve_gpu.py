@@ -19,6 +19,11 @@
    while the load keeps running; report the requests lost (never answered, or errors other than
    "deadline exceeded") and the attainment during the switch and ``--after-s`` seconds after it.
 
+Worker trace: unless ``--no-worker-trace``, the workers record per batch and per request when
+they took, ran and answered it (``stgs.runtime.worker``, ``STGS_WORKER_TRACE``); the drained
+workers of plan 1 write it when they stop, and it is merged into the ``.npz`` (``wb``, ``wr``,
+``w_parts``, ``t0_ns``; ``benchmarks/fidelity.py`` reads it).
+
 Windows (by scheduled arrival): warmup (not counted), phase1, switch (from the start of
 ``apply`` to its return), after. Writes a JSON summary (``--json``, default ``$OUT/serve_gpu.json``
 when ``$OUT`` is set) and the per-request record as ``.npz`` beside it.
@@ -35,6 +40,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -58,6 +64,7 @@ from stgs.errors import DeadlineExceededError, StgsError
 from stgs.plan import Plan
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
+from stgs.runtime.worker import TRACE_ENV
 from stgs.scenario import scenario_from_mapping
 
 DEFAULT_MODELS = (
@@ -461,6 +468,34 @@ def _mps_pids() -> list[int]:
     return out
 
 
+# ---------------------------------------------------------------------- worker trace
+def collect_traces(trace_dir: Path) -> dict[str, np.ndarray]:
+    """The workers' trace files merged: ``wb`` (batches) and ``wr`` (requests) with the
+    worker's index prepended, ``w_parts`` (JSON: per worker its name, models and pid)."""
+    parts: list[dict[str, Any]] = []
+    wb, wr = [], []
+    for f in sorted(trace_dir.glob("*.npz")):
+        try:
+            with np.load(f) as z:
+                b, r = z["batches"], z["requests"]
+                k = len(parts)
+                parts.append(
+                    {"name": str(z["name"]), "models": [str(m) for m in z["models"]], "pid": f.stem}
+                )
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"trace {f} not read: {exc}")
+            continue
+        wb.append(np.c_[np.full(len(b), k, dtype=np.int64), b])
+        wr.append(np.c_[np.full(len(r), k, dtype=np.int64), r])
+    if not parts:
+        return {}
+    return {
+        "wb": np.concatenate(wb),
+        "wr": np.concatenate(wr),
+        "w_parts": np.asarray(json.dumps(parts)),
+    }
+
+
 # ---------------------------------------------------------------------- GPU helpers
 def gpu_label() -> str:
     if shutil.which("nvidia-smi") is None:
@@ -525,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runtime-dir", default=None, help="MPS pipe/log dirs (default: a tmp dir)")
     ap.add_argument("--no-admission", action="store_true")
     ap.add_argument("--json", default=None, help="summary path (default $OUT/serve_gpu.json)")
+    ap.add_argument(
+        "--no-worker-trace", action="store_true", help="workers record no per-batch trace"
+    )
     args = ap.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _sigterm)
@@ -588,6 +626,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = [model_entry(m.name).example(seed=i) for i, m in enumerate(models)]
     rates = [m.rate_rps * load_scale for m in models]
 
+    trace_dir: Path | None = None
+    if json_path and not args.no_worker_trace:
+        trace_dir = runtime_dir / f"worker-trace-{os.getpid()}"
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        os.environ[TRACE_ENV] = str(trace_dir)  # the workers inherit it
     runtime = Runtime(backend, slos=slos_by_serve, admission=not args.no_admission)
     result: dict[str, Any] = {
         "device": label,
@@ -599,7 +642,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan1": plan1.to_dict() if hasattr(plan1, "to_dict") else None,
         "plan2": plan2.to_dict() if hasattr(plan2, "to_dict") else None,
         "checks": {"plan1": checks1, "plan2": checks2},
+        # what bert_base is (stgs.runtime.models): the profiled model only with transformers
+        "bert_base_impl": "transformers BertModel"
+        if importlib.util.find_spec("transformers") is not None
+        else "torch.nn encoder",
     }
+    print(f"bert_base served as: {result['bert_base_impl']}")
     lg: LoadGen | None = None
     try:
         runtime.start_monitor()
@@ -745,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
             Path(json_path).write_text(json.dumps(result, indent=1, default=str))
             if lg is not None:
+                traces = collect_traces(trace_dir) if trace_dir is not None else {}
                 with contextlib.suppress(OSError):
                     np.savez_compressed(
                         Path(json_path).with_suffix(".npz"),
@@ -753,7 +802,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         sent=lg.sent - lg.t0,
                         done=lg.done - lg.t0,
                         status=lg.status,
+                        t0_ns=np.int64(round(lg.t0 * 1e9)),
+                        **traces,
                     )
+                print(f"worker trace: {len(traces.get('wb', []))} batches")
             print(f"wrote {json_path}")
     return 0
 

@@ -23,6 +23,7 @@ from partitioner.sim import (
     runtime_buckets,
     simulate,
 )
+from partitioner.sim.config import HostCosts
 from partitioner.sim.engine import DEADLINE, NO_WORKER, OK
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.scenario import scenario_from_mapping
@@ -70,7 +71,7 @@ def test_hand_computable_latencies(problem: Problem) -> None:
         problem,
         one_model_plan(4),
         {"resnet50": arr},
-        SimOptions(duration_s=1, noise="off", admission=False),
+        SimOptions(duration_s=1, noise="off", admission=False, host=HostCosts(enabled=False)),
     )
     res = sim.run()
     lat = res.finish_ms - res.arrival_ms
@@ -85,6 +86,55 @@ def test_hand_computable_latencies(problem: Problem) -> None:
     by_n = sim.parts[0].lat[0]
     assert by_n[3] == by_n[4] == pytest.approx(l4)
     assert by_n[2] == pytest.approx(l2)
+
+
+def test_host_costs_hand_computable(problem: Problem) -> None:
+    """The same arrivals as above with host costs: queued 0.5 ms after arrival, a batch of n
+    holds the worker 0.2 + n x (0.1 + 0.05 x MB) ms beyond its GPU latency, answers arrive
+    0.3 ms after the batch."""
+    lm = problem.latency[("H100-80GB", "resnet50")]
+    l1, l4 = lm.latency_ms(1, 132), lm.latency_ms(4, 132)
+    host = HostCosts(
+        request_ms=0.25,
+        request_ms_per_mb=0.25 / 0.602112,
+        batch_ms=0.2,
+        sample_ms=0.1,
+        sample_ms_per_mb=0.05,
+        reply_ms=0.3,
+    )
+    mb = 3 * 224 * 224 * 4 / 1e6
+    assert host.mb("resnet50") == pytest.approx(mb) and host.mb("bert_base") == 0.001024
+    assert host.request_delay_ms("resnet50") == pytest.approx(0.5)
+    d1 = l1 + 0.2 + 1 * (0.1 + 0.05 * mb)
+    d4 = l4 + 0.2 + 4 * (0.1 + 0.05 * mb)
+    arr = np.array([0, 0, 0, 0, 0, 0.001, 0.2])
+    opts = SimOptions(duration_s=1, noise="off", admission=False, host=host)
+    res = Simulator(problem, one_model_plan(4), {"resnet50": arr}, opts).run()
+    lat = res.finish_ms - res.arrival_ms
+    t1 = 0.5 + d1
+    t2 = t1 + d4
+    t3 = t2 + d1  # the 1 ms arrival (queued at 1.5 ms, during the batch of 4) runs alone
+    want = [t1 + 0.3, *[t2 + 0.3] * 4, t3 + 0.3 - 1.0, 0.5 + d1 + 0.3]
+    np.testing.assert_allclose(lat, want, rtol=0, atol=1e-9)
+    # disabled: no cost at all, whatever the fields say
+    off = host.model_copy(update={"enabled": False})
+    assert off.request_delay_ms("x") == off.batch_extra_ms("x", 4) == off.reply_delay_ms() == 0
+    # admission sees the host time too: a request is dropped when arrival + SLO is before the
+    # batch start + the measured (GPU + host) batch time
+    arr = np.zeros(40)
+    res_on = Simulator(
+        problem,
+        one_model_plan(1),
+        {"resnet50": arr},
+        SimOptions(duration_s=1, noise="off", host=host),
+    ).run()
+    res_off = Simulator(
+        problem,
+        one_model_plan(1),
+        {"resnet50": arr},
+        SimOptions(duration_s=1, noise="off", host=off),
+    ).run()
+    assert (res_on.status == OK).sum() < (res_off.status == OK).sum()
 
 
 def test_deadline_and_no_worker_drops(problem: Problem) -> None:

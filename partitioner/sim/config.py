@@ -33,6 +33,62 @@ class ReconfigCosts(_Strict):
     graph_capture_s: float = Field(default=0.05, ge=0)  # per captured batch bucket
 
 
+# Bytes of one request's input, by model (profile) name, as the runtime's workers take them
+# (stgs.runtime.models.model_entry; that needs torchvision, so the sizes are listed here).
+_IMAGE_BYTES = 3 * 224 * 224 * 4  # float32 3x224x224
+INPUT_BYTES: dict[str, int] = {
+    "bert_base": 128 * 8,  # int64 token ids, sequence 128
+    "wav2vec2_base": 16000 * 4,  # float32, 1 s of 16 kHz audio
+    "inception_v3": 3 * 299 * 299 * 4,
+    "tiny_mlp": 64 * 4,
+    "tiny_cnn": 3 * 32 * 32 * 4,
+}
+
+
+class HostCosts(_Strict):
+    """Host-side time around each GPU batch, as the runtime spends it (milliseconds).
+
+    A request is queued in the worker ``request_ms + request_ms_per_mb x MB`` after it arrives
+    (sender, router, socket transport of its input); a batch of n occupies the worker for the
+    GPU batch latency + ``batch_ms`` + n x (``sample_ms`` + ``sample_ms_per_mb`` x MB) (copy
+    into the pinned input, host-to-device copy, result copy back, one reply per request); each
+    answer reaches the client ``reply_ms`` after its batch ends. MB: the request's input size
+    in MB (10^6 bytes), ``input_mb`` per model or :data:`INPUT_BYTES` (a 3x224x224 float32
+    image for other names). Defaults: fitted on the lent H100's serve_gpu.py runs of
+    2026-11-22 (docs/simulator.md, benchmarks/fidelity.py --fit).
+    """
+
+    enabled: bool = True
+    request_ms: float = Field(default=0.4552, ge=0)
+    request_ms_per_mb: float = Field(default=0.3141, ge=0)
+    batch_ms: float = Field(default=0.2343, ge=0)
+    sample_ms: float = Field(default=0.0, ge=0)
+    sample_ms_per_mb: float = Field(default=0.1112, ge=0)
+    reply_ms: float = Field(default=0.0, ge=0)
+    input_mb: dict[str, float] = Field(default_factory=dict)
+
+    def mb(self, model: str) -> float:
+        if model in self.input_mb:
+            return float(self.input_mb[model])
+        return INPUT_BYTES.get(model, _IMAGE_BYTES) / 1e6
+
+    def request_delay_ms(self, model: str) -> float:
+        """From arrival to the worker's queue."""
+        if not self.enabled:
+            return 0.0
+        return self.request_ms + self.request_ms_per_mb * self.mb(model)
+
+    def batch_extra_ms(self, model: str, n: int) -> float:
+        """Host time a batch of ``n`` requests adds to the worker's loop."""
+        if not self.enabled or n <= 0:
+            return 0.0
+        return self.batch_ms + n * (self.sample_ms + self.sample_ms_per_mb * self.mb(model))
+
+    def reply_delay_ms(self) -> float:
+        """From the end of the batch to the client's answer."""
+        return self.reply_ms if self.enabled else 0.0
+
+
 class ControllerOptions(_Strict):
     """The controller's re-planning in virtual time (off: the first plan serves the whole run)."""
 
@@ -56,3 +112,4 @@ class SimOptions(_Strict):
     timeseries_s: float = Field(default=1.0, gt=0)  # window of the attainment time series
     controller: ControllerOptions = ControllerOptions()
     reconfig: ReconfigCosts = ReconfigCosts()
+    host: HostCosts = HostCosts()

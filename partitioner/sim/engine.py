@@ -17,6 +17,9 @@ and a heap of partition and controller events. What it mirrors of the runtime
   (``stgs.runtime.models.batch_buckets``); latency = l(bucket, partition) from the latency
   functions x the interference slowdown of the partition's MPS neighbours in the plan x a
   lognormal noise factor (median 1, sigma fitted from the profile's ``p99_ms``).
+* **Host costs** (``SimOptions.host``): a request is queued in the worker a fixed time after it
+  arrives; a batch holds the worker for its GPU latency plus a per-batch and per-request host
+  time; answers reach the client a fixed time after the batch (docs/simulator.md).
 * **Re-planning** (the controller, in virtual time): see ``partitioner.sim.controller``.
 
 Deterministic: the same inputs and seed give the same results to the bit.
@@ -101,6 +104,7 @@ class _Part:
         "busy_ms",
         "died_ms",
         "gpu",
+        "host",
         "in_flight",
         "key",
         "lat",
@@ -133,6 +137,7 @@ class _Part:
         self.model_idx: list[int] = []
         self.nbatch: list[int] = []
         self.lat: list[list[float]] = []  # per slot: latency (ms) of a batch of n, n = 0..batch
+        self.host: list[list[float]] = []  # per slot: host time (ms) a batch of n adds
         self.sigma: list[float] = []
         self.queues: list[deque[int]] = []
         self.margin: list[float] = []
@@ -278,6 +283,8 @@ class Simulator:
             part.model_idx.append(mi)
             part.nbatch.append(a.batch)
             part.lat.append(by_n)
+            host = self.options.host
+            part.host.append([host.batch_extra_ms(spec.profile, n) for n in range(a.batch + 1)])
             part.sigma.append(self._sigma(sku, spec.profile))
             part.queues.append(deque())
             part.margin.append(0.0)
@@ -341,8 +348,21 @@ class Simulator:
         arr = arr[order]
         mod = mod[order]
         slo = np.array([self.specs[n].slo_ms for n in self.models], dtype=np.float64)
+        # Host cost before the worker's queue: requests are routed and queued this much after
+        # they arrive (deadlines and latency still count from the arrival).
+        pre = np.array(
+            [opts.host.request_delay_ms(self.specs[n].profile) for n in self.models],
+            dtype=np.float64,
+        )
+        if n_total and pre.any():
+            queued = arr + pre[mod]
+            order = np.lexsort((mod, queued))
+            arr, mod, queued = arr[order], mod[order], queued[order]
+        else:
+            queued = arr
+        reply_ms = opts.host.reply_delay_ms()
         deadline = (arr + slo[mod]).tolist()
-        arr_l = arr.tolist()
+        arr_l = queued.tolist()
         mod_l = mod.tolist()
         finish = [math.nan] * n_total
         status = [OK] * n_total
@@ -386,8 +406,9 @@ class Simulator:
             t, _, kind, payload = heappop(heap)
             if kind == _DONE:
                 part, slot, live, dur = payload
+                t_ans = t + reply_ms
                 for j in live:
-                    finish[j] = t
+                    finish[j] = t_ans
                 part.in_flight -= len(live)
                 est = part.margin[slot]
                 part.margin[slot] = dur if est == 0.0 else 0.8 * est + 0.2 * dur
@@ -452,6 +473,7 @@ class Simulator:
                         sigma = part.sigma[slot]
                         if sigma > 0.0:
                             dur *= math.exp(sigma * self._normal(part))
+                        dur += part.host[slot][len(live)]
                         part.busy = True
                         self.batches += 1
                         self._push(t + dur, _DONE, (part, slot, live, dur))

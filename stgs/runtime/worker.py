@@ -11,6 +11,12 @@ Deadlines: a request whose deadline has passed, or (with admission on) that woul
 its deadline given the model's measured batch latency, is answered "deadline exceeded" without
 running. A STOP frame drains: what is queued is served, then the worker exits; a closed socket
 (the daemon is gone) ends the worker at once.
+
+Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker records, per
+batch, ``TRACE_BATCH`` and, per request taken, ``TRACE_REQUEST`` (``time.monotonic_ns()``, one
+clock for every process of the host), and writes them to ``DIR/<pid>.npz`` when it exits
+normally (after a drain or a closed connection; not when killed). A few integers per batch and
+per request: nothing measurable beside a batch.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,7 +51,15 @@ from stgs.runtime.transport import (
     FrameSocket,
 )
 
-__all__ = ["ModelSlot", "WorkerSpec", "main", "run"]
+__all__ = ["TRACE_BATCH", "TRACE_ENV", "TRACE_REQUEST", "ModelSlot", "WorkerSpec", "main", "run"]
+
+TRACE_ENV = "STGS_WORKER_TRACE"
+# slot: the model's index in the spec; times in ns: taken from the queue (after the deadline
+# check's clock read), runner started, runner returned (outputs on the host), replies sent.
+TRACE_BATCH = ("slot", "taken", "live", "t_take", "t_run", "t_ran", "t_replied")
+# per request taken: its deadline, when the reader queued it, its batch (row in the batch
+# record), 1 if it ran, 0 if answered "deadline exceeded".
+TRACE_REQUEST = ("slot", "deadline", "t_queued", "batch", "ran")
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,7 @@ class _Request:
     req_id: int
     deadline_ns: int
     array: Array
+    t_queued: int = 0
 
 
 class Worker:
@@ -94,6 +110,9 @@ class Worker:
         self.gone = False
         self.est_ns = [0.0] * len(spec.models)  # EMA of measured batch latency
         self.runners: list[BatchRunner] = []
+        self.trace_dir = os.environ.get(TRACE_ENV) or None
+        self.tb: array[int] = array("q")  # TRACE_BATCH rows, flat
+        self.tr: array[int] = array("q")  # TRACE_REQUEST rows, flat
 
     def load(self) -> None:
         torch_models = any(model_entry(m.name).needs_torch for m in self.spec.models)
@@ -132,7 +151,9 @@ class Worker:
                     self._reply_error(frame.req_id, INVALID, f"{name}: {why}")
                     continue
                 with self.cond:
-                    self.queues[frame.model].append(_Request(frame.req_id, frame.deadline_ns, arr))
+                    self.queues[frame.model].append(
+                        _Request(frame.req_id, frame.deadline_ns, arr, time.monotonic_ns())
+                    )
                     self.cond.notify()
         except (OSError, ValueError):
             pass
@@ -163,6 +184,8 @@ class Worker:
         now = time.monotonic_ns()
         margin = self.est_ns[i] if self.spec.admission else 0.0
         live = []
+        trace = self.trace_dir is not None
+        row = len(self.tb) // len(TRACE_BATCH)
         for r in take:
             if r.deadline_ns and now + margin > r.deadline_ns:
                 late_ms = (now - r.deadline_ns) / 1e6
@@ -172,9 +195,15 @@ class Worker:
                     else f"(predicted batch latency {margin / 1e6:.2f} ms would miss it)"
                 )
                 self._reply_error(r.req_id, DEADLINE, msg)
+                if trace:
+                    self.tr.extend((i, r.deadline_ns, r.t_queued, row, 0))
             else:
                 live.append(r)
+                if trace:
+                    self.tr.extend((i, r.deadline_ns, r.t_queued, row, 1))
         if not live:
+            if trace:
+                self.tb.extend((i, len(take), 0, now, now, now, now))
             return
         t0 = time.monotonic_ns()
         try:
@@ -182,6 +211,9 @@ class Worker:
         except Exception as exc:  # the model failed: answer, keep serving
             for r in live:
                 self._reply_error(r.req_id, FAILED, f"{self.spec.models[i].name}: {exc!r}")
+            if trace:
+                t1 = time.monotonic_ns()
+                self.tb.extend((i, len(take), len(live), now, t0, t1, t1))
             return
         dt = time.monotonic_ns() - t0
         self.est_ns[i] = dt if self.est_ns[i] == 0 else 0.8 * self.est_ns[i] + 0.2 * dt
@@ -190,6 +222,25 @@ class Worker:
                 self.fs.send(RESPONSE, req_id=r.req_id, array=np.asarray(out))
             except OSError:
                 return
+        if trace:
+            self.tb.extend((i, len(take), len(live), now, t0, t0 + dt, time.monotonic_ns()))
+
+    def write_trace(self) -> None:
+        """The trace as ``<dir>/<pid>.npz`` (nothing without ``STGS_WORKER_TRACE``)."""
+        if self.trace_dir is None:
+            return
+        path = os.path.join(self.trace_dir, f"{os.getpid()}.npz")
+        try:
+            os.makedirs(self.trace_dir, exist_ok=True)
+            np.savez(
+                path,
+                batches=np.frombuffer(self.tb, dtype=np.int64).reshape(-1, len(TRACE_BATCH)),
+                requests=np.frombuffer(self.tr, dtype=np.int64).reshape(-1, len(TRACE_REQUEST)),
+                models=np.asarray([m.name for m in self.spec.models]),
+                name=np.asarray(self.spec.name),
+            )
+        except OSError as exc:
+            print(f"stgs worker {self.spec.name}: trace not written: {exc}", file=sys.stderr)
 
 
 def _invalid(shape: tuple[int, ...] | None, dtype: str, arr: Array) -> str | None:
@@ -225,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reader.start()
     worker.serve()
     fs.close()
+    worker.write_trace()
     reader.join(5.0)
     return 0
 
