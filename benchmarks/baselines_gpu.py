@@ -1,0 +1,1007 @@
+"""Baselines comparison (issue #4): the highest load factor each way of sharing one GPU carries.
+
+For one mix of models with SLOs (``--models name:slo_ms:rate_rps,...``; default: serve_gpu.py's
+five zoo models at SLOs of 10-25 ms) and a load factor ``f`` that scales every model's base
+rate, this finds, per system, the highest ``f`` at which every model keeps >= 99% (``--target``)
+of its requests within SLO:
+
+``stgs``
+    the plan the ``stgs`` policy makes for the rates at ``f`` on one H100 (``mig: false``,
+    shipped measured profiles), applied with ``Runtime`` + ``NvmlBackend`` as serve_gpu.py does
+    (MPS partitions, duty cycles, CUDA graphs, the stgs worker). Re-planned for every ``f``; the
+    search starts at the planner's own peak factor (the largest ``f`` it can plan on one GPU).
+``timeslice``
+    one process per model on the whole GPU, no MPS: the GPU time-slices between the processes'
+    contexts.
+``mps``
+    one process per model under one MPS control daemon (started and quit by this script under
+    ``--runtime-dir``, as stgs does) with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100/N`` each.
+``streams``
+    one process serving every model, each on its own CUDA stream with its own batching thread
+    (Triton's default: one instance per model, concurrent execution); ``_baseline_server.py``.
+
+Every baseline gets the care stgs's workers get, by running the same worker code: the process
+per model of ``timeslice`` and ``mps`` is a stgs worker holding one model, and the ``streams``
+server holds one stgs worker object per model in one process. So each model has fp16 weights,
+one CUDA graph per batch bucket (powers of two up to its max batch; a batch is padded to its
+bucket), a work-conserving dynamic batcher (every queued request up to the max batch, as soon as
+the model's previous batch finished; no batching delay) and the same deadline drop (a request
+that can no longer meet its SLO is answered "deadline exceeded" without running). The max batch
+of a model is the largest power of two whose latency on the process's own partition, alone, is
+<= SLO / 2: with a work-conserving batcher a request may wait for the batch in progress, then
+run in the next one, so two batch latencies must fit in the SLO (the rule the planner and the
+fluid bound use too). For ``timeslice`` and ``streams`` that is the profiled full-GPU latency;
+for ``mps`` the latency at its share (100/N %) that the planner's latency model predicts from
+the measured MPS profiles (``--mps-batch full``: the full-GPU rule there too). A batch of 64
+resnet50 images takes 7.2 ms on the whole GPU but ~25 ms at 20%: with the full-GPU rule an
+overloaded MPS client would run batches that miss a 15 ms SLO by construction.
+Requests travel over the same socket transport (``stgs.runtime.transport``), one connection per
+model (stgs: one per partition).
+
+Load (serve_gpu.py's generator, reused): open-loop Poisson per model, arrivals drawn in advance
+(``--seed``), ``--senders`` threads per model sending each request at its scheduled time; latency
+= completion - scheduled arrival; deadline = arrival + SLO; within SLO = answered OK within the
+SLO (deadline exceeded, errors and late answers are misses). A trial is ``--warmup-s`` of load
+(not counted) then ``--trial-s`` measured. Processes of a baseline start once and serve every
+trial; stgs applies the plan of each factor before its trial.
+
+Search per system: start at ``--start`` (baselines; default the factor stgs reached in this run,
+else 1.0) or at the planner's peak (stgs, which cannot go higher); multiply by ``--step`` after a
+pass, divide after a failure, until one factor passed and one failed; then bisect
+(geometrically) until fail / pass <= 1 + ``--tol``, at most ``--max-trials`` trials per system,
+and none started that would overrun ``--time-budget-s``. The result is the highest factor that
+passed. Also printed: the fluid bound's factor (``partitioner.fluid``: every model at its most
+efficient partition and batch, packed fractionally) and the ratios stgs / each baseline and
+stgs / fluid, as a markdown table after each system (a run cut short still reports what it
+finished). JSON (every trial, per model) goes to ``--json`` (default ``$OUT/baselines_gpu.json``),
+rewritten after every trial.
+
+    # a GPU (MIG off), e.g. in two calls under 560 s each (docs/baselines.md):
+    python benchmarks/baselines_gpu.py --systems stgs,timeslice --time-budget-s 520 --json a.json
+    python benchmarks/baselines_gpu.py --systems mps,streams --start 0.8 --time-budget-s 520 \\
+        --json b.json
+    python benchmarks/baselines_gpu.py --combine a.json b.json   # the table of both (no GPU)
+    # anywhere: the simulated node, CPU workers serving sleep:<ms> stand-ins, low rates
+    python benchmarks/baselines_gpu.py --simulated
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from serve_gpu import (
+    DEFAULT_MODELS,
+    NOT_SENT,
+    PLAN_SKU,
+    LoadGen,
+    ModelCfg,
+    describe_plan,
+    gpu_label,
+    parse_models,
+    plan_checks,
+    plan_for,
+    poisson_arrivals,
+    relabel,
+    stop_daemons,
+    window_stats,
+)
+
+from partitioner.fluid import fluid_bound
+from partitioner.planner import make_plan
+from partitioner.problem import Problem
+from stgs.backend.base import Backend, DeviceRef
+from stgs.errors import StgsError
+from stgs.plan import Plan
+from stgs.profiles import ProfileTable, default_profiles_path, read_profiles
+from stgs.runtime import Runtime
+from stgs.runtime.models import model_entry
+from stgs.runtime.process import WorkerProcess
+from stgs.runtime.transport import Array, SocketTransport
+from stgs.runtime.worker import ModelSlot, WorkerSpec
+from stgs.scenario import Scenario, scenario_from_mapping
+
+SYSTEMS = ("stgs", "timeslice", "mps", "streams")
+LABELS = {
+    "stgs": "stgs plan (MPS partitions, duty cycles)",
+    "timeslice": "time slicing, 1 process per model",
+    "mps": "MPS equal shares, 1 process per model",
+    "streams": "1 process, concurrent streams",
+}
+TARGETS = {"timeslice": 3.0, "mps": 2.0, "streams": 1.5}  # stgs / baseline (issue #4)
+FLUID_TARGET = 0.7  # stgs / fluid bound
+SERVER = Path(__file__).resolve().with_name("_baseline_server.py")
+ENV_FACTS = ("CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+GPU0 = DeviceRef(0)
+
+
+# ---------------------------------------------------------------------- the models' max batch
+def max_batches(
+    models: Sequence[ModelCfg], table: ProfileTable, sku: str = PLAN_SKU
+) -> dict[str, int]:
+    """Per model: the largest power-of-two batch whose full-GPU latency is <= SLO / 2.
+
+    Latency: the median of the profiled rows of partition ``full`` (``mps:100`` when the model
+    has no ``full`` rows). A model whose batch 1 already misses gets 1.
+    """
+    out: dict[str, int] = {}
+    for m in models:
+        rows = table.rows_for(sku, m.name)
+        full = [r for r in rows if r.partition == "full"] or [
+            r for r in rows if r.partition == "mps:100"
+        ]
+        if not full:
+            raise ValueError(f"no full-GPU profile of {m.name} on {sku}")
+        lat: dict[int, list[float]] = {}
+        for r in full:
+            lat.setdefault(r.batch, []).append(r.latency_ms)
+        fits = [
+            b for b, v in lat.items() if b & (b - 1) == 0 and statistics.median(v) <= m.slo_ms / 2.0
+        ]
+        out[m.name] = max(fits, default=1)
+    return out
+
+
+def mps_max_batches(models: Sequence[ModelCfg], pct: int, headroom: float) -> dict[str, int]:
+    """Per model: the largest power-of-two batch whose latency at an MPS share of ``pct`` percent,
+    alone, is <= SLO / 2: the planner's latency model (fitted to the measured MPS profiles, here
+    interpolating between the profiled shares), without headroom or interference."""
+    sc = scenario_from_mapping(
+        {
+            "headroom": headroom,
+            "gpus": [{"sku": PLAN_SKU, "count": 1, "mig": False}],
+            "planner": {"mps_shares": [pct]},
+            "models": [
+                {"name": m.name, "slo_ms": m.slo_ms, "rate_rps": m.rate_rps} for m in models
+            ],
+        }
+    )
+    prob = Problem.from_scenario(sc)
+    gtype = prob.gpu_types[0]
+    shape = next(s for s in prob.shapes(gtype) if s.kind == "mps" and s.mps_pct == pct)
+    out: dict[str, int] = {}
+    for m in prob.models:
+        curve = prob.curve(m, gtype, shape)
+        if curve is None:
+            raise ValueError(f"no profile of {m.name} on {PLAN_SKU}")
+        fits = [
+            int(b)
+            for b, lat in zip(curve.buckets, curve.raw_solo, strict=True)
+            if int(b) & (int(b) - 1) == 0 and lat <= m.slo_ms / 2.0
+        ]
+        out[m.name] = max(fits, default=1)
+    return out
+
+
+# ---------------------------------------------------------------------- search
+@dataclass
+class SearchResult:
+    best: float  # the highest factor that passed; 0.0 when none did
+    lo: float | None  # = best, None when nothing passed
+    hi: float | None  # the lowest factor that failed; None when nothing failed
+    trials: list[tuple[float, bool]] = field(default_factory=list)
+    reason: str = ""
+
+
+def search(
+    passes: Callable[[float], bool],
+    start: float,
+    *,
+    step: float = 1.5,
+    tol: float = 0.05,
+    max_trials: int = 7,
+    cap: float | None = None,
+    floor: float = 0.0,
+    budget_ok: Callable[[], bool] = lambda: True,
+) -> SearchResult:
+    """Bracket then bisect the highest factor ``f`` with ``passes(f)``.
+
+    From ``start`` (at most ``cap``): x ``step`` after a pass, / ``step`` after a failure, until
+    a pass and a failure bracket the threshold; then the geometric mean of the bracket until
+    hi / lo <= 1 + ``tol``. Stops early at ``max_trials``, when ``budget_ok()`` is false, when a
+    pass at ``cap`` leaves nothing higher to try, or when the next factor would be below
+    ``floor``. New factors are always inside the bracket, so the result stays consistent even
+    when ``passes`` is noisy.
+    """
+    if start <= 0:
+        raise ValueError(f"start must be > 0, got {start}")
+    res = SearchResult(0.0, None, None)
+    f = min(start, cap) if cap is not None else start
+    while True:
+        if len(res.trials) >= max_trials:
+            res.reason = "max trials"
+            break
+        if not budget_ok():
+            res.reason = "time budget"
+            break
+        ok = passes(f)
+        res.trials.append((f, ok))
+        if ok:
+            res.lo = f if res.lo is None else max(res.lo, f)
+        else:
+            res.hi = f if res.hi is None else min(res.hi, f)
+        if res.hi is None:
+            assert res.lo is not None
+            if cap is not None and res.lo >= cap * (1 - 1e-9):
+                res.reason = "passed at the cap"
+                break
+            f = res.lo * step if cap is None else min(res.lo * step, cap)
+        elif res.lo is None:
+            f = res.hi / step
+            if f < floor:
+                res.reason = "failed down to the floor"
+                break
+        else:
+            if res.hi / res.lo <= 1 + tol:
+                res.reason = "converged"
+                break
+            f = math.sqrt(res.lo * res.hi)
+    res.best = res.lo or 0.0
+    return res
+
+
+# ---------------------------------------------------------------------- systems
+class DirectRouter:
+    """``Runtime.submit``'s contract over a fixed model -> connection map (the baselines)."""
+
+    def __init__(self, transports: dict[str, SocketTransport]) -> None:
+        self.transports = transports
+
+    def submit(
+        self, model: str, array: Array, *, deadline_ms: float | None = None
+    ) -> Future[Array]:
+        # the deadline the same way Runtime.submit makes it
+        deadline_ns = 0 if deadline_ms is None else time.monotonic_ns() + int(deadline_ms * 1e6)
+        return self.transports[model].submit(model, array, deadline_ns=deadline_ns)
+
+
+def env_facts(pid: int) -> dict[str, str | None]:
+    """The pinning variables a process runs with (from /proc; empty where unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    env = dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+    return {k: env.get(k) for k in ENV_FACTS}
+
+
+class ProcessPerModel:
+    """``timeslice`` (``mps_pct`` None) and ``mps``: one stgs worker process per model."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        label: str,
+        names: Sequence[str],
+        batches: Sequence[int],
+        mps_pct: int | None,
+    ) -> None:
+        self.backend = backend
+        self.label = label
+        self.names = list(names)
+        self.batches = list(batches)
+        self.mps_pct = mps_pct
+        self.procs: list[WorkerProcess] = []
+
+    def start(self, ready_timeout_s: float) -> None:
+        if self.mps_pct is not None:
+            self.backend.start_mps(GPU0)
+        for i, (name, b) in enumerate(zip(self.names, self.batches, strict=True)):
+            spec = WorkerSpec(name=f"{self.label}-{i}", models=(ModelSlot(name, b),))
+            self.procs.append(WorkerProcess(self.backend, GPU0, self.mps_pct, spec))
+        end = time.monotonic() + ready_timeout_s
+        for p in self.procs:  # they load in parallel
+            if not p.wait_ready(max(0.1, end - time.monotonic())):
+                raise RuntimeError(f"{p.spec.name} ({p.spec.models[0].name}): not ready")
+
+    @property
+    def router(self) -> DirectRouter:
+        return DirectRouter({p.spec.models[0].name: p.transport for p in self.procs})
+
+    def processes(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "pid": p.pid,
+                "models": [p.spec.models[0].name],
+                "max_batch": p.spec.models[0].batch,
+                "mps_pct": self.mps_pct,
+                "env": env_facts(p.pid),
+                "ready": _ready_info(p.transport),
+            }
+            for p in self.procs
+        ]
+
+    def close(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(Exception):
+                p.kill()
+
+
+class OneProcessStreams:
+    """``streams``: one server process (``_baseline_server.py``), a connection per model."""
+
+    def __init__(
+        self, backend: Backend, names: Sequence[str], batches: Sequence[int], python: str
+    ) -> None:
+        self.backend = backend
+        self.names = list(names)
+        self.batches = list(batches)
+        self.python = python
+        self.proc: Any = None
+        self.transports: dict[str, SocketTransport] = {}
+
+    def start(self, ready_timeout_s: float) -> None:
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in self.names]
+        specs = [
+            json.loads(WorkerSpec(name=f"streams-{i}", models=(ModelSlot(n, b),)).to_json())
+            for i, (n, b) in enumerate(zip(self.names, self.batches, strict=True))
+        ]
+        fds = [c.fileno() for _, c in pairs]
+        argv = [
+            self.python,
+            str(SERVER),
+            "--fds",
+            ",".join(str(fd) for fd in fds),
+            "--specs",
+            json.dumps(specs),
+        ]
+        try:
+            self.proc = self.backend.spawn_worker(GPU0, None, argv, pass_fds=fds)
+        except BaseException:
+            for p, _ in pairs:
+                p.close()
+            raise
+        finally:
+            for _, c in pairs:
+                c.close()  # the server holds the only copies now
+        self.transports = {
+            n: SocketTransport(p, [n], name=f"streams-{n}")
+            for n, (p, _) in zip(self.names, pairs, strict=True)
+        }
+        end = time.monotonic() + ready_timeout_s
+        for n, t in self.transports.items():
+            while not t.ready.wait(0.05):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"streams server exited ({self.proc.returncode}) loading")
+                if time.monotonic() > end:
+                    raise RuntimeError(f"streams server: {n} not ready in {ready_timeout_s:g} s")
+
+    @property
+    def router(self) -> DirectRouter:
+        return DirectRouter(self.transports)
+
+    def processes(self) -> list[dict[str, Any]]:
+        first = next(iter(self.transports.values()), None)
+        return [
+            {
+                "pid": self.proc.pid if self.proc is not None else None,
+                "models": self.names,
+                "max_batch": dict(zip(self.names, self.batches, strict=True)),
+                "mps_pct": None,
+                "env": env_facts(self.proc.pid) if self.proc is not None else {},
+                "ready": _ready_info(first) if first is not None else None,
+            }
+        ]
+
+    def close(self) -> None:
+        for t in self.transports.values():
+            t.close()  # the server's connections end, so do its serving threads
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(5.0)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _ready_info(t: SocketTransport) -> dict[str, Any] | None:
+    if t.ready_info is None:
+        return None
+    with contextlib.suppress(ValueError):
+        info = json.loads(t.ready_info.text())
+        return info if isinstance(info, dict) else None
+    return None
+
+
+class StgsSystem:
+    """``stgs``: the planner's plan for the rates at ``f``, applied by the runtime."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        models: Sequence[ModelCfg],
+        headroom: float,
+        live_sku: str,
+        names: dict[str, str] | None,
+        slos: dict[str, float],
+        peak_plan: Plan,
+        peak_k: float,
+    ) -> None:
+        self.models = list(models)
+        self.headroom = headroom
+        self.live_sku = live_sku
+        self.names = names
+        self.peak_plan = peak_plan
+        self.peak_k = peak_k
+        self.runtime = Runtime(backend, slos=slos, admission=True)
+        self.runtime.start_monitor()
+
+    def prepare(self, f: float) -> tuple[bool, dict[str, Any]]:
+        """Apply the plan for ``f``; (ready, facts)."""
+        if math.isclose(f, self.peak_k, rel_tol=1e-9):
+            plan = self.peak_plan
+        else:
+            plan = plan_for(self.models, None, f, self.headroom)
+        info: dict[str, Any] = {"plan": describe_plan(plan), "checks": plan_checks(plan)}
+        if not plan.feasible:
+            info["note"] = "no plan at this factor"
+            return False, info
+        t = time.monotonic()
+        try:
+            self.runtime.apply(relabel(plan, self.live_sku, self.names))
+        except StgsError as exc:
+            info["note"] = f"apply failed: {type(exc).__name__}: {exc}"
+            return False, info
+        info["apply_s"] = round(time.monotonic() - t, 2)
+        states = self.runtime.describe()
+        info["partitions"] = states
+        if any(s["state"] != "ready" for s in states):
+            info["note"] = "not every partition is ready"
+            return False, info
+        return True, info
+
+    @property
+    def router(self) -> Runtime:
+        return self.runtime
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+# ---------------------------------------------------------------------- one trial
+@dataclass(frozen=True)
+class LoadCfg:
+    models: tuple[ModelCfg, ...]
+    serve_names: tuple[str, ...]
+    inputs: tuple[Array, ...]
+    load_scale: float  # x the base rates (the simulated mode's low rates)
+    warmup_s: float
+    trial_s: float
+    drain_s: float
+    senders: int
+    seed: int
+    target: float
+
+
+def run_trial(router: Any, cfg: LoadCfg, f: float) -> dict[str, Any]:
+    """Open-loop Poisson load at ``f`` x the base rates; per-model attainment and pass/fail."""
+    rates = [m.rate_rps * f * cfg.load_scale for m in cfg.models]
+    horizon = cfg.warmup_s + cfg.trial_s
+    t_sched, m_idx = poisson_arrivals(rates, horizon, cfg.seed)
+    lg = LoadGen(
+        cast(Runtime, router),  # anything with Runtime.submit's signature
+        cfg.serve_names,
+        [m.slo_ms for m in cfg.models],
+        cfg.inputs,
+        t_sched,
+        m_idx,
+        cfg.senders,
+    )
+    gc.collect()
+    gc.freeze()
+    t0 = time.monotonic() + 0.2
+    lg.start(t0)
+    lg.join()
+    end = time.monotonic() + cfg.drain_s
+    while lg.pending() and time.monotonic() < end:
+        time.sleep(0.02)
+    win = window_stats(lg, cfg.models, rates, cfg.warmup_s, horizon)
+    per = win["rows"][:-1]
+    sel = (lg.t >= cfg.warmup_s) & (lg.status != NOT_SENT)
+    lag = (lg.sent - (lg.t0 + lg.t))[sel] * 1e3
+    atts = [r["attainment"] if r["attainment"] is not None else 0.0 for r in per]
+    worst = int(np.argmin(atts))
+    return {
+        "factor": round(f, 5),
+        "rate_rps": round(sum(rates), 1),
+        "passed": all(a >= cfg.target for a in atts),
+        "worst_model": per[worst]["model"],
+        "worst_attainment": atts[worst],
+        "attainment": {r["model"]: r["attainment"] for r in per},
+        "sender_lag_ms": {
+            "p50": round(float(np.percentile(lag, 50)), 3) if lag.size else None,
+            "p99": round(float(np.percentile(lag, 99)), 3) if lag.size else None,
+        },
+        "errors": dict(lg.errors),
+        "error_examples": lg.examples,
+        "rows": win["rows"],
+    }
+
+
+def trial_line(name: str, tr: dict[str, Any]) -> str:
+    worst = next(r for r in tr["rows"] if r["model"] == tr["worst_model"])
+    p99 = "-" if worst["p99_ok_ms"] is None else f"{worst['p99_ok_ms']:.2f}"
+    allrow = tr["rows"][-1]
+    lag = tr["sender_lag_ms"]["p99"]
+    extra = f"; setup {tr['setup_s']:.1f} s" if tr.get("setup_s") is not None else ""
+    note = f"; {tr['note']}" if tr.get("note") else ""
+    return (
+        f"  [{name}] f={tr['factor']:.3f} ({tr['rate_rps']:.0f} req/s): "
+        f"{'PASS' if tr['passed'] else 'FAIL'}  worst {tr['worst_model']} "
+        f"{100 * tr['worst_attainment']:.2f}% (p99 of ok {p99} ms); "
+        f"all {100 * (allrow['attainment'] or 0):.2f}% of {allrow['sent']}; "
+        f"sender lag p99 {lag if lag is not None else '-'} ms{extra}{note}"
+    )
+
+
+def failed_trial(f: float, cfg: LoadCfg, note: str) -> dict[str, Any]:
+    rate = sum(m.rate_rps for m in cfg.models) * f * cfg.load_scale
+    return {
+        "factor": round(f, 5),
+        "rate_rps": round(rate, 1),
+        "passed": False,
+        "worst_model": None,
+        "worst_attainment": 0.0,
+        "note": note,
+        "rows": [],
+    }
+
+
+# ---------------------------------------------------------------------- the table
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def summary_table(res: dict[str, Any]) -> str:
+    """The markdown table: factor per system, stgs / baseline and stgs / fluid with targets."""
+    base = float(res["base_rps"])
+    systems = res.get("systems", {})
+    stgs_f = (systems.get("stgs", {}).get("result") or {}).get("factor")
+    head = (
+        "| system | max load factor | req/s | bracket (pass .. fail) | trials | stop | "
+        "stgs / this | target | met |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for name in SYSTEMS:
+        if name not in systems:
+            continue
+        s = systems[name]
+        r = s.get("result") or {}
+        f = r.get("factor")
+        lo_bound = r.get("hi") is None and f  # nothing failed: a lower bound
+        fs = "-" if f is None else ("&ge; " if lo_bound else "") + f"{f:.3f}"
+        rps = "-" if f is None else f"{f * base:.0f}"
+        bracket = f"{_fmt(r.get('lo'))} .. {_fmt(r.get('hi'))}"
+        ratio = stgs_f / f if stgs_f and f else None
+        target = TARGETS.get(name)
+        met = "-" if target is None or ratio is None else ("yes" if ratio >= target else "no")
+        lines.append(
+            f"| {LABELS[name]} | {fs} | {rps} | {bracket} | {len(s.get('trials', []))} | "
+            f"{str(r.get('reason', '-'))[:60]} | {_fmt(ratio, 2) if name != 'stgs' else '1.00'} | "
+            f"{'-' if target is None else f'>= {target:g}'} | {met} |"
+        )
+    fk = res.get("fluid_k")
+    ratio = stgs_f / fk if stgs_f and fk else None
+    met = "-" if ratio is None else ("yes" if ratio >= FLUID_TARGET else "no")
+    lines.append(
+        f"| fluid bound (LP; not a system) | {_fmt(fk)} | "
+        f"{'-' if fk is None else f'{fk * base:.0f}'} | - | - | - | {_fmt(ratio, 2)} | "
+        f">= {FLUID_TARGET:g} | {met} |"
+    )
+    pk = res.get("planner_peak_k")
+    lines.append(
+        f"| stgs planner's peak (plannable; not measured) | {_fmt(pk)} | "
+        f"{'-' if pk is None else f'{pk * base:.0f}'} | - | - | - | "
+        f"{_fmt(stgs_f / pk if stgs_f and pk else None, 2)} | - | - |"
+    )
+    return "\n".join(lines)
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    scale = float(res.get("load_scale", 1.0))
+    sim = f"; simulated: rates x {scale:g}" if scale != 1.0 else ""
+    print(
+        f"\n## Highest load factor with >= {100 * res['target']:g}% within SLO for every model "
+        f"(factor 1 = {res['base_rps']:.0f} req/s: {res['models_text']}{sim})\n"
+    )
+    print(summary_table(res))
+    print(
+        "\n'stgs / this' is stgs's factor over the row's; for the fluid bound, stgs / fluid. "
+        "'&ge;' marks a factor that passed with nothing above it tried (a lower bound).",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------- per system
+@dataclass
+class Ctx:
+    """What every system's run needs."""
+
+    args: argparse.Namespace
+    backend: Backend
+    models: tuple[ModelCfg, ...]
+    cfg: LoadCfg
+    batches: dict[str, int]  # full-GPU rule (timeslice, streams)
+    mps_batches: dict[str, int]  # the MPS baseline's
+    names: dict[str, str]  # model -> the name served (simulated: its sleep stand-in)
+    live_sku: str
+    peak: Plan
+    peak_k: float
+    fluid_k: float
+    res: dict[str, Any]
+    json_path: str | None
+    t_start: float
+
+    @property
+    def trial_cost_s(self) -> float:
+        a = self.args
+        return float(a.warmup_s + a.trial_s + a.drain_s + 1.0)
+
+    def fits(self, extra_s: float) -> bool:
+        """Whether ``extra_s`` more seconds stay within ``--time-budget-s``."""
+        budget = float(self.args.time_budget_s)
+        return budget <= 0 or time.monotonic() - self.t_start + extra_s <= budget
+
+    def save(self) -> None:
+        self.res["elapsed_s"] = round(time.monotonic() - self.t_start, 1)
+        self.res["table"] = summary_table(self.res)
+        if self.json_path:
+            Path(self.json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.json_path).write_text(json.dumps(self.res, indent=1, default=str))
+
+
+def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
+    """Re-plan and apply per factor, from the planner's peak (the cap) downwards."""
+    a = ctx.args
+    st = StgsSystem(
+        ctx.backend,
+        ctx.models,
+        a.headroom,
+        ctx.live_sku,
+        ctx.names if a.simulated else None,
+        {ctx.names[m.name]: m.slo_ms for m in ctx.models},
+        ctx.peak,
+        ctx.peak_k,
+    )
+    last_setup = [2.0 if a.simulated else 25.0]  # the next apply's estimate (budget)
+
+    def passes(f: float) -> bool:
+        ok, info = st.prepare(f)
+        last_setup[0] = info.get("apply_s", last_setup[0])
+        tr = run_trial(st.router, ctx.cfg, f) if ok else failed_trial(f, ctx.cfg, info["note"])
+        tr.update(setup_s=info.get("apply_s"), plan=info["plan"], plan_checks=info["checks"])
+        if "note" in info:
+            tr["note"] = info["note"]
+        sres["trials"].append(tr)
+        print("\n".join(["  plan:", *info["plan"]]))
+        print(trial_line("stgs", tr), flush=True)
+        ctx.save()
+        return bool(tr["passed"])
+
+    try:
+        return search(
+            passes,
+            ctx.peak_k,
+            step=a.step,
+            tol=a.tol,
+            max_trials=a.max_trials,
+            cap=ctx.peak_k,
+            floor=ctx.peak_k / 50,
+            budget_ok=lambda: ctx.fits(last_setup[0] + ctx.trial_cost_s),
+        )
+    finally:
+        st.close()
+        sres["cleanup"] = stop_daemons(ctx.backend)
+
+
+def run_baseline(ctx: Ctx, name: str, sres: dict[str, Any]) -> SearchResult | None:
+    """Start the baseline's processes once, then search; None when skipped (time budget)."""
+    a = ctx.args
+    serve_names = ctx.cfg.serve_names
+    by_model = ctx.mps_batches if name == "mps" else ctx.batches
+    batches = [by_model[m.name] for m in ctx.models]
+    sres["max_batch"] = dict(by_model)
+    srv: ProcessPerModel | OneProcessStreams
+    if name == "streams":
+        srv = OneProcessStreams(ctx.backend, serve_names, batches, sys.executable)
+    else:
+        pct = 100 // len(ctx.models) if name == "mps" else None
+        srv = ProcessPerModel(ctx.backend, name, serve_names, batches, pct)
+    stgs_best = (ctx.res["systems"].get("stgs", {}).get("result") or {}).get("factor")
+    start = float(a.start or stgs_best or 1.0)
+    sres["start_factor"] = start
+    if not ctx.fits((2.0 if a.simulated else 40.0) + ctx.trial_cost_s):
+        sres["result"] = {"factor": None, "reason": "skipped: time budget"}
+        print("  skipped: not enough time budget left")
+        return None
+    try:
+        t = time.monotonic()
+        srv.start(a.ready_timeout_s)
+        sres["startup_s"] = round(time.monotonic() - t, 2)
+        sres["processes"] = srv.processes()
+        print(f"  {len(sres['processes'])} process(es) ready in {sres['startup_s']} s")
+        for p in sres["processes"]:
+            print(f"    pid {p['pid']} {p['models']} env {p['env']}")
+        router = srv.router
+
+        def passes(f: float) -> bool:
+            tr = run_trial(router, ctx.cfg, f)
+            sres["trials"].append(tr)
+            print(trial_line(name, tr), flush=True)
+            ctx.save()
+            return bool(tr["passed"])
+
+        return search(
+            passes,
+            start,
+            step=a.step,
+            tol=a.tol,
+            max_trials=a.max_trials,
+            cap=1.5 * ctx.fluid_k,
+            floor=start / 50,
+            budget_ok=lambda: ctx.fits(ctx.trial_cost_s),
+        )
+    finally:
+        srv.close()
+        sres["cleanup"] = stop_daemons(ctx.backend) if name == "mps" else []
+
+
+# ---------------------------------------------------------------------- main
+def _scenario(models: Sequence[ModelCfg], headroom: float) -> Scenario:
+    return scenario_from_mapping(
+        {
+            "headroom": headroom,
+            "gpus": [{"sku": PLAN_SKU, "count": 1, "mig": False}],
+            "models": [
+                {"name": m.name, "slo_ms": m.slo_ms, "rate_rps": m.rate_rps} for m in models
+            ],
+        }
+    )
+
+
+def _stand_ins(models: Sequence[ModelCfg], table: ProfileTable) -> dict[str, str]:
+    """Simulated mode: a distinct ``sleep:<ms>`` per model, its full-GPU batch-1 latency."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for m in models:
+        rows = [r for r in table.rows_for(PLAN_SKU, m.name) if r.batch == 1]
+        ms = round(min((r.latency_ms for r in rows), default=1.0), 3)
+        while f"sleep:{ms:.3f}" in used:
+            ms += 0.001
+        out[m.name] = f"sleep:{ms:.3f}"
+        used.add(out[m.name])
+    return out
+
+
+def _sigterm(_sig: int, _frame: Any) -> None:
+    raise SystemExit(143)  # so that the finally blocks stop the workers and quit MPS
+
+
+def combine(paths: Sequence[str], out: str | None) -> int:
+    """Merge result files of several calls (later files win per system); print the table."""
+    merged: dict[str, Any] | None = None
+    for p in paths:
+        res = json.loads(Path(p).read_text())
+        if merged is None:
+            merged = res
+        else:
+            merged["systems"].update(res.get("systems", {}))
+    if merged is None:
+        return 2
+    print_summary(merged)
+    merged["table"] = summary_table(merged)
+    if out:
+        Path(out).write_text(json.dumps(merged, indent=1, default=str))
+        print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="name:slo_ms:base_rate_rps,...")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="in this order")
+    ap.add_argument("--trial-s", type=float, default=15.0, help="measured load per trial")
+    ap.add_argument("--warmup-s", type=float, default=3.0, help="load before it, not counted")
+    ap.add_argument("--drain-s", type=float, default=2.0, help="wait for answers after a trial")
+    ap.add_argument("--max-trials", type=int, default=7, help="per system")
+    ap.add_argument("--step", type=float, default=1.5, help="bracketing step (x or /)")
+    ap.add_argument("--tol", type=float, default=0.05, help="bisect until fail/pass <= 1+tol")
+    ap.add_argument("--target", type=float, default=0.99, help="within-SLO share, every model")
+    ap.add_argument("--start", type=float, default=None, help="baselines' first factor")
+    ap.add_argument("--time-budget-s", type=float, default=0.0, help="0: none")
+    ap.add_argument("--headroom", type=float, default=0.1, help="stgs planner latency margin")
+    ap.add_argument(
+        "--mps-batch",
+        choices=("share", "full"),
+        default="share",
+        help="MPS baseline's max batch: from the latency at its share (default) or full GPU",
+    )
+    ap.add_argument("--senders", type=int, default=2, help="sender threads per model")
+    ap.add_argument("--switch-interval-us", type=float, default=200.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ready-timeout-s", type=float, default=240.0)
+    ap.add_argument("--simulated", action="store_true", help="simulated node, CPU workers")
+    ap.add_argument("--load-scale", type=float, default=None, help="x rates (simulated: 0.02)")
+    ap.add_argument("--runtime-dir", default=None, help="MPS pipe/log dirs (default: tmp)")
+    ap.add_argument("--json", default=None, help="default $OUT/baselines_gpu.json")
+    ap.add_argument("--combine", nargs="+", default=None, help="result files to merge, print")
+    args = ap.parse_args(argv)
+    json_path = args.json or (
+        str(Path(os.environ["OUT"]) / "baselines_gpu.json") if os.environ.get("OUT") else None
+    )
+    if args.combine:
+        return combine(args.combine, args.json)
+
+    t_start = time.monotonic()
+    signal.signal(signal.SIGTERM, _sigterm)
+    sys.setswitchinterval(args.switch_interval_us / 1e6)
+    models = parse_models(args.models)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        print(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}", file=sys.stderr)
+        return 2
+    off = [m.name for m in models if not 10 <= m.slo_ms <= 40]
+    if len(models) < 4 or off:
+        print(f"note: issue #4 asks for >= 4 models with SLOs in 10..40 ms (outside: {off})")
+    load_scale = (
+        args.load_scale if args.load_scale is not None else (0.02 if args.simulated else 1.0)
+    )
+    runtime_dir = Path(args.runtime_dir or f"/tmp/stgs-baselines-{os.getpid()}")
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- plans, bounds, batches (no GPU)
+    table = read_profiles(default_profiles_path())
+    batches = max_batches(models, table)
+    mps_pct = 100 // len(models)
+    mps_batches = (
+        batches if args.mps_batch == "full" else mps_max_batches(models, mps_pct, args.headroom)
+    )
+    scenario = _scenario(models, args.headroom)
+    t = time.monotonic()
+    peak = make_plan(scenario, "stgs", peak=True)
+    peak_k = float(peak.k or 0.0)
+    problem = Problem.from_scenario(scenario)
+    fluid_k = fluid_bound(problem)
+    fluid_classic = fluid_bound(problem, rate_aware=False)
+    base_rps = sum(m.rate_rps for m in models)
+    print(
+        f"models (name:SLO ms:rate at factor 1): {args.models}\n"
+        f"max batch (largest power of two with full-GPU latency <= SLO/2): {batches}\n"
+        f"max batch under MPS at {mps_pct}% ({args.mps_batch} rule): {mps_batches}\n"
+        f"stgs planner's peak factor on 1 {PLAN_SKU} (mig off, headroom {args.headroom:g}): "
+        f"{peak_k:.3f} ({peak_k * base_rps:.0f} req/s; {time.monotonic() - t:.1f} s)\n"
+        f"fluid bound factor: {fluid_k:.3f} ({fluid_k * base_rps:.0f} req/s; "
+        f"any batch: {fluid_classic:.3f})"
+    )
+    print("\n".join(describe_plan(peak)), flush=True)
+    if peak_k <= 0:
+        print("the planner cannot serve these models at any load on one GPU", file=sys.stderr)
+        return 2
+
+    # ---- backend
+    backend: Backend
+    if args.simulated:
+        from stgs.backend import SimulatedNode
+
+        backend = SimulatedNode(PLAN_SKU, mig_enabled=False, runtime_dir=runtime_dir)
+        label = f"simulated {PLAN_SKU} (CPU workers, sleep stand-ins)"
+    else:
+        from stgs.backend.nvml import NvmlBackend
+
+        backend = NvmlBackend(runtime_dir)
+        label = gpu_label()
+    if backend.gpus()[0].mig_enabled:
+        print("GPU 0 is in MIG mode; this benchmark needs MIG off (it never changes it)")
+        return 2
+    live_sku = backend.sku(0).name
+    print(f"device: {label}; live SKU {live_sku}", flush=True)
+    names = _stand_ins(models, table) if args.simulated else {m.name: m.name for m in models}
+    serve_names = tuple(names[m.name] for m in models)
+    if args.simulated:
+        inputs = tuple(np.zeros(16, np.float32) for _ in models)
+    else:
+        inputs = tuple(model_entry(m.name).example(seed=i) for i, m in enumerate(models))
+    cfg = LoadCfg(
+        tuple(models),
+        serve_names,
+        inputs,
+        load_scale,
+        args.warmup_s,
+        args.trial_s,
+        args.drain_s,
+        args.senders,
+        args.seed,
+        args.target,
+    )
+    res: dict[str, Any] = {
+        "device": label,
+        "live_sku": live_sku,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "args": vars(args),
+        "models": [asdict(m) for m in models],
+        "models_text": args.models,
+        "base_rps": base_rps,
+        "load_scale": load_scale,
+        "target": args.target,
+        "max_batch": batches,
+        "max_batch_mps": mps_batches,
+        "planner_peak_k": round(peak_k, 5),
+        "planner_peak_plan": describe_plan(peak),
+        "fluid_k": round(fluid_k, 5),
+        "fluid_k_any_batch": round(fluid_classic, 5),
+        "systems": {},
+        "cleanup": [],
+    }
+
+    ctx = Ctx(
+        args=args,
+        backend=backend,
+        models=tuple(models),
+        cfg=cfg,
+        batches=batches,
+        mps_batches=mps_batches,
+        names=names,
+        live_sku=live_sku,
+        peak=peak,
+        peak_k=peak_k,
+        fluid_k=fluid_k,
+        res=res,
+        json_path=json_path,
+        t_start=t_start,
+    )
+    try:
+        for name in systems:
+            sres: dict[str, Any] = {"system": name, "label": LABELS[name], "trials": []}
+            res["systems"][name] = sres
+            print(f"\n# {name}: {LABELS[name]}", flush=True)
+            t_sys = time.monotonic()
+            try:
+                sr = run_stgs(ctx, sres) if name == "stgs" else run_baseline(ctx, name, sres)
+            except Exception as exc:  # one system's failure must not cost the others' results
+                sres["error"] = f"{type(exc).__name__}: {exc}"
+                sres["result"] = {"factor": None, "reason": f"error: {sres['error'][:200]}"}
+                print(f"  {name} FAILED: {sres['error']}", file=sys.stderr, flush=True)
+                ctx.save()
+                continue
+            if sr is None:
+                continue
+            sres["result"] = {
+                "factor": sr.best,
+                "rate_rps": round(sr.best * base_rps, 1),
+                "lo": sr.lo,
+                "hi": sr.hi,
+                "reason": sr.reason,
+            }
+            sres["wall_s"] = round(time.monotonic() - t_sys, 1)
+            for note in sres.get("cleanup", []):
+                print(f"  {note}")
+            print(f"  -> {name}: {sr.best:.3f} ({sr.reason}; {sres['wall_s']} s)")
+            ctx.save()
+            print_summary(res)
+    finally:
+        res["cleanup"] = stop_daemons(backend)
+        backend.close()
+        ctx.save()
+        if json_path:
+            print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
