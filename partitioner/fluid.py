@@ -103,13 +103,16 @@ def _columns(
                 curve = problem.curve(m, t, shape)
                 if curve is None:
                     continue
+                # the classic bound: profile latency with headroom only; with
+                # ``interference``: the planner's latency (interference and host costs)
                 lat = curve.lat if interference else curve.raw_solo * (1.0 + curve.headroom)
-                ok = (2 * lat <= m.slo_ms + _EPS) & (curve.memory <= shape.memory_mib)
+                slo = curve.slo if interference else m.slo_ms
+                ok = (2 * lat <= slo + _EPS) & (curve.memory <= shape.memory_mib)
                 if not ok.any():
                     continue
                 b = curve.buckets[ok].astype(np.float64)
                 lb = lat[ok]
-                n = b if k is None else np.minimum(b, k * m.rate_rps * (m.slo_ms - lb) / 1000.0)
+                n = b if k is None else np.minimum(b, k * m.rate_rps * (slo - lb) / 1000.0)
                 pos = n > 0
                 if not pos.any():
                     continue

@@ -6,7 +6,11 @@ factor ``1 + h`` and, for MPS partitions, the interference factor):
 
     sum_m L_m(b_m)  <=  d          (the partition runs each model's batch once per cycle)
     b_m  >=  r_m * d / 1000        (a cycle's arrivals fit in one batch)
-    d + L_m(b_m)  <=  slo_m        (a request waits at most one cycle, then its batch runs)
+    d + L_m(b_m)  <=  slo_m - t    (a request waits at most one cycle, then its batch runs)
+
+where ``L_m(b) = (1 + h) slowdown l_m(b) + host_batch_ms + b host_item_ms`` (the worker's host
+work around a batch is part of the cycle) and ``t = host_request_ms`` (the way to the worker
+and back; ``PlannerOptions``). ``Curve.lat`` is ``L``, ``Curve.slo`` is ``slo_m - t``.
 
 Batches come from the runtime's CUDA-graph buckets (``BATCH_BUCKETS``): the runtime pads a batch
 to its bucket, so planning with bucket sizes predicts what runs.
@@ -152,7 +156,13 @@ class Curve:
     slowdown: float
     headroom: float
     margin_z: float = 0.0  # Poisson batch margin (PlannerOptions.batch_margin_z)
+    host_request_ms: float = 0.0  # PlannerOptions.host_request_ms: outside the cycle
     cycle_cache: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def slo(self) -> float:
+        """What the cycle and the batch may take of the SLO (the request's host way is not)."""
+        return self.model.slo_ms - self.host_request_ms
 
     @cached_property
     def capacity(self) -> FloatArray:
@@ -189,7 +199,7 @@ class Curve:
     @cached_property
     def max_rps(self) -> float:
         """Saturated throughput alone on the partition: max 1000 b / L(b) with 2 L(b) <= slo."""
-        ok = (2 * self.lat <= self.model.slo_ms + _EPS) & (self.memory <= self.shape.memory_mib)
+        ok = (2 * self.lat <= self.slo + _EPS) & (self.memory <= self.shape.memory_mib)
         if not ok.any():
             return 0.0
         return float(np.max(1000.0 * self.capacity[ok] / self.lat[ok]))
@@ -321,16 +331,19 @@ class Problem:
         solo = lm.latency_curve(buckets, shape.sm_count, mig_profile=mig_profile, kind=shape.kind)
         slowdown = self.interference.slowdown(model.profile, gtype.sku, shape.neighbour_pct())
         memory = np.array([lm.memory_mib(int(b)) for b in buckets], dtype=np.float64)
+        opts = self.options
+        host = opts.host_batch_ms + opts.host_item_ms * buckets.astype(np.float64)
         c = Curve(
             model,
             shape,
             buckets,
-            np.asarray(solo, dtype=np.float64) * slowdown * (1.0 + self.headroom),
+            np.asarray(solo, dtype=np.float64) * slowdown * (1.0 + self.headroom) + host,
             np.asarray(solo, dtype=np.float64),
             memory,
             slowdown,
             self.headroom,
-            self.options.batch_margin_z,
+            opts.batch_margin_z,
+            opts.host_request_ms,
         )
         self._curves[key] = c
         return c
@@ -434,7 +447,7 @@ def _max_cycle(curve: Curve, rate: float) -> float:
 
 
 def _max_cycle_uncached(curve: Curve, rate: float) -> float:
-    slo = curve.model.slo_ms
+    slo = curve.slo
     fits = curve.memory <= curve.shape.memory_mib
     if rate <= 0:
         # batch 1 every cycle; its latency bounds the cycle through the SLO
@@ -459,7 +472,7 @@ def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Sc
         if i >= len(curve.bucket_list):
             return None
         lat = curve.lat_list[i]
-        if d + lat > curve.model.slo_ms + 1e-9:
+        if d + lat > curve.slo + 1e-9:
             return None
         busy += lat
         if busy > d + 1e-9:

@@ -79,6 +79,16 @@ class PlannerOptions(_Strict):
     # x factor, x sqrt(factor) that fits) and serve the real rates on that plan, so that idle
     # GPUs become headroom for bursts and steps instead of staying empty. 1: fewest GPUs.
     spare_factor: float = Field(default=1.0, ge=1, le=10)
+    # Host time around the GPU batch, which the profiles do not contain (measured on the lent
+    # H100's host through the runtime's worker trace; docs/planner.md "Host costs"): a request's
+    # way from the router into the worker's queue and its answer back (per request, outside
+    # the cycle), the worker's work per batch (taking it, launching the graph, replies) and per
+    # request in a batch (the input copy into the pinned buffer). A batch of b then takes
+    # L(b) + host_batch_ms + b host_item_ms of the cycle, and a request must see
+    # d + that + host_request_ms <= slo. All 0: plan on GPU batch latency alone.
+    host_request_ms: float = Field(default=0.6, ge=0, le=1000)
+    host_batch_ms: float = Field(default=0.25, ge=0, le=1000)
+    host_item_ms: float = Field(default=0.07, ge=0, le=1000)
 
     @field_validator("mps_shares")
     @classmethod

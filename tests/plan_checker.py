@@ -8,13 +8,17 @@ the latency / interference models fitted to the scenario's profile tables.
 Per partition, with headroom ``h`` and duty cycle ``d``, each model ``m`` with batch ``b_m``
 and rate ``r_m`` has planning latency
 
-    L_m = (1 + h) * l_m(b_m, sm_count[, mig_profile]) * slowdown_m
+    L_m = (1 + h) * l_m(b_m, sm_count[, mig_profile]) * slowdown_m + host_batch + b_m host_item
 
 where ``slowdown_m`` is the interference model's factor for the *actual* MPS neighbours of the
 partition (the other MPS shares on the same non-MIG GPU or in the same MIG instance; none for
 whole GPUs and whole MIG instances), and the plan is valid when
 
-    sum_m L_m <= d,   b_m >= r_m d / 1000,   d + L_m <= slo_m,   sum_m mem_m(b_m) <= memory.
+    sum_m L_m <= d,   b_m >= r_m d / 1000,   d + L_m + host_request <= slo_m,
+    sum_m mem_m(b_m) <= memory
+
+(``host_*``: the scenario's ``planner.host_*_ms``, the host time around a batch and a
+request's way to the worker and back).
 
 Tolerances: 1e-6, plus the rounding of the plan's JSON (duty cycles to 1e-4 ms, rates to 1e-6
 request/s, latencies to 1e-4 ms, memory to 0.1 MiB).
@@ -478,7 +482,7 @@ def _check_partition(
         solo = lm.latency_ms(b, sm, mig_profile=mig_profile, kind=str(p.get("kind")))
         slow = interference.slowdown(spec.profile, sku.name, neighbours)
         raw = solo * slow
-        lat = (1.0 + h) * raw
+        lat = (1.0 + h) * raw + opts.host_batch_ms + b * opts.host_item_ms
         busy += lat
         memory += lm.memory_mib(b)
         # (2) a cycle's arrivals fit in one batch
@@ -490,10 +494,11 @@ def _check_partition(
                 f"per cycle"
             )
         # (3) wait one cycle, then run the batch
-        if d + lat > spec.slo_ms + d_tol:
+        if d + lat + opts.host_request_ms > spec.slo_ms + d_tol:
             v.append(
-                f"{mw}: duty cycle {d:g} + latency {lat:.4f} ms (headroom and interference) = "
-                f"{d + lat:.4f} ms > slo {spec.slo_ms:g} ms"
+                f"{mw}: duty cycle {d:g} + latency {lat:.4f} ms (headroom, interference, host) "
+                f"+ the request's host way {opts.host_request_ms:g} ms = "
+                f"{d + lat + opts.host_request_ms:.4f} ms > slo {spec.slo_ms:g} ms"
             )
         rep = _num(a.get("latency_ms"))
         if rep is None or abs(rep - raw) > LATENCY_REL_TOL * raw + LAT_ROUND:
@@ -504,7 +509,7 @@ def _check_partition(
     # (1) every batch runs once per cycle
     if busy > d + d_tol:
         v.append(
-            f"{pw}: batches take {busy:.4f} ms (headroom and interference) > duty cycle {d:g} ms"
+            f"{pw}: batches take {busy:.4f} ms (headroom, interference, host) > duty cycle {d:g} ms"
         )
     # (4) memory
     if memory > mem + EPS:

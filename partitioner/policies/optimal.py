@@ -153,7 +153,7 @@ def _enumerate(
     """
     cands: list[tuple[int, bool, list[tuple[int, float, float, float, float]]]] = []
     for mi, c in sorted(curves.items()):
-        slo = c.model.slo_ms
+        slo = c.slo
         mono = bool(np.all(np.diff(c.lat) >= 0) and np.all(np.diff(c.memory) >= 0))
         opts: list[tuple[int, float, float, float, float]] = []
         for bi in range(len(c.buckets)):
