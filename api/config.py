@@ -72,6 +72,15 @@ class PlannerConfig(_Strict):
         description="plan for the rates x this where the GPUs allow (headroom for bursts and"
         " load steps on GPUs that would sit idle); 1: the fewest GPUs",
     )
+    host_request_ms: float = Field(
+        0.6, ge=0.0, le=1000.0, description="a request's host way to its worker and back (ms)"
+    )
+    host_batch_ms: float = Field(
+        0.25, ge=0.0, le=1000.0, description="worker host time per batch, beside the GPU (ms)"
+    )
+    host_item_ms: float = Field(
+        0.07, ge=0.0, le=1000.0, description="worker host time per request in a batch (ms)"
+    )
 
 
 class ControllerConfig(_Strict):
