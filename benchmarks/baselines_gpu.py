@@ -194,12 +194,14 @@ class SearchResult:
     best: float  # the highest factor that passed; 0.0 when none did
     lo: float | None  # = best, None when nothing passed
     hi: float | None  # the lowest factor that failed; None when nothing failed
-    trials: list[tuple[float, bool]] = field(default_factory=list)
+    # ok: True pass, False the system failed, None inconclusive (the load generator's limit)
+    trials: list[tuple[float, bool | None]] = field(default_factory=list)
     reason: str = ""
+    limited: float | None = None  # the lowest factor the load generator could not drive
 
 
 def search(
-    passes: Callable[[float], bool],
+    passes: Callable[[float], bool | None],
     start: float,
     *,
     step: float = 1.5,
@@ -213,10 +215,13 @@ def search(
 
     From ``start`` (at most ``cap``): x ``step`` after a pass, / ``step`` after a failure, until
     a pass and a failure bracket the threshold; then the geometric mean of the bracket until
-    hi / lo <= 1 + ``tol``. Stops early at ``max_trials``, when ``budget_ok()`` is false, when a
-    pass at ``cap`` leaves nothing higher to try, or when the next factor would be below
-    ``floor``. New factors are always inside the bracket, so the result stays consistent even
-    when ``passes`` is noisy.
+    hi / lo <= 1 + ``tol``. ``passes`` returning None means inconclusive: the load generator,
+    not the system, could not keep up at that factor. Such a factor is no failure of the system
+    (``hi`` stays as it was; it goes to ``limited``), but nothing at or above it is tried again:
+    the search goes on below it as after a failure. Stops early at ``max_trials``, when
+    ``budget_ok()`` is false, when a pass at ``cap`` leaves nothing higher to try, or when the
+    next factor would be below ``floor``. New factors are always inside the bracket, so the
+    result stays consistent even when ``passes`` is noisy.
     """
     if start <= 0:
         raise ValueError(f"start must be > 0, got {start}")
@@ -233,24 +238,30 @@ def search(
         res.trials.append((f, ok))
         if ok:
             res.lo = f if res.lo is None else max(res.lo, f)
+        elif ok is None:
+            res.limited = f if res.limited is None else min(res.limited, f)
         else:
             res.hi = f if res.hi is None else min(res.hi, f)
-        if res.hi is None:
+        upper = min((x for x in (res.hi, res.limited) if x is not None), default=None)
+        by_lg = upper is not None and upper == res.limited and res.hi != upper
+        if upper is None:
             assert res.lo is not None
             if cap is not None and res.lo >= cap * (1 - 1e-9):
                 res.reason = "passed at the cap"
                 break
             f = res.lo * step if cap is None else min(res.lo * step, cap)
         elif res.lo is None:
-            f = res.hi / step
+            f = upper / step
             if f < floor:
-                res.reason = "failed down to the floor"
+                res.reason = "failed down to the floor" + (" (load generator limited)" * by_lg)
                 break
         else:
-            if res.hi / res.lo <= 1 + tol:
-                res.reason = "converged"
+            if upper / res.lo <= 1 + tol:
+                res.reason = "load generator limited above" if by_lg else "converged"
                 break
-            f = math.sqrt(res.lo * res.hi)
+            f = math.sqrt(res.lo * upper)
+    if res.limited is not None and "limited" not in res.reason:
+        res.reason += f"; load generator limited at {res.limited:.3f}"
     res.best = res.lo or 0.0
     return res
 
@@ -486,6 +497,7 @@ class LoadCfg:
     senders: int
     seed: int
     target: float
+    max_lag_ms: float = 2.0  # a failed trial with a larger sender lag p99: load generator limited
 
 
 def run_trial(router: Any, cfg: LoadCfg, f: float) -> dict[str, Any]:
@@ -516,16 +528,29 @@ def run_trial(router: Any, cfg: LoadCfg, f: float) -> dict[str, Any]:
     lag = (lg.sent - (lg.t0 + lg.t))[sel] * 1e3
     atts = [r["attainment"] if r["attainment"] is not None else 0.0 for r in per]
     worst = int(np.argmin(atts))
+    passed = all(a >= cfg.target for a in atts)
+    lag_p99 = float(np.percentile(lag, 99)) if lag.size else None
+    # The load generator fell behind its schedule: the misses may be its own, not the system's.
+    limited = not passed and lag_p99 is not None and lag_p99 > cfg.max_lag_ms
     return {
         "factor": round(f, 5),
         "rate_rps": round(sum(rates), 1),
-        "passed": all(a >= cfg.target for a in atts),
+        "passed": passed,
+        "load_generator_limited": limited,
+        "verdict": "pass" if passed else ("load generator limited" if limited else "fail"),
         "worst_model": per[worst]["model"],
         "worst_attainment": atts[worst],
         "attainment": {r["model"]: r["attainment"] for r in per},
         "sender_lag_ms": {
             "p50": round(float(np.percentile(lag, 50)), 3) if lag.size else None,
-            "p99": round(float(np.percentile(lag, 99)), 3) if lag.size else None,
+            "p99": None if lag_p99 is None else round(lag_p99, 3),
+            "max_allowed_p99": cfg.max_lag_ms,
+        },
+        # "deadline exceeded" answers per model (whole run, warmup included): refused on the
+        # predicted batch latency (admission) or found late in the worker's queue
+        "deadline_kinds": {
+            cfg.models[mi].name: {k: v for (mj, k), v in lg.deadline_kinds.items() if mj == mi}
+            for mi in sorted({mj for mj, _ in lg.deadline_kinds})
         },
         "errors": dict(lg.errors),
         "error_examples": lg.examples,
@@ -533,17 +558,29 @@ def run_trial(router: Any, cfg: LoadCfg, f: float) -> dict[str, Any]:
     }
 
 
+def trial_outcome(tr: dict[str, Any]) -> bool | None:
+    """What the search sees: True pass, False the system failed, None load generator limited."""
+    if tr.get("passed"):
+        return True
+    return None if tr.get("load_generator_limited") else False
+
+
 def trial_line(name: str, tr: dict[str, Any]) -> str:
+    extra = f"; setup {tr['setup_s']:.1f} s" if tr.get("setup_s") is not None else ""
+    note = f"; {tr['note']}" if tr.get("note") else ""
+    if not tr.get("rows"):  # no load ran (no plan, apply failed)
+        return f"  [{name}] f={tr['factor']:.3f} ({tr['rate_rps']:.0f} req/s): FAIL{extra}{note}"
     worst = next(r for r in tr["rows"] if r["model"] == tr["worst_model"])
     p99 = "-" if worst["p99_ok_ms"] is None else f"{worst['p99_ok_ms']:.2f}"
     allrow = tr["rows"][-1]
     lag = tr["sender_lag_ms"]["p99"]
-    extra = f"; setup {tr['setup_s']:.1f} s" if tr.get("setup_s") is not None else ""
-    note = f"; {tr['note']}" if tr.get("note") else ""
+    verdict = {True: "PASS", False: "FAIL", None: "LOAD GENERATOR LIMITED"}[trial_outcome(tr)]
+    refused = tr.get("deadline_kinds", {}).get(tr["worst_model"], {}).get("predicted")
+    why = f", {refused} refused by admission" if refused else ""
     return (
         f"  [{name}] f={tr['factor']:.3f} ({tr['rate_rps']:.0f} req/s): "
-        f"{'PASS' if tr['passed'] else 'FAIL'}  worst {tr['worst_model']} "
-        f"{100 * tr['worst_attainment']:.2f}% (p99 of ok {p99} ms); "
+        f"{verdict}  worst {tr['worst_model']} "
+        f"{100 * tr['worst_attainment']:.2f}% (p99 of ok {p99} ms{why}); "
         f"all {100 * (allrow['attainment'] or 0):.2f}% of {allrow['sent']}; "
         f"sender lag p99 {lag if lag is not None else '-'} ms{extra}{note}"
     )
@@ -587,11 +624,17 @@ def summary_table(res: dict[str, Any]) -> str:
         fs = "-" if f is None else ("&ge; " if lo_bound else "") + f"{f:.3f}"
         rps = "-" if f is None else f"{f * base:.0f}"
         bracket = f"{_fmt(r.get('lo'))} .. {_fmt(r.get('hi'))}"
+        lim = r.get("load_generator_limited_at")
+        if lim is not None:  # not a failure of the system: the load generator fell behind
+            bracket += f"; load generator limited at {lim:.3f}"
+        trials = s.get("trials", [])
+        n_lim = sum(1 for t in trials if t.get("load_generator_limited"))
+        n_trials = f"{len(trials)}" + (f" ({n_lim} load generator limited)" if n_lim else "")
         ratio = stgs_f / f if stgs_f and f else None
         target = TARGETS.get(name)
         met = "-" if target is None or ratio is None else ("yes" if ratio >= target else "no")
         lines.append(
-            f"| {LABELS[name]} | {fs} | {rps} | {bracket} | {len(s.get('trials', []))} | "
+            f"| {LABELS[name]} | {fs} | {rps} | {bracket} | {n_trials} | "
             f"{str(r.get('reason', '-'))[:60]} | {_fmt(ratio, 2) if name != 'stgs' else '1.00'} | "
             f"{'-' if target is None else f'>= {target:g}'} | {met} |"
         )
@@ -680,7 +723,7 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
     )
     last_setup = [2.0 if a.simulated else 25.0]  # the next apply's estimate (budget)
 
-    def passes(f: float) -> bool:
+    def passes(f: float) -> bool | None:
         ok, info = st.prepare(f)
         last_setup[0] = info.get("apply_s", last_setup[0])
         tr = run_trial(st.router, ctx.cfg, f) if ok else failed_trial(f, ctx.cfg, info["note"])
@@ -691,12 +734,14 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
         print("\n".join(["  plan:", *info["plan"]]))
         print(trial_line("stgs", tr), flush=True)
         ctx.save()
-        return bool(tr["passed"])
+        return trial_outcome(tr)
 
+    start = min(a.stgs_start, ctx.peak_k) if a.stgs_start else ctx.peak_k
+    sres["start_factor"] = start
     try:
         return search(
             passes,
-            ctx.peak_k,
+            start,
             step=a.step,
             tol=a.tol,
             max_trials=a.max_trials,
@@ -739,12 +784,12 @@ def run_baseline(ctx: Ctx, name: str, sres: dict[str, Any]) -> SearchResult | No
             print(f"    pid {p['pid']} {p['models']} env {p['env']}")
         router = srv.router
 
-        def passes(f: float) -> bool:
+        def passes(f: float) -> bool | None:
             tr = run_trial(router, ctx.cfg, f)
             sres["trials"].append(tr)
             print(trial_line(name, tr), flush=True)
             ctx.save()
-            return bool(tr["passed"])
+            return trial_outcome(tr)
 
         return search(
             passes,
@@ -823,6 +868,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tol", type=float, default=0.05, help="bisect until fail/pass <= 1+tol")
     ap.add_argument("--target", type=float, default=0.99, help="within-SLO share, every model")
     ap.add_argument("--start", type=float, default=None, help="baselines' first factor")
+    ap.add_argument(
+        "--stgs-start",
+        type=float,
+        default=None,
+        help="stgs's first factor (default and at most: the planner's peak)",
+    )
     ap.add_argument("--time-budget-s", type=float, default=0.0, help="0: none")
     ap.add_argument("--headroom", type=float, default=0.1, help="stgs planner latency margin")
     ap.add_argument(
@@ -831,7 +882,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="share",
         help="MPS baseline's max batch: from the latency at its share (default) or full GPU",
     )
-    ap.add_argument("--senders", type=int, default=2, help="sender threads per model")
+    ap.add_argument(
+        "--senders", type=int, default=1, help="sender threads per model (0: one for all)"
+    )
+    ap.add_argument(
+        "--max-lag-ms",
+        type=float,
+        default=2.0,
+        help="a failed trial whose sender lag p99 exceeds this is 'load generator limited'",
+    )
     ap.add_argument("--switch-interval-us", type=float, default=200.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--ready-timeout-s", type=float, default=240.0)
@@ -928,6 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.senders,
         args.seed,
         args.target,
+        args.max_lag_ms,
     )
     res: dict[str, Any] = {
         "device": label,
@@ -986,6 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rate_rps": round(sr.best * base_rps, 1),
                 "lo": sr.lo,
                 "hi": sr.hi,
+                "load_generator_limited_at": sr.limited,
                 "reason": sr.reason,
             }
             sres["wall_s"] = round(time.monotonic() - t_sys, 1)

@@ -187,7 +187,18 @@ def poisson_arrivals(
 
 
 class LoadGen:
-    """Open loop: each request is sent at its scheduled time, whatever is outstanding."""
+    """Open loop: each request is sent at its scheduled time, whatever is outstanding.
+
+    ``senders`` threads per model each send every ``senders``-th arrival of their model, so that
+    a send blocked on one worker's socket delays only that model; ``senders=0``: one thread sends
+    every model's requests. A sender sleeps until its next arrival, then sends everything that
+    is due by then back to back (one wake-up for a burst). The per-request work is kept small:
+    the schedule is converted to plain floats once, the inputs are the same arrays every time
+    (the transport sends them without a copy), and the answer's callback writes three numbers.
+    Fewer threads that wake less often matter more than the Python per request: every thread
+    that wakes up must take the GIL, and with many of them the GIL's queue, not the work, is
+    what delays a send (measured in ``benchmarks/loadgen_bench.py``).
+    """
 
     def __init__(
         self,
@@ -211,20 +222,24 @@ class LoadGen:
         self.status = np.full(n, NOT_SENT, dtype=np.int8)
         self.errors: Counter[str] = Counter()
         self.examples: dict[str, str] = {}
+        # "deadline exceeded" answers per model: refused on the predicted batch latency
+        # (admission) or found late in the worker's queue
+        self.deadline_kinds: Counter[tuple[int, str]] = Counter()
         self._err_lock = threading.Lock()
         self.stop_at = float("inf")  # offset after which nothing more is sent
         self.t0 = 0.0
-        # Independent clients: ``senders`` threads per model, each sending every k-th arrival of
-        # its model, so that a send blocked on one worker's socket delays only that model.
+        if senders <= 0:
+            groups = [("sender-all", np.arange(n))]
+        else:
+            groups = [
+                (f"sender-{i}-{j}", np.flatnonzero(model_idx == i)[j::senders])
+                for i in range(len(serve_names))
+                for j in range(senders)
+            ]
         self.threads = [
-            threading.Thread(
-                target=self._send,
-                args=(np.flatnonzero(model_idx == i)[j::senders],),
-                name=f"sender-{i}-{j}",
-                daemon=True,
-            )
-            for i in range(len(serve_names))
-            for j in range(senders)
+            threading.Thread(target=self._send, args=(mine,), name=name, daemon=True)
+            for name, mine in groups
+            if len(mine)
         ]
 
     def start(self, t0: float) -> None:
@@ -237,22 +252,33 @@ class LoadGen:
             th.join()
 
     def _send(self, mine: np.ndarray) -> None:
-        t, m, t0 = self.t, self.m, self.t0
-        for i in mine.tolist():
-            off = float(t[i])
-            if off > self.stop_at:
-                return
-            target = t0 + off
-            wait = target - time.monotonic()
+        t0 = self.t0
+        offs = self.t[mine].tolist()
+        idx = mine.tolist()
+        mis = self.m[mine].tolist()
+        slos = self.slos.tolist()
+        names, inputs = self.names, self.inputs
+        sent, status = self.sent, self.status
+        submit, done = self.rt.submit, self._done
+        mono, sleep, partial = time.monotonic, time.sleep, functools.partial
+        k, n = 0, len(idx)
+        while k < n:
+            wait = t0 + offs[k] - mono()
             if wait > 0:
-                time.sleep(wait)
-            now = time.monotonic()
-            mi = int(m[i])
-            left_ms = float(self.slos[mi]) - (now - target) * 1e3  # deadline: arrival + SLO
-            self.sent[i] = now
-            self.status[i] = PENDING
-            fut = self.rt.submit(self.names[mi], self.inputs[mi], deadline_ms=left_ms)
-            fut.add_done_callback(functools.partial(self._done, i))
+                sleep(wait)
+            now = mono()
+            while k < n and t0 + offs[k] <= now:  # everything due: back to back
+                off = offs[k]
+                if off > self.stop_at:
+                    return
+                i, mi = idx[k], mis[k]
+                now = mono()
+                sent[i] = now
+                status[i] = PENDING
+                left_ms = slos[mi] - (now - t0 - off) * 1e3  # deadline: arrival + SLO
+                fut = submit(names[mi], inputs[mi], deadline_ms=left_ms)
+                fut.add_done_callback(partial(done, i))
+                k += 1
 
     def _done(self, i: int, fut: Future[Any]) -> None:
         self.done[i] = time.monotonic()
@@ -262,6 +288,9 @@ class LoadGen:
             return
         if isinstance(exc, DeadlineExceededError):
             self.status[i] = DEADLINE
+            kind = "predicted" if "predicted" in str(exc) else "late"
+            with self._err_lock:
+                self.deadline_kinds[(int(self.m[i]), kind)] += 1
             return
         self.status[i] = ERROR
         kind = type(exc).__name__
@@ -547,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--phase-s", type=float, default=60.0)
     ap.add_argument("--after-s", type=float, default=30.0)
     ap.add_argument("--max-switch-s", type=float, default=240.0)
-    ap.add_argument("--senders", type=int, default=2, help="sender threads per model")
+    ap.add_argument(
+        "--senders", type=int, default=1, help="sender threads per model (0: one for all)"
+    )
     ap.add_argument(
         "--switch-interval-us",
         type=float,

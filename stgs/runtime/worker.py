@@ -8,9 +8,12 @@ per model per cycle. The loop is work conserving: a cycle with nothing queued wa
 request instead of sleeping out the planned cycle length, so latency never pays for idle time.
 
 Deadlines: a request whose deadline has passed, or (with admission on) that would finish after
-its deadline given the model's measured batch latency, is answered "deadline exceeded" without
-running. A STOP frame drains: what is queued is served, then the worker exits; a closed socket
-(the daemon is gone) ends the worker at once.
+its deadline given the model's measured batch latency (an EMA), is answered "deadline exceeded"
+without running. When nothing of a take runs and a request was refused on that prediction,
+the estimate shrinks (``ADMISSION_DECAY``): only batches that run re-measure it, so a few slow
+batches must not make a model refuse everything from then on. A STOP frame drains: what is
+queued is served, then the worker exits; a closed socket (the daemon is gone) ends the worker at
+once.
 
 Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker records, per
 batch, ``TRACE_BATCH`` and, per request taken, ``TRACE_REQUEST`` (``time.monotonic_ns()``, one
@@ -60,6 +63,10 @@ TRACE_BATCH = ("slot", "taken", "live", "t_take", "t_run", "t_ran", "t_replied")
 # per request taken: its deadline, when the reader queued it, its batch (row in the batch
 # record), 1 if it ran, 0 if answered "deadline exceeded".
 TRACE_REQUEST = ("slot", "deadline", "t_queued", "batch", "ran")
+# Admission: when nothing of a take runs and some request was refused on the predicted latency,
+# the estimate shrinks by this factor, so that a model whose estimate exceeds its SLO (nothing
+# runs, so nothing re-measures it) runs again after a few refused takes.
+ADMISSION_DECAY = 0.8
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,7 @@ class Worker:
         now = time.monotonic_ns()
         margin = self.est_ns[i] if self.spec.admission else 0.0
         live = []
+        predicted = 0  # refused only because the predicted batch latency would miss
         trace = self.trace_dir is not None
         row = len(self.tb) // len(TRACE_BATCH)
         for r in take:
@@ -195,6 +203,7 @@ class Worker:
                     else f"(predicted batch latency {margin / 1e6:.2f} ms would miss it)"
                 )
                 self._reply_error(r.req_id, DEADLINE, msg)
+                predicted += late_ms < 0
                 if trace:
                     self.tr.extend((i, r.deadline_ns, r.t_queued, row, 0))
             else:
@@ -202,6 +211,11 @@ class Worker:
                 if trace:
                     self.tr.extend((i, r.deadline_ns, r.t_queued, row, 1))
         if not live:
+            if predicted:
+                # Nothing ran, and some request was refused on the prediction alone. Only
+                # batches that run refresh the estimate: without this, a few slow batches (e.g.
+                # under time slicing) would keep the model refusing every request for good.
+                self.est_ns[i] *= ADMISSION_DECAY
             if trace:
                 self.tb.extend((i, len(take), 0, now, now, now, now))
             return
@@ -217,11 +231,12 @@ class Worker:
             return
         dt = time.monotonic_ns() - t0
         self.est_ns[i] = dt if self.est_ns[i] == 0 else 0.8 * self.est_ns[i] + 0.2 * dt
-        for r, out in zip(live, outs, strict=True):
-            try:
-                self.fs.send(RESPONSE, req_id=r.req_id, array=np.asarray(out))
-            except OSError:
-                return
+        try:  # every reply of the batch in one go (one system call for small outputs)
+            self.fs.send_responses(
+                [(r.req_id, np.asarray(out)) for r, out in zip(live, outs, strict=True)]
+            )
+        except OSError:
+            return
         if trace:
             self.tb.extend((i, len(take), len(live), now, t0, t0 + dt, time.monotonic_ns()))
 
