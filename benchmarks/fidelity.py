@@ -1,22 +1,37 @@
-"""Simulator fidelity: the same plan and the same arrivals, on the GPU and in the simulator.
+"""Simulator fidelity: the same plan and the same requests, on the GPU and in the simulator.
 
     python benchmarks/fidelity.py RUN.json [RUN2.json ...] [--seeds 3] [--host default|off|fit|F]
-    python benchmarks/fidelity.py --fit RUN.json [RUN2.json ...] [--exclude MODEL]
+        [--arrivals auto|queued|sent|scheduled] [--interference busy|static]
+    python benchmarks/fidelity.py --fit RUN.json [RUN2.json ...] [--fit-from auto|trace|client]
 
 Input: what `benchmarks/serve_gpu.py` wrote after a run on a lent GPU (its JSON summary and the
 .npz of every request: scheduled arrival, send and answer times, model, status; newer runs also
-the workers' per-batch trace). The simulator replays phase 1 of each run: plan 1, the very same
-arrival times (warm-up included, not counted), with the latency functions and noise of the
-shipped profiles, the runtime's router, executor and deadline rule, and the host-cost model
-(``SimOptions.host``). Prints, per model and overall, p99 latency of the answered requests and
-SLO attainment from both, their relative differences, and the largest one against issue #6's
-target (10%).
+the workers' per-batch trace). The simulator replays phase 1 of each run with plan 1, the
+latency functions and noise of the shipped profiles, the runtime's router, executor and
+deadline rule, and the host-cost model (``SimOptions.host``). Prints, per model and overall,
+p99 latency of the answered requests and SLO attainment from both, their relative differences
+and the largest one against issue #6's target (10%); with a trace also where latency went
+(the trace joined to the client's record, segment by segment).
+
+Where requests enter and latency counts from (``--arrivals``, :func:`replay_input`):
+``queued`` (the default when the run has a worker trace) the worker's queueing time less the
+modelled transport, to the batch's replies + the modelled reply, with the deadlines the worker
+had: the workers compared, the load generator's lag and its process's stalls out of both
+sides; ``sent`` from ``Runtime.submit`` to the client's answer, with the runtime's deadlines;
+``scheduled`` (the default without a trace) end to end, as the runs' own tables.
 
 Host costs (``--host``): ``default`` the simulator's defaults (measured, docs/simulator.md),
 ``off`` none, ``fit`` fitted on the runs given, or a JSON file of ``HostCosts`` fields.
 
-``--fit`` measures the host costs from the runs' client-side record alone (no worker trace
-needed) and prints them as JSON:
+``--fit`` measures the host costs and prints them as JSON. From the workers' trace (every
+run has one; :func:`fit_host_trace`): the runner's time per batch less the profile's GPU
+latency x the interference of the neighbours that ran meanwhile, fitted as ``a + b x n x MB``
+(copies; least absolute deviations over every batch); the loop's time outside the runner
+(deadline check, replies) as ``c + d x n``; the turn between two batches when work was
+waiting; the median from the send to the worker's queue per input size (``request_ms`` +
+``request_ms_per_mb`` x MB) and from the batch's replies to the client's answer
+(``reply_ms``). It also prints the interference check (:func:`interference_check`).
+From the client's record alone (``--fit-from client``, runs without a trace):
 
 * in the worker's loop: batches are told apart by their answers (answers of one batch arrive
   within microseconds of each other, one model at a time); a batch whose requests were all sent
@@ -30,8 +45,8 @@ needed) and prints them as JSON:
   profile involved) is the transport around one request; fitted over the input sizes as
   ``request_ms + request_ms_per_mb x MB``.
 
-``--exclude MODEL`` leaves a model out of the loop fit (the 2026-11-22 runs served ``bert_base``
-as a torch.nn encoder, not the transformers BertModel its profile measured).
+``--exclude MODEL`` leaves a model out of the client fit (the session-2 runs served
+``bert_base`` as a torch.nn encoder, not the transformers BertModel its profile measured).
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +65,17 @@ import numpy as np
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
 from partitioner.sim.config import HostCosts, SimOptions
+from partitioner.sim.engine import OK as SIM_OK
 from partitioner.sim.engine import Simulator
 from partitioner.sim.run import fit_noise, simulate
-from stgs.plan import Plan
+from stgs.plan import Partition, Plan
 from stgs.profiles import default_profiles_path
+from stgs.runtime.models import batch_buckets
 from stgs.scenario import scenario_from_mapping
 
 TARGET = 0.10
-_OK = 1  # serve_gpu.py's status code of an answered request
+_OK = 1  # serve_gpu.py's status codes: an answered request, one never sent
+NOT_SENT = -1
 _GAP_S = 0.00015  # answers of one batch arrive closer than this
 
 
@@ -114,8 +133,11 @@ def load_run(summary: str | Path, npz: str | Path | None = None, sku: str = "H10
 
 # ---------------------------------------------------------------------- host-cost fit
 def gpu_latency(run: Run) -> list[tuple[list[int], list[list[float]]]]:
-    """Per partition of plan 1: model indices and the simulator's GPU batch latency by n."""
-    opts = SimOptions(duration_s=1.0, noise="off", host=HostCosts(enabled=False))
+    """Per partition of plan 1: model indices and the GPU batch latency by n (the plan's
+    static MPS interference, as the client fit has always charged it)."""
+    opts = SimOptions(
+        duration_s=1.0, noise="off", host=HostCosts(enabled=False), interference="static"
+    )
     sim = Simulator(run.problem, run.plan, {}, opts)
     sim.run()
     return [(list(p.model_idx), [list(x) for x in p.lat]) for p in sim.parts]
@@ -228,53 +250,340 @@ def fit_host(runs: list[Run], exclude: set[str] | None = None) -> tuple[HostCost
 
 
 # ---------------------------------------------------------------------- worker trace
-def trace_summary(run: Run) -> list[str]:
-    """Medians from the workers' per-batch trace (serve_gpu.py runs that recorded one): the
-    host time in the worker's loop measured directly (runner time - the profile's GPU latency,
-    replies) and the time from arrival to the worker's queue."""
+_MATCH_NS = 50_000  # a trace row's arrival (deadline - SLO) lies this close to its request's
+
+
+@dataclass
+class Trace:
+    """The workers' trace of a run joined to the client's record (``serve_gpu.py`` merges the
+    workers' files into the .npz: ``wb`` batches, ``wr`` requests, worker index first).
+
+    Requests carry no id to the worker; a trace row is joined to the client request of the same
+    model whose scheduled arrival is nearest to the row's deadline - SLO (the deadline the client
+    gave is scheduled arrival + SLO; they differ by the microseconds between the client's clock
+    read and the runtime's), within 50 us and one to one; rows that do not pair stay unjoined.
+    """
+
+    t0_ns: int
+    wb: np.ndarray  # worker, slot, taken, live, t_take, t_run, t_ran, t_replied
+    wr: np.ndarray  # worker, slot, deadline, t_queued, batch (row in its worker's), ran
+    parts: list[dict[str, Any]]
+    row_model: np.ndarray  # per wr row: model index (-1: a model of no plan-1 worker)
+    row_batch: np.ndarray  # per wr row: row in wb
+    row_arrival_s: np.ndarray  # per wr row: deadline - SLO, s from t0
+    req_row: np.ndarray  # per client request: its wr row, -1 when unjoined
+    matched: int
+
+
+def load_trace(run: Run) -> Trace | None:
     z = run.npz
-    if "wb" not in z or "t0_ns" not in z:
-        return []
+    if "wb" not in z or "wr" not in z or "t0_ns" not in z:
+        return None
     t0 = int(z["t0_ns"])
-    wb, wr = z["wb"], z["wr"]  # columns: worker, then TRACE_BATCH / TRACE_REQUEST
+    wb, wr = z["wb"].astype(np.int64), z["wr"].astype(np.int64)
     parts = json.loads(str(z["w_parts"]))
-    plan_parts = {tuple(run.names[i] for i in mids): lat for mids, lat in gpu_latency(run)}
-    slo = {m["name"]: float(m["slo_ms"]) for m in run.res["models"]}
-    out = [
-        f"# worker trace, phase 1 ({run.path.name}; medians, ms)",
-        "",
-        "| model | batches | mean n | run - GPU profile | replies | arrival to queue |",
-        "|---|---|---|---|---|---|",
-    ]
+    slo = np.asarray([float(m["slo_ms"]) for m in run.res["models"]])
+    row_model = np.full(len(wr), -1, dtype=np.int64)
+    row_batch = np.full(len(wr), -1, dtype=np.int64)
     for pi, part in enumerate(parts):
-        lat = plan_parts.get(tuple(part["models"]))
-        if lat is None:  # a plan-2 worker, or stand-ins
-            continue
+        first = np.flatnonzero(wb[:, 0] == pi)
+        mine = wr[:, 0] == pi
+        row_batch[mine] = first[wr[mine, 4]] if len(first) else -1
         for slot, name in enumerate(part["models"]):
-            b = wb[(wb[:, 0] == pi) & (wb[:, 1] == slot) & (wb[:, 3] > 0)]
-            t_b = (b[:, 4] - t0) / 1e9
-            b = b[(t_b >= run.lo) & (t_b < run.hi)]
-            r = wr[(wr[:, 0] == pi) & (wr[:, 1] == slot)]
-            arrival_ns = r[:, 2] - int(slo[name] * 1e6)
-            t_r = (arrival_ns - t0) / 1e9
-            r, arrival_ns = (
-                r[(t_r >= run.lo) & (t_r < run.hi)],
-                arrival_ns[(t_r >= run.lo) & (t_r < run.hi)],
+            if name in run.names:
+                row_model[mine & (wr[:, 1] == slot)] = run.names.index(name)
+    ok = row_model >= 0
+    arrival_ns = np.where(ok, wr[:, 2] - (slo[np.maximum(row_model, 0)] * 1e6).astype(np.int64), 0)
+    row_arrival_s = (arrival_ns - t0) / 1e9
+    t, m, st = run.npz["t_sched"], run.npz["model"].astype(np.int64), run.npz["status"]
+    req_row = np.full(len(t), -1, dtype=np.int64)
+    for mi in range(len(run.names)):
+        reqs = np.flatnonzero((m == mi) & (st != NOT_SENT))
+        rows = np.flatnonzero(row_model == mi)
+        if not len(reqs) or not len(rows):
+            continue
+        rows = rows[np.argsort(arrival_ns[rows], kind="stable")]
+        sched_ns = t0 + np.round(t[reqs] * 1e9).astype(np.int64)
+        pos = np.clip(np.searchsorted(arrival_ns[rows], sched_ns), 1, len(rows) - 1)
+        left, right = rows[pos - 1], rows[pos]
+        best = np.where(
+            np.abs(arrival_ns[left] - sched_ns) <= np.abs(arrival_ns[right] - sched_ns),
+            left,
+            right,
+        )
+        good = np.abs(arrival_ns[best] - sched_ns) <= _MATCH_NS
+        uniq, counts = np.unique(best[good], return_counts=True)
+        good &= ~np.isin(best, uniq[counts > 1])  # one to one: ambiguous pairs stay unjoined
+        req_row[reqs[good]] = best[good]
+    return Trace(
+        t0, wb, wr, parts, row_model, row_batch, row_arrival_s, req_row, int((req_row >= 0).sum())
+    )
+
+
+def _plan_parts(run: Run) -> dict[tuple[str, ...], Partition]:
+    return {tuple(a.name for a in p.models): p for _, p in run.plan.partitions()}
+
+
+def _busy_cover(wb: np.ndarray, worker: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Time (ns) the worker's runner was busy before each given instant."""
+    b = wb[(wb[:, 0] == worker) & (wb[:, 3] > 0)]
+    o = np.argsort(b[:, 5], kind="stable")
+    rs, re_ = b[o, 5], b[o, 6]
+    cum = np.r_[0, np.cumsum(re_ - rs)]
+
+    def cover(x: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(rs, x, side="right")
+        k1 = np.maximum(k - 1, 0)
+        inside = np.minimum(x, re_[k1]) - rs[k1] if len(rs) else np.zeros_like(x)
+        return np.where(k > 0, cum[k1] + inside, 0)
+
+    return cover
+
+
+def trace_batches(run: Run, tr: Trace) -> list[dict[str, Any]]:
+    """Per plan-1 model: its phase-1 batches from the trace, with the profile's GPU latency of
+    the batch (bucket, MPS share, no interference), gamma, the share of the MPS neighbours that
+    were running during the batch (time-weighted) and the static share of the plan."""
+    host = HostCosts()
+    pp = _plan_parts(run)
+    workers = {
+        pi: pp[tuple(p["models"])] for pi, p in enumerate(tr.parts) if tuple(p["models"]) in pp
+    }
+    covers = {pi: _busy_cover(tr.wb, pi) for pi in workers}
+    out = []
+    for pi, part in workers.items():
+        b = tr.wb[(tr.wb[:, 0] == pi) & (tr.wb[:, 3] > 0)]
+        tb = (b[:, 4] - tr.t0_ns) / 1e9
+        b = b[(tb >= run.lo) & (tb < run.hi)]
+        s, e = b[:, 5], b[:, 6]
+        busy = np.zeros(len(b))
+        for pj, q in workers.items():
+            if pj != pi and q.kind == "mps" and part.kind == "mps":
+                busy += (covers[pj](e) - covers[pj](s)) / np.maximum(e - s, 1) * (q.mps_pct or 0)
+        static = sum(
+            float(q.mps_pct or 0) for q in pp.values() if q is not part and q.kind == "mps"
+        )
+        for slot, a in enumerate(part.models):
+            mi = run.names.index(a.name)
+            prof = run.problem.models[mi].profile
+            lm = run.problem.latency[(run.plan.gpus[0].sku, prof)]
+            buckets = batch_buckets(a.batch)
+            lat = lm.latency_curve(
+                np.asarray(buckets, dtype=np.float64), part.sm_count, kind=part.kind
             )
-            if not len(b):
-                continue
-            gpu = np.asarray(lat[slot])[b[:, 3]]
-            excess = np.median((b[:, 6] - b[:, 5]) / 1e6 - gpu)
-            rep = np.median(b[:, 7] - b[:, 6]) / 1e6
-            queued = np.median(r[:, 3] - arrival_ns) / 1e6 if len(r) else math.nan
+            k = b[:, 1] == slot
+            n = b[k, 3]
             out.append(
-                f"| {name} | {len(b)} | {np.mean(b[:, 3]):.2f} | {excess:+.3f} | {rep:.3f} |"
-                f" {queued:.3f} |"
+                {
+                    "model": a.name,
+                    "mb": host.mb(prof),
+                    "gamma": run.problem.interference.gamma(prof, run.plan.gpus[0].sku),
+                    "static_pct": static if part.kind == "mps" else 0.0,
+                    "n": n,
+                    "solo_ms": lat[np.searchsorted(buckets, n)],
+                    "busy_pct": busy[k],
+                    "run_ms": (e[k] - s[k]) / 1e6,
+                    "pre_ms": (b[k, 5] - b[k, 4]) / 1e6,
+                    "reply_ms": (b[k, 7] - b[k, 6]) / 1e6,
+                    "rows": b[k],
+                }
             )
-    return [*out, ""]
+    return out
+
+
+def _l1_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least absolute deviations y ~ x @ c (IRLS): robust to the few stalled batches."""
+    w = np.ones(len(y))
+    sol = np.zeros(x.shape[1])
+    for _ in range(50):
+        sw = np.sqrt(w)
+        sol = np.linalg.lstsq(x * sw[:, None], y * sw, rcond=None)[0]
+        w = 1.0 / np.maximum(np.abs(y - x @ sol), 1e-3)
+    return sol
+
+
+def fit_host_trace(runs: list[Run]) -> tuple[HostCosts, dict[str, Any]]:
+    """Host costs measured on the workers' trace (module docstring), one set for every model."""
+    runner_x, runner_y, loop_x, loop_y, gaps = [], [], [], [], []
+    req: dict[float, list[np.ndarray]] = {}
+    replies = []
+    for run in runs:
+        tr = load_trace(run)
+        if tr is None:
+            raise SystemExit(f"{run.path}: no worker trace to fit on")
+        z = run.npz
+        for d in trace_batches(run, tr):
+            # runner = copies (a + b x n x MB) + GPU latency x interference of the busy neighbours
+            gpu = d["solo_ms"] * (1.0 + d["gamma"] * d["busy_pct"] / 100.0)
+            runner_x.append(np.c_[np.ones(len(gpu)), d["n"] * d["mb"]])
+            runner_y.append(d["run_ms"] - gpu)
+            loop_x.append(np.c_[np.ones(len(gpu)), d["n"]])
+            loop_y.append(d["pre_ms"] + d["reply_ms"])
+        # the loop's turn between two batches of a worker that had work waiting
+        sel = np.flatnonzero(tr.req_row >= 0)
+        t = z["t_sched"]
+        sel = sel[(t[sel] >= run.lo) & (t[sel] < run.hi)]
+        rows = tr.req_row[sel]
+        q_ns = tr.wr[rows, 3]
+        brow = tr.row_batch[rows]
+        for w in range(len(tr.parts)):
+            b_idx = np.flatnonzero(tr.wb[:, 0] == w)
+            if len(b_idx) < 2:
+                continue
+            last_q = np.full(len(tr.wb), np.iinfo(np.int64).min)
+            np.maximum.at(last_q, brow, q_ns)
+            prev, nxt = b_idx[:-1], b_idx[1:]
+            ok = (tr.wb[prev, 3] > 0) & (last_q[nxt] > 0) & (last_q[nxt] < tr.wb[prev, 7])
+            gaps.append((tr.wb[nxt[ok], 4] - tr.wb[prev[ok], 7]) / 1e6)
+        # on the way in (sent -> queued) and back (batch replied -> client answer)
+        sent_ns = tr.t0_ns + np.round(z["sent"][sel] * 1e9)
+        for mi in range(len(run.names)):
+            k = z["model"][sel] == mi
+            if k.sum() >= 100:
+                mb = HostCosts().mb(run.problem.models[mi].profile)
+                req.setdefault(mb, []).append((q_ns[k] - sent_ns[k]) / 1e6)
+        okr = z["status"][sel] == _OK
+        done_ns = tr.t0_ns + np.round(z["done"][sel][okr] * 1e9)
+        replies.append((done_ns - tr.wb[brow[okr], 7]) / 1e6)
+    a, b = _l1_fit(np.concatenate(runner_x), np.concatenate(runner_y))
+    r0, r1 = _l1_fit(np.concatenate(loop_x), np.concatenate(loop_y))
+    gap = float(np.median(np.concatenate(gaps))) if gaps else 0.0
+    mbs = sorted(req)
+    med = np.asarray([float(np.median(np.concatenate(req[x]))) for x in mbs])
+    q0, q1 = _nnls2(np.asarray(mbs), med, np.ones(len(mbs)))
+    reply = float(np.median(np.concatenate(replies)))
+    fitted = HostCosts(
+        request_ms=round(q0, 4),
+        request_ms_per_mb=round(q1, 4),
+        batch_ms=round(max(a, 0.0) + max(r0, 0.0) + gap, 4),
+        sample_ms=round(max(r1, 0.0), 4),
+        sample_ms_per_mb=round(max(b, 0.0), 4),
+        reply_ms=round(reply, 4),
+    )
+    info = {
+        "runner_copy_ms": {"per_batch": round(float(a), 4), "per_mb": round(float(b), 4)},
+        "loop_ms": {"per_batch": round(float(r0), 4), "per_request": round(float(r1), 4)},
+        "turn_between_batches_ms": round(gap, 4),
+        "sent_to_queued_median_ms": {
+            f"{x:.4f} MB": round(float(v), 4) for x, v in zip(mbs, med, strict=True)
+        },
+        "reply_median_ms": round(reply, 4),
+    }
+    return fitted, info
+
+
+def interference_check(runs: list[Run]) -> tuple[list[str], dict[str, float]]:
+    """Runner time per batch vs the two interference models, MPS partitions of the runs.
+
+    For each model of interference (``static``: every MPS neighbour of the plan, always;
+    ``busy``: the neighbours' shares weighted by how long each ran during the batch) the copy
+    cost ``a + b x n x MB`` is fitted (least absolute deviations over every batch) and the
+    predicted runner time ``copies + GPU latency x (1 + gamma x share / 100)`` compared."""
+    data = []
+    for run in runs:
+        tr = load_trace(run)
+        if tr is not None:
+            data += [(run.path.stem, d) for d in trace_batches(run, tr)]
+    if not data:
+        return [], {}
+    mae: dict[str, float] = {}
+    pred: dict[str, list[np.ndarray]] = {}
+    for mode in ("static", "busy"):
+        xs, ys, gpus = [], [], []
+        for _, d in data:
+            pct = d["busy_pct"] if mode == "busy" else np.full(len(d["n"]), d["static_pct"])
+            gpu = d["solo_ms"] * (1.0 + d["gamma"] * pct / 100.0)
+            xs.append(np.c_[np.ones(len(gpu)), d["n"] * d["mb"]])
+            ys.append(d["run_ms"] - gpu)
+            gpus.append(gpu)
+        c = _l1_fit(np.concatenate(xs), np.concatenate(ys))
+        pred[mode] = [x @ c + g for x, g in zip(xs, gpus, strict=True)]
+        err = np.concatenate([p - d["run_ms"] for p, (_, d) in zip(pred[mode], data, strict=True)])
+        mae[mode] = float(np.mean(np.abs(err)))
+    out = [
+        "# MPS interference: runner time per batch (medians, ms) vs the two models",
+        "",
+        "| run | model | gamma | batches | neighbours busy % (plan %) | measured | static | busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, (name, d) in enumerate(data):
+        meas = float(np.median(d["run_ms"]))
+        st, bu = (float(np.median(pred[m][i])) for m in ("static", "busy"))
+        out.append(
+            f"| {name} | {d['model']} | {d['gamma']:.2f} | {len(d['n'])} |"
+            f" {np.mean(d['busy_pct']):.1f} ({d['static_pct']:g}) | {meas:.3f} |"
+            f" {st:.3f} ({(st - meas) / meas:+.1%}) | {bu:.3f} ({(bu - meas) / meas:+.1%}) |"
+        )
+    out += [
+        "",
+        f"mean absolute error per batch: static {mae['static']:.3f} ms, busy {mae['busy']:.3f} ms",
+        "",
+    ]
+    return out, mae
+
+
+def decomposition(run: Run, tr: Trace) -> list[str]:
+    """Where phase-1 latency went, per segment (trace joined to the client's record)."""
+    z = run.npz
+    t, m, st = z["t_sched"], z["model"].astype(np.int64), z["status"]
+    slo = np.asarray([float(x["slo_ms"]) for x in run.res["models"]])
+    win = (t >= run.lo) & (t < run.hi) & (st != NOT_SENT)
+    j = win & (tr.req_row >= 0)
+    rows = tr.req_row[j]
+    b = tr.wb[tr.row_batch[rows]]
+    t0 = tr.t0_ns
+    sched = t0 + np.round(t[j] * 1e9)
+    sent = t0 + np.round(z["sent"][j] * 1e9)
+    done = t0 + np.round(z["done"][j] * 1e9)
+    q = tr.wr[rows, 3]
+    within = (st[j] == _OK) & ((z["done"][j] - t[j]) * 1e3 <= slo[m[j]])
+    segs = {
+        "scheduled -> sent (load generator)": (sent - sched) / 1e6,
+        "sent -> queued in the worker": (q - sent) / 1e6,
+        "queued -> taken": (b[:, 4] - q) / 1e6,
+        "taken -> runner": (b[:, 5] - b[:, 4]) / 1e6,
+        "runner": (b[:, 6] - b[:, 5]) / 1e6,
+        "runner -> replies sent": (b[:, 7] - b[:, 6]) / 1e6,
+        "replies sent -> client answer": (done - b[:, 7]) / 1e6,
+    }
+    ran = tr.wr[rows, 5] == 1
+    miss = ~within
+    out = [
+        f"# latency decomposition, phase 1 ({run.path.name}; worker trace joined to "
+        f"{int(j.sum())} of {int(win.sum())} requests; ms)",
+        "",
+        "| segment | p50 | p99 | misses: p50 | misses: p99 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in segs.items():
+        sel = ran if "runner" in name or "answer" in name else np.ones(len(v), bool)
+        a, mm = v[sel], v[sel & miss]
+        fm = f"{np.percentile(mm, 50):.2f} | {np.percentile(mm, 99):.2f}" if len(mm) else "- | -"
+        out.append(f"| {name} | {np.percentile(a, 50):.2f} | {np.percentile(a, 99):.2f} | {fm} |")
+    lag_miss = (sent - sched)[miss] / 1e6
+    slo_miss = slo[m[j]][miss]
+    out += [
+        "",
+        f"misses {int(miss.sum())} of {len(miss)} joined; of them"
+        f" {int((lag_miss >= slo_miss).sum())}"
+        f" reached the runtime with their deadline already past (lag >= SLO) and"
+        f" {int((lag_miss >= 0.5 * slo_miss).sum())} with lag >= SLO / 2",
+        "",
+    ]
+    return out
 
 
 # ---------------------------------------------------------------------- comparison
+MODES = ("auto", "scheduled", "sent", "queued")
+
+
+def resolve_mode(run: Run, mode: str) -> str:
+    """``auto``: ``queued`` when the run recorded the workers' trace, else ``scheduled``."""
+    if mode == "auto":
+        return "queued" if load_trace(run) is not None else "scheduled"
+    return mode
+
+
 def _rel(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or a == 0:
         return None
@@ -285,33 +594,136 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:+.1%}"
 
 
-def compare(run: Run, host: HostCosts, seeds: int) -> tuple[list[dict[str, Any]], float]:
-    """Per model and overall: GPU and simulated p99 (answered requests) and attainment."""
-    opts = SimOptions(duration_s=run.hi, warmup_s=run.lo, host=host)
+def _stats(
+    names: list[str], model: np.ndarray, lat_ms: np.ndarray, ok: np.ndarray, slo: np.ndarray
+) -> dict[str, tuple[float, float, int]]:
+    """Per model and overall: p99 of the answered requests' latency (serve_gpu.py's
+    percentile), attainment, requests."""
+    within = ok & (lat_ms <= slo[model])
+    out = {}
+    for i, n in enumerate([*names, "all"]):
+        k = model == i if n != "all" else np.ones(len(model), bool)
+        good = k & ok
+        p99 = (
+            float(np.percentile(lat_ms[good], 99, method="inverted_cdf"))
+            if good.any()
+            else math.nan
+        )
+        out[n] = (p99, float(within[k].mean()) if k.any() else math.nan, int(k.sum()))
+    return out
+
+
+def replay_input(run: Run, mode: str, host: HostCosts, tail_s: float = 0.25) -> dict[str, Any]:
+    """The requests of a replay, one row each: model, where latency counts from (``start``,
+    s), deadline (s), the GPU's answer (s, NaN when none) and whether it was OK, whether the
+    simulator is fed it (everything sent before the end of the phase-1 window + ``tail_s``:
+    those compete with the window's last requests) and whether it counts (phase 1).
+
+    ``scheduled``: at its scheduled arrival, deadline arrival + SLO, answer at the client (the
+    end-to-end view: the load generator's lag is not modelled). ``sent``: from the time the
+    load generator called ``Runtime.submit``, with the deadline the runtime was given
+    (scheduled arrival + SLO), answer at the client. ``queued`` (needs the workers' trace;
+    one row per request a worker queued): from its time of queueing in the worker less the
+    modelled transport (``HostCosts.request_delay_ms``: the simulator queues it at the
+    measured time), with the deadline the worker had, answered when its batch's replies were
+    sent + the modelled ``reply_ms``; no client process on either side."""
+    z = run.npz
+    slo = np.asarray([float(x["slo_ms"]) for x in run.res["models"]])
+    if mode == "queued":
+        tr = load_trace(run)
+        if tr is None:
+            raise SystemExit(f"{run.path}: --arrivals queued needs the workers' trace")
+        keep = tr.row_model >= 0
+        m = tr.row_model[keep]
+        wr = tr.wr[keep]
+        pre = np.asarray([host.request_delay_ms(p.profile) for p in run.problem.models])
+        start = (wr[:, 3] - tr.t0_ns) / 1e9 - pre[m] / 1e3
+        deadline = (wr[:, 2] - tr.t0_ns) / 1e9
+        b = tr.wb[tr.row_batch[keep]]
+        ok = (wr[:, 5] == 1) & (b[:, 3] > 0)
+        end = np.where(ok, (b[:, 7] - tr.t0_ns) / 1e9 + host.reply_delay_ms() / 1e3, np.nan)
+        sched = tr.row_arrival_s[keep]
+        not_sent = int(((z["t_sched"] >= run.lo) & (z["t_sched"] < run.hi)).sum()) - int(
+            ((sched >= run.lo) & (sched < run.hi)).sum()
+        )
+    else:
+        t, m, st = z["t_sched"], z["model"].astype(np.int64), z["status"]
+        sent = st != NOT_SENT
+        t, m, st = t[sent], m[sent], st[sent]
+        sched = t
+        start = z["sent"][sent] if mode == "sent" else t
+        deadline = t + slo[m] / 1e3
+        ok = st == _OK
+        end = z["done"][sent]
+        not_sent = int(((z["t_sched"] >= run.lo) & (z["t_sched"] < run.hi) & ~sent).sum())
+    counted = (sched >= run.lo) & (sched < run.hi)
+    fed = sched < run.hi + tail_s
+    return {
+        "model": m,
+        "start": start,
+        "deadline": deadline,
+        "end": end,
+        "ok": ok,
+        "fed": fed,
+        "counted": counted,
+        "slo": slo,
+        "not_sent": not_sent,
+        "expired": int((counted & (deadline <= start)).sum()) if mode != "scheduled" else 0,
+    }
+
+
+def compare(
+    run: Run, host: HostCosts, seeds: int, mode: str = "scheduled", interference: str = "busy"
+) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+    """Per model and overall: GPU and simulated p99 (answered requests) and attainment, both
+    with latency counted from the same point (``mode``, see :func:`replay_input`)."""
+    inp = replay_input(run, mode, host)
+    names, slo = run.names, inp["slo"]
+    m, c = inp["model"], inp["counted"]
+    lat_gpu = (inp["end"] - inp["start"]) * 1e3
+    gpu = _stats(names, m[c], lat_gpu[c], inp["ok"][c], slo)
+    arrivals, deadlines, index = {}, {}, {}
+    for i, n in enumerate(names):
+        idx = np.flatnonzero(inp["fed"] & (m == i))
+        idx = idx[np.argsort(inp["start"][idx], kind="stable")]
+        arrivals[n] = inp["start"][idx].astype(np.float64)
+        deadlines[n] = inp["deadline"][idx].astype(np.float64)
+        index[n] = idx
+    last = max(float(a.max()) for a in arrivals.values() if len(a))
+    opts = SimOptions(duration_s=last + 1e-3, warmup_s=0.0, host=host, interference=interference)
     noise = fit_noise(default_profiles_path(), opts.default_sigma)
-    names = run.names
     per: dict[str, list[tuple[float, float]]] = {n: [] for n in [*names, "all"]}
     for seed in range(seeds):
-        _, met = simulate(
+        res, _ = simulate(
             run.problem,
             get_policy("stgs"),
-            run.arrivals(),
+            arrivals,
             run.rates,
             opts,
             seed=seed,
             noise=noise,
             plan=run.plan,
+            deadlines=None if mode == "scheduled" else deadlines,
         )
-        for n in names:
-            pm = met.per_model[n]
-            per[n].append((float(pm["p99_ms"]), float(pm["slo_attainment"])))
-        per["all"].append((float(met.summary["p99_ms"]), float(met.summary["slo_attainment"])))
-    rows_gpu = {r["model"]: r for r in run.res["windows"]["phase1"]["rows"]}
+        # back to the replay's rows: model + position in that model's input
+        row = np.empty(len(res.model), dtype=np.int64)
+        for i, n in enumerate(names):
+            k = res.model == i
+            row[k] = index[n][res.source_index[k]]
+        keep = c[row]
+        st = _stats(
+            names,
+            res.model[keep],
+            (res.finish_ms - res.arrival_ms)[keep],
+            res.status[keep] == SIM_OK,
+            slo,
+        )
+        for n in per:
+            per[n].append(st[n][:2])
     rows = []
     worst = 0.0
     for n in [*names, "all"]:
-        g = rows_gpu[n]
-        gp99, gatt = g.get("p99_ok_ms"), g.get("attainment")
+        gp99, gatt, cnt = gpu[n]
         sp99 = float(np.mean([x for x, _ in per[n]]))
         satt = float(np.mean([y for _, y in per[n]]))
         dp, da = _rel(gp99, sp99), _rel(gatt, satt)
@@ -319,27 +731,69 @@ def compare(run: Run, host: HostCosts, seeds: int) -> tuple[list[dict[str, Any]]
         rows.append(
             {
                 "model": n,
-                "gpu_p99_ms": gp99,
+                "requests": cnt,
+                "gpu_p99_ms": round(gp99, 3),
                 "sim_p99_ms": round(sp99, 3),
                 "p99_diff": dp,
-                "gpu_attainment": gatt,
+                "gpu_attainment": round(gatt, 5),
                 "sim_attainment": round(satt, 5),
                 "attainment_diff": da,
             }
         )
-    return rows, worst
+    info = {
+        "mode": mode,
+        "requests": int(c.sum()),
+        "not_sent": inp["not_sent"],
+        "expired_on_arrival": inp["expired"],
+    }
+    return rows, worst, info
 
 
-def print_table(run: Run, rows: list[dict[str, Any]], worst: float, seeds: int, how: str) -> None:
+def print_table(
+    run: Run, rows: list[dict[str, Any]], worst: float, seeds: int, how: str, info: dict[str, Any]
+) -> None:
+    z = run.npz
+    t, st = z["t_sched"], z["status"]
+    win = (t >= run.lo) & (t < run.hi) & (st != NOT_SENT)
+    lag = (z["sent"][win] - t[win]) * 1e3
+    frm = {
+        "scheduled": "scheduled arrival to the client's answer (end to end: the load"
+        " generator's lag included)",
+        "sent": "the send (Runtime.submit) to the client's answer; the runtime's deadlines",
+        "queued": "the worker's queue less the modelled transport to the batch's replies +"
+        " the modelled reply; the worker's deadlines",
+    }[info["mode"]]
     print(f"# fidelity: {run.res.get('device')} run of {run.res.get('date')} vs the simulator")
     print(f"# {run.path}: phase 1 window {run.lo:g}-{run.hi:g} s, {seeds} simulator seeds (mean)")
+    print(f"# latency counted from {frm}")
+    print(
+        f"# load generator lag (sent - scheduled) p50 {np.percentile(lag, 50):.2f} ms, p99 "
+        f"{np.percentile(lag, 99):.2f} ms; requests counted {info['requests']}, never sent"
+        f" (or, queued: never queued in a worker) {info['not_sent']}"
+        + (
+            f"; reached the runtime with the deadline already past: {info['expired_on_arrival']}"
+            f" ({info['expired_on_arrival'] / max(info['requests'], 1):.2%}, misses on both"
+            " sides)"
+            if info["mode"] != "scheduled"
+            else ""
+        )
+    )
+    tr = load_trace(run)
+    if tr is not None:
+        rows_w = tr.row_arrival_s
+        in_win = (rows_w >= run.lo) & (rows_w < run.hi) & (tr.row_model >= 0)
+        print(
+            f"# worker trace: {int(in_win.sum())} requests of the window queued in a worker, "
+            f"{int(win.sum())} sent (the rest never reached a worker queue)"
+        )
     print(f"# host costs: {how}\n")
     print("| model | GPU p99 ms | sim p99 ms | diff | GPU attainment | sim attainment | diff |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['gpu_p99_ms']} | {r['sim_p99_ms']:.3f} | {_fmt(r['p99_diff'])}"
-            f" | {r['gpu_attainment']} | {r['sim_attainment']:.5f} | {_fmt(r['attainment_diff'])} |"
+            f"| {r['model']} | {r['gpu_p99_ms']:.3f} | {r['sim_p99_ms']:.3f} |"
+            f" {_fmt(r['p99_diff'])} | {r['gpu_attainment']:.5f} | {r['sim_attainment']:.5f} |"
+            f" {_fmt(r['attainment_diff'])} |"
         )
     verdict = "met" if worst <= TARGET else "NOT met"
     print(f"\nlargest relative difference: {worst:.1%} (target <= {TARGET:.0%}: {verdict})\n")
@@ -352,19 +806,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="simulator noise seeds to average")
     ap.add_argument("--sku", default="H100-80GB", help="the GPU the plan was made for")
     ap.add_argument("--host", default="default", help="default | off | fit | HostCosts JSON file")
+    ap.add_argument(
+        "--arrivals",
+        choices=MODES,
+        default="auto",
+        help="where requests enter and latency counts from (auto: queued with a worker trace)",
+    )
+    ap.add_argument("--interference", choices=("busy", "static"), default="busy")
     ap.add_argument("--fit", action="store_true", help="only fit and print the host costs")
-    ap.add_argument("--exclude", action="append", default=[], help="model left out of the fit")
+    ap.add_argument(
+        "--fit-from",
+        choices=("auto", "trace", "client"),
+        default="auto",
+        help="what --fit measures on (auto: the worker trace when every run has one)",
+    )
+    ap.add_argument("--exclude", action="append", default=[], help="model left out (client fit)")
     ap.add_argument("--json", help="write the comparison rows here")
     args = ap.parse_args(argv)
     if args.npz and len(args.summary) > 1:
         ap.error("--npz goes with a single run")
     runs = [load_run(s, args.npz, args.sku) for s in args.summary]
     if args.fit or args.host == "fit":
-        host, info = fit_host(runs, set(args.exclude))
+        src = args.fit_from
+        if src == "auto":
+            src = "trace" if all(load_trace(r) is not None for r in runs) else "client"
+        if src == "trace":
+            host, info = fit_host_trace(runs)
+        else:
+            host, info = fit_host(runs, set(args.exclude))
         if args.fit:
-            print(json.dumps({"host": host.model_dump(exclude={"input_mb"}), **info}, indent=1))
+            fit_out = {"from": src, "host": host.model_dump(exclude={"input_mb"}), **info}
+            print(json.dumps(fit_out, indent=1))
+            if src == "trace":
+                lines, _ = interference_check(runs)
+                print("\n".join(lines))
             return 0
-        how = f"fitted on these runs: {host.model_dump(exclude={'input_mb'})}"
+        how = f"fitted on these runs ({src}): {host.model_dump(exclude={'input_mb'})}"
     elif args.host == "default":
         host = HostCosts()
         how = f"simulator defaults {host.model_dump(exclude={'input_mb'})}"
@@ -374,14 +851,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         host = HostCosts(**json.loads(Path(args.host).read_text()))
         how = f"{args.host}: {host.model_dump(exclude={'input_mb'})}"
-    out = {}
+    how += f"; interference {args.interference}"
+    out: dict[str, Any] = {}
     worst_all = 0.0
     for run in runs:
-        rows, worst = compare(run, host, args.seeds)
-        print_table(run, rows, worst, args.seeds, how)
-        for line in trace_summary(run):
-            print(line)
-        out[str(run.path)] = {"rows": rows, "largest_diff": worst}
+        mode = resolve_mode(run, args.arrivals)
+        rows, worst, info = compare(run, host, args.seeds, mode, args.interference)
+        print_table(run, rows, worst, args.seeds, how, info)
+        tr = load_trace(run)
+        if tr is not None:
+            print("\n".join(decomposition(run, tr)))
+        out[str(run.path)] = {"rows": rows, "largest_diff": worst, **info}
         worst_all = max(worst_all, worst)
     if len(runs) > 1:
         verdict = "met" if worst_all <= TARGET else "NOT met"

@@ -290,3 +290,49 @@ def test_metrics_time_series_shape(problem: Problem) -> None:
     met = compute_metrics(res, window_s=0.5)
     assert len(met.timeseries["t_s"]) == 8
     assert set(met.per_model) == {"resnet50", "bert_base"}
+
+
+def _two_mps_plan() -> Plan:
+    a = Partition("mps", 66, 40000.0, 10.0, (ModelAssignment("resnet50", 1, 400, 1),), mps_pct=50)
+    b = Partition("mps", 66, 40000.0, 10.0, (ModelAssignment("bert_base", 1, 100, 1),), mps_pct=50)
+    return Plan("two", True, (GpuPlan(0, "H100-80GB", False, (a, b)),))
+
+
+@pytest.mark.parametrize("mode", ["busy", "static"])
+def test_interference_busy_vs_static(problem: Problem, mode: str) -> None:
+    """``busy``: a batch is slowed by gamma x the shares of the MPS neighbours running when it
+    starts; alone it runs at the profile's latency. ``static``: always by every neighbour."""
+    lm = problem.latency[("H100-80GB", "resnet50")]
+    solo = float(lm.latency_curve(np.asarray([1.0]), 66, kind="mps")[0])
+    slow = problem.interference.slowdown("resnet50", "H100-80GB", 50)
+    assert slow > 1.01
+    off = HostCosts(enabled=False)
+    opts = SimOptions(duration_s=1, noise="off", admission=False, host=off, interference=mode)
+    # resnet50 alone at 0 s; at 0.5 s bert_base starts first (t=0.5), resnet50 1 us later
+    arr = {"resnet50": np.array([0.0, 0.500001]), "bert_base": np.array([0.5])}
+    res = Simulator(problem, _two_mps_plan(), arr, opts).run()
+    lat = res.finish_ms - res.arrival_ms
+    r = np.flatnonzero(res.model == 0)
+    if mode == "busy":
+        assert lat[r[0]] == pytest.approx(solo)  # nobody else was running
+        assert lat[r[1]] == pytest.approx(solo * slow)  # bert_base's batch was
+    else:
+        assert lat[r[0]] == pytest.approx(solo * slow)
+        assert lat[r[1]] == pytest.approx(solo * slow)
+
+
+def test_deadlines_given_and_source_index(problem: Problem) -> None:
+    """Replays pass each request's own deadline (one already past is dropped, whatever the
+    SLO), and every result maps back to its position in the input."""
+    arr = np.array([0.3, 0.1, 0.2])  # unsorted on purpose
+    dl = np.array([0.3 + 0.05, 0.1 - 0.001, 0.2 + 0.05])  # the second expired on arrival
+    opts = SimOptions(duration_s=1, noise="off", host=HostCosts(enabled=False))
+    res = Simulator(
+        problem, one_model_plan(4), {"resnet50": arr}, opts, deadlines={"resnet50": dl}
+    ).run()
+    np.testing.assert_allclose(res.arrival_ms, arr[res.source_index] * 1000.0)
+    assert sorted(res.source_index.tolist()) == [0, 1, 2]
+    st = dict(zip(res.source_index.tolist(), res.status.tolist(), strict=True))
+    assert st == {0: OK, 1: DEADLINE, 2: OK}
+    with pytest.raises(Exception, match="deadlines"):
+        Simulator(problem, one_model_plan(4), {"resnet50": arr}, opts, deadlines={}).run()

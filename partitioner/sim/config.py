@@ -54,17 +54,18 @@ class HostCosts(_Strict):
     into the pinned input, host-to-device copy, result copy back, one reply per request); each
     answer reaches the client ``reply_ms`` after its batch ends. MB: the request's input size
     in MB (10^6 bytes), ``input_mb`` per model or :data:`INPUT_BYTES` (a 3x224x224 float32
-    image for other names). Defaults: fitted on the lent H100's serve_gpu.py runs of
-    2026-11-22 (docs/simulator.md, benchmarks/fidelity.py --fit).
+    image for other names). Defaults: measured on the workers' trace of the lent H100's
+    serve_gpu.py runs of session 3 (2026-11-22, full and half rate pooled; docs/simulator.md,
+    ``benchmarks/fidelity.py --fit``), one set for every model.
     """
 
     enabled: bool = True
-    request_ms: float = Field(default=0.4552, ge=0)
-    request_ms_per_mb: float = Field(default=0.3141, ge=0)
-    batch_ms: float = Field(default=0.2343, ge=0)
-    sample_ms: float = Field(default=0.0, ge=0)
-    sample_ms_per_mb: float = Field(default=0.1112, ge=0)
-    reply_ms: float = Field(default=0.0, ge=0)
+    request_ms: float = Field(default=0.1678, ge=0)
+    request_ms_per_mb: float = Field(default=0.2862, ge=0)
+    batch_ms: float = Field(default=0.3768, ge=0)
+    sample_ms: float = Field(default=0.0129, ge=0)
+    sample_ms_per_mb: float = Field(default=0.1412, ge=0)
+    reply_ms: float = Field(default=0.1085, ge=0)
     input_mb: dict[str, float] = Field(default_factory=dict)
 
     def mb(self, model: str) -> float:
@@ -113,3 +114,6 @@ class SimOptions(_Strict):
     controller: ControllerOptions = ControllerOptions()
     reconfig: ReconfigCosts = ReconfigCosts()
     host: HostCosts = HostCosts()
+    # MPS interference: "busy" slows a batch by the neighbours running when it starts (gamma x
+    # their shares); "static" by every neighbour of the plan, busy or not (docs/simulator.md)
+    interference: Literal["busy", "static"] = "busy"

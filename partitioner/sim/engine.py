@@ -15,8 +15,11 @@ and a heap of partition and controller events. What it mirrors of the runtime
 * **Batch latency**: the runtime pads a batch of n to the smallest captured bucket >= n, its
   buckets being the powers of two below the planned batch and the planned batch itself
   (``stgs.runtime.models.batch_buckets``); latency = l(bucket, partition) from the latency
-  functions x the interference slowdown of the partition's MPS neighbours in the plan x a
-  lognormal noise factor (median 1, sigma fitted from the profile's ``p99_ms``).
+  functions x the interference slowdown ``1 + gamma x pct / 100`` x a lognormal noise factor
+  (median 1, sigma fitted from the profile's ``p99_ms``). ``pct``: the MPS shares of the
+  neighbours (same GPU or MIG instance) running a batch when this one starts
+  (``SimOptions.interference = "busy"``, the default), or of every MPS neighbour in the plan
+  (``"static"``, as the planner charges it).
 * **Host costs** (``SimOptions.host``): a request is queued in the worker a fixed time after it
   arrives; a batch holds the worker for its GPU latency plus a per-batch and per-request host
   time; answers reach the client a fixed time after the batch (docs/simulator.md).
@@ -103,6 +106,7 @@ class _Part:
         "busy",
         "busy_ms",
         "died_ms",
+        "gamma",
         "gpu",
         "host",
         "in_flight",
@@ -111,6 +115,7 @@ class _Part:
         "margin",
         "model_idx",
         "nbatch",
+        "neigh",
         "noise",
         "noise_i",
         "partition",
@@ -137,6 +142,10 @@ class _Part:
         self.model_idx: list[int] = []
         self.nbatch: list[int] = []
         self.lat: list[list[float]] = []  # per slot: latency (ms) of a batch of n, n = 0..batch
+        # interference "busy": per slot gamma, and the MPS neighbours (part, share %) whose
+        # activity at a batch's start slows it; "static": lat already holds the plan's slowdown
+        self.gamma: list[float] = []
+        self.neigh: list[tuple[_Part, float]] = []
         self.host: list[list[float]] = []  # per slot: host time (ms) a batch of n adds
         self.sigma: list[float] = []
         self.queues: list[deque[int]] = []
@@ -192,6 +201,8 @@ class SimResult:
     alive_weighted_ms: float  # sum over partitions of READY..STOPPED time x GPU fraction
     batches: int
     info: dict[str, Any] = field(default_factory=dict)
+    # per request: its position in the arrivals given for its model
+    source_index: IntArray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -201,7 +212,9 @@ class Simulator:
     ``arrivals``: per model name, sorted arrival times in seconds. ``replan``: called by the
     controller with (new rates per model, current plan); returns the next plan.
     ``planned_rates``: the rates ``plan`` was made for (the controller's starting estimate;
-    default: the rates the plan assigns).
+    default: the rates the plan assigns). ``deadlines``: per model, each request's deadline in
+    seconds, aligned with ``arrivals`` (default: arrival + SLO; a replay passes the deadlines
+    the runtime was given).
     """
 
     def __init__(
@@ -215,6 +228,7 @@ class Simulator:
         noise: NoiseModel | None = None,
         replan: Callable[[Mapping[str, float], Plan], Plan] | None = None,
         planned_rates: Mapping[str, float] | None = None,
+        deadlines: Mapping[str, FloatArray] | None = None,
     ) -> None:
         self.problem = problem
         self.options = options
@@ -231,6 +245,14 @@ class Simulator:
         self.arrivals_ms = [
             np.asarray(arrivals.get(n, np.empty(0)), dtype=np.float64) * 1000.0 for n in self.models
         ]
+        self.deadlines_ms: list[FloatArray] | None = None
+        if deadlines is not None:
+            self.deadlines_ms = []
+            for n, a in zip(self.models, self.arrivals_ms, strict=True):
+                d = np.asarray(deadlines.get(n, np.empty(0)), dtype=np.float64) * 1000.0
+                if d.shape != a.shape:
+                    raise ConfigError(f"deadlines of {n!r} do not match its arrivals")
+                self.deadlines_ms.append(d)
         self.plan = plan
         self.parts: list[_Part] = []
         self.routes: list[list[tuple[_Part, float]]] = [[] for _ in self.models]
@@ -257,6 +279,7 @@ class Simulator:
         part = _Part(key, g, p)
         sku = g.sku
         neighbour = _neighbour_pct(plan, g, p)
+        busy_mode = self.options.interference == "busy"
         mig_profile = p.mig_profile if (g.mig and p.mig_profile is not None) else None
         for slot, a in enumerate(p.models):
             if a.name not in self.midx:
@@ -272,7 +295,12 @@ class Simulator:
                 mig_profile=mig_profile,
                 kind=p.kind,  # as the planner predicts it (MPS clients are slower)
             )
-            slow = self.problem.interference.slowdown(spec.profile, sku, neighbour)
+            if busy_mode:
+                slow = 1.0
+                part.gamma.append(self.problem.interference.gamma(spec.profile, sku))
+            else:
+                slow = self.problem.interference.slowdown(spec.profile, sku, neighbour)
+                part.gamma.append(0.0)
             by_n = [0.0]
             j = 0
             for n in range(1, a.batch + 1):
@@ -292,6 +320,16 @@ class Simulator:
             part.rates[mi] = part.rates.get(mi, 0.0) + a.rate_rps
         if any(s > 0 for s in part.sigma):
             part.rng = model_rng(self.seed, f"partition#{self.n_parts_made}", _NOISE_STREAM)
+        if busy_mode and p.kind == "mps":  # MPS clients of the same GPU (or MIG instance)
+            for q in self.parts:
+                if (
+                    q.state != STOPPED
+                    and q.partition.kind == "mps"
+                    and q.gpu.index == g.index
+                    and q.partition.mig_start == p.mig_start
+                ):
+                    q.neigh.append((part, float(p.mps_pct or 0)))
+                    part.neigh.append((q, float(q.partition.mps_pct or 0)))
         self.n_parts_made += 1
         self.parts.append(part)
         return part
@@ -344,10 +382,18 @@ class Simulator:
             if n_total
             else np.empty(0, dtype=np.int64)
         )
-        order = np.lexsort((mod, arr))  # by time, then model index: stable, deterministic
-        arr = arr[order]
-        mod = mod[order]
+        src = (
+            np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+            if n_total
+            else np.empty(0, dtype=np.int64)
+        )
         slo = np.array([self.specs[n].slo_ms for n in self.models], dtype=np.float64)
+        if self.deadlines_ms is not None and n_total:
+            dl = np.concatenate(self.deadlines_ms)
+        else:
+            dl = arr + slo[mod] if n_total else np.empty(0, dtype=np.float64)
+        order = np.lexsort((mod, arr))  # by time, then model index: stable, deterministic
+        arr, mod, src, dl = arr[order], mod[order], src[order], dl[order]
         # Host cost before the worker's queue: requests are routed and queued this much after
         # they arrive (deadlines and latency still count from the arrival).
         pre = np.array(
@@ -358,10 +404,11 @@ class Simulator:
             queued = arr + pre[mod]
             order = np.lexsort((mod, queued))
             arr, mod, queued = arr[order], mod[order], queued[order]
+            src, dl = src[order], dl[order]
         else:
             queued = arr
         reply_ms = opts.host.reply_delay_ms()
-        deadline = (arr + slo[mod]).tolist()
+        deadline = dl.tolist()
         arr_l = queued.tolist()
         mod_l = mod.tolist()
         finish = [math.nan] * n_total
@@ -442,6 +489,7 @@ class Simulator:
             busy_weighted_ms=self.busy_weighted_ms,
             alive_weighted_ms=self.alive_weighted_ms,
             batches=self.batches,
+            source_index=src,
         )
 
     # -------------------------------------------------------------------- the executor
@@ -470,6 +518,12 @@ class Simulator:
                     part.in_flight -= len(take) - len(live)
                     if live:
                         dur = part.lat[slot][len(live)]
+                        if part.neigh:  # interference "busy": the neighbours running now
+                            pct = 0.0
+                            for other, share in part.neigh:
+                                if other.busy:
+                                    pct += share
+                            dur *= 1.0 + part.gamma[slot] * pct / 100.0
                         sigma = part.sigma[slot]
                         if sigma > 0.0:
                             dur *= math.exp(sigma * self._normal(part))
@@ -617,6 +671,7 @@ class Simulator:
         if part.state == STARTING:
             part.state = STOPPED
             part.died_ms = t
+            _unlink(part)
             return
         part.state = DRAINING
         if not part.busy and not any(part.queues):
@@ -625,6 +680,7 @@ class Simulator:
     def _stopped(self, part: _Part, t: float) -> None:
         part.state = STOPPED
         part.died_ms = t
+        _unlink(part)
         tr = self.transition
         if tr is None:
             return
@@ -667,6 +723,13 @@ class Simulator:
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _unlink(part: _Part) -> None:
+    """A stopped partition slows no neighbour any more."""
+    for q, _ in part.neigh:
+        q.neigh = [(x, share) for x, share in q.neigh if x is not part]
+    part.neigh = []
+
+
 def _neighbour_pct(plan: Plan, g: GpuPlan, p: Partition) -> float:
     """Share held by the other MPS partitions of the same GPU (or MIG instance) in ``plan``."""
     if p.kind != "mps":

@@ -73,8 +73,10 @@ def simulate(
     seed: int = 0,
     noise: NoiseModel | None = None,
     plan: Plan | None = None,
+    deadlines: Mapping[str, FloatArray] | None = None,
 ) -> tuple[SimResult, RunMetrics]:
-    """Plan ``base_rates`` with ``policy`` (unless ``plan`` is given) and simulate."""
+    """Plan ``base_rates`` with ``policy`` (unless ``plan`` is given) and simulate.
+    ``deadlines``: per model, each request's deadline (s; default arrival + SLO)."""
     models = [replace(m, rate_rps=float(base_rates.get(m.name, 0.0))) for m in problem.models]
     prob = fresh_problem(problem, models)
     first = plan if plan is not None else policy.plan(prob)
@@ -92,6 +94,7 @@ def simulate(
         noise=noise,
         replan=replan,
         planned_rates=base_rates,
+        deadlines=deadlines,
     )
     res = sim.run()
     return res, compute_metrics(res, options.timeseries_s)
