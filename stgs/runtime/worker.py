@@ -57,6 +57,7 @@ from stgs.runtime.transport import (
 __all__ = ["TRACE_BATCH", "TRACE_ENV", "TRACE_REQUEST", "ModelSlot", "WorkerSpec", "main", "run"]
 
 TRACE_ENV = "STGS_WORKER_TRACE"
+SWITCH_INTERVAL_S = 200e-6  # the worker's GIL switch interval (see main)
 # slot: the model's index in the spec; times in ns: taken from the queue (after the deadline
 # check's clock read), runner started, runner returned (outputs on the host), replies sent.
 TRACE_BATCH = ("slot", "taken", "live", "t_take", "t_run", "t_ran", "t_replied")
@@ -285,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # with torch imported) and stalls the duty cycle meanwhile.
     gc.collect()
     gc.freeze()
+    # The reader thread queues requests while the duty cycle runs; with Python's default 5 ms
+    # GIL switch interval a request could wait that long to be queued (the H100 trace showed
+    # p99 4-15 ms from submit to queue, even for tiny inputs). 200 us bounds that wait.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     info = {"pid": os.getpid(), "device": worker.device, "load_s": time.monotonic() - t0}
     fs.send(READY, data=json.dumps(info).encode())
     reader = threading.Thread(target=worker.read, name="reader", daemon=True)
