@@ -30,6 +30,7 @@ from stgs.profiles import default_profiles_path
 from stgs.scenario import scenario_from_mapping
 
 HEURISTICS = ["stgs", "temporal", "mig-only", "mps-only"]
+HOST_OPTIONS = ("host_request_ms", "host_batch_ms", "host_item_ms")
 
 
 @dataclass
@@ -214,7 +215,15 @@ def main() -> int:
     )
     ap.add_argument("--sku", default="H100-80GB", help="GPU of the measured set")
     ap.add_argument("--profiles", help="profile CSV for the measured set (default: shipped)")
+    ap.add_argument(
+        "--host-costs",
+        choices=["measured", "none"],
+        default="measured",
+        help="measured: the planner's default host costs (planner.host_*_ms, measured on the "
+        "H100 host); none: all 0, the issue's validity rules exactly",
+    )
     args = ap.parse_args()
+    host = {} if args.host_costs == "measured" else dict.fromkeys(HOST_OPTIONS, 0.0)
 
     print(
         f"# planner benchmark · {time.strftime('%Y-%m-%d')} · python {platform.python_version()}"
@@ -231,8 +240,11 @@ def main() -> int:
             c.data["profiles"] = str(data_dir / "example-profiles.csv")
             c.data["interference"] = str(data_dir / "example-interference.csv")
     print(f"# scenario set: {args.set}" + (f" ({args.sku})" if args.set == "measured" else ""))
+    print(f"# host costs: {args.host_costs}")
     for case in cases:
         prob = Problem.from_scenario(scenario_from_mapping(case.data))
+        if host:
+            prob = prob.with_options(**host)
         bound = fluid_bound(prob)
         row: dict[str, object] = {
             "bound_intf": fluid_bound(prob, interference=True),
@@ -347,6 +359,8 @@ def main() -> int:
             prob = timing_case(n_models, n_gpus, n_models, args.sku, args.profiles)
         else:
             prob = timing_case(n_models, n_gpus, n_models)
+        if host:
+            prob = prob.with_options(**host)
         pol = get_policy("stgs")
         ts = []
         for _ in range(5 if n_models < 500 else 3):
