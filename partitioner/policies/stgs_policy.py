@@ -27,7 +27,14 @@ VARIANTS = _BASE + tuple(replace(c, consolidate=False) for c in _BASE)
 # Small instances also try placing every rate as a residual (no saturated copies first): the
 # exact optimum often time-shares two models over several small partitions at large batches.
 SMALL_MODELS = 12
-SMALL_VARIANTS = (replace(_BASE[0], dedicate=False),)
+# They also try whole MIG instances only (no MPS inside MIG): two small instances beat one
+# instance split into MPS shares (no interference, no share rounding) where the slices allow.
+_NO_MIG_MPS = ALL_FAMILIES - {MIG_MPS}
+SMALL_VARIANTS = (
+    replace(_BASE[0], dedicate=False),
+    replace(_BASE[0], families=_NO_MIG_MPS),
+    replace(_BASE[0], families=_NO_MIG_MPS, dedicate=False),
+)
 
 
 def plan_score(plan: Plan) -> tuple[float, ...]:
