@@ -48,6 +48,7 @@ from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, Partition, Plan
 from stgs.runtime.models import batch_buckets
 from stgs.runtime.runtime import partition_keys as runtime_partition_keys
+from stgs.runtime.worker import ADMISSION_DECAY
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -509,13 +510,18 @@ class Simulator:
                     take = [q.popleft() for _ in range(min(k, len(q)))]
                     lim = t + (part.margin[slot] if admission else 0.0)
                     live = []
+                    predicted = False
                     for j in take:
                         if lim > deadline[j]:
                             status[j] = DEADLINE
                             finish[j] = t
+                            predicted = predicted or t <= deadline[j]
                         else:
                             live.append(j)
                     part.in_flight -= len(take) - len(live)
+                    if not live and predicted:
+                        # as the worker: a take refused on the prediction alone shrinks it
+                        part.margin[slot] *= ADMISSION_DECAY
                     if live:
                         dur = part.lat[slot][len(live)]
                         if part.neigh:  # interference "busy": the neighbours running now
