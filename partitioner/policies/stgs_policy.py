@@ -34,6 +34,9 @@ SMALL_VARIANTS = (
     replace(_BASE[0], dedicate=False),
     replace(_BASE[0], families=_NO_MIG_MPS),
     replace(_BASE[0], families=_NO_MIG_MPS, dedicate=False),
+    # and one model per flat MPS share (no time sharing), which can win on non-MIG GPUs where
+    # the models' SLOs leave no room to share a cycle
+    replace(_BASE[2], time_sharing=False, shrink=False),
 )
 
 
