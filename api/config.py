@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stgs.errors import ConfigError
+from stgs.scenario import PlannerOptions
 
 
 class _Strict(BaseModel):
@@ -60,6 +61,9 @@ class BackendConfig(_Strict):
     )
 
 
+_PLANNER_DEFAULTS = PlannerOptions()
+
+
 class PlannerConfig(_Strict):
     policy: str = Field("stgs", description="policy name or dotted path")
     headroom: float = Field(0.1, ge=0.0, lt=1.0, description="latency margin (fraction)")
@@ -72,14 +76,24 @@ class PlannerConfig(_Strict):
         description="plan for the rates x this where the GPUs allow (headroom for bursts and"
         " load steps on GPUs that would sit idle); 1: the fewest GPUs",
     )
+    # defaults: the planner's own (measured; stgs.scenario.PlannerOptions)
     host_request_ms: float = Field(
-        0.6, ge=0.0, le=1000.0, description="a request's host way to its worker and back (ms)"
+        _PLANNER_DEFAULTS.host_request_ms,
+        ge=0.0,
+        le=1000.0,
+        description="a request's host way to its worker and back (ms)",
     )
     host_batch_ms: float = Field(
-        0.25, ge=0.0, le=1000.0, description="worker host time per batch, beside the GPU (ms)"
+        _PLANNER_DEFAULTS.host_batch_ms,
+        ge=0.0,
+        le=1000.0,
+        description="worker host time per batch, beside the GPU (ms)",
     )
     host_item_ms: float = Field(
-        0.07, ge=0.0, le=1000.0, description="worker host time per request in a batch (ms)"
+        _PLANNER_DEFAULTS.host_item_ms,
+        ge=0.0,
+        le=1000.0,
+        description="worker host time per request in a batch (ms)",
     )
 
 

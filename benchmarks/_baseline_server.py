@@ -32,7 +32,8 @@ import time
 from collections.abc import Sequence
 
 from stgs.runtime.transport import READY, FrameSocket
-from stgs.runtime.worker import Worker, WorkerSpec
+from stgs.runtime.worker import SWITCH_INTERVAL_S, Worker, WorkerSpec
+from stgs.runtime.worker import run as worker_run
 
 ENV_FACTS = (
     "CUDA_VISIBLE_DEVICES",
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # Ten threads share this process's GIL (a reader and a batcher per model): switch often, as
     # the load generator does, so that no batcher waits out Python's default 5 ms interval.
-    sys.setswitchinterval(200e-6)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as the stgs worker
     fds = [int(x) for x in args.fds.split(",") if x]
     specs = [WorkerSpec.from_json(json.dumps(d)) for d in json.loads(args.specs)]
     if len(fds) != len(specs):
@@ -92,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """No interpreter teardown (torch's thread pools can abort in it), as the stgs worker."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    worker_run(main)
 
 
 if __name__ == "__main__":

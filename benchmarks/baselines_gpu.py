@@ -92,7 +92,7 @@ from serve_gpu import (
     LoadGen,
     ModelCfg,
     describe_plan,
-    gpu_label,
+    open_backend,
     parse_models,
     plan_checks,
     plan_for,
@@ -954,20 +954,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     # ---- backend
-    backend: Backend
-    if args.simulated:
-        from stgs.backend import SimulatedNode
-
-        backend = SimulatedNode(PLAN_SKU, mig_enabled=False, runtime_dir=runtime_dir)
-        label = f"simulated {PLAN_SKU} (CPU workers, sleep stand-ins)"
-    else:
-        from stgs.backend.nvml import NvmlBackend
-
-        backend = NvmlBackend(runtime_dir)
-        label = gpu_label()
-    if backend.gpus()[0].mig_enabled:
-        print("GPU 0 is in MIG mode; this benchmark needs MIG off (it never changes it)")
+    opened = open_backend(args.simulated, runtime_dir)
+    if opened is None:
         return 2
+    backend, label = opened
     live_sku = backend.sku(0).name
     print(f"device: {label}; live SKU {live_sku}", flush=True)
     names = _stand_ins(models, table) if args.simulated else {m.name: m.name for m in models}

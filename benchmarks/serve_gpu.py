@@ -529,6 +529,26 @@ def collect_traces(trace_dir: Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- GPU helpers
+def open_backend(simulated: bool, runtime_dir: Path) -> tuple[Backend, str] | None:
+    """The node to serve on (the simulated node with CPU workers, or NVML) and its label;
+    None, after saying why, when GPU 0 is in MIG mode (these benchmarks never change it)."""
+    backend: Backend
+    if simulated:
+        from stgs.backend import SimulatedNode
+
+        backend = SimulatedNode(PLAN_SKU, mig_enabled=False, runtime_dir=runtime_dir)
+        label = f"simulated {PLAN_SKU} (CPU workers, sleep stand-ins)"
+    else:
+        from stgs.backend.nvml import NvmlBackend
+
+        backend = NvmlBackend(runtime_dir)
+        label = gpu_label()
+    if backend.gpus()[0].mig_enabled:
+        print("GPU 0 is in MIG mode; this benchmark needs MIG off (it never changes it)")
+        return None
+    return backend, label
+
+
 def gpu_label() -> str:
     if shutil.which("nvidia-smi") is None:
         return "unknown"
@@ -629,23 +649,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     # ---- backend
-    backend: Backend
-    label: str
-    if args.simulated:
-        from stgs.backend import SimulatedNode
-
-        backend = SimulatedNode(PLAN_SKU, mig_enabled=False, runtime_dir=runtime_dir)
-        label = f"simulated {PLAN_SKU} (CPU workers, sleep stand-ins)"
-    else:
-        from stgs.backend.nvml import NvmlBackend
-
-        backend = NvmlBackend(runtime_dir)
-        label = gpu_label()
-    info = backend.gpus()[0]
-    live_sku = backend.sku(0).name
-    if info.mig_enabled:
-        print("GPU 0 is in MIG mode; this benchmark needs MIG off (it never changes it)")
+    opened = open_backend(args.simulated, runtime_dir)
+    if opened is None:
         return 2
+    backend, label = opened
+    live_sku = backend.sku(0).name
     print(f"device: {label}; live SKU {live_sku}")
     if live_sku != PLAN_SKU:
         print(f"note: planned on the {PLAN_SKU} profiles, served on a {live_sku}")

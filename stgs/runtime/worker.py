@@ -35,7 +35,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -301,9 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run() -> None:
-    """Process entry point: no interpreter teardown (torch's thread pools can abort in it)."""
-    code = main()
+def run(entry: Callable[[], int] | None = None) -> None:
+    """Process entry point: ``entry()`` (default: this worker's ``main``), then exit with its
+    status and no interpreter teardown (torch's thread pools can abort in it)."""
+    code = (entry or main)()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
