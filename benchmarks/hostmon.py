@@ -1,0 +1,198 @@
+"""What the host's CPUs did during a GPU benchmark: busy, steal, cgroup throttling, per process.
+
+A load generator that falls behind its schedule (``sender lag``) loses requests that the system
+under test never saw. This samples, every ``--interval-s`` until killed (SIGTERM / SIGINT) or
+``--duration-s``:
+
+- ``/proc/stat``: the whole machine's user, system, idle, iowait, irq and **steal** time (steal:
+  the hypervisor ran someone else on our virtual CPUs);
+- the cgroup (v2) of this process: ``cpu.max`` (the CPU quota) and ``cpu.stat``
+  (``nr_throttled``, ``throttled_usec``: the quota ran out and every thread of the cgroup
+  waited for the next period);
+- every process whose command line contains one of ``--match`` (default ``python``): CPU
+  seconds used in each interval (``utime + stime`` from ``/proc/PID/stat``).
+
+It writes the samples as JSON (``--out``) and prints a summary: mean and max busy and steal per
+interval in cores, intervals with throttling, and the processes' mean and max CPU in cores.
+
+    python3 benchmarks/hostmon.py --out $OUT/host.json &  MON=$!
+    ... benchmark ...
+    kill $MON; wait $MON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def proc_stat() -> dict[str, float]:
+    """Seconds of each kind, summed over CPUs (the first ``cpu`` line)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    return {k: int(v) / hz for k, v in zip(FIELDS, parts[1 : 1 + len(FIELDS)], strict=False)}
+
+
+def cgroup_dir() -> Path | None:
+    """The directory with this process's ``cpu.stat``: cgroup v2, else v1's ``cpu`` controller."""
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            d = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+            if (d / "cpu.stat").exists():
+                return d
+    for d in (
+        Path("/sys/fs/cgroup"),
+        Path("/sys/fs/cgroup/cpu"),
+        Path("/sys/fs/cgroup/cpu,cpuacct"),
+    ):
+        if (d / "cpu.stat").exists():
+            return d
+    return None
+
+
+def cpu_quota(cg: Path | None) -> str | None:
+    """``cpu.max`` (v2) or ``cfs_quota_us cfs_period_us`` (v1); ``max ...``/``-1``: none."""
+    if cg is None:
+        return None
+    for names in (("cpu.max",), ("cpu.cfs_quota_us", "cpu.cfs_period_us")):
+        try:
+            return " ".join((cg / n).read_text().strip() for n in names)
+        except OSError:
+            continue
+    return None
+
+
+def read_kv(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (ln.split() for ln in path.read_text().splitlines())}
+    except (OSError, ValueError):
+        return {}
+
+
+def _throttled_ms(c: dict[str, int]) -> float:
+    if "throttled_usec" in c:  # v2
+        return c["throttled_usec"] / 1e3
+    return c.get("throttled_time", 0) / 1e6  # v1: ns
+
+
+def proc_cpu(match: tuple[str, ...]) -> dict[int, tuple[str, float]]:
+    """pid -> (short command, CPU seconds so far) for processes matching ``match``."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            if not cmd or not any(m in cmd for m in match):
+                continue
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2 :].split()
+        out[int(d)] = (cmd[:120], (int(rest[11]) + int(rest[12])) / hz)
+    return out
+
+
+def summarize(samples: list[dict[str, Any]], ncpu: int) -> dict[str, Any]:
+    if not samples:
+        return {}
+    busy = [s["busy_cores"] for s in samples]
+    steal = [s["steal_cores"] for s in samples]
+    thr = [s["throttled"] for s in samples]
+    procs: dict[str, list[float]] = {}
+    for s in samples:
+        for key, cores in s["procs"].items():
+            procs.setdefault(key, []).append(cores)
+    return {
+        "cpus": ncpu,
+        "intervals": len(samples),
+        "busy_cores_mean": round(sum(busy) / len(busy), 3),
+        "busy_cores_max": round(max(busy), 3),
+        "steal_cores_mean": round(sum(steal) / len(steal), 4),
+        "steal_cores_max": round(max(steal), 4),
+        "throttled_intervals": sum(1 for t in thr if t > 0),
+        "throttled_periods": sum(thr),
+        "procs": {
+            k: {"mean_cores": round(sum(v) / len(samples), 3), "max_cores": round(max(v), 3)}
+            for k, v in sorted(procs.items(), key=lambda kv: -sum(kv[1]))[:12]
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hostmon", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file for the samples and summary")
+    ap.add_argument("--interval-s", type=float, default=0.5)
+    ap.add_argument("--duration-s", type=float, default=0.0, help="0: until SIGTERM/SIGINT")
+    ap.add_argument("--match", default="python", help="comma-separated command-line parts")
+    args = ap.parse_args(argv)
+    if args.interval_s <= 0:
+        ap.error("--interval-s must be > 0")
+    match = tuple(m for m in args.match.split(",") if m)
+    stop = False
+
+    def _stop(_sig: int, _frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    cg = cgroup_dir()
+    cpu_max = cpu_quota(cg)
+    ncpu = os.cpu_count() or 1
+    samples: list[dict[str, Any]] = []
+    prev_t, prev_s = time.monotonic(), proc_stat()
+    prev_c = read_kv(cg / "cpu.stat") if cg else {}
+    prev_p = proc_cpu(match)
+    t_start = prev_t
+    while not stop and (args.duration_s <= 0 or prev_t - t_start < args.duration_s):
+        time.sleep(args.interval_s)
+        t, s = time.monotonic(), proc_stat()
+        c = read_kv(cg / "cpu.stat") if cg else {}
+        p = proc_cpu(match)
+        dt = max(t - prev_t, 1e-9)
+        d = {k: s[k] - prev_s[k] for k in s}
+        procs = {}
+        for pid, (cmd, sec) in p.items():
+            if pid in prev_p:
+                procs[f"{pid} {cmd}"] = round((sec - prev_p[pid][1]) / dt, 3)
+        samples.append(
+            {
+                "t": round(t - t_start, 3),
+                "busy_cores": round(
+                    sum(v for k, v in d.items() if k not in ("idle", "iowait")) / dt, 3
+                ),
+                "steal_cores": round(d.get("steal", 0.0) / dt, 4),
+                "throttled": c.get("nr_throttled", 0) - prev_c.get("nr_throttled", 0),
+                "throttled_ms": (c.get("throttled_usec", 0) - prev_c.get("throttled_usec", 0))
+                / 1e3,
+                "procs": procs,
+            }
+        )
+        prev_t, prev_s, prev_c, prev_p = t, s, c, p
+    summary = summarize(samples, ncpu)
+    summary["cpu_max"] = cpu_max
+    summary["cgroup"] = str(cg) if cg else None
+    Path(args.out).write_text(json.dumps({"summary": summary, "samples": samples}))
+    json.dump(summary, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
