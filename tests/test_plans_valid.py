@@ -21,25 +21,11 @@ from plan_checker import assert_valid, build_models, check_plan, mig_layout_viol
 from partitioner.peak import find_peak
 from partitioner.policies import get_policy, policy_names
 from partitioner.problem import Problem
+from profiler.models import ZOO
 from stgs.catalog import MigPlacement, enumerate_layouts, get_sku, layout_violation
 from stgs.latency import InterferenceModel, LatencyModel
 from stgs.plan import Plan
 from stgs.scenario import Scenario, scenario_from_mapping
-
-MODELS = (
-    "resnet50",
-    "resnet18",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "vit_b_16",
-    "densenet121",
-    "vgg16",
-    "inception_v3",
-    "googlenet",
-    "mnasnet1_0",
-    "bert_base",
-    "wav2vec2_base",
-)
 
 
 def _m(name: str, slo: float, rate: float) -> dict[str, Any]:
@@ -131,7 +117,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], bool]] = {
             "models": [
                 _m(name, slo, rate)
                 for name, slo, rate in zip(
-                    MODELS,
+                    ZOO,
                     (50, 20, 10, 20, 80, 40, 100, 60, 30, 25, 100, 200),
                     (5000, 4000, 3000, 2500, 1200, 900, 500, 800, 2000, 3500, 1000, 300),
                     strict=True,
@@ -291,7 +277,7 @@ def small_scenarios(draw: st.DrawFn) -> dict[str, Any]:
         if mig is not None:
             e["mig"] = mig
         gpus.append(e)
-    names = draw(st.lists(st.sampled_from(MODELS), min_size=1, max_size=4, unique=True))
+    names = draw(st.lists(st.sampled_from(ZOO), min_size=1, max_size=4, unique=True))
     models = [
         _m(
             n,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from profiler.models import ZOO
 from stgs.catalog import get_sku
 from stgs.errors import ProfileError
 from stgs.profiles import (
@@ -23,21 +24,6 @@ from stgs.profiles import (
 
 HEADER = ",".join(PROFILE_COLUMNS)
 GOOD = "H200,resnet50,mps:50,66,8,2.24,400"
-
-MODELS = {
-    "resnet50",
-    "resnet18",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "vit_b_16",
-    "densenet121",
-    "vgg16",
-    "inception_v3",
-    "googlenet",
-    "mnasnet1_0",
-    "bert_base",
-    "wav2vec2_base",
-}
 
 
 def write(tmp_path: Path, text: str, name: str = "p.csv") -> Path:
@@ -61,7 +47,7 @@ def test_shipped_file_reads() -> None:
         "RTX-2080Ti",
     }
     for gpu in table.gpus():
-        assert set(table.models(gpu)) == MODELS
+        assert set(table.models(gpu)) == set(ZOO)
         assert get_sku(gpu).name == gpu
     rows = table.rows_for("H200", "resnet50")  # alias
     kinds = {r.kind for r in rows}
