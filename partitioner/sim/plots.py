@@ -44,6 +44,16 @@ def make_plots(
         )
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    def save(fig: Any, title: str, fname: str, gs: str) -> None:
+        """Title, lay out, write ``fname.png`` (``fname_<gpu set>.png`` with several) and close."""
+        fig.suptitle(f"{exp.spec.name}: {title}", fontsize=11)
+        fig.tight_layout()
+        suffix = "" if len(gsets) == 1 else f"_{_safe(gs)}"
+        p = out / f"{fname}{suffix}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
     for key, ylabel, fname in (
         ("slo_attainment", "SLO attainment", "attainment_vs_load"),
         ("goodput_rps", "goodput (requests/s within SLO)", "goodput_vs_load"),
@@ -68,13 +78,7 @@ def make_plots(
             for k in range(len(workloads), nr * nc):
                 axes[k // nc][k % nc].axis("off")
             axes[0][0].legend(fontsize=8)
-            fig.suptitle(f"{exp.spec.name}: {ylabel} ({gs})", fontsize=11)
-            fig.tight_layout()
-            suffix = "" if len(gsets) == 1 else f"_{_safe(gs)}"
-            p = out / f"{fname}{suffix}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            written.append(p)
+            save(fig, f"{ylabel} ({gs})", fname, gs)
 
     # attainment and GPUs over time: the workload with the most reconfigurations, at the
     # largest load where the best policy still attains >= 0.9 (else the smallest load).
@@ -140,13 +144,7 @@ def make_plots(
         ax2.set_ylabel("GPUs used")
         ax2.set_xlabel("time (s); dashed: reconfiguration started")
         ax2.grid(alpha=0.3)
-        fig.suptitle(f"{exp.spec.name}: {wl} at load {load:g} ({gs}, seed {seed})", fontsize=11)
-        fig.tight_layout()
-        suffix = "" if len(gsets) == 1 else f"_{_safe(gs)}"
-        p = out / f"attainment_over_time{suffix}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        save(fig, f"{wl} at load {load:g} ({gs}, seed {seed})", "attainment_over_time", gs)
     return written
 
 
