@@ -7,15 +7,15 @@ import importlib
 import json
 import math
 import random
-import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 from types import ModuleType
 from typing import Any
 
 import pytest
+from _helpers import ROOT, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "baselines_gpu.py"
 
 
@@ -203,26 +203,18 @@ def test_summary_table_ratios_and_targets(bl: ModuleType) -> None:
 
 
 # ---------------------------------------------------------------------- the whole path
-def _run(tmp_path: Path, name: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+def _run(tmp_path: Path, name: str, *extra: str) -> tuple[CompletedProcess[str], Any]:
     out = tmp_path / f"{name}.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--simulated",
-            "--runtime-dir",
-            str(tmp_path / f"rt-{name}"),
-            "--json",
-            str(out),
-            *extra,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_python(
+        str(SCRIPT),
+        "--simulated",
+        "--runtime-dir",
+        str(tmp_path / f"rt-{name}"),
+        "--json",
+        str(out),
+        *extra,
         timeout=90,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
 
@@ -288,16 +280,15 @@ def test_baselines_simulated(tmp_path: Path) -> None:
     b = tmp_path / "b.json"
     b.write_text(json.dumps(other))
     merged = tmp_path / "merged.json"
-    argv = [sys.executable, str(SCRIPT), "--combine", str(tmp_path / "all.json"), str(b)]
-    comb = subprocess.run(
-        [*argv, "--json", str(merged)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    comb = run_python(
+        str(SCRIPT),
+        "--combine",
+        str(tmp_path / "all.json"),
+        str(b),
+        "--json",
+        str(merged),
         timeout=60,
-        check=False,
     )
-    assert comb.returncode == 0, comb.stderr
     m = json.loads(merged.read_text())
     assert m["systems"]["mps"]["result"]["factor"] == 0.123
     assert set(m["systems"]) == set(res["systems"])

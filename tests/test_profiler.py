@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import run_python
 
 from api.cli import main
 from profiler.errors import ModelLoadError, MpsUnavailableError, NoGpuError, ProfilerError
@@ -27,8 +26,6 @@ from profiler.run import ProfileConfig, run_profile
 from profiler.workers import WorkerDied
 from stgs.errors import ConfigError, ProfileError
 from stgs.profiles import read_interference, read_profiles
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # --- grid and specs -------------------------------------------------------------------------
 
@@ -454,15 +451,7 @@ def test_cli_profile_tiny_mlp_on_cpu_end_to_end(tmp_path: Path) -> None:
         "0.05",
         "--quiet",
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    r = run_python("-m", "api.cli", *args, timeout=120)
     table = read_profiles(out)
     assert [(x.gpu, x.model, x.partition, x.batch) for x in table] == [
         ("cpu", "tiny_mlp", "full", b) for b in (1, 2, 4)
@@ -470,15 +459,8 @@ def test_cli_profile_tiny_mlp_on_cpu_end_to_end(tmp_path: Path) -> None:
     assert all(x.latency_ms > 0 and x.memory_mib > 0 for x in table)
     assert "3 points measured" in r.stderr
     # resumable: a second run measures nothing
-    r2 = subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-        timeout=120,
-    )
-    assert r2.returncode == 0 and "0 points measured, 3 already" in r2.stderr
+    r2 = run_python("-m", "api.cli", *args, timeout=120)
+    assert "0 points measured, 3 already" in r2.stderr
 
 
 def test_cli_profile_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,41 +3,30 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import ROOT, run_python
 
 
 @pytest.mark.shipped_profiles
 def test_serve_gpu_simulated(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "serve_gpu.py"),
-            "--simulated",
-            "--warmup-s",
-            "0.5",
-            "--phase-s",
-            "2",
-            "--after-s",
-            "1",
-            "--runtime-dir",
-            str(tmp_path / "rt"),
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_python(
+        str(ROOT / "benchmarks" / "serve_gpu.py"),
+        "--simulated",
+        "--warmup-s",
+        "0.5",
+        "--phase-s",
+        "2",
+        "--after-s",
+        "1",
+        "--runtime-dir",
+        str(tmp_path / "rt"),
+        "--json",
+        str(out),
         timeout=60,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PHASE 1" in proc.stdout and "SWITCH" in proc.stdout
     res = json.loads(out.read_text())
     c1 = res["checks"]["plan1"]
