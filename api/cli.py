@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
+# api.client is light (no httpx, FastAPI): the daemon verbs' arguments and their names
+from api.client import DAEMON_COMMANDS, add_live_arguments
+from api.client import add_arguments as add_daemon_arguments
+from api.dispatch import EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, dispatch, fail
 from stgs import __version__
 from stgs.errors import ConfigError, StgsError
-
-EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE = 0, 1, 2
 
 
 def _example_scenario() -> Path:
@@ -45,9 +47,6 @@ def _parser() -> argparse.ArgumentParser:
         help="find the largest factor k on all rates that still fits, and the plan at k",
     )
     p.add_argument("--current", metavar="PLAN.json", help="replan incrementally from this plan")
-    from api.client import add_arguments as add_daemon_arguments  # light: no httpx, FastAPI
-    from api.client import add_live_arguments
-
     add_live_arguments(p)
 
     sub.add_parser("policies", help="list the planning policies")
@@ -74,31 +73,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.cmd in ("serve", "status", "models") or getattr(args, "live", False):
+        if args.cmd in DAEMON_COMMANDS or getattr(args, "live", False):
             from api.client import run as run_daemon_command
 
             return run_daemon_command(args)
-        if args.cmd == "plan":
-            return _cmd_plan(args)
-        if args.cmd == "policies":
-            return _cmd_policies()
-        if args.cmd == "fit":
-            return _cmd_fit(args)
-        if args.cmd == "compare":
-            return _cmd_compare(args)
-        if args.cmd == "profile":
-            from profiler.command import profile_command
-
-            return profile_command(args)
+        return dispatch(args, _COMMANDS)
     except ConfigError as exc:
-        print(f"stgs: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(exc, EXIT_USAGE)
     except StgsError as exc:
-        print(f"stgs: error: {exc}", file=sys.stderr)
-        return EXIT_INFEASIBLE
+        return fail(exc, EXIT_INFEASIBLE)
     except KeyboardInterrupt:
         return 130
-    return EXIT_USAGE
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -126,7 +111,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK if plan.feasible else EXIT_INFEASIBLE
 
 
-def _cmd_policies() -> int:
+def _cmd_policies(_args: argparse.Namespace) -> int:
     from partitioner.policies import REGISTRY, policy_names
 
     for name in policy_names():
@@ -188,6 +173,21 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         )
     Console().print(out)
     return EXIT_OK
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from profiler.command import profile_command
+
+    return profile_command(args)
+
+
+_COMMANDS = {
+    "plan": _cmd_plan,
+    "policies": _cmd_policies,
+    "fit": _cmd_fit,
+    "compare": _cmd_compare,
+    "profile": _cmd_profile,
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from api.dispatch import dispatch, fail
 
 DAEMON_COMMANDS = ("serve", "status", "models")
 DEFAULT_URL = "http://127.0.0.1:8470"
@@ -106,21 +107,16 @@ def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.cmd == "serve":
-            from api.config import load_config
-            from api.daemon import serve
-
-            return serve(load_config(Path(args.config) if args.config else None))
-        if args.cmd == "status":
-            return _status(args)
-        if args.cmd == "models":
-            return _models(args)
-        if args.cmd == "plan":
-            return plan_live(args)
+        return dispatch(args, _VERBS)
     except ClientError as exc:
-        print(f"stgs: error: {exc}", file=sys.stderr)
-        return exc.code
-    return 2
+        return fail(exc, exc.code)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from api.config import load_config
+    from api.daemon import serve
+
+    return serve(load_config(Path(args.config) if args.config else None))
 
 
 def _console() -> Any:
@@ -238,3 +234,6 @@ def plan_live(args: argparse.Namespace) -> int:
             f"{m['slo_attainment']:.3f}"
         )
     return 0
+
+
+_VERBS = {"serve": _serve, "status": _status, "models": _models, "plan": plan_live}
