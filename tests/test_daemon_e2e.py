@@ -99,20 +99,21 @@ def _register(c: httpx.Client, name: str, slo_ms: float, rate: float) -> None:
     assert r.status_code in (201, 202), r.text
 
 
-def _infer_json(tc: Any, model: str, x: np.ndarray) -> np.ndarray:
+def _infer(tc: Any, model: str, x: np.ndarray, *, binary: bool) -> np.ndarray:
+    """KServe v2 inference through tritonclient: tensors as JSON, or as binary data."""
     inp = tritonhttp.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x, binary_data=False)
-    out = tritonhttp.InferRequestedOutput("output", binary_data=False)
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = tritonhttp.InferRequestedOutput("output", binary_data=binary)
     res = tc.infer(model, [inp], outputs=[out])
     return np.asarray(res.as_numpy("output"))
+
+
+def _infer_json(tc: Any, model: str, x: np.ndarray) -> np.ndarray:
+    return _infer(tc, model, x, binary=False)
 
 
 def _infer_binary(tc: Any, model: str, x: np.ndarray) -> np.ndarray:
-    inp = tritonhttp.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x, binary_data=True)
-    out = tritonhttp.InferRequestedOutput("output", binary_data=True)
-    res = tc.infer(model, [inp], outputs=[out])
-    return np.asarray(res.as_numpy("output"))
+    return _infer(tc, model, x, binary=True)
 
 
 def test_daemon_serves_replans_and_survives_sigkill(
