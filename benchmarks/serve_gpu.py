@@ -394,11 +394,36 @@ def print_table(title: str, win: dict[str, Any], slos: dict[str, float]) -> None
 
 
 # ---------------------------------------------------------------------- diagnostics
+STALL_FRAMES_MS = 8.0
+
+
+def _frames() -> dict[str, str]:
+    """thread name -> its innermost three frames (``file:line function``), this one left out."""
+    names = {th.ident: th.name for th in threading.enumerate()}
+    me = threading.get_ident()
+    out = {}
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        stack = []
+        f: Any = frame
+        while f is not None and len(stack) < 3:
+            co = f.f_code
+            stack.append(f"{os.path.basename(co.co_filename)}:{f.f_lineno} {co.co_name}")
+            f = f.f_back
+        out[names.get(ident, str(ident))] = " < ".join(stack)
+    return out
+
+
 class Probe:
     """Where time goes on the client side: stalls of this process, GC passes, CPU use."""
 
     def __init__(self, t0: float, pid_source: Callable[[], dict[str, list[int]]]) -> None:
         self.stalls: list[tuple[float, float]] = []  # (time, ms late) of a 1 ms sleeper
+        # where every thread was right after a stall > STALL_FRAMES_MS (the first 200): the
+        # thread that held the GIL through the stall has just let go of it, so its frame is
+        # at (or just after) what took so long
+        self.stall_frames: list[dict[str, Any]] = []
         self.gcs: list[tuple[float, int, float]] = []  # (time, generation, ms)
         self.cpu: list[dict[str, float]] = []
         self.pid_source = pid_source
@@ -431,6 +456,10 @@ class Probe:
             late = (time.monotonic() - a - 0.001) * 1e3
             if late > 3.0:
                 self.stalls.append((a - self.t0, late))
+                if late > STALL_FRAMES_MS and len(self.stall_frames) < 200:
+                    self.stall_frames.append(
+                        {"t": round(a - self.t0, 4), "late_ms": round(late, 2), **_frames()}
+                    )
 
     def _cpu_loop(self) -> None:
         tick = float(os.sysconf("SC_CLK_TCK"))
@@ -810,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result.update(
             client=diag,
             stalls=probe.stalls,
+            stall_frames=probe.stall_frames,
             gc_passes=probe.gcs,
             cpu=probe.cpu,
             switch=switch,
