@@ -9,6 +9,8 @@ under test never saw. This samples, every ``--interval-s`` until killed (SIGTERM
 - the cgroup (v2) of this process: ``cpu.max`` (the CPU quota) and ``cpu.stat``
   (``nr_throttled``, ``throttled_usec``: the quota ran out and every thread of the cgroup
   waited for the next period);
+- ``/proc/vmstat`` events that stall the thread that faults (NUMA hinting faults, compaction,
+  direct reclaim) and the kernel's NUMA-balancing and transparent-huge-page settings;
 - every process whose command line contains one of ``--match`` (default ``python``): CPU
   seconds used in each interval (``utime + stime`` from ``/proc/PID/stat``).
 
@@ -23,6 +25,7 @@ interval in cores, intervals with throttling, and the processes' mean and max CP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -82,6 +85,22 @@ def read_kv(path: Path) -> dict[str, int]:
         return {}
 
 
+VMSTAT = (
+    "numa_hint_faults",
+    "numa_pages_migrated",
+    "compact_stall",
+    "thp_fault_alloc",
+    "pgmajfault",
+    "allocstall_normal",
+    "allocstall_movable",
+)
+
+
+def vmstat() -> dict[str, int]:
+    """Kernel memory events that stall a faulting thread (NUMA hinting faults, compaction)."""
+    return {k: v for k, v in read_kv(Path("/proc/vmstat")).items() if k in VMSTAT}
+
+
 def _throttled_ms(c: dict[str, int]) -> float:
     if "throttled_usec" in c:  # v2
         return c["throttled_usec"] / 1e3
@@ -127,11 +146,25 @@ def summarize(samples: list[dict[str, Any]], ncpu: int) -> dict[str, Any]:
         "steal_cores_max": round(max(steal), 4),
         "throttled_intervals": sum(1 for t in thr if t > 0),
         "throttled_periods": sum(thr),
+        "vmstat": {k: sum(s["vmstat"].get(k, 0) for s in samples) for k in VMSTAT},
         "procs": {
             k: {"mean_cores": round(sum(v) / len(samples), 3), "max_cores": round(max(v), 3)}
             for k, v in sorted(procs.items(), key=lambda kv: -sum(kv[1]))[:12]
         },
     }
+
+
+def _kernel_settings() -> dict[str, str]:
+    out = {}
+    for name, path in (
+        ("numa_balancing", "/proc/sys/kernel/numa_balancing"),
+        ("thp_enabled", "/sys/kernel/mm/transparent_hugepage/enabled"),
+        ("thp_defrag", "/sys/kernel/mm/transparent_hugepage/defrag"),
+    ):
+        with contextlib.suppress(OSError):
+            out[name] = Path(path).read_text().strip()
+    out["numa_nodes"] = str(len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     prev_t, prev_s = time.monotonic(), proc_stat()
     prev_c = read_kv(cg / "cpu.stat") if cg else {}
     prev_p = proc_cpu(match)
+    prev_v = vmstat()
     t_start = prev_t
     while not stop and (args.duration_s <= 0 or prev_t - t_start < args.duration_s):
         time.sleep(args.interval_s)
         t, s = time.monotonic(), proc_stat()
         c = read_kv(cg / "cpu.stat") if cg else {}
         p = proc_cpu(match)
+        v = vmstat()
         dt = max(t - prev_t, 1e-9)
         d = {k: s[k] - prev_s[k] for k in s}
         procs = {}
@@ -182,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
                 "throttled_ms": (c.get("throttled_usec", 0) - prev_c.get("throttled_usec", 0))
                 / 1e3,
                 "procs": procs,
+                "vmstat": {k: n - prev_v.get(k, 0) for k, n in v.items() if n != prev_v.get(k, 0)},
             }
         )
-        prev_t, prev_s, prev_c, prev_p = t, s, c, p
+        prev_t, prev_s, prev_c, prev_p, prev_v = t, s, c, p, v
     summary = summarize(samples, ncpu)
     summary["cpu_max"] = cpu_max
     summary["cgroup"] = str(cg) if cg else None
+    summary["kernel"] = _kernel_settings()
     Path(args.out).write_text(json.dumps({"summary": summary, "samples": samples}))
     json.dump(summary, sys.stdout, indent=1)
     print()
