@@ -15,7 +15,7 @@ from stgs.backend import DeviceRef, FaultKind, SimulatedNode
 from stgs.catalog import MigPlacement, canonical_layout
 from stgs.errors import ConfigError, NoWorkerError, ServingError, TransitionError, WorkerDiedError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
-from stgs.runtime import PartitionState, Runtime, TransitionState
+from stgs.runtime import PartitionRuntime, PartitionState, Runtime, TransitionState
 
 TIMEOUT = 20.0
 X = np.ones(4, np.float32)
@@ -336,3 +336,58 @@ def test_mig_mode_changes_drain_the_gpu_first(rt: Runtime, node: SimulatedNode) 
     )
     assert [d.ref for d in node.mps_daemons()] == [DeviceRef(0, 4)]
     assert rt.count(PartitionState.READY) == 3
+
+
+def test_moving_off_a_gpu_the_new_plan_leaves_idle_makes_before_break() -> None:
+    """A re-plan that moves the partitions of MIG GPU 0 to the idle GPU 1 and leaves GPU 0
+    empty with ``mig`` off (as ``partitioner.replan.align_gpus`` does): nothing new needs GPU
+    0, so its old partition serves until the new one is ready; GPU 0 keeps its MIG mode and
+    loses its instances after the drain (docs/simulator.md, the compare-zoo defect)."""
+    node = SimulatedNode("H100-80GB", 2, mig_enabled=True)
+    rt = Runtime(node, ready_timeout_s=TIMEOUT, drain_timeout_s=5.0, monitor_interval_s=0.05)
+    try:
+        on0 = plan(
+            "on0",
+            ("H100-80GB", True, [part([("echo", 4, 100.0)], kind="mig", mig=("1g.10gb", 0))]),
+            ("H100-80GB", True, []),
+        )
+        on1 = plan(
+            "on1",
+            ("H100-80GB", False, []),
+            ("H100-80GB", True, [part([("echo", 8, 150.0)], kind="mig", mig=("1g.10gb", 0))]),
+        )
+        rt.apply(on0)
+        (old_key,) = rt.partitions
+        events: list[tuple[str, PartitionState]] = []
+        set_state = rt._set
+
+        def record(p: PartitionRuntime, state: PartitionState, error: str | None = None) -> None:
+            events.append((str(p.key), state))
+            set_state(p, state, error)
+
+        rt._set = record  # type: ignore[method-assign]
+        stop = threading.Event()
+        errors: list[str] = []
+        done: list[int] = []
+        loader = threading.Thread(target=_load, args=(rt, ["echo"], stop, errors, done))
+        loader.start()
+        try:
+            time.sleep(0.1)
+            rec = rt.apply(on1)
+        finally:
+            stop.set()
+            loader.join(TIMEOUT)
+        assert rec.state is TransitionState.SUCCEEDED
+        assert errors == [] and done
+        (new_key,) = rt.partitions
+        order = [(k, s) for k, s in events if s in (PartitionState.READY, PartitionState.DRAINING)]
+        assert order == [
+            (str(new_key), PartitionState.READY),
+            (str(old_key), PartitionState.DRAINING),
+        ]
+        assert node.gpus()[0].mig_enabled and node.mig_layout(0) == ()
+        assert node.mig_layout(1) == (MigPlacement(0, "1g.10gb"),)
+        np.testing.assert_array_equal(rt.infer("echo", X), X)
+    finally:
+        rt.close()
+        node.close()

@@ -340,3 +340,75 @@ def test_deadlines_given_and_source_index(problem: Problem) -> None:
     assert st == {0: OK, 1: DEADLINE, 2: OK}
     with pytest.raises(Exception, match="deadlines"):
         Simulator(problem, one_model_plan(4), {"resnet50": arr}, opts, deadlines={}).run()
+
+
+def _mig_part(model: str, rate: float, start: int, batch: int = 8) -> Partition:
+    return Partition(
+        "mig",
+        16,
+        9728.0,
+        10.0,
+        (ModelAssignment(model, batch, rate, 1),),
+        mig_profile="1g.10gb",
+        mig_start=start,
+    )
+
+
+def test_replan_to_the_idle_gpu_makes_before_break(problem: Problem) -> None:
+    """The compare-zoo defect (docs/simulator.md): a re-plan that moves every partition from
+    MIG GPU 0 to the idle GPU 1 leaves GPU 0 empty with ``mig`` off (as ``align_gpus`` does).
+    Nothing new needs GPU 0, so its old partitions must keep serving until the new ones are
+    ready: no request may find no worker, and nothing is stopped before its replacement."""
+    old = Plan(
+        "old",
+        True,
+        (
+            GpuPlan(
+                0, "H100-80GB", True, (_mig_part("resnet50", 150, 0), _mig_part("bert_base", 40, 1))
+            ),
+            GpuPlan(1, "H100-80GB", False),
+        ),
+    )
+    new = Plan(
+        "new",
+        True,
+        (
+            GpuPlan(0, "H100-80GB", False),
+            GpuPlan(
+                1,
+                "H100-80GB",
+                True,
+                (_mig_part("resnet50", 250, 0, 16), _mig_part("bert_base", 60, 1)),
+            ),
+        ),
+    )
+    base = {"resnet50": 100.0, "bert_base": 25.0}
+    arr = generate(WorkloadSpec(name="s", kind="step", at_s=1, factor=1.5), base, 12.0, seed=0)
+    opts = SimOptions(
+        duration_s=12,
+        controller=ControllerOptions(enabled=True, interval_s=0.5, ewma_alpha=1.0, cooldown_s=60),
+    )
+    sim = Simulator(problem, old, arr, opts, replan=lambda _r, _cur: new, planned_rates=base)
+    res = sim.run()
+    assert res.replans == 1 and len(res.reconfigurations) == 1
+    r = res.reconfigurations[0]
+    assert r.break_first == 0
+    assert r.partitions_started == 2 and r.partitions_stopped == 2
+    assert r.ready_s - r.start_s >= opts.reconfig.worker_start_s
+    assert int((res.status == NO_WORKER).sum()) == 0
+    during = (res.arrival_ms >= r.start_s * 1000) & (res.arrival_ms < r.ready_s * 1000)
+    assert during.sum() > 100 and (res.status[during] == OK).mean() > 0.95  # the old ones serve
+    assert res.plans[-1][1] is new
+    # a GPU that serves before and after a MIG mode change still breaks first
+    back = Plan(
+        "whole",
+        True,
+        (
+            GpuPlan(0, "H100-80GB", False),
+            GpuPlan(1, "H100-80GB", False, (one_model_plan(8).gpus[0].partitions[0],)),
+        ),
+    )
+    sim2 = Simulator(problem, new, arr, opts, replan=lambda _r, _cur: back, planned_rates=base)
+    res2 = sim2.run()
+    assert res2.reconfigurations[0].break_first == 2
+    assert int(((res2.status == NO_WORKER) & (res2.model == 0)).sum()) > 0  # resnet50 waited

@@ -767,18 +767,24 @@ def _mig_steps(
     old: Plan, new: Plan, old_parts: Sequence[_Part], costs: ReconfigCosts
 ) -> tuple[float, list[_Part]]:
     """Seconds of MIG work before new workers can start, and the old partitions in the way
-    (drained and stopped first), following ``Runtime._transition`` step 1."""
+    (drained and stopped first), following ``Runtime._transition`` step 1.
+
+    A GPU the new plan leaves idle keeps its mode and its instances: nothing new needs it, so
+    its old partitions serve until the new ones are ready and drain with the rest (their
+    instances are destroyed afterwards, ``_instances_removed``). Its ``mig`` flag in the new
+    plan is not a mode change to break for (``align_gpus`` moves a fresh plan's layouts to the
+    idle GPUs and leaves the old ones' GPUs empty with ``mig`` off)."""
     seconds = 0.0
     blocking: list[_Part] = []
     old_by = {g.index: g for g in old.gpus}
     for g in new.gpus:
+        if not g.partitions:
+            continue
         o = old_by.get(g.index)
         was_mig = o.mig if (o is not None and o.partitions) else g.mig
-        if not g.partitions and not was_mig:
-            continue
         old_layout = _layout(o) if o is not None else []
         new_layout = _layout(g)
-        if was_mig != g.mig and (g.partitions or (o is not None and o.partitions)):
+        if was_mig != g.mig:
             blocking += [p for p in old_parts if p.gpu.index == g.index]
             seconds += costs.mig_destroy_s * len(old_layout) + costs.mig_mode_change_s
             seconds += costs.mig_create_s * len(new_layout)

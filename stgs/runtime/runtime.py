@@ -438,9 +438,11 @@ class Runtime:
         infos = {i.index: i for i in self.backend.gpus()}
         for gpu, layout in layouts.items():
             info = infos[gpu]
+            if not target.gpus[self._gpu_pos(target, gpu)].partitions:
+                # Nothing new needs this GPU: it keeps its mode, and its old partitions serve
+                # until the new ones are ready (step 4 drains them and frees its instances).
+                continue
             if info.mig_enabled != gpu_mig[gpu]:
-                if not target.gpus[self._gpu_pos(target, gpu)].partitions and not info.mig_enabled:
-                    continue  # an idle GPU keeps its mode
                 self._break_gpu(gpu, to_stop, rec, lambda _p: True)
                 if info.mig_enabled:
                     self.backend.apply_mig_layout(gpu, ())
@@ -525,8 +527,9 @@ class Runtime:
             {p.ref for p in self.partitions.values() if p.partition.kind == "mps"}
         )
         for gpu, layout in layouts.items():
-            if self.backend.gpus()[gpu].mig_enabled and gpu_mig[gpu]:
-                self.backend.apply_mig_layout(gpu, layout)
+            idle = not target.gpus[self._gpu_pos(target, gpu)].partitions
+            if self.backend.gpus()[gpu].mig_enabled and (gpu_mig[gpu] or idle):
+                self.backend.apply_mig_layout(gpu, layout)  # an idle GPU's: none
         self.current_plan = target
 
     @staticmethod
