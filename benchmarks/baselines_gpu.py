@@ -442,8 +442,10 @@ class StgsSystem:
         slos: dict[str, float],
         peak_plan: Plan,
         peak_k: float,
+        over_peak: bool = False,
     ) -> None:
         self.models = list(models)
+        self.over_peak = over_peak
         self.headroom = headroom
         self.live_sku = live_sku
         self.names = names
@@ -453,12 +455,16 @@ class StgsSystem:
         self.runtime.start_monitor()
 
     def prepare(self, f: float) -> tuple[bool, dict[str, Any]]:
-        """Apply the plan for ``f``; (ready, facts)."""
-        if math.isclose(f, self.peak_k, rel_tol=1e-9):
+        """Apply the plan for ``f``; (ready, facts). Above the planner's peak (``over_peak``):
+        the peak plan, unchanged, takes the higher load (the planner has nothing bigger)."""
+        above = self.over_peak and f > self.peak_k * (1 + 1e-9)
+        if above or math.isclose(f, self.peak_k, rel_tol=1e-9):
             plan = self.peak_plan
         else:
             plan = plan_for(self.models, None, f, self.headroom)
         info: dict[str, Any] = {"plan": describe_plan(plan), "checks": plan_checks(plan)}
+        if above:
+            info["plan_k"] = self.peak_k  # the load the plan was made for
         if not plan.feasible:
             info["note"] = "no plan at this factor"
             return False, info
@@ -633,8 +639,11 @@ def summary_table(res: dict[str, Any]) -> str:
         ratio = stgs_f / f if stgs_f and f else None
         target = TARGETS.get(name)
         met = "-" if target is None or ratio is None else ("yes" if ratio >= target else "no")
+        label = LABELS[name]
+        if name == "stgs" and s.get("over_peak"):
+            label += f"; above its planner's peak ({_fmt(res.get('planner_peak_k'))}) the peak plan"
         lines.append(
-            f"| {LABELS[name]} | {fs} | {rps} | {bracket} | {n_trials} | "
+            f"| {label} | {fs} | {rps} | {bracket} | {n_trials} | "
             f"{str(r.get('reason', '-'))[:60]} | {_fmt(ratio, 2) if name != 'stgs' else '1.00'} | "
             f"{'-' if target is None else f'>= {target:g}'} | {met} |"
         )
@@ -720,6 +729,7 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
         {ctx.names[m.name]: m.slo_ms for m in ctx.models},
         ctx.peak,
         ctx.peak_k,
+        over_peak=a.stgs_over_peak,
     )
     last_setup = [2.0 if a.simulated else 25.0]  # the next apply's estimate (budget)
 
@@ -728,6 +738,8 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
         last_setup[0] = info.get("apply_s", last_setup[0])
         tr = run_trial(st.router, ctx.cfg, f) if ok else failed_trial(f, ctx.cfg, info["note"])
         tr.update(setup_s=info.get("apply_s"), plan=info["plan"], plan_checks=info["checks"])
+        if "plan_k" in info:
+            tr["plan_k"] = info["plan_k"]
         if "note" in info:
             tr["note"] = info["note"]
         sres["trials"].append(tr)
@@ -737,7 +749,10 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
         return trial_outcome(tr)
 
     start = min(a.stgs_start, ctx.peak_k) if a.stgs_start else ctx.peak_k
+    if a.stgs_over_peak and a.stgs_start:
+        start = a.stgs_start
     sres["start_factor"] = start
+    sres["over_peak"] = bool(a.stgs_over_peak)
     try:
         return search(
             passes,
@@ -745,7 +760,7 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
             step=a.step,
             tol=a.tol,
             max_trials=a.max_trials,
-            cap=ctx.peak_k,
+            cap=1.5 * ctx.fluid_k if a.stgs_over_peak else ctx.peak_k,
             floor=ctx.peak_k / 50,
             budget_ok=lambda: ctx.fits(last_setup[0] + ctx.trial_cost_s),
         )
@@ -873,6 +888,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help="stgs's first factor (default and at most: the planner's peak)",
+    )
+    ap.add_argument(
+        "--stgs-over-peak",
+        action="store_true",
+        help="above the planner's peak, drive stgs's peak plan with the higher load (the "
+        "search then goes up to 1.5 x the fluid bound) instead of stopping there",
     )
     ap.add_argument("--time-budget-s", type=float, default=0.0, help="0: none")
     ap.add_argument("--headroom", type=float, default=0.1, help="stgs planner latency margin")
