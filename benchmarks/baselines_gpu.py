@@ -443,9 +443,11 @@ class StgsSystem:
         peak_plan: Plan,
         peak_k: float,
         over_peak: bool = False,
+        peak_always: bool = False,
     ) -> None:
         self.models = list(models)
         self.over_peak = over_peak
+        self.peak_always = peak_always
         self.headroom = headroom
         self.live_sku = live_sku
         self.names = names
@@ -458,12 +460,12 @@ class StgsSystem:
         """Apply the plan for ``f``; (ready, facts). Above the planner's peak (``over_peak``):
         the peak plan, unchanged, takes the higher load (the planner has nothing bigger)."""
         above = self.over_peak and f > self.peak_k * (1 + 1e-9)
-        if above or math.isclose(f, self.peak_k, rel_tol=1e-9):
+        if above or self.peak_always or math.isclose(f, self.peak_k, rel_tol=1e-9):
             plan = self.peak_plan
         else:
             plan = plan_for(self.models, None, f, self.headroom)
         info: dict[str, Any] = {"plan": describe_plan(plan), "checks": plan_checks(plan)}
-        if above:
+        if plan is self.peak_plan:
             info["plan_k"] = self.peak_k  # the load the plan was made for
         if not plan.feasible:
             info["note"] = "no plan at this factor"
@@ -640,7 +642,9 @@ def summary_table(res: dict[str, Any]) -> str:
         target = TARGETS.get(name)
         met = "-" if target is None or ratio is None else ("yes" if ratio >= target else "no")
         label = LABELS[name]
-        if name == "stgs" and s.get("over_peak"):
+        if name == "stgs" and s.get("plan_mode") == "peak":
+            label += f"; the planner's peak plan (k = {_fmt(res.get('planner_peak_k'))}) at every f"
+        elif name == "stgs" and s.get("over_peak"):
             label += f"; above its planner's peak ({_fmt(res.get('planner_peak_k'))}) the peak plan"
         lines.append(
             f"| {label} | {fs} | {rps} | {bracket} | {n_trials} | "
@@ -730,6 +734,7 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
         ctx.peak,
         ctx.peak_k,
         over_peak=a.stgs_over_peak,
+        peak_always=a.stgs_plan == "peak",
     )
     last_setup = [2.0 if a.simulated else 25.0]  # the next apply's estimate (budget)
 
@@ -753,6 +758,7 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
         start = a.stgs_start
     sres["start_factor"] = start
     sres["over_peak"] = bool(a.stgs_over_peak)
+    sres["plan_mode"] = a.stgs_plan
     try:
         return search(
             passes,
@@ -888,6 +894,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help="stgs's first factor (default and at most: the planner's peak)",
+    )
+    ap.add_argument(
+        "--stgs-plan",
+        choices=("per-factor", "peak"),
+        default="per-factor",
+        help="per-factor: the plan for the rates at f, the fewest resources (idle GPU left "
+        "idle); peak: the planner's peak plan at every f, the whole GPU serving the mix's "
+        "proportions (what a dedicated GPU would run; the spare capacity is headroom)",
     )
     ap.add_argument(
         "--stgs-over-peak",
