@@ -1,0 +1,12 @@
+set -u
+pip install --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+MIX=resnet50:15:600,vit_b_16:40:60,bert_base:40:60,mobilenet_v3_large:30:60,efficientnet_b0:30:60,densenet121:40:60
+python3 benchmarks/hostmon.py --out $OUT/mon_e.json > /dev/null & MON=$!
+timeout -k 5 545 python3 benchmarks/baselines_gpu.py --models $MIX \
+  --systems stgs,mps --stgs-start 2.5 --stgs-over-peak --start 2.0 --max-trials 7 --trial-s 10 \
+  --warmup-s 2 --drain-s 1 --time-budget-s 520 --runtime-dir /tmp/stgs-bl4 \
+  --json $OUT/baselines_e1.json > $OUT/baselines_e1.log 2>&1; echo rc=$?
+kill $MON; wait $MON
+grep -E "^\s+\[|->|^\|" $OUT/baselines_e1.log | cut -c1-260
+ls -la $OUT
