@@ -324,3 +324,37 @@ def test_stgs_steps_down_and_replans(tmp_path: Path) -> None:
     assert all(tr["setup_s"] is not None for tr in s["trials"])
     assert s["result"]["factor"] == 0.0 and s["result"]["reason"] == "max trials"
     assert any("quit" in note for note in s["cleanup"])
+
+
+@pytest.mark.shipped_profiles
+def test_stgs_peak_plan_over_the_peak(tmp_path: Path) -> None:
+    # --stgs-plan peak: the planner's peak plan at every factor, applied once; with
+    # --stgs-over-peak the search goes on above the planner's peak with that plan.
+    _, res = _run(
+        tmp_path,
+        "peak",
+        "--systems",
+        "stgs",
+        "--stgs-plan",
+        "peak",
+        "--stgs-over-peak",
+        "--target",
+        "0",  # every trial passes: the test is about which factors and plans are tried
+        "--warmup-s",
+        "0.2",
+        "--trial-s",
+        "0.8",
+        "--max-trials",
+        "2",
+        "--max-lag-ms",
+        "1e9",
+    )
+    s = res["systems"]["stgs"]
+    peak = res["planner_peak_k"]
+    assert s["plan_mode"] == "peak" and s["over_peak"] is True
+    f1, f2 = (tr["factor"] for tr in s["trials"])
+    assert f1 == pytest.approx(peak, rel=1e-3)
+    # after a pass at the peak the search goes above it, which a per-factor search refuses
+    assert s["trials"][0]["passed"] and f2 == pytest.approx(peak * 1.5, rel=1e-3)
+    assert all(tr["plan_k"] == pytest.approx(peak) for tr in s["trials"])
+    assert s["trials"][0]["plan"] == s["trials"][1]["plan"]
