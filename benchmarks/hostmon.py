@@ -9,6 +9,9 @@ under test never saw. This samples, every ``--interval-s`` until killed (SIGTERM
 - the cgroup (v2) of this process: ``cpu.max`` (the CPU quota) and ``cpu.stat``
   (``nr_throttled``, ``throttled_usec``: the quota ran out and every thread of the cgroup
   waited for the next period);
+- pressure stall information (``/proc/pressure/{cpu,memory,io}``: time some or all tasks
+  waited for a CPU, for memory, for I/O) and the cgroup's ``memory.events`` (v2);
+- per matched process, the time its threads waited on a run queue for a CPU (schedstat);
 - ``/proc/vmstat`` events that stall the thread that faults (NUMA hinting faults, compaction,
   direct reclaim) and the kernel's NUMA-balancing and transparent-huge-page settings;
 - every process whose command line contains one of ``--match`` (default ``python``): CPU
@@ -101,10 +104,42 @@ def vmstat() -> dict[str, int]:
     return {k: v for k, v in read_kv(Path("/proc/vmstat")).items() if k in VMSTAT}
 
 
+def pressure() -> dict[str, int]:
+    """Pressure stall information, total us: the machine's (``/proc/pressure``) and the
+    cgroup's memory events (v2 ``memory.events``: ``high`` = throttled over memory.high)."""
+    out: dict[str, int] = {}
+    for res in ("cpu", "memory", "io"):
+        try:
+            for line in Path(f"/proc/pressure/{res}").read_text().splitlines():
+                kind, *fields = line.split()
+                total = dict(f.split("=") for f in fields).get("total")
+                if total is not None:
+                    out[f"{res}_{kind}_us"] = int(total)
+        except (OSError, ValueError):
+            continue
+    cg = cgroup_dir()
+    if cg is not None:
+        for k, v in read_kv(cg / "memory.events").items():
+            out[f"memcg_{k}"] = v
+    return out
+
+
 def _throttled_ms(c: dict[str, int]) -> float:
     if "throttled_usec" in c:  # v2
         return c["throttled_usec"] / 1e3
     return c.get("throttled_time", 0) / 1e6  # v1: ns
+
+
+def runq_wait_s(pid: int) -> float:
+    """Seconds the process's threads have waited on a run queue for a CPU (schedstat)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+    except OSError:
+        pass
+    return total / 1e9
 
 
 def proc_cpu(match: tuple[str, ...]) -> dict[int, tuple[str, float]]:
@@ -147,8 +182,23 @@ def summarize(samples: list[dict[str, Any]], ncpu: int) -> dict[str, Any]:
         "throttled_intervals": sum(1 for t in thr if t > 0),
         "throttled_periods": sum(thr),
         "vmstat": {k: sum(s["vmstat"].get(k, 0) for s in samples) for k in VMSTAT},
+        "pressure": {
+            k: sum(s["pressure"].get(k, 0) for s in samples)
+            for k in sorted({k for s in samples for k in s["pressure"]})
+        },
+        "pressure_max_interval": {
+            k: max(s["pressure"].get(k, 0) for s in samples)
+            for k in sorted({k for s in samples for k in s["pressure"]})
+        },
         "procs": {
-            k: {"mean_cores": round(sum(v) / len(samples), 3), "max_cores": round(max(v), 3)}
+            k: {
+                "mean_cores": round(sum(v) / len(samples), 3),
+                "max_cores": round(max(v), 3),
+                "runq_wait_ms_max_interval": max(
+                    (s["runq_wait_ms"].get(k, 0.0) for s in samples), default=0.0
+                ),
+                "runq_wait_ms_total": round(sum(s["runq_wait_ms"].get(k, 0.0) for s in samples), 1),
+            }
             for k, v in sorted(procs.items(), key=lambda kv: -sum(kv[1]))[:12]
         },
     }
@@ -193,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     prev_c = read_kv(cg / "cpu.stat") if cg else {}
     prev_p = proc_cpu(match)
     prev_v = vmstat()
+    prev_psi = pressure()
+    prev_w: dict[int, float] = {}
     t_start = prev_t
     while not stop and (args.duration_s <= 0 or prev_t - t_start < args.duration_s):
         time.sleep(args.interval_s)
@@ -200,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         c = read_kv(cg / "cpu.stat") if cg else {}
         p = proc_cpu(match)
         v = vmstat()
+        psi = pressure()
         dt = max(t - prev_t, 1e-9)
         d = {k: s[k] - prev_s[k] for k in s}
         procs = {}
+        waits = {}
         for pid, (cmd, sec) in p.items():
+            w = runq_wait_s(pid)
             if pid in prev_p:
                 procs[f"{pid} {cmd}"] = round((sec - prev_p[pid][1]) / dt, 3)
+                waits[f"{pid} {cmd}"] = round((w - prev_w.get(pid, w)) * 1e3, 2)
+            prev_w[pid] = w
         samples.append(
             {
                 "t": round(t - t_start, 3),
@@ -217,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 "throttled_ms": (c.get("throttled_usec", 0) - prev_c.get("throttled_usec", 0))
                 / 1e3,
                 "procs": procs,
+                "runq_wait_ms": waits,
                 "vmstat": {k: n - prev_v.get(k, 0) for k, n in v.items() if n != prev_v.get(k, 0)},
+                "pressure": {
+                    k: n - prev_psi.get(k, 0) for k, n in psi.items() if n != prev_psi.get(k, 0)
+                },
             }
         )
-        prev_t, prev_s, prev_c, prev_p, prev_v = t, s, c, p, v
+        prev_t, prev_s, prev_c, prev_p, prev_v, prev_psi = t, s, c, p, v, psi
     summary = summarize(samples, ncpu)
     summary["cpu_max"] = cpu_max
     summary["cgroup"] = str(cg) if cg else None
