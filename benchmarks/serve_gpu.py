@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import faulthandler
 import functools
 import gc
 import importlib.util
@@ -396,8 +395,6 @@ def print_table(title: str, win: dict[str, Any], slos: dict[str, float]) -> None
 
 # ---------------------------------------------------------------------- diagnostics
 STALL_FRAMES_MS = 8.0
-STALL_DUMP_S = 0.010  # --stall-dump: a sleeper this late has every thread's stack written
-STALL_DUMP_MAX = 300
 
 
 def _frames() -> dict[str, str]:
@@ -421,19 +418,7 @@ def _frames() -> dict[str, str]:
 class Probe:
     """Where time goes on the client side: stalls of this process, GC passes, CPU use."""
 
-    def __init__(
-        self,
-        t0: float,
-        pid_source: Callable[[], dict[str, list[int]]],
-        stall_dump: str | None = None,
-    ) -> None:
-        # --stall-dump: faulthandler's watchdog (a C thread that needs no GIL) writes every
-        # thread's Python stack *during* a stall of the 1 ms sleeper longer than STALL_DUMP_S:
-        # a thread caught in Python code holds the GIL; all of them in system calls means the
-        # process itself waited (kernel, scheduler).
-        self.stall_dump = open(stall_dump, "w") if stall_dump else None  # noqa: SIM115
-        self.dumps = 0
-        self._threads: list[threading.Thread] = []
+    def __init__(self, t0: float, pid_source: Callable[[], dict[str, list[int]]]) -> None:
         self.stalls: list[tuple[float, float]] = []  # (time, ms late) of a 1 ms sleeper
         # where every thread was right after a stall > STALL_FRAMES_MS (the first 200): the
         # thread that held the GIL through the stall has just let go of it, so its frame is
@@ -448,21 +433,13 @@ class Probe:
 
     def start(self) -> None:
         gc.callbacks.append(self._on_gc)
-        self._threads = [
-            threading.Thread(target=fn, daemon=True, name=fn.__name__)
-            for fn in (self._stall_loop, self._cpu_loop)
-        ]
-        for th in self._threads:
-            th.start()
+        for fn in (self._stall_loop, self._cpu_loop):
+            threading.Thread(target=fn, daemon=True, name=fn.__name__).start()
 
     def stop(self) -> None:
         self._stop.set()
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_gc)
-        if self.stall_dump is not None:
-            self._threads[0].join(1.0)  # the stall loop: it arms the watchdog and writes
-            faulthandler.cancel_dump_traceback_later()
-            self.stall_dump.close()
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -473,19 +450,10 @@ class Probe:
             self.gcs.append((self._gc_t0 - self.t0, info.get("generation", -1), ms))
 
     def _stall_loop(self) -> None:
-        dump = self.stall_dump
         while not self._stop.is_set():
-            armed = dump is not None and self.dumps < STALL_DUMP_MAX
-            if armed:
-                faulthandler.dump_traceback_later(STALL_DUMP_S, file=dump)
             a = time.monotonic()
             time.sleep(0.001)
             late = (time.monotonic() - a - 0.001) * 1e3
-            if armed:
-                faulthandler.cancel_dump_traceback_later()
-                if late > STALL_DUMP_S * 1e3 - 1.0:
-                    self.dumps += 1
-                    print(f"-- stall at {a - self.t0:.4f} s: {late:.1f} ms late", file=dump)
             if late > 3.0:
                 self.stalls.append((a - self.t0, late))
                 if late > STALL_FRAMES_MS and len(self.stall_frames) < 200:
@@ -678,11 +646,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--no-worker-trace", action="store_true", help="workers record no per-batch trace"
     )
-    ap.add_argument(
-        "--stall-dump",
-        default=None,
-        help="file for every thread's stack during each client stall > 10 ms (faulthandler)",
-    )
     args = ap.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _sigterm)
@@ -786,7 +749,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workers": [int(p["pid"]) for p in runtime.describe() if p["pid"]],
                 "mps": _mps_pids(),
             },
-            stall_dump=args.stall_dump,
         )
         probe.start()
         lg.start(t0)
