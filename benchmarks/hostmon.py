@@ -130,16 +130,22 @@ def _throttled_ms(c: dict[str, int]) -> float:
     return c.get("throttled_time", 0) / 1e6  # v1: ns
 
 
-def runq_wait_s(pid: int) -> float:
-    """Seconds the process's threads have waited on a run queue for a CPU (schedstat)."""
-    total = 0
+def runq_waits(pid: int) -> dict[str, int]:
+    """Per thread of the process: ns it has waited on a run queue for a CPU (schedstat)."""
+    out: dict[str, int] = {}
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+                out[tid] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
     except OSError:
         pass
-    return total / 1e9
+    return out
+
+
+def _runq_delta_ms(cur: dict[str, int], prev: dict[str, int]) -> float:
+    """Run-queue wait in the interval, over the threads alive at both ends (a thread that
+    exits takes its total with it)."""
+    return sum(cur[t] - prev[t] for t in cur.keys() & prev.keys()) / 1e6
 
 
 def proc_cpu(match: tuple[str, ...]) -> dict[int, tuple[str, float]]:
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     prev_p = proc_cpu(match)
     prev_v = vmstat()
     prev_psi = pressure()
-    prev_w: dict[int, float] = {}
+    prev_w: dict[int, dict[str, int]] = {}
     t_start = prev_t
     while not stop and (args.duration_s <= 0 or prev_t - t_start < args.duration_s):
         time.sleep(args.interval_s)
@@ -258,10 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         procs = {}
         waits = {}
         for pid, (cmd, sec) in p.items():
-            w = runq_wait_s(pid)
+            w = runq_waits(pid)
             if pid in prev_p:
                 procs[f"{pid} {cmd}"] = round((sec - prev_p[pid][1]) / dt, 3)
-                waits[f"{pid} {cmd}"] = round((w - prev_w.get(pid, w)) * 1e3, 2)
+                waits[f"{pid} {cmd}"] = round(_runq_delta_ms(w, prev_w.get(pid, {})), 2)
             prev_w[pid] = w
         samples.append(
             {
