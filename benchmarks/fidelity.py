@@ -3,6 +3,7 @@
     python benchmarks/fidelity.py RUN.json [RUN2.json ...] [--seeds 3] [--host default|off|fit|F]
         [--arrivals auto|queued|sent|scheduled] [--interference busy|static]
     python benchmarks/fidelity.py --fit RUN.json [RUN2.json ...] [--fit-from auto|trace|client]
+    python benchmarks/fidelity.py RUN.json --calibrate-from OTHER.json [...]
 
 Input: what `benchmarks/serve_gpu.py` wrote after a run on a lent GPU (its JSON summary and the
 .npz of every request: scheduled arrival, send and answer times, model, status; newer runs also
@@ -44,6 +45,10 @@ From the client's record alone (``--fit-from client``, runs without a trace):
   the worker idle minus the duration of back-to-back single-request batches (both measured, no
   profile involved) is the transport around one request; fitted over the input sizes as
   ``request_ms + request_ms_per_mb x MB``.
+
+``--calibrate-from OTHER.json ...``: the profiles' latency per (model, partition) scaled by
+what the runtime measured in *other* runs' traces (:func:`calibration`), then the replay; the
+runs compared must not be among them (no fitting on the answer).
 
 ``--exclude MODEL`` leaves a model out of the client fit (the session-2 runs served
 ``bert_base`` as a torch.nn encoder, not the transformers BertModel its profile measured).
@@ -799,6 +804,73 @@ def print_table(
     print(f"\nlargest relative difference: {worst:.1%} (target <= {TARGET:.0%}: {verdict})\n")
 
 
+# ---------------------------------------------------------------------- calibration
+class _ScaledLatency:
+    """A latency function whose curves on some partitions are scaled (the calibration)."""
+
+    def __init__(self, inner: Any, scales: dict[tuple[str, int], float]) -> None:
+        self._inner = inner
+        self._scales = scales  # (partition kind, SMs) -> factor
+
+    def latency_curve(self, batches: Any, sm_count: float, **kw: Any) -> np.ndarray:
+        out = self._inner.latency_curve(batches, sm_count, **kw)
+        f = self._scales.get((str(kw.get("kind")), round(sm_count)), 1.0)
+        return out * f
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def calibration(runs: list[Run]) -> dict[tuple[str, str, int], tuple[float, int]]:
+    """Per (model, partition kind, SMs) seen in the runs' traces: the factor that makes the
+    profile's GPU latency match the runtime's, ``median((runner - copies) / (profile x
+    interference))`` over the phase-1 batches, with the copies fitted on the same traces
+    (:func:`fit_host_trace`'s ``a + b x n x MB``); and the number of batches behind it.
+
+    The profiles were measured by the profiler, alone, on one machine; the runtime runs the
+    same graphs inside its worker, maybe on another machine of the same kind. A simulator
+    calibrated on one GPU run predicts another run of the same partitions."""
+    _, info = fit_host_trace(runs)
+    a = float(info["runner_copy_ms"]["per_batch"])
+    b = float(info["runner_copy_ms"]["per_mb"])
+    ratios: dict[tuple[str, str, int], list[np.ndarray]] = {}
+    for run in runs:
+        tr = load_trace(run)
+        assert tr is not None  # fit_host_trace raised otherwise
+        pp = _plan_parts(run)
+        by_model = {}
+        for part in pp.values():
+            for m in part.models:
+                by_model[m.name] = part
+        for d in trace_batches(run, tr):
+            part = by_model[d["model"]]
+            gpu = d["solo_ms"] * (1.0 + d["gamma"] * d["busy_pct"] / 100.0)
+            r = (d["run_ms"] - (a + b * d["n"] * d["mb"])) / gpu
+            key = (d["model"], part.kind, int(part.sm_count))
+            ratios.setdefault(key, []).append(r[np.isfinite(r)])
+    out = {}
+    for key, rs in ratios.items():
+        r = np.concatenate(rs)
+        if len(r) >= 50:
+            out[key] = (float(np.median(r)), len(r))
+    return out
+
+
+def apply_calibration(run: Run, cal: dict[tuple[str, str, int], tuple[float, int]]) -> int:
+    """Scale ``run``'s latency functions by ``cal`` (its problem's curve cache is new: nothing
+    was planned on it). Returns how many (model, partition) entries applied."""
+    by_profile: dict[str, dict[tuple[str, int], float]] = {}
+    for (model, kind, sms), (f, _) in cal.items():
+        if model in run.names:
+            prof = run.problem.models[run.names.index(model)].profile
+            by_profile.setdefault(prof, {})[(kind, sms)] = f
+    sku = run.plan.gpus[0].sku
+    latency = run.problem.latency
+    for prof, scales in by_profile.items():
+        latency[(sku, prof)] = _ScaledLatency(latency[(sku, prof)], scales)  # type: ignore[index]
+    return sum(len(v) for v in by_profile.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("summary", nargs="+", help="serve_gpu.py's JSON summaries")
@@ -822,6 +894,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--exclude", action="append", default=[], help="model left out (client fit)")
     ap.add_argument("--json", help="write the comparison rows here")
+    ap.add_argument(
+        "--calibrate-from",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="other runs (with a worker trace) whose measured batch latency per model and "
+        "partition scales the profiles' before the replay (see calibration())",
+    )
     args = ap.parse_args(argv)
     if args.npz and len(args.summary) > 1:
         ap.error("--npz goes with a single run")
@@ -852,9 +932,25 @@ def main(argv: list[str] | None = None) -> int:
         host = HostCosts(**json.loads(Path(args.host).read_text()))
         how = f"{args.host}: {host.model_dump(exclude={'input_mb'})}"
     how += f"; interference {args.interference}"
+    cal = None
+    if args.calibrate_from:
+        given = {Path(x).resolve() for x in args.summary}
+        if any(Path(x).resolve() in given for x in args.calibrate_from):
+            ap.error("--calibrate-from must name other runs than the ones compared")
+        cal_runs = [load_run(x, None, args.sku) for x in args.calibrate_from]
+        if any(load_trace(r) is None for r in cal_runs):
+            ap.error("--calibrate-from needs runs with a worker trace")
+        cal = calibration(cal_runs)
+        print(f"# calibration from {', '.join(args.calibrate_from)}: runtime / profile latency")
+        for (model, kind, sms), (f, n) in sorted(cal.items()):
+            print(f"#   {model} on {kind} {sms} SMs: x{f:.3f} ({n} batches)")
+        how += f"; latency calibrated from {len(cal_runs)} other run(s)"
     out: dict[str, Any] = {}
     worst_all = 0.0
     for run in runs:
+        if cal is not None:
+            n_applied = apply_calibration(run, cal)
+            print(f"# {run.path.name}: {n_applied} calibrated (model, partition) latency curves")
         mode = resolve_mode(run, args.arrivals)
         rows, worst, info = compare(run, host, args.seeds, mode, args.interference)
         print_table(run, rows, worst, args.seeds, how, info)

@@ -147,3 +147,45 @@ def test_scheduled_mode_matches_serve_gpu_summary() -> None:
         assert r["gpu_attainment"] == pytest.approx(gpu[r["model"]]["attainment"], abs=1e-4)
         assert r["gpu_p99_ms"] == pytest.approx(gpu[r["model"]]["p99_ok_ms"], abs=0.01)
     assert info["requests"] == 72162
+
+
+S4 = ROOT / "benchmarks" / "results" / "2026-11-22-h100-s4"
+s4 = pytest.mark.skipif(not (S4 / "s1200c.npz").is_file(), reason="session-4 runs not in the tree")
+
+
+@s4
+def test_calibration_from_another_run() -> None:
+    """--calibrate-from: the runtime's latency per (model, partition) measured on run c scales
+    the profiles for run d (same plan, same machine kind): a factor per partition of run c's
+    plan, near 1, applied to exactly those curves, and the replay of d within the target."""
+    fid = _fidelity()
+    cal = fid.calibration([fid.load_run(S4 / "s1200c.json")])
+    assert {m for m, _, _ in cal} == {
+        "resnet50",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "bert_base",
+        "vit_b_16",
+    }
+    assert all(0.85 < f < 1.2 and n >= 1000 for f, n in cal.values())
+    run = fid.load_run(S4 / "s1200d.json")
+    sku = run.plan.gpus[0].sku
+    prof = run.problem.models[run.names.index("bert_base")].profile
+    before = run.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 14, kind="mps")
+    assert fid.apply_calibration(run, cal) == 5
+    after = run.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 14, kind="mps")
+    assert after == pytest.approx(before * cal[("bert_base", "mps", 14)][0])
+    other = run.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 66, kind="mps")
+    fresh = fid.load_run(S4 / "s1200d.json")
+    assert other == pytest.approx(
+        fresh.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 66, kind="mps")
+    )
+    _, worst, _ = fid.compare(run, HostCosts(), 1, "queued", "busy")
+    assert worst <= fid.TARGET
+
+
+@s4
+def test_calibration_refuses_the_compared_run() -> None:
+    fid = _fidelity()
+    with pytest.raises(SystemExit):
+        fid.main([str(S4 / "s1200d.json"), "--calibrate-from", str(S4 / "s1200d.json")])
