@@ -295,27 +295,26 @@ def test_baselines_simulated(tmp_path: Path) -> None:
     assert "0.123" in comb.stdout
 
 
+# Two short stgs trials; every failure counts as the system's (a busy 2-core CI machine can make
+# the simulated load generator lag; that classification is not what these tests are about).
+_TWO_STGS_TRIALS = (
+    "--systems",
+    "stgs",
+    "--warmup-s",
+    "0.2",
+    "--trial-s",
+    "0.8",
+    "--max-trials",
+    "2",
+    "--max-lag-ms",
+    "1e9",
+)
+
+
 @pytest.mark.shipped_profiles
 def test_stgs_steps_down_and_replans(tmp_path: Path) -> None:
     # An unreachable target: every trial fails, so stgs re-plans at lower factors.
-    _, res = _run(
-        tmp_path,
-        "down",
-        "--systems",
-        "stgs",
-        "--target",
-        "1.01",
-        "--warmup-s",
-        "0.2",
-        "--trial-s",
-        "0.8",
-        "--max-trials",
-        "2",
-        # every failure must count as the system's (a busy 2-core CI machine can make the
-        # simulated load generator lag; that classification is not what this test is about)
-        "--max-lag-ms",
-        "1e9",
-    )
+    _, res = _run(tmp_path, "down", *_TWO_STGS_TRIALS, "--target", "1.01")
     s = res["systems"]["stgs"]
     f1, f2 = (tr["factor"] for tr in s["trials"])
     assert f2 == pytest.approx(f1 / 1.5, rel=1e-3)
@@ -330,24 +329,16 @@ def test_stgs_steps_down_and_replans(tmp_path: Path) -> None:
 def test_stgs_peak_plan_over_the_peak(tmp_path: Path) -> None:
     # --stgs-plan peak: the planner's peak plan at every factor, applied once; with
     # --stgs-over-peak the search goes on above the planner's peak with that plan.
+    # --target 0: every trial passes; the test is about which factors and plans are tried
     _, res = _run(
         tmp_path,
         "peak",
-        "--systems",
-        "stgs",
+        *_TWO_STGS_TRIALS,
+        "--target",
+        "0",
         "--stgs-plan",
         "peak",
         "--stgs-over-peak",
-        "--target",
-        "0",  # every trial passes: the test is about which factors and plans are tried
-        "--warmup-s",
-        "0.2",
-        "--trial-s",
-        "0.8",
-        "--max-trials",
-        "2",
-        "--max-lag-ms",
-        "1e9",
     )
     s = res["systems"]["stgs"]
     peak = res["planner_peak_k"]
