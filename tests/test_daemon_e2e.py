@@ -161,7 +161,7 @@ def test_daemon_serves_replans_and_survives_sigkill(
                 # re-planned at the measured rate, well above the registered 2 rps
                 return bool(c.get("/v1/models/tiny_mlp").json()["planned_rate_rps"] > 5)
 
-            wait_until("a controller re-plan for the higher load", replanned, 30, p)
+            wait_until("a controller re-plan for the higher load", replanned, 60, p)
             assert c.get("/v1/plan").json()["controller"]["replans"] >= 1
             events = c.get("/v1/events", params={"kind": "apply"}).json()
             assert any("controller" in e["data"].get("reason", "") for e in events)
