@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from partitioner.control import ControlRules
 from stgs.errors import ConfigError
 from stgs.scenario import PlannerOptions
 
@@ -97,16 +98,10 @@ class PlannerConfig(_Strict):
     )
 
 
-class ControllerConfig(_Strict):
-    interval_s: float = Field(5.0, gt=0, description="reconcile loop period")
-    rate_halflife_s: float = Field(30.0, gt=0, description="EWMA half-life of measured rates")
-    hysteresis: float = Field(
-        0.2, ge=0.0, description="re-plan when a rate leaves [r/(1+h), r(1+h)] of the plan's"
-    )
-    hold_s: float = Field(30.0, ge=0.0, description="a change must hold this long before acting")
-    min_attainment: float = Field(
-        0.99, ge=0.0, le=1.0, description="re-plan when a model's SLO attainment falls below"
-    )
+class ControllerConfig(ControlRules):
+    """``[controller]``: the re-planning rules' parameters (:class:`partitioner.control.
+    ControlRules`, shared with the simulator's ``simulator.controller``) and admission."""
+
     deadline_drop: bool = Field(
         True, description="answer 'deadline exceeded' for requests that can no longer meet SLO"
     )

@@ -1,17 +1,13 @@
 """The reconcile loop: measure each model's load, re-plan when it moves, apply, never die.
 
-Every ``interval_s`` :meth:`Controller.step`:
-
-1. folds the requests counted since the last step into an EWMA of each model's arrival rate
-   (half-life ``rate_halflife_s``) and of its SLO attainment (the share of requests answered
-   within the SLO);
-2. compares them with the plan: a model whose measured rate leaves the hysteresis band
-   ``[planned / (1 + h), planned * (1 + h)]``, or whose attainment falls below
-   ``min_attainment``, is *out of band* from that moment on;
-3. re-plans once a model has stayed out of band for ``hold_s`` (reconfiguration costs: a short
-   burst must not move partitions), with the measured rates (at least ``MIN_RATE_RPS``; a model
-   missing its SLO at its planned rate asks for ``(1 + h)`` times it). The policy replans
-   incrementally from the current plan and the service applies it through the runtime.
+Every ``interval_s`` :meth:`Controller.step` folds the requests answered since the last step
+into the EWMAs of each model's rate and SLO attainment (:class:`LoadMeter`) and asks
+:class:`partitioner.control.ReplanRules` whether to re-plan and with which rates: a model
+whose measured rate leaves ``[planned / (1 + h), planned * (1 + h)]`` or whose attainment falls
+below ``min_attainment`` for ``hold_s`` triggers a re-plan with the measured rates (at least
+``MIN_RATE_RPS``; ``(1 + h)`` times the planned rate for an SLO miss). Those rules live in
+``partitioner/control.py`` because the simulator runs the same ones on virtual time. The policy
+replans incrementally from the current plan and the service applies it through the runtime.
 
 A step that raises is logged, recorded as an event and counted; the loop goes on (Ray Serve's
 controller does the same). The clock is injected: tests step the loop on virtual time.
@@ -20,7 +16,6 @@ controller does the same). The clock is injected: tests step the loop on virtual
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,11 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from api.config import ControllerConfig
+from partitioner.control import (
+    MIN_RATE_RPS,
+    MIN_SAMPLES,
+    Counts,
+    LoadEstimator,
+    ModelLoad,
+    ReplanRules,
+)
 
 log = logging.getLogger(__name__)
 
-MIN_RATE_RPS = 1.0  # a registered model keeps a partition even when idle
-MIN_SAMPLES = 20.0  # requests (EWMA-weighted) before attainment is trusted
+__all__ = ["MIN_RATE_RPS", "MIN_SAMPLES", "Controller", "LoadMeter", "Planner"]
 
 
 class Planner(Protocol):
@@ -46,72 +48,53 @@ class Planner(Protocol):
 
 
 @dataclass
-class _ModelLoad:
-    rate_rps: float  # EWMA
-    attainment: float = 1.0  # EWMA of the share of requests within SLO
-    weight: float = 0.0  # EWMA of the request count behind ``attainment``
-    count: int = 0  # since the last step
-    met: int = 0
-    done: int = 0
-
-
-@dataclass
 class LoadMeter:
-    """Thread-safe counters of arrivals and SLO outcomes, folded into EWMAs by :meth:`tick`."""
+    """Thread-safe counters of arrivals and SLO outcomes, folded into EWMAs by :meth:`tick`
+    (:class:`partitioner.control.LoadEstimator`)."""
 
     halflife_s: float
     clock: Callable[[], float] = time.monotonic
-    _models: dict[str, _ModelLoad] = field(default_factory=dict)
-    _last: float | None = None
+    _counts: dict[str, Counts] = field(default_factory=dict)
+    _estimator: LoadEstimator = field(init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._estimator = LoadEstimator(self.halflife_s)
 
     def arrived(self, model: str, n: int = 1) -> None:
         with self._lock:
-            m = self._models.get(model)
-            if m is None:
-                m = self._models[model] = _ModelLoad(rate_rps=-1.0)  # seeded at the next tick
-            m.count += n
+            c = self._counts.get(model)
+            if c is None:
+                c = self._counts[model] = Counts()
+            c.arrived += n
 
     def finished(self, model: str, n: int, slo_met: bool) -> None:
         with self._lock:
-            m = self._models.get(model)
-            if m is None:
+            c = self._counts.get(model)
+            if c is None:
                 return
-            m.done += n
+            c.done += n
             if slo_met:
-                m.met += n
+                c.met += n
 
-    def tick(self, planned: dict[str, float]) -> dict[str, _ModelLoad]:
+    def tick(self, planned: dict[str, float]) -> dict[str, ModelLoad]:
         """Fold the counts since the last tick; models not in ``planned`` are forgotten; a new
         model's rate starts at its planned rate (no spurious re-plan at start)."""
         now = self.clock()
         with self._lock:
-            dt = 0.0 if self._last is None else max(0.0, now - self._last)
-            self._last = now
-            a = 0.5 ** (dt / self.halflife_s) if dt > 0 else 1.0
-            for name in list(self._models):
-                if name not in planned:
-                    del self._models[name]
-            for name, rate in planned.items():
-                m = self._models.setdefault(name, _ModelLoad(rate_rps=rate))
-                if m.rate_rps < 0:
-                    m.rate_rps = rate
-                if dt > 0:
-                    m.rate_rps = a * m.rate_rps + (1 - a) * (m.count / dt)
-                    m.weight = a * m.weight + m.done
-                    if m.done:
-                        frac = m.met / m.done
-                        w_new = m.done / m.weight if m.weight > 0 else 1.0
-                        m.attainment = (1 - w_new) * m.attainment + w_new * frac
-                m.count = m.done = m.met = 0
-            return {
-                k: _ModelLoad(v.rate_rps, v.attainment, v.weight) for k, v in self._models.items()
-            }
+            loads = self._estimator.fold(now, planned, self._counts)
+            self._counts = {name: Counts() for name in planned}
+            return loads
 
     def snapshot(self) -> dict[str, tuple[float, float]]:
         """(rate_rps, attainment) per model as of the last tick."""
         with self._lock:
-            return {k: (max(0.0, v.rate_rps), v.attainment) for k, v in self._models.items()}
+            out = {
+                k: (max(0.0, v.rate_rps), v.attainment) for k, v in self._estimator.loads.items()
+            }
+            for k in self._counts:  # arrived, not folded yet
+                out.setdefault(k, (0.0, 1.0))
+            return out
 
 
 class Controller:
@@ -129,7 +112,7 @@ class Controller:
         self.cfg = cfg
         self.clock = clock
         self.meter = meter or LoadMeter(cfg.rate_halflife_s, clock)
-        self.out_since: dict[str, float] = {}
+        self.rules = ReplanRules(cfg)
         self.replans = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -140,11 +123,12 @@ class Controller:
         self.on_replan: Callable[[str], None] | None = None
         self.on_error: Callable[[], None] | None = None
 
-    # ------------------------------------------------------------------ one pass
-    def _band(self, planned: float) -> tuple[float, float]:
-        h = self.cfg.hysteresis
-        return planned / (1.0 + h), planned * (1.0 + h)
+    @property
+    def out_since(self) -> dict[str, float]:
+        """Since when (controller clock) each out-of-band model has been out of band."""
+        return self.rules.out_since
 
+    # ------------------------------------------------------------------ one pass
     def step(self) -> bool:
         """One pass; True when it re-planned. Never raises."""
         try:
@@ -168,41 +152,13 @@ class Controller:
         now = self.clock()
         planned = self.planner.planned_rates()
         loads = self.meter.tick(planned)
-        reasons: dict[str, str] = {}
-        by_rate: set[str] = set()
-        for name, rate in planned.items():
-            m = loads[name]
-            lo, hi = self._band(rate)
-            why = None
-            if m.rate_rps > hi or (m.rate_rps < lo and rate > MIN_RATE_RPS):
-                why = f"rate {m.rate_rps:.1f} rps outside [{lo:.1f}, {hi:.1f}]"
-                by_rate.add(name)
-            elif m.weight >= MIN_SAMPLES and m.attainment < self.cfg.min_attainment:
-                why = f"SLO attainment {m.attainment:.3f} < {self.cfg.min_attainment:g}"
-            if why is None:
-                self.out_since.pop(name, None)
-            else:
-                self.out_since.setdefault(name, now)
-                reasons[name] = why
-        for name in list(self.out_since):
-            if name not in planned:
-                del self.out_since[name]
-        due = {n: r for n, r in reasons.items() if now - self.out_since[n] >= self.cfg.hold_s}
-        if not due:
-            self.state = "holding" if reasons else "idle"
+        d = self.rules.decide(now, planned, loads)
+        if d.rates is None:
+            self.state = "holding" if d.out else "idle"
             return False
-        rates = dict(planned)
-        for name in due:
-            if name in by_rate:
-                measured = loads[name].rate_rps
-                if math.isfinite(measured):
-                    rates[name] = max(MIN_RATE_RPS, measured)
-            else:  # missing its SLO at the planned rate: ask for more room
-                rates[name] = planned[name] * (1.0 + self.cfg.hysteresis)
-        reason = "; ".join(f"{n}: {w}" for n, w in sorted(due.items()))
+        reason = d.reason
         self.state = "replanning"
-        self.out_since.clear()
-        self.planner.replan(rates, reason=f"controller: {reason}")
+        self.planner.replan(d.rates, reason=f"controller: {reason}")
         self.replans += 1
         self.state = "idle"
         if self.on_replan is not None:

@@ -43,7 +43,10 @@ workloads:
   - {name: step, kind: step, at_s: 1, factor: 3, controller: true}
 loads: [1, 4]
 seeds: [0, 1]
-simulator: {duration_s: 3, warmup_s: 0.5, controller: {interval_s: 0.5, cooldown_s: 1}}
+simulator:
+  duration_s: 3
+  warmup_s: 0.5
+  controller: {interval_s: 0.5, rate_halflife_s: 0.5, hold_s: 1}
 """
 
 

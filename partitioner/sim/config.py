@@ -7,9 +7,12 @@ measured values (``worker READY info load_s``, backend timings) once the runtime
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from partitioner.control import MIN_RATE_RPS, ControlRules
 
 # Median spread of batch latency measured on an H100 with CUDA graphs (the 344 rows of
 # stgs/data/profiles.csv: ln(p99_ms / latency_ms) / 2.326, median 0.0023,
@@ -90,16 +93,39 @@ class HostCosts(_Strict):
         return self.reply_ms if self.enabled else 0.0
 
 
-class ControllerOptions(_Strict):
-    """The controller's re-planning in virtual time (off: the first plan serves the whole run)."""
+# Keys of the simulator's former controller (its own rules until 2026-11-22) and what replaced
+# them: an experiment that still sets one is an error, never silently ignored.
+RETIRED_CONTROLLER_KEYS = {
+    "ewma_alpha": "rate_halflife_s (the EWMA half-life of measured rates, seconds)",
+    "band": "hysteresis (re-plan when a rate leaves [planned/(1+h), planned*(1+h)])",
+    "margin": "no key: re-plans use the measured rates (spare room is the policy's"
+    " spare_factor, e.g. stgs-spare; an SLO miss asks for planned*(1+hysteresis))",
+    "cooldown_s": "hold_s (how long a model stays out of band before a re-plan)",
+    "min_rate_rps": f"no key: the floor is {MIN_RATE_RPS:g} req/s, as in the daemon",
+}
+
+
+class ControllerOptions(ControlRules):
+    """The controller's re-planning in virtual time (off: the first plan serves the whole run).
+
+    The daemon's parameters and defaults (:class:`partitioner.control.ControlRules`, the
+    daemon's ``[controller]``) and the same rules (:class:`partitioner.control.ControlLoop`).
+    """
 
     enabled: bool = False
-    interval_s: float = Field(default=1.0, gt=0)  # how often it measures rates
-    ewma_alpha: float = Field(default=0.3, gt=0, le=1)  # weight of the newest interval
-    band: float = Field(default=0.15, ge=0, le=10)  # hysteresis: re-plan outside +-band
-    margin: float = Field(default=0.1, ge=0, le=10)  # plan for measured x (1 + margin)
-    cooldown_s: float = Field(default=5.0, ge=0)  # at least this long between re-plans
-    min_rate_rps: float = Field(default=1.0, ge=0)  # band floor for tiny rates
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            old = [k for k in RETIRED_CONTROLLER_KEYS if k in data]
+            if old:
+                raise ValueError(
+                    "the simulator's controller has the daemon's rules and parameters"
+                    " (interval_s, rate_halflife_s, hysteresis, hold_s, min_attainment); "
+                    + "; ".join(f"{k!r} is gone, use {RETIRED_CONTROLLER_KEYS[k]}" for k in old)
+                )
+        return data
 
 
 class SimOptions(_Strict):

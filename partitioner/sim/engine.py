@@ -23,7 +23,11 @@ and a heap of partition and controller events. What it mirrors of the runtime
 * **Host costs** (``SimOptions.host``): a request is queued in the worker a fixed time after it
   arrives; a batch holds the worker for its GPU latency plus a per-batch and per-request host
   time; answers reach the client a fixed time after the batch (docs/simulator.md).
-* **Re-planning** (the controller, in virtual time): see ``partitioner.sim.controller``.
+* **Re-planning** (the controller, in virtual time): the daemon's rules and parameters,
+  ``partitioner.control.ControlLoop``, fed each request's arrival and SLO outcome when it is
+  answered (as the daemon's meter is); the policy call and the transition it starts hold the
+  controller (the daemon's loop waits for ``Service.replan``), and a plan that would serve none
+  of a model is not applied (``Service.replan`` refuses it).
 
 Deterministic: the same inputs and seed give the same results to the bit.
 """
@@ -40,6 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from partitioner.control import ControlLoop, Counts
 from partitioner.problem import Problem
 from partitioner.sim.config import ReconfigCosts, SimOptions
 from partitioner.sim.workload import model_rng
@@ -267,10 +272,13 @@ class Simulator:
         self.batches = 0
         self.busy_weighted_ms = 0.0
         self.alive_weighted_ms = 0.0
-        self.ctrl_prev_ms = 0.0
-        self.ctrl_last_ms = -math.inf
-        self.ctrl_est: dict[str, float] = {}
-        self.ctrl_basis: dict[str, float] = {}
+        self.ctrl: ControlLoop | None = None
+        self.ctrl_requested: dict[str, float] = {}  # the rates the current plan was made for
+        self.replans_refused = 0
+        # requests answered since the controller's last pass, per model index (as the
+        # daemon's meter counts them: arrival and outcome when the answer is given)
+        self.c_done = [0] * len(self.models)
+        self.c_met = [0] * len(self.models)
         self._finish: list[float] = []
         self._status: list[int] = []
         self._deadline: list[float] = []
@@ -367,12 +375,17 @@ class Simulator:
         ctrl = opts.controller
         if ctrl.enabled and self.replan_fn is not None:
             pr = self.planned_rates
-            self.ctrl_est = {
+            self.ctrl_requested = {
                 n: (pr.get(n, 0.0) if pr is not None else self._plan_rate(self.plan, n))
                 for n in self.models
             }
-            self.ctrl_basis = dict(self.ctrl_est)
+            self.ctrl = ControlLoop(ctrl)
+            # the controller runs before the load starts: its clock starts at 0
+            self.ctrl.estimator.fold(0.0, self._ctrl_planned(), {})
             self._push(ctrl.interval_s * 1000.0, _CTRL, None)
+        counting = self.ctrl is not None
+        c_done = self.c_done
+        c_met = self.c_met
 
         # merged arrivals
         counts = [a.size for a in self.arrivals_ms]
@@ -431,6 +444,8 @@ class Simulator:
                 if not cands:
                     status[i] = NO_WORKER
                     finish[i] = t
+                    if counting:
+                        c_done[m] += 1
                     i += 1
                     continue
                 if len(cands) == 1:
@@ -457,13 +472,17 @@ class Simulator:
                 t_ans = t + reply_ms
                 for j in live:
                     finish[j] = t_ans
+                if counting:
+                    mi = part.model_idx[slot]
+                    c_done[mi] += len(live)
+                    c_met[mi] += sum(1 for j in live if t_ans <= deadline[j])
                 part.in_flight -= len(live)
                 est = part.margin[slot]
                 part.margin[slot] = dur if est == 0.0 else 0.8 * est + 0.2 * dur
                 part.busy_ms += dur
                 self._serve(part, t, slot + 1)
             elif kind == _CTRL:
-                self._control(t, duration_ms)
+                self._control(t)
             elif kind == _READY:
                 self._on_ready(t, payload)
             elif kind == _FINISH:
@@ -490,6 +509,7 @@ class Simulator:
             busy_weighted_ms=self.busy_weighted_ms,
             alive_weighted_ms=self.alive_weighted_ms,
             batches=self.batches,
+            info={"replans_refused": self.replans_refused} if self.replans_refused else {},
             source_index=src,
         )
 
@@ -519,6 +539,8 @@ class Simulator:
                         else:
                             live.append(j)
                     part.in_flight -= len(take) - len(live)
+                    if self.ctrl is not None and len(take) > len(live):
+                        self.c_done[part.model_idx[slot]] += len(take) - len(live)
                     if not live and predicted:
                         # as the worker: a take refused on the prediction alone shrinks it
                         part.margin[slot] *= ADMISSION_DECAY
@@ -562,36 +584,47 @@ class Simulator:
     def _plan_rate(plan: Plan, model: str) -> float:
         return plan.served_rate(model) + sum(u.rate_rps for u in plan.unserved if u.name == model)
 
-    def _control(self, t: float, duration_ms: float) -> None:
-        ctrl = self.options.controller
-        dt_s = (t - self.ctrl_prev_ms) / 1000.0
-        for mi, name in enumerate(self.models):
-            a = self.arrivals_ms[mi]
-            n = int(np.searchsorted(a, t, "right") - np.searchsorted(a, self.ctrl_prev_ms, "right"))
-            inst = n / dt_s if dt_s > 0 else 0.0
-            self.ctrl_est[name] = (
-                ctrl.ewma_alpha * inst + (1 - ctrl.ewma_alpha) * self.ctrl_est[name]
-            )
-        self.ctrl_prev_ms = t
-        nxt = t + ctrl.interval_s * 1000.0
-        if nxt < duration_ms:
+    def _ctrl_planned(self) -> dict[str, float]:
+        """Each model's planned rate as the daemon reads it (``Service.planned_rates``): what
+        the current plan serves of it, or the rate asked for when it serves none."""
+        out = {}
+        for n in self.models:
+            r = self.plan.served_rate(n)
+            out[n] = r if r > 0 else self.ctrl_requested[n]
+        return out
+
+    def _next_tick(self, t: float) -> None:
+        nxt = t + self.options.controller.interval_s * 1000.0
+        if nxt < self.options.duration_s * 1000.0:
             self._push(nxt, _CTRL, None)
-        if self.transition is not None or t - self.ctrl_last_ms < ctrl.cooldown_s * 1000.0:
+
+    def _control(self, t: float) -> None:
+        """One pass of the daemon's controller (``partitioner.control``) at virtual time t."""
+        ctrl = self.ctrl
+        assert ctrl is not None and self.replan_fn is not None
+        planned = self._ctrl_planned()
+        counts = {
+            n: Counts(self.c_done[i], self.c_done[i], self.c_met[i])
+            for i, n in enumerate(self.models)
+        }
+        for i in range(len(self.models)):
+            self.c_done[i] = self.c_met[i] = 0
+        d = ctrl.step(t / 1000.0, planned, counts)
+        if d.rates is None:
+            self._next_tick(t)
             return
-        outside = any(
-            abs(self.ctrl_est[n] - self.ctrl_basis[n])
-            > ctrl.band * max(self.ctrl_basis[n], ctrl.min_rate_rps)
-            for n in self.models
-        )
-        if not outside:
-            return
-        assert self.replan_fn is not None
-        self.ctrl_basis = dict(self.ctrl_est)
-        self.ctrl_last_ms = t
-        target = {n: r * (1.0 + ctrl.margin) for n, r in self.ctrl_est.items()}
-        new = self.replan_fn(target, self.plan)
+        new = self.replan_fn(d.rates, self.plan)
         self.replans += 1
+        if any(new.served_rate(n) <= 0 < r for n, r in planned.items()):
+            # Service.replan refuses a plan that drops a live model (a controller error there)
+            self.replans_refused += 1
+            self._next_tick(t)
+            return
+        self.ctrl_requested = dict(d.rates)
         self._begin_transition(t, new)
+        if self.transition is None:  # nothing to start or stop: done at once
+            self._next_tick(t)
+        # else the next pass is interval_s after the transition is done (_on_finish)
 
     # -------------------------------------------------------------------- transitions
     def _begin_transition(self, t: float, new: Plan) -> None:
@@ -716,6 +749,8 @@ class Simulator:
             )
             tr.phase = "done"
             self.transition = None
+            if self.ctrl is not None:  # the controller's replan() returns now
+                self._next_tick(t)
 
     def _maybe_done(self, t: float) -> None:
         tr = self.transition

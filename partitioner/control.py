@@ -1,0 +1,180 @@
+"""When to re-plan, and with which rates: the one rule set of the daemon and the simulator.
+
+Pure and clock-injected (no threads, no I/O, no wall clock): the daemon's reconcile loop
+(``api/controller.py``) calls it every ``interval_s`` of the wall clock, the simulator
+(``partitioner/sim/engine.py``) every ``interval_s`` of virtual time. Each pass:
+
+1. :class:`LoadEstimator` folds the requests answered since the last pass (arrivals, and how
+   many of them met their SLO) into an EWMA of each model's arrival rate (half-life
+   ``rate_halflife_s``) and of its SLO attainment (the share of requests answered within the
+   SLO, weighted by the EWMA of the request count);
+2. :class:`ReplanRules` compares them with the plan: a model whose measured rate leaves the
+   hysteresis band ``[planned / (1 + h), planned * (1 + h)]``, or whose attainment falls below
+   ``min_attainment`` (once ``MIN_SAMPLES`` requests back it), is *out of band* from that
+   moment on;
+3. once a model has stayed out of band for ``hold_s`` (reconfiguration costs: a short burst
+   must not move partitions), the pass returns a re-plan: the measured rates of the models due
+   by rate (at least ``MIN_RATE_RPS``), ``planned * (1 + h)`` for a model missing its SLO at
+   its planned rate, the planned rate for the others.
+
+:class:`ControlLoop` is both in one object (the simulator's); the daemon keeps the estimator
+behind its thread-safe :class:`api.controller.LoadMeter` and calls :class:`ReplanRules` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MIN_RATE_RPS = 1.0  # a registered model keeps a partition even when idle
+MIN_SAMPLES = 20.0  # requests (EWMA-weighted) before attainment is trusted
+
+
+class ControlRules(BaseModel):
+    """The controller's parameters (the daemon's ``[controller]``, the simulator's
+    ``simulator.controller``); the defaults are the daemon's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interval_s: float = Field(5.0, gt=0, description="reconcile loop period")
+    rate_halflife_s: float = Field(30.0, gt=0, description="EWMA half-life of measured rates")
+    hysteresis: float = Field(
+        0.2, ge=0.0, description="re-plan when a rate leaves [r/(1+h), r(1+h)] of the plan's"
+    )
+    hold_s: float = Field(30.0, ge=0.0, description="a change must hold this long before acting")
+    min_attainment: float = Field(
+        0.99, ge=0.0, le=1.0, description="re-plan when a model's SLO attainment falls below"
+    )
+
+
+@dataclass
+class Counts:
+    """Requests answered since the last pass: arrived, done (with an outcome), met (in SLO)."""
+
+    arrived: int = 0
+    done: int = 0
+    met: int = 0
+
+
+@dataclass
+class ModelLoad:
+    rate_rps: float  # EWMA
+    attainment: float = 1.0  # EWMA of the share of requests within SLO
+    weight: float = 0.0  # EWMA of the request count behind ``attainment``
+
+
+class LoadEstimator:
+    """EWMAs of each model's rate and attainment, folded at each pass (see the module doc)."""
+
+    def __init__(self, halflife_s: float) -> None:
+        self.halflife_s = halflife_s
+        self.loads: dict[str, ModelLoad] = {}
+        self.last: float | None = None
+
+    def fold(
+        self, now: float, planned: Mapping[str, float], counts: Mapping[str, Counts]
+    ) -> dict[str, ModelLoad]:
+        """Fold ``counts`` (since the last fold) at time ``now``; models not in ``planned`` are
+        forgotten; a new model's rate starts at its planned rate (no spurious re-plan at
+        start). The first fold only starts the clock. Returns copies."""
+        dt = 0.0 if self.last is None else max(0.0, now - self.last)
+        self.last = now
+        a = 0.5 ** (dt / self.halflife_s) if dt > 0 else 1.0
+        for name in list(self.loads):
+            if name not in planned:
+                del self.loads[name]
+        none = Counts()
+        for name, rate in planned.items():
+            m = self.loads.get(name)
+            if m is None:
+                m = self.loads[name] = ModelLoad(rate_rps=rate)
+            if dt > 0:
+                c = counts.get(name, none)
+                m.rate_rps = a * m.rate_rps + (1 - a) * (c.arrived / dt)
+                m.weight = a * m.weight + c.done
+                if c.done:
+                    frac = c.met / c.done
+                    w_new = c.done / m.weight if m.weight > 0 else 1.0
+                    m.attainment = (1 - w_new) * m.attainment + w_new * frac
+        return {k: ModelLoad(v.rate_rps, v.attainment, v.weight) for k, v in self.loads.items()}
+
+
+@dataclass
+class Decision:
+    """One pass's verdict: ``out`` every model out of band (name -> why), ``due`` those out of
+    band for ``hold_s`` or longer; ``rates`` the rates to re-plan with (None: no re-plan)."""
+
+    out: dict[str, str] = field(default_factory=dict)
+    due: dict[str, str] = field(default_factory=dict)
+    rates: dict[str, float] | None = None
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(f"{n}: {w}" for n, w in sorted(self.due.items()))
+
+
+class ReplanRules:
+    """The band, attainment and hold rules; remembers since when each model is out of band."""
+
+    def __init__(self, rules: ControlRules) -> None:
+        self.rules = rules
+        self.out_since: dict[str, float] = {}
+
+    def band(self, planned: float) -> tuple[float, float]:
+        h = self.rules.hysteresis
+        return planned / (1.0 + h), planned * (1.0 + h)
+
+    def decide(
+        self, now: float, planned: Mapping[str, float], loads: Mapping[str, ModelLoad]
+    ) -> Decision:
+        d = Decision()
+        by_rate: set[str] = set()
+        for name, rate in planned.items():
+            m = loads[name]
+            lo, hi = self.band(rate)
+            why = None
+            if m.rate_rps > hi or (m.rate_rps < lo and rate > MIN_RATE_RPS):
+                why = f"rate {m.rate_rps:.1f} rps outside [{lo:.1f}, {hi:.1f}]"
+                by_rate.add(name)
+            elif m.weight >= MIN_SAMPLES and m.attainment < self.rules.min_attainment:
+                why = f"SLO attainment {m.attainment:.3f} < {self.rules.min_attainment:g}"
+            if why is None:
+                self.out_since.pop(name, None)
+            else:
+                self.out_since.setdefault(name, now)
+                d.out[name] = why
+        for name in list(self.out_since):
+            if name not in planned:
+                del self.out_since[name]
+        d.due = {n: r for n, r in d.out.items() if now - self.out_since[n] >= self.rules.hold_s}
+        if not d.due:
+            return d
+        rates = dict(planned)
+        for name in d.due:
+            if name in by_rate:
+                measured = loads[name].rate_rps
+                if math.isfinite(measured):
+                    rates[name] = max(MIN_RATE_RPS, measured)
+            else:  # missing its SLO at the planned rate: ask for more room
+                rates[name] = planned[name] * (1.0 + self.rules.hysteresis)
+        d.rates = rates
+        self.out_since.clear()  # a re-plan starts every hold afresh
+        return d
+
+
+class ControlLoop:
+    """Estimator and rules in one object: ``step(now, planned, counts)`` is one pass."""
+
+    def __init__(self, rules: ControlRules) -> None:
+        self.rules = rules
+        self.estimator = LoadEstimator(rules.rate_halflife_s)
+        self.replan_rules = ReplanRules(rules)
+
+    def step(
+        self, now: float, planned: Mapping[str, float], counts: Mapping[str, Counts]
+    ) -> Decision:
+        loads = self.estimator.fold(now, planned, counts)
+        return self.replan_rules.decide(now, planned, loads)
