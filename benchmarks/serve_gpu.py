@@ -628,13 +628,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--phase-s", type=float, default=60.0)
     ap.add_argument("--after-s", type=float, default=30.0)
     ap.add_argument("--max-switch-s", type=float, default=240.0)
+    # One sender thread and a 1 ms GIL switch interval: fewer GIL hand-offs between this
+    # process's threads. On a lent H100 whose load-generator process stalled (session 4, call 9,
+    # the same machine, back to back): 1 sender per model and 200 us had 92 client stalls > 3 ms
+    # and 99.62% within SLO; one sender and 1000 us had 5 and 99.98% (docs/serving-gpu.md).
     ap.add_argument(
-        "--senders", type=int, default=1, help="sender threads per model (0: one for all)"
+        "--senders",
+        type=int,
+        default=0,
+        help="sender threads per model (0, the default: one thread sends for every model)",
     )
     ap.add_argument(
         "--switch-interval-us",
         type=float,
-        default=200.0,
+        default=1000.0,
         help="this process's GIL switch interval (Python's default: 5000)",
     )
     ap.add_argument("--seed", type=int, default=1)
