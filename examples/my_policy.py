@@ -1,7 +1,10 @@
 """An out-of-tree planning policy in one small file: stgs with a safety margin for bursts.
 
-It plans every model at 1.25x its rate (spare capacity for bursts and noise) and falls back to
-the plain rates when the margin does not fit on the GPUs. Compare it with the built-in policies:
+It plans every model at 1.25x its rate (spare capacity for bursts and noise) and serves the real
+rates on that plan (``at_rates``: batches and duty cycles sized for 1.25x, routing weights and
+the controller's "planned" rates the real ones, so the controller does not see the margin as a
+load drop and re-plan); it falls back to the plain rates when the margin does not fit on the
+GPUs. Compare it with the built-in policies:
 
     stgs compare examples/compare-zoo.yaml          # lists it as my_policy:Overprovisioned
 
@@ -12,6 +15,7 @@ dotted path (``module:Class``) in an experiment's ``policies`` or with ``stgs pl
 from __future__ import annotations
 
 from partitioner.policies import Policy, get_policy
+from partitioner.policies.stgs_policy import at_rates
 from partitioner.problem import Problem
 from stgs.plan import Plan
 
@@ -25,6 +29,6 @@ class Overprovisioned(Policy):
         stgs = get_policy("stgs")
         padded = problem.with_models([m.scaled(self.margin) for m in problem.models])
         plan = stgs.plan(padded, current)
-        if not plan.feasible:  # no room for the margin: serve the plain rates
-            plan = stgs.plan(problem, current)
-        return plan.with_info(margin=self.margin)
+        if plan.feasible:  # sized for the margin, serving the real rates
+            return at_rates(plan, self.margin).with_info(margin=self.margin)
+        return stgs.plan(problem, current).with_info(margin=1.0)  # no room: the plain rates
