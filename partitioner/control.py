@@ -153,13 +153,27 @@ class ReplanRules:
         if not d.due:
             return d
         rates = dict(planned)
-        for name in d.due:
+        h = self.rules.hysteresis
+        for name in list(d.due):
+            measured = loads[name].rate_rps
             if name in by_rate:
-                measured = loads[name].rate_rps
                 if math.isfinite(measured):
                     rates[name] = max(MIN_RATE_RPS, measured)
-            else:  # missing its SLO at the planned rate: ask for more room
-                rates[name] = planned[name] * (1.0 + self.rules.hysteresis)
+                continue
+            # Missing its SLO at the planned rate: ask for more room, (1 + h) x the planned
+            # rate, but never more than (1 + h) x the measured one, and only a raise of more
+            # than h / 4. Room beyond that is not what it lacks (a latency model that is off, a
+            # slow neighbour): asking again every hold_s would only escalate (or oscillate with
+            # the rate band) under overload.
+            cap = (1.0 + h) * max(MIN_RATE_RPS, measured) if math.isfinite(measured) else math.inf
+            want = max(planned[name], min(planned[name] * (1.0 + h), cap))
+            if want <= planned[name] * (1.0 + h / 4):  # a raise this small is not worth a move
+                d.due.pop(name)  # at its room cap already: stays out (held), no re-plan
+                d.out[name] += f" (room already {planned[name]:.1f} rps, the cap)"
+                continue
+            rates[name] = want
+        if not d.due:
+            return d
         d.rates = rates
         self.out_since.clear()  # a re-plan starts every hold afresh
         return d

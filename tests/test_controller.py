@@ -121,6 +121,38 @@ def test_low_attainment_asks_for_more_room() -> None:
     assert rates["a"] == pytest.approx(120.0)
 
 
+def test_persistent_slo_misses_raise_the_room_once() -> None:
+    """Every request misses at a steady 100 rps: one re-plan for 120 (1 + h), then none: room
+    is capped at (1 + h) x the measured rate, so the controller neither escalates nor
+    oscillates with the rate band; the model stays listed as out of band."""
+    clock = Clock()
+    fp = FakePlanner({"a": 100.0})
+    ctl = Controller(fp, CFG, clock=clock)
+    for _ in range(90):
+        ctl.meter.arrived("a", 100)
+        ctl.meter.finished("a", 100, False)
+        clock.t += 1.0
+        ctl.step()
+    assert [r["a"] for r, _ in fp.calls] == [pytest.approx(120.0)]
+    assert ctl.state == "holding" and "a" in ctl.status()["holding"]
+    # the load then grows to 130 rps: the room follows the measured rate up to 1.2 x 130 (raises
+    # of more than h / 4 only), then stops again
+    for _ in range(60):
+        ctl.meter.arrived("a", 130)
+        ctl.meter.finished("a", 130, False)
+        clock.t += 1.0
+        ctl.step()
+    asked = [r["a"] for r, _ in fp.calls[1:]]
+    assert asked == sorted(asked) and 156.0 / 1.05 <= asked[-1] <= 156.0 * 1.0001
+    n = len(fp.calls)
+    for _ in range(60):
+        ctl.meter.arrived("a", 130)
+        ctl.meter.finished("a", 130, False)
+        clock.t += 1.0
+        ctl.step()
+    assert len(fp.calls) == n
+
+
 def test_loop_survives_exceptions_and_records_them() -> None:
     clock = Clock()
     fp = FakePlanner({"a": 10.0})
