@@ -118,6 +118,7 @@ class Controller:
         self.last_error: str | None = None
         self.last_step: float | None = None
         self.state = "idle"  # idle | holding | replanning | error
+        self.last_out: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_replan: Callable[[str], None] | None = None
@@ -153,12 +154,18 @@ class Controller:
         planned = self.planner.planned_rates()
         loads = self.meter.tick(planned)
         d = self.rules.decide(now, planned, loads)
+        self.last_out = dict(d.out)
         if d.rates is None:
             self.state = "holding" if d.out else "idle"
             return False
         reason = d.reason
         self.state = "replanning"
-        self.planner.replan(d.rates, reason=f"controller: {reason}")
+        try:
+            self.planner.replan(d.rates, reason=f"controller: {reason}")
+        except Exception:
+            self.rules.failed(now)  # back off: the next attempt waits hold_s x 2^failures
+            raise
+        self.rules.succeeded()
         self.replans += 1
         self.state = "idle"
         if self.on_replan is not None:
@@ -191,6 +198,9 @@ class Controller:
             "errors": self.errors,
             "last_error": self.last_error,
             "holding": sorted(self.out_since),
+            "reasons": dict(self.last_out),  # why each model is out of band, last pass
+            "failed_replans": self.rules.failures,  # since the last success (back-off)
+            "backoff_s": round(max(0.0, self.rules.not_before - self.clock()), 1),
             "models": {
                 k: {"measured_rate_rps": round(r, 3), "slo_attainment": round(a, 4)}
                 for k, (r, a) in sorted(snap.items())

@@ -15,7 +15,11 @@ Pure and clock-injected (no threads, no I/O, no wall clock): the daemon's reconc
 3. once a model has stayed out of band for ``hold_s`` (reconfiguration costs: a short burst
    must not move partitions), the pass returns a re-plan: the measured rates of the models due
    by rate (at least ``MIN_RATE_RPS``), ``planned * (1 + h)`` for a model missing its SLO at
-   its planned rate, the planned rate for the others.
+   its planned rate (capped, see :meth:`ReplanRules.decide`), the planned rate for the others;
+4. a re-plan that could not be applied (the policy's plan drops a live model, the transition
+   failed) is reported back (:meth:`ReplanRules.failed`): the next attempt waits ``hold_s`` x
+   2^failures (at most ``MAX_BACKOFF`` x ``hold_s``) instead of ``hold_s``, so a policy that
+   cannot serve the load does not fail every ``hold_s``; a success resets it.
 
 :class:`ControlLoop` is both in one object (the simulator's); the daemon keeps the estimator
 behind its thread-safe :class:`api.controller.LoadMeter` and calls :class:`ReplanRules` itself.
@@ -116,12 +120,30 @@ class Decision:
         return "; ".join(f"{n}: {w}" for n, w in sorted(self.due.items()))
 
 
+MAX_BACKOFF = 64.0  # x hold_s: the longest wait after failed re-plans
+
+
 class ReplanRules:
-    """The band, attainment and hold rules; remembers since when each model is out of band."""
+    """The band, attainment and hold rules; remembers since when each model is out of band,
+    and the failed re-plans since the last success (back-off)."""
 
     def __init__(self, rules: ControlRules) -> None:
         self.rules = rules
         self.out_since: dict[str, float] = {}
+        self.failures = 0
+        self.not_before = -math.inf
+
+    def failed(self, now: float) -> float:
+        """A re-plan this pass asked for was not applied: back off. Returns the next time one
+        may be asked for."""
+        self.failures += 1
+        wait = self.rules.hold_s * min(2.0**self.failures, MAX_BACKOFF)
+        self.not_before = now + wait
+        return self.not_before
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.not_before = -math.inf
 
     def band(self, planned: float) -> tuple[float, float]:
         h = self.rules.hysteresis
@@ -150,6 +172,13 @@ class ReplanRules:
             if name not in planned:
                 del self.out_since[name]
         d.due = {n: r for n, r in d.out.items() if now - self.out_since[n] >= self.rules.hold_s}
+        if d.due and now < self.not_before:  # backing off after failed re-plans
+            for n in d.due:
+                d.out[n] += (
+                    f" (backing off {self.not_before - now:.0f} s more after "
+                    f"{self.failures} failed re-plan(s))"
+                )
+            d.due = {}
         if not d.due:
             return d
         rates = dict(planned)

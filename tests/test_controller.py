@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
 
 from api.config import ControllerConfig
 from api.controller import Controller
+from partitioner.control import MAX_BACKOFF
 
 
 class Clock:
@@ -169,6 +171,33 @@ def test_loop_survives_exceptions_and_records_them() -> None:
     assert [k for k, _ in fp.events] == ["controller_error", "controller_error"]
     assert "backend exploded" in (ctl.last_error or "")
     assert replans == 1 and fp.rates["a"] > 50  # and then it went on and re-planned
+
+
+def test_failed_replans_back_off() -> None:
+    """A re-plan that keeps failing (e.g. the policy's plan drops a model, which the service
+    refuses) is tried again after hold_s x 2, x 4, ... (at most MAX_BACKOFF x hold_s), not
+    every hold_s; the first success resets the back-off."""
+    clock = Clock()
+    fp = FakePlanner({"a": 10.0})
+    fp.fail = 10**6
+    ctl = Controller(fp, CFG, clock=clock)
+    attempts: list[float] = []
+    ctl.on_error = lambda: attempts.append(clock.t)
+    for _ in range(300):
+        ctl.meter.arrived("a", 100)  # 10x the planned rate: out of band throughout
+        clock.t += 1.0
+        ctl.step()
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert 4 <= len(attempts) <= 7  # every hold_s (5 s) would be ~55
+    assert gaps == sorted(gaps) and gaps[0] >= 2 * CFG.hold_s and gaps[-1] >= 8 * CFG.hold_s
+    assert "backing off" in ctl.status()["reasons"]["a"]
+    fp.fail = 0
+    for _ in range(int(MAX_BACKOFF * CFG.hold_s) + 10):
+        ctl.meter.arrived("a", 100)
+        clock.t += 1.0
+        ctl.step()
+    assert len(fp.calls) == 1 and fp.rates["a"] > 50  # it got through, once
+    assert ctl.rules.failures == 0
 
 
 def test_planner_failure_to_read_is_survived_too() -> None:

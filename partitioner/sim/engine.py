@@ -618,8 +618,10 @@ class Simulator:
         if any(new.served_rate(n) <= 0 < r for n, r in planned.items()):
             # Service.replan refuses a plan that drops a live model (a controller error there)
             self.replans_refused += 1
+            ctrl.replan_rules.failed(t / 1000.0)  # and the controller backs off, as there
             self._next_tick(t)
             return
+        ctrl.replan_rules.succeeded()
         self.ctrl_requested = dict(d.rates)
         self._begin_transition(t, new)
         if self.transition is None:  # nothing to start or stop: done at once
