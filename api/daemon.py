@@ -28,6 +28,7 @@ from api.config import DaemonConfig, read_token
 from api.controller import Controller, LoadMeter
 from api.metrics import Metrics
 from api.service import Observer, Service, cpu_profiler, gpu_profiler
+from api.stalls import StallProbe
 from api.store import Store
 from stgs.backend.base import Backend
 from stgs.backend.simulated import SimulatedNode
@@ -93,8 +94,10 @@ class Daemon:
     controller: Controller
     metrics: Metrics
     ctx: AppContext
+    stall_probe: StallProbe
 
     def close(self) -> None:
+        self.stall_probe.stop()
         self.controller.stop()
         self.service.close()
         self.runtime.close()
@@ -134,6 +137,9 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
     controller = Controller(service, cfg.controller, meter=meter)
     controller.on_replan = lambda _r: metrics.replans.inc()
     controller.on_error = metrics.controller_errors.inc
+    stall_probe = StallProbe(metrics.stall.observe)
+    if background:  # the real daemon (tests that build apps in-process do not run it)
+        stall_probe.start()
     ctx = AppContext(
         service,
         controller,
@@ -142,7 +148,7 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
         auth_all=cfg.server.host not in LOOPBACK,
         backend_kind=kind,
     )
-    return Daemon(cfg, store, backend, runtime, service, controller, metrics, ctx)
+    return Daemon(cfg, store, backend, runtime, service, controller, metrics, ctx, stall_probe)
 
 
 def serve(cfg: DaemonConfig) -> int:

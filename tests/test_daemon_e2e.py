@@ -168,6 +168,7 @@ def test_daemon_serves_replans_and_survives_sigkill(
             metrics = c.get("/metrics").text
             assert 'stgs_inference_request_duration_seconds_count{model="tiny_mlp"}' in metrics
             assert "stgs_reconfigurations_total" in metrics
+            assert "stgs_process_stall_seconds_count" in metrics  # the stall probe runs
         finally:
             tc.close()
 
