@@ -28,12 +28,12 @@ from api.config import DaemonConfig, read_token
 from api.controller import Controller, LoadMeter
 from api.metrics import Metrics
 from api.service import Observer, Service, cpu_profiler, gpu_profiler
-from api.stalls import StallProbe
 from api.store import Store
 from stgs.backend.base import Backend
 from stgs.backend.simulated import SimulatedNode
 from stgs.errors import BackendError, ConfigError
 from stgs.runtime import Runtime
+from stgs.runtime.stalls import StallProbe
 
 log = logging.getLogger("stgs.daemon")
 

@@ -15,7 +15,7 @@ Per partition (labels ``gpu``, ``partition``): ``stgs_partition_up`` (1 when rea
 ``stgs_gpu_mig_enabled``. Reconfigurations: ``stgs_reconfigurations_total`` (by ``result``),
 ``stgs_reconfiguration_duration_seconds``. Controller: ``stgs_controller_replans_total``,
 ``stgs_controller_errors_total``. Process: ``stgs_process_stall_seconds`` (histogram of how
-late a sleeping probe thread wakes, ``api/stalls.py``).
+late a sleeping probe thread wakes, ``stgs/runtime/stalls.py``).
 
 Measured SM utilisation per MIG instance (GPM on Hopper) is not exported yet: the backend
 interface has no read for it (see docs/operations.md).
@@ -125,8 +125,8 @@ class Metrics:
         )
         self.stall = Histogram(
             "stgs_process_stall_seconds",
-            "How late the daemon's sleeping probe thread woke up (api/stalls.py): a stalling "
-            "process or machine",
+            "How late the daemon's sleeping probe thread woke up (stgs/runtime/stalls.py): "
+            "a stalling process or machine",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )

@@ -753,9 +753,9 @@ def run_stgs(ctx: Ctx, sres: dict[str, Any]) -> SearchResult:
         ctx.save()
         return trial_outcome(tr)
 
-    start = min(a.stgs_start, ctx.peak_k) if a.stgs_start else ctx.peak_k
-    if a.stgs_over_peak and a.stgs_start:
-        start = a.stgs_start
+    start = a.stgs_start or ctx.peak_k
+    if not a.stgs_over_peak:
+        start = min(start, ctx.peak_k)  # the planner cannot go higher
     sres["start_factor"] = start
     sres["over_peak"] = bool(a.stgs_over_peak)
     sres["plan_mode"] = a.stgs_plan

@@ -61,7 +61,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class Run:
     problem: Problem
     plan: Plan
     rates: dict[str, float]
+    trace: Any = field(default=None, repr=False)  # load_trace's join, made on first use
 
     def arrivals(self) -> dict[str, np.ndarray]:
         t, m = self.npz["t_sched"], self.npz["model"]
@@ -281,6 +282,14 @@ class Trace:
 
 
 def load_trace(run: Run) -> Trace | None:
+    """The run's worker trace joined to its client record (None: no trace); made once per run,
+    every later call gets the same object."""
+    if run.trace is None:
+        run.trace = _join_trace(run) or False  # False: the run has no trace
+    return run.trace or None
+
+
+def _join_trace(run: Run) -> Trace | None:
     z = run.npz
     if "wb" not in z or "wr" not in z or "t0_ns" not in z:
         return None

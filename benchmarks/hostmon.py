@@ -104,7 +104,7 @@ def vmstat() -> dict[str, int]:
     return {k: v for k, v in read_kv(Path("/proc/vmstat")).items() if k in VMSTAT}
 
 
-def pressure() -> dict[str, int]:
+def pressure(cg: Path | None) -> dict[str, int]:
     """Pressure stall information, total us: the machine's (``/proc/pressure``) and the
     cgroup's memory events (v2 ``memory.events``: ``high`` = throttled over memory.high)."""
     out: dict[str, int] = {}
@@ -117,7 +117,6 @@ def pressure() -> dict[str, int]:
                     out[f"{res}_{kind}_us"] = int(total)
         except (OSError, ValueError):
             continue
-    cg = cgroup_dir()
     if cg is not None:
         for k, v in read_kv(cg / "memory.events").items():
             out[f"memcg_{k}"] = v
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     prev_c = read_kv(cg / "cpu.stat") if cg else {}
     prev_p = proc_cpu(match)
     prev_v = vmstat()
-    prev_psi = pressure()
+    prev_psi = pressure(cg)
     prev_w: dict[int, dict[str, int]] = {}
     t_start = prev_t
     while not stop and (args.duration_s <= 0 or prev_t - t_start < args.duration_s):
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         c = read_kv(cg / "cpu.stat") if cg else {}
         p = proc_cpu(match)
         v = vmstat()
-        psi = pressure()
+        psi = pressure(cg)
         dt = max(t - prev_t, 1e-9)
         d = {k: s[k] - prev_s[k] for k in s}
         procs = {}

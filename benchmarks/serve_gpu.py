@@ -64,6 +64,7 @@ from stgs.errors import DeadlineExceededError, StgsError
 from stgs.plan import Plan
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
+from stgs.runtime.stalls import StallProbe
 from stgs.runtime.worker import TRACE_ENV
 from stgs.scenario import scenario_from_mapping
 
@@ -430,14 +431,16 @@ class Probe:
         self._stop = threading.Event()
         self._gc_t0 = 0.0
         self.t0 = t0
+        self._sleeper = StallProbe(self._on_wake, interval_s=0.001)
 
     def start(self) -> None:
         gc.callbacks.append(self._on_gc)
-        for fn in (self._stall_loop, self._cpu_loop):
-            threading.Thread(target=fn, daemon=True, name=fn.__name__).start()
+        self._sleeper.start()
+        threading.Thread(target=self._cpu_loop, daemon=True, name="_cpu_loop").start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._sleeper.stop()
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_gc)
 
@@ -449,17 +452,15 @@ class Probe:
         if ms > 1.0:
             self.gcs.append((self._gc_t0 - self.t0, info.get("generation", -1), ms))
 
-    def _stall_loop(self) -> None:
-        while not self._stop.is_set():
-            a = time.monotonic()
-            time.sleep(0.001)
-            late = (time.monotonic() - a - 0.001) * 1e3
-            if late > 3.0:
-                self.stalls.append((a - self.t0, late))
-                if late > STALL_FRAMES_MS and len(self.stall_frames) < 200:
-                    self.stall_frames.append(
-                        {"t": round(a - self.t0, 4), "late_ms": round(late, 2), **_frames()}
-                    )
+    def _on_wake(self, late_s: float) -> None:
+        late = late_s * 1e3
+        if late > 3.0:
+            a = time.monotonic() - late_s - self._sleeper.interval_s  # when the sleep began
+            self.stalls.append((a - self.t0, late))
+            if late > STALL_FRAMES_MS and len(self.stall_frames) < 200:
+                self.stall_frames.append(
+                    {"t": round(a - self.t0, 4), "late_ms": round(late, 2), **_frames()}
+                )
 
     def _cpu_loop(self) -> None:
         tick = float(os.sysconf("SC_CLK_TCK"))

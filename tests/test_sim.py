@@ -122,18 +122,15 @@ def test_host_costs_hand_computable(problem: Problem) -> None:
     # admission sees the host time too: a request is dropped when arrival + SLO is before the
     # batch start + the measured (GPU + host) batch time
     arr = np.zeros(40)
-    res_on = Simulator(
-        problem,
-        one_model_plan(1),
-        {"resnet50": arr},
-        SimOptions(duration_s=1, noise="off", host=host),
-    ).run()
-    res_off = Simulator(
-        problem,
-        one_model_plan(1),
-        {"resnet50": arr},
-        SimOptions(duration_s=1, noise="off", host=off),
-    ).run()
+    res_on, res_off = (
+        Simulator(
+            problem,
+            one_model_plan(1),
+            {"resnet50": arr},
+            SimOptions(duration_s=1, noise="off", host=h),
+        ).run()
+        for h in (host, off)
+    )
     assert (res_on.status == OK).sum() < (res_off.status == OK).sum()
 
 

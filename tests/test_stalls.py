@@ -8,7 +8,7 @@ import time
 import pytest
 
 from api.metrics import Metrics
-from api.stalls import StallProbe
+from stgs.runtime.stalls import StallProbe
 
 
 def test_probe_sees_a_stall_of_its_process() -> None:

@@ -1,4 +1,4 @@
-"""A stall probe for the daemon's own process: how late a thread that only sleeps wakes up.
+"""A stall probe for a serving process: how late a thread that only sleeps wakes up.
 
 A serving process that stops for tens of milliseconds misses its SLOs with no sign on the GPU.
 On some lent VMs (docs/serving-gpu.md, session 4) the process that routes requests stalled
@@ -6,7 +6,8 @@ for 20-60 ms every ~2 s while the host's CPU counters showed nothing; only a thr
 and measures how late it wakes saw it. The daemon runs one such thread and exports the lateness
 as ``stgs_process_stall_seconds`` (a histogram: ``rate(..._bucket{le="0.01"})`` against
 ``rate(..._count)`` is the share of wake-ups more than 10 ms late), so an operator sees a
-stalling machine in the same dashboard as the SLO misses.
+stalling machine in the same dashboard as the SLO misses. ``benchmarks/serve_gpu.py`` runs one
+with a 1 ms interval beside its load generator (its ``client stalls`` line).
 
 The probe sleeps ``interval_s`` (10 ms) at a time: 100 wake-ups a second, a few microseconds
 of CPU each, and few GIL hand-offs (a 1 ms probe would add its own).
@@ -22,7 +23,8 @@ __all__ = ["StallProbe"]
 
 
 class StallProbe:
-    """Sleep ``interval_s``, observe how much later than that the thread woke (seconds)."""
+    """Sleep ``interval_s``, then ``observe(late)``: how much later than that the thread woke
+    (seconds; the wake-up is ``clock()`` - ``late`` - ``interval_s`` after the sleep began)."""
 
     def __init__(
         self,
