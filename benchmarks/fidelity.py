@@ -824,7 +824,7 @@ class _ScaledLatency:
     def latency_curve(self, batches: Any, sm_count: float, **kw: Any) -> np.ndarray:
         out = self._inner.latency_curve(batches, sm_count, **kw)
         f = self._scales.get((str(kw.get("kind")), round(sm_count)), 1.0)
-        return out * f
+        return np.asarray(out) * f
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -855,9 +855,9 @@ def calibration(runs: list[Run]) -> dict[tuple[str, str, int], tuple[float, int]
             part = by_model[d["model"]]
             gpu = d["solo_ms"] * (1.0 + d["gamma"] * d["busy_pct"] / 100.0)
             r = (d["run_ms"] - (a + b * d["n"] * d["mb"])) / gpu
-            key = (d["model"], part.kind, int(part.sm_count))
+            key = (str(d["model"]), str(part.kind), int(part.sm_count))
             ratios.setdefault(key, []).append(r[np.isfinite(r)])
-    out = {}
+    out: dict[tuple[str, str, int], tuple[float, int]] = {}
     for key, rs in ratios.items():
         r = np.concatenate(rs)
         if len(r) >= 50:
@@ -876,7 +876,7 @@ def apply_calibration(run: Run, cal: dict[tuple[str, str, int], tuple[float, int
     sku = run.plan.gpus[0].sku
     latency = run.problem.latency
     for prof, scales in by_profile.items():
-        latency[(sku, prof)] = _ScaledLatency(latency[(sku, prof)], scales)  # type: ignore[index]
+        latency[(sku, prof)] = _ScaledLatency(latency[(sku, prof)], scales)  # type: ignore[assignment]
     return sum(len(v) for v in by_profile.values())
 
 
