@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     a0 = float(info["runner_copy_ms"]["per_batch"])
     a1 = float(info["runner_copy_ms"]["per_mb"])
     print(
-        "| run | windows | in windows (ms) | slow batches: overlapping a window | elsewhere "
+        "| run | windows | in windows (ms) | windows > 15 ms | longest (ms) "
+        "| slow batches: overlapping a window | elsewhere "
         "| loop after the runner, median ms: in windows | elsewhere |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in args.runs:
         path, _, npz = spec.partition(":")
         run = F.load_run(path, npz or None)
@@ -103,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             x = np.concatenate(xs)
             return f"{np.median(x):.3f}" if len(x) else "-"
 
-        total = float((win[:, 1] - win[:, 0]).sum() * 1e3) if len(win) else 0.0
+        length_ms = (win[:, 1] - win[:, 0]) * 1e3
         print(
-            f"| {Path(path).stem} | {len(win)} | {total:.0f} | {share(slow_in)} | "
+            f"| {Path(path).stem} | {len(win)} | {length_ms.sum():.0f} | "
+            f"{int((length_ms > 15).sum())} | {length_ms.max(initial=0.0):.0f} | "
+            f"{share(slow_in)} | "
             f"{share(slow_out)} | {med(post_in)} | {med(post_out)} |"
         )
     return 0
