@@ -58,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lag-ms", type=float, default=3.0)
     ap.add_argument("--slow", type=float, default=1.3)
     args = ap.parse_args(argv)
-    clean = [F.load_run(p) for p in args.clean]
+
+    def load(path: str, npz: str | None = None) -> F.Run:
+        try:
+            return F.load_run(path, npz)
+        except (OSError, ValueError, KeyError) as exc:
+            ap.error(f"{path}: cannot read the run ({type(exc).__name__}: {exc})")
+
+    clean = [load(p) for p in args.clean]
     if any(F.load_trace(r) is None for r in clean):
         ap.error("--clean runs need a worker trace")
     cal = F.calibration(clean)
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for spec in args.runs:
         path, _, npz = spec.partition(":")
-        run = F.load_run(path, npz or None)
+        run = load(path, npz or None)
         tr = F.load_trace(run)
         if tr is None:
             print(f"{path}: no worker trace", file=sys.stderr)

@@ -189,3 +189,32 @@ def test_calibration_refuses_the_compared_run() -> None:
     fid = _fidelity()
     with pytest.raises(SystemExit):
         fid.main([str(S4 / "s1200d.json"), "--calibrate-from", str(S4 / "s1200d.json")])
+
+
+def test_stall_windows_merge_and_overlap() -> None:
+    """benchmarks/stall_windows.py: late sends merge into windows; a batch overlaps a window
+    when their intervals intersect."""
+    spec = importlib.util.spec_from_file_location(
+        "stall_windows", ROOT / "benchmarks" / "stall_windows.py"
+    )
+    assert spec is not None and spec.loader is not None
+    sw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sw)
+    win = np.array([[1.0, 2.0], [5.0, 6.0]])
+    got = sw.overlaps(win, np.array([0.0, 1.5, 2.5, 4.0, 6.5]), np.array([0.9, 1.6, 3.0, 5.1, 7.0]))
+    assert got.tolist() == [False, True, False, True, False]
+    assert sw.overlaps(np.zeros((0, 2)), np.array([0.0]), np.array([1.0])).tolist() == [False]
+
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(  # just what windows() reads
+        lo=0.0,
+        hi=10.0,
+        npz={
+            "t_sched": np.array([1.0, 1.001, 1.002, 3.0, 11.0]),
+            "sent": np.array([1.010, 1.011, 1.0021, 3.0001, 11.02]),
+        },
+    )
+    # the first two are > 3 ms late and overlap: one window; the third is on time; the last is
+    # after phase 1
+    assert sw.windows(run, 3.0).tolist() == [[1.0, 1.011]]
