@@ -6,8 +6,9 @@ for more than 15 ms about once a second while the host's CPU counters showed not
 thread that sleeps and measures how late it wakes saw it. The daemon runs one such thread and
 exports the lateness as ``stgs_process_stall_seconds`` (a histogram:
 ``rate(..._bucket{le="0.01"})`` against ``rate(..._count)`` is the share of wake-ups more than
-10 ms late), so an operator sees a stalling machine in the same dashboard as the SLO misses. ``benchmarks/serve_gpu.py`` runs one
-with a 1 ms interval beside its load generator (its ``client stalls`` line).
+10 ms late), so an operator sees a stalling machine in the same dashboard as the SLO misses.
+``benchmarks/serve_gpu.py`` runs one with a 1 ms interval beside its load generator (its
+``client stalls`` line).
 
 The probe sleeps ``interval_s`` (10 ms) at a time: 100 wake-ups a second, a few microseconds
 of CPU each, and few GIL hand-offs (a 1 ms probe would add its own).
