@@ -60,6 +60,7 @@ import argparse
 import json
 import math
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,8 @@ from partitioner.problem import Problem
 from partitioner.sim.config import HostCosts, SimOptions
 from partitioner.sim.engine import OK as SIM_OK
 from partitioner.sim.engine import Simulator
-from partitioner.sim.run import fit_noise, simulate
+from partitioner.sim.noise import FALLBACK, quantiles, write_runtime_noise
+from partitioner.sim.run import noise_for, simulate
 from stgs.plan import Partition, Plan
 from stgs.profiles import default_profiles_path
 from stgs.runtime.models import batch_buckets
@@ -135,6 +137,25 @@ def load_run(summary: str | Path, npz: str | Path | None = None, sku: str = "H10
         Plan.from_dict(res["plan1"]),
         rates,
     )
+
+
+class RunError(Exception):
+    """A run file that cannot be read (the message names the file and why)."""
+
+
+def read_run(summary: str | Path, npz: str | Path | None = None, sku: str = "H100-80GB") -> Run:
+    """:func:`load_run`, a file that cannot be read or is not a serve_gpu.py run raising
+    :class:`RunError` with the file and why (the scripts exit 2 with it)."""
+    try:
+        return load_run(summary, npz, sku)
+    except FileNotFoundError as exc:
+        raise RunError(f"{exc.filename or summary}: no such file") from exc
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{summary}: not JSON ({exc})") from exc
+    except KeyError as exc:
+        raise RunError(f"{summary}: not a serve_gpu.py run (no {exc} key or array)") from exc
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+        raise RunError(f"{summary}: cannot read the run ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------- host-cost fit
@@ -390,6 +411,8 @@ def trace_batches(run: Run, tr: Trace) -> list[dict[str, Any]]:
             out.append(
                 {
                     "model": a.name,
+                    "profile": prof,
+                    "bucket": np.asarray(buckets, dtype=np.int64)[np.searchsorted(buckets, n)],
                     "mb": host.mb(prof),
                     "gamma": run.problem.interference.gamma(prof, run.plan.gpus[0].sku),
                     "static_pct": static if part.kind == "mps" else 0.0,
@@ -686,16 +709,34 @@ def replay_input(run: Run, mode: str, host: HostCosts, tail_s: float = 0.25) -> 
     }
 
 
+def gpu_stats(
+    run: Run, mode: str, host: HostCosts, inp: dict[str, Any] | None = None
+) -> dict[str, tuple[float, float, int]]:
+    """The GPU side of a comparison: per model and ``all``, (p99 ms of the answered requests,
+    SLO attainment, requests) of the phase-1 requests, latency counted from ``mode``'s point
+    (:func:`replay_input`; ``inp``: its result when already made)."""
+    inp = inp if inp is not None else replay_input(run, mode, host)
+    m, c = inp["model"], inp["counted"]
+    lat_gpu = (inp["end"] - inp["start"]) * 1e3
+    return _stats(run.names, m[c], lat_gpu[c], inp["ok"][c], inp["slo"])
+
+
 def compare(
-    run: Run, host: HostCosts, seeds: int, mode: str = "scheduled", interference: str = "busy"
+    run: Run,
+    host: HostCosts,
+    seeds: int,
+    mode: str = "scheduled",
+    interference: str = "busy",
+    runtime_noise: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
     """Per model and overall: GPU and simulated p99 (answered requests) and attainment, both
-    with latency counted from the same point (``mode``, see :func:`replay_input`)."""
+    with latency counted from the same point (``mode``, see :func:`replay_input`). Noise:
+    the profile's lognormal, or with ``runtime_noise`` (a file of
+    :func:`fit_runtime_noise`'s factors) the runtime's measured factors."""
     inp = replay_input(run, mode, host)
     names, slo = run.names, inp["slo"]
     m, c = inp["model"], inp["counted"]
-    lat_gpu = (inp["end"] - inp["start"]) * 1e3
-    gpu = _stats(names, m[c], lat_gpu[c], inp["ok"][c], slo)
+    gpu = gpu_stats(run, mode, host, inp)
     arrivals, deadlines, index = {}, {}, {}
     for i, n in enumerate(names):
         idx = np.flatnonzero(inp["fed"] & (m == i))
@@ -704,8 +745,15 @@ def compare(
         deadlines[n] = inp["deadline"][idx].astype(np.float64)
         index[n] = idx
     last = max(float(a.max()) for a in arrivals.values() if len(a))
-    opts = SimOptions(duration_s=last + 1e-3, warmup_s=0.0, host=host, interference=interference)
-    noise = fit_noise(default_profiles_path(), opts.default_sigma)
+    opts = SimOptions(
+        duration_s=last + 1e-3,
+        warmup_s=0.0,
+        host=host,
+        interference=interference,
+        noise="runtime" if runtime_noise else "profile",
+        runtime_noise=str(runtime_noise) if runtime_noise else None,
+    )
+    noise = noise_for(opts, default_profiles_path())
     per: dict[str, list[tuple[float, float]]] = {n: [] for n in [*names, "all"]}
     for seed in range(seeds):
         res, _ = simulate(
@@ -756,6 +804,7 @@ def compare(
         )
     info = {
         "mode": mode,
+        "noise": f"runtime ({runtime_noise})" if runtime_noise else "profile",
         "requests": int(c.sum()),
         "not_sent": inp["not_sent"],
         "expired_on_arrival": inp["expired"],
@@ -800,7 +849,7 @@ def print_table(
             f"# worker trace: {int(in_win.sum())} requests of the window queued in a worker, "
             f"{int(win.sum())} sent (the rest never reached a worker queue)"
         )
-    print(f"# host costs: {how}\n")
+    print(f"# host costs: {how}; noise {info.get('noise', 'profile')}\n")
     print("| model | GPU p99 ms | sim p99 ms | diff | GPU attainment | sim attainment | diff |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -815,69 +864,140 @@ def print_table(
 
 # ---------------------------------------------------------------------- calibration
 class _ScaledLatency:
-    """A latency function whose curves on some partitions are scaled (the calibration)."""
+    """A latency function whose curves on some partitions are scaled (the calibration): per
+    (partition kind, SMs, bucket) where it was measured, else per (kind, SMs), else 1."""
 
-    def __init__(self, inner: Any, scales: dict[tuple[str, int], float]) -> None:
+    def __init__(self, inner: Any, scales: dict[tuple[Any, ...], float]) -> None:
         self._inner = inner
-        self._scales = scales  # (partition kind, SMs) -> factor
+        self._scales = scales  # (kind, SMs) or (kind, SMs, bucket) -> factor
 
     def latency_curve(self, batches: Any, sm_count: float, **kw: Any) -> np.ndarray:
-        out = self._inner.latency_curve(batches, sm_count, **kw)
-        f = self._scales.get((str(kw.get("kind")), round(sm_count)), 1.0)
-        return np.asarray(out) * f
+        out = np.asarray(self._inner.latency_curve(batches, sm_count, **kw), dtype=np.float64)
+        kind, sms = str(kw.get("kind")), round(sm_count)
+        f = self._scales.get((kind, sms), 1.0)
+        bs = np.atleast_1d(np.asarray(batches, dtype=np.float64))
+        fs = np.asarray([self._scales.get((kind, sms, round(x)), f) for x in bs])
+        return out * (fs if np.ndim(out) else fs[0])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
 
-def calibration(runs: list[Run]) -> dict[tuple[str, str, int], tuple[float, int]]:
-    """Per (model, partition kind, SMs) seen in the runs' traces: the factor that makes the
-    profile's GPU latency match the runtime's, ``median((runner - copies) / (profile x
-    interference))`` over the phase-1 batches, with the copies fitted on the same traces
-    (:func:`fit_host_trace`'s ``a + b x n x MB``); and the number of batches behind it.
+CALIBRATE_BY = ("partition", "bucket")
+CAL_MIN = 50  # batches behind a factor
 
-    The profiles were measured by the profiler, alone, on one machine; the runtime runs the
-    same graphs inside its worker, maybe on another machine of the same kind. A simulator
-    calibrated on one GPU run predicts another run of the same partitions."""
+
+def batch_ratios(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per (run, model, partition) of the runs' traces, per phase-1 batch: the runtime's GPU
+    time over the profile's prediction, ``(runner - copies) / (profile x interference)``, the
+    copies ``a + b x n x MB`` fitted on the same traces (:func:`fit_host_trace`); with the
+    batch's captured bucket."""
     _, info = fit_host_trace(runs)
     a = float(info["runner_copy_ms"]["per_batch"])
     b = float(info["runner_copy_ms"]["per_mb"])
-    ratios: dict[tuple[str, str, int], list[np.ndarray]] = {}
+    out = []
     for run in runs:
         tr = load_trace(run)
         assert tr is not None  # fit_host_trace raised otherwise
-        pp = _plan_parts(run)
-        by_model = {}
-        for part in pp.values():
-            for m in part.models:
-                by_model[m.name] = part
+        by_model = {m.name: part for part in _plan_parts(run).values() for m in part.models}
         for d in trace_batches(run, tr):
             part = by_model[d["model"]]
             gpu = d["solo_ms"] * (1.0 + d["gamma"] * d["busy_pct"] / 100.0)
             r = (d["run_ms"] - (a + b * d["n"] * d["mb"])) / gpu
-            key = (str(d["model"]), str(part.kind), int(part.sm_count))
-            ratios.setdefault(key, []).append(r[np.isfinite(r)])
-    out: dict[tuple[str, str, int], tuple[float, int]] = {}
+            ok = np.isfinite(r)
+            out.append(
+                {
+                    "run": run.path.stem,
+                    "model": str(d["model"]),
+                    "profile": str(d["profile"]),
+                    "kind": str(part.kind),
+                    "sms": int(part.sm_count),
+                    "bucket": d["bucket"][ok],
+                    "ratio": r[ok],
+                }
+            )
+    return out
+
+
+def calibration(runs: list[Run], by: str = "partition") -> dict[tuple[Any, ...], tuple[float, int]]:
+    """Per (model, partition kind, SMs) seen in the runs' traces: the factor that makes the
+    profile's GPU latency match the runtime's, the median of :func:`batch_ratios` over the
+    phase-1 batches, and the number of batches behind it; ``by="bucket"`` adds a factor per
+    (model, kind, SMs, captured bucket) with at least 50 batches (the others keep their
+    partition's).
+
+    The profiles were measured by the profiler, alone, on one machine; the runtime runs the
+    same graphs inside its worker, maybe on another machine of the same kind. A simulator
+    calibrated on one GPU run predicts another run of the same partitions."""
+    if by not in CALIBRATE_BY:
+        raise ValueError(f"calibrate by {by!r}: one of {', '.join(CALIBRATE_BY)}")
+    ratios: dict[tuple[Any, ...], list[np.ndarray]] = {}
+    for d in batch_ratios(runs):
+        key = (d["model"], d["kind"], d["sms"])
+        ratios.setdefault(key, []).append(d["ratio"])
+        if by == "bucket":
+            for bk in np.unique(d["bucket"]):
+                ratios.setdefault((*key, int(bk)), []).append(d["ratio"][d["bucket"] == bk])
+    out: dict[tuple[Any, ...], tuple[float, int]] = {}
     for key, rs in ratios.items():
         r = np.concatenate(rs)
-        if len(r) >= 50:
+        if len(r) >= CAL_MIN:
             out[key] = (float(np.median(r)), len(r))
     return out
 
 
-def apply_calibration(run: Run, cal: dict[tuple[str, str, int], tuple[float, int]]) -> int:
+def apply_calibration(run: Run, cal: dict[tuple[Any, ...], tuple[float, int]]) -> int:
     """Scale ``run``'s latency functions by ``cal`` (its problem's curve cache is new: nothing
-    was planned on it). Returns how many (model, partition) entries applied."""
-    by_profile: dict[str, dict[tuple[str, int], float]] = {}
-    for (model, kind, sms), (f, _) in cal.items():
+    was planned on it). Returns how many (model, partition[, bucket]) factors applied."""
+    by_profile: dict[str, dict[tuple[Any, ...], float]] = {}
+    for (model, *where), (f, _) in cal.items():
         if model in run.names:
             prof = run.problem.models[run.names.index(model)].profile
-            by_profile.setdefault(prof, {})[(kind, sms)] = f
+            by_profile.setdefault(prof, {})[tuple(where)] = f
     sku = run.plan.gpus[0].sku
     latency = run.problem.latency
     for prof, scales in by_profile.items():
         latency[(sku, prof)] = _ScaledLatency(latency[(sku, prof)], scales)  # type: ignore[assignment]
     return sum(len(v) for v in by_profile.values())
+
+
+# ---------------------------------------------------------------------- runtime noise
+NOISE_GROUP_MIN = 20  # batches of a (model, partition, bucket) for its own median
+
+
+def fit_runtime_noise(
+    runs: list[Run], k: int = 1000
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """The runtime's per-batch latency factors (partitioner/sim/noise.py), per profile and
+    pooled (``"*"``): :func:`batch_ratios`, each (run, model, partition, bucket) group with at
+    least 20 batches divided by its median (the rest: by their partition's), as ``k``
+    quantiles. Also, per profile, the spread (p99 / median and p90 / median of the factors)
+    and the batches behind it."""
+    per: dict[str, list[np.ndarray]] = {}
+    for d in batch_ratios(runs):
+        r, bk = d["ratio"], d["bucket"]
+        if not len(r):
+            continue
+        norm = np.empty_like(r)
+        med_all = float(np.median(r))
+        for b in np.unique(bk):
+            k_ = bk == b
+            norm[k_] = r[k_] / (float(np.median(r[k_])) if k_.sum() >= NOISE_GROUP_MIN else med_all)
+        per.setdefault(d["profile"], []).append(norm[norm > 0])
+    if not per:
+        raise SystemExit("no batches in the runs' traces to fit the runtime noise on")
+    pooled = {p: np.concatenate(v) for p, v in per.items()}
+    pooled[FALLBACK] = np.concatenate(list(pooled.values()))
+    factors = {p: quantiles(v.tolist(), k) for p, v in pooled.items()}
+    info = {
+        p: {
+            "batches": len(v),
+            "p90_over_median": round(float(np.percentile(v, 90) / np.median(v)), 4),
+            "p99_over_median": round(float(np.percentile(v, 99) / np.median(v)), 4),
+        }
+        for p, v in pooled.items()
+    }
+    return factors, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -911,10 +1031,61 @@ def main(argv: list[str] | None = None) -> int:
         help="other runs (with a worker trace) whose measured batch latency per model and "
         "partition scales the profiles' before the replay (see calibration())",
     )
+    ap.add_argument(
+        "--calibrate-by",
+        choices=CALIBRATE_BY,
+        default="partition",
+        help="--calibrate-from's factors: one per (model, partition), or per (model, partition,"
+        " captured batch bucket) where 50 batches measured it",
+    )
+    ap.add_argument(
+        "--fit-noise",
+        metavar="OUT",
+        help="only fit the runtime's per-batch latency factors on the runs given and write them"
+        " to OUT (the simulator's runtime_noise file)",
+    )
+    ap.add_argument(
+        "--noise",
+        choices=("profile", "runtime"),
+        default="profile",
+        help="the simulator's noise: the profile's lognormal, or the runtime's factors"
+        " (--runtime-noise FILE, fitted by --fit-noise on other runs)",
+    )
+    ap.add_argument("--runtime-noise", metavar="FILE", help="factors for --noise runtime")
     args = ap.parse_args(argv)
     if args.npz and len(args.summary) > 1:
         ap.error("--npz goes with a single run")
-    runs = [load_run(s, args.npz, args.sku) for s in args.summary]
+    if (args.noise == "runtime") != bool(args.runtime_noise):
+        ap.error("--noise runtime and --runtime-noise FILE go together")
+    try:
+        runs = [read_run(s, args.npz, args.sku) for s in args.summary]
+        cal_runs = [read_run(x, None, args.sku) for x in args.calibrate_from or []]
+    except RunError as exc:
+        print(f"fidelity.py: {exc}", file=sys.stderr)
+        return 2
+    if args.fit_noise:
+        if any(load_trace(r) is None for r in runs):
+            ap.error("--fit-noise needs runs with a worker trace")
+        factors, ninfo = fit_runtime_noise(runs)
+        src = "benchmarks/fidelity.py --fit-noise on " + ", ".join(str(r.path.name) for r in runs)
+        write_runtime_noise(args.fit_noise, factors, src)
+        print(f"# runtime noise written to {args.fit_noise} ({src})")
+        print("| profile | batches | p90 / median | p99 / median |")
+        print("|---|---|---|---|")
+        for p, d in ninfo.items():
+            print(
+                f"| {p} | {d['batches']} | {d['p90_over_median']:.3f} |"
+                f" {d['p99_over_median']:.3f} |"
+            )
+        return 0
+    if args.runtime_noise:
+        from partitioner.sim.noise import load_runtime_noise
+        from stgs.errors import ConfigError
+
+        try:
+            load_runtime_noise(args.runtime_noise)
+        except ConfigError as exc:
+            ap.error(str(exc))
     if args.fit or args.host == "fit":
         src = args.fit_from
         if src == "auto":
@@ -946,22 +1117,28 @@ def main(argv: list[str] | None = None) -> int:
         given = {Path(x).resolve() for x in args.summary}
         if any(Path(x).resolve() in given for x in args.calibrate_from):
             ap.error("--calibrate-from must name other runs than the ones compared")
-        cal_runs = [load_run(x, None, args.sku) for x in args.calibrate_from]
         if any(load_trace(r) is None for r in cal_runs):
             ap.error("--calibrate-from needs runs with a worker trace")
-        cal = calibration(cal_runs)
-        print(f"# calibration from {', '.join(args.calibrate_from)}: runtime / profile latency")
-        for (model, kind, sms), (f, n) in sorted(cal.items()):
-            print(f"#   {model} on {kind} {sms} SMs: x{f:.3f} ({n} batches)")
-        how += f"; latency calibrated from {len(cal_runs)} other run(s)"
+        cal = calibration(cal_runs, args.calibrate_by)
+        print(
+            f"# calibration from {', '.join(args.calibrate_from)} (by {args.calibrate_by}):"
+            " runtime / profile latency"
+        )
+        for key, (f, n) in sorted(cal.items(), key=lambda kv: tuple(map(str, kv[0]))):
+            model, kind, sms, *bk = key
+            at = f", bucket {bk[0]}" if bk else ""
+            print(f"#   {model} on {kind} {sms} SMs{at}: x{f:.3f} ({n} batches)")
+        how += f"; latency calibrated from {len(cal_runs)} other run(s) by {args.calibrate_by}"
     out: dict[str, Any] = {}
     worst_all = 0.0
     for run in runs:
         if cal is not None:
             n_applied = apply_calibration(run, cal)
-            print(f"# {run.path.name}: {n_applied} calibrated (model, partition) latency curves")
+            print(f"# {run.path.name}: {n_applied} calibration factors applied")
         mode = resolve_mode(run, args.arrivals)
-        rows, worst, info = compare(run, host, args.seeds, mode, args.interference)
+        rows, worst, info = compare(
+            run, host, args.seeds, mode, args.interference, args.runtime_noise
+        )
         print_table(run, rows, worst, args.seeds, how, info)
         tr = load_trace(run)
         if tr is not None:

@@ -42,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
 from partitioner.sim.config import SimOptions
-from partitioner.sim.run import fit_noise, fresh_problem, simulate
+from partitioner.sim.noise import load_runtime_noise
+from partitioner.sim.run import fresh_problem, noise_for, simulate
 from partitioner.sim.workload import WorkloadSpec, generate, trace_rates
 from stgs.errors import ConfigError
 from stgs.profiles import default_profiles_path
@@ -162,6 +163,13 @@ def experiment_from_mapping(data: Any, base_dir: Path, source: str = "experiment
         sets.append((gs.name, scenario_from_mapping(mapping, sdir, f"{source}: {gs.name}")))
     if not sets:
         sets.append((_gpus_name(scenario), scenario))
+    rn = spec.simulator.runtime_noise
+    if rn:  # a bad factors file is an error now, not in every worker of the pool
+        rp = Path(rn)
+        try:
+            load_runtime_noise(rp if rp.is_absolute() else base_dir / rp)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: simulator.{exc}") from exc
     return Experiment(spec, base_dir, scenario, tuple(sets))
 
 
@@ -220,7 +228,7 @@ def run_cell(exp: Experiment, cell: Cell) -> list[dict[str, Any]]:
         ctrl = opts.controller.model_copy(update={"enabled": wl.controller})
         opts = opts.model_copy(update={"controller": ctrl})
     policy = get_policy(cell.policy)
-    noise = fit_noise(sc.profiles or default_profiles_path(), opts.default_sigma)
+    noise = noise_for(opts, sc.profiles or default_profiles_path(), exp.base_dir)
     t0 = time.perf_counter()
     plan = policy.plan(
         fresh_problem(prob, [replace(m, rate_rps=base[m.name]) for m in prob.models])

@@ -133,7 +133,11 @@ class SimOptions(_Strict):
 
     duration_s: float = Field(default=30.0, gt=0, le=1e6)  # arrivals in [0, duration)
     warmup_s: float = Field(default=0.0, ge=0)  # requests arriving earlier are not counted
-    noise: Literal["profile", "off"] | float = "profile"  # lognormal sigma, or fitted
+    # "profile": lognormal, sigma fitted from the profile's p99_ms; "runtime": factors drawn
+    # from the runtime's measured ones (``runtime_noise``, partitioner/sim/noise.py); "off";
+    # or a lognormal sigma
+    noise: Literal["profile", "runtime", "off"] | float = "profile"
+    runtime_noise: str | None = None  # the factors' JSON file (relative: to the experiment)
     default_sigma: float = Field(default=MEASURED_DEFAULT_SIGMA, ge=0, le=5)
     admission: bool = True  # drop requests predicted to miss (the runtime's default)
     timeseries_s: float = Field(default=1.0, gt=0)  # window of the attainment time series
@@ -143,3 +147,13 @@ class SimOptions(_Strict):
     # MPS interference: "busy" slows a batch by the neighbours running when it starts (gamma x
     # their shares); "static" by every neighbour of the plan, busy or not (docs/simulator.md)
     interference: Literal["busy", "static"] = "busy"
+
+    @model_validator(mode="after")
+    def _noise_file(self) -> SimOptions:
+        if self.noise == "runtime" and not self.runtime_noise:
+            raise ValueError("noise: runtime needs runtime_noise: FILE (fidelity.py --fit-noise)")
+        if self.runtime_noise and self.noise != "runtime":
+            raise ValueError(
+                f"runtime_noise is only read with noise: runtime (noise is {self.noise!r})"
+            )
+        return self

@@ -15,8 +15,9 @@ and a heap of partition and controller events. What it mirrors of the runtime
 * **Batch latency**: the runtime pads a batch of n to the smallest captured bucket >= n, its
   buckets being the powers of two below the planned batch and the planned batch itself
   (``stgs.runtime.models.batch_buckets``); latency = l(bucket, partition) from the latency
-  functions x the interference slowdown ``1 + gamma x pct / 100`` x a lognormal noise factor
-  (median 1, sigma fitted from the profile's ``p99_ms``). ``pct``: the MPS shares of the
+  functions x the interference slowdown ``1 + gamma x pct / 100`` x a noise factor: lognormal
+  (median 1, sigma fitted from the profile's ``p99_ms``), or with ``noise: runtime`` drawn from
+  the runtime's measured factors (``partitioner/sim/noise.py``). ``pct``: the MPS shares of the
   neighbours (same GPU or MIG instance) running a batch when this one starts
   (``SimOptions.interference = "busy"``, the default), or of every MPS neighbour in the plan
   (``"static"``, as the planner charges it).
@@ -47,6 +48,7 @@ import numpy.typing as npt
 from partitioner.control import ControlLoop, Counts
 from partitioner.problem import Problem
 from partitioner.sim.config import ReconfigCosts, SimOptions
+from partitioner.sim.noise import factors_for
 from partitioner.sim.workload import model_rng
 from stgs.catalog import MigPlacement, canonical_layout, get_sku, layout_violation
 from stgs.errors import ConfigError
@@ -96,10 +98,13 @@ def gpu_fraction(g: GpuPlan, p: Partition) -> float:
 # ------------------------------------------------------------------------------------ noise
 @dataclass(frozen=True)
 class NoiseModel:
-    """Lognormal sigma per (gpu sku, profile name); ``default`` for the rest."""
+    """Lognormal sigma per (gpu sku, profile name); ``default`` for the rest. ``factors``: per
+    profile name (``"*"``: the rest) the runtime's measured factors that ``noise: runtime``
+    draws from (``partitioner.sim.noise.load_runtime_noise``)."""
 
     sigmas: Mapping[tuple[str, str], float] = field(default_factory=dict)
     default: float = 0.0
+    factors: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
     def sigma(self, sku: str, profile: str) -> float:
         return self.sigmas.get((sku, profile), self.default)
@@ -112,6 +117,7 @@ class _Part:
         "busy",
         "busy_ms",
         "died_ms",
+        "factors",
         "gamma",
         "gpu",
         "host",
@@ -153,7 +159,10 @@ class _Part:
         self.gamma: list[float] = []
         self.neigh: list[tuple[_Part, float]] = []
         self.host: list[list[float]] = []  # per slot: host time (ms) a batch of n adds
+        # per slot: lognormal sigma (> 0), 0 (no noise) or -1 (noise "runtime": a factor drawn
+        # from ``factors[slot]``)
         self.sigma: list[float] = []
+        self.factors: list[tuple[float, ...]] = []
         self.queues: list[deque[int]] = []
         self.margin: list[float] = []
         self.slot_of: dict[int, int] = {}
@@ -322,12 +331,17 @@ class Simulator:
             part.lat.append(by_n)
             host = self.options.host
             part.host.append([host.batch_extra_ms(spec.profile, n) for n in range(a.batch + 1)])
-            part.sigma.append(self._sigma(sku, spec.profile))
+            if self.options.noise == "runtime":
+                part.sigma.append(-1.0)
+                part.factors.append(factors_for(self.noise.factors, spec.profile))
+            else:
+                part.sigma.append(self._sigma(sku, spec.profile))
+                part.factors.append(())
             part.queues.append(deque())
             part.margin.append(0.0)
             part.slot_of.setdefault(mi, slot)
             part.rates[mi] = part.rates.get(mi, 0.0) + a.rate_rps
-        if any(s > 0 for s in part.sigma):
+        if any(s != 0 for s in part.sigma):
             part.rng = model_rng(self.seed, f"partition#{self.n_parts_made}", _NOISE_STREAM)
         if busy_mode and p.kind == "mps":  # MPS clients of the same GPU (or MIG instance)
             for q in self.parts:
@@ -347,7 +361,7 @@ class Simulator:
         mode = self.options.noise
         if mode == "off":
             return 0.0
-        if mode == "profile":
+        if mode in ("profile", "runtime"):
             return self.noise.sigma(sku, profile)
         return float(mode)
 
@@ -555,6 +569,9 @@ class Simulator:
                         sigma = part.sigma[slot]
                         if sigma > 0.0:
                             dur *= math.exp(sigma * self._normal(part))
+                        elif sigma < 0.0:  # noise "runtime": a measured factor
+                            fs = part.factors[slot]
+                            dur *= fs[int(self._uniform(part) * len(fs))]
                         dur += part.host[slot][len(live)]
                         part.busy = True
                         self.batches += 1
@@ -578,6 +595,16 @@ class Simulator:
         z = part.noise[part.noise_i]
         part.noise_i += 1
         return z
+
+    @staticmethod
+    def _uniform(part: _Part) -> float:
+        if part.noise_i >= len(part.noise):
+            assert part.rng is not None
+            part.noise = part.rng.random(_NOISE_BLOCK).tolist()
+            part.noise_i = 0
+        u = part.noise[part.noise_i]
+        part.noise_i += 1
+        return u
 
     # -------------------------------------------------------------------- controller
     @staticmethod

@@ -15,6 +15,7 @@ from partitioner.problem import Problem
 from partitioner.sim.config import SimOptions
 from partitioner.sim.engine import NoiseModel, SimResult, Simulator
 from partitioner.sim.metrics import RunMetrics, compute_metrics
+from partitioner.sim.noise import load_runtime_noise
 from partitioner.sim.workload import FloatArray
 from stgs.errors import ProfileError
 from stgs.plan import Plan
@@ -48,6 +49,21 @@ def fit_noise(profiles: Path | None, default_sigma: float) -> NoiseModel:
     except OSError as exc:
         raise ProfileError(f"{profiles}: cannot read: {exc.strerror or exc}") from exc
     return NoiseModel({k: statistics.median(v) for k, v in per.items()}, default_sigma)
+
+
+def noise_for(
+    options: SimOptions, profiles: Path | None, base_dir: Path | None = None
+) -> NoiseModel:
+    """The noise a run with ``options`` draws from: the profile's sigmas (:func:`fit_noise`)
+    and, with ``noise: runtime``, the factors of ``runtime_noise`` (a relative path: from
+    ``base_dir``, the experiment's folder)."""
+    model = fit_noise(profiles, options.default_sigma)
+    if options.noise == "runtime" and options.runtime_noise:
+        path = Path(options.runtime_noise)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        model = replace(model, factors=load_runtime_noise(path))
+    return model
 
 
 def fresh_problem(problem: Problem, models: Sequence[ModelSpec] | None = None) -> Problem:
