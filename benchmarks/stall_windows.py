@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def load(path: str, npz: str | None = None) -> F.Run:
         try:
-            return F.load_run(path, npz)
-        except (OSError, ValueError, KeyError) as exc:
-            ap.error(f"{path}: cannot read the run ({type(exc).__name__}: {exc})")
+            return F.read_run(path, npz)
+        except F.RunError as exc:  # a usage error: exit 2 with the file and why
+            print(f"stall_windows.py: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
 
     clean = [load(p) for p in args.clean]
     if any(F.load_trace(r) is None for r in clean):
