@@ -4,6 +4,8 @@
         [--arrivals auto|queued|sent|scheduled] [--interference busy|static]
     python benchmarks/fidelity.py --fit RUN.json [RUN2.json ...] [--fit-from auto|trace|client]
     python benchmarks/fidelity.py RUN.json --calibrate-from OTHER.json [...]
+        [--calibrate-by partition|bucket] [--noise profile|runtime --runtime-noise FILE]
+    python benchmarks/fidelity.py --fit-noise OUT.json RUN.json [RUN2.json ...]
 
 Input: what `benchmarks/serve_gpu.py` wrote after a run on a lent GPU (its JSON summary and the
 .npz of every request: scheduled arrival, send and answer times, model, status; newer runs also
@@ -49,6 +51,22 @@ From the client's record alone (``--fit-from client``, runs without a trace):
 ``--calibrate-from OTHER.json ...``: the profiles' latency per (model, partition) scaled by
 what the runtime measured in *other* runs' traces (:func:`calibration`), then the replay; the
 runs compared must not be among them (no fitting on the answer).
+
+``--calibrate-by``: ``partition`` (the default) one factor per (model, partition); ``bucket``
+one per (model, partition, captured batch bucket) where 50 batches measured it, the
+partition's for the rest. On the session-4 repeats bucket factors are lower for the large
+buckets (mobilenet_v3_large on 32 SMs: x1.15 at 1, x0.95 at 4) but the replays' p99 agree
+worse (docs/benchmarks.md, session 6), hence the default.
+
+``--fit-noise OUT`` writes the runtime's per-batch latency factors of the runs given (every
+batch's ratio of :func:`batch_ratios`, divided by its (run, model, partition, bucket) median)
+as the simulator's ``runtime_noise`` file (partitioner/sim/noise.py) and prints their spread;
+``--noise runtime --runtime-noise FILE`` replays with them instead of the profile's lognormal
+(fit them on other runs than the ones compared).
+
+A run file that cannot be read (missing, not JSON, no .npz, not a serve_gpu.py run): exit 2
+and one line with the file and why (:func:`read_run`, shared with repeatability.py and
+stall_windows.py).
 
 ``--exclude MODEL`` leaves a model out of the client fit (the session-2 runs served
 ``bert_base`` as a torch.nn encoder, not the transformers BertModel its profile measured).
