@@ -1104,6 +1104,14 @@ def main(argv: list[str] | None = None) -> int:
             load_runtime_noise(args.runtime_noise)
         except ConfigError as exc:
             ap.error(str(exc))
+        source = str(json.loads(Path(args.runtime_noise).read_text()).get("source", ""))
+        fitted_on = {x.strip() for x in source.partition(" on ")[2].split(",")}
+        for r in runs:
+            if r.path.name in fitted_on:
+                print(
+                    f"# note: {args.runtime_noise} was fitted on a run named {r.path.name}"
+                    " (the factors should come from other runs than the one compared)"
+                )
     if args.fit or args.host == "fit":
         src = args.fit_from
         if src == "auto":
