@@ -287,13 +287,17 @@ class Problem:
         skus = {g.sku for g in self.gpus}
         for m in self.models:
             if not any((sku, m.profile) in self.latency for sku in skus):
-                have = sorted({gm for (_, gm) in self.latency})
-                gpus = sorted({g for (g, _) in self.latency})
+                here = sorted({gm for (g, gm) in self.latency if g in skus})
+                elsewhere = sorted({g for (g, gm) in self.latency if gm == m.profile})
+                where = (
+                    f"{m.profile!r} was profiled on {', '.join(elsewhere)} only"
+                    if elsewhere
+                    else f"no GPU has a profile of {m.profile!r}"
+                )
                 raise ProfileError(
                     f"model {m.name!r}: no profile for {m.profile!r} on {', '.join(sorted(skus))}"
-                    f" (profiled models: {', '.join(have) or 'none'}; profiled GPUs:"
-                    f" {', '.join(gpus) or 'none'}; measure with `stgs profile`, or use"
-                    " `profiles: example` for the synthetic example set)"
+                    f" ({where}; profiled there: {', '.join(here) or 'none'}); measure it with"
+                    " `stgs profile`, or use `profiles: example` for the synthetic example set"
                 )
 
     # ---------------------------------------------------------------- queries

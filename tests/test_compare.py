@@ -103,6 +103,30 @@ def test_compare_same_results_with_more_processes(experiment: Path) -> None:
     assert json.dumps(strip(one), sort_keys=True) == json.dumps(strip(two), sort_keys=True)
 
 
+def test_two_experiments_in_one_process_use_their_own_models(tmp_path: Path) -> None:
+    """The per-process problem cache is keyed by the scenario, not by its index in one
+    experiment: a second experiment whose GPU set 0 holds other models gets its own problem
+    (keyed by index, it got the first one's and failed with a KeyError on its model names)."""
+    rows = {}
+    for name, models in (
+        ("a", "[{name: resnet50, slo_ms: 50, rate_rps: 100}]"),
+        (
+            "b",
+            "[{name: vit_b_16, slo_ms: 40, rate_rps: 80}, {name: bert_base, slo_ms: 100,"
+            " rate_rps: 20}]",
+        ),
+    ):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(
+            f"scenario: {{gpus: [{{sku: H100-80GB}}], models: {models}}}\npolicies: [stgs]\n"
+            "loads: [1]\nseeds: [0]\nsimulator: {duration_s: 2, warmup_s: 0.5}\n"
+        )
+        rows[name] = run_experiment(load_experiment(p), jobs=1, progress=False)
+    assert set(rows["a"][0]["per_model"]) == {"resnet50"}
+    assert set(rows["b"][0]["per_model"]) == {"vit_b_16", "bert_base"}
+    assert all(r["requests"] > 0 for r in rows["a"] + rows["b"])
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [

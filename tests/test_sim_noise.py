@@ -173,7 +173,6 @@ def test_compare_with_runtime_noise_same_results_with_more_processes(tmp_path: P
     """`stgs compare` with `noise: runtime` (a relative file): the pool's processes read it from
     the experiment's folder, 1 or 2 processes give the same results, and they are not the
     profile noise's."""
-    from partitioner.sim import compare
     from partitioner.sim.compare import run_experiment
 
     _file(tmp_path, {"*": [0.8, 1.0, 1.6, 2.5]}, "f.json")
@@ -191,9 +190,6 @@ def test_compare_with_runtime_noise_same_results_with_more_processes(tmp_path: P
     }
 
     def rows(sim: dict[str, object], jobs: int) -> str:
-        # compare._PROBLEMS caches a Problem per GPU-set index for the process, whatever the
-        # experiment: another test's experiment run in this process (jobs=1) would be reused
-        compare._PROBLEMS.clear()
         exp = experiment_from_mapping({**base, "simulator": {"duration_s": 2, **sim}}, tmp_path)
         got = run_experiment(exp, jobs=jobs, progress=False)
         strip = [{k: v for k, v in r.items() if k not in ("wall_s", "plan_s")} for r in got]

@@ -42,8 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
 from partitioner.sim.config import SimOptions
+from partitioner.sim.engine import NoiseModel
 from partitioner.sim.noise import load_runtime_noise
-from partitioner.sim.run import fresh_problem, noise_for, simulate
+from partitioner.sim.run import fit_noise, fresh_problem, simulate, with_runtime_factors
 from partitioner.sim.workload import WorkloadSpec, generate, trace_rates
 from stgs.errors import ConfigError
 from stgs.profiles import default_profiles_path
@@ -200,7 +201,11 @@ def cells(exp: Experiment) -> list[Cell]:
     return out
 
 
-_PROBLEMS: dict[int, Problem] = {}
+# Per process: the problem and the noise model of each scenario, made once and shared by the
+# cells that run on it. Keyed by the scenario itself (a frozen dataclass), not by its index in
+# one experiment: a second experiment run in the same process has other scenarios at the same
+# indices.
+_PROBLEMS: dict[tuple[Scenario, float], tuple[Problem, NoiseModel]] = {}
 
 
 def _setup_path(exp: Experiment) -> None:
@@ -214,9 +219,13 @@ def run_cell(exp: Experiment, cell: Cell) -> list[dict[str, Any]]:
     """All seeds of one cell (the plan is made once and shared by the seeds)."""
     _setup_path(exp)
     gs_name, sc = exp.gpu_sets[cell.gpu_set]
-    prob = _PROBLEMS.get(cell.gpu_set)
-    if prob is None:
-        prob = _PROBLEMS[cell.gpu_set] = Problem.from_scenario(sc)
+    key = (sc, exp.spec.simulator.default_sigma)
+    cached = _PROBLEMS.get(key)
+    if cached is None:
+        profiles = sc.profiles or default_profiles_path()
+        cached = (Problem.from_scenario(sc), fit_noise(profiles, key[1]))
+        _PROBLEMS[key] = cached
+    prob, noise = cached
     wl = exp.spec.workloads[cell.workload]
     names = [m.name for m in sc.models]
     if wl.kind == "trace":
@@ -228,7 +237,7 @@ def run_cell(exp: Experiment, cell: Cell) -> list[dict[str, Any]]:
         ctrl = opts.controller.model_copy(update={"enabled": wl.controller})
         opts = opts.model_copy(update={"controller": ctrl})
     policy = get_policy(cell.policy)
-    noise = noise_for(opts, sc.profiles or default_profiles_path(), exp.base_dir)
+    noise = with_runtime_factors(noise, opts, exp.base_dir)  # noise: runtime (not cached)
     t0 = time.perf_counter()
     plan = policy.plan(
         fresh_problem(prob, [replace(m, rate_rps=base[m.name]) for m in prob.models])

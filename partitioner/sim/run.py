@@ -57,13 +57,20 @@ def noise_for(
     """The noise a run with ``options`` draws from: the profile's sigmas (:func:`fit_noise`)
     and, with ``noise: runtime``, the factors of ``runtime_noise`` (a relative path: from
     ``base_dir``, the experiment's folder)."""
-    model = fit_noise(profiles, options.default_sigma)
-    if options.noise == "runtime" and options.runtime_noise:
-        path = Path(options.runtime_noise)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        model = replace(model, factors=load_runtime_noise(path))
-    return model
+    return with_runtime_factors(fit_noise(profiles, options.default_sigma), options, base_dir)
+
+
+def with_runtime_factors(
+    model: NoiseModel, options: SimOptions, base_dir: Path | None = None
+) -> NoiseModel:
+    """``model`` with the factors of ``options.runtime_noise`` when ``noise: runtime`` (a
+    relative path: from ``base_dir``), else ``model`` itself."""
+    if options.noise != "runtime" or not options.runtime_noise:
+        return model
+    path = Path(options.runtime_noise)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return replace(model, factors=load_runtime_noise(path))
 
 
 def fresh_problem(problem: Problem, models: Sequence[ModelSpec] | None = None) -> Problem:

@@ -1,0 +1,85 @@
+"""Latency of one GPU's profile rows against another's, per model and partition kind.
+
+    python benchmarks/profile_ratio.py [PROFILES.csv] [--gpu H200-141GB] [--base H100-80GB]
+
+For every (model, partition, batch) measured on both GPUs (same partition name, e.g.
+``mps:25`` or ``green:64``), the ratio ``latency(gpu) / latency(base)``; printed as the median
+(min-max) per model and partition kind, and the median at batch 1 and batch 128. Default: the
+shipped measured table, H200 against H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stgs.errors import ProfileError  # noqa: E402
+from stgs.profiles import measured_profiles_path, normalise_gpu, read_profiles  # noqa: E402
+
+KINDS = ("full", "mps", "green", "mig")
+
+
+def ratios(path: Path, gpu: str, base: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """model -> partition kind -> [(batch, ratio)] over the points both GPUs measured."""
+    table = read_profiles(path)
+    med: dict[tuple[str, str, str, int], list[float]] = {}
+    for r in table:
+        med.setdefault((r.gpu, r.model, r.partition, r.batch), []).append(r.latency_ms)
+    lat = {k: statistics.median(v) for k, v in med.items()}
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for (g, model, part, batch), ms in sorted(lat.items()):
+        other = lat.get((base, model, part, batch))
+        if g != gpu or other is None:
+            continue
+        out.setdefault(model, {}).setdefault(part.split(":")[0], []).append((batch, ms / other))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("profiles", nargs="?", type=Path, default=measured_profiles_path())
+    ap.add_argument("--gpu", default="H200-141GB")
+    ap.add_argument("--base", default="H100-80GB")
+    args = ap.parse_args(argv)
+    gpu, base = normalise_gpu(args.gpu), normalise_gpu(args.base)
+    try:
+        per = ratios(args.profiles, gpu, base)
+    except ProfileError as exc:
+        print(f"profile_ratio: error: {exc}", file=sys.stderr)
+        return 2
+    if not per:
+        print(f"profile_ratio: error: no point measured on both {gpu} and {base}", file=sys.stderr)
+        return 2
+    kinds = [k for k in KINDS if any(k in d for d in per.values())]
+    print(f"latency {gpu} / {base}, same partition and batch: median (min-max) [points]")
+    print("| model | " + " | ".join(kinds) + " | b=1 | b=128 |")
+    print("|---" * (len(kinds) + 3) + "|")
+    every: list[float] = []
+    for model, by_kind in per.items():
+        cells = []
+        for k in kinds:
+            rs = [x for _, x in by_kind.get(k, [])]
+            every += rs
+            cells.append(
+                f"{statistics.median(rs):.3f} ({min(rs):.2f}-{max(rs):.2f}) [{len(rs)}]"
+                if rs
+                else "-"
+            )
+        for b in (1, 128):
+            rs = [x for pts in by_kind.values() for bb, x in pts if bb == b]
+            cells.append(f"{statistics.median(rs):.3f}" if rs else "-")
+        print(f"| {model} | " + " | ".join(cells) + " |")
+    print(
+        f"all {len(every)} points: median {statistics.median(every):.3f}, "
+        f"range {min(every):.3f}-{max(every):.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
