@@ -81,6 +81,48 @@ def at_rates(plan: Plan, factor: float) -> Plan:
     return replace(plan, gpus=gpus).with_info(spare_factor=round(factor, 4))
 
 
+def hold_plan(problem: Problem, current: Plan) -> Plan | None:
+    """``current`` (a plan made for its rates x ``info["spare_factor"]``, serving its rates)
+    serving ``problem``'s rates instead, partitions, batches and duty cycles unchanged, or None
+    when a new rate exceeds what its partitions were planned for.
+
+    Each model's new rate is spread over its partitions in proportion to the old rates (as
+    ``keep_plan``); an assignment is held while its new rate is at most its old rate x the
+    factor (the plan was valid at that rate: fewer arrivals per cycle keep it valid). Unlike
+    ``keep_plan``, which re-solves every duty cycle (new batches: the runtime restarts those
+    workers), nothing changes but the rates. The held plan's factor is the smallest room left.
+    """
+    from partitioner.replan import current_rates, rate_share
+
+    factor = current.info.get("spare_factor")
+    if not current.feasible or not isinstance(factor, int | float) or factor < 1:
+        return None
+    models = {m.name: m for m in problem.models}
+    old_rate, count = current_rates(current)
+    if set(old_rate) != set(models) or len(current.gpus) != len(problem.gpus):
+        return None
+    room = math.inf
+    gpus = []
+    for g in current.gpus:
+        if problem.gpus[g.index].sku != g.sku:
+            return None
+        parts = []
+        for p in g.partitions:
+            assigned = []
+            for a in p.models:
+                rate = models[a.name].rate_rps * rate_share(a, old_rate, count)
+                cap = a.rate_rps * factor
+                if rate > cap * (1 + 1e-9):
+                    return None
+                if rate > 0:
+                    room = min(room, cap / rate)
+                assigned.append(replace(a, rate_rps=rate))
+            parts.append(replace(p, models=tuple(assigned)))
+        gpus.append(replace(g, partitions=tuple(parts)))
+    held = replace(current, gpus=tuple(gpus), unserved=())
+    return held.with_info(spare_factor=round(room if math.isfinite(room) else factor, 4))
+
+
 def gpus_by_type(plan: Plan, problem: Problem) -> Counter[GpuSpec]:
     """How many GPUs of each type (SKU and MIG permission) the plan puts partitions on."""
     return Counter(problem.gpus[g.index] for g in plan.gpus if g.partitions)
@@ -182,6 +224,11 @@ class Stgs(Policy):
         if current is not None:
             from partitioner.replan import choose_incremental
 
+            held = hold_plan(problem, current) if fill else None
+            if held is not None:
+                # the current plan holds the new rates as it is: nothing to change (keeping
+                # the layout with re-solved batches would restart workers for no gain)
+                return choose_incremental(problem, current, held, count_gpus=False)
             repaired = Greedy(problem, VARIANTS[0]).repair(current)
             # with spare capacity the GPUs are meant to be used: judge changes, not GPU count
             lean = not fill and factor <= 1
