@@ -71,7 +71,7 @@ class PlannerConfig(_Strict):
     profiles: Path | None = Field(None, description="extra profile CSV loaded at start")
     reconfig_cost: float = Field(0.05, ge=0.0, description="GPUs charged per changed partition")
     spare_factor: SpareFactor = Field(
-        1.5,
+        "fill",
         description="plan for the rates x this where the GPUs allow (headroom for bursts and"
         ' load steps on GPUs that would sit idle); 1: the fewest GPUs; "fill": the largest'
         " factor up to max_spare_factor that the fewest GPUs hold (fills them, adds none)",

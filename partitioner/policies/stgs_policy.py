@@ -191,14 +191,23 @@ class Stgs(Policy):
         return min((Greedy(problem, cfg).run() for cfg in variants), key=plan_score)
 
     def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
+        spare = problem.options.spare_factor
+        fill = spare == FILL
+        factor = 1.0 if isinstance(spare, str) else spare
+        held = hold_plan(problem, current) if fill and current is not None else None
+        if current is not None and held is not None:
+            from partitioner.replan import choose_incremental
+
+            # The current fill plan holds the new rates as it is: nothing to change, and no
+            # search to run (keeping the layout with re-solved batches, keep_plan, would
+            # restart workers for no gain; no candidate beats zero changes without counting
+            # GPUs, which spare capacity does not).
+            return choose_incremental(problem, current, held, count_gpus=False)
         # Large instances: the all-families variant alone (solve time grows with models x GPUs).
         variants = VARIANTS if len(problem.models) <= LARGE_MODELS else VARIANTS[:1]
         if len(problem.models) <= SMALL_MODELS:
             variants = variants + SMALL_VARIANTS
         best = self._fresh(problem, variants)
-        spare = problem.options.spare_factor
-        fill = spare == FILL
-        factor = 1.0 if isinstance(spare, str) else spare
         if fill:
             f, roomy = fill_factor(
                 problem,
@@ -224,11 +233,6 @@ class Stgs(Policy):
         if current is not None:
             from partitioner.replan import choose_incremental
 
-            held = hold_plan(problem, current) if fill else None
-            if held is not None:
-                # the current plan holds the new rates as it is: nothing to change (keeping
-                # the layout with re-solved batches would restart workers for no gain)
-                return choose_incremental(problem, current, held, count_gpus=False)
             repaired = Greedy(problem, VARIANTS[0]).repair(current)
             # with spare capacity the GPUs are meant to be used: judge changes, not GPU count
             lean = not fill and factor <= 1
@@ -238,11 +242,11 @@ class Stgs(Policy):
 
 @register
 class StgsSpare(Stgs):
-    """``stgs`` with spare capacity (``spare_factor`` 1.5 unless the problem sets one): what
-    the daemon runs by default."""
+    """``stgs`` with spare capacity ``spare_factor`` 1.5 (unless the problem sets a factor):
+    the daemon's default until session 6 (now ``"fill"``, :class:`StgsFill`)."""
 
     name = "stgs-spare"
-    description = "stgs planning for 1.5x the rates where the GPUs allow (headroom), as the daemon"
+    description = "stgs planning for 1.5x the rates where the GPUs allow (headroom)"
 
     def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
         spare = problem.options.spare_factor
@@ -254,7 +258,8 @@ class StgsSpare(Stgs):
 @register
 class StgsFill(Stgs):
     """``stgs`` with spare capacity ``"fill"``: the lean plan's GPUs filled (the largest factor
-    up to ``max_spare_factor`` that still fits on them), the real rates served on that plan."""
+    up to ``max_spare_factor`` that still fits on them), the real rates served on that plan;
+    what the daemon runs by default (``planner.spare_factor = "fill"``)."""
 
     name = "stgs-fill"
     description = "stgs planning for the largest factor the lean plan's GPUs hold (fills them)"
