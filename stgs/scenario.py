@@ -52,7 +52,7 @@ def _spare_factor(v: object) -> object:
         f = None
     if f is None or not 1 <= f <= MAX_SPARE_FACTOR:
         raise ValueError(
-            f'spare_factor must be a number from 1 to {MAX_SPARE_FACTOR:g} (1: the fewest GPUs)'
+            f"spare_factor must be a number from 1 to {MAX_SPARE_FACTOR:g} (1: the fewest GPUs)"
             f' or "fill" (the largest factor up to max_spare_factor on the fewest GPUs),'
             f" not {v!r}"
         )
