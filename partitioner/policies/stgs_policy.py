@@ -7,8 +7,9 @@ every partition changed ``options.reconfig_cost`` GPUs (see ``partitioner.replan
 
 Spare capacity (``options.spare_factor``): a factor > 1 plans the rates x that factor (or x its
 square root) where the GPUs allow and serves the real rates on that plan; ``"fill"`` plans the
-largest factor in [1, ``max_spare_factor``] whose plan needs no GPU more (of any type) than the
-lean plan (``fill_factor``).
+largest factor in [1, ``max_spare_factor``] whose plan fits on the GPUs the lean plan uses
+(``fill_factor``), and a re-plan whose new rates that plan still has room for keeps it as it
+is (``hold_plan``).
 """
 
 from __future__ import annotations
