@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from partitioner.control import ControlRules
 from stgs.errors import ConfigError
-from stgs.scenario import PlannerOptions
+from stgs.scenario import PlannerOptions, SpareFactor
 
 
 class _Strict(BaseModel):
@@ -70,12 +70,17 @@ class PlannerConfig(_Strict):
     headroom: float = Field(0.1, ge=0.0, lt=1.0, description="latency margin (fraction)")
     profiles: Path | None = Field(None, description="extra profile CSV loaded at start")
     reconfig_cost: float = Field(0.05, ge=0.0, description="GPUs charged per changed partition")
-    spare_factor: float = Field(
-        1.5,
-        ge=1.0,
-        le=10.0,
+    spare_factor: SpareFactor = Field(
+        "fill",
         description="plan for the rates x this where the GPUs allow (headroom for bursts and"
-        " load steps on GPUs that would sit idle); 1: the fewest GPUs",
+        ' load steps on GPUs that would sit idle); 1: the fewest GPUs; "fill": the largest'
+        " factor up to max_spare_factor that the fewest GPUs hold (fills them, adds none)",
+    )
+    max_spare_factor: float = Field(
+        _PLANNER_DEFAULTS.max_spare_factor,
+        ge=1.0,
+        le=64.0,
+        description='spare_factor = "fill": the largest factor it plans for',
     )
     # defaults: the planner's own (measured; stgs.scenario.PlannerOptions)
     host_request_ms: float = Field(

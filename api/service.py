@@ -282,6 +282,7 @@ class Service:
             options=PlannerOptions(
                 reconfig_cost=self.cfg.planner.reconfig_cost,
                 spare_factor=self.cfg.planner.spare_factor,
+                max_spare_factor=self.cfg.planner.max_spare_factor,
                 host_request_ms=self.cfg.planner.host_request_ms,
                 host_batch_ms=self.cfg.planner.host_batch_ms,
                 host_item_ms=self.cfg.planner.host_item_ms,

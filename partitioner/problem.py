@@ -257,7 +257,13 @@ class Problem:
 
     # Planner options that shapes and curves do not depend on: changing them keeps the cache.
     _CURVE_FREE_OPTIONS = frozenset(
-        {"spare_factor", "reconfig_cost", "time_limit_s", "max_models_per_partition"}
+        {
+            "spare_factor",
+            "max_spare_factor",
+            "reconfig_cost",
+            "time_limit_s",
+            "max_models_per_partition",
+        }
     )
 
     def with_options(self, **update: object) -> Problem:

@@ -17,10 +17,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stgs.catalog import get_sku
 from stgs.errors import ConfigError, UnknownSkuError
@@ -29,6 +37,30 @@ from stgs.types import GpuSpec, ModelSpec
 
 DEFAULT_HEADROOM = 0.1
 DEFAULT_MPS_SHARES = (12, 25, 37, 50, 62, 75, 87, 100)
+
+FILL = "fill"
+MAX_SPARE_FACTOR = 10.0  # the largest fixed spare_factor
+
+
+def _spare_factor(v: object) -> object:
+    """``spare_factor``: a number in [1, 10], or "fill" (any case, spaces stripped)."""
+    if isinstance(v, str) and v.strip().lower() == FILL:
+        return FILL
+    try:
+        f = float(v) if isinstance(v, int | float | str) and not isinstance(v, bool) else None
+    except ValueError:
+        f = None
+    if f is None or not 1 <= f <= MAX_SPARE_FACTOR:
+        raise ValueError(
+            f"spare_factor must be a number from 1 to {MAX_SPARE_FACTOR:g} (1: the fewest GPUs)"
+            f' or "fill" (the largest factor up to max_spare_factor on the fewest GPUs),'
+            f" not {v!r}"
+        )
+    return f
+
+
+# The spare capacity setting: a fixed factor, or "fill" (see PlannerOptions.spare_factor).
+SpareFactor = Annotated[float | Literal["fill"], BeforeValidator(_spare_factor)]
 
 
 class _Strict(BaseModel):
@@ -78,7 +110,11 @@ class PlannerOptions(_Strict):
     # Spare capacity (stgs policy): when > 1, plan the rates x this factor (or the largest of
     # x factor, x sqrt(factor) that fits) and serve the real rates on that plan, so that idle
     # GPUs become headroom for bursts and steps instead of staying empty. 1: fewest GPUs.
-    spare_factor: float = Field(default=1.0, ge=1, le=10)
+    # "fill": plan the fewest GPUs first, then the largest factor f in [1, max_spare_factor]
+    # (bisection) whose plan needs no more GPUs of any type than that lean plan, and serve the
+    # real rates on it: the GPUs the lean plan holds are filled, none is added.
+    spare_factor: SpareFactor = 1.0
+    max_spare_factor: float = Field(default=8.0, ge=1, le=64)
     # Host time around the GPU batch, which the profiles do not contain (measured on the lent
     # H100's host through the runtime's worker trace; docs/planner.md "Host costs"): a request's
     # way from the router into the worker's queue and its answer back (per request, outside

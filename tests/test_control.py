@@ -12,9 +12,11 @@ import pytest
 from api.config import ControllerConfig
 from api.controller import Controller
 from partitioner.control import ControlLoop, ControlRules, Counts
+from partitioner.policies import Policy, get_policy
 from partitioner.problem import Problem
 from partitioner.sim import ControllerOptions, SimOptions, Simulator
 from partitioner.sim.compare import load_experiment
+from partitioner.sim.run import simulate
 from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.scenario import scenario_from_mapping
@@ -166,3 +168,47 @@ def test_retired_simulator_controller_keys_name_their_replacements(tmp_path: Pat
     # the daemon's defaults are the simulator's
     assert ControllerOptions().model_dump(exclude={"enabled"}) == ControlRules().model_dump()
     assert ControllerConfig().model_dump(exclude={"deadline_drop"}) == ControlRules().model_dump()
+
+
+class _Recording(Policy):
+    """A policy's plans, recording the rate of every re-plan (a plan with a current one)."""
+
+    name = "recording"
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+        self.rates: list[float] = []
+
+    def plan(self, problem: Problem, current: Plan | None = None) -> Plan:
+        if current is not None:
+            self.rates.append(problem.models[0].rate_rps)
+        return self.inner.plan(problem, current)
+
+
+def test_fill_re_plans_as_spare_does_and_holds_its_plan() -> None:
+    """The controller's rules are the policy's business only through the rates a plan serves:
+    stgs-fill's first re-plan comes at the same time with the same rate as stgs-spare's (a
+    rise out of the band around the *served* rate). Fill answers re-plans its room covers by
+    holding its plan: no reconfiguration at all, and never more than 1.5x makes."""
+    opts = SimOptions(
+        duration_s=DURATION_S, noise="off", controller=ControllerOptions(enabled=True, **RULES)
+    )
+    runs = {}
+    for name in ("stgs-spare", "stgs-fill"):
+        pol = _Recording(get_policy(name))
+        res, met = simulate(
+            _problem(80.0), pol, {"resnet50": _arrivals()}, {"resnet50": 100.0}, opts
+        )
+        runs[name] = (res, met.summary, pol.rates)
+    spare, fill = runs["stgs-spare"], runs["stgs-fill"]
+    assert fill[0].plans[0][1].info["spare"] == "fill"
+    assert fill[0].plans[0][1].info["spare_factor"] > 2  # room for the step to 200 req/s
+    assert spare[2] and fill[2]  # both re-planned ...
+    assert fill[2][0] == pytest.approx(spare[2][0])  # ... first with the same rate
+    # at the same time: fill's held plan takes effect at once, 1.5x's when its transition
+    # (which started at the decision) is done
+    reconf = spare[0].reconfigurations
+    decided = reconf[0].start_s if reconf else spare[0].plans[1][0]
+    assert fill[0].plans[1][0] == pytest.approx(decided)
+    assert fill[1]["reconfigurations"] == 0 <= spare[1]["reconfigurations"]
+    assert fill[1]["slo_attainment"] >= spare[1]["slo_attainment"]

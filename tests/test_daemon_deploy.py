@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from api.config import load_config
+from api.config import DaemonConfig, load_config
 from api.daemon import sd_notify
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -20,6 +20,8 @@ def test_example_config_loads_with_the_defaults() -> None:
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8470
     assert cfg.paths.state_dir == Path("/var/lib/stgs")
     assert cfg.controller.hold_s == 30.0
+    assert cfg.planner.spare_factor == DaemonConfig().planner.spare_factor == "fill"
+    assert cfg.planner.max_spare_factor == DaemonConfig().planner.max_spare_factor
 
 
 def test_systemd_unit() -> None:

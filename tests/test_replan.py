@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+import pytest
 from plan_checker import build_models, check_plan
 
 from partitioner.greedy import Greedy
+from partitioner.peak import largest_factor
 from partitioner.policies import get_policy
-from partitioner.policies.stgs_policy import VARIANTS
+from partitioner.policies.stgs_policy import (
+    VARIANTS,
+    at_rates,
+    fits_within,
+    gpus_by_type,
+    hold_plan,
+    on_gpus,
+)
 from partitioner.problem import Problem
 from partitioner.replan import align_gpus, diff, disruptions, disruptive
+from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.scenario import scenario_from_mapping
 
@@ -169,3 +180,136 @@ def test_spare_factor_plans_headroom_and_keeps_it() -> None:
     assert again.feasible
     assert diff(plan, again).partitions_changed == 0
     _valid(up, again)
+
+
+def _scaled(k: float) -> list[dict[str, Any]]:
+    return [{**m, "rate_rps": m["rate_rps"] * k} for m in MODELS]
+
+
+def _fill_problem(models: list[dict[str, Any]], **planner: Any) -> Problem:
+    data = {**_data(models), "planner": {"spare_factor": "fill", **planner}}
+    return Problem.from_scenario(scenario_from_mapping(data))
+
+
+@pytest.mark.parametrize("k", [1.0, 2.5])
+def test_fill_plans_more_room_on_the_lean_plans_gpus(k: float) -> None:
+    """spare_factor "fill": the lean plan's GPUs (no more of any type), a factor at least 1.5
+    where the 1.5x rates fit on those GPUs (as the 1.5x plan's), valid at the real rates. At
+    2.5x the rates the 1.5x plan takes a second GPU; fill stays on the lean plan's one."""
+    models = _scaled(k)
+    lean_prob = _problem(models)
+    lean = get_policy("stgs").plan(lean_prob)
+    spare = get_policy("stgs-spare").plan(lean_prob)
+    plan = get_policy("stgs").plan(_fill_problem(models))
+    assert lean.feasible and plan.feasible
+    assert plan.info["spare"] == "fill"
+    assert plan.gpus_used == lean.gpus_used
+    assert fits_within(plan, lean, lean_prob)
+    assert gpus_by_type(plan, lean_prob) == gpus_by_type(lean, lean_prob)
+    _valid(models, plan)
+    for m in models:  # the real rates served, not the planned ones
+        assert plan.served_rate(m["name"]) == pytest.approx(m["rate_rps"])
+    f = plan.info["spare_factor"]
+    assert 1 < f <= 8.0
+    # 1.5x the rates on the lean plan's GPUs, as fill's search tries them
+    at_15 = on_gpus(
+        lean_prob.with_models([m.scaled(1.5) for m in lean_prob.models]),
+        lean,
+        lambda p: get_policy("stgs").plan(p),
+    )
+    if k == 1.0:
+        assert at_15.feasible and spare.gpus_used == lean.gpus_used
+        assert f >= max(1.5, spare.info["spare_factor"])
+    else:
+        assert spare.gpus_used > lean.gpus_used  # 1.5x takes another GPU; fill does not
+    if fits_within(spare, lean, lean_prob):
+        assert f >= spare.info["spare_factor"]
+    # the room is real: the plan at f x the rates (undoing at_rates) is valid there
+    _valid([{**m, "rate_rps": m["rate_rps"] * f} for m in models], at_rates(plan, 1 / f))
+
+
+def test_fill_is_deterministic_and_capped() -> None:
+    prob = _fill_problem(MODELS)
+    a = get_policy("stgs-fill").plan(prob)
+    b = get_policy("stgs-fill").plan(_fill_problem(MODELS))
+    assert a.to_dict() == b.to_dict()
+    assert a.policy == "stgs-fill"
+    capped = get_policy("stgs").plan(_fill_problem(MODELS, max_spare_factor=1.2))
+    assert 1 < capped.info["spare_factor"] <= 1.2
+    lean = get_policy("stgs").plan(_fill_problem(MODELS, max_spare_factor=1))
+    assert lean.info["spare_factor"] == 1.0
+
+
+def test_largest_factor_bisects_to_tolerance_and_decides_first() -> None:
+    probes: list[float] = []
+    ok = _plan(GpuPlan(0, "H100-80GB", False, (_mps(50),)))
+    bad = replace(ok, feasible=False)
+
+    def attempt(threshold: float) -> Any:
+        def at(f: float) -> Plan:
+            probes.append(f)
+            return ok.with_info(f=f) if f <= threshold else bad
+
+        return at
+
+    f, plan = largest_factor(attempt(2.37), 1.0, 8.0, rel_tol=0.03, geometric=True, first=1.5)
+    assert probes[:2] == [8.0, 1.5]
+    assert 2.37 / 1.03 <= f <= 2.37 and plan is not None and plan.info["f"] == f
+    probes.clear()
+    f, plan = largest_factor(attempt(9.0), 1.0, 8.0, geometric=True)
+    assert (f, probes) == (8.0, [8.0])
+    f, plan = largest_factor(attempt(0.5), 1.0, 8.0, rel_tol=0.03, geometric=True, first=1.5)
+    assert f == 1.0 and plan is None
+    # not monotone: fits at 1.5, not at 1.6 .. 8: the first probe keeps 1.5
+    f, _ = largest_factor(
+        lambda x: ok if x <= 1.5 or x == 8.5 else bad, 1.0, 8.0, geometric=True, first=1.5
+    )
+    assert f >= 1.5
+
+
+def test_fits_within_counts_gpus_by_type() -> None:
+    prob = _problem(MODELS)  # two MIG-capable H100s, one without MIG
+    one = _plan(GpuPlan(0, "H100-80GB", False, (_mps(50),)), GpuPlan(1, "H100-80GB", False, ()))
+    other = _plan(GpuPlan(0, "H100-80GB", False, ()), GpuPlan(1, "H100-80GB", False, (_mps(50),)))
+    two = _plan(*(GpuPlan(i, "H100-80GB", False, (_mps(50),)) for i in (0, 1)))
+    no_mig = _plan(GpuPlan(2, "H100-80GB", False, (_mps(50),)))
+    assert fits_within(other, one, prob)  # the same type, another index
+    assert not fits_within(two, one, prob)  # one GPU more
+    assert not fits_within(no_mig, one, prob)  # a GPU of a type the lean plan does not use
+    assert not fits_within(replace(one, feasible=False), one, prob)
+
+
+def test_fill_holds_its_plan_while_the_room_lasts() -> None:
+    """A re-plan at 1.3x the rates keeps every partition and batch of a fill plan (the
+    runtime restarts no worker); past the room it plans afresh, still valid."""
+    from stgs.runtime.runtime import partition_keys
+
+    plan = get_policy("stgs-fill").plan(_fill_problem(MODELS))
+    f = plan.info["spare_factor"]
+    assert f > 1.3
+    up = _scaled(1.3)
+    again = get_policy("stgs-fill").plan(_fill_problem(up), plan)
+    assert again.feasible and set(partition_keys(again)) == set(partition_keys(plan))
+    assert again.info["spare_factor"] == pytest.approx(f / 1.3, rel=1e-3)
+    assert again.info["changes"]["partitions_added"] == 0
+    _valid(up, again)
+    assert hold_plan(_problem(_scaled(f * 1.1)), plan) is None
+    far = _scaled(f * 1.1)
+    moved = get_policy("stgs-fill").plan(_fill_problem(far), plan)
+    assert moved.feasible
+    _valid(far, moved)
+
+
+@pytest.mark.parametrize("bad", ["fil", 0.5, 11, True, "", None])
+def test_spare_factor_must_be_a_factor_or_fill(bad: Any) -> None:
+    data = {**_data(MODELS), "planner": {"spare_factor": bad}}
+    with pytest.raises(ConfigError, match=r'planner\.spare_factor: spare_factor must be .*"fill"'):
+        scenario_from_mapping(data)
+
+
+def test_spare_factor_accepts_numbers_and_fill() -> None:
+    for v, want in [(1.5, 1.5), ("2", 2.0), (1, 1.0), ("fill", "fill"), (" Fill ", "fill")]:
+        data = {**_data(MODELS), "planner": {"spare_factor": v}}
+        assert scenario_from_mapping(data).options.spare_factor == want
+    with pytest.raises(ConfigError, match="max_spare_factor"):
+        scenario_from_mapping({**_data(MODELS), "planner": {"max_spare_factor": 0.5}})

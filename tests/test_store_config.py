@@ -159,13 +159,30 @@ def test_config_file_resolves_relative_paths(tmp_path: Path) -> None:
         ("[controller]\ninterval_s = -1\n", "controller.interval_s"),
         ("[backend]\nkind = 'cuda'\n", "backend.kind"),
         ("not toml = = 1", "not valid TOML"),
+        ("[planner]\nspare_factor = 'full'\n", 'planner.spare_factor: .*or "fill"'),
+        ("[planner]\nspare_factor = 0.5\n", "planner.spare_factor: .*from 1 to 10"),
+        ("[planner]\nspare_factor = true\n", "planner.spare_factor"),
+        ("[planner]\nmax_spare_factor = 0.9\n", "planner.max_spare_factor"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, msg: str) -> None:
     f = tmp_path / "c.toml"
     f.write_text(text)
-    with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=msg.replace(".", r"\.", 1)):
         load_config(f)
+
+
+def test_spare_factor_default_fill_and_old_configs_keep_working(tmp_path: Path) -> None:
+    assert DaemonConfig().planner.spare_factor == "fill"
+    assert DaemonConfig().planner.max_spare_factor == 8.0
+    f = tmp_path / "c.toml"
+    for text, want in [
+        ("spare_factor = 1.5", 1.5),  # a config written before "fill" existed
+        ("spare_factor = 1", 1.0),
+        ('spare_factor = "fill"\nmax_spare_factor = 4', "fill"),
+    ]:
+        f.write_text(f"[planner]\n{text}\n")
+        assert load_config(f).planner.spare_factor == want
 
 
 def test_missing_config_and_short_token(tmp_path: Path) -> None:

@@ -356,6 +356,7 @@ CSV_COLUMNS = (
     "utilisation",
     "mean_batch",
     "replans",
+    "controller_passes",
     "reconfigurations",
     "reconfig_s",
     "partitions_started",

@@ -284,6 +284,7 @@ class Simulator:
         self.ctrl: ControlLoop | None = None
         self.ctrl_requested: dict[str, float] = {}  # the rates the current plan was made for
         self.replans_refused = 0
+        self.ctrl_passes = 0  # controller passes run (none while a transition is under way)
         # requests answered since the controller's last pass, per model index (as the
         # daemon's meter counts them: arrival and outcome when the answer is given)
         self.c_done = [0] * len(self.models)
@@ -523,7 +524,10 @@ class Simulator:
             busy_weighted_ms=self.busy_weighted_ms,
             alive_weighted_ms=self.alive_weighted_ms,
             batches=self.batches,
-            info={"replans_refused": self.replans_refused} if self.replans_refused else {},
+            info={
+                "controller_passes": self.ctrl_passes,
+                **({"replans_refused": self.replans_refused} if self.replans_refused else {}),
+            },
             source_index=src,
         )
 
@@ -629,6 +633,7 @@ class Simulator:
         """One pass of the daemon's controller (``partitioner.control``) at virtual time t."""
         ctrl = self.ctrl
         assert ctrl is not None and self.replan_fn is not None
+        self.ctrl_passes += 1
         planned = self._ctrl_planned()
         counts = {
             n: Counts(self.c_done[i], self.c_done[i], self.c_met[i])

@@ -83,6 +83,7 @@ def compute_metrics(res: SimResult, window_s: float = 1.0) -> RunMetrics:
         "batches": res.batches,
         "mean_batch": float(done.sum() / res.batches) if res.batches else 0.0,
         "replans": res.replans,
+        "controller_passes": int(res.info.get("controller_passes", 0)),
         "reconfigurations": len(reconf),
         "reconfig_s": float(sum(r.done_s - r.start_s for r in reconf)),
         "reconfig_ready_s": float(sum(r.ready_s - r.start_s for r in reconf)),
