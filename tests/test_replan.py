@@ -300,6 +300,30 @@ def test_fill_holds_its_plan_while_the_room_lasts() -> None:
     _valid(far, moved)
 
 
+@pytest.mark.parametrize("policy", ["stgs-fill", "stgs-spare"])
+def test_spare_capacity_releases_a_gpu_when_the_load_falls(policy: str) -> None:
+    """Spare capacity judges re-plans by their changes, not by GPUs, except once a plan with
+    room (1.5x the new rates) fits on fewer GPUs than the current plan holds: then a GPU is
+    freed, as a lean plan frees it. A 10% drop keeps every GPU (and fill's partitions)."""
+    high = _scaled(6)
+    cur = get_policy(policy).plan(_fill_problem(high) if policy == "stgs-fill" else _problem(high))
+    assert cur.feasible and cur.gpus_used >= 2
+    small = _scaled(6 * 0.9)
+    kept = get_policy(policy).plan(
+        _fill_problem(small) if policy == "stgs-fill" else _problem(small), cur
+    )
+    assert kept.gpus_used == cur.gpus_used
+    if policy == "stgs-fill":
+        assert kept.info["changes"]["partitions_added"] == 0
+    low = _scaled(6 * 0.2)
+    fell = get_policy(policy).plan(
+        _fill_problem(low) if policy == "stgs-fill" else _problem(low), cur
+    )
+    assert fell.feasible and fell.gpus_used < cur.gpus_used
+    assert fell.info["spare_factor"] >= 1.5  # the GPUs it keeps still have room
+    _valid(low, fell)
+
+
 @pytest.mark.parametrize("bad", ["fil", 0.5, 11, True, "", None])
 def test_spare_factor_must_be_a_factor_or_fill(bad: Any) -> None:
     data = {**_data(MODELS), "planner": {"spare_factor": bad}}

@@ -195,24 +195,35 @@ class Stgs(Policy):
         spare = problem.options.spare_factor
         fill = spare == FILL
         factor = 1.0 if isinstance(spare, str) else spare
-        held = hold_plan(problem, current) if fill and current is not None else None
-        if current is not None and held is not None:
-            from partitioner.replan import choose_incremental
-
-            # The current fill plan holds the new rates as it is: nothing to change, and no
-            # search to run (keeping the layout with re-solved batches, keep_plan, would
-            # restart workers for no gain; no candidate beats zero changes without counting
-            # GPUs, which spare capacity does not).
-            return choose_incremental(problem, current, held, count_gpus=False)
         # Large instances: the all-families variant alone (solve time grows with models x GPUs).
         variants = VARIANTS if len(problem.models) <= LARGE_MODELS else VARIANTS[:1]
         if len(problem.models) <= SMALL_MODELS:
             variants = variants + SMALL_VARIANTS
+        # Spare capacity releases a GPU once the load has fallen so far that a plan with room
+        # (rates x FILL_FIRST for fill, x the factor for a fixed one) fits on fewer GPUs than
+        # the current plan holds: the re-plan then counts GPUs, as a lean one does. Otherwise
+        # it judges changes alone (the GPUs it holds are headroom) and never frees a GPU.
+        release = False
+        roomy_fill: Plan | None = None
+        if fill and current is not None:
+            roomy_fill = self._fresh(_scaled(problem, FILL_FIRST), variants)
+            release = roomy_fill.feasible and roomy_fill.gpus_used < current.gpus_used
+            held = None if release else hold_plan(problem, current)
+            if held is not None:
+                from partitioner.replan import choose_incremental
+
+                # The current fill plan holds the new rates as it is: nothing to change (keeping
+                # the layout with re-solved batches, keep_plan, would restart workers for no
+                # gain; no candidate beats zero changes without counting GPUs).
+                return choose_incremental(problem, current, held, count_gpus=False)
         best = self._fresh(problem, variants)
         if fill:
+            # released: fill the GPUs of the plan with room (so that f >= FILL_FIRST), else
+            # those of the lean plan
+            base = roomy_fill if release and roomy_fill is not None else best
             f, roomy = fill_factor(
                 problem,
-                best,
+                base,
                 lambda p: self._fresh(p, variants),
                 problem.options.max_spare_factor,
             )
@@ -226,19 +237,22 @@ class Stgs(Policy):
         elif factor > 1 and best.feasible:
             # plan for more than the rates where the GPUs allow it (see PlannerOptions)
             for f in (factor, math.sqrt(factor)):
-                p_f = problem.with_models([m.scaled(f) for m in problem.models])
-                roomy = self._fresh(p_f, variants)
+                roomy = self._fresh(_scaled(problem, f), variants)
                 if roomy.feasible:
                     best = at_rates(roomy, f)
+                    release = current is not None and best.gpus_used < current.gpus_used
                     break
         if current is not None:
             from partitioner.replan import choose_incremental
 
             repaired = Greedy(problem, VARIANTS[0]).repair(current)
-            # with spare capacity the GPUs are meant to be used: judge changes, not GPU count
             lean = not fill and factor <= 1
-            best = choose_incremental(problem, current, best, repaired, count_gpus=lean)
+            best = choose_incremental(problem, current, best, repaired, count_gpus=lean or release)
         return best
+
+
+def _scaled(problem: Problem, factor: float) -> Problem:
+    return problem.with_models([m.scaled(factor) for m in problem.models])
 
 
 @register
