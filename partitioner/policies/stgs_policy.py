@@ -206,8 +206,9 @@ class Stgs(Policy):
         release = False
         roomy_fill: Plan | None = None
         if fill and current is not None:
-            roomy_fill = self._fresh(_scaled(problem, FILL_FIRST), variants)
-            release = roomy_fill.feasible and roomy_fill.gpus_used < current.gpus_used
+            if current.gpus_used > 1:  # (one GPU: none to give back, no plan to make)
+                roomy_fill = self._fresh(_scaled(problem, FILL_FIRST), variants)
+                release = roomy_fill.feasible and roomy_fill.gpus_used < current.gpus_used
             held = None if release else hold_plan(problem, current)
             if held is not None:
                 from partitioner.replan import choose_incremental
