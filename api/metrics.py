@@ -108,6 +108,14 @@ class Metrics:
             "stgs_gpu_healthy", "1 when the GPU is healthy", ["gpu"], registry=r
         )
         self.gpu_mig = Gauge("stgs_gpu_mig_enabled", "1 when MIG mode is on", ["gpu"], registry=r)
+        self.plan_gpus = Gauge(
+            "stgs_plan_gpus_used", "GPUs the current plan puts partitions on", registry=r
+        )
+        self.plan_spare = Gauge(
+            "stgs_plan_spare_factor",
+            "Room in the current plan: it holds its rates x this factor (1: none)",
+            registry=r,
+        )
         self.reconfigs = Counter(
             "stgs_reconfigurations", "Plan transitions by result", ["result"], registry=r
         )
@@ -162,6 +170,11 @@ class Metrics:
         ):
             g.clear()
         try:
+            plan = service.runtime.current_plan
+            if plan is not None:
+                self.plan_gpus.set(plan.gpus_used)
+                spare = plan.info.get("spare_factor", 1.0)
+                self.plan_spare.set(float(spare) if isinstance(spare, int | float) else 1.0)
             for name, rate in service.planned_rates().items():
                 self.planned_rate.labels(name).set(rate)
             with service.inflight.lock:

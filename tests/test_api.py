@@ -142,6 +142,9 @@ def test_kserve_json_and_binary(client: TestClient) -> None:
     assert 'stgs_inference_request_success_total{model="echo"} 2.0' in metrics
     assert 'stgs_inference_count_total{model="echo"} 4.0' in metrics
     assert 'stgs_model_planned_rate_rps{model="echo"} 50.0' in metrics
+    assert "stgs_plan_gpus_used 1.0" in metrics
+    spare = [ln for ln in metrics.splitlines() if ln.startswith("stgs_plan_spare_factor ")]
+    assert len(spare) == 1 and float(spare[0].split()[1]) > 1.0  # the default: fill
     assert 'stgs_reconfigurations_total{result="success"} 1.0' in metrics
     assert "stgs_partition_up{" in metrics and 'stgs_gpu_mig_enabled{gpu="0"} 1.0' in metrics
 
