@@ -25,6 +25,7 @@ from partitioner.sim import (
 )
 from partitioner.sim.config import HostCosts
 from partitioner.sim.engine import DEADLINE, NO_WORKER, OK
+from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.scenario import scenario_from_mapping
 
@@ -413,3 +414,21 @@ def test_replan_to_the_idle_gpu_makes_before_break(problem: Problem) -> None:
     res2 = sim2.run()
     assert res2.reconfigurations[0].break_first == 2
     assert int(((res2.status == NO_WORKER) & (res2.model == 0)).sum()) > 0  # resnet50 waited
+
+
+def test_overrun_slows_only_the_named_model(problem: Problem) -> None:
+    """simulator.overrun: the named model's batches run that much longer than its profile
+    says (the planner does not know); other models and bad keys as stated."""
+    arr = {"resnet50": np.array([0.0]), "bert_base": np.array([0.0])}
+    plan = get_policy("stgs").plan(problem)
+    opts = {"duration_s": 1, "noise": "off", "admission": False, "host": HostCosts(enabled=False)}
+    base = Simulator(problem, plan, arr, SimOptions(**opts)).run()
+    slow = Simulator(problem, plan, arr, SimOptions(**opts, overrun={"resnet50": 1.3})).run()
+    lat0, lat1 = base.finish_ms - base.arrival_ms, slow.finish_ms - slow.arrival_ms
+    names = [base.models[i] for i in base.model]
+    for name, a, b in zip(names, lat0, lat1, strict=True):
+        assert b == pytest.approx(a * (1.3 if name == "resnet50" else 1.0), rel=1e-9)
+    with pytest.raises(ValueError, match="overrun"):
+        SimOptions(overrun={"resnet50": 0.0})
+    with pytest.raises(ConfigError, match="not in the problem"):
+        Simulator(problem, plan, arr, SimOptions(**opts, overrun={"vgg16": 1.2}))

@@ -7,10 +7,11 @@ measured values (``worker READY info load_s``, backend timings) once the runtime
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from partitioner.control import MIN_RATE_RPS, ControlRules
 
@@ -147,6 +148,18 @@ class SimOptions(_Strict):
     # MPS interference: "busy" slows a batch by the neighbours running when it starts (gamma x
     # their shares); "static" by every neighbour of the plan, busy or not (docs/simulator.md)
     interference: Literal["busy", "static"] = "busy"
+    # model name -> factor: its batches run that much slower (or faster, < 1) than its profile
+    # says, unknown to the planner and the controller: a model that overruns its profile
+    # (DeepRT's case; a driver, clock or input that differs from the profiled one)
+    overrun: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("overrun")
+    @classmethod
+    def _overrun(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, f in v.items():
+            if not (math.isfinite(f) and 0.1 <= f <= 10):
+                raise ValueError(f"overrun[{name!r}] must be a factor in [0.1, 10], not {f}")
+        return v
 
     @model_validator(mode="after")
     def _noise_file(self) -> SimOptions:

@@ -257,6 +257,9 @@ class Simulator:
         unknown = sorted(set(arrivals) - set(self.midx))
         if unknown:
             raise ConfigError(f"arrivals for models not in the problem: {', '.join(unknown)}")
+        unknown = sorted(set(options.overrun) - set(self.midx))
+        if unknown:
+            raise ConfigError(f"simulator.overrun names models not in the problem: {unknown}")
         self.arrivals_ms = [
             np.asarray(arrivals.get(n, np.empty(0)), dtype=np.float64) * 1000.0 for n in self.models
         ]
@@ -320,6 +323,7 @@ class Simulator:
             else:
                 slow = self.problem.interference.slowdown(spec.profile, sku, neighbour)
                 part.gamma.append(0.0)
+            slow *= self.options.overrun.get(a.name, 1.0)  # unknown to planner and controller
             by_n = [0.0]
             j = 0
             for n in range(1, a.batch + 1):
