@@ -103,6 +103,37 @@ class Metrics:
             labels,
             registry=r,
         )
+        ml = ["gpu", "partition", "model"]
+        self.part_batches = Gauge(
+            "stgs_partition_batches_total",
+            "Batches the partition's worker ran for the model (since the worker started)",
+            ml,
+            registry=r,
+        )
+        self.part_run = Gauge(
+            "stgs_partition_batch_run_seconds_total",
+            "Run time of those batches (the runner's call: input copy, GPU, output copy)",
+            ml,
+            registry=r,
+        )
+        self.part_full = Gauge(
+            "stgs_partition_full_batches_total",
+            "Batches of the planned batch size the worker ran for the model",
+            ml,
+            registry=r,
+        )
+        self.part_full_run = Gauge(
+            "stgs_partition_full_batch_run_seconds_total",
+            "Run time of the full batches",
+            ml,
+            registry=r,
+        )
+        self.part_planned_batch = Gauge(
+            "stgs_partition_planned_batch_seconds",
+            "The plan's predicted latency of one full batch of the model on the partition",
+            ml,
+            registry=r,
+        )
         self.gpu_mem = Gauge("stgs_gpu_memory_total_mib", "GPU memory (MiB)", ["gpu"], registry=r)
         self.gpu_healthy = Gauge(
             "stgs_gpu_healthy", "1 when the GPU is healthy", ["gpu"], registry=r
@@ -163,6 +194,11 @@ class Metrics:
             self.part_mem,
             self.part_restarts,
             self.part_inflight,
+            self.part_batches,
+            self.part_run,
+            self.part_full,
+            self.part_full_run,
+            self.part_planned_batch,
             self.rate,
             self.attainment,
             self.planned_rate,
@@ -195,6 +231,14 @@ class Metrics:
                 self.part_restarts.labels(*labels).set(p.restarts)
                 w = p.worker
                 self.part_inflight.labels(*labels).set(0 if w is None else w.transport.in_flight)
+                for m in part.models:
+                    self.part_planned_batch.labels(*labels, m.name).set(m.latency_ms / 1000.0)
+                stats = {} if w is None else getattr(w.transport, "batch_stats", {})
+                for name, st in stats.items():
+                    self.part_batches.labels(*labels, name).set(st["batches"])
+                    self.part_run.labels(*labels, name).set(st["run_ns"] / 1e9)
+                    self.part_full.labels(*labels, name).set(st["full_batches"])
+                    self.part_full_run.labels(*labels, name).set(st["full_run_ns"] / 1e9)
         except Exception:  # read path: tolerate, log
             log.exception("metrics: reading the runtime failed")
         try:

@@ -7,6 +7,7 @@ synthetic rows at once, so registration runs the real admission control, planner
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,6 +144,14 @@ def test_kserve_json_and_binary(client: TestClient) -> None:
     assert 'stgs_inference_count_total{model="echo"} 4.0' in metrics
     assert 'stgs_model_planned_rate_rps{model="echo"} 50.0' in metrics
     assert "stgs_plan_gpus_used 1.0" in metrics
+    # the worker's batch statistics (STATS frames) beside the plan's prediction
+    assert 'stgs_partition_planned_batch_seconds{gpu="0"' in metrics
+    end = time.monotonic() + 10
+    while 'stgs_partition_batches_total{gpu="0"' not in metrics and time.monotonic() < end:
+        time.sleep(0.05)
+        metrics = client.get("/metrics").text
+    ran = [ln for ln in metrics.splitlines() if ln.startswith("stgs_partition_batches_total{")]
+    assert ran and all('model="echo"' in ln and float(ln.split()[-1]) >= 1 for ln in ran)
     spare = [ln for ln in metrics.splitlines() if ln.startswith("stgs_plan_spare_factor ")]
     assert len(spare) == 1 and float(spare[0].split()[1]) > 1.0  # the default: fill
     assert 'stgs_reconfigurations_total{result="success"} 1.0' in metrics

@@ -23,7 +23,15 @@ from stgs.errors import (
 )
 from stgs.runtime.models import batch_buckets, model_entry
 from stgs.runtime.process import WorkerProcess
-from stgs.runtime.transport import OK, REQUEST, RESPONSE, FrameSocket, MockTransport
+from stgs.runtime.transport import (
+    OK,
+    REQUEST,
+    RESPONSE,
+    STATS,
+    FrameSocket,
+    MockTransport,
+    SocketTransport,
+)
 from stgs.runtime.worker import ModelSlot, WorkerSpec
 
 TIMEOUT = 20.0
@@ -226,3 +234,58 @@ def test_worker_that_cannot_load_reports_it(node: SimulatedNode) -> None:
         assert w.proc.wait(TIMEOUT) == 3
     finally:
         w.kill()
+
+
+def _wait_stats(t: SocketTransport, model: str, batches: int) -> dict[str, int]:
+    end = time.monotonic() + TIMEOUT
+    while time.monotonic() < end:
+        st = t.batch_stats.get(model)
+        if st is not None and st["batches"] >= batches:
+            return st
+        time.sleep(0.01)
+    raise AssertionError(f"no STATS with {batches} batches of {model}: {t.batch_stats}")
+
+
+def test_worker_reports_batch_statistics(node: SimulatedNode) -> None:
+    """The worker's STATS frames: cumulative batches and run time per model, full batches (the
+    planned size) apart; at most one frame a second, so the totals lag by up to a second."""
+    w = _worker(node, ("sleep:30", 2), ("echo", 4))
+    try:
+        x = np.ones(3, np.float32)
+        for f in [w.transport.submit("sleep:30", x) for _ in range(2)]:  # one full batch
+            f.result(TIMEOUT)
+        st = _wait_stats(w.transport, "sleep:30", 1)  # the first batch reports at once
+        assert st["full_batches"] == 1 and 0.03e9 <= st["run_ns"] == st["full_run_ns"] < 1e9
+        time.sleep(1.05)  # past the interval: the next batch reports again
+        w.transport.submit("sleep:30", x).result(TIMEOUT)  # a partial batch
+        st = _wait_stats(w.transport, "sleep:30", 2)
+        assert st["full_batches"] == 1 and st["run_ns"] > st["full_run_ns"] + 0.025e9
+        assert w.transport.batch_stats["echo"]["batches"] == 0
+    finally:
+        w.stop()
+    assert w.proc.returncode == 0
+
+
+def test_malformed_stats_are_ignored() -> None:
+    a, b = socket.socketpair()
+    t = SocketTransport(a, ["m"], name="t")
+    try:
+        fs = FrameSocket(b)
+        fs.send(STATS, data=b"not json")
+        good = b'{"batches": [3], "run_ns": [9], "full_batches": [1], "full_run_ns": [4]}'
+        fs.send(STATS, data=good)
+        end = time.monotonic() + TIMEOUT
+        while not t.batch_stats and time.monotonic() < end:
+            time.sleep(0.01)
+        assert t.batch_stats == {
+            "m": {"batches": 3, "run_ns": 9, "full_batches": 1, "full_run_ns": 4}
+        }
+        fs.send(STATS, data=b'{"batches": []}')  # malformed: the last good totals stay
+        fs.send(STATS, data=good.replace(b"[3]", b"[5]"))
+        end = time.monotonic() + TIMEOUT
+        while t.batch_stats["m"]["batches"] == 3 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert t.batch_stats["m"]["batches"] == 5 and not t.closed
+    finally:
+        t.close()
+        b.close()

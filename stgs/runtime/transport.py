@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import socket
 import struct
 import threading
@@ -64,6 +65,8 @@ REQUEST = 1
 RESPONSE = 2
 READY = 3  # worker -> daemon once its models are loaded; payload: JSON facts
 STOP = 4  # daemon -> worker: finish what is queued, then exit
+STATS = 5  # worker -> daemon: cumulative batch statistics per model slot; payload: JSON
+STATS_KEYS = ("batches", "run_ns", "full_batches", "full_run_ns")
 # statuses of a response
 OK = 0
 DEADLINE = 1
@@ -309,6 +312,8 @@ class SocketTransport(Transport):
         self._on_close = on_close
         self.ready = threading.Event()
         self.ready_info: Frame | None = None
+        # the worker's latest STATS: model name -> key (STATS_KEYS) -> cumulative value
+        self.batch_stats: dict[str, dict[str, int]] = {}
         self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
         self._reader.start()
 
@@ -382,6 +387,10 @@ class SocketTransport(Transport):
                         fut.set_result(frame.array())
                     else:
                         fut.set_exception(_error(frame.status, frame.text()))
+                elif frame.kind == STATS:
+                    stats = _parse_stats(frame.text(), self.models)
+                    if stats is not None:  # a malformed one keeps the last good totals
+                        self.batch_stats = stats
                 elif frame.kind == READY:
                     self.ready_info = frame
                     self.ready.set()
@@ -410,6 +419,21 @@ class SocketTransport(Transport):
 
     def close(self) -> None:
         self._shutdown("closed by the daemon")
+
+
+def _parse_stats(text: str, models: Sequence[str]) -> dict[str, dict[str, int]] | None:
+    """A STATS payload by model name (slots of one model summed); None when malformed (a read
+    path: statistics never break serving)."""
+    try:
+        raw = json.loads(text)
+        out: dict[str, dict[str, int]] = {}
+        for slot, name in enumerate(models):
+            d = out.setdefault(name, dict.fromkeys(STATS_KEYS, 0))
+            for k in STATS_KEYS:
+                d[k] += int(raw[k][slot])
+        return out
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 class MockTransport(Transport):

@@ -15,6 +15,12 @@ batches must not make a model refuse everything from then on. A STOP frame drain
 queued is served, then the worker exits; a closed socket (the daemon is gone) ends the worker at
 once.
 
+Batch statistics: at most once a second, after a batch, the worker sends a STATS frame (JSON,
+``STATS_KEYS``): per model slot, cumulative since it started, the batches it ran and their run
+time (the runner's call: input copy, GPU, output copy), and the same for full batches (the
+planned batch size) alone. The daemon compares them with the plan's predicted batch latency
+(metrics ``stgs_partition_*batch*``): a model that overruns its profile shows there.
+
 Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker records, per
 batch, ``TRACE_BATCH`` and, per request taken, ``TRACE_REQUEST`` (``time.monotonic_ns()``, one
 clock for every process of the host), and writes them to ``DIR/<pid>.npz`` when it exits
@@ -49,6 +55,8 @@ from stgs.runtime.transport import (
     READY,
     REQUEST,
     RESPONSE,
+    STATS,
+    STATS_KEYS,
     STOP,
     Array,
     FrameSocket,
@@ -68,6 +76,7 @@ TRACE_REQUEST = ("slot", "deadline", "t_queued", "batch", "ran")
 # the estimate shrinks by this factor, so that a model whose estimate exceeds its SLO (nothing
 # runs, so nothing re-measures it) runs again after a few refused takes.
 ADMISSION_DECAY = 0.8
+STATS_INTERVAL_NS = 1_000_000_000  # at most one STATS frame a second
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,9 @@ class Worker:
         self.trace_dir = os.environ.get(TRACE_ENV) or None
         self.tb: array[int] = array("q")  # TRACE_BATCH rows, flat
         self.tr: array[int] = array("q")  # TRACE_REQUEST rows, flat
+        # per slot, cumulative: STATS_KEYS (batches, run_ns, full_batches, full_run_ns)
+        self.stats: dict[str, list[int]] = {k: [0] * len(spec.models) for k in STATS_KEYS}
+        self.stats_sent_ns = 0
 
     def load(self) -> None:
         torch_models = any(model_entry(m.name).needs_torch for m in self.spec.models)
@@ -230,8 +242,15 @@ class Worker:
                 t1 = time.monotonic_ns()
                 self.tb.extend((i, len(take), len(live), now, t0, t1, t1))
             return
-        dt = time.monotonic_ns() - t0
+        t1 = time.monotonic_ns()
+        dt = t1 - t0
         self.est_ns[i] = dt if self.est_ns[i] == 0 else 0.8 * self.est_ns[i] + 0.2 * dt
+        st = self.stats
+        st["batches"][i] += 1
+        st["run_ns"][i] += dt
+        if len(live) >= self.spec.models[i].batch:
+            st["full_batches"][i] += 1
+            st["full_run_ns"][i] += dt
         try:  # every reply of the batch in one go (one system call for small outputs)
             self.fs.send_responses(
                 [(r.req_id, np.asarray(out)) for r, out in zip(live, outs, strict=True)]
@@ -240,6 +259,15 @@ class Worker:
             return
         if trace:
             self.tb.extend((i, len(take), len(live), now, t0, t0 + dt, time.monotonic_ns()))
+        if t1 - self.stats_sent_ns >= STATS_INTERVAL_NS:
+            self.send_stats(t1)
+
+    def send_stats(self, now_ns: int) -> None:
+        """The cumulative batch statistics as one STATS frame (a lost one costs nothing: the
+        next carries the totals)."""
+        self.stats_sent_ns = now_ns
+        with contextlib.suppress(OSError):
+            self.fs.send(STATS, data=json.dumps(self.stats).encode())
 
     def write_trace(self) -> None:
         """The trace as ``<dir>/<pid>.npz`` (nothing without ``STGS_WORKER_TRACE``)."""
