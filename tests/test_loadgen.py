@@ -24,6 +24,7 @@ from stgs.runtime.transport import (
     RECV_BUFFER_BYTES,
     REQUEST,
     RESPONSE,
+    STATS,
     FrameSocket,
 )
 from stgs.runtime.worker import ADMISSION_DECAY, ModelSlot, Worker, WorkerSpec, _Request
@@ -188,10 +189,15 @@ class _Fs:
     def __init__(self) -> None:
         self.errors: list[tuple[int, int, str]] = []
         self.ok: list[int] = []
+        self.stats: list[str] = []
 
     def send(
         self, kind: int, *, status: int = OK, req_id: int = 0, data: bytes = b"", **_: Any
     ) -> None:
+        if kind == STATS:  # the worker's batch statistics, not a reply
+            self.stats.append(data.decode())
+            return
+        assert kind == RESPONSE
         self.errors.append((req_id, status, data.decode()))
 
     def send_responses(self, replies: list[tuple[int, Any]]) -> None:
@@ -229,6 +235,7 @@ def test_admission_recovers_after_slow_batches() -> None:
     assert w.est_ns[0] < 20e6
     assert all(s == DEADLINE and "predicted" in m for _, s, m in fs.errors)
     assert len(fs.errors) == ran_at
+    assert len(fs.stats) == 1 and '"batches": [1]' in fs.stats[0]  # the batch that ran
     # requests already late decay nothing: only predictions that refused a whole take do
     est = w.est_ns[0] = 5e6
     w._run(0, [_Request(100, time.monotonic_ns() - 1, x)])
