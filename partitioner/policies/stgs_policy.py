@@ -202,7 +202,7 @@ class Stgs(Policy):
         # Spare capacity releases a GPU once the load has fallen so far that a plan with room
         # (rates x FILL_FIRST for fill, x the factor for a fixed one) fits on fewer GPUs than
         # the current plan holds: the re-plan then counts GPUs, as a lean one does. Otherwise
-        # it judges changes alone (the GPUs it holds are headroom) and never frees a GPU.
+        # it judges changes alone (the GPUs it holds are headroom), not GPU count.
         release = False
         roomy_fill: Plan | None = None
         if fill and current is not None:
