@@ -233,8 +233,7 @@ class Metrics:
                 self.part_inflight.labels(*labels).set(0 if w is None else w.transport.in_flight)
                 for m in part.models:
                     self.part_planned_batch.labels(*labels, m.name).set(m.latency_ms / 1000.0)
-                stats = {} if w is None else getattr(w.transport, "batch_stats", {})
-                for name, st in stats.items():
+                for name, st in ({} if w is None else w.transport.batch_stats).items():
                     self.part_batches.labels(*labels, name).set(st["batches"])
                     self.part_run.labels(*labels, name).set(st["run_ns"] / 1e9)
                     self.part_full.labels(*labels, name).set(st["full_batches"])

@@ -44,7 +44,7 @@ from partitioner.problem import Problem
 from partitioner.sim.config import SimOptions
 from partitioner.sim.engine import NoiseModel
 from partitioner.sim.noise import load_runtime_noise
-from partitioner.sim.run import fit_noise, fresh_problem, simulate, with_runtime_factors
+from partitioner.sim.run import fresh_problem, noise_for, runtime_noise_path, simulate
 from partitioner.sim.workload import WorkloadSpec, generate, trace_rates
 from stgs.errors import ConfigError
 from stgs.profiles import default_profiles_path
@@ -164,11 +164,10 @@ def experiment_from_mapping(data: Any, base_dir: Path, source: str = "experiment
         sets.append((gs.name, scenario_from_mapping(mapping, sdir, f"{source}: {gs.name}")))
     if not sets:
         sets.append((_gpus_name(scenario), scenario))
-    rn = spec.simulator.runtime_noise
-    if rn:  # a bad factors file is an error now, not in every worker of the pool
-        rp = Path(rn)
+    rn = runtime_noise_path(spec.simulator, base_dir)
+    if rn is not None:  # a bad factors file is an error now, not in every worker of the pool
         try:
-            load_runtime_noise(rp if rp.is_absolute() else base_dir / rp)
+            load_runtime_noise(rn)
         except ConfigError as exc:
             raise ConfigError(f"{source}: simulator.{exc}") from exc
     return Experiment(spec, base_dir, scenario, tuple(sets))
@@ -203,9 +202,9 @@ def cells(exp: Experiment) -> list[Cell]:
 
 # Per process: the problem and the noise model of each scenario, made once and shared by the
 # cells that run on it. Keyed by the scenario itself (a frozen dataclass), not by its index in
-# one experiment: a second experiment run in the same process has other scenarios at the same
-# indices.
-_PROBLEMS: dict[tuple[Scenario, float], tuple[Problem, NoiseModel]] = {}
+# one experiment (a second experiment run in the same process has other scenarios at the same
+# indices), and by what the noise model is made of (sigma default, runtime-noise file).
+_PROBLEMS: dict[tuple[Scenario, float, Path | None], tuple[Problem, NoiseModel]] = {}
 
 
 def _setup_path(exp: Experiment) -> None:
@@ -219,11 +218,12 @@ def run_cell(exp: Experiment, cell: Cell) -> list[dict[str, Any]]:
     """All seeds of one cell (the plan is made once and shared by the seeds)."""
     _setup_path(exp)
     gs_name, sc = exp.gpu_sets[cell.gpu_set]
-    key = (sc, exp.spec.simulator.default_sigma)
+    sim = exp.spec.simulator
+    key = (sc, sim.default_sigma, runtime_noise_path(sim, exp.base_dir))
     cached = _PROBLEMS.get(key)
     if cached is None:
         profiles = sc.profiles or default_profiles_path()
-        cached = (Problem.from_scenario(sc), fit_noise(profiles, key[1]))
+        cached = (Problem.from_scenario(sc), noise_for(sim, profiles, exp.base_dir))
         _PROBLEMS[key] = cached
     prob, noise = cached
     wl = exp.spec.workloads[cell.workload]
@@ -237,7 +237,6 @@ def run_cell(exp: Experiment, cell: Cell) -> list[dict[str, Any]]:
         ctrl = opts.controller.model_copy(update={"enabled": wl.controller})
         opts = opts.model_copy(update={"controller": ctrl})
     policy = get_policy(cell.policy)
-    noise = with_runtime_factors(noise, opts, exp.base_dir)  # noise: runtime (not cached)
     t0 = time.perf_counter()
     plan = policy.plan(
         fresh_problem(prob, [replace(m, rate_rps=base[m.name]) for m in prob.models])

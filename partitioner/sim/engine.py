@@ -117,6 +117,7 @@ class _Part:
         "busy",
         "busy_ms",
         "died_ms",
+        "draw_block",
         "factors",
         "gamma",
         "gpu",
@@ -133,7 +134,6 @@ class _Part:
         "partition",
         "queues",
         "rates",
-        "rng",
         "sigma",
         "slot_of",
         "state",
@@ -169,7 +169,9 @@ class _Part:
         self.rates: dict[int, float] = {}
         self.noise: list[float] = []
         self.noise_i = 0
-        self.rng: np.random.Generator | None = None
+        # the seeded stream's block of draws: standard normals (lognormal noise) or uniforms
+        # (noise "runtime"); None: no noise
+        self.draw_block: Callable[[int], FloatArray] | None = None
 
 
 @dataclass
@@ -347,7 +349,8 @@ class Simulator:
             part.slot_of.setdefault(mi, slot)
             part.rates[mi] = part.rates.get(mi, 0.0) + a.rate_rps
         if any(s != 0 for s in part.sigma):
-            part.rng = model_rng(self.seed, f"partition#{self.n_parts_made}", _NOISE_STREAM)
+            rng = model_rng(self.seed, f"partition#{self.n_parts_made}", _NOISE_STREAM)
+            part.draw_block = rng.random if self.options.noise == "runtime" else rng.standard_normal
         if busy_mode and p.kind == "mps":  # MPS clients of the same GPU (or MIG instance)
             for q in self.parts:
                 if (
@@ -576,10 +579,10 @@ class Simulator:
                             dur *= 1.0 + part.gamma[slot] * pct / 100.0
                         sigma = part.sigma[slot]
                         if sigma > 0.0:
-                            dur *= math.exp(sigma * self._normal(part))
+                            dur *= math.exp(sigma * self._draw(part))
                         elif sigma < 0.0:  # noise "runtime": a measured factor
                             fs = part.factors[slot]
-                            dur *= fs[int(self._uniform(part) * len(fs))]
+                            dur *= fs[int(self._draw(part) * len(fs))]
                         dur += part.host[slot][len(live)]
                         part.busy = True
                         self.batches += 1
@@ -595,24 +598,16 @@ class Simulator:
             return
 
     @staticmethod
-    def _normal(part: _Part) -> float:
+    def _draw(part: _Part) -> float:
+        """The partition's next noise draw (a standard normal, or a uniform with noise
+        "runtime"), from blocks of its seeded stream."""
         if part.noise_i >= len(part.noise):
-            assert part.rng is not None
-            part.noise = part.rng.standard_normal(_NOISE_BLOCK).tolist()
+            assert part.draw_block is not None
+            part.noise = part.draw_block(_NOISE_BLOCK).tolist()
             part.noise_i = 0
         z = part.noise[part.noise_i]
         part.noise_i += 1
         return z
-
-    @staticmethod
-    def _uniform(part: _Part) -> float:
-        if part.noise_i >= len(part.noise):
-            assert part.rng is not None
-            part.noise = part.rng.random(_NOISE_BLOCK).tolist()
-            part.noise_i = 0
-        u = part.noise[part.noise_i]
-        part.noise_i += 1
-        return u
 
     # -------------------------------------------------------------------- controller
     @staticmethod

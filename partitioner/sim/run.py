@@ -51,26 +51,23 @@ def fit_noise(profiles: Path | None, default_sigma: float) -> NoiseModel:
     return NoiseModel({k: statistics.median(v) for k, v in per.items()}, default_sigma)
 
 
+def runtime_noise_path(options: SimOptions, base_dir: Path | None = None) -> Path | None:
+    """The ``runtime_noise`` file a run with ``options`` reads (a relative path: from
+    ``base_dir``, the experiment's folder); None unless ``noise: runtime``."""
+    if options.noise != "runtime" or not options.runtime_noise:
+        return None
+    path = Path(options.runtime_noise)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
 def noise_for(
     options: SimOptions, profiles: Path | None, base_dir: Path | None = None
 ) -> NoiseModel:
     """The noise a run with ``options`` draws from: the profile's sigmas (:func:`fit_noise`)
-    and, with ``noise: runtime``, the factors of ``runtime_noise`` (a relative path: from
-    ``base_dir``, the experiment's folder)."""
-    return with_runtime_factors(fit_noise(profiles, options.default_sigma), options, base_dir)
-
-
-def with_runtime_factors(
-    model: NoiseModel, options: SimOptions, base_dir: Path | None = None
-) -> NoiseModel:
-    """``model`` with the factors of ``options.runtime_noise`` when ``noise: runtime`` (a
-    relative path: from ``base_dir``), else ``model`` itself."""
-    if options.noise != "runtime" or not options.runtime_noise:
-        return model
-    path = Path(options.runtime_noise)
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    return replace(model, factors=load_runtime_noise(path))
+    and, with ``noise: runtime``, the factors of :func:`runtime_noise_path`'s file."""
+    model = fit_noise(profiles, options.default_sigma)
+    path = runtime_noise_path(options, base_dir)
+    return model if path is None else replace(model, factors=load_runtime_noise(path))
 
 
 def fresh_problem(problem: Problem, models: Sequence[ModelSpec] | None = None) -> Problem:

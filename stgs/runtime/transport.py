@@ -32,9 +32,10 @@ import struct
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -255,6 +256,9 @@ class Transport(ABC):
 
     name: str
     models: tuple[str, ...]
+    # the worker's latest STATS: model name -> key (STATS_KEYS) -> cumulative value; empty for
+    # a transport whose worker sends none
+    batch_stats: Mapping[str, Mapping[str, int]] = MappingProxyType({})
 
     @abstractmethod
     def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
@@ -312,8 +316,7 @@ class SocketTransport(Transport):
         self._on_close = on_close
         self.ready = threading.Event()
         self.ready_info: Frame | None = None
-        # the worker's latest STATS: model name -> key (STATS_KEYS) -> cumulative value
-        self.batch_stats: dict[str, dict[str, int]] = {}
+        self.batch_stats: dict[str, dict[str, int]] = {}  # (Transport.batch_stats)
         self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
         self._reader.start()
 
