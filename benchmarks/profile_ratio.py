@@ -1,11 +1,17 @@
 """Latency of one GPU's profile rows against another's, per model and partition kind.
 
     python benchmarks/profile_ratio.py [PROFILES.csv] [--gpu H200-141GB] [--base H100-80GB]
+    python benchmarks/profile_ratio.py --reference      # the H200 rows vs gpu-facts.md
 
 For every (model, partition, batch) measured on both GPUs (same partition name, e.g.
 ``mps:25`` or ``green:64``), the ratio ``latency(gpu) / latency(base)``; printed as the median
 (min-max) per model and partition kind, and the median at batch 1 and batch 128. Default: the
 shipped measured table, H200 against H100.
+
+``--reference``: the table's H200 rows against the independent H200 measurements of the
+project's GPU facts (``shared/docs/gpu-facts.md``, "Latency on a lent H200": resnet50 and
+vit_b_16, CUDA graphs, fp16, median of 30, measured by other code than stgs's profiler),
+transcribed below as :data:`GPU_FACTS_H200`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,44 @@ from stgs.errors import ProfileError  # noqa: E402
 from stgs.profiles import measured_profiles_path, normalise_gpu, read_profiles  # noqa: E402
 
 KINDS = ("full", "mps", "green", "mig")
+# gpu-facts.md, "Latency on a lent H200 (measured, fp16, torchvision weights=None, median of
+# 30)": (model, partition) -> latency ms at batches 1, 8, 32, 128 (reference data, not stgs's)
+GPU_FACTS_BATCHES = (1, 8, 32, 128)
+GPU_FACTS_H200 = {
+    ("resnet50", "full"): (1.03, 1.55, 3.63, 12.5),
+    ("resnet50", "mps:50"): (1.21, 2.24, 5.79, 20.5),
+    ("resnet50", "mps:25"): (1.51, 3.54, 10.8, 40.8),
+    ("resnet50", "mps:12"): (2.33, 6.57, 22.7, 86.4),
+    ("vit_b_16", "full"): (0.69, 1.13, 3.30, 12.7),
+}
+
+
+def against_reference(path: Path) -> int:
+    """Print the H200 rows of ``path`` against :data:`GPU_FACTS_H200`."""
+    table = read_profiles(path)
+    lat: dict[tuple[str, str, int], list[float]] = {}
+    for r in table:
+        if r.gpu == "H200-141GB":
+            lat.setdefault((r.model, r.partition, r.batch), []).append(r.latency_ms)
+    heads = " | ".join(f"b={b}: ours / ref" for b in GPU_FACTS_BATCHES)
+    print(f"| model | partition | {heads} |")
+    print("|---|---" + "|---" * len(GPU_FACTS_BATCHES) + "|")
+    missing = 0
+    for (model, part), ref in GPU_FACTS_H200.items():
+        cells = []
+        for b, want in zip(GPU_FACTS_BATCHES, ref, strict=True):
+            got = lat.get((model, part, b))
+            if got is None:
+                missing += 1
+                cells.append("-")
+                continue
+            ms = statistics.median(got)
+            cells.append(f"{ms:.2f} / {want:.2f} ({ms / want - 1:+.1%})")
+        print(f"| {model} | {part} | " + " | ".join(cells) + " |")
+    if missing == len(GPU_FACTS_H200) * len(GPU_FACTS_BATCHES):
+        print("profile_ratio: error: no H200 row of the reference points", file=sys.stderr)
+        return 2
+    return 0
 
 
 def ratios(path: Path, gpu: str, base: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -45,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("profiles", nargs="?", type=Path, default=measured_profiles_path())
     ap.add_argument("--gpu", default="H200-141GB")
     ap.add_argument("--base", default="H100-80GB")
+    ap.add_argument("--reference", action="store_true", help="H200 rows vs gpu-facts.md")
     args = ap.parse_args(argv)
+    if args.reference:
+        try:
+            return against_reference(args.profiles)
+        except ProfileError as exc:
+            print(f"profile_ratio: error: {exc}", file=sys.stderr)
+            return 2
     gpu, base = normalise_gpu(args.gpu), normalise_gpu(args.base)
     try:
         per = ratios(args.profiles, gpu, base)

@@ -40,3 +40,10 @@ def test_no_common_point_is_exit_2() -> None:
         check=False,
     )
     assert r.returncode == 2 and "no point measured on both L4 and H100-80GB" in r.stderr
+
+
+def test_reference_compares_the_shipped_h200_rows_with_gpu_facts() -> None:
+    out = run_python("benchmarks/profile_ratio.py", "--reference", timeout=60).stdout
+    assert "| resnet50 | mps:50 | 1.20 / 1.21 (-0.6%) |" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "ours / ref" not in ln]
+    assert len(rows) == 5 and all(ln.count("%") == 4 for ln in rows)  # every reference point
