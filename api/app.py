@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -334,7 +335,22 @@ def create_app(
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(kserve.router())
+    app.add_middleware(ArrivalStamp)  # added last: the outermost layer
     return app
+
+
+class ArrivalStamp:
+    """Pure ASGI middleware: stamps ``request.state.arrival_ns`` (``time.monotonic_ns()``) when
+    a request enters the app, before auth and before its body is read; a stamp set earlier (by
+    the HTTP protocol, when the headers were parsed) is kept. The SLO clock starts there."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {}).setdefault("arrival_ns", time.monotonic_ns())
+        await self.app(scope, receive, send)
 
 
 def gpu_view(ctx: AppContext) -> dict[str, Any]:

@@ -112,12 +112,34 @@ class ControllerConfig(ControlRules):
     )
 
 
+class WorkersConfig(_Strict):
+    """``[workers]``: how the daemon supervises partition workers (:class:`stgs.runtime.Runtime`)."""
+
+    ready_timeout_s: float = Field(
+        120.0, gt=0.0, le=3600.0, description="a worker must load its models within this"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0.0, le=3600.0, description="an old worker finishes its queue within this"
+    )
+    hang_grace_s: float = Field(
+        0.8,
+        gt=0.0,
+        le=600.0,
+        description="a ready worker silent for twice its slowest batch plus this is hung:"
+        " killed and restarted",
+    )
+    restart_limit: int = Field(
+        10, ge=0, le=1000, description="failures in a row after which a partition stays failed"
+    )
+
+
 class DaemonConfig(_Strict):
     server: ServerConfig = Field(default_factory=lambda: ServerConfig())
     paths: PathsConfig = Field(default_factory=lambda: PathsConfig())
     backend: BackendConfig = Field(default_factory=lambda: BackendConfig())
     planner: PlannerConfig = Field(default_factory=lambda: PlannerConfig())
     controller: ControllerConfig = Field(default_factory=lambda: ControllerConfig())
+    workers: WorkersConfig = Field(default_factory=lambda: WorkersConfig())
 
     @field_validator("server")
     @classmethod

@@ -2,7 +2,8 @@
 
 Start-up order: open the SQLite store in ``paths.state_dir``; pick the backend (``auto``: NVML
 when a GPU answers, else the simulated node of ``backend.simulated_gpus``, whose workers run on
-the CPU); start the runtime's monitor; serve HTTP at once (``/v2/health/live`` answers while the
+the CPU); start the runtime's monitor (it notices dead and hung workers within a second, fails
+their partitions and restarts them with back-off, each step in the event log); serve HTTP at once (``/v2/health/live`` answers while the
 state is restored); restore in the background (the last good plan, else a fresh plan, so every
 registered model serves again); then tell systemd ``READY=1`` and start the controller.
 
@@ -110,8 +111,22 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
     cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.paths.state_dir / "stgs.db")
     backend, kind, mig = make_backend(cfg)
-    runtime = Runtime(backend, ready_timeout_s=120.0, drain_timeout_s=30.0)
     metrics = Metrics()
+
+    def on_worker_event(kind: str, message: str, data: dict[str, Any]) -> None:
+        store.log_event(kind, message, **data)
+        if kind == "worker_failed":
+            metrics.worker_failures.inc()
+
+    w = cfg.workers
+    runtime = Runtime(
+        backend,
+        ready_timeout_s=w.ready_timeout_s,
+        drain_timeout_s=w.drain_timeout_s,
+        hang_grace_s=w.hang_grace_s,
+        restart_limit=w.restart_limit,
+        on_event=on_worker_event,
+    )
     meter = LoadMeter(cfg.controller.rate_halflife_s)
 
     def on_request(model: str, n: int, secs: float, met: bool, error: str) -> None:
@@ -140,6 +155,7 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
     stall_probe = StallProbe(metrics.stall.observe)
     if background:  # the real daemon (tests that build apps in-process do not run it)
         stall_probe.start()
+        runtime.start_monitor()  # worker supervision: dead and hung workers restarted
     ctx = AppContext(
         service,
         controller,

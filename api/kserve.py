@@ -24,7 +24,6 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from stgs import __version__
 from stgs.errors import ConfigError, InvalidRequestError
@@ -230,15 +229,15 @@ def router() -> APIRouter:
         return JSONResponse({"error": message}, status_code=status)
 
     @r.get("/v2", summary="server metadata")
-    def server_metadata() -> dict[str, Any]:
+    async def server_metadata() -> dict[str, Any]:
         return {"name": "stgs", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @r.get("/v2/health/live", summary="the daemon is alive")
-    def live() -> dict[str, Any]:
+    async def live() -> dict[str, Any]:
         return {"live": True}
 
     @r.get("/v2/health/ready", summary="the daemon restored its state and serves")
-    def ready(request: Request) -> Response:
+    async def ready(request: Request) -> Response:
         ok = bool(svc(request).restored)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
@@ -257,7 +256,7 @@ def router() -> APIRouter:
         return name, entry.input_dtype, entry.input_shape
 
     @r.get("/v2/models/{model}", summary="model metadata")
-    def model_metadata(model: str, request: Request) -> Response:
+    async def model_metadata(model: str, request: Request) -> Response:
         try:
             rec = _record(request, model)
             in_name, dtype, shape = _io(rec)
@@ -282,7 +281,7 @@ def router() -> APIRouter:
         )
 
     @r.get("/v2/models/{model}/ready", summary="the model has a ready worker")
-    def model_ready(model: str, request: Request) -> Response:
+    async def model_ready(model: str, request: Request) -> Response:
         try:
             _record(request, model)
         except KServeError as exc:
@@ -321,7 +320,8 @@ def router() -> APIRouter:
                     raise KServeError(400, f"unknown output {o.name!r}; the model has 'output'")
             arr, _ = decode_input(inp, tail, 0, dtype, shape)
             samples = list(arr)
-            outs = await run_in_threadpool(svc(request).infer, model, samples)
+            arrival_ns = getattr(request.state, "arrival_ns", None)
+            outs = await svc(request).infer_async(model, samples, arrival_ns=arrival_ns)
             out = np.stack([np.asarray(o) for o in outs])
             return encode_response(model, req.id, out, _wants_binary(req))
         except KServeError as exc:

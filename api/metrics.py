@@ -156,6 +156,11 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
         )
+        self.worker_failures = Counter(
+            "stgs_worker_failures",
+            "Workers that died or hung (each killed and restarted with back-off)",
+            registry=r,
+        )
         self.replans = Counter(
             "stgs_controller_replans", "Re-plans decided by the controller", registry=r
         )

@@ -18,6 +18,7 @@ weighs reconfiguration cost), and applied through :meth:`stgs.runtime.Runtime.ap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import threading
@@ -37,7 +38,15 @@ from partitioner.problem import Problem
 from partitioner.replan import diff
 from stgs.backend.base import Backend
 from stgs.catalog import get_sku
-from stgs.errors import ConfigError, NoWorkerError, ProfileError, StgsError, TransitionError
+from stgs.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    NoWorkerError,
+    ProfileError,
+    StgsError,
+    TransitionError,
+    WorkerTimeoutError,
+)
 from stgs.plan import Plan, empty_plan
 from stgs.profiles import ProfileRow, ProfileTable, default_profiles_path, read_profiles
 from stgs.runtime import PartitionState, Runtime
@@ -49,7 +58,10 @@ log = logging.getLogger(__name__)
 PROFILING, PENDING, READY, REFUSED, FAILED = "profiling", "pending", "ready", "refused", "failed"
 LIVE = (PENDING, READY)  # statuses of models that belong in the plan
 MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2")
-NO_WORKER_WAIT_S = 10.0  # a request waits this long for a live model's worker to be ready
+# A request is answered by its deadline plus this, whatever its worker does (a hung worker's
+# requests get WorkerTimeoutError); a model without an SLO waits NO_SLO_TIMEOUT_S at most.
+ANSWER_GRACE_S = 0.5
+NO_SLO_TIMEOUT_S = 30.0
 
 ProfileFn = Callable[[str, str], list[ProfileRow]]
 """(model name, GPU SKU) -> measured profile rows of that model on that SKU."""
@@ -574,43 +586,79 @@ class Service:
             for p in list(self.runtime.partitions.values())
         )
 
-    def infer(self, name: str, samples: list[np.ndarray], timeout_s: float = 30.0) -> list[Any]:
-        """Run ``samples`` (one array per sample) through the model; ServingError on failure."""
+    def infer(self, name: str, samples: list[np.ndarray]) -> list[Any]:
+        """Blocking :meth:`infer_async` for callers without an event loop (tests, scripts)."""
+        return asyncio.run(self.infer_async(name, samples))
+
+    async def infer_async(
+        self, name: str, samples: list[np.ndarray], *, arrival_ns: int | None = None
+    ) -> list[Any]:
+        """Run ``samples`` (one array per sample) through the model; ServingError on failure.
+
+        The SLO clock starts at ``arrival_ns`` (when the request reached the server; default
+        now): a request that already missed its deadline is shed at once
+        (DeadlineExceededError), the worker sheds what cannot meet it, and whatever the worker
+        does the call answers by the deadline plus ``ANSWER_GRACE_S`` (WorkerTimeoutError).
+        Every outcome is counted, against the SLO, from the arrival."""
         slo_ms = self.runtime.slos.get(name)
-        t0 = time.perf_counter()
+        t0 = time.monotonic_ns() if arrival_ns is None else arrival_ns
+        deadline_ns = 0 if slo_ms is None else t0 + int(slo_ms * 1e6)
         self.inflight.add(name, len(samples))
         ok = False
         kind = ""
         try:
-            futs = [self._submit(name, s) for s in samples]
-            out = [f.result(timeout_s) for f in futs]
+            out = await self._serve(name, samples, deadline_ns)
             ok = True
             return out
         except StgsError as exc:
             kind = type(exc).__name__
             raise
-        except TimeoutError:
-            kind = "Timeout"
-            raise
         finally:
             self.inflight.add(name, -len(samples))
-            secs = time.perf_counter() - t0
+            secs = (time.monotonic_ns() - t0) / 1e9
             if self.observer.on_request is not None:
                 met = ok and (slo_ms is None or secs * 1000.0 <= slo_ms)
                 self.observer.on_request(name, len(samples), secs, met, kind)
 
-    def _submit(self, name: str, sample: np.ndarray) -> Future[Any]:
-        """Submit; while a live model has no ready worker (a transition that had to stop its
-        old partition before the new one was ready), wait up to NO_WORKER_WAIT_S for one."""
-        end = time.monotonic() + NO_WORKER_WAIT_S
+    async def _serve(self, name: str, samples: list[np.ndarray], deadline_ns: int) -> list[Any]:
+        now = time.monotonic_ns()
+        if deadline_ns and now >= deadline_ns:
+            raise DeadlineExceededError(
+                f"{name}: deadline passed {(now - deadline_ns) / 1e6:.1f} ms before the request"
+                " reached a worker (the server is overloaded)"
+            )
+        futs = await self._submit(name, samples, deadline_ns)
+        left_s = NO_SLO_TIMEOUT_S if not deadline_ns else (deadline_ns - now) / 1e9
+        waits = [asyncio.wrap_future(f) for f in futs]
+        _, pending = await asyncio.wait(waits, timeout=max(0.0, left_s) + ANSWER_GRACE_S)
+        for w in pending:
+            w.cancel()  # the worker's late answer is dropped
+        for w in waits:
+            if not w.cancelled():
+                w.exception()  # retrieved: asyncio does not log it as lost
+        if pending:
+            raise WorkerTimeoutError(
+                f"{name}: no answer from its worker by the deadline + {ANSWER_GRACE_S:g} s"
+                " (the worker is not responding; it is restarted)"
+            )
+        return [f.result() for f in futs]
+
+    async def _submit(
+        self, name: str, samples: list[np.ndarray], deadline_ns: int
+    ) -> list[Future[Any]]:
+        """Submit every sample. With no ready worker, fail at once (NoWorkerError: 503), except
+        during a transition (the break-first gap of a MIG change), where the request waits for
+        the new worker until its deadline."""
         while True:
-            fut = self.runtime.submit(name, sample)
-            if not (fut.done() and isinstance(fut.exception(), NoWorkerError)):
-                return fut
-            rec = self.store.get_model(name)
-            if rec is None or rec.status not in LIVE or time.monotonic() > end:
-                return fut
-            time.sleep(0.01)
+            first = self.runtime.submit(name, samples[0], deadline_ns=deadline_ns)
+            if not (first.done() and isinstance(first.exception(), NoWorkerError)):
+                break
+            waiting = self.runtime.transitioning and name in self.runtime.slos
+            if not waiting or time.monotonic_ns() + 5_000_000 >= (deadline_ns or 0):
+                return [first]
+            await asyncio.sleep(0.005)
+        rest = [self.runtime.submit(name, s, deadline_ns=deadline_ns) for s in samples[1:]]
+        return [first, *rest]
 
     def close(self) -> None:
         self.wait_background(1.0)

@@ -19,6 +19,7 @@
     ├── ServingError           a request could not be served
     │   ├── DeadlineExceededError   the request can no longer meet its deadline
     │   ├── WorkerDiedError         its worker died with the request in flight
+    │   ├── WorkerTimeoutError      no answer by the deadline and a grace: the worker is hung
     │   ├── NoWorkerError           no ready worker serves that model
     │   ├── InvalidRequestError     wrong model, shape or dtype
     │   └── WorkerError             the model raised inside the worker
@@ -101,6 +102,11 @@ class DeadlineExceededError(ServingError):
 
 class WorkerDiedError(ServingError):
     """The worker serving the request died with the request in flight."""
+
+
+class WorkerTimeoutError(ServingError):
+    """No answer came by the request's deadline plus a grace period (the worker is hung or
+    stopped; the supervisor kills and restarts it)."""
 
 
 class NoWorkerError(ServingError):

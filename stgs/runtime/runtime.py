@@ -14,15 +14,22 @@
   :class:`~stgs.errors.TransitionError`.
 * :meth:`Runtime.update` is the reconcile step, safe to call at any time and often (a monitor
   thread calls it every ``monitor_interval_s`` and whenever a worker's connection closes): it
-  notices dead workers, fails their partition, and restarts it, up to ``restart_limit`` times.
+  notices dead workers (the process exited or its socket closed) and hung ones (a ready worker
+  whose duty-cycle loop sent no frame for ``hang_after_s``: twice its slowest batch, planned or
+  measured, plus ``hang_grace_s``), kills them, fails their partition at once (requests in flight
+  fail with :class:`~stgs.errors.WorkerDiedError`) and restarts it with back-off
+  (``RESTART_BACKOFF_S``, by the partition's run of failures; a worker ready for ``STABLE_S``
+  starts the run over), up to ``restart_limit`` failures in a row. Every failure and restart is
+  reported through ``on_event``.
 
 Every partition has an explicit :class:`PartitionState`: ``pending`` (decided, not started),
 ``starting`` (process up, loading models), ``ready`` (receives requests), ``draining`` (no new
 requests, in-flight ones finish), ``stopped``, ``failed`` (died or never became ready).
 
 Requests: :meth:`Runtime.submit` picks a ready partition that serves the model (weighted by the
-rate the plan assigned to it there, least loaded first) and returns a future. Deadlines come from
-``slos`` (per model, ms) unless given per request.
+rate the plan assigned to it there, least loaded first) and returns a future; with none ready it
+fails at once with :class:`~stgs.errors.NoWorkerError`. Deadlines come from ``slos`` (per model,
+ms, counted from the call) unless given per request, as an absolute ``deadline_ns``.
 """
 
 from __future__ import annotations
@@ -61,6 +68,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Delay before the n-th restart in a partition's run of failures (the last one repeats).
+RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_S = 30.0  # a worker ready this long ends its partition's run of failures
+EventFn = Callable[[str, str, dict[str, Any]], None]
+"""(kind, message, data): what the runtime did on its own (a worker failed, was restarted)."""
 
 
 class PartitionState(Enum):
@@ -130,10 +143,19 @@ class PartitionRuntime:
     ref: DeviceRef
     state: PartitionState = PartitionState.PENDING
     worker: WorkerProcess | None = None
-    restarts: int = 0
+    restarts: int = 0  # worker restarts since the partition started (monotone)
+    failures: int = 0  # failures in a row (the back-off); 0 once ready for STABLE_S
+    restart_at: float | None = None  # when a failed partition's worker starts again
     last_error: str | None = None
     started_at: float = 0.0
+    ready_at: float = 0.0
     rates: dict[str, float] = field(default_factory=dict)
+
+    def slowest_batch_s(self) -> float:
+        """The longest batch this partition is known to run: planned, or measured so far."""
+        planned = max((m.latency_ms for m in self.partition.models), default=0.0) / 1e3
+        measured = 0.0 if self.worker is None else self.worker.transport.max_batch_ns / 1e9
+        return max(planned, measured)
 
     @property
     def pid(self) -> int | None:
@@ -168,10 +190,12 @@ class Runtime:
         admission: bool = True,
         ready_timeout_s: float = 120.0,
         drain_timeout_s: float = 30.0,
-        restart_limit: int = 5,
+        restart_limit: int = 10,
         monitor_interval_s: float = 0.1,
+        hang_grace_s: float | None = 0.8,
         cpu_threads: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        on_event: EventFn | None = None,
     ) -> None:
         self.backend = backend
         self.slos = dict(slos or {})
@@ -181,8 +205,11 @@ class Runtime:
         self.drain_timeout_s = drain_timeout_s
         self.restart_limit = restart_limit
         self.monitor_interval_s = monitor_interval_s
+        self.hang_grace_s = hang_grace_s  # None: no hang detection
         self.cpu_threads = cpu_threads
         self.clock = clock
+        self.on_event = on_event
+        self.transitioning = False  # apply() is under way (a model may lack a worker briefly)
         self.current_plan: Plan | None = None
         self.last_good: Plan | None = None
         self.history: list[TransitionRecord] = []
@@ -203,11 +230,20 @@ class Runtime:
 
     # ------------------------------------------------------------------ requests
     def submit(
-        self, model: str, array: Array, *, deadline_ms: float | None = None
+        self,
+        model: str,
+        array: Array,
+        *,
+        deadline_ms: float | None = None,
+        deadline_ns: int | None = None,
     ) -> Future[Array]:
-        """Route one request; the future raises a ServingError subclass on failure."""
-        ms = deadline_ms if deadline_ms is not None else self.slos.get(model)
-        deadline_ns = 0 if ms is None else time.monotonic_ns() + int(ms * 1e6)
+        """Route one request; the future raises a ServingError subclass on failure.
+
+        ``deadline_ns`` (on ``time.monotonic_ns()``) wins over ``deadline_ms`` (from now), which
+        wins over the model's SLO from now."""
+        if deadline_ns is None:
+            ms = deadline_ms if deadline_ms is not None else self.slos.get(model)
+            deadline_ns = 0 if ms is None else time.monotonic_ns() + int(ms * 1e6)
         with self._route_lock:
             best: tuple[float, PartitionRuntime] | None = None
             for p in self.partitions.values():
@@ -278,30 +314,79 @@ class Runtime:
 
     # ------------------------------------------------------------------ reconcile
     def update(self, *, blocking: bool = True) -> None:
-        """One reconcile step: promote ready workers, fail and restart dead ones."""
+        """One reconcile step: promote ready workers, fail dead and hung ones, restart failed
+        partitions whose back-off has passed."""
         if not self._lock.acquire(blocking=blocking):
             return  # a transition is under way; it owns the partitions
         try:
             now = self.clock()
             for p in list(self.partitions.values()):
                 w = p.worker
+                if p.state is PartitionState.FAILED:
+                    if p.restart_at is not None and now >= p.restart_at:
+                        self._restart(p)
+                    continue
                 if w is None or p.state not in (PartitionState.STARTING, PartitionState.READY):
                     continue
                 if not w.alive:
-                    reason = w.reap()  # fails what was in flight
-                    self._set(p, PartitionState.FAILED, reason)
-                    log.warning("partition %s failed: %s", p.key, reason)
-                    if p.restarts < self.restart_limit:
-                        p.restarts += 1
-                        self._spawn(p)
+                    self._fail(p, w.reap())  # fails what was in flight
                 elif p.state is PartitionState.STARTING:
                     if w.transport.ready.is_set():
                         self._set(p, PartitionState.READY)
+                        p.ready_at = now
+                        self._event("worker_ready", f"partition {p.key}: worker ready", p)
                     elif now - p.started_at > self.ready_timeout_s:
                         w.kill()
-                        self._set(p, PartitionState.FAILED, "not ready in time")
+                        self._fail(p, f"not ready within {self.ready_timeout_s:g} s")
+                else:
+                    hung = self.hang_after_s(p)
+                    silent = (time.monotonic_ns() - w.transport.last_frame_ns) / 1e9
+                    if hung is not None and silent > hung:
+                        w.kill()
+                        self._fail(p, f"worker pid {w.pid} hung: silent {silent:.2f} s; killed")
+                    elif p.failures and now - p.ready_at > STABLE_S:
+                        p.failures = 0
         finally:
             self._lock.release()
+
+    def hang_after_s(self, p: PartitionRuntime) -> float | None:
+        """How long a ready worker may stay silent before it counts as hung (None: never)."""
+        if self.hang_grace_s is None:
+            return None
+        return 2.0 * p.slowest_batch_s() + self.hang_grace_s
+
+    def _fail(self, p: PartitionRuntime, reason: str) -> None:
+        """A worker died or was killed: the partition fails; its restart is scheduled."""
+        self._set(p, PartitionState.FAILED, reason)
+        p.failures += 1
+        delay: float | None = None
+        then = f"not restarted: {self.restart_limit} failures in a row"
+        if p.failures <= self.restart_limit:
+            delay = RESTART_BACKOFF_S[min(p.failures, len(RESTART_BACKOFF_S)) - 1]
+            then = f"restart in {delay:g} s" if delay else "restarting"
+        p.restart_at = None if delay is None else self.clock() + delay
+        log.warning("partition %s failed: %s; %s", p.key, reason, then)
+        self._event("worker_failed", f"partition {p.key} failed: {reason}; {then}", p)
+        if delay == 0:
+            self._restart(p)
+
+    def _restart(self, p: PartitionRuntime) -> None:
+        p.restart_at = None
+        p.restarts += 1
+        self._spawn(p)
+        if p.state is PartitionState.FAILED:  # could not even start: try again later
+            self._fail(p, p.last_error or "could not start")
+            return
+        self._event("worker_restarted", f"partition {p.key}: worker restarted (pid {p.pid})", p)
+
+    def _event(self, kind: str, message: str, p: PartitionRuntime) -> None:
+        if self.on_event is None:
+            return
+        data = {"partition": str(p.key), "pid": p.pid, "restarts": p.restarts}
+        try:
+            self.on_event(kind, message, data)
+        except Exception:  # a read path (logs, metrics): never breaks supervision
+            log.exception("event hook failed")
 
     def _set(self, p: PartitionRuntime, state: PartitionState, error: str | None = None) -> None:
         with self._route_lock:
@@ -331,6 +416,14 @@ class Runtime:
     # ------------------------------------------------------------------ transitions
     def apply(self, target: Plan) -> TransitionRecord:
         """Move to ``target``; on failure roll back to the last good plan and raise."""
+        with self._lock:
+            self.transitioning = True
+            try:
+                return self._apply(target)
+            finally:
+                self.transitioning = False
+
+    def _apply(self, target: Plan) -> TransitionRecord:
         with self._lock:
             rec = TransitionRecord(target.policy, TransitionState.APPLYING, self.clock())
             self.history.append(rec)
@@ -514,6 +607,7 @@ class Runtime:
                 self._set(p, PartitionState.FAILED, why)
                 raise _TransitionFailed(f"partition {p.key}: worker did not start: {why}")
             self._set(p, PartitionState.READY)
+            p.ready_at = self.clock()
 
         # 4. Drain and stop the old partitions, then free their instances and daemons.
         for p in to_stop:
@@ -592,6 +686,9 @@ class Runtime:
                 "pid": p.pid,
                 "restarts": p.restarts,
                 "last_error": p.last_error,
+                "restart_in_s": None
+                if p.restart_at is None
+                else round(max(0.0, p.restart_at - self.clock()), 3),
             }
             for k, p in sorted(self.partitions.items())
         ]

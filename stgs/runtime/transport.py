@@ -20,6 +20,12 @@ Frames (little endian)::
 
 ``deadline_ns`` is on ``time.monotonic_ns()``, which is one clock for every process of a Linux
 host; 0 means no deadline.
+
+Liveness: the worker's duty-cycle loop sends a HEARTBEAT frame whenever it has sent nothing for
+``HEARTBEAT_INTERVAL_S`` (idle or between batches), carrying its longest batch so far. The
+transport notes when the last frame of any kind arrived (:attr:`SocketTransport.last_frame_ns`)
+and that longest batch (:attr:`SocketTransport.max_batch_ns`), so the supervisor can tell a hung
+worker (SIGSTOP, a stuck kernel) from a busy one.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ READY = 3  # worker -> daemon once its models are loaded; payload: JSON facts
 STOP = 4  # daemon -> worker: finish what is queued, then exit
 STATS = 5  # worker -> daemon: cumulative batch statistics per model slot; payload: JSON
 STATS_KEYS = ("batches", "run_ns", "full_batches", "full_run_ns")
+HEARTBEAT = 6  # worker -> daemon from its duty-cycle loop; req_id: its longest batch so far (ns)
 # statuses of a response
 OK = 0
 DEADLINE = 1
@@ -81,6 +88,7 @@ _DTYPES: tuple[np.dtype[Any], ...] = tuple(
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 _UINT8 = _DTYPE_CODE[np.dtype("uint8")]
 _MAX_IOV = 512  # buffers per sendmsg (Linux IOV_MAX: 1024)
+HEARTBEAT_INTERVAL_S = 0.2  # the longest the worker's loop stays silent while it is not in a batch
 
 Array = npt.NDArray[Any]
 
@@ -317,6 +325,8 @@ class SocketTransport(Transport):
         self.ready = threading.Event()
         self.ready_info: Frame | None = None
         self.batch_stats: dict[str, dict[str, int]] = {}  # (Transport.batch_stats)
+        self.last_frame_ns = time.monotonic_ns()  # when the last frame of any kind arrived
+        self.max_batch_ns = 0  # the worker's longest batch so far (from its heartbeats)
         self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
         self._reader.start()
 
@@ -360,10 +370,10 @@ class SocketTransport(Transport):
                 )
             except InvalidRequestError as exc:
                 if self._pop(req_id) is not None:
-                    fut.set_exception(exc)
+                    _resolve(fut, exc)
             except OSError as exc:
                 if self._pop(req_id) is not None:
-                    fut.set_exception(WorkerDiedError(f"{self.name}: send failed: {exc}"))
+                    _resolve(fut, WorkerDiedError(f"{self.name}: send failed: {exc}"))
 
         return fut, send
 
@@ -382,14 +392,17 @@ class SocketTransport(Transport):
                 frame = self._fs.recv()
                 if frame is None:
                     break
+                self.last_frame_ns = time.monotonic_ns()
                 if frame.kind == RESPONSE:
                     fut = self._pop(frame.req_id)
                     if fut is None:
                         continue
                     if frame.status == OK:
-                        fut.set_result(frame.array())
+                        _resolve(fut, frame.array())
                     else:
-                        fut.set_exception(_error(frame.status, frame.text()))
+                        _resolve(fut, _error(frame.status, frame.text()))
+                elif frame.kind == HEARTBEAT:
+                    self.max_batch_ns = max(self.max_batch_ns, frame.req_id)
                 elif frame.kind == STATS:
                     stats = _parse_stats(frame.text(), self.models)
                     if stats is not None:  # a malformed one keeps the last good totals
@@ -415,13 +428,24 @@ class SocketTransport(Transport):
             self._closed = True
             pending, self._pending = self._pending, {}
         for fut in pending.values():
-            fut.set_exception(WorkerDiedError(f"{self.name}: {reason}; request lost in flight"))
+            _resolve(fut, WorkerDiedError(f"{self.name}: {reason}; request lost in flight"))
         self._fs.close()
         if self._on_close is not None:
             self._on_close(self)
 
     def close(self) -> None:
         self._shutdown("closed by the daemon")
+
+
+def _resolve(fut: Future[Array], outcome: Array | BaseException) -> None:
+    """Complete ``fut`` unless its caller gave up on it (cancelled): the reader thread must
+    never die of an answer that came too late."""
+    if not fut.set_running_or_notify_cancel():  # cancelled: nobody waits for it
+        return
+    if isinstance(outcome, BaseException):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
 
 
 def _parse_stats(text: str, models: Sequence[str]) -> dict[str, dict[str, int]] | None:

@@ -15,6 +15,10 @@ batches must not make a model refuse everything from then on. A STOP frame drain
 queued is served, then the worker exits; a closed socket (the daemon is gone) ends the worker at
 once.
 
+Liveness: the duty-cycle loop sends a HEARTBEAT frame (with its longest batch so far) whenever it
+has sent nothing for ``HEARTBEAT_INTERVAL_S``, idle or between batches. A worker that is stopped
+(SIGSTOP) or stuck inside a batch falls silent, and the supervisor kills and restarts it.
+
 Batch statistics: at most once a second, after a batch, the worker sends a STATS frame (JSON,
 ``STATS_KEYS``): per model slot, cumulative since it started, the batches it ran and their run
 time (the runner's call: input copy, GPU, output copy), and the same for full batches (the
@@ -51,6 +55,8 @@ from stgs.runtime.models import BatchRunner, load_runner, model_entry
 from stgs.runtime.transport import (
     DEADLINE,
     FAILED,
+    HEARTBEAT,
+    HEARTBEAT_INTERVAL_S,
     INVALID,
     READY,
     REQUEST,
@@ -133,6 +139,8 @@ class Worker:
         # per slot, cumulative: STATS_KEYS (batches, run_ns, full_batches, full_run_ns)
         self.stats: dict[str, list[int]] = {k: [0] * len(spec.models) for k in STATS_KEYS}
         self.stats_sent_ns = 0
+        self.beat_ns = 0  # when the duty-cycle loop last sent something (a beat or replies)
+        self.max_run_ns = 0  # the longest batch so far (the supervisor's hang threshold)
 
     def load(self) -> None:
         torch_models = any(model_entry(m.name).needs_torch for m in self.spec.models)
@@ -185,14 +193,27 @@ class Worker:
         with contextlib.suppress(OSError):
             self.fs.send(RESPONSE, status=status, req_id=req_id, data=message.encode())
 
+    def beat(self, now_ns: int) -> None:
+        """A HEARTBEAT when the loop has sent nothing for ``HEARTBEAT_INTERVAL_S``: it comes
+        from this loop, so a worker that is stopped or stuck in a batch falls silent."""
+        if now_ns - self.beat_ns < HEARTBEAT_INTERVAL_S * 1e9:
+            return
+        self.beat_ns = now_ns
+        with contextlib.suppress(OSError):
+            self.fs.send(HEARTBEAT, req_id=self.max_run_ns)
+
     def serve(self) -> None:
         models = self.spec.models
         while True:
+            self.beat(time.monotonic_ns())
             with self.cond:
                 while not self.gone and not self.stopping and not any(self.queues):
-                    self.cond.wait()
+                    if not self.cond.wait(HEARTBEAT_INTERVAL_S):
+                        break  # idle: beat, then wait again
                 if self.gone or (self.stopping and not any(self.queues)):
                     return
+                if not any(self.queues):
+                    continue
             for i, slot in enumerate(models):
                 with self.cond:
                     q = self.queues[i]
@@ -245,6 +266,7 @@ class Worker:
         t1 = time.monotonic_ns()
         dt = t1 - t0
         self.est_ns[i] = dt if self.est_ns[i] == 0 else 0.8 * self.est_ns[i] + 0.2 * dt
+        self.max_run_ns = max(self.max_run_ns, dt)
         st = self.stats
         st["batches"][i] += 1
         st["run_ns"][i] += dt
@@ -257,6 +279,7 @@ class Worker:
             )
         except OSError:
             return
+        self.beat_ns = t1  # the replies tell the supervisor the loop is alive
         if trace:
             self.tb.extend((i, len(take), len(live), now, t0, t0 + dt, time.monotonic_ns()))
         if t1 - self.stats_sent_ns >= STATS_INTERVAL_NS:
