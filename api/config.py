@@ -113,7 +113,8 @@ class ControllerConfig(ControlRules):
 
 
 class WorkersConfig(_Strict):
-    """``[workers]``: how the daemon supervises partition workers (:class:`stgs.runtime.Runtime`)."""
+    """``[workers]``: how the daemon supervises partition workers (:class:`stgs.runtime.
+    Runtime`)."""
 
     ready_timeout_s: float = Field(
         120.0, gt=0.0, le=3600.0, description="a worker must load its models within this"

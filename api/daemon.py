@@ -3,8 +3,8 @@
 Start-up order: open the SQLite store in ``paths.state_dir``; pick the backend (``auto``: NVML
 when a GPU answers, else the simulated node of ``backend.simulated_gpus``, whose workers run on
 the CPU); start the runtime's monitor (it notices dead and hung workers within a second, fails
-their partitions and restarts them with back-off, each step in the event log); serve HTTP at once (``/v2/health/live`` answers while the
-state is restored); restore in the background (the last good plan, else a fresh plan, so every
+their partitions and restarts them with back-off, each step in the event log); serve HTTP at
+once (``/v2/health/live`` answers while the state is restored); restore in the background (the last good plan, else a fresh plan, so every
 registered model serves again); then tell systemd ``READY=1`` and start the controller.
 
 systemd (``Type=notify``): ``READY=1`` once restored, ``STATUS=`` lines as things happen,
