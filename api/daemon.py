@@ -5,7 +5,8 @@ when a GPU answers, else the simulated node of ``backend.simulated_gpus``, whose
 the CPU); start the runtime's monitor (it notices dead and hung workers within a second, fails
 their partitions and restarts them with back-off, each step in the event log); serve HTTP at
 once (``/v2/health/live`` answers while the state is restored); restore in the background (the
-last good plan, else a fresh plan, so every registered model serves again); then tell systemd ``READY=1`` and start the controller.
+last good plan, else a fresh plan, so every registered model serves again); then tell systemd
+``READY=1`` and start the controller.
 
 systemd (``Type=notify``): ``READY=1`` once restored, ``STATUS=`` lines as things happen,
 ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while the controller loop is alive, ``STOPPING=1`` at
