@@ -17,10 +17,11 @@
   notices dead workers (the process exited or its socket closed) and hung ones (a ready worker
   whose duty-cycle loop sent no frame for ``hang_after_s``: twice its slowest batch, planned or
   measured, plus ``hang_grace_s``), kills them, fails their partition at once (requests in flight
-  fail with :class:`~stgs.errors.WorkerDiedError`) and restarts it with back-off
-  (``RESTART_BACKOFF_S``, by the partition's run of failures; a worker ready for ``STABLE_S``
-  starts the run over), up to ``restart_limit`` failures in a row. Every failure and restart is
-  reported through ``on_event``.
+  fail with :class:`~stgs.errors.WorkerDiedError`) and restarts it: at once when the worker had
+  become ready (a crash or a hang while serving), with back-off (``RESTART_BACKOFF_S``) when
+  workers keep failing before they are ready (a crash loop while loading), up to
+  ``restart_limit`` failed starts in a row. Every failure, restart and recovery is reported
+  through ``on_event``.
 
 Every partition has an explicit :class:`PartitionState`: ``pending`` (decided, not started),
 ``starting`` (process up, loading models), ``ready`` (receives requests), ``draining`` (no new
@@ -69,9 +70,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Delay before the n-th restart in a partition's run of failures (the last one repeats).
+# Delay before the restart after the n-th failed start in a row (the last one repeats); a
+# worker that became ready ends the run, so a failure while serving restarts at once.
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-STABLE_S = 30.0  # a worker ready this long ends its partition's run of failures
 EventFn = Callable[[str, str, dict[str, Any]], None]
 """(kind, message, data): what the runtime did on its own (a worker failed, was restarted)."""
 
@@ -144,7 +145,7 @@ class PartitionRuntime:
     state: PartitionState = PartitionState.PENDING
     worker: WorkerProcess | None = None
     restarts: int = 0  # worker restarts since the partition started (monotone)
-    failures: int = 0  # failures in a row (the back-off); 0 once ready for STABLE_S
+    failures: int = 0  # failed starts in a row (the back-off); 0 once a worker is ready
     restart_at: float | None = None  # when a failed partition's worker starts again
     last_error: str | None = None
     started_at: float = 0.0
@@ -333,7 +334,7 @@ class Runtime:
                 elif p.state is PartitionState.STARTING:
                     if w.transport.ready.is_set():
                         self._set(p, PartitionState.READY)
-                        p.ready_at = now
+                        p.ready_at, p.failures = now, 0
                         self._event("worker_ready", f"partition {p.key}: worker ready", p)
                     elif now - p.started_at > self.ready_timeout_s:
                         w.kill()
@@ -344,8 +345,6 @@ class Runtime:
                     if hung is not None and silent > hung:
                         w.kill()
                         self._fail(p, f"worker pid {w.pid} hung: silent {silent:.2f} s; killed")
-                    elif p.failures and now - p.ready_at > STABLE_S:
-                        p.failures = 0
         finally:
             self._lock.release()
 
@@ -360,10 +359,12 @@ class Runtime:
         self._set(p, PartitionState.FAILED, reason)
         p.failures += 1
         delay: float | None = None
-        then = f"not restarted: {self.restart_limit} failures in a row"
+        then = f"not restarted: {self.restart_limit} failed starts in a row"
         if p.failures <= self.restart_limit:
             delay = RESTART_BACKOFF_S[min(p.failures, len(RESTART_BACKOFF_S)) - 1]
             then = f"restart in {delay:g} s" if delay else "restarting"
+            if p.failures > 1:
+                then += f" ({p.failures} failed starts in a row)"
         p.restart_at = None if delay is None else self.clock() + delay
         log.warning("partition %s failed: %s; %s", p.key, reason, then)
         self._event("worker_failed", f"partition {p.key} failed: {reason}; {then}", p)
@@ -607,7 +608,7 @@ class Runtime:
                 self._set(p, PartitionState.FAILED, why)
                 raise _TransitionFailed(f"partition {p.key}: worker did not start: {why}")
             self._set(p, PartitionState.READY)
-            p.ready_at = self.clock()
+            p.ready_at, p.failures = self.clock(), 0
 
         # 4. Drain and stop the old partitions, then free their instances and daemons.
         for p in to_stop:
