@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in rows:
         print(
-            f"{r['fault']:8} {r['detected_s']:10.3f} {r['start_s']:8.3f} {r['serving_again_s']:9.3f}"
+            f"{r['fault']:8} {r['detected_s']:10.3f} {r['start_s']:8.3f}"
+            f" {r['serving_again_s']:9.3f}"
             f" {r['gap_requests']:6d} {r['gap_slowest_ms']:14.1f} {r['live_slowest_ms']:11.1f}"
             f"  {r['gap_codes']}"
         )
