@@ -61,13 +61,17 @@ class Metrics:
         )
         self.duration = Histogram(
             "stgs_inference_request_duration_seconds",
-            "End-to-end request latency in the daemon",
+            "Inference request latency from arrival at the server to the answer, every answer"
+            " (successes, shed, timed out, failed)",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.slo_met = Counter(
-            "stgs_inference_slo_met", "Requests answered within their SLO", ["model"], registry=r
+            "stgs_inference_slo_met",
+            "Requests answered successfully within their SLO (from arrival at the server)",
+            ["model"],
+            registry=r,
         )
         self.attainment = Gauge(
             "stgs_slo_attainment_ratio", "SLO attainment (EWMA) per model", ["model"], registry=r
@@ -177,12 +181,15 @@ class Metrics:
 
     # ------------------------------------------------------------------ hooks
     def on_request(self, model: str, n: int, seconds: float, slo_met: bool, error: str) -> None:
+        """Every answered inference request, as its client saw it: the duration counts from the
+        request's arrival at the server, and a request shed, timed out or failed is in the
+        duration histogram (its ``_count`` is every answer) and never within SLO."""
+        self.duration.labels(model).observe(seconds)
         if error:
             self.failure.labels(model, error).inc()
             return
         self.success.labels(model).inc()
         self.samples.labels(model).inc(n)
-        self.duration.labels(model).observe(seconds)
         if slo_met:
             self.slo_met.labels(model).inc()
 
