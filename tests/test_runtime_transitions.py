@@ -391,3 +391,67 @@ def test_moving_off_a_gpu_the_new_plan_leaves_idle_makes_before_break() -> None:
     finally:
         rt.close()
         node.close()
+
+
+def _until(cond: object, timeout_s: float = TIMEOUT) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.005)
+    raise AssertionError("condition not met in time")
+
+
+def test_ready_worker_restarts_at_once_failed_starts_back_off(
+    rt: Runtime, node: SimulatedNode
+) -> None:
+    events: list[tuple[str, str]] = []
+    rt.on_event = lambda kind, msg, _data: events.append((kind, msg))
+    rt.start_monitor()
+    node.set_mig_mode(0, False)
+    rt.apply(plan("echo", ("H100-80GB", False, [part([("echo", 1, 1.0)], kind="full")])))
+    p = next(iter(rt.partitions.values()))
+    first = p.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)  # a ready worker dies: restarted at once
+    _until(lambda: p.pid != first and p.state is PartitionState.STARTING)
+    second = p.pid
+    assert second is not None and p.restarts == 1 and p.failures == 1
+    os.kill(second, signal.SIGKILL)  # and its successor dies loading: a failed start
+    _until(lambda: p.state is PartitionState.FAILED and p.restart_at is not None)
+    t_failed = time.monotonic()
+    assert p.failures == 2
+    assert 0.5 < rt.describe()[0]["restart_in_s"] <= 1.0  # RESTART_BACKOFF_S[1]
+    _until(lambda: p.state is PartitionState.READY)
+    assert time.monotonic() - t_failed >= 0.8  # it waited out the back-off
+    assert p.failures == 0 and p.restarts == 2
+    assert rt.infer("echo", X, timeout_s=TIMEOUT).tolist() == X.tolist()
+    kinds = [k for k, _ in events]
+    assert kinds.count("worker_failed") == 2 and kinds.count("worker_restarted") == 2
+    assert "restart in 1 s (2 failed starts in a row)" in events[kinds.index("worker_failed", 1)][1]
+
+
+def test_stopped_worker_is_detected_as_hung_and_restarted(rt: Runtime, node: SimulatedNode) -> None:
+    rt.start_monitor()
+    node.set_mig_mode(0, False)
+    rt.apply(plan("echo", ("H100-80GB", False, [part([("echo", 1, 1.0)], kind="full")])))
+    p = next(iter(rt.partitions.values()))
+    pid = p.pid
+    assert pid is not None
+    time.sleep(0.3)  # a heartbeat or two
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    fut = rt.submit("echo", X, deadline_ms=10_000)
+    try:
+        with pytest.raises(WorkerDiedError):
+            fut.result(TIMEOUT)  # in flight to the hung worker: failed when it is killed
+        hang = rt.hang_after_s(p)
+        assert hang is not None
+        noticed = time.monotonic() - t0
+        # silent for hang_after_s (2 x 1 ms planned + 0.8 s grace) after its last frame
+        assert hang - 0.25 <= noticed <= hang + 0.5, (noticed, hang)
+        assert p.last_error is not None and "hung" in p.last_error, rt.describe()
+        _until(lambda: p.state is PartitionState.READY and p.pid != pid)
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)

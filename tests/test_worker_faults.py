@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,13 @@ class Load:
         self._t.join(10)
 
 
+def _timed_infer(c: httpx.Client) -> tuple[float, float, int]:
+    body, headers = _body(np.ones((1, 64), np.float32))
+    t0 = time.monotonic()
+    r = c.post("/v2/models/tiny_mlp/infer", content=body, headers=headers)
+    return t0, time.monotonic() - t0, r.status_code
+
+
 def _wait_state(c: httpx.Client, pid: int, timeout_s: float) -> float:
     """Seconds until the partition that ran ``pid`` is no longer ready with it."""
     t0 = time.monotonic()
@@ -186,10 +194,18 @@ def test_sigstop_worker_is_detected_killed_restarted_and_live_answers(
         prober = threading.Thread(target=probe_live, daemon=True)
         prober.start()
         try:
-            with Load(served.url) as load:
+            many = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            with (
+                Load(served.url) as load,
+                ThreadPoolExecutor(60) as pool,
+                httpx.Client(base_url=served.url, timeout=30.0, limits=many) as bc,
+            ):
                 time.sleep(0.3)
                 t_stop = time.monotonic()
                 os.kill(pid, signal.SIGSTOP)
+                # 60 requests at once to the stopped worker: before, each held one of the 40
+                # thread-pool threads for 30 s and health checks queued behind them
+                burst = list(pool.map(lambda _: _timed_infer(bc), range(60)))
                 noticed = _wait_state(c, pid, 10.0)
                 wait_until("serving again", lambda: _ready_partition(c), 30, served.procs[-1])
                 time.sleep(0.3)
@@ -201,6 +217,7 @@ def test_sigstop_worker_is_detected_killed_restarted_and_live_answers(
         # tiny_mlp's batches take well under 50 ms: 2 x slowest + grace (0.8) + polling
         assert noticed < 2 * 0.05 + 1.0, noticed
         _check_answers(load.results, t_stop)
+        _check_answers(burst, t_stop)
         assert max(lives) < 0.5, max(lives)
         events = c.get("/v1/events", params={"kind": "worker_failed"}).json()
         assert "hung" in events[0]["message"], events[0]

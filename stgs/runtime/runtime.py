@@ -337,14 +337,13 @@ class Runtime:
                         p.ready_at, p.failures = now, 0
                         self._event("worker_ready", f"partition {p.key}: worker ready", p)
                     elif now - p.started_at > self.ready_timeout_s:
-                        w.kill()
-                        self._fail(p, f"not ready within {self.ready_timeout_s:g} s")
+                        self._fail(p, f"not ready within {self.ready_timeout_s:g} s", kill=True)
                 else:
                     hung = self.hang_after_s(p)
                     silent = (time.monotonic_ns() - w.transport.last_frame_ns) / 1e9
                     if hung is not None and silent > hung:
-                        w.kill()
-                        self._fail(p, f"worker pid {w.pid} hung: silent {silent:.2f} s; killed")
+                        why = f"worker pid {w.pid} hung: silent {silent:.2f} s; killed"
+                        self._fail(p, why, kill=True)
         finally:
             self._lock.release()
 
@@ -354,9 +353,12 @@ class Runtime:
             return None
         return 2.0 * p.slowest_batch_s() + self.hang_grace_s
 
-    def _fail(self, p: PartitionRuntime, reason: str) -> None:
-        """A worker died or was killed: the partition fails; its restart is scheduled."""
+    def _fail(self, p: PartitionRuntime, reason: str, *, kill: bool = False) -> None:
+        """A worker died (or, with ``kill``, is killed now): the partition fails, before its
+        requests in flight do, and its restart is scheduled."""
         self._set(p, PartitionState.FAILED, reason)
+        if kill and p.worker is not None:
+            p.worker.kill()
         p.failures += 1
         delay: float | None = None
         then = f"not restarted: {self.restart_limit} failed starts in a row"
