@@ -31,6 +31,12 @@ class ServerConfig(_Strict):
         description="file holding the bearer token; required when host is not loopback."
         " With a token, every mutating call needs it (and every call off loopback)",
     )
+    grpc_port: int = Field(
+        8471,
+        ge=-1,
+        le=65535,
+        description="KServe v2 gRPC port on the same host (0: any free port; -1: no gRPC)",
+    )
 
 
 class PathsConfig(_Strict):

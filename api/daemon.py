@@ -209,9 +209,23 @@ def serve(cfg: DaemonConfig) -> int:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
+        grpc_server = None
+        if cfg.server.grpc_port >= 0:
+            from api import grpc_server as grpc_mod
+
+            grpc_server, bound = await grpc_mod.start(
+                d.service,
+                cfg.server.host,
+                cfg.server.grpc_port,
+                token=d.ctx.token,
+                auth_all=d.ctx.auth_all,
+            )
+            log.info("KServe v2 gRPC on %s:%d", cfg.server.host, bound)
         threading.Thread(target=restore, name="stgs-restore", daemon=True).start()
         threading.Thread(target=watchdog, name="stgs-watchdog", daemon=True).start()
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(2.0)
         stop.set()
         sd_notify("STOPPING=1")
         log.info("stopping")

@@ -54,6 +54,7 @@ class LocalDaemon:
     work: Path
     sections: str  # TOML after [server] and [paths]: [backend], [controller], ...
     port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: "local-" + os.urandom(12).hex())
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _log: IO[bytes] | None = None
@@ -62,7 +63,7 @@ class LocalDaemon:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "token").write_text(self.token + "\n")
         self.config.write_text(
-            f'[server]\nport = {self.port}\ntoken_file = "token"\n'
+            f'[server]\nport = {self.port}\ngrpc_port = {self.grpc_port}\ntoken_file = "token"\n'
             '[paths]\nstate_dir = "state"\nruntime_dir = "run"\nmodel_dir = "models"\n'
             + self.sections
         )

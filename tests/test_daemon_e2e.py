@@ -40,6 +40,7 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
         f"""
 [server]
 port = {port}
+grpc_port = 0
 token_file = "token"
 [paths]
 state_dir = "state"

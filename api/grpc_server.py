@@ -1,0 +1,259 @@
+"""KServe v2 inference over gRPC: the standard ``inference.GRPCInferenceService``.
+
+The messages and the service come from Triton's published protos as the ``tritonclient`` package
+ships them compiled (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``), so
+``tritonclient.grpc`` and any client built from the same protos work unchanged. Served:
+``ServerLive``, ``ServerReady``, ``ServerMetadata``, ``ModelReady``, ``ModelMetadata``,
+``ModelInfer`` and ``ModelStreamInfer`` (each request of the stream answered as it completes);
+the other methods answer ``UNIMPLEMENTED``.
+
+Semantics are those of the HTTP endpoints (:mod:`api.kserve`), through the same code
+(:mod:`api.inference`): the same checks, the same SLO clock (from the call's arrival), the same
+errors, mapped to gRPC codes (400 INVALID_ARGUMENT, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED when a
+request is shed, 503 UNAVAILABLE). Inputs may come as ``raw_input_contents`` (what
+``tritonclient`` sends) or as typed ``contents``; outputs always come back as
+``raw_output_contents``, as Triton answers. With a token and an address off loopback every call
+needs ``authorization: Bearer <token>`` metadata, as on HTTP.
+
+The server runs on the daemon's event loop (``grpc.aio``), on ``server.grpc_port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from api import inference
+from api.inference import InferError, ModelIO
+from stgs import __version__
+from stgs.errors import StgsError
+
+if TYPE_CHECKING:
+    from api.service import Service
+
+# typed contents field of InferTensorContents by KServe datatype (FP16 travels raw only)
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def _code(status: int) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, inference.GRPC_CODE_OF.get(status, "UNKNOWN"))
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The KServe v2 gRPC service over the daemon's :class:`~api.service.Service`."""
+
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+
+    # ------------------------------------------------------------------ health, metadata
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=bool(self.svc.restored))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name="stgs", version=__version__, extensions=[])
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        await self._io(request.name, request.version, context)
+        return pb.ModelReadyResponse(ready=self.svc.model_ready(request.name))
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        io = await self._io(request.name, request.version, context)
+        meta = io.metadata()
+        tensors = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=io.name,
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensors(**t) for t in meta["inputs"]],  # type: ignore[attr-defined]
+            outputs=[tensors(**t) for t in meta["outputs"]],  # type: ignore[attr-defined]
+        )
+
+    async def _io(self, name: str, version: str, context: Any) -> ModelIO:
+        try:
+            return inference.model_io(self.svc, name, version)
+        except InferError as exc:
+            await context.abort(_code(exc.status), exc.message)
+            raise  # not reached: abort raises
+
+    # ------------------------------------------------------------------ inference
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        arrival_ns = time.monotonic_ns()
+        try:
+            return await self._infer(request, arrival_ns)
+        except InferError as exc:
+            await context.abort(_code(exc.status), exc.message)
+        except StgsError as exc:
+            await context.abort(_code(inference.status_of(exc)), str(exc))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        """Each request runs as it arrives; responses (or their errors, in ``error_message``)
+        are sent as they complete, in completion order (a response carries its request's id)."""
+        done: asyncio.Queue[Any] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(req: Any, arrival_ns: int) -> None:
+            try:
+                resp = await self._infer(req, arrival_ns)
+                await done.put(pb.ModelStreamInferResponse(infer_response=resp))
+            except (InferError, StgsError) as exc:
+                msg = exc.message if isinstance(exc, InferError) else str(exc)
+                await done.put(pb.ModelStreamInferResponse(error_message=msg))
+
+        async def read() -> None:
+            async for req in request_iterator:
+                t = asyncio.create_task(one(req, time.monotonic_ns()))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await done.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await done.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+    async def _infer(self, req: Any, arrival_ns: int) -> Any:
+        io = inference.model_io(self.svc, req.model_name, req.model_version)
+        if len(req.inputs) != 1:
+            raise InferError(400, f"model {io.name!r} takes one input, {io.input_name!r}")
+        for o in req.outputs:
+            if o.name != inference.OUTPUT_NAME:
+                raise InferError(400, f"unknown output {o.name!r}; the model has 'output'")
+        arr = _decode(io, req)
+        out = await inference.infer(self.svc, io.name, arr, arrival_ns)
+        if out.dtype.name not in inference.KSERVE_OF:
+            out = out.astype(np.float32)
+        raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
+        return pb.ModelInferResponse(
+            model_name=io.name,
+            model_version="1",
+            id=req.id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(
+                    name=inference.OUTPUT_NAME,
+                    datatype=inference.KSERVE_OF[out.dtype.name],
+                    shape=list(out.shape),
+                )
+            ],
+            raw_output_contents=[raw],
+        )
+
+
+def _decode(io: ModelIO, req: Any) -> np.ndarray:
+    """The request's one input as an array [batch, *sample]; InferError(400) if malformed."""
+    inp = req.inputs[0]
+    shape = [int(d) for d in inp.shape]
+    np_dtype, count = inference.check_input(io, inp.name, inp.datatype, shape)
+    if req.raw_input_contents:
+        if len(req.raw_input_contents) != 1 or inp.HasField("contents"):
+            raise InferError(400, f"input {inp.name!r}: raw_input_contents and contents disagree")
+        raw = req.raw_input_contents[0]
+        need = count * np.dtype(np_dtype).itemsize
+        if len(raw) != need:
+            raise InferError(
+                400,
+                f"input {inp.name!r}: {len(raw)} raw bytes, shape {shape} of {inp.datatype}"
+                f" needs {need}",
+            )
+        arr = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
+    else:
+        field = _CONTENTS.get(inp.datatype)
+        if field is None:
+            raise InferError(400, f"input {inp.name!r}: {inp.datatype} travels as raw contents")
+        values = getattr(inp.contents, field)
+        if len(values) != count:
+            raise InferError(
+                400, f"input {inp.name!r}: {len(values)} values for shape {shape} ({count} needed)"
+            )
+        try:
+            arr = np.asarray(values, dtype=np_dtype)
+        except (ValueError, OverflowError) as exc:
+            raise InferError(400, f"input {inp.name!r}: not {inp.datatype}: {exc}") from None
+    inference.check_finite(inp.name, arr)
+    return arr.reshape(shape)
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every call needs ``authorization: Bearer <token>`` (the daemon is bound off loopback)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+        async def deny(request: Any, context: Any) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token (metadata authorization: Bearer <token>)",
+            )
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                scheme, _, tok = str(value).partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(
+                    tok.strip().encode(), self._token
+                ):
+                    return await continuation(handler_call_details)
+        return self._deny
+
+
+async def start(
+    svc: Service,
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    auth_all: bool = False,
+    max_message_bytes: int = 64 << 20,
+) -> tuple[Any, int]:
+    """Start the gRPC server on the running event loop; (server, the port it bound)."""
+    interceptors = [_TokenCheck(token)] if token is not None and auth_all else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(svc), server)
+    bound = server.add_insecure_port(f"{'[::1]' if host == '::1' else host}:{port}")
+    if bound == 0:
+        raise OSError(f"gRPC: cannot bind {host}:{port}")
+    await server.start()
+    return server, bound
