@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import kserve
 from api.controller import Controller
+from api.limits import BodyLimits
 from api.metrics import CONTENT_TYPE, Metrics
 from api.service import (
     ConflictError,
@@ -220,6 +221,16 @@ def create_app(
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return await call_next(request)
+
+    # added last, so the outermost of the app's middlewares: a body is bounded before auth
+    limits = svc.cfg.server
+    app.add_middleware(
+        BodyLimits,
+        max_body_bytes=limits.max_body_bytes,
+        max_infer_body_bytes=limits.max_infer_body_bytes,
+        body_timeout_s=limits.body_timeout_s,
+        idle_body_timeout_s=limits.idle_body_timeout_s,
+    )
 
     # ------------------------------------------------------------------ models
     @app.post("/v1/models", status_code=201, responses=ERRORS, tags=["models"])

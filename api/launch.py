@@ -53,6 +53,7 @@ class LocalDaemon:
 
     work: Path
     sections: str  # TOML after [server] and [paths]: [backend], [controller], ...
+    server_options: str = ""  # more [server] lines: "header_timeout_s = 2\n", ...
     port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: "local-" + os.urandom(12).hex())
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -63,7 +64,8 @@ class LocalDaemon:
         (self.work / "token").write_text(self.token + "\n")
         self.config.write_text(
             f'[server]\nport = {self.port}\ntoken_file = "token"\n'
-            '[paths]\nstate_dir = "state"\nruntime_dir = "run"\nmodel_dir = "models"\n'
+            + self.server_options
+            + '[paths]\nstate_dir = "state"\nruntime_dir = "run"\nmodel_dir = "models"\n'
             + self.sections
         )
 

@@ -1,0 +1,219 @@
+"""Limits on what one HTTP request can make the daemon spend: body bytes, body time, header time.
+
+Two layers, because uvicorn reads a request's line and headers and the ASGI app its body:
+
+- :class:`BodyLimits`, a pure ASGI middleware (the outermost of the app's own, so every route
+  is behind it): it reads the whole body before the app sees the request, counting bytes as they
+  arrive. A ``Content-Length`` over the limit is answered 413 at once, before any body byte is
+  read; a chunked body is refused 413 as soon as it passes the limit, so at most the limit (and
+  one network read) is ever held. The body must arrive within ``body_timeout_s`` and pause no
+  longer than ``idle_body_timeout_s`` between pieces, else 408. Each refusal closes the
+  connection (``Connection: close``): the rest of the body is never read. A client that
+  disconnects mid-body ends the request quietly (a debug line). The app then gets the body as
+  one message: it buffered the whole body anyway (``request.body()``), and no route streams.
+- :func:`header_timeout_protocol`: uvicorn's httptools protocol with a deadline on the request
+  line and headers, which uvicorn lacks (its keep-alive timeout covers only the idle time
+  between requests). The timer starts when a connection opens and when a request's first byte
+  arrives, stops at the end of the headers; when it fires the daemon answers 408 (when no
+  response of an earlier request is in flight) and closes the connection.
+
+Errors are ``{"error": "..."}`` like the rest of the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+INFER_PATH = re.compile(r"^/v2/models/[^/]+/infer$")
+
+
+class _Refused(Exception):
+    """The body broke a limit: answer ``status`` with ``message`` and close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body was complete: nothing to answer."""
+
+
+def _error_response(status: int, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    body = json.dumps({"error": message}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    return headers, body
+
+
+class BodyLimits:
+    """Read each HTTP request's body under a size limit and deadlines before the app runs.
+
+    ``max_infer_body_bytes`` applies to ``POST /v2/models/{m}/infer`` (tensors), ``max_body_bytes``
+    to every other path (JSON documents). See the module docstring for what a client gets.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_infer_body_bytes: int,
+        body_timeout_s: float,
+        idle_body_timeout_s: float,
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_infer_body_bytes = max_infer_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.idle_body_timeout_s = idle_body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = (
+            self.max_infer_body_bytes if INFER_PATH.match(scope["path"]) else self.max_body_bytes
+        )
+        try:
+            declared = _content_length(scope["headers"])
+            if declared is not None and declared > limit:
+                raise _Refused(413, f"the request body ({declared} bytes) is over {limit} bytes")
+            body = await self._read_body(receive, limit)
+        except _Refused as exc:
+            log.debug("%s %s: %d %s", scope["method"], scope["path"], exc.status, exc.message)
+            headers, content = _error_response(exc.status, exc.message)
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": content})
+            return
+        except _ClientGone:
+            log.debug("%s %s: the client left mid-body", scope["method"], scope["path"])
+            return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:  # the app waits for the disconnect (or a late one arrives)
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive, limit: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            left_s = deadline - loop.time()
+            idle = self.idle_body_timeout_s < left_s
+            try:
+                async with asyncio.timeout(min(self.idle_body_timeout_s, left_s)):
+                    message = await receive()
+            except TimeoutError:
+                if idle:
+                    raise _Refused(
+                        408, f"no request body bytes for {self.idle_body_timeout_s:g} s"
+                    ) from None
+                raise _Refused(
+                    408, f"the request body did not arrive within {self.body_timeout_s:g} s"
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _Refused(413, f"the request body is over {limit} bytes")
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The declared body length, or None (chunked; the HTTP parser rejects malformed ones)."""
+    for name, value in headers:
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a deadline on each request's line and headers.
+
+    Subclass it with ``header_timeout_s`` set (:func:`header_timeout_protocol`): uvicorn makes
+    the protocol from its class with its own arguments.
+    """
+
+    header_timeout_s: float = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._in_headers = False  # a request's first byte came, its headers did not end yet
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_header_timer()  # a connection that sends nothing is closed as well
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        self._in_headers = False
+        super().on_headers_complete()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:  # the deadline counts from the first byte or the open
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(self.header_timeout_s, self._header_timed_out)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        log.debug("%s: no complete request headers within %g s", self.client, self.header_timeout_s)
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if self._in_headers and not busy:  # a response of an earlier request must not be cut
+            headers, body = _error_response(
+                408, f"the request headers did not arrive within {self.header_timeout_s:g} s"
+            )
+            head = b"HTTP/1.1 408 Request Timeout\r\n" + b"".join(
+                name + b": " + value + b"\r\n" for name, value in headers
+            )
+            transport.write(head + b"\r\n" + body)
+        transport.close()
+
+
+def header_timeout_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
+    """The protocol class to pass as ``uvicorn.Config(http=...)``."""
+    return type(
+        "HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s}
+    )
