@@ -43,6 +43,9 @@ class ServerConfig(_Strict):
         le=1 << 32,
         description="largest POST /v2/models/{m}/infer body, binary tensors included (413 above)",
     )
+    max_header_bytes: int = Field(
+        64 << 10, ge=1024, le=16 << 20, description="largest request line and headers (431 above)"
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -11,11 +11,12 @@ Two layers, because uvicorn reads a request's line and headers and the ASGI app 
   connection (``Connection: close``): the rest of the body is never read. A client that
   disconnects mid-body ends the request quietly (a debug line). The app then gets the body as
   one message: it buffered the whole body anyway (``request.body()``), and no route streams.
-- :func:`header_timeout_protocol`: uvicorn's httptools protocol with a deadline on the request
+- :func:`header_limits_protocol`: uvicorn's httptools protocol with a deadline on the request
   line and headers, which uvicorn lacks (its keep-alive timeout covers only the idle time
-  between requests). The timer starts when a connection opens and when a request's first byte
-  arrives, stops at the end of the headers; when it fires the daemon answers 408 (when no
-  response of an earlier request is in flight) and closes the connection.
+  between requests), and a size limit on them. The timer starts when a connection opens and
+  when a request's first byte arrives, stops at the end of the headers; when it fires the daemon
+  answers 408, past ``max_header_bytes`` 431 (either only when no response to an earlier
+  pipelined request is going out), and closes the connection.
 
 Errors are ``{"error": "..."}`` like the rest of the API.
 """
@@ -26,6 +27,7 @@ import asyncio
 import json
 import logging
 import re
+from http import HTTPStatus
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -152,18 +154,22 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with a deadline on each request's line and headers.
+class HeaderLimitsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a deadline and a size limit on each request's line and
+    headers (httptools grows a header by concatenation: one endless header costs memory and
+    quadratic CPU until it ends).
 
-    Subclass it with ``header_timeout_s`` set (:func:`header_timeout_protocol`): uvicorn makes
-    the protocol from its class with its own arguments.
+    Subclass it with the limits set (:func:`header_limits_protocol`): uvicorn makes the protocol
+    from its class with its own arguments.
     """
 
     header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 << 10
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_timer: asyncio.TimerHandle | None = None  # set while headers are awaited
+        self._header_bytes = 0  # read while they were awaited: exact to within one network read
         self._in_headers = False  # a request's first byte came, its headers did not end yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,6 +179,15 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_timer is not None:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        # checked after parsing: a read that ends the headers and carries body bytes is fine
+        if self._header_timer is not None and self._header_bytes > self.max_header_bytes:
+            self._cancel_header_timer()
+            self._refuse(431, f"the request headers are over {self.max_header_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -188,6 +203,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if self._header_timer is None:  # the deadline counts from the first byte or the open
             loop = asyncio.get_running_loop()
             self._header_timer = loop.call_later(self.header_timeout_s, self._header_timed_out)
+            self._header_bytes = 0
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -196,24 +212,31 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
+        self._refuse(408, f"the request headers did not arrive within {self.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` (unless a response to an earlier request is going out: it must not
+        be cut) and close the connection."""
         transport = self.transport
         if transport.is_closing():
             return
-        log.debug("%s: no complete request headers within %g s", self.client, self.header_timeout_s)
+        log.debug("%s: %d %s", self.client, status, message)
         busy = self.cycle is not None and not self.cycle.response_complete
-        if self._in_headers and not busy:  # a response of an earlier request must not be cut
-            headers, body = _error_response(
-                408, f"the request headers did not arrive within {self.header_timeout_s:g} s"
-            )
-            head = b"HTTP/1.1 408 Request Timeout\r\n" + b"".join(
+        if self._in_headers and not busy:
+            headers, body = _error_response(status, message)
+            head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode() + b"".join(
                 name + b": " + value + b"\r\n" for name, value in headers
             )
             transport.write(head + b"\r\n" + body)
         transport.close()
 
 
-def header_timeout_protocol(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
+def header_limits_protocol(
+    header_timeout_s: float, max_header_bytes: int
+) -> type[HeaderLimitsProtocol]:
     """The protocol class to pass as ``uvicorn.Config(http=...)``."""
     return type(
-        "HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s}
+        "HeaderLimitsProtocol",
+        (HeaderLimitsProtocol,),
+        {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes},
     )

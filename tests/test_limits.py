@@ -1,8 +1,8 @@
 """Limits on what a client can make the daemon spend (api.limits), against the real daemon.
 
 One ``stgs serve`` process for the module (simulated node, CPU workers) with small limits:
-headers within 2 s, a body within 4 s with no pause over 2 s, an inference body of at most
-8 MiB, any other body 1 MiB. Clients are raw sockets (to send exactly the bytes an attacker
+headers within 2 s and 64 KiB, a body within 4 s with no pause over 2 s, an inference body of
+at most 8 MiB, any other body 1 MiB. Clients are raw sockets (to send exactly the bytes an attacker
 would: partial headers, slow or endless chunked bodies) and httpx.
 """
 
@@ -201,6 +201,23 @@ def test_slow_headers_are_cut_at_the_header_timeout(daemon: LocalDaemon) -> None
     assert _status(raw) == 408
     assert "headers did not arrive within 2 s" in _error(raw)
     assert HEADER_TIMEOUT_S - 0.5 < time.monotonic() - t0 < HEADER_TIMEOUT_S + 2
+
+
+def test_endless_headers_are_refused_at_the_size_limit(daemon: LocalDaemon) -> None:
+    with _connect(daemon) as s:
+        t0 = time.monotonic()
+        s.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(64):  # a 64 MiB header value, unless the daemon answers first
+                if select.select([s], [], [], 0)[0]:
+                    break
+                s.sendall(b"a" * (1 << 20))
+        except OSError:
+            pass
+        raw = _until_closed(s, HEADER_TIMEOUT_S)
+    assert _status(raw) == 431
+    assert _error(raw) == "the request headers are over 65536 bytes"
+    assert time.monotonic() - t0 < HEADER_TIMEOUT_S  # the size limit, not the timeout
 
 
 def test_a_connection_that_sends_nothing_is_closed(daemon: LocalDaemon) -> None:
