@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import re
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -38,17 +39,12 @@ log = logging.getLogger(__name__)
 INFER_PATH = re.compile(r"^/v2/models/[^/]+/infer$")
 
 
-class _Refused(Exception):
-    """The body broke a limit: answer ``status`` with ``message`` and close the connection."""
+@dataclass(frozen=True)
+class _Refusal:
+    """A body that broke a limit: answer ``status`` with ``message`` and close the connection."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its body was complete: nothing to answer."""
+    status: int
+    message: str
 
 
 def _error_response(status: int, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -90,20 +86,23 @@ class BodyLimits:
         limit = (
             self.max_infer_body_bytes if INFER_PATH.match(scope["path"]) else self.max_body_bytes
         )
-        try:
-            declared = _content_length(scope["headers"])
-            if declared is not None and declared > limit:
-                raise _Refused(413, f"the request body ({declared} bytes) is over {limit} bytes")
-            body = await self._read_body(receive, limit)
-        except _Refused as exc:
-            log.debug("%s %s: %d %s", scope["method"], scope["path"], exc.status, exc.message)
-            headers, content = _error_response(exc.status, exc.message)
-            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-            await send({"type": "http.response.body", "body": content})
-            return
-        except _ClientGone:
+        declared = _content_length(scope["headers"])
+        if declared is not None and declared > limit:
+            got: bytes | _Refusal | None = _Refusal(
+                413, f"the request body ({declared} bytes) is over {limit} bytes"
+            )
+        else:
+            got = await self._read_body(receive, limit)
+        if got is None:
             log.debug("%s %s: the client left mid-body", scope["method"], scope["path"])
             return
+        if isinstance(got, _Refusal):
+            log.debug("%s %s: %d %s", scope["method"], scope["path"], got.status, got.message)
+            headers, content = _error_response(got.status, got.message)
+            await send({"type": "http.response.start", "status": got.status, "headers": headers})
+            await send({"type": "http.response.body", "body": content})
+            return
+        body = got
         delivered = False
 
         async def replay() -> Message:
@@ -115,7 +114,8 @@ class BodyLimits:
 
         await self.app(scope, replay, send)
 
-    async def _read_body(self, receive: Receive, limit: int) -> bytes:
+    async def _read_body(self, receive: Receive, limit: int) -> bytes | _Refusal | None:
+        """The whole body; a refusal (413 over ``limit``, 408 too slow); None: the client left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout_s
         chunks: list[bytes] = []
@@ -128,18 +128,16 @@ class BodyLimits:
                     message = await receive()
             except TimeoutError:
                 if idle:
-                    raise _Refused(
-                        408, f"no request body bytes for {self.idle_body_timeout_s:g} s"
-                    ) from None
-                raise _Refused(
-                    408, f"the request body did not arrive within {self.body_timeout_s:g} s"
-                ) from None
+                    why = f"no request body bytes for {self.idle_body_timeout_s:g} s"
+                else:
+                    why = f"the request body did not arrive within {self.body_timeout_s:g} s"
+                return _Refusal(408, why)
             if message["type"] == "http.disconnect":
-                raise _ClientGone
+                return None
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _Refused(413, f"the request body is over {limit} bytes")
+                return _Refusal(413, f"the request body is over {limit} bytes")
             if chunk:
                 chunks.append(chunk)
             if not message.get("more_body", False):
