@@ -203,6 +203,40 @@ def test_slow_headers_are_cut_at_the_header_timeout(daemon: LocalDaemon) -> None
     assert HEADER_TIMEOUT_S - 0.5 < time.monotonic() - t0 < HEADER_TIMEOUT_S + 2
 
 
+def _one_response(s: socket.socket) -> bytes:
+    """One response with a Content-Length, read off a connection that stays open."""
+    s.settimeout(10)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += s.recv(65536)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_the_header_timeout_spares_idle_keep_alive_and_covers_each_request(
+    daemon: LocalDaemon,
+) -> None:
+    get = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(daemon) as s:
+        s.sendall(get)
+        assert _status(_one_response(s)) == 200
+        time.sleep(HEADER_TIMEOUT_S + 1)  # idle between requests: uvicorn's keep-alive (5 s)
+        s.sendall(get)
+        assert _status(_one_response(s)) == 200
+        t0 = time.monotonic()
+        s.sendall(b"GET /v2 HTTP/1.1\r\n")  # the third request's headers never end
+        raw = _until_closed(s, HEADER_TIMEOUT_S + 2)
+    assert _status(raw) == 408
+    assert HEADER_TIMEOUT_S - 0.5 < time.monotonic() - t0 < HEADER_TIMEOUT_S + 2
+
+
 def test_endless_headers_are_refused_at_the_size_limit(daemon: LocalDaemon) -> None:
     with _connect(daemon) as s:
         t0 = time.monotonic()
