@@ -5,9 +5,10 @@ the daemon (:mod:`api.daemon`) and the tests are its two callers. OpenAPI at ``/
 Swagger UI at ``/docs``.
 
 Errors: every one is ``{"error": "<message>"}`` with the right status: 400 malformed inference
-request, 401 missing or wrong token, 404 unknown model, 409 conflict with the daemon's state,
-422 invalid registration or refused by admission control, 429 request shed (it could not meet
-its deadline), 503 nothing can serve it now. Security: with a token, every mutating ``/v1``
+request, 401 missing or wrong token, 404 unknown model, 408 request too slow and 413 body too
+large (:mod:`api.limits`), 409 conflict with the daemon's state, 422 invalid registration or
+refused by admission control, 429 request shed (it could not meet its deadline), 503 nothing
+can serve it now. Security: with a token, every mutating ``/v1``
 call needs ``Authorization: Bearer <token>``; bound off loopback, every call does.
 """
 
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import kserve
 from api.controller import Controller
+from api.limits import BodyLimits
 from api.metrics import CONTENT_TYPE, Metrics
 from api.service import (
     ConflictError,
@@ -221,6 +223,16 @@ def create_app(
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return await call_next(request)
+
+    # added last, so the outermost of the app's middlewares: a body is bounded before auth
+    limits = svc.cfg.server
+    app.add_middleware(
+        BodyLimits,
+        max_body_bytes=limits.max_body_bytes,
+        max_infer_body_bytes=limits.max_infer_body_bytes,
+        body_timeout_s=limits.body_timeout_s,
+        idle_body_timeout_s=limits.idle_body_timeout_s,
+    )
 
     # ------------------------------------------------------------------ models
     @app.post("/v1/models", status_code=201, responses=ERRORS, tags=["models"])

@@ -8,6 +8,8 @@ no GPU is found, state under ``./stgs-state``).
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,40 @@ class ServerConfig(_Strict):
         ge=-1,
         le=65535,
         description="KServe v2 gRPC port on the same host (0: any free port; -1: no gRPC)",
+    )
+    # Limits on what one request can make the daemon spend (api.limits; docs/operations.md).
+    max_body_bytes: int = Field(
+        1 << 20, ge=1, le=1 << 30, description="largest request body but inference (413 above)"
+    )
+    max_infer_body_bytes: int = Field(
+        64 << 20,
+        ge=1,
+        le=1 << 32,
+        description="largest POST /v2/models/{m}/infer body, binary tensors included (413 above)",
+    )
+    max_header_bytes: int = Field(
+        64 << 10, ge=1024, le=16 << 20, description="largest request line and headers (431 above)"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="a connection's request line and headers must arrive within this (408)",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="a request's whole body must arrive within this once its headers did (408)",
+    )
+    idle_body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="the longest pause between two pieces of a request body (408)",
     )
 
 
@@ -196,14 +232,25 @@ def load_config(path: Path | None) -> DaemonConfig:
 
 
 def read_token(cfg: DaemonConfig) -> str | None:
-    """The bearer token from ``server.token_file`` (stripped), or None when none is set."""
+    """The bearer token from ``server.token_file`` (stripped), or None when none is set.
+
+    A token file that others may write is refused (anyone who can write it can replace the
+    token); one that others may read is accepted (the default umask makes such files).
+    """
     tf = cfg.server.token_file
     if tf is None:
         return None
     try:
-        token = tf.read_text(encoding="utf-8").strip()
+        with tf.open(encoding="utf-8") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            token = f.read().strip()
     except OSError as exc:
         raise ConfigError(f"{tf}: cannot read the token file: {exc.strerror}") from exc
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"{tf}: the token file is writable by group or others (mode {mode:04o});"
+            f" chmod go-w {tf}"
+        )
     if len(token) < 16:
         raise ConfigError(f"{tf}: the token must be at least 16 characters")
     return token

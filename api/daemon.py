@@ -28,6 +28,7 @@ from typing import Any
 from api.app import AppContext, create_app
 from api.config import DaemonConfig, read_token
 from api.controller import Controller, LoadMeter
+from api.limits import header_limits_protocol
 from api.metrics import Metrics
 from api.service import Observer, Service, cpu_profiler, gpu_profiler
 from api.store import Store
@@ -240,6 +241,7 @@ def serve(cfg: DaemonConfig) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        http=header_limits_protocol(cfg.server.header_timeout_s, cfg.server.max_header_bytes),
     )
     server = uvicorn.Server(config)
     server.run()

@@ -30,8 +30,8 @@ from stgs.errors import ConfigError, InvalidRequestError
 
 HEADER = "Inference-Header-Content-Length"
 MAX_BATCH = 1024
-MAX_BODY_BYTES = 64 << 20
 OUTPUT_NAME = "output"
+TOO_DEEP = "the request JSON is nested too deeply"
 
 DTYPES: dict[str, str] = {
     "BOOL": "bool",
@@ -121,12 +121,16 @@ def parse_request(body: bytes, header_len: str | None) -> tuple[InferRequest, by
         data = json.loads(head)
     except (UnicodeDecodeError, ValueError) as exc:
         raise KServeError(400, f"the request header is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[... : the decoder's depth guard (the body size bounds the rest)
+        raise KServeError(400, TOO_DEEP) from None
     if not isinstance(data, dict):
         raise KServeError(400, "the request must be a JSON object with 'inputs'")
     try:
         return InferRequest.model_validate(data), tail
     except ValidationError as exc:
         raise KServeError(400, f"invalid inference request: {_one_line(exc)}") from None
+    except RecursionError:
+        raise KServeError(400, TOO_DEEP) from None
 
 
 def decode_input(
@@ -155,8 +159,6 @@ def decode_input(
             + "]",
         )
     count = math.prod(shape)
-    if count > MAX_BODY_BYTES:
-        raise KServeError(400, f"input {inp.name!r}: shape {shape} is too large")
     params = inp.parameters or {}
     size = params.get("binary_data_size")
     if size is not None:
@@ -175,6 +177,7 @@ def decode_input(
             raise KServeError(400, f"input {inp.name!r}: the body ends before its binary data")
         raw = tail[offset : offset + size]
         arr = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
+        _finite(inp.name, arr)
         return arr.reshape(shape), offset + size
     if inp.data is None:
         raise KServeError(400, f"input {inp.name!r}: no data and no binary_data_size")
@@ -186,9 +189,15 @@ def decode_input(
         raise KServeError(
             400, f"input {inp.name!r}: {arr.size} values for shape {shape} ({count} needed)"
         )
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise KServeError(400, f"input {inp.name!r}: data holds NaN or infinity")
+    _finite(inp.name, arr)
     return arr.reshape(shape), offset
+
+
+def _finite(name: str, arr: np.ndarray) -> None:
+    """Refuse NaN and infinity in float inputs, JSON and binary alike: a model's output for them
+    is meaningless, and both encodings of one tensor must get one answer."""
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise KServeError(400, f"input {name!r}: data holds NaN or infinity")
 
 
 def _wants_binary(req: InferRequest) -> bool:
@@ -301,12 +310,7 @@ def router() -> APIRouter:
     )
     async def infer(model: str, request: Request) -> Response:
         try:
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-                raise KServeError(413, f"request body over {MAX_BODY_BYTES} bytes")
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                raise KServeError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            body = await request.body()  # at most server.max_infer_body_bytes (api.limits)
             rec = _record(request, model)
             req, tail = parse_request(body, request.headers.get(HEADER))
             in_name, dtype, shape = _io(rec)

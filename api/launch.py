@@ -53,6 +53,7 @@ class LocalDaemon:
 
     work: Path
     sections: str  # TOML after [server] and [paths]: [backend], [controller], ...
+    server_options: str = ""  # more [server] lines: "header_timeout_s = 2\n", ...
     port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: "local-" + os.urandom(12).hex())
@@ -64,7 +65,8 @@ class LocalDaemon:
         (self.work / "token").write_text(self.token + "\n")
         self.config.write_text(
             f'[server]\nport = {self.port}\ngrpc_port = {self.grpc_port}\ntoken_file = "token"\n'
-            '[paths]\nstate_dir = "state"\nruntime_dir = "run"\nmodel_dir = "models"\n'
+            + self.server_options
+            + '[paths]\nstate_dir = "state"\nruntime_dir = "run"\nmodel_dir = "models"\n'
             + self.sections
         )
 
