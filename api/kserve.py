@@ -98,6 +98,72 @@ class InferRequest(_Base):
     outputs: list[InferOutput] | None = Field(None, max_length=64)
 
 
+class ErrorBody(BaseModel):
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = Field(None, description="absent when sent as binary")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size when binary")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+_WHY = {
+    400: "malformed inference request, or one the model cannot take",
+    404: "unknown model",
+    413: f"request body over {MAX_BODY_BYTES} bytes",
+    422: "the model's registration is not servable",
+    429: "shed: it could not meet its deadline",
+    503: "the model has no ready worker",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorBody, "description": _WHY[c]} for c in codes}
+
+
 def _one_line(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors()[:5]:
@@ -230,14 +296,21 @@ def router() -> APIRouter:
         return JSONResponse({"error": message}, status_code=status)
 
     @r.get("/v2", summary="server metadata")
-    def server_metadata() -> dict[str, Any]:
-        return {"name": "stgs", "version": __version__, "extensions": ["binary_tensor_data"]}
+    def server_metadata() -> ServerMetadata:
+        return ServerMetadata(name="stgs", version=__version__, extensions=["binary_tensor_data"])
 
     @r.get("/v2/health/live", summary="the daemon is alive")
-    def live() -> dict[str, Any]:
-        return {"live": True}
+    def live() -> Live:
+        return Live(live=True)
 
-    @r.get("/v2/health/ready", summary="the daemon restored its state and serves")
+    @r.get(
+        "/v2/health/ready",
+        summary="the daemon restored its state and serves",
+        responses={
+            200: {"model": Ready},
+            503: {"model": Ready, "description": "still restoring its state"},
+        },
+    )
     def ready(request: Request) -> Response:
         ok = bool(svc(request).restored)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -256,7 +329,11 @@ def router() -> APIRouter:
         name = inputs[0]["name"] if inputs else "input"
         return name, entry.input_dtype, entry.input_shape
 
-    @r.get("/v2/models/{model}", summary="model metadata")
+    @r.get(
+        "/v2/models/{model}",
+        summary="model metadata",
+        responses={200: {"model": ModelMetadata}, **_errors(404, 422)},
+    )
     def model_metadata(model: str, request: Request) -> Response:
         try:
             rec = _record(request, model)
@@ -281,7 +358,15 @@ def router() -> APIRouter:
             }
         )
 
-    @r.get("/v2/models/{model}/ready", summary="the model has a ready worker")
+    @r.get(
+        "/v2/models/{model}/ready",
+        summary="the model has a ready worker",
+        responses={
+            200: {"model": ModelReady},
+            400: {"model": ModelReady, "description": "registered, no ready worker"},
+            **_errors(404, 422),
+        },
+    )
     def model_ready(model: str, request: Request) -> Response:
         try:
             _record(request, model)
@@ -293,6 +378,18 @@ def router() -> APIRouter:
     @r.post(
         "/v2/models/{model}/infer",
         summary="inference (JSON tensors, or the binary tensor data extension)",
+        responses={
+            200: {
+                "model": InferResponse,
+                "content": {
+                    "application/octet-stream": {
+                        "schema": {"type": "string", "format": "binary"},
+                    }
+                },
+                "description": f"JSON, or with {HEADER}: the JSON header then the raw tensors",
+            },
+            **_errors(400, 404, 413, 422, 429, 503),
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
