@@ -331,6 +331,7 @@ def create_app(
         "/v1/models",
         status_code=201,
         responses={
+            200: {"model": ModelOut, "description": "the same registration was already stored"},
             202: {"model": ModelOut, "description": "registered; profiling in the background"},
             **errors(400, 409, 422, 503),
         },
@@ -338,9 +339,15 @@ def create_app(
     )
     async def register(model: ModelIn, response: Response) -> ModelOut:
         """Register a model: validate, profile when needed (202, in the background), admission
-        control (422 with the planner's reason), plan and apply (201 when it serves)."""
+        control (422 with the planner's reason), plan and apply (201 when it serves). The same
+        request again answers 200 with the stored registration (a retry after a lost reply); a
+        different one for a registered name, 409."""
         spec = model.model_dump()
         spec["source"] = spec["source"] or f"builtin:{model.name}"
+        same = await run_in_threadpool(svc.registered_as, spec)
+        if same is not None:
+            response.status_code = 200
+            return _model_out(svc, same)
         rec, _ = await run_in_threadpool(svc.register, spec)
         if rec.status == "refused":  # profiled inline, then refused
             raise RefusedError(f"model {rec.name!r} refused: {rec.detail}")
