@@ -75,7 +75,9 @@ class KServeError(Exception):
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Strict: ``"3"`` is no shape dimension (the document, ``_INFER_SCHEMA``, says so too)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class InferInput(_Base):
@@ -83,7 +85,7 @@ class InferInput(_Base):
     shape: list[int] = Field(max_length=16)
     datatype: Datatype
     parameters: dict[str, Any] | None = None
-    data: Any = None
+    data: list[Any] | None = None
 
 
 class InferOutput(_Base):
@@ -393,7 +395,9 @@ def router() -> APIRouter:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _INFER_SCHEMA}},
+                "content": {
+                    "application/json": {"schema": _INFER_SCHEMA, "example": _INFER_EXAMPLE}
+                },
             }
         },
     )
@@ -429,33 +433,43 @@ def router() -> APIRouter:
     return r
 
 
+_INFER_EXAMPLE: dict[str, Any] = {
+    "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5, 1, 1.5, 2]}]
+}
 _INFER_SCHEMA: dict[str, Any] = {
+    "description": "InferRequest, as parse_request validates it (the binary tensor data "
+    "extension's raw tail is not JSON: see the module docstring)",
     "type": "object",
     "required": ["inputs"],
     "properties": {
-        "id": {"type": "string"},
-        "parameters": {"type": "object"},
+        "id": {"type": ["string", "null"], "maxLength": 1024},
+        "parameters": {"type": ["object", "null"]},
         "inputs": {
             "type": "array",
             "minItems": 1,
+            "maxItems": 64,
             "items": {
                 "type": "object",
                 "required": ["name", "shape", "datatype"],
                 "properties": {
-                    "name": {"type": "string"},
-                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "name": {"type": "string", "maxLength": 256},
+                    "shape": {"type": "array", "maxItems": 16, "items": {"type": "integer"}},
                     "datatype": {"type": "string", "enum": list(DTYPES)},
-                    "parameters": {"type": "object"},
-                    "data": {"type": "array"},
+                    "parameters": {"type": ["object", "null"]},
+                    "data": {"type": ["array", "null"]},
                 },
             },
         },
         "outputs": {
-            "type": "array",
+            "type": ["array", "null"],
+            "maxItems": 64,
             "items": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                "properties": {
+                    "name": {"type": "string", "maxLength": 256},
+                    "parameters": {"type": ["object", "null"]},
+                },
             },
         },
     },
