@@ -70,7 +70,9 @@ class AppContext:
 
 # ---------------------------------------------------------------------- REST schemas
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict, like the document: no ``"5"`` for a number, no ``true`` for a rate."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TensorSpec(_In):
