@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from api import kserve
 from api.controller import Controller
@@ -72,7 +73,9 @@ class AppContext:
 
 # ---------------------------------------------------------------------- REST schemas
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict, like the document: no ``"5"`` for a number, no ``true`` for a rate."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TensorSpec(_In):
@@ -90,6 +93,7 @@ class ModelIn(_In):
     source: str | None = Field(
         None,
         max_length=1024,
+        pattern=r"^(builtin|file):.+$",
         description="builtin:<name> (default: builtin:<name>) or file:<path in model_dir>",
     )
     slo_ms: float = Field(gt=0, le=600_000, allow_inf_nan=False, description="latency SLO")
@@ -109,8 +113,22 @@ class ModelOut(BaseModel):
     updated_at: float
 
 
+def _policy_enum(schema: dict[str, Any]) -> None:
+    """The document lists the policies ``_allowed_policy`` accepts (read when it is built)."""
+    from partitioner.policies import policy_names
+
+    for alt in schema.get("anyOf", []):
+        if alt.get("type") == "string":
+            alt["enum"] = policy_names()
+
+
 class PlanRequest(_In):
-    policy: str | None = Field(None, max_length=64, description="a registered policy name")
+    policy: str | None = Field(
+        None,
+        max_length=64,
+        description="a registered policy name",
+        json_schema_extra=_policy_enum,
+    )
     rates: (
         dict[
             Annotated[str, Field(max_length=128)],
@@ -121,12 +139,99 @@ class PlanRequest(_In):
 
 
 class ErrorOut(BaseModel):
+    """Every error answer: ``{"error": "<message>"}``."""
+
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (400, 401, 404, 409, 422, 429, 503)
+class DeletedOut(BaseModel):
+    deleted: str
+
+
+class PartitionOut(BaseModel):
+    partition: str
+    state: str
+    pid: int | None
+    restarts: int
+    last_error: str | None
+
+
+class TransitionOut(BaseModel):
+    policy: str
+    state: str
+    reason: str | None
+    started: list[str]
+    stopped: list[str]
+    kept: list[str]
+
+
+class PlanView(BaseModel):
+    """The current plan (``Plan.to_dict``), every partition's state, the last transition."""
+
+    plan: dict[str, Any] | None
+    partitions: list[PartitionOut]
+    last_transition: TransitionOut | None
+    controller: dict[str, Any] | None
+
+
+class PreviewOut(BaseModel):
+    plan: dict[str, Any]
+    changes: dict[str, Any]
+
+
+class EventOut(BaseModel):
+    id: int
+    ts: float
+    kind: str
+    message: str
+    data: dict[str, Any]
+
+
+class StatusOut(BaseModel):
+    version: str
+    backend: str
+    restored: bool
+    models: dict[str, int]
+    gpus_used: int
+    partitions: dict[str, int]
+    policy: str
+    controller: dict[str, Any] | None
+    last_error: str | None
+
+
+class GpusOut(BaseModel):
+    """The backend's view; ``error``/``mps_error`` only when a read failed."""
+
+    backend: str
+    gpus: list[dict[str, Any]]
+    mps_daemons: list[dict[str, Any]]
+    error: str | None = None
+    mps_error: str | None = None
+
+
+_WHY: dict[int, str] = {
+    400: "malformed request (a body that is not JSON)",
+    401: "missing or wrong bearer token",
+    404: "unknown model",
+    409: "conflicts with the daemon's state",
+    413: "request body too large",
+    422: "invalid request, or refused by admission control",
+    429: "shed: it could not meet its deadline",
+    503: "nothing can serve it now",
 }
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses a route can answer, all ``ErrorOut``."""
+    return {c: {"model": ErrorOut, "description": _WHY[c]} for c in codes}
+
+
+def needs_token(ctx: AppContext, method: str, path: str) -> bool:
+    """Whether a call must carry the bearer token (the auth middleware and the OpenAPI
+    document's ``security`` both ask this, so the document says what the daemon enforces)."""
+    if ctx.token is None:
+        return False
+    return ctx.auth_all or (method.upper() in MUTATING and path.startswith("/v1/"))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -199,9 +304,12 @@ def create_app(
         return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette lists the first matching route's methods only
+            headers["Allow"] = ", ".join(allowed_methods(app, req))
         return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=headers
         )
 
     # ------------------------------------------------------------------ auth
@@ -209,9 +317,8 @@ def create_app(
     async def _auth(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        path = request.url.path
-        needs = ctx.auth_all or (request.method in MUTATING and path.startswith("/v1/"))
-        if needs and ctx.token is not None:
+        if needs_token(ctx, request.method, request.url.path):
+            assert ctx.token is not None
             got = request.headers.get("authorization", "")
             scheme, _, value = got.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -235,12 +342,27 @@ def create_app(
     )
 
     # ------------------------------------------------------------------ models
-    @app.post("/v1/models", status_code=201, responses=ERRORS, tags=["models"])
+    @app.post(
+        "/v1/models",
+        status_code=201,
+        responses={
+            200: {"model": ModelOut, "description": "the same registration was already stored"},
+            202: {"model": ModelOut, "description": "registered; profiling in the background"},
+            **errors(400, 409, 422, 503),
+        },
+        tags=["models"],
+    )
     async def register(model: ModelIn, response: Response) -> ModelOut:
         """Register a model: validate, profile when needed (202, in the background), admission
-        control (422 with the planner's reason), plan and apply (201 when it serves)."""
+        control (422 with the planner's reason), plan and apply (201 when it serves). The same
+        request again answers 200 with the stored registration (a retry after a lost reply); a
+        different one for a registered name, 409."""
         spec = model.model_dump()
         spec["source"] = spec["source"] or f"builtin:{model.name}"
+        same = await run_in_threadpool(svc.registered_as, spec)
+        if same is not None:
+            response.status_code = 200
+            return _model_out(svc, same)
         rec, _ = await run_in_threadpool(svc.register, spec)
         if rec.status == "refused":  # profiled inline, then refused
             raise RefusedError(f"model {rec.name!r} refused: {rec.detail}")
@@ -252,103 +374,150 @@ def create_app(
     def list_models() -> list[ModelOut]:
         return [_model_out(svc, r) for r in svc.models()]
 
-    @app.get("/v1/models/{name}", responses=ERRORS, tags=["models"])
+    @app.get("/v1/models/{name}", responses=errors(404, 422), tags=["models"])
     def get_model(name: ModelName) -> ModelOut:
         return _model_out(svc, svc.get(name))
 
-    @app.delete("/v1/models/{name}", responses=ERRORS, tags=["models"])
-    async def delete_model(name: ModelName) -> dict[str, str]:
+    @app.delete("/v1/models/{name}", responses=errors(404, 409, 422, 503), tags=["models"])
+    async def delete_model(name: ModelName) -> DeletedOut:
         await run_in_threadpool(svc.delete, name)
-        return {"deleted": name}
+        return DeletedOut(deleted=name)
 
     # ------------------------------------------------------------------ plans
-    def _plan_view() -> dict[str, Any]:
+    def _plan_view() -> PlanView:
         plan = svc.runtime.current_plan
         hist = svc.runtime.history[-1] if svc.runtime.history else None
-        return {
-            "plan": None if plan is None else plan.to_dict(),
-            "partitions": svc.runtime.describe(),
-            "last_transition": None
+        return PlanView(
+            plan=None if plan is None else plan.to_dict(),
+            partitions=[PartitionOut(**p) for p in svc.runtime.describe()],
+            last_transition=None
             if hist is None
-            else {
-                "policy": hist.policy,
-                "state": hist.state.value,
-                "reason": hist.reason,
-                "started": hist.started,
-                "stopped": hist.stopped,
-                "kept": hist.kept,
-            },
-            "controller": None if ctx.controller is None else ctx.controller.status(),
-        }
+            else TransitionOut(
+                policy=hist.policy,
+                state=hist.state.value,
+                reason=hist.reason,
+                started=hist.started,
+                stopped=hist.stopped,
+                kept=hist.kept,
+            ),
+            controller=None if ctx.controller is None else ctx.controller.status(),
+        )
 
     @app.get("/v1/plan", tags=["plans"])
-    def get_plan() -> dict[str, Any]:
+    def get_plan() -> PlanView:
         """The current plan, with the state of every partition."""
         return _plan_view()
 
-    @app.post("/v1/plan/preview", responses=ERRORS, tags=["plans"])
-    async def preview(req: Annotated[PlanRequest | None, Body()] = None) -> dict[str, Any]:
+    @app.post("/v1/plan/preview", responses=errors(400, 404, 409, 422), tags=["plans"])
+    async def preview(req: Annotated[PlanRequest | None, Body()] = None) -> PreviewOut:
         """Dry run: the plan a policy would choose now, and the changes it would make."""
         r = req or PlanRequest()
         policy = _allowed_policy(r.policy)
         plan, changes = await run_in_threadpool(svc.preview, r.rates, policy)
-        return {"plan": plan.to_dict(), "changes": changes}
+        return PreviewOut(plan=plan.to_dict(), changes=changes)
 
-    @app.post("/v1/plan/apply", responses=ERRORS, tags=["plans"])
-    async def apply(req: Annotated[PlanRequest | None, Body()] = None) -> dict[str, Any]:
+    @app.post("/v1/plan/apply", responses=errors(400, 404, 409, 422, 503), tags=["plans"])
+    async def apply(req: Annotated[PlanRequest | None, Body()] = None) -> PlanView:
         """Re-plan now (optionally with another policy or rates) and apply."""
         r = req or PlanRequest()
         policy = _allowed_policy(r.policy)
-        plan = await run_in_threadpool(
+        await run_in_threadpool(
             lambda: svc.replan(r.rates, reason="api: plan/apply", policy=policy)
         )
-        return {"plan": plan.to_dict(), **_plan_view()}
+        return _plan_view()
 
     # ------------------------------------------------------------------ node
-    @app.get("/v1/gpus", tags=["node"])
-    def gpus() -> dict[str, Any]:
+    @app.get("/v1/gpus", tags=["node"], response_model_exclude_unset=True)
+    def gpus() -> GpusOut:
         """The backend's view: GPUs, MIG mode and layout, MPS daemons, partitions."""
-        return gpu_view(ctx)
+        return GpusOut(**gpu_view(ctx))
 
-    @app.get("/v1/events", tags=["node"])
+    @app.get("/v1/events", responses=errors(422), tags=["node"])
     def events(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         kind: Annotated[str | None, Query(max_length=64)] = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[EventOut]:
         return [
-            {"id": e.id, "ts": e.ts, "kind": e.kind, "message": e.message, "data": e.data}
+            EventOut(id=e.id, ts=e.ts, kind=e.kind, message=e.message, data=e.data)
             for e in svc.store.events(limit=limit, kind=kind)
         ]
 
     @app.get("/v1/status", tags=["node"])
-    def status() -> dict[str, Any]:
+    def status() -> StatusOut:
         counts: dict[str, int] = {}
         for r in svc.models():
             counts[r.status] = counts.get(r.status, 0) + 1
         plan = svc.runtime.current_plan
-        return {
-            "version": __version__,
-            "backend": ctx.backend_kind,
-            "restored": svc.restored,
-            "models": counts,
-            "gpus_used": 0 if plan is None else plan.gpus_used,
-            "partitions": {
+        return StatusOut(
+            version=__version__,
+            backend=ctx.backend_kind,
+            restored=svc.restored,
+            models=counts,
+            gpus_used=0 if plan is None else plan.gpus_used,
+            partitions={
                 s: sum(1 for p in svc.runtime.describe() if p["state"] == s)
                 for s in ("starting", "ready", "draining", "failed")
             },
-            "policy": svc.cfg.planner.policy,
-            "controller": None if ctx.controller is None else ctx.controller.status(),
-            "last_error": svc.last_error,
-        }
+            policy=svc.cfg.planner.policy,
+            controller=None if ctx.controller is None else ctx.controller.status(),
+            last_error=svc.last_error,
+        )
 
-    @app.get("/metrics", tags=["node"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["node"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+    )
     def metrics() -> Response:
         ctx.metrics.refresh(svc, ctx.controller)
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(kserve.router())
+    document_auth(app, ctx)
     app.add_middleware(ArrivalStamp)  # added last: the outermost layer
     return app
+
+
+def allowed_methods(app: FastAPI, req: Request) -> list[str]:
+    """Every method some route serves at the request's path (the ``Allow`` of a 405)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.matches(req.scope)[0] is not Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
+def document_auth(app: FastAPI, ctx: AppContext) -> None:
+    """The OpenAPI document says which operations need the bearer token (and answer 401),
+    with the same rule the auth middleware enforces."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()
+        if ctx.token is None:
+            return doc
+        doc["components"].setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+        }
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                if needs_token(ctx, method, path):
+                    op["security"] = [{"bearer": []}]
+                    op["responses"]["401"] = {
+                        "description": _WHY[401],
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorOut"}
+                            }
+                        },
+                    }
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class ArrivalStamp:

@@ -30,7 +30,7 @@ from api.config import DaemonConfig, read_token
 from api.controller import Controller, LoadMeter
 from api.limits import header_limits_protocol
 from api.metrics import Metrics
-from api.service import Observer, Service, cpu_profiler, gpu_profiler
+from api.service import Observer, Service, clean_stale_profiling, cpu_profiler, gpu_profiler
 from api.store import Store
 from stgs.backend.base import Backend
 from stgs.backend.simulated import SimulatedNode
@@ -136,11 +136,11 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
         meter.arrived(model, n)
         meter.finished(model, n, met)
 
-    profiler = (
-        cpu_profiler(cfg.paths.state_dir / "profiling")
-        if kind == "simulated"
-        else gpu_profiler(cfg.paths.state_dir / "profiling")
-    )
+    profiling_dir = cfg.paths.state_dir / "profiling"
+    stale = clean_stale_profiling(profiling_dir)
+    if stale:
+        log.info("removed %d stale profiling dir(s) of a killed run: %s", len(stale), stale)
+    profiler = cpu_profiler(profiling_dir) if kind == "simulated" else gpu_profiler(profiling_dir)
     service = Service(
         cfg,
         store,

@@ -74,7 +74,9 @@ class KServeError(Exception):
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Strict: ``"3"`` is no shape dimension (the document, ``_INFER_SCHEMA``, says so too)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class InferInput(_Base):
@@ -82,7 +84,7 @@ class InferInput(_Base):
     shape: list[int] = Field(max_length=16)
     datatype: Datatype
     parameters: dict[str, Any] | None = None
-    data: Any = None
+    data: list[Any] | None = None
 
 
 class InferOutput(_Base):
@@ -95,6 +97,72 @@ class InferRequest(_Base):
     parameters: dict[str, Any] | None = None
     inputs: list[InferInput] = Field(min_length=1, max_length=64)
     outputs: list[InferOutput] | None = Field(None, max_length=64)
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = Field(None, description="absent when sent as binary")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size when binary")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+_WHY = {
+    400: "malformed inference request, or one the model cannot take",
+    404: "unknown model",
+    413: "request body over server.max_infer_body_bytes (default 64 MiB)",
+    422: "the model's registration is not servable",
+    429: "shed: it could not meet its deadline",
+    503: "the model has no ready worker",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorBody, "description": _WHY[c]} for c in codes}
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -238,14 +306,21 @@ def router() -> APIRouter:
         return JSONResponse({"error": message}, status_code=status)
 
     @r.get("/v2", summary="server metadata")
-    async def server_metadata() -> dict[str, Any]:
-        return {"name": "stgs", "version": __version__, "extensions": ["binary_tensor_data"]}
+    async def server_metadata() -> ServerMetadata:
+        return ServerMetadata(name="stgs", version=__version__, extensions=["binary_tensor_data"])
 
     @r.get("/v2/health/live", summary="the daemon is alive")
-    async def live() -> dict[str, Any]:
-        return {"live": True}
+    async def live() -> Live:
+        return Live(live=True)
 
-    @r.get("/v2/health/ready", summary="the daemon restored its state and serves")
+    @r.get(
+        "/v2/health/ready",
+        summary="the daemon restored its state and serves",
+        responses={
+            200: {"model": Ready},
+            503: {"model": Ready, "description": "still restoring its state"},
+        },
+    )
     async def ready(request: Request) -> Response:
         ok = bool(svc(request).restored)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -264,7 +339,11 @@ def router() -> APIRouter:
         name = inputs[0]["name"] if inputs else "input"
         return name, entry.input_dtype, entry.input_shape
 
-    @r.get("/v2/models/{model}", summary="model metadata")
+    @r.get(
+        "/v2/models/{model}",
+        summary="model metadata",
+        responses={200: {"model": ModelMetadata}, **_errors(404, 422)},
+    )
     async def model_metadata(model: str, request: Request) -> Response:
         try:
             rec = _record(request, model)
@@ -289,7 +368,15 @@ def router() -> APIRouter:
             }
         )
 
-    @r.get("/v2/models/{model}/ready", summary="the model has a ready worker")
+    @r.get(
+        "/v2/models/{model}/ready",
+        summary="the model has a ready worker",
+        responses={
+            200: {"model": ModelReady},
+            400: {"model": ModelReady, "description": "registered, no ready worker"},
+            **_errors(404, 422),
+        },
+    )
     async def model_ready(model: str, request: Request) -> Response:
         try:
             _record(request, model)
@@ -301,10 +388,24 @@ def router() -> APIRouter:
     @r.post(
         "/v2/models/{model}/infer",
         summary="inference (JSON tensors, or the binary tensor data extension)",
+        responses={
+            200: {
+                "model": InferResponse,
+                "content": {
+                    "application/octet-stream": {
+                        "schema": {"type": "string", "format": "binary"},
+                    }
+                },
+                "description": f"JSON, or with {HEADER}: the JSON header then the raw tensors",
+            },
+            **_errors(400, 404, 413, 422, 429, 503),
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _INFER_SCHEMA}},
+                "content": {
+                    "application/json": {"schema": _INFER_SCHEMA, "example": _INFER_EXAMPLE}
+                },
             }
         },
     )
@@ -336,33 +437,43 @@ def router() -> APIRouter:
     return r
 
 
+_INFER_EXAMPLE: dict[str, Any] = {
+    "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5, 1, 1.5, 2]}]
+}
 _INFER_SCHEMA: dict[str, Any] = {
+    "description": "InferRequest, as parse_request validates it (the binary tensor data "
+    "extension's raw tail is not JSON: see the module docstring)",
     "type": "object",
     "required": ["inputs"],
     "properties": {
-        "id": {"type": "string"},
-        "parameters": {"type": "object"},
+        "id": {"type": ["string", "null"], "maxLength": 1024},
+        "parameters": {"type": ["object", "null"]},
         "inputs": {
             "type": "array",
             "minItems": 1,
+            "maxItems": 64,
             "items": {
                 "type": "object",
                 "required": ["name", "shape", "datatype"],
                 "properties": {
-                    "name": {"type": "string"},
-                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "name": {"type": "string", "maxLength": 256},
+                    "shape": {"type": "array", "maxItems": 16, "items": {"type": "integer"}},
                     "datatype": {"type": "string", "enum": list(DTYPES)},
-                    "parameters": {"type": "object"},
-                    "data": {"type": "array"},
+                    "parameters": {"type": ["object", "null"]},
+                    "data": {"type": ["array", "null"]},
                 },
             },
         },
         "outputs": {
-            "type": "array",
+            "type": ["array", "null"],
+            "maxItems": 64,
             "items": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                "properties": {
+                    "name": {"type": "string", "maxLength": 256},
+                    "parameters": {"type": ["object", "null"]},
+                },
             },
         },
     },

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -110,6 +111,21 @@ def resolve_model_file(model_dir: Path, rel: str) -> Path:
     if not target.is_file():
         raise ConfigError(f"model file {rel!r}: no such file in the model directory")
     return target
+
+
+def clean_stale_profiling(work_dir: Path) -> list[str]:
+    """Remove what profiling runs killed with the daemon left in ``work_dir``; their names.
+
+    Call it at start, before anything profiles. The profilers write only files there (the GPU
+    profiler's resumable CSVs, kept); every directory is a CPU profiling run's temporary one,
+    which a daemon killed mid-run (SIGKILL, power loss) never removed.
+    """
+    if not work_dir.is_dir():
+        return []
+    stale = sorted(p for p in work_dir.iterdir() if p.is_dir() and not p.is_symlink())
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
 
 
 def cpu_profiler(
@@ -420,6 +436,15 @@ class Service:
                 raise ConfigError(
                     f"input shape {list(shape)} does not match {target}'s sample shape {list(want)}"
                 )
+
+    def registered_as(self, spec: Mapping[str, Any]) -> ModelRecord | None:
+        """The stored registration that ``spec`` repeats, if it still stands (not refused or
+        failed): a client that lost the reply (the daemon was killed after storing it) retries
+        the same request, and gets the registration it made instead of a conflict."""
+        old = self.store.get_model(str(spec["name"]))
+        if old is not None and old.spec == dict(spec) and old.status not in (REFUSED, FAILED):
+            return old
+        return None
 
     def register(self, spec: Mapping[str, Any]) -> tuple[ModelRecord, bool]:
         """Register a model. Returns (record, done): done False while it profiles.

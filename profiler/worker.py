@@ -38,6 +38,7 @@ from profiler.measure import (
     summarise,
 )
 from profiler.models import ModelSpec, build_model
+from stgs.lifeline import die_with_parent
 
 DTYPES = ("fp16", "bf16", "fp32")
 GREEN_ENV = "STGS_PROFILER_GREEN_SMS"
@@ -272,6 +273,7 @@ def serve(device: str, inp: IO[str], out: IO[str]) -> int:
 
 
 def main() -> int:
+    die_with_parent()  # a daemon killed while this measures must not leave it running
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda:0"
     # stdout carries the protocol alone: keep a private handle, send fd 1 to stderr
     proto = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)

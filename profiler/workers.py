@@ -20,6 +20,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, Protocol
 
+from stgs import lifeline
+
 __all__ = ["SubprocessWorker", "Worker", "WorkerDied", "WorkerTimeout"]
 
 
@@ -61,7 +63,7 @@ class SubprocessWorker:
             prefix="stgs-worker-", suffix=".log", delete=False
         )
         self.log_path = Path(self._log.name)
-        self._proc = subprocess.Popen(
+        self._proc = lifeline.popen(
             [sys.executable, "-m", "profiler.worker", device],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stgs import lifeline
 from stgs.catalog import GpuSku, MigLayout, MigPlacement, canonical_layout, layout_violation
 from stgs.errors import BackendError, InUseError, MigLayoutError
 
@@ -175,7 +176,7 @@ class Backend(ABC):
         if extra_env:
             env.update(extra_env)
         self._before_spawn(ref, mps_pct)
-        proc = subprocess.Popen(list(argv), env=env, pass_fds=tuple(pass_fds), close_fds=True)
+        proc = lifeline.popen(argv, env=env, pass_fds=tuple(pass_fds), close_fds=True)
         self._after_spawn(ref, mps_pct, proc)
         return proc
 

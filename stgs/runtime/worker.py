@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from stgs.lifeline import die_with_parent
 from stgs.runtime.models import BatchRunner, load_runner, model_entry
 from stgs.runtime.transport import (
     DEADLINE,
@@ -319,6 +320,7 @@ def _invalid(shape: tuple[int, ...] | None, dtype: str, arr: Array) -> str | Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent()  # a daemon killed while this loads must not leave it running
     ap = argparse.ArgumentParser(prog="stgs-worker")
     ap.add_argument("--fd", type=int, required=True, help="connected socket inherited")
     ap.add_argument("--spec", required=True, help="WorkerSpec as JSON")
