@@ -25,13 +25,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Body, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from api import kserve
 from api.controller import Controller
+from api.inference import whole
 from api.limits import BodyLimits
 from api.metrics import CONTENT_TYPE, Metrics
 from api.service import (
@@ -81,7 +82,7 @@ class _In(BaseModel):
 class TensorSpec(_In):
     name: str = Field("input", pattern=NAME_PATTERN, max_length=64)
     datatype: Literal["FP32", "FP16", "INT64", "INT32", "UINT8"] = "FP32"
-    shape: list[Annotated[int, Field(ge=1, le=1 << 20)]] = Field(
+    shape: list[Annotated[int, Field(ge=1, le=1 << 20), BeforeValidator(whole)]] = Field(
         min_length=1, max_length=8, description="one sample's shape (no batch dimension)"
     )
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
+from pydantic import BeforeValidator
 
 from stgs.errors import (
     ConfigError,
@@ -49,6 +50,20 @@ DTYPES: dict[str, str] = {
 }
 """KServe v2 datatype -> numpy dtype name (BYTES and BF16 are not served)."""
 KSERVE_OF = {v: k for k, v in DTYPES.items()}
+
+
+def whole(v: object) -> object:
+    """JSON Schema's ``integer`` includes 3.0, so the API takes a whole float as the integer it
+    is; a strict model still refuses "3", 3.5 and true."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+JsonInt = Annotated[int, BeforeValidator(whole)]
+"""An integer field of a strict request model, as JSON Schema counts integers. With bounds, put
+them first (``Annotated[int, Field(ge=1), BeforeValidator(whole)]``), or pydantic leaves them
+out of the JSON schema."""
 
 
 class InferError(Exception):

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api.inference import JsonInt
 from stgs import __version__
 from stgs.errors import ConfigError, InvalidRequestError
 
@@ -81,7 +82,7 @@ class _Base(BaseModel):
 
 class InferInput(_Base):
     name: str = Field(max_length=256)
-    shape: list[int] = Field(max_length=16)
+    shape: list[JsonInt] = Field(max_length=16)
     datatype: Datatype
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = None
