@@ -284,3 +284,17 @@ def rate_excess(problem: Problem, rel_tol: float = 1e-6) -> RateExcess | None:
         return None
     top = max(servable, key=lambda m: m.rate_rps / caps[m.name])
     return RateExcess(top.name, top.rate_rps, top.rate_rps * k, factor=k)
+
+
+def clipped_to_bound(problem: Problem) -> Problem:
+    """``problem`` with every rate that a shape serves scaled by min(1, k*) (the rate-aware
+    fluid bound of those models): the most the node could carry in the same proportions. For
+    re-plans on measured load (overload must still get the best plan the node has, and the
+    heuristics' work stays bounded), where API calls refuse instead (:func:`rate_excess`)."""
+    servable = {m.name for m in problem.models if m.rate_rps > 0 and capacity_rps(problem, m) > 0}
+    if not servable:
+        return problem
+    k = fluid_bound(problem.with_models([m for m in problem.models if m.name in servable]))
+    if k >= 1:
+        return problem
+    return problem.with_models([m.scaled(k) if m.name in servable else m for m in problem.models])

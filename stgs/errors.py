@@ -59,6 +59,15 @@ class PlanningError(StgsError):
     """The planner failed to produce a plan at all."""
 
 
+class BeyondCapacityError(PlanningError):
+    """Rates above an upper bound of what the node could ever serve: refused before planning
+    (admission control says no; HTTP 422)."""
+
+
+class PlanningTimeoutError(PlanningError):
+    """Planning took longer than its time budget and was abandoned (HTTP 503)."""
+
+
 class BackendError(StgsError):
     """The hardware (NVML, MPS) or the simulated node refused or failed an operation."""
 
