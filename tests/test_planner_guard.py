@@ -7,13 +7,19 @@ rate a policy plans is within it, on the shipped profiles and the example set.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from api.launch import LocalDaemon, wait_until
 from partitioner.fluid import capacity_rps, fluid_bound, rate_excess
 from partitioner.planner import make_plan
 from partitioner.problem import Problem
+from stgs.catalog import get_sku
+from stgs.profiles import ProfileRow, ProfileTable, write_profiles
 from stgs.scenario import Scenario, scenario_from_mapping
 
 BOUND_SCENARIOS: dict[str, dict[str, Any]] = {
@@ -98,3 +104,144 @@ def test_models_no_shape_serves_are_left_to_the_planner() -> None:
     prob = Problem.from_scenario(sc)
     assert capacity_rps(prob, prob.models[0]) == 0
     assert rate_excess(prob) is None
+
+
+# ---------------------------------------------------------------------- through the daemon
+# One real daemon (``stgs serve``) on a simulated node of 32 H100s, so that rates within the
+# bound can still take the planner tens of seconds (the stgs policy at half the bound: ~20 s
+# on one core); models ``echo`` and ``fail`` (CPU workers without torch), profiled by a CSV
+# loaded at start. Each HTTP call has a timeout: on code without the limits they hang.
+GPUS = 32
+BUDGET_S = 3.0
+
+
+def _profile_rows() -> list[ProfileRow]:
+    sms = get_sku("H100-80GB").sm_count
+    return [
+        ProfileRow("H100-80GB", m, "full", sms, b, 0.5 + 0.05 * b, 10.0)
+        for m in ("echo", "fail")
+        for b in (1, 2, 4, 8)
+    ]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
+    work = tmp_path_factory.mktemp("guard")
+    write_profiles(_profile_rows(), work / "profiles.csv")
+    d = LocalDaemon(
+        work,
+        '[backend]\nkind = "simulated"\n'
+        f'simulated_gpus = [{{ sku = "H100-80GB", count = {GPUS} }}]\n'
+        f'[planner]\nprofiles = "profiles.csv"\ntime_budget_s = {BUDGET_S}\n'
+        "[controller]\ninterval_s = 600\n",
+    )
+    proc = d.start()
+    try:
+        with d.client(timeout_s=10.0) as c:
+            wait_until("the daemon", lambda: c.get("/v1/status").status_code == 200, 60.0, proc)
+            r = c.post("/v1/models", json={"name": "echo", "slo_ms": 100, "rate_rps": 50})
+            assert r.status_code == 201, r.text
+        yield d
+    finally:
+        d.stop()
+
+
+def _bound_rps(prob_rows: list[ProfileRow], name: str) -> float:
+    """The node's capacity bound for ``name`` alone, as the daemon computes it."""
+    sc = scenario_from_mapping(
+        {
+            "gpus": [{"sku": "H100-80GB", "count": GPUS}],
+            "models": [{"name": name, "slo_ms": 100, "rate_rps": 1}],
+        }
+    )
+    prob = Problem.from_scenario(sc, ProfileTable(prob_rows))
+    return capacity_rps(prob, prob.models[0])
+
+
+def test_rates_beyond_the_bound_are_refused_at_once(daemon: LocalDaemon) -> None:
+    """preview, apply and registration at 1M request/s: 422 in well under a second, naming
+    the model, the rate and the bound (unbounded, each planned for minutes)."""
+    bound = _bound_rps(_profile_rows(), "echo")
+    with daemon.client(timeout_s=10.0) as c:
+        for path in ("/v1/plan/preview", "/v1/plan/apply"):
+            t0 = time.perf_counter()
+            r = c.post(path, json={"rates": {"echo": 1_000_000}})
+            secs = time.perf_counter() - t0
+            assert r.status_code == 422, r.text
+            assert secs < 1.0, secs
+            err = r.json()["error"]
+            assert "echo" in err and "1e+06" in err and f"{bound:.6g}" in err, err
+        t0 = time.perf_counter()
+        r = c.post("/v1/models", json={"name": "fail", "slo_ms": 100, "rate_rps": 1_000_000})
+        assert r.status_code == 422 and time.perf_counter() - t0 < 1.0, r.text
+        m = c.get("/v1/models/fail").json()
+        assert m["status"] == "refused" and "fluid bound" in m["detail"], m
+        assert c.get("/v1/models/echo").json()["status"] == "ready"  # nothing else changed
+        assert c.delete("/v1/models/fail").status_code == 200
+
+
+def test_a_plan_over_the_time_budget_is_abandoned(daemon: LocalDaemon) -> None:
+    """A preview within the bound that takes the planner ~20 s: 503 after the budget, and
+    the daemon answers other calls meanwhile (planning is in another process)."""
+    rate = 0.5 * _bound_rps(_profile_rows(), "echo")
+    out: dict[str, Any] = {}
+    with daemon.client(timeout_s=2 * BUDGET_S) as c:
+
+        def preview() -> None:
+            t0 = time.perf_counter()
+            out["response"] = c.post("/v1/plan/preview", json={"rates": {"echo": rate}})
+            out["secs"] = time.perf_counter() - t0
+
+        t = threading.Thread(target=preview)
+        t.start()
+        slowest = 0.0
+        while t.is_alive():
+            t0 = time.perf_counter()
+            assert c.get("/v1/status").status_code == 200
+            slowest = max(slowest, time.perf_counter() - t0)
+            time.sleep(0.1)
+        t.join()
+        r = out["response"]
+        assert r.status_code == 503, r.text
+        assert "planner.time_budget_s" in r.json()["error"]
+        assert BUDGET_S <= out["secs"] < BUDGET_S + 2.0, out["secs"]
+        assert slowest < 0.5, slowest
+        # the next plan works: a fresh planner process replaced the killed one
+        r = c.post("/v1/plan/preview", json={"rates": {"echo": 60}})
+        assert r.status_code == 200 and r.json()["plan"]["feasible"], r.text
+        kinds = [e["kind"] for e in c.get("/v1/events", params={"kind": "plan_timeout"}).json()]
+        assert kinds == ["plan_timeout"]
+
+
+def test_delete_does_not_wait_for_a_slow_registration(daemon: LocalDaemon) -> None:
+    """A registration that plans past the budget (rates within the bound), and a DELETE of
+    another model meanwhile: the DELETE answers in well under a second (it needs the lock,
+    the registration's plan does not hold it); the registration fails with 503."""
+    rate = 0.5 * _bound_rps(_profile_rows(), "fail")
+    out: dict[str, Any] = {}
+    with daemon.client(timeout_s=2 * BUDGET_S) as c:
+
+        def register() -> None:
+            out["response"] = c.post(
+                "/v1/models", json={"name": "fail", "slo_ms": 100, "rate_rps": rate}
+            )
+
+        t = threading.Thread(target=register)
+        t.start()
+        wait_until(
+            "the registration",
+            lambda: c.get("/v1/models/fail").status_code == 200,
+            5.0,
+            daemon.procs[-1],
+        )
+        t0 = time.perf_counter()
+        r = c.delete("/v1/models/echo")
+        secs = time.perf_counter() - t0
+        assert r.status_code == 200, r.text
+        assert secs < 0.5, secs
+        assert t.is_alive()  # still planning
+        t.join()
+        r = out["response"]
+        assert r.status_code == 503 and "planner.time_budget_s" in r.json()["error"], r.text
+        assert c.get("/v1/models/fail").json()["status"] == "failed"
+        assert c.get("/v1/models/echo").status_code == 404
