@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -59,12 +60,12 @@ class PlanJob:
 
 
 @dataclass
-class _ChildCache:
+class ChildCache:
     table_key: int | None = None
     latency: dict[tuple[str, str], LatencyModel] = field(default_factory=dict)
 
 
-def run_job(job: PlanJob, cache: _ChildCache) -> Plan:
+def run_job(job: PlanJob, cache: ChildCache) -> Plan:
     """In the child: the problem (latency models cached per table), the bound, the plan."""
     if job.table is not None:
         prob = Problem.from_scenario(job.scenario, job.table)
@@ -83,7 +84,7 @@ def run_job(job: PlanJob, cache: _ChildCache) -> Plan:
 
 def _serve(conn: Connection) -> None:
     """The child's loop: a job in, ("ok", plan) or ("error", exception) out, until EOF."""
-    cache = _ChildCache()
+    cache = ChildCache()
     while True:
         try:
             job = conn.recv()
@@ -92,15 +93,19 @@ def _serve(conn: Connection) -> None:
         out: tuple[str, Any]
         try:
             out = ("ok", run_job(job, cache))
-        except StgsError as exc:
-            out = ("error", type(exc)(str(exc)))
+        except StgsError as exc:  # rebuilt from its text: every class pickles that way
+            try:
+                err: StgsError = type(exc)(str(exc))
+            except TypeError:  # a class with another constructor
+                err = PlanningError(str(exc))
+            out = ("error", err)
         except Exception as exc:  # a planner bug: the caller gets it, the child goes on
             out = ("error", PlanningError(f"planner failed: {type(exc).__name__}: {exc}"))
         conn.send(out)
 
 
 class _Child:
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: ForkServerContext) -> None:
         parent, child = ctx.Pipe()
         self.proc: BaseProcess = ctx.Process(
             target=_serve, args=(child,), name="stgs-planner", daemon=True

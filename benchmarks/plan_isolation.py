@@ -32,7 +32,7 @@ BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data"
 
 def _latencies_ms(c: httpx.Client, until: threading.Event | None, n: int) -> list[float]:
     """Sequential inference: ``n`` requests, or as many as run until ``until`` is set."""
-    out = []
+    out: list[float] = []
     while (until is None and len(out) < n) or (until is not None and not until.is_set()):
         t0 = time.perf_counter()
         r = c.post("/v2/models/echo/infer", json=BODY)

@@ -7,7 +7,9 @@
     │   └── PolicyNotFoundError a policy name or dotted path that does not resolve
     ├── MigLayoutError         a MIG layout that breaks the placement rules
     ├── PlanningError          the planner could not produce a plan (not: "infeasible", which
-    │                          is a valid plan with ``feasible = False``)
+    │   │                      is a valid plan with ``feasible = False``)
+    │   ├── BeyondCapacityError  rates above the node's capacity bound, refused before planning
+    │   └── PlanningTimeoutError planning ran past its time budget and was abandoned
     ├── BackendError           the hardware (NVML, MPS) or the simulated node refused a step
     │   ├── BackendUnavailableError  no driver, no NVML, no such GPU or instance
     │   ├── InUseError              processes are still attached (NVML_ERROR_IN_USE)

@@ -10,15 +10,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from api.launch import LocalDaemon, wait_until
-from partitioner.fluid import capacity_rps, fluid_bound, rate_excess
+from api.planproc import ChildCache, PlanJob, run_job
+from partitioner.fluid import capacity_rps, clipped_to_bound, fluid_bound, rate_excess
 from partitioner.planner import make_plan
-from partitioner.problem import Problem
+from partitioner.problem import Problem, load_profile_table
 from stgs.catalog import get_sku
+from stgs.errors import BeyondCapacityError
 from stgs.profiles import ProfileRow, ProfileTable, write_profiles
 from stgs.scenario import Scenario, scenario_from_mapping
 
@@ -104,6 +107,29 @@ def test_models_no_shape_serves_are_left_to_the_planner() -> None:
     prob = Problem.from_scenario(sc)
     assert capacity_rps(prob, prob.models[0]) == 0
     assert rate_excess(prob) is None
+
+
+def test_measured_overload_is_planned_at_the_bound() -> None:
+    """The controller's re-plans (``clip``) plan rates above the bound at k* x the rates, in
+    the same proportions; API calls (no clip) are refused."""
+    sc = _scenario(BOUND_SCENARIOS["H100 and two L4, four models"])
+    sc = sc.scaled(2 * fluid_bound(Problem.from_scenario(sc)))
+    prob = Problem.from_scenario(sc)
+    excess = rate_excess(prob)
+    assert excess is not None
+    clipped = clipped_to_bound(prob)
+    assert rate_excess(clipped) is None
+    k = clipped.models[0].rate_rps / prob.models[0].rate_rps
+    assert 0 < k < 1
+    for m, c in zip(prob.models, clipped.models, strict=True):
+        assert c.rate_rps == pytest.approx(k * m.rate_rps)
+    table = load_profile_table(None)
+    job = PlanJob(sc, "stgs", None, table_key=1, table=table)
+    with pytest.raises(BeyondCapacityError, match="fluid bound"):
+        run_job(job, ChildCache())
+    plan = run_job(replace(job, clip=True), ChildCache())
+    for m, c in zip(prob.models, clipped.models, strict=True):
+        assert plan.served_rate(m.name) <= c.rate_rps * (1 + 1e-6)
 
 
 # ---------------------------------------------------------------------- through the daemon
