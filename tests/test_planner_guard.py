@@ -11,10 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from api.config import ControllerConfig, DaemonConfig
+from api.controller import Controller
+from api.daemon import build
 from api.launch import LocalDaemon, wait_until
 from api.planproc import ChildCache, PlanJob, run_job
 from partitioner.fluid import capacity_rps, clipped_to_bound, fluid_bound, rate_excess
@@ -271,3 +275,54 @@ def test_delete_does_not_wait_for_a_slow_registration(daemon: LocalDaemon) -> No
         assert r.status_code == 503 and "planner.time_budget_s" in r.json()["error"], r.text
         assert c.get("/v1/models/fail").json()["status"] == "failed"
         assert c.get("/v1/models/echo").status_code == 404
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_controller_replan_over_the_budget_is_logged_and_retried(tmp_path: Path) -> None:
+    """The real service and controller (in process, virtual time): a measured load within
+    the bound whose plan outlives the budget fails the pass (logged, an event, a back-off),
+    the loop goes on, and the re-plan is tried again once the back-off has passed."""
+    write_profiles(_profile_rows(), tmp_path / "profiles.csv")
+    cfg = DaemonConfig.model_validate(
+        {
+            "backend": {
+                "kind": "simulated",
+                "simulated_gpus": [{"sku": "H100-80GB", "count": GPUS}],
+            },
+            "planner": {"profiles": "profiles.csv", "time_budget_s": 1.0},
+        }
+    ).resolved(tmp_path)
+    d = build(cfg, background=False)
+    try:
+        d.service.restore()
+        spec = {"name": "echo", "slo_ms": 100, "rate_rps": 50, "source": "builtin:echo"}
+        d.service.register(spec)
+        clock = _Clock()
+        rules = ControllerConfig(interval_s=1.0, rate_halflife_s=0.5, hysteresis=0.2, hold_s=1.0)
+        ctl = Controller(d.service, rules, clock=clock)
+        rate = int(0.5 * _bound_rps(_profile_rows(), "echo"))
+        tries = []
+        for _ in range(40):
+            ctl.meter.arrived("echo", rate)
+            ctl.meter.finished("echo", rate, True)
+            clock.t += 1.0
+            assert ctl.step() is False
+            if ctl.errors > len(tries):
+                tries.append(clock.t)
+            if len(tries) == 2:
+                break
+        assert len(tries) == 2, ctl.status()
+        assert ctl.last_error is not None and "planner.time_budget_s" in ctl.last_error
+        assert tries[1] - tries[0] >= 2 * rules.hold_s  # the back-off
+        events = [e.kind for e in d.store.events(limit=20)]
+        assert events.count("plan_timeout") == 2 and events.count("controller_error") == 2
+        assert d.service.planned_rates() == {"echo": 50}  # the plan in force stayed
+    finally:
+        d.close()
