@@ -308,7 +308,7 @@ def test_a_controller_replan_over_the_budget_is_logged_and_retried(tmp_path: Pat
         rules = ControllerConfig(interval_s=1.0, rate_halflife_s=0.5, hysteresis=0.2, hold_s=1.0)
         ctl = Controller(d.service, rules, clock=clock)
         rate = int(0.5 * _bound_rps(_profile_rows(), "echo"))
-        tries = []
+        tries: list[float] = []
         for _ in range(40):
             ctl.meter.arrived("echo", rate)
             ctl.meter.finished("echo", rate, True)
