@@ -185,6 +185,13 @@ class PlannerPool:
             child.conn.send(send)
             child.table_key = job.table_key
             if not child.conn.poll(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "a %s plan of %d models ran past its %g s budget: planner process %s killed",
+                    job.policy,
+                    len(job.scenario.models),
+                    budget_s,
+                    child.proc.pid,
+                )
                 child.kill()
                 raise PlanningTimeoutError(
                     f"planning took longer than its time budget (planner.time_budget_s ="
