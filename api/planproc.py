@@ -47,6 +47,10 @@ MAX_CHILDREN = 4  # concurrent plans; one more call waits for a child within its
 _PRELOAD = ["api.planproc"]  # the forkserver imports the planner once for every child
 
 
+class PlannerDiedError(PlanningError):
+    """The planner process died during a plan (the OOM killer, a crash): try again later."""
+
+
 @dataclass(frozen=True)
 class PlanJob:
     """One plan to make: ``table`` travels only when the child has another ``table_key``."""
@@ -144,7 +148,8 @@ class PlannerPool:
         """Make ``job``'s plan within ``budget_s`` seconds (waiting for a free child counts).
 
         Raises BeyondCapacityError (rates above the bound, unless ``job.clip``),
-        PlanningTimeoutError (over budget: the child is killed), or the planner's error.
+        PlanningTimeoutError (over budget: the child is killed), PlannerDiedError, or the
+        planner's error.
         """
         deadline = time.monotonic() + budget_s
         if not self._slots.acquire(timeout=budget_s):
@@ -202,7 +207,7 @@ class PlannerPool:
             return out
         except (EOFError, OSError) as exc:
             child.kill()
-            raise PlanningError(f"the planner process died: {exc!r}") from exc
+            raise PlannerDiedError(f"the planner process died during the plan: {exc!r}") from exc
 
     def close(self) -> None:
         """Kill every idle child; a busy one is killed when its call returns."""

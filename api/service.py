@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from api.config import DaemonConfig
-from api.planproc import PlanJob, PlannerPool
+from api.planproc import PlanJob, PlannerDiedError, PlannerPool
 from api.store import ModelRecord, Store
 from partitioner.replan import diff
 from stgs.backend.base import Backend
@@ -333,6 +333,8 @@ class Service:
             raise RefusedError(str(exc)) from exc
         except PlanningTimeoutError as exc:
             self.store.log_event("plan_timeout", str(exc))
+            raise UnavailableError(str(exc)) from exc
+        except PlannerDiedError as exc:
             raise UnavailableError(str(exc)) from exc
 
     def _optimistic(self, decide: Callable[[], T], commit: Callable[[T], R]) -> R:

@@ -7,6 +7,8 @@ rate a policy plans is within it, on the shipped profiles and the example set.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from api.config import ControllerConfig, DaemonConfig
 from api.controller import Controller
 from api.daemon import build
 from api.launch import LocalDaemon, wait_until
-from api.planproc import ChildCache, PlanJob, run_job
+from api.planproc import ChildCache, PlanJob, PlannerDiedError, PlannerPool, run_job
 from partitioner.fluid import capacity_rps, clipped_to_bound, fluid_bound, rate_excess
 from partitioner.planner import make_plan
 from partitioner.problem import Problem, load_profile_table
@@ -326,3 +328,35 @@ def test_a_controller_replan_over_the_budget_is_logged_and_retried(tmp_path: Pat
         assert d.service.planned_rates() == {"echo": 50}  # the plan in force stayed
     finally:
         d.close()
+
+
+def test_a_planner_process_that_dies_fails_its_call_only() -> None:
+    """A planner process killed mid-plan (as the OOM killer would): that call gets
+    PlannerDiedError (503 in the daemon) at once, the next call a fresh process."""
+    table = ProfileTable(_profile_rows())
+    sc = scenario_from_mapping(
+        {
+            "gpus": [{"sku": "H100-80GB", "count": GPUS}],
+            "models": [
+                {
+                    "name": "echo",
+                    "slo_ms": 100,
+                    "rate_rps": 0.5 * _bound_rps(_profile_rows(), "echo"),
+                }
+            ],
+        }
+    )
+    pool = PlannerPool()
+    try:
+        pool.start()
+        pid = pool._idle[0].proc.pid
+        assert pid is not None
+        threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+        t0 = time.perf_counter()
+        with pytest.raises(PlannerDiedError, match="died"):
+            pool.plan(PlanJob(sc, "stgs", None, table_key=1), table, 30.0)
+        assert time.perf_counter() - t0 < 5.0
+        small = replace(sc, models=(replace(sc.models[0], rate_rps=50.0),))
+        assert pool.plan(PlanJob(small, "stgs", None, table_key=1), table, 30.0).feasible
+    finally:
+        pool.close()
