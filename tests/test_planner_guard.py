@@ -1,8 +1,10 @@
 """Planner limits: rates beyond an upper bound of the node's capacity are refused before
-planning, and the planning an API call may start is bounded.
+planning, every plan runs within a time budget, and plans are made off the service lock.
 
 The bound (``partitioner.fluid.rate_excess``) is checked against the planner itself: every
-rate a policy plans is within it, on the shipped profiles and the example set.
+rate a policy plans is within it, on the shipped profiles and the example set. The HTTP
+behaviour is checked against the real daemon (``stgs serve``, simulated node); the
+controller's re-plans with the real service and controller on virtual time.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _scaled(sc: Scenario, k: float) -> tuple[Scenario, Problem]:
 @pytest.mark.parametrize("name", list(BOUND_SCENARIOS))
 @pytest.mark.parametrize("policy", ["stgs", "temporal"])
 def test_every_planned_rate_is_within_the_bound(name: str, policy: str) -> None:
-    """At load factors around the fluid bound (below, at, above it): no model is served above
+    """At load factors around the fluid bound (below, near, above it): no model is served above
     its capacity bound, and rate_excess refuses no rates the plan served in full."""
     sc = _scenario(BOUND_SCENARIOS[name])
     k_star = fluid_bound(Problem.from_scenario(sc))
