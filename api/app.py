@@ -7,8 +7,9 @@ Swagger UI at ``/docs``.
 Errors: every one is ``{"error": "<message>"}`` with the right status: 400 malformed inference
 request, 401 missing or wrong token, 404 unknown model, 408 request too slow and 413 body too
 large (:mod:`api.limits`), 409 conflict with the daemon's state, 422 invalid registration or
-refused by admission control, 429 request shed (it could not meet its deadline), 503 nothing
-can serve it now. Security: with a token, every mutating ``/v1``
+refused by admission control (rates above the node's capacity bound too), 429 request shed (it
+could not meet its deadline), 503 nothing can serve it now (or planning ran past
+``planner.time_budget_s``). Security: with a token, every mutating ``/v1``
 call needs ``Authorization: Bearer <token>``; bound off loopback, every call does.
 """
 

@@ -124,6 +124,13 @@ class PlannerConfig(_Strict):
         le=64.0,
         description='spare_factor = "fill": the largest factor it plans for',
     )
+    time_budget_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="the longest one API call (or controller re-plan) may plan: a plan that"
+        " takes longer is abandoned (its planner process killed) and the call answers 503",
+    )
     # defaults: the planner's own (measured; stgs.scenario.PlannerOptions)
     host_request_ms: float = Field(
         _PLANNER_DEFAULTS.host_request_ms,

@@ -10,7 +10,10 @@ below ``min_attainment`` for ``hold_s`` triggers a re-plan with the measured rat
 replans incrementally from the current plan and the service applies it through the runtime.
 
 A step that raises is logged, recorded as an event and counted; the loop goes on (Ray Serve's
-controller does the same). The clock is injected: tests step the loop on virtual time.
+controller does the same): a re-plan over the planner's time budget is one such failure, tried
+again after the back-off. Measured rates above the node's capacity bound are planned at the
+bound (``clip``), where API calls are refused. The clock is injected: tests step the loop on
+virtual time.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ class Planner(Protocol):
 
     def planned_rates(self) -> dict[str, float]: ...
 
-    def replan(self, rates: dict[str, float], *, reason: str) -> Any: ...
+    def replan(self, rates: dict[str, float], *, reason: str, clip: bool) -> Any:
+        """Plan at ``rates`` and apply; ``clip``: rates above the node's capacity bound are
+        planned at the bound (overload still gets the best plan), not refused."""
+        ...
 
     def log_event(self, kind: str, message: str, **data: Any) -> None: ...
 
@@ -161,7 +167,7 @@ class Controller:
         reason = d.reason
         self.state = "replanning"
         try:
-            self.planner.replan(d.rates, reason=f"controller: {reason}")
+            self.planner.replan(d.rates, reason=f"controller: {reason}", clip=True)
         except Exception:
             self.rules.failed(now)  # back off: the next attempt waits hold_s x 2^failures
             raise

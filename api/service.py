@@ -14,6 +14,13 @@ Model statuses (``GET /v1/models/{name}``):
 
 Plans are made by the configured policy, incrementally from the current plan (the policy
 weighs reconfiguration cost), and applied through :meth:`stgs.runtime.Runtime.apply`.
+
+Planning is bounded and off the lock: every plan runs in a planner process
+(:mod:`api.planproc`) within ``planner.time_budget_s``, after a check that refuses rates
+above the node's fluid bound in milliseconds; and it runs on a snapshot of the state without
+``_lock`` (which register, delete and apply need), optimistically: the lock is taken to check
+that nothing changed meanwhile (a generation counter) and to apply, else the plan is made
+again. A slow plan therefore never makes a deletion wait.
 """
 
 from __future__ import annotations
@@ -28,21 +35,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from api.config import DaemonConfig
+from api.planproc import PlanJob, PlannerDiedError, PlannerPool
 from api.store import ModelRecord, Store
-from partitioner.planner import make_plan
-from partitioner.problem import Problem
 from partitioner.replan import diff
 from stgs.backend.base import Backend
 from stgs.catalog import get_sku
 from stgs.errors import (
+    BeyondCapacityError,
     ConfigError,
     DeadlineExceededError,
     NoWorkerError,
+    PlanningTimeoutError,
     ProfileError,
     StgsError,
     TransitionError,
@@ -63,6 +71,10 @@ MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2")
 # requests get WorkerTimeoutError); a model without an SLO waits NO_SLO_TIMEOUT_S at most.
 ANSWER_GRACE_S = 0.5
 NO_SLO_TIMEOUT_S = 30.0
+OPTIMISTIC_TRIES = 3  # plans made off the lock before the last one is made holding it
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 ProfileFn = Callable[[str, str], list[ProfileRow]]
 """(model name, GPU SKU) -> measured profile rows of that model on that SKU."""
@@ -81,7 +93,7 @@ class RefusedError(StgsError):
 
 
 class UnavailableError(StgsError):
-    """The daemon cannot do it now: the plan could not be applied (HTTP 503)."""
+    """The daemon cannot do it now: the plan could not be applied or made in time (HTTP 503)."""
 
 
 @dataclass
@@ -223,6 +235,12 @@ class Service:
         self.background = background  # False: profile inline (tests)
         self.mig_allowed = None if mig_allowed is None else list(mig_allowed)
         self._lock = threading.RLock()  # one plan decision and transition at a time
+        # Bumped (under _lock, after the change) by every change a plan depends on: the live
+        # models, their rates, the current plan. A plan made off the lock is applied only if
+        # the generation it started from is still the current one.
+        self._generation = 0
+        self._admitting: set[str] = set()  # in admission control: only their own plan has them
+        self._planner = PlannerPool()
         self._base_table: ProfileTable | None = None
         self._threads: list[threading.Thread] = []
         self.inflight = _Inflight()
@@ -269,19 +287,24 @@ class Service:
         )
 
     # ------------------------------------------------------------------ planning
+    def _live(self) -> list[ModelRecord]:
+        """The models that belong in every plan: live, and out of admission control (a model
+        in admission is planned by its own registration only, so that other calls, a delete
+        above all, never plan with its rate before it is admitted)."""
+        admitting = set(self._admitting)
+        return [r for r in self.store.models() if r.status in LIVE and r.name not in admitting]
+
     def planned_rates(self) -> dict[str, float]:
         """Each model's rate in the current plan (its registered rate when not planned yet)."""
         plan = self.runtime.current_plan
         out = {}
-        for rec in self.store.models():
-            if rec.status not in LIVE:
-                continue
+        for rec in self._live():
             r = plan.served_rate(rec.name) if plan is not None else 0.0
             out[rec.name] = r if r > 0 else float(rec.spec["rate_rps"])
         return out
 
     def _specs(self, rates: Mapping[str, float], extra: ModelRecord | None = None) -> list[Any]:
-        recs = [r for r in self.store.models() if r.status in LIVE]
+        recs = self._live()
         if extra is not None and all(r.name != extra.name for r in recs):
             recs.append(extra)
         return [
@@ -296,8 +319,14 @@ class Service:
         policy: str | None = None,
         extra: ModelRecord | None = None,
         incremental: bool = True,
+        clip: bool = False,
     ) -> Plan:
-        """The plan ``policy`` chooses now for the live models at ``rates`` (pure: no apply)."""
+        """The plan ``policy`` chooses now for the live models at ``rates`` (pure: no apply),
+        made in a planner process within ``planner.time_budget_s``.
+
+        Raises RefusedError for rates above the node's fluid bound (``clip``: plan at the bound
+        instead, for re-plans on measured load) and UnavailableError when the budget ran out.
+        """
         pol = policy or self.cfg.planner.policy
         gpus = self.gpu_specs()
         models = self._specs(rates if rates is not None else self.planned_rates(), extra)
@@ -316,9 +345,37 @@ class Service:
                 host_item_ms=self.cfg.planner.host_item_ms,
             ),
         )
-        prob = Problem.from_scenario(sc, table=self.table())
-        current = self.runtime.current_plan if incremental else None
-        return make_plan(sc, pol, current=current, problem=prob)
+        table = self.table()
+        job = PlanJob(
+            sc, pol, self.runtime.current_plan if incremental else None, hash(table.rows), clip=clip
+        )
+        try:
+            return self._planner.plan(job, table, self.cfg.planner.time_budget_s)
+        except BeyondCapacityError as exc:
+            raise RefusedError(str(exc)) from exc
+        except PlanningTimeoutError as exc:
+            self.store.log_event("plan_timeout", str(exc))
+            raise UnavailableError(str(exc)) from exc
+        except PlannerDiedError as exc:
+            raise UnavailableError(str(exc)) from exc
+
+    def _optimistic(self, decide: Callable[[], T], commit: Callable[[T], R]) -> R:
+        """``commit(decide())`` where ``decide`` (planning) runs off the lock on a snapshot and
+        ``commit`` under it, only when no change happened meanwhile (the generation), else
+        ``decide`` runs again; the last try holds the lock throughout (bounded by the time
+        budget), so that a stream of changes cannot starve the call."""
+        for _ in range(OPTIMISTIC_TRIES - 1):
+            gen = self._generation
+            out = decide()
+            with self._lock:
+                if gen == self._generation:
+                    return commit(out)
+        with self._lock:
+            return commit(decide())
+
+    def _changed(self) -> None:
+        """A plan made before now is stale (call under ``_lock``, after the change)."""
+        self._generation += 1
 
     def preview(
         self, rates: Mapping[str, float] | None = None, policy: str | None = None
@@ -343,6 +400,7 @@ class Service:
             try:
                 rec = self.runtime.apply(plan)
             except TransitionError as exc:
+                self._changed()
                 secs = time.perf_counter() - t0
                 self.store.save_plan(plan, "tried", "failed", exc.reason)
                 good = self.runtime.last_good
@@ -353,6 +411,7 @@ class Service:
                 self.last_error = str(exc)
                 raise UnavailableError(str(exc)) from exc
             secs = time.perf_counter() - t0
+            self._changed()
             self.store.save_plan(plan, "current", "ready", reason)
             self.store.save_plan(plan, "last_good", "ready", reason)
             self.store.prune_plans()
@@ -382,21 +441,25 @@ class Service:
         *,
         reason: str,
         policy: str | None = None,
+        clip: bool = False,
     ) -> Plan:
-        """Plan and apply. A plan that drops a live model entirely is not applied."""
-        with self._lock:
-            plan = self.plan(self._merged_rates(rates), policy=policy)
-            missing = [
-                n
-                for n in self.planned_rates()
-                if plan.served_rate(n) <= 0 and self.planned_rates()[n] > 0
-            ]
+        """Plan (off the lock, see ``_optimistic``) and apply. A plan that drops a live model
+        entirely is not applied. ``clip``: rates above the node's bound are planned at the
+        bound instead of refused (the controller's measured load)."""
+
+        def commit(plan: Plan) -> Plan:
+            planned = self.planned_rates()
+            missing = [n for n in planned if plan.served_rate(n) <= 0 and planned[n] > 0]
             if missing:
                 why = "; ".join(u.reason for u in plan.unserved) or "not placed"
                 raise ConflictError(
                     f"the {plan.policy} plan would serve none of {', '.join(missing)}: {why}"
                 )
             return self.apply(plan, reason)
+
+        return self._optimistic(
+            lambda: self.plan(self._merged_rates(rates), policy=policy, clip=clip), commit
+        )
 
     # ------------------------------------------------------------------ models
     def models(self) -> list[ModelRecord]:
@@ -470,39 +533,61 @@ class Service:
                 return self.get(name), False
             self.store.put_model(name, spec, PENDING, "admission")
             self.store.log_event("register", f"model {name}", model=name)
-            self._admit(name)
-            return self.get(name), True
+        self._admit(name)
+        return self.get(name), True
 
     def _admit(self, name: str) -> None:
-        """Admission control, then plan and apply; the outcome is the model's status."""
+        """Admission control, then plan and apply; the outcome is the model's status.
+
+        Plans off the lock (``_optimistic``): until it is decided, the model is in
+        ``_admitting``, out of every other call's plan."""
         with self._lock:
             rec = self.get(name)
             if rec.status != PENDING:
                 self.store.set_model_status(name, PENDING, "admission control")
-            try:
-                plan = self.plan()
-            except ConfigError as exc:
-                self.store.set_model_status(name, REFUSED, str(exc))
-                raise RefusedError(str(exc)) from exc
-            mine = [u for u in plan.unserved if u.name == name]
-            others = [u for u in plan.unserved if u.name != name]
-            if mine or others or plan.served_rate(name) <= 0:
-                if mine:
-                    why = mine[0].reason
-                elif others:
-                    why = "admitting it would leave others unserved: " + "; ".join(
-                        f"{u.name}: {u.reason}" for u in others
-                    )
-                else:
-                    why = "the planner did not place it"
-                self.store.set_model_status(name, REFUSED, why)
-                self.store.log_event("refused", f"model {name}: {why}", model=name)
-                raise RefusedError(f"model {name!r} refused: {why}")
-            try:
-                self.apply(plan, f"register {name}")
-            except UnavailableError as exc:
-                self.store.set_model_status(name, FAILED, str(exc))
-                raise
+            self._admitting.add(name)
+            self._changed()
+
+        def decide() -> Plan:
+            rec = self.store.get_model(name)
+            if rec is None or rec.status not in LIVE:
+                raise ConflictError(f"model {name!r} was deleted during its admission control")
+            return self.plan(extra=rec)
+
+        try:
+            self._optimistic(decide, lambda plan: self._admit_plan(name, plan))
+        except (ConfigError, RefusedError) as exc:  # the planner's reason, or the bound's
+            with self._lock:
+                if self.store.get_model(name) is not None:
+                    self.store.set_model_status(name, REFUSED, str(exc))
+                    self.store.log_event("refused", f"model {name}: {exc}", model=name)
+            raise RefusedError(f"model {name!r} refused: {exc}") from exc
+        except UnavailableError as exc:
+            with self._lock:
+                if self.store.get_model(name) is not None:
+                    self.store.set_model_status(name, FAILED, str(exc))
+            raise
+        finally:
+            with self._lock:
+                self._admitting.discard(name)
+                self._changed()
+
+    def _admit_plan(self, name: str, plan: Plan) -> None:
+        """Under the lock: refuse ``name`` (RefusedError with the reason) for what ``plan``
+        leaves unserved, or apply it."""
+        mine = [u for u in plan.unserved if u.name == name]
+        others = [u for u in plan.unserved if u.name != name]
+        if mine or others or plan.served_rate(name) <= 0:
+            if mine:
+                why = mine[0].reason
+            elif others:
+                why = "admitting it would leave others unserved: " + "; ".join(
+                    f"{u.name}: {u.reason}" for u in others
+                )
+            else:
+                why = "the planner did not place it"
+            raise RefusedError(why)
+        self.apply(plan, f"register {name}")
 
     def _start_profiling(self, name: str) -> None:
         if not self.background:
@@ -544,14 +629,17 @@ class Service:
             self.store.set_model_status(name, FAILED, f"admission failed: {exc}")
 
     def delete(self, name: str) -> None:
+        """Forget ``name`` at once; re-plan without it (off the lock) when it was served."""
         with self._lock:
             rec = self.get(name)
             self.store.delete_model(name)
             self.runtime.slos.pop(name, None)
             self.store.log_event("delete", f"model {name}", model=name)
+            self._changed()
             cur = self.runtime.current_plan
-            if rec.status in LIVE and cur is not None and cur.served_rate(name) > 0:
-                self.apply(self.plan(), f"delete {name}")
+            served = rec.status in LIVE and cur is not None and cur.served_rate(name) > 0
+        if served:
+            self._optimistic(self.plan, lambda plan: self.apply(plan, f"delete {name}"))
 
     def wait_background(self, timeout_s: float = 60.0) -> None:
         """Join the profiling threads (tests, shutdown)."""
@@ -562,6 +650,7 @@ class Service:
     # ------------------------------------------------------------------ restart
     def restore(self) -> None:
         """At start: the registered models serve again (the last good plan, else a new one)."""
+        self._planner.start()
         models = self.store.models()
         for r in models:
             self.runtime.slos[r.name] = float(r.spec["slo_ms"])
@@ -687,3 +776,4 @@ class Service:
 
     def close(self) -> None:
         self.wait_background(1.0)
+        self._planner.close()

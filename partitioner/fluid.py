@@ -18,6 +18,7 @@ out (it only makes things slower), so it stays an upper bound.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import linprog
@@ -225,3 +226,75 @@ def split_rates(
             if val > 1e-6 * m.rate_rps:
                 out[(m.name, t)] = val
     return out
+
+
+@dataclass(frozen=True)
+class RateExcess:
+    """Rates that no plan can serve on the node: the model named (alone above its bound, or
+    the largest share of the node when only the rates together are too high), its rate, the
+    upper bound of its rate, and ``factor``: the largest factor on all rates that could fit
+    (None: the model alone is above its bound)."""
+
+    model: str
+    rate_rps: float
+    bound_rps: float
+    factor: float | None = None
+
+    @property
+    def message(self) -> str:
+        if self.factor is None:
+            return (
+                f"rate {self.rate_rps:g} request/s for {self.model} exceeds what the node could"
+                f" ever serve within its SLO: at most {self.bound_rps:.6g} request/s on all its"
+                f" GPUs (fluid bound)"
+            )
+        return (
+            f"the rates together exceed what the node could ever serve within the SLOs: at most"
+            f" {self.factor:.4g} x each rate (fluid bound), e.g. {self.model} at"
+            f" {self.bound_rps:.6g} request/s instead of {self.rate_rps:g}"
+        )
+
+
+def capacity_rps(problem: Problem, model: ModelSpec) -> float:
+    """An upper bound of ``model``'s rate that the node serves within its SLO, alone on every
+    GPU (the classic fluid bound: each request at the saturated throughput of its best shape
+    and batch). 0 when no shape meets the SLO (the planner then gives its own reason)."""
+    unit = replace(model, rate_rps=1.0)
+    return fluid_bound(problem.with_models([unit]), rate_aware=False)
+
+
+def rate_excess(problem: Problem, rel_tol: float = 1e-6) -> RateExcess | None:
+    """Why ``problem``'s rates are beyond every plan, or None when they may fit. Cheap (a few
+    small LPs: milliseconds), so that callers refuse absurd rates before they plan: the
+    heuristics' work grows with the rates and does not end early on its own.
+
+    A true upper bound (no plan serves more; see the module docstring): a model alone above
+    :func:`capacity_rps`, or the models that can be served at all, together above the
+    rate-aware fluid bound (k* < 1). Models that no shape serves are left to the planner,
+    whose refusal names the cause (an SLO too tight for the profile)."""
+    caps = {m.name: capacity_rps(problem, m) for m in problem.models if m.rate_rps > 0}
+    servable = [m for m in problem.models if caps.get(m.name, 0.0) > 0]
+    if not servable:
+        return None
+    for m in servable:
+        if m.rate_rps > caps[m.name] * (1 + rel_tol):
+            return RateExcess(m.name, m.rate_rps, caps[m.name])
+    k = fluid_bound(problem.with_models(servable))
+    if k >= 1 - rel_tol:
+        return None
+    top = max(servable, key=lambda m: m.rate_rps / caps[m.name])
+    return RateExcess(top.name, top.rate_rps, top.rate_rps * k, factor=k)
+
+
+def clipped_to_bound(problem: Problem) -> Problem:
+    """``problem`` with every rate that a shape serves scaled by min(1, k*) (the rate-aware
+    fluid bound of those models): the most the node could carry in the same proportions. For
+    re-plans on measured load (overload must still get the best plan the node has, and the
+    heuristics' work stays bounded), where API calls refuse instead (:func:`rate_excess`)."""
+    servable = {m.name for m in problem.models if m.rate_rps > 0 and capacity_rps(problem, m) > 0}
+    if not servable:
+        return problem
+    k = fluid_bound(problem.with_models([m for m in problem.models if m.name in servable]))
+    if k >= 1:
+        return problem
+    return problem.with_models([m.scaled(k) if m.name in servable else m for m in problem.models])

@@ -230,10 +230,18 @@ class Problem:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_scenario(cls, sc: Scenario, table: ProfileTable | None = None) -> Problem:
-        if table is None:
-            table = load_profile_table(sc.profiles)
-        latency = build_latency_models(table)
+    def from_scenario(
+        cls,
+        sc: Scenario,
+        table: ProfileTable | None = None,
+        latency: dict[tuple[str, str], LatencyModel] | None = None,
+    ) -> Problem:
+        """The problem of ``sc``; ``latency``: the models already built from ``table`` (a
+        caller that plans often on one table builds them once: they take ~0.2 s)."""
+        if latency is None:
+            if table is None:
+                table = load_profile_table(sc.profiles)
+            latency = build_latency_models(table)
         if sc.interference is not None:
             rows = read_interference(sc.interference)
         elif sc.profiles is None:

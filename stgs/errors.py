@@ -7,7 +7,9 @@
     │   └── PolicyNotFoundError a policy name or dotted path that does not resolve
     ├── MigLayoutError         a MIG layout that breaks the placement rules
     ├── PlanningError          the planner could not produce a plan (not: "infeasible", which
-    │                          is a valid plan with ``feasible = False``)
+    │   │                      is a valid plan with ``feasible = False``)
+    │   ├── BeyondCapacityError  rates above the node's capacity bound, refused before planning
+    │   └── PlanningTimeoutError planning ran past its time budget and was abandoned
     ├── BackendError           the hardware (NVML, MPS) or the simulated node refused a step
     │   ├── BackendUnavailableError  no driver, no NVML, no such GPU or instance
     │   ├── InUseError              processes are still attached (NVML_ERROR_IN_USE)
@@ -58,6 +60,15 @@ class MigLayoutError(StgsError):
 
 class PlanningError(StgsError):
     """The planner failed to produce a plan at all."""
+
+
+class BeyondCapacityError(PlanningError):
+    """Rates above an upper bound of what the node could ever serve: refused before planning
+    (admission control says no; HTTP 422)."""
+
+
+class PlanningTimeoutError(PlanningError):
+    """Planning took longer than its time budget and was abandoned (HTTP 503)."""
 
 
 class BackendError(StgsError):

@@ -76,7 +76,7 @@ class _FakePlanner:
     def planned_rates(self) -> dict[str, float]:
         return dict(self.rates)
 
-    def replan(self, rates: dict[str, float], *, reason: str) -> None:
+    def replan(self, rates: dict[str, float], *, reason: str, clip: bool = False) -> None:
         self.calls.append(dict(rates))
         self.rates = dict(rates)
 

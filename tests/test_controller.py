@@ -30,7 +30,7 @@ class FakePlanner:
     def planned_rates(self) -> dict[str, float]:
         return dict(self.rates)
 
-    def replan(self, rates: dict[str, float], *, reason: str) -> Any:
+    def replan(self, rates: dict[str, float], *, reason: str, clip: bool = False) -> Any:
         if self.fail:
             self.fail -= 1
             raise RuntimeError("backend exploded")
