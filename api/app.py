@@ -78,7 +78,7 @@ class _In(BaseModel):
 class TensorSpec(_In):
     name: str = Field("input", pattern=NAME_PATTERN, max_length=64)
     datatype: Literal["FP32", "FP16", "INT64", "INT32", "UINT8"] = "FP32"
-    shape: list[Annotated[int, Field(ge=1, le=1 << 20)]] = Field(
+    shape: list[Annotated[int, Field(ge=1, le=1 << 20), kserve.WHOLE_NUMBER]] = Field(
         min_length=1, max_length=8, description="one sample's shape (no batch dimension)"
     )
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from stgs import __version__
@@ -67,6 +67,17 @@ Datatype = Literal[
 ]
 
 
+def _whole_number(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+WHOLE_NUMBER = BeforeValidator(_whole_number)
+"""On an int of a strict model: an integer as JSON Schema's ``integer`` reads it, ``3`` and
+``3.0``, never ``"3"`` or ``true`` (a lax int takes those, a strict one refuses ``3.0``). After
+any ``Field`` constraints in ``Annotated``, or the document loses them."""
+JsonInt = Annotated[int, WHOLE_NUMBER]
+
+
 class KServeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -82,7 +93,7 @@ class _Base(BaseModel):
 
 class InferInput(_Base):
     name: str = Field(max_length=256)
-    shape: list[int] = Field(max_length=16)
+    shape: list[JsonInt] = Field(max_length=16)
     datatype: Datatype
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = None
