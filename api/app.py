@@ -30,6 +30,7 @@ from starlette.routing import Match, Route
 
 from api import kserve
 from api.controller import Controller
+from api.kserve import ErrorOut
 from api.metrics import CONTENT_TYPE, Metrics
 from api.service import (
     ConflictError,
@@ -133,12 +134,6 @@ class PlanRequest(_In):
         ]
         | None
     ) = Field(None, description="model -> rate_rps to plan for (default: current)")
-
-
-class ErrorOut(BaseModel):
-    """Every error answer: ``{"error": "<message>"}``."""
-
-    error: str
 
 
 class DeletedOut(BaseModel):
@@ -314,12 +309,12 @@ def create_app(
     async def _auth(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if needs_token(ctx, request.method, request.url.path):
-            assert ctx.token is not None
+        token = ctx.token
+        if token is not None and needs_token(ctx, request.method, request.url.path):
             got = request.headers.get("authorization", "")
             scheme, _, value = got.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                value.strip().encode(), ctx.token.encode()
+                value.strip().encode(), token.encode()
             ):
                 return JSONResponse(
                     {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
