@@ -34,6 +34,7 @@ from starlette.routing import Match, Route
 from api import kserve
 from api.controller import Controller
 from api.inference import whole
+from api.kserve import ErrorOut
 from api.limits import BodyLimits
 from api.metrics import CONTENT_TYPE, Metrics
 from api.service import (
@@ -138,12 +139,6 @@ class PlanRequest(_In):
         ]
         | None
     ) = Field(None, description="model -> rate_rps to plan for (default: current)")
-
-
-class ErrorOut(BaseModel):
-    """Every error answer: ``{"error": "<message>"}``."""
-
-    error: str
 
 
 class DeletedOut(BaseModel):
@@ -319,12 +314,12 @@ def create_app(
     async def _auth(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if needs_token(ctx, request.method, request.url.path):
-            assert ctx.token is not None
+        token = ctx.token
+        if token is not None and needs_token(ctx, request.method, request.url.path):
             got = request.headers.get("authorization", "")
             scheme, _, value = got.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                value.strip().encode(), ctx.token.encode()
+                value.strip().encode(), token.encode()
             ):
                 return JSONResponse(
                     {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},

@@ -100,7 +100,9 @@ class InferRequest(_Base):
     outputs: list[InferOutput] | None = Field(None, max_length=64)
 
 
-class ErrorBody(BaseModel):
+class ErrorOut(BaseModel):
+    """Every error answer, REST and KServe: ``{"error": "<message>"}``."""
+
     error: str
 
 
@@ -163,7 +165,7 @@ _WHY = {
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": ErrorBody, "description": _WHY[c]} for c in codes}
+    return {c: {"model": ErrorOut, "description": _WHY[c]} for c in codes}
 
 
 def _one_line(exc: ValidationError) -> str:
