@@ -19,6 +19,7 @@ def test_example_config_loads_with_the_defaults() -> None:
     cfg = load_config(DEPLOY / "stgs.toml")
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8470
     assert cfg.server == DaemonConfig().server  # the limits shown are the defaults
+    assert cfg.workers == DaemonConfig().workers
     assert cfg.paths.state_dir == Path("/var/lib/stgs")
     assert cfg.controller.hold_s == 30.0
     assert cfg.planner.spare_factor == DaemonConfig().planner.spare_factor == "fill"

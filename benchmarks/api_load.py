@@ -1,0 +1,259 @@
+"""Serving capacity through the front door: the highest open-loop rate with >= 99% within SLO.
+
+Targets, each driven by the same open-loop Poisson client (``--clients`` processes of their own,
+aiohttp for HTTP, grpc.aio for gRPC, KServe v2 binary tensors of ``tiny_mlp``'s [1, 64] FP32):
+
+* ``http``: ``stgs serve`` (simulated node, CPU worker), ``POST /v2/models/tiny_mlp/infer``;
+* ``grpc``: the same daemon's KServe v2 gRPC ``ModelInfer``;
+* ``bare``: a bare one-process FastAPI KServe endpoint (``benchmarks/_bare_kserve.py``) that
+  runs the same network in its own process: the yardstick a data plane must at least match.
+
+For each target and rate (``--rates``), ``--seconds`` of load; a request counts within SLO when
+it got a 200 within ``--slo-ms`` of when the client meant to send it (client lag included, so
+a client that falls behind shows as misses, and its lag is reported). Prints one row per rate
+and a summary: the highest rate whose share within SLO is >= 0.99.
+
+    python benchmarks/api_load.py [--targets http,grpc,bare] [--rates 100,200,400,800]
+        [--seconds 10] [--clients 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.launch import LocalDaemon, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = """
+[backend]
+kind = "simulated"
+simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
+[controller]
+interval_s = 3600.0
+"""
+
+
+def _request() -> tuple[bytes, dict[str, str], bytes]:
+    x = np.random.default_rng(0).standard_normal((1, 64), dtype=np.float32)
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}, x.tobytes()
+
+
+async def _drive(
+    kind: str, addr: str, rate: float, seconds: float, seed: int
+) -> list[tuple[float, float, int]]:
+    """(lag s, latency from the intended send s, status) per request; status 200 = OK."""
+    body, headers, raw = _request()
+    rng = random.Random(seed)
+    out: list[tuple[float, float, int]] = []
+    if kind == "grpc":
+        import grpc
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+        channel = grpc.aio.insecure_channel(addr)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        req = pb.ModelInferRequest(
+            model_name="tiny_mlp",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 64])
+            ],
+            raw_input_contents=[raw],
+        )
+
+        async def send() -> int:
+            try:
+                await stub.ModelInfer(req, timeout=30)
+                return 200
+            except grpc.aio.AioRpcError as exc:
+                return {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503}.get(exc.code().name, 500)
+
+        closer: Any = channel.close
+    else:
+        import aiohttp
+
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        url = f"http://{addr}/v2/models/tiny_mlp/infer"
+
+        async def send() -> int:
+            try:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    return r.status
+            except aiohttp.ClientError:
+                return -1
+
+        closer = session.close
+
+    async def one(t_plan: float) -> None:
+        lag = time.monotonic() - t_plan
+        code = await send()
+        out.append((lag, time.monotonic() - t_plan, code))
+
+    tasks = []
+    start = time.monotonic() + 0.2
+    t = 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        delay = start + t - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(start + t)))
+    await asyncio.gather(*tasks)
+    await closer()
+    return out
+
+
+def _client(kind: str, addr: str, rate: float, seconds: float, seed: int, path: str) -> None:
+    res = asyncio.run(_drive(kind, addr, rate, seconds, seed))
+    Path(path).write_text(json.dumps(res))
+
+
+def load(kind: str, addr: str, rate: float, seconds: float, clients: int, work: Path) -> list:
+    """``rate`` req/s for ``seconds`` from ``clients`` processes; every request's record."""
+    ctx = mp.get_context("spawn")
+    paths = [str(work / f"c{i}.json") for i in range(clients)]
+    procs = [
+        ctx.Process(target=_client, args=(kind, addr, rate / clients, seconds, 17 + i, p))
+        for i, p in enumerate(paths)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(seconds + 120)
+    out: list = []
+    for p in paths:
+        out += json.loads(Path(p).read_text())
+    return out
+
+
+def summarize(rows: list, slo_s: float) -> dict[str, Any]:
+    lat = np.array([r[1] for r in rows])
+    ok = np.array([r[2] == 200 and r[1] <= slo_s for r in rows])
+    lag = np.array([r[0] for r in rows])
+    codes: dict[str, int] = {}
+    for r in rows:
+        codes[str(r[2])] = codes.get(str(r[2]), 0) + 1
+    return {
+        "n": len(rows),
+        "within_slo": float(ok.mean()) if len(rows) else 0.0,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+        "lag_p99_ms": float(np.percentile(lag, 99) * 1e3),
+        "codes": codes,
+    }
+
+
+def _bare(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = (work / "bare.log").open("ab")
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "_bare_kserve.py"), "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    import httpx
+
+    def up() -> bool:
+        return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200
+
+    wait_until("the bare endpoint", up, 60, p)
+    return p, f"127.0.0.1:{port}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", default="http,grpc,bare")
+    ap.add_argument("--rates", default="100,200,400,800,1600")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--slo-ms", type=float, default=100.0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    targets = args.targets.split(",")
+    work = Path(tempfile.mkdtemp(prefix="stgs-apiload-"))
+    results: list[dict[str, Any]] = []
+    daemon: LocalDaemon | None = None
+    try:
+        if {"http", "grpc"} & set(targets):
+            daemon = LocalDaemon(work / "daemon", SECTIONS)
+            p = daemon.start()
+            with daemon.client() as c:
+                wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+                r = c.post(
+                    "/v1/models",
+                    json={"name": "tiny_mlp", "slo_ms": args.slo_ms, "rate_rps": max(rates)},
+                )
+                assert r.status_code in (201, 202), r.text
+                wait_until("served", lambda: c.get("/v1/models/tiny_mlp").json()["ready"], 120, p)
+        for target in targets:
+            bare = None
+            if target == "bare":
+                bare, addr = _bare(work)
+            elif daemon is not None:
+                port = daemon.grpc_port if target == "grpc" else daemon.port
+                addr = f"127.0.0.1:{port}"
+            kind = "grpc" if target == "grpc" else "http"
+            try:
+                load(kind, addr, 50.0, 2.0, 1, work)  # warm up connections and caches
+                for rate in rates:
+                    s = summarize(
+                        load(kind, addr, rate, args.seconds, args.clients, work), args.slo_ms / 1e3
+                    )
+                    results.append({"target": target, "rate": rate, **s})
+                    print(
+                        f"{target:5} {rate:7.0f}/s  n={s['n']:6d}  within SLO {s['within_slo']:.4f}"
+                        f"  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:8.1f} ms"
+                        f"  client lag p99 {s['lag_p99_ms']:6.1f} ms  {s['codes']}",
+                        flush=True,
+                    )
+                    if s["within_slo"] < 0.5:
+                        break  # far past capacity: higher rates only take longer
+            finally:
+                if bare is not None:
+                    bare.send_signal(signal.SIGTERM)
+                    bare.wait(10)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+    print(
+        f"\nhighest open-loop rate with >= 99% within {args.slo_ms:g} ms (2 cores, {os.cpu_count()} CPUs):"
+    )
+    for target in targets:
+        good = [r["rate"] for r in results if r["target"] == target and r["within_slo"] >= 0.99]
+        print(f"  {target:5} {max(good, default=0):7.0f} req/s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
