@@ -39,6 +39,13 @@ class ServerConfig(_Strict):
         le=65535,
         description="KServe v2 gRPC port on the same host (0: any free port; -1: no gRPC)",
     )
+    frontends: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="data-plane frontend processes that serve inference (HTTP and gRPC) apart"
+        " from the control plane; 0: the control plane serves inference itself",
+    )
     # Limits on what one request can make the daemon spend (api.limits; docs/operations.md).
     max_body_bytes: int = Field(
         1 << 20, ge=1, le=1 << 30, description="largest request body but inference (413 above)"

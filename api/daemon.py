@@ -99,6 +99,15 @@ class Daemon:
     ctx: AppContext
     stall_probe: StallProbe
 
+    def on_frontend_stats(self, model: str, delta: dict[str, float]) -> None:
+        """A frontend's answers since its last report: the controller's load meter sees the
+        offered load, shed requests included, and the share within SLO."""
+        meter = self.controller.meter
+        n, met = int(delta.get("requests", 0)), int(delta.get("slo_met", 0))
+        meter.arrived(model, n)
+        meter.finished(model, met, True)
+        meter.finished(model, n - met, False)
+
     def close(self) -> None:
         self.stall_probe.stop()
         self.controller.stop()
@@ -128,6 +137,8 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
         hang_grace_s=w.hang_grace_s,
         restart_limit=w.restart_limit,
         on_event=on_worker_event,
+        # with frontends, every worker listens for their data connections
+        data_dir=cfg.paths.runtime_dir / "w" if cfg.server.frontends else None,
     )
     meter = LoadMeter(cfg.controller.rate_halflife_s)
 
@@ -169,6 +180,55 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
     return Daemon(cfg, store, backend, runtime, service, controller, metrics, ctx, stall_probe)
 
 
+@dataclass
+class _DataPlaneSockets:
+    plane: Any  # api.dataplane.DataPlane
+    listen: socket.socket  # the public port, accepted on by every frontend
+    control: socket.socket  # this process's own HTTP server (the frontends proxy to it)
+
+
+def start_dataplane(d: Daemon) -> _DataPlaneSockets:
+    """Bind the public port and the control plane's Unix socket; make the frontends' manager
+    (started with the server) and hook it to the runtime, the metrics and the load meter."""
+    from api.dataplane import DataPlane
+
+    cfg = d.cfg
+    family = socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET
+    listen = socket.create_server((cfg.server.host, cfg.server.port), family=family, backlog=4096)
+    listen.set_inheritable(True)
+    path = cfg.paths.runtime_dir / "control.sock"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.bind(str(path))
+    os.chmod(path, 0o600)  # the daemon's user only (uvicorn's own uds would be 0666)
+    control.listen(1024)
+    s = cfg.server
+    plane = DataPlane(
+        d.service,
+        count=s.frontends,
+        listen=listen,
+        config={
+            "host": s.host,
+            "grpc_port": s.grpc_port,
+            "token_file": None if s.token_file is None else str(s.token_file),
+            "auth_all": d.ctx.auth_all,
+            "control_socket": str(path),
+            "max_body_bytes": s.max_body_bytes,
+            "max_infer_body_bytes": s.max_infer_body_bytes,
+            "max_header_bytes": s.max_header_bytes,
+            "header_timeout_s": s.header_timeout_s,
+            "body_timeout_s": s.body_timeout_s,
+            "idle_body_timeout_s": s.idle_body_timeout_s,
+        },
+        on_event=lambda kind, msg, data: d.store.log_event(kind, msg, **data),
+        on_stats=d.on_frontend_stats,
+    )
+    d.runtime.on_routing = lambda leaving, wait: plane.publish(leaving, wait=wait)
+    d.metrics.inference_sources.append(plane.stats)
+    return _DataPlaneSockets(plane, listen, control)
+
+
 def serve(cfg: DaemonConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean stop."""
     import uvicorn
@@ -191,6 +251,8 @@ def serve(cfg: DaemonConfig) -> int:
         while server is not None and not server.started and not stop.is_set():
             time.sleep(0.05)
         d.controller.start()
+        if dataplane is not None:
+            dataplane.plane.publish()  # restored: the frontends answer ready, route everything
         n = len(d.store.models())
         sd_notify(f"READY=1\nSTATUS=serving {n} model(s) on {cfg.server.host}:{cfg.server.port}")
         log.info("ready: %d model(s), %s backend", n, d.ctx.backend_kind)
@@ -208,10 +270,12 @@ def serve(cfg: DaemonConfig) -> int:
             else:
                 log.error("controller loop stalled: no WATCHDOG=1 (systemd will restart us)")
 
+    dataplane = start_dataplane(d) if cfg.server.frontends else None
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         grpc_server = None
-        if cfg.server.grpc_port >= 0:
+        if cfg.server.grpc_port >= 0 and dataplane is None:
             from api import grpc_server as grpc_mod
 
             grpc_server, bound = await grpc_mod.start(
@@ -224,19 +288,29 @@ def serve(cfg: DaemonConfig) -> int:
             log.info("KServe v2 gRPC on %s:%d", cfg.server.host, bound)
         threading.Thread(target=restore, name="stgs-restore", daemon=True).start()
         threading.Thread(target=watchdog, name="stgs-watchdog", daemon=True).start()
+        if dataplane is not None:
+            dataplane.plane.start()
         yield
         if grpc_server is not None:
             await grpc_server.stop(2.0)
         stop.set()
         sd_notify("STOPPING=1")
         log.info("stopping")
+        if dataplane is not None:
+            dataplane.plane.close()
         d.close()
 
     app = create_app(d.ctx, lifespan=lifespan)
+    # With a data plane the frontends own the public port and proxy the rest to this server's
+    # Unix socket; without, this server listens on the public port itself.
+    where: dict[str, Any] = (
+        {"host": cfg.server.host, "port": cfg.server.port}
+        if dataplane is None
+        else {"fd": dataplane.control.fileno()}
+    )
     config = uvicorn.Config(
         app,
-        host=cfg.server.host,
-        port=cfg.server.port,
+        **where,
         log_level="info",
         access_log=False,
         lifespan="on",

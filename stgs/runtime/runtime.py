@@ -75,6 +75,10 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 EventFn = Callable[[str, str, dict[str, Any]], None]
 """(kind, message, data): what the runtime did on its own (a worker failed, was restarted)."""
+RoutingFn = Callable[[frozenset["PartitionKey"], bool], None]
+"""(partitions leaving, wait): the routable partitions changed; with ``wait``, return only once
+no router outside this process sends anything new to the leaving ones (the data plane's
+frontends acknowledged it): the runtime drains them next."""
 
 
 class PartitionState(Enum):
@@ -210,6 +214,7 @@ class Runtime:
         self.cpu_threads = cpu_threads
         self.clock = clock
         self.on_event = on_event
+        self.on_routing: RoutingFn | None = None  # the data plane's frontends follow routing
         self.transitioning = False  # apply() is under way (a model may lack a worker briefly)
         self.current_plan: Plan | None = None
         self.last_good: Plan | None = None
@@ -336,6 +341,7 @@ class Runtime:
                         self._set(p, PartitionState.READY)
                         p.ready_at, p.failures = now, 0
                         self._event("worker_ready", f"partition {p.key}: worker ready", p)
+                        self._routing(frozenset(), wait=False)
                     elif now - p.started_at > self.ready_timeout_s:
                         self._fail(p, f"not ready within {self.ready_timeout_s:g} s", kill=True)
                 else:
@@ -370,6 +376,7 @@ class Runtime:
         p.restart_at = None if delay is None else self.clock() + delay
         log.warning("partition %s failed: %s; %s", p.key, reason, then)
         self._event("worker_failed", f"partition {p.key} failed: {reason}; {then}", p)
+        self._routing(frozenset(), wait=False)
         if delay == 0:
             self._restart(p)
 
@@ -381,6 +388,14 @@ class Runtime:
             self._fail(p, p.last_error or "could not start")
             return
         self._event("worker_restarted", f"partition {p.key}: worker restarted (pid {p.pid})", p)
+
+    def _routing(self, leaving: frozenset[PartitionKey], *, wait: bool) -> None:
+        if self.on_routing is None:
+            return
+        try:
+            self.on_routing(leaving, wait)
+        except Exception:  # routing updates are retried by the next change; never break here
+            log.exception("routing hook failed")
 
     def _event(self, kind: str, message: str, p: PartitionRuntime) -> None:
         if self.on_event is None:
@@ -612,7 +627,11 @@ class Runtime:
             self._set(p, PartitionState.READY)
             p.ready_at, p.failures = self.clock(), 0
 
-        # 4. Drain and stop the old partitions, then free their instances and daemons.
+        # 4. Routers elsewhere (the data plane) move to the new partitions; then drain and stop
+        # the old ones, then free their instances and daemons.
+        self._routing(
+            frozenset(p.key for p in to_stop if p.state is not PartitionState.STOPPED), wait=True
+        )
         for p in to_stop:
             if p.state is not PartitionState.STOPPED:
                 self._stop_partition(p, drain=True)
@@ -641,6 +660,12 @@ class Runtime:
         which: Callable[[PartitionRuntime], bool],
     ) -> None:
         """Drain and stop, before anything new starts, the old partitions in the way."""
+        goners = frozenset(
+            p.key
+            for p in to_stop
+            if p.ref.gpu == gpu and p.state is not PartitionState.STOPPED and which(p)
+        )
+        self._routing(goners, wait=True)
         for p in to_stop:
             if p.ref.gpu == gpu and p.state is not PartitionState.STOPPED and which(p):
                 self._stop_partition(p, drain=True)
