@@ -72,6 +72,7 @@ class AppContext:
     token: str | None = None
     auth_all: bool = False  # bound off loopback: every call needs the token
     backend_kind: str = "simulated"
+    dataplane: Any = None  # api.dataplane.DataPlane when frontends serve inference
 
 
 # ---------------------------------------------------------------------- REST schemas
@@ -194,6 +195,9 @@ class StatusOut(BaseModel):
     policy: str
     controller: dict[str, Any] | None
     last_error: str | None
+    frontends: list[dict[str, Any]] = Field(
+        default_factory=list, description="the data plane's frontend processes (if any)"
+    )
 
 
 class GpusOut(BaseModel):
@@ -458,6 +462,7 @@ def create_app(
             policy=svc.cfg.planner.policy,
             controller=None if ctx.controller is None else ctx.controller.status(),
             last_error=svc.last_error,
+            frontends=[] if ctx.dataplane is None else ctx.dataplane.describe(),
         )
 
     @app.get(

@@ -226,6 +226,7 @@ def start_dataplane(d: Daemon) -> _DataPlaneSockets:
     )
     d.runtime.on_routing = lambda leaving, wait: plane.publish(leaving, wait=wait)
     d.metrics.inference_sources.append(plane.stats)
+    d.ctx.dataplane = plane
     return _DataPlaneSockets(plane, listen, control)
 
 
