@@ -299,6 +299,27 @@ def encode_response(model: str, req_id: str | None, out: np.ndarray, binary: boo
     )
 
 
+def binary_request(
+    x: np.ndarray, input_name: str = "input", *, binary_output: bool = False
+) -> tuple[bytes, dict[str, str]]:
+    """A client's KServe v2 infer request carrying ``x`` as binary tensor data: (body, headers).
+    For the benchmarks' and the tests' own clients (tritonclient builds the same bytes)."""
+    head: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": input_name,
+                "shape": list(x.shape),
+                "datatype": KSERVE_OF[str(x.dtype)],
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ]
+    }
+    if binary_output:
+        head["outputs"] = [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}]
+    raw = json.dumps(head).encode()
+    return raw + np.ascontiguousarray(x).tobytes(), {HEADER: str(len(raw))}
+
+
 def router() -> APIRouter:
     r = APIRouter(tags=["inference (KServe v2)"])
 
