@@ -9,7 +9,6 @@ with SIGKILL under load is restarted while the other keeps serving, and no reque
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -21,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from api.kserve import binary_request
 from api.launch import LocalDaemon, wait_until
 
 pytestmark = pytest.mark.slow
@@ -29,13 +29,6 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 
 SLO_MS = 500.0
-SECTIONS = """
-[backend]
-kind = "simulated"
-simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
-[controller]
-interval_s = 3600.0
-"""
 X = np.random.default_rng(1).standard_normal((2, 64), dtype=np.float32)
 
 
@@ -65,22 +58,6 @@ def _frontends(d: LocalDaemon) -> list[dict[str, Any]]:
         return list(c.get("/v1/status").json()["frontends"])
 
 
-def _body() -> tuple[bytes, dict[str, str]]:
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [2, 64],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": X.nbytes},
-                }
-            ]
-        }
-    ).encode()
-    return head + X.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
-
-
 class Load:
     """Closed-loop clients, each on its own keep-alive connection: (sent, seconds, status)."""
 
@@ -92,7 +69,7 @@ class Load:
         self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
 
     def run(self) -> None:
-        body, headers = _body()
+        body, headers = binary_request(X)
         c = httpx.Client(base_url=self.url, timeout=10.0)
         try:
             while not self.stop.is_set():
