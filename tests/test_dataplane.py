@@ -35,7 +35,7 @@ X = np.random.default_rng(1).standard_normal((2, 64), dtype=np.float32)
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
     d = LocalDaemon(
-        tmp_path_factory.mktemp("dataplane"), SECTIONS, server_options="frontends = 2\n"
+        tmp_path_factory.mktemp("dataplane"), ONE_SIMULATED_GPU, server_options="frontends = 2\n"
     )
     p = d.start()
     try:
