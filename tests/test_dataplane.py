@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from api.kserve import binary_request
-from api.launch import LocalDaemon, wait_until
+from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
 
 pytestmark = pytest.mark.slow
 
