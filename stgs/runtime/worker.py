@@ -382,25 +382,31 @@ class Worker:
         small outputs). True when the control connection got some: they tell the supervisor
         the loop is alive; replies on data connections do not reach it."""
         first = live[0].conn
-        groups: dict[_Conn, list[tuple[int, Array]]]
-        if all(r.conn is first for r in live):  # the common case: one connection, no grouping
-            groups = {first: [(r.req_id, np.asarray(o)) for r, o in zip(live, outs, strict=True)]}
-        else:
-            groups = {}
-            for r, o in zip(live, outs, strict=True):
-                replies = groups.get(r.conn)
-                if replies is None:
-                    replies = groups[r.conn] = []
-                replies.append((r.req_id, np.asarray(o)))
+        for r in live:  # (a plain loop: half the cost of all() over a generator)
+            if r.conn is not first:
+                break
+        else:  # the common case: one connection, nothing to group
+            replies = [(r.req_id, np.asarray(o)) for r, o in zip(live, outs, strict=True)]
+            return self._send(first, replies) and first is self.control
+        groups: dict[_Conn, list[tuple[int, Array]]] = {}
+        for r, o in zip(live, outs, strict=True):
+            replies = groups.get(r.conn)
+            if replies is None:
+                replies = groups[r.conn] = []
+            replies.append((r.req_id, np.asarray(o)))
         beat = False
         for c, replies in groups.items():
-            try:
-                c.fs.send_responses(replies)
-            except OSError:  # the client is gone: its reader ends and closes the connection
-                c.open = False
-                continue
-            beat = beat or c is self.control
+            beat = (self._send(c, replies) and c is self.control) or beat
         return beat
+
+    @staticmethod
+    def _send(c: _Conn, replies: list[tuple[int, Array]]) -> bool:
+        try:
+            c.fs.send_responses(replies)
+        except OSError:  # the client is gone: its reader ends and closes the connection
+            c.open = False
+            return False
+        return True
 
     def send_stats(self, now_ns: int) -> None:
         """The cumulative batch statistics as one STATS frame (a lost one costs nothing: the
