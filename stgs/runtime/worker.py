@@ -39,10 +39,10 @@ connection; each request keeps the connection it came on, and a batch's replies 
 ``send_responses`` per connection. Threads rather than a selector loop: a reader blocked in
 ``recv_into`` holds no GIL, wakes only for its own bytes and takes every frame that arrived in
 one call; a selector loop would add a ``select`` call and a dispatch per wake-up in Python, on
-the path every request takes. A data connection that closes drops its requests still queued
-when they are taken (nobody to answer); the others are untouched. A drain (STOP) serves what is
-queued from every connection; when the worker exits it closes its data connections and unlinks
-the socket file.
+the path every request takes. A data connection that closes (end of file: a client must not
+half-close while it waits) drops its requests still queued when they are taken (nobody to
+answer); the others are untouched. A drain (STOP) serves what is queued from every connection;
+when the worker exits it closes its data connections and unlinks the socket file.
 
 Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker records, per
 batch, ``TRACE_BATCH`` and, per request taken, ``TRACE_REQUEST`` (``time.monotonic_ns()``, one
@@ -390,13 +390,13 @@ class Worker:
             return self._send(first, replies) and first is self.control
         groups: dict[_Conn, list[tuple[int, Array]]] = {}
         for r, o in zip(live, outs, strict=True):
-            replies = groups.get(r.conn)
-            if replies is None:
-                replies = groups[r.conn] = []
-            replies.append((r.req_id, np.asarray(o)))
+            group = groups.get(r.conn)
+            if group is None:
+                group = groups[r.conn] = []
+            group.append((r.req_id, np.asarray(o)))
         beat = False
-        for c, replies in groups.items():
-            beat = (self._send(c, replies) and c is self.control) or beat
+        for c, group in groups.items():
+            beat = (self._send(c, group) and c is self.control) or beat
         return beat
 
     @staticmethod
