@@ -3,6 +3,7 @@ clients speaking the frame protocol."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -202,6 +203,34 @@ def test_a_closed_connection_leaves_the_others_served(rt: Runtime) -> None:
     assert time.monotonic() - t0 < 2.5 * SLEEP_MS / 1e3
     assert _only(rt).state is PartitionState.READY
     np.testing.assert_array_equal(rt.infer("echo", X, timeout_s=TIMEOUT), X)
+
+
+def test_a_client_that_stops_reading_is_cut_off(rt: Runtime) -> None:
+    """Replies it does not read fill its socket; the worker cuts it instead of stalling."""
+    a, b = _connect(rt), _connect(rt)
+    big = np.ones(1 << 18, np.float32)  # 1 MiB each way
+    n = 64  # far more replies than the socket buffers hold
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # the worker cuts the connection meanwhile
+            for i in range(n):
+                a.send(REQUEST, model=ECHO, req_id=i, array=big)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    for i in range(20):
+        b.send(REQUEST, model=ECHO, req_id=i, array=X)
+        _answers(b, 1)
+    assert time.monotonic() - t0 < 2.0
+    t.join(TIMEOUT)
+    got = 0
+    while (f := a.recv()) is not None:  # what was buffered, then end of file, no torn frame
+        assert f.kind == RESPONSE and f.status == OK and f.array().shape == big.shape
+        got += 1
+    assert 0 < got < n
+    assert _only(rt).state is PartitionState.READY  # not taken for hung
 
 
 def test_stop_serves_what_data_connections_queued(rt: Runtime) -> None:

@@ -41,7 +41,9 @@ connection; each request keeps the connection it came on, and a batch's replies 
 one call; a selector loop would add a ``select`` call and a dispatch per wake-up in Python, on
 the path every request takes. A data connection that closes (end of file: a client must not
 half-close while it waits) drops its requests still queued when they are taken (nobody to
-answer); the others are untouched. A drain (STOP) serves what is queued from every connection;
+answer); the others are untouched. A client that stops reading is cut off: a reply that cannot
+be sent for ``DATA_SEND_TIMEOUT_S`` closes its connection, so that it never stalls the batch
+loop that every connection shares. A drain (STOP) serves what is queued from every connection;
 when the worker exits it closes its data connections and unlinks the socket file.
 
 Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker records, per
@@ -59,6 +61,7 @@ import gc
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -103,6 +106,13 @@ TRACE_REQUEST = ("slot", "deadline", "t_queued", "batch", "ran")
 # runs, so nothing re-measures it) runs again after a few refused takes.
 ADMISSION_DECAY = 0.8
 STATS_INTERVAL_NS = 1_000_000_000  # at most one STATS frame a second
+# How long a send on a data connection may wait for its client to read (SO_SNDTIMEO): far below
+# the supervisor's hang threshold (twice the slowest batch plus 0.8 s by default), far above
+# what a client that reads needs to drain a few MB.
+DATA_SEND_TIMEOUT_S = 0.25
+_DATA_SEND_TIMEOUT = struct.pack(  # a struct timeval
+    "@ll", int(DATA_SEND_TIMEOUT_S), int(DATA_SEND_TIMEOUT_S % 1 * 1e6)
+)
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,10 @@ class Worker:
                 sock, _ = self.listener.accept()
             except OSError:  # the listener was shut down: the worker is exiting
                 return
+            # A client that stops reading must not stall the batch loop, and so every other
+            # connection, on a full socket: a send that makes no progress for this long fails,
+            # and the connection is cut (_cut).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _DATA_SEND_TIMEOUT)
             conn = _Conn(FrameSocket(sock))
             with self.cond:
                 self.conns.add(conn)
@@ -285,8 +299,10 @@ class Worker:
         fs.close()
 
     def _reply_error(self, c: _Conn, req_id: int, status: int, message: str) -> None:
-        with contextlib.suppress(OSError):
+        try:
             c.fs.send(RESPONSE, status=status, req_id=req_id, data=message.encode())
+        except OSError:
+            _cut(c)
 
     def beat(self, now_ns: int) -> None:
         """A HEARTBEAT when the loop has sent nothing for ``HEARTBEAT_INTERVAL_S``: it comes
@@ -403,8 +419,8 @@ class Worker:
     def _send(c: _Conn, replies: list[tuple[int, Array]]) -> bool:
         try:
             c.fs.send_responses(replies)
-        except OSError:  # the client is gone: its reader ends and closes the connection
-            c.open = False
+        except OSError:
+            _cut(c)
             return False
         return True
 
@@ -431,6 +447,15 @@ class Worker:
             )
         except OSError as exc:
             print(f"stgs worker {self.spec.name}: trace not written: {exc}", file=sys.stderr)
+
+
+def _cut(c: _Conn) -> None:
+    """A send failed: the client is gone, or it stopped reading (``DATA_SEND_TIMEOUT_S``) and
+    the send may have ended mid-frame. The connection ends here: the client sees end of file,
+    not a torn frame, its reader thread here ends, and its requests still queued are dropped."""
+    c.open = False
+    with contextlib.suppress(OSError):
+        c.fs.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _invalid(shape: tuple[int, ...] | None, dtype: str, arr: Array) -> str | None:
