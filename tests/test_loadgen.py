@@ -226,7 +226,7 @@ def test_admission_recovers_after_slow_batches() -> None:
     ran_at = None
     for k in range(40):
         dl = time.monotonic_ns() + 20_000_000  # 20 ms left, as a fresh request
-        w._run(0, [_Request(k, dl, x)])
+        w._run(0, [_Request(k, dl, x, w.control)])
         if fs.ok:
             ran_at = k
             break
@@ -238,7 +238,7 @@ def test_admission_recovers_after_slow_batches() -> None:
     assert len(fs.stats) == 1 and '"batches": [1]' in fs.stats[0]  # the batch that ran
     # requests already late decay nothing: only predictions that refused a whole take do
     est = w.est_ns[0] = 5e6
-    w._run(0, [_Request(100, time.monotonic_ns() - 1, x)])
+    w._run(0, [_Request(100, time.monotonic_ns() - 1, x, w.control)])
     assert w.est_ns[0] == est
     assert 0 < ADMISSION_DECAY < 1
 

@@ -5,10 +5,14 @@ other. The worker's end lives only in the worker, so the moment the worker dies,
 reason (SIGKILL included), the kernel closes it and the daemon's reader sees end-of-file: the
 requests in flight fail at once with :class:`~stgs.errors.WorkerDiedError`. The supervisor also
 polls the process, for the rare death that leaves the socket open (a stuck child of the worker).
+A worker that listens for data connections unlinks its socket file when it exits; for one that
+was killed, the supervisor does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -106,10 +110,17 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.transport.fail(self.exit_reason())
+        self._gone()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._gone()
+
+    def _gone(self) -> None:
+        """The process has exited: fail what is in flight, remove a socket file it left."""
         self.transport.fail(self.exit_reason())
+        if self.spec.listen is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spec.listen)

@@ -31,11 +31,18 @@ Requests: :meth:`Runtime.submit` picks a ready partition that serves the model (
 rate the plan assigned to it there, least loaded first) and returns a future; with none ready it
 fails at once with :class:`~stgs.errors.NoWorkerError`. Deadlines come from ``slos`` (per model,
 ms, counted from the call) unless given per request, as an absolute ``deadline_ns``.
+
+Data connections: with ``data_dir``, every worker also listens on ``data_dir/w<seq>.sock``
+(:attr:`PartitionRuntime.socket_path`, in :meth:`Runtime.describe`), ``seq`` fresh per spawn so
+that a restarted worker never shares a path with its predecessor; frontend processes connect
+there and send requests to the worker directly (:mod:`stgs.runtime.worker`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -43,6 +50,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from stgs.backend.base import Backend, DeviceRef
@@ -72,6 +80,10 @@ log = logging.getLogger(__name__)
 
 # Delay before the restart after the n-th failed start in a row (the last one repeats); a
 # worker that became ready ends the run, so a failure while serving restarts at once.
+# The longest Unix socket path (``sun_path`` is 108 bytes with the terminating NUL), and the
+# longest sequence number a worker's socket name is checked for.
+MAX_SOCKET_PATH_BYTES = 107
+MAX_SOCKET_SEQ = 10**9
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 EventFn = Callable[[str, str, dict[str, Any]], None]
 """(kind, message, data): what the runtime did on its own (a worker failed, was restarted)."""
@@ -155,6 +167,7 @@ class PartitionRuntime:
     started_at: float = 0.0
     ready_at: float = 0.0
     rates: dict[str, float] = field(default_factory=dict)
+    socket_path: str | None = None  # where its current worker accepts data connections
 
     def slowest_batch_s(self) -> float:
         """The longest batch this partition is known to run: planned, or measured so far."""
@@ -201,7 +214,16 @@ class Runtime:
         cpu_threads: int = 1,
         clock: Callable[[], float] = time.monotonic,
         on_event: EventFn | None = None,
+        data_dir: Path | None = None,
     ) -> None:
+        if data_dir is not None:
+            longest = data_dir / f"w{MAX_SOCKET_SEQ}.sock"
+            if len(os.fsencode(longest)) > MAX_SOCKET_PATH_BYTES:
+                raise ConfigError(
+                    f"data_dir {data_dir} is too long for Unix socket paths: {longest} would "
+                    f"exceed {MAX_SOCKET_PATH_BYTES} bytes; choose a shorter directory"
+                )
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.backend = backend
         self.slos = dict(slos or {})
         self.device = device
@@ -215,6 +237,8 @@ class Runtime:
         self.clock = clock
         self.on_event = on_event
         self.on_routing: RoutingFn | None = None  # the data plane's frontends follow routing
+        self.data_dir = data_dir  # None: workers accept no data connections
+        self._socket_seq = itertools.count()
         self.transitioning = False  # apply() is under way (a model may lack a worker briefly)
         self.current_plan: Plan | None = None
         self.last_good: Plan | None = None
@@ -420,7 +444,11 @@ class Runtime:
             device=self.device,
             admission=self.admission,
             cpu_threads=self.cpu_threads,
+            listen=None
+            if self.data_dir is None
+            else str(self.data_dir / f"w{next(self._socket_seq)}.sock"),
         )
+        p.socket_path = spec.listen
         mps_pct = p.partition.mps_pct if p.partition.kind == "mps" else None
         try:
             p.worker = WorkerProcess(self.backend, p.ref, mps_pct, spec, on_close=self._on_close)
@@ -706,7 +734,8 @@ class Runtime:
         return any(d.ref == ref for d in self.backend.mps_daemons())
 
     def describe(self) -> list[dict[str, Any]]:
-        """Per partition: key, state, pid, restarts, last error (for status pages and logs)."""
+        """Per partition: key, state, pid, restarts, last error, data socket (None without
+        ``data_dir``), for status pages and logs."""
         return [
             {
                 "partition": str(k),
@@ -714,6 +743,7 @@ class Runtime:
                 "pid": p.pid,
                 "restarts": p.restarts,
                 "last_error": p.last_error,
+                "socket": p.socket_path,
                 "restart_in_s": None
                 if p.restart_at is None
                 else round(max(0.0, p.restart_at - self.clock()), 3),

@@ -21,6 +21,14 @@ Frames (little endian)::
 ``deadline_ns`` is on ``time.monotonic_ns()``, which is one clock for every process of a Linux
 host; 0 means no deadline.
 
+Data connections: a worker started with ``WorkerSpec.listen`` also accepts connections on that
+Unix socket path (see :mod:`stgs.runtime.worker`), for frontend processes that send requests to
+it directly. They speak these frames too, but only REQUEST from the client (``model``: the slot
+index in the worker's ``spec.models`` order; ``req_id``: the client's own, unique on its
+connection; other kinds are ignored) and RESPONSE back, with the same ``req_id`` and status.
+HEARTBEAT, STATS and READY travel only on the supervisor's connection. :class:`SocketTransport`
+over a connected ``AF_UNIX`` socket is such a client.
+
 Liveness: the worker's duty-cycle loop sends a HEARTBEAT frame whenever it has sent nothing for
 ``HEARTBEAT_INTERVAL_S`` (idle or between batches), carrying its longest batch so far. The
 transport notes when the last frame of any kind arrived (:attr:`SocketTransport.last_frame_ns`)
@@ -208,9 +216,13 @@ class FrameSocket:
         return True
 
     def close(self) -> None:
+        """Safe beside a sender in another thread: the shutdown wakes a sender blocked on a full
+        socket, and the close waits for it to leave, so its descriptor number is never reused
+        under it (a worker's reader closes a data connection its batch loop may be answering)."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        with self._send_lock:
+            self.sock.close()
 
 
 def _frame_parts(

@@ -25,6 +25,27 @@ time (the runner's call: input copy, GPU, output copy), and the same for full ba
 planned batch size) alone. The daemon compares them with the plan's predicted batch latency
 (metrics ``stgs_partition_*batch*``): a model that overruns its profile shows there.
 
+Data connections (``WorkerSpec.listen``): besides its control connection (the socketpair from
+the supervisor), a worker can accept any number of data connections on a Unix stream socket, so
+that frontend processes send requests straight to it. It binds the socket (mode 0600, a stale
+file unlinked first) after loading its models and before READY: READY means "connectable". A
+data connection carries the control connection's frames (:mod:`stgs.runtime.transport`), but
+only REQUEST in (``model``: the slot index in ``spec.models`` order; ``req_id``: chosen by the
+client, unique on its connection) and RESPONSE out; any other kind from a client is ignored
+(STOP counts only on the control connection), and HEARTBEAT, STATS and READY go only to the
+supervisor. One reader thread per connection (an accept thread starts them) queues requests into
+the same per-model queues as the control connection's, so one batch mixes the requests of every
+connection; each request keeps the connection it came on, and a batch's replies go out with one
+``send_responses`` per connection. Threads rather than a selector loop: a reader blocked in
+``recv_into`` holds no GIL, wakes only for its own bytes and takes every frame that arrived in
+one call; a selector loop would add a ``select`` call and a dispatch per wake-up in Python, on
+the path every request takes. A data connection that closes (end of file: a client must not
+half-close while it waits) drops its requests still queued when they are taken (nobody to
+answer); the others are untouched. A client that stops reading is cut off: a reply that cannot
+be sent for ``DATA_SEND_TIMEOUT_S`` closes its connection, so that it never stalls the batch
+loop that every connection shares. A drain (STOP) serves what is queued from every connection;
+when the worker exits it closes its data connections and unlinks the socket file.
+
 Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker records, per
 batch, ``TRACE_BATCH`` and, per request taken, ``TRACE_REQUEST`` (``time.monotonic_ns()``, one
 clock for every process of the host), and writes them to ``DIR/<pid>.npz`` when it exits
@@ -40,6 +61,7 @@ import gc
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -84,6 +106,13 @@ TRACE_REQUEST = ("slot", "deadline", "t_queued", "batch", "ran")
 # runs, so nothing re-measures it) runs again after a few refused takes.
 ADMISSION_DECAY = 0.8
 STATS_INTERVAL_NS = 1_000_000_000  # at most one STATS frame a second
+# How long a send on a data connection may wait for its client to read (SO_SNDTIMEO): far below
+# the supervisor's hang threshold (twice the slowest batch plus 0.8 s by default), far above
+# what a client that reads needs to drain a few MB.
+DATA_SEND_TIMEOUT_S = 0.25
+_DATA_SEND_TIMEOUT = struct.pack(  # a struct timeval
+    "@ll", int(DATA_SEND_TIMEOUT_S), int(DATA_SEND_TIMEOUT_S % 1 * 1e6)
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +132,7 @@ class WorkerSpec:
     admission: bool = True
     dtype: str = "float16"
     cpu_threads: int = 1
+    listen: str | None = None  # a Unix socket path for data connections (module docstring)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -115,11 +145,22 @@ class WorkerSpec:
         return cls(**d)
 
 
+class _Conn:
+    """A connection requests come in on and their replies go back on (control or data)."""
+
+    __slots__ = ("fs", "open")
+
+    def __init__(self, fs: FrameSocket) -> None:
+        self.fs = fs
+        self.open = True  # False once its client is gone: its queued requests are dropped
+
+
 @dataclass
 class _Request:
     req_id: int
     deadline_ns: int
     array: Array
+    conn: _Conn  # where the reply goes
     t_queued: int = 0
 
 
@@ -127,6 +168,9 @@ class Worker:
     def __init__(self, spec: WorkerSpec, fs: FrameSocket) -> None:
         self.spec = spec
         self.fs = fs
+        self.control = _Conn(fs)
+        self.conns: set[_Conn] = set()  # open data connections (closed when the worker exits)
+        self.listener: socket.socket | None = None
         self.device = spec.device or os.environ.get("STGS_DEVICE", "cuda")
         self.queues: list[deque[_Request]] = [deque() for _ in spec.models]
         self.cond = threading.Condition()
@@ -156,43 +200,109 @@ class Worker:
                 loaded[slot.name] = load_runner(slot.name, self.device, top, dtype=self.spec.dtype)
             self.runners.append(loaded[slot.name])
 
-    def read(self) -> None:
+    def listen(self, path: str) -> None:
+        """Accept data connections on ``path`` from now on (a stale file there is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Born 0600: no window between bind and chmod in which another user could connect. The
+        # umask is process wide, but only this thread runs yet.
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        sock.listen(socket.SOMAXCONN)
+        self.listener = sock
+        threading.Thread(target=self._accept, name="accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:  # the listener was shut down: the worker is exiting
+                return
+            # A client that stops reading must not stall the batch loop, and so every other
+            # connection, on a full socket: a send that makes no progress for this long fails,
+            # and the connection is cut (_cut).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _DATA_SEND_TIMEOUT)
+            conn = _Conn(FrameSocket(sock))
+            with self.cond:
+                self.conns.add(conn)
+            threading.Thread(
+                target=self.read, args=(conn,), name="data-reader", daemon=True
+            ).start()
+
+    def close_data(self) -> None:
+        """At exit: no new connections, the socket file gone, every data connection closed (its
+        client sees end of file, and its reader thread ends)."""
+        if self.listener is None:
+            return
+        path = self.listener.getsockname()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (Linux)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with self.cond:
+            conns = list(self.conns)
+        for c in conns:
+            c.fs.close()
+
+    def read(self, conn: _Conn | None = None) -> None:
+        """Queue the requests of one connection (default: the control connection) until it
+        closes. The control connection closing ends the worker; a data connection closing
+        only marks its requests still queued to be dropped."""
+        c = self.control if conn is None else conn
+        control = c is self.control
+        fs = c.fs
         try:
             while True:
-                frame = self.fs.recv()
+                frame = fs.recv()
                 if frame is None:
                     break
-                if frame.kind == STOP:
-                    with self.cond:
-                        self.stopping = True
-                        self.cond.notify()
-                    continue
                 if frame.kind != REQUEST:
+                    if frame.kind == STOP and control:
+                        with self.cond:
+                            self.stopping = True
+                            self.cond.notify()
                     continue
                 if frame.model >= len(self.queues):
-                    self._reply_error(frame.req_id, INVALID, f"no model #{frame.model}")
+                    self._reply_error(c, frame.req_id, INVALID, f"no model #{frame.model}")
                     continue
                 entry = self.runners[frame.model].entry
                 arr = frame.array()
                 why = _invalid(entry.input_shape, entry.input_dtype, arr)
                 if why is not None:
                     name = self.spec.models[frame.model].name
-                    self._reply_error(frame.req_id, INVALID, f"{name}: {why}")
+                    self._reply_error(c, frame.req_id, INVALID, f"{name}: {why}")
                     continue
                 with self.cond:
                     self.queues[frame.model].append(
-                        _Request(frame.req_id, frame.deadline_ns, arr, time.monotonic_ns())
+                        _Request(frame.req_id, frame.deadline_ns, arr, c, time.monotonic_ns())
                     )
                     self.cond.notify()
         except (OSError, ValueError):
             pass
+        if control:
+            with self.cond:
+                self.gone = True
+                self.cond.notify()
+            return
+        c.open = False
         with self.cond:
-            self.gone = True
-            self.cond.notify()
+            self.conns.discard(c)
+        fs.close()
 
-    def _reply_error(self, req_id: int, status: int, message: str) -> None:
-        with contextlib.suppress(OSError):
-            self.fs.send(RESPONSE, status=status, req_id=req_id, data=message.encode())
+    def _reply_error(self, c: _Conn, req_id: int, status: int, message: str) -> None:
+        try:
+            c.fs.send(RESPONSE, status=status, req_id=req_id, data=message.encode())
+        except OSError:
+            _cut(c)
 
     def beat(self, now_ns: int) -> None:
         """A HEARTBEAT when the loop has sent nothing for ``HEARTBEAT_INTERVAL_S``: it comes
@@ -230,6 +340,8 @@ class Worker:
         trace = self.trace_dir is not None
         row = len(self.tb) // len(TRACE_BATCH)
         for r in take:
+            if not r.conn.open:  # its client is gone: nobody to answer
+                continue
             if r.deadline_ns and now + margin > r.deadline_ns:
                 late_ms = (now - r.deadline_ns) / 1e6
                 msg = f"{self.spec.models[i].name}: deadline exceeded " + (
@@ -237,7 +349,7 @@ class Worker:
                     if late_ms >= 0
                     else f"(predicted batch latency {margin / 1e6:.2f} ms would miss it)"
                 )
-                self._reply_error(r.req_id, DEADLINE, msg)
+                self._reply_error(r.conn, r.req_id, DEADLINE, msg)
                 predicted += late_ms < 0
                 if trace:
                     self.tr.extend((i, r.deadline_ns, r.t_queued, row, 0))
@@ -259,7 +371,7 @@ class Worker:
             outs = self.runners[i].run([r.array for r in live])
         except Exception as exc:  # the model failed: answer, keep serving
             for r in live:
-                self._reply_error(r.req_id, FAILED, f"{self.spec.models[i].name}: {exc!r}")
+                self._reply_error(r.conn, r.req_id, FAILED, f"{self.spec.models[i].name}: {exc!r}")
             if trace:
                 t1 = time.monotonic_ns()
                 self.tb.extend((i, len(take), len(live), now, t0, t1, t1))
@@ -274,17 +386,43 @@ class Worker:
         if len(live) >= self.spec.models[i].batch:
             st["full_batches"][i] += 1
             st["full_run_ns"][i] += dt
-        try:  # every reply of the batch in one go (one system call for small outputs)
-            self.fs.send_responses(
-                [(r.req_id, np.asarray(out)) for r, out in zip(live, outs, strict=True)]
-            )
-        except OSError:
-            return
-        self.beat_ns = t1  # the replies tell the supervisor the loop is alive
+        if self._send_replies(live, outs):
+            self.beat_ns = t1  # the replies told the supervisor the loop is alive
         if trace:
             self.tb.extend((i, len(take), len(live), now, t0, t0 + dt, time.monotonic_ns()))
         if t1 - self.stats_sent_ns >= STATS_INTERVAL_NS:
             self.send_stats(t1)
+
+    def _send_replies(self, live: list[_Request], outs: Sequence[Any]) -> bool:
+        """A batch's replies, in one ``send_responses`` per connection (one system call for
+        small outputs). True when the control connection got some: they tell the supervisor
+        the loop is alive; replies on data connections do not reach it."""
+        first = live[0].conn
+        for r in live:  # (a plain loop: half the cost of all() over a generator)
+            if r.conn is not first:
+                break
+        else:  # the common case: one connection, nothing to group
+            replies = [(r.req_id, np.asarray(o)) for r, o in zip(live, outs, strict=True)]
+            return self._send(first, replies) and first is self.control
+        groups: dict[_Conn, list[tuple[int, Array]]] = {}
+        for r, o in zip(live, outs, strict=True):
+            group = groups.get(r.conn)
+            if group is None:
+                group = groups[r.conn] = []
+            group.append((r.req_id, np.asarray(o)))
+        beat = False
+        for c, group in groups.items():
+            beat = (self._send(c, group) and c is self.control) or beat
+        return beat
+
+    @staticmethod
+    def _send(c: _Conn, replies: list[tuple[int, Array]]) -> bool:
+        try:
+            c.fs.send_responses(replies)
+        except OSError:
+            _cut(c)
+            return False
+        return True
 
     def send_stats(self, now_ns: int) -> None:
         """The cumulative batch statistics as one STATS frame (a lost one costs nothing: the
@@ -309,6 +447,15 @@ class Worker:
             )
         except OSError as exc:
             print(f"stgs worker {self.spec.name}: trace not written: {exc}", file=sys.stderr)
+
+
+def _cut(c: _Conn) -> None:
+    """A send failed: the client is gone, or it stopped reading (``DATA_SEND_TIMEOUT_S``) and
+    the send may have ended mid-frame. The connection ends here: the client sees end of file,
+    not a torn frame, its reader thread here ends, and its requests still queued are dropped."""
+    c.open = False
+    with contextlib.suppress(OSError):
+        c.fs.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _invalid(shape: tuple[int, ...] | None, dtype: str, arr: Array) -> str | None:
@@ -343,12 +490,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # GIL switch interval a request could wait that long to be queued (the H100 trace showed
     # p99 4-15 ms from submit to queue, even for tiny inputs). 200 us bounds that wait.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if spec.listen is not None:
+        try:
+            worker.listen(spec.listen)
+        except OSError as exc:
+            print(
+                f"stgs worker {spec.name}: cannot listen on {spec.listen}: {exc}", file=sys.stderr
+            )
+            return 3
     info = {"pid": os.getpid(), "device": worker.device, "load_s": time.monotonic() - t0}
     fs.send(READY, data=json.dumps(info).encode())
     reader = threading.Thread(target=worker.read, name="reader", daemon=True)
     reader.start()
     worker.serve()
     fs.close()
+    worker.close_data()
     worker.write_trace()
     reader.join(5.0)
     return 0
