@@ -147,6 +147,7 @@ class PartitionOut(BaseModel):
     restarts: int
     last_error: str | None
     restart_in_s: float | None = Field(None, description="a failed partition's next restart")
+    socket: str | None = Field(None, description="the worker's data socket (data plane)")
 
 
 class TransitionOut(BaseModel):
