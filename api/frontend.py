@@ -42,11 +42,12 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from starlette.types import Receive, Scope, Send
 
 from api.inference import (
     HEADER,
@@ -75,11 +76,6 @@ NO_SLO_TIMEOUT_S = 30.0  # the answer bound of a model without an SLO
 EWMA_ALPHA = 0.2  # weight of a new per-request service time sample
 STATS_INTERVAL_S = 1.0
 MAX_CONTROL_LINE_BYTES = 64 << 20  # a routing snapshot of many models and partitions
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 # ---------------------------------------------------------------------------- statistics

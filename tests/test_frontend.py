@@ -1,10 +1,10 @@
 """The data plane's frontend process (``python -m api.frontend``) against real workers.
 
 Each worker here listens on a Unix path and serves the one connection it accepts there (the
-worker's data socket, ``WorkerSpec.listen``, serves the same frames): a small launcher accepts
-it and execs ``python -m stgs.runtime --fd <the connection>``. The frontend is a real process
-with a control socketpair and a listening TCP socket made here, driven by tritonclient, httpx
-and aiohttp.
+worker's data socket, ``WorkerSpec.listen``, serves the same frames):
+``benchmarks/_path_worker.py`` accepts it and execs ``python -m stgs.runtime --fd <it>``. The
+frontend is a real process with a control socketpair and a listening TCP socket made here,
+driven by tritonclient, httpx and aiohttp.
 """
 
 from __future__ import annotations
@@ -41,20 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 30.0
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "STGS_DEVICE": "cpu"}
 
-# accept one connection on a Unix path, then become the worker serving it
-_LISTEN_THEN_WORK = """
-import os, socket, sys
-path, spec = sys.argv[1], sys.argv[2]
-srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-srv.bind(path + ".tmp")
-srv.listen(1)
-os.rename(path + ".tmp", path)
-conn, _ = srv.accept()
-srv.close()
-os.set_inheritable(conn.fileno(), True)
-argv = [sys.executable, "-m", "stgs.runtime", "--fd", str(conn.fileno()), "--spec", spec]
-os.execv(sys.executable, argv)
-"""
+PATH_WORKER = str(ROOT / "benchmarks" / "_path_worker.py")
 
 
 class PathWorker:
@@ -64,7 +51,7 @@ class PathWorker:
         self.path = str(tmp / f"{name}.sock")
         spec = WorkerSpec(name, tuple(ModelSlot(m, b) for m, b in slots), device="cpu")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LISTEN_THEN_WORK, self.path, spec.to_json()],
+            [sys.executable, PATH_WORKER, self.path, spec.to_json()],
             env=ENV,
             cwd=ROOT,
         )
