@@ -164,6 +164,8 @@ class Router:
         return self.ready
 
     def model_io(self, model: str, version: str = "") -> ModelIO:
+        if self.version < 0:  # started, no snapshot yet: the daemon is still wiring it in
+            raise InferError(503, "this frontend has no routing from the daemon yet")
         m = self.models.get(model)
         if m is None:
             raise InferError(404, f"unknown model {model!r}")
@@ -459,8 +461,10 @@ class FrontendApp:
         if parts[4] == "ready":
             if method != "GET":
                 return await self._get(send, method, 0, None)
-            if model not in r.models:
-                await _error(send, 404, f"unknown model {model!r}")
+            try:
+                r.model_io(model)
+            except InferError as exc:
+                await _error(send, exc.status, exc.message)
                 return True
             ok = r.model_ready(model)
             await _json(send, 200 if ok else 400, {"name": model, "ready": ok})

@@ -185,6 +185,10 @@ def test_frontend_serves_kserve_like_the_daemon(tmp_path: Path, workers: list[Pa
     try:
         hello = fe.recv("hello")
         assert hello["pid"] == fe.proc.pid
+        with httpx.Client(base_url=fe.url) as h:  # no routing yet: not ready, models unknown
+            assert h.get("/v2/health/ready").status_code == 503
+            r = h.post("/v2/models/echo/infer", content=BODY)
+            assert r.status_code == 503 and "no routing" in r.json()["error"]
         ack = fe.route(1, {"echo": _model(5000.0)}, [_part("p0", w, ["echo"], 100.0)])
         assert ack["failed"] == []
         c = httpclient.InferenceServerClient(url=f"127.0.0.1:{fe.port}")
