@@ -135,7 +135,7 @@ class _Partition:
     conn: AsyncWorkerConnection
     slots: dict[str, int]  # model -> its (first) slot in the worker's spec
     rates: dict[str, float]  # model -> planned rate (requests/s)
-    service_s: dict[str, float]  # model -> EWMA of the per-request service time
+    service_s: dict[str, float]  # model -> EWMA of the per-request service time, once measured
     draining: bool = False
 
 
@@ -196,7 +196,10 @@ class Router:
         finally:
             secs = (time.monotonic_ns() - t0) / 1e9
             met = ok and (slo_ms is None or secs * 1000.0 <= slo_ms)
-            self.stats.setdefault(model, ModelStats()).record(secs, ok, met, kind)
+            stats = self.stats.get(model)
+            if stats is None:
+                stats = self.stats[model] = ModelStats()
+            stats.record(secs, ok, met, kind)
 
     async def _serve(
         self, model: str, array: np.ndarray, t0_ns: int, slo_ms: float | None
@@ -247,11 +250,14 @@ class Router:
                 continue
             serving += 1
             queued = p.conn.in_flight
-            if queued + n > self.max_in_flight:
+            if queued and queued + n > self.max_in_flight:
                 why = f"{queued} requests in flight on a partition (at most {self.max_in_flight})"
                 continue
+            # An idle partition always gets the request (its worker sheds what it cannot run in
+            # time): the estimate is re-measured whenever the queue empties, so a stale one
+            # never refuses everything, and none is needed before the first answer.
             predicted_s = (queued + n) * p.service_s.get(model, 0.0)
-            if predicted_s > left_s:
+            if queued and predicted_s > left_s:
                 why = (
                     f"a partition's queue ({queued} requests) would take {predicted_s * 1e3:.1f}"
                     f" ms, {left_s * 1e3:.1f} ms are left"
@@ -302,8 +308,7 @@ class Router:
                 log.warning("partition %s: cannot connect to %s: %s", pid, spec["socket"], exc)
                 failed.append(pid)
                 continue
-            prior = {k: 1.0 / r for k, r in rates.items() if r > 0}  # until measured
-            new[pid] = _Partition(pid, spec["socket"], conn, slots, rates, prior)
+            new[pid] = _Partition(pid, spec["socket"], conn, slots, rates, {})
         kept = set(new.values())
         for p in old.values():
             if p not in kept:
