@@ -33,7 +33,7 @@ from starlette.routing import Match, Route
 
 from api import kserve
 from api.controller import Controller
-from api.inference import whole
+from api.inference import status_of, whole
 from api.kserve import ErrorOut
 from api.limits import BodyLimits
 from api.metrics import CONTENT_TYPE, Metrics
@@ -48,13 +48,7 @@ from api.store import ModelRecord
 from stgs import __version__
 from stgs.errors import (
     ConfigError,
-    DeadlineExceededError,
-    InvalidRequestError,
-    NoWorkerError,
-    ServingError,
     StgsError,
-    WorkerDiedError,
-    WorkerError,
 )
 
 log = logging.getLogger(__name__)
@@ -151,6 +145,7 @@ class PartitionOut(BaseModel):
     pid: int | None
     restarts: int
     last_error: str | None
+    restart_in_s: float | None = Field(None, description="a failed partition's next restart")
 
 
 class TransitionOut(BaseModel):
@@ -233,19 +228,16 @@ def needs_token(ctx: AppContext, method: str, path: str) -> bool:
 
 # ---------------------------------------------------------------------- helpers
 def _status_of(exc: StgsError) -> int:
+    """The REST errors' statuses; a serving error's is the one both protocols use."""
     if isinstance(exc, NotFoundError):
         return 404
     if isinstance(exc, ConflictError):
         return 409
-    if isinstance(exc, RefusedError | ConfigError):
+    if isinstance(exc, RefusedError):
         return 422
-    if isinstance(exc, InvalidRequestError | WorkerError):
-        return 400
-    if isinstance(exc, DeadlineExceededError):
-        return 429
-    if isinstance(exc, UnavailableError | NoWorkerError | WorkerDiedError | ServingError):
+    if isinstance(exc, UnavailableError):
         return 503
-    return 409
+    return status_of(exc)
 
 
 def _model_out(svc: Service, rec: ModelRecord) -> ModelOut:

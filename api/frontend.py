@@ -19,7 +19,8 @@ Control channel (the inherited Unix socket ``--control-fd``; newline-delimited J
   and nothing new goes to partitions no longer listed (their requests in flight finish on the
   old connections, closed when drained).
 * frontend -> daemon ``{"type": "hello", "pid"}`` first; then about once a second
-  ``{"type": "stats", "models": {...}}``, cumulative since start (:class:`ModelStats`).
+  ``{"type": "stats", "models": {...}}``, cumulative since start
+  (:meth:`api.inference.InferenceStats.to_dict`, which the daemon adds to its own).
 
 When the control channel closes (the daemon is gone) the frontend exits.
 
@@ -43,7 +44,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.inference import (
     HEADER,
+    InferenceStats,
     InferError,
     ModelIO,
     dumps,
@@ -59,7 +61,6 @@ from api.inference import (
     status_of,
 )
 from api.limits import BodyLimits, header_limits_protocol
-from api.metrics import LATENCY_BUCKETS
 from stgs import __version__
 from stgs.errors import (
     DeadlineExceededError,
@@ -76,53 +77,6 @@ NO_SLO_TIMEOUT_S = 30.0  # the answer bound of a model without an SLO
 EWMA_ALPHA = 0.2  # weight of a new per-request service time sample
 STATS_INTERVAL_S = 1.0
 MAX_CONTROL_LINE_BYTES = 64 << 20  # a routing snapshot of many models and partitions
-
-
-# ---------------------------------------------------------------------------- statistics
-@dataclass
-class ModelStats:
-    """One model's outcomes, cumulative since the frontend started (the daemon sums them over
-    its frontends). ``shed``: answered 429 (they count as offered load); ``errors``: every failed
-    request by its error class, shed ones included, as Service's observer counts them."""
-
-    requests: int = 0
-    ok: int = 0
-    slo_met: int = 0
-    shed: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    duration_sum_s: float = 0.0
-    duration_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-
-    def record(self, secs: float, ok: bool, met: bool, kind: str) -> None:
-        self.requests += 1
-        self.duration_sum_s += secs
-        for k, le in enumerate(LATENCY_BUCKETS):
-            if secs <= le:
-                self.duration_buckets[k] += 1
-                break
-        if ok:
-            self.ok += 1
-            self.slo_met += met
-        else:
-            self.errors[kind] = self.errors.get(kind, 0) + 1
-            self.shed += kind == DeadlineExceededError.__name__
-
-    def to_json(self) -> dict[str, Any]:
-        cumulative: dict[str, int] = {}
-        total = 0
-        for le, n in zip(LATENCY_BUCKETS, self.duration_buckets, strict=True):
-            total += n
-            cumulative[str(le)] = total
-        cumulative["+Inf"] = self.requests
-        return {
-            "requests": self.requests,
-            "ok": self.ok,
-            "slo_met": self.slo_met,
-            "shed": self.shed,
-            "errors": dict(self.errors),
-            "duration_sum_s": self.duration_sum_s,
-            "duration_buckets": cumulative,
-        }
 
 
 # ---------------------------------------------------------------------------- routing
@@ -156,7 +110,7 @@ class Router:
         self.models: dict[str, _Model] = {}
         self.partitions: dict[str, _Partition] = {}  # listed in the current snapshot
         self._draining: set[_Partition] = set()  # left the snapshot; closed once drained
-        self.stats: dict[str, ModelStats] = {}
+        self.stats = InferenceStats()  # what this frontend answered, sent to the daemon
 
     # ------------------------------------------------------------ InferenceBackend
     @property
@@ -196,10 +150,7 @@ class Router:
         finally:
             secs = (time.monotonic_ns() - t0) / 1e9
             met = ok and (slo_ms is None or secs * 1000.0 <= slo_ms)
-            stats = self.stats.get(model)
-            if stats is None:
-                stats = self.stats[model] = ModelStats()
-            stats.record(secs, ok, met, kind)
+            self.stats.record(model, len(array), secs, met, kind)
 
     async def _serve(
         self, model: str, array: np.ndarray, t0_ns: int, slo_ms: float | None
@@ -647,8 +598,7 @@ class Frontend:
         async def stats() -> None:
             while True:
                 await asyncio.sleep(STATS_INTERVAL_S)
-                models = {m: s.to_json() for m, s in self.router.stats.items()}
-                send({"type": "stats", "models": models})
+                send({"type": "stats", "models": self.router.stats.to_dict()})
 
         send({"type": "hello", "pid": os.getpid()})
         ticker = asyncio.create_task(stats())

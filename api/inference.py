@@ -9,8 +9,11 @@ the same outcome on either protocol.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
@@ -405,3 +408,81 @@ def encode_infer(
         (HEADER.lower().encode(), str(len(head)).encode()),
     ]
     return head + raw, headers
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the request-duration histogram; the last bucket is +Inf."""
+_COUNTS = ("requests", "ok", "slo_met", "shed", "samples")
+
+
+class InferenceStats:
+    """Cumulative counts of answered inference requests per model, whichever process answered
+    them (the control plane, or a frontend that sends :meth:`to_dict` as its ``stats``); the
+    daemon's metrics export their sum.
+
+    Per model: ``requests`` (every answer), ``ok``, ``slo_met`` (ok within SLO from arrival),
+    ``shed`` (429: could not meet its deadline), ``samples``, ``errors`` by kind,
+    ``duration_sum_s`` and ``duration_buckets`` (one count per :data:`LATENCY_BUCKETS` bound,
+    then +Inf; not cumulative)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.models: dict[str, dict[str, Any]] = {}
+
+    def _entry(self, model: str) -> dict[str, Any]:
+        e = self.models.get(model)
+        if e is None:
+            e = dict.fromkeys(_COUNTS, 0)
+            e.update(
+                errors={}, duration_sum_s=0.0, duration_buckets=[0] * (len(LATENCY_BUCKETS) + 1)
+            )
+            self.models[model] = e
+        return e
+
+    def record(
+        self, model: str, samples: int, seconds: float, slo_met: bool, error: str = ""
+    ) -> None:
+        """One answered request (``error``: the failure's kind; empty when it succeeded)."""
+        with self._lock:
+            e = self._entry(model)
+            e["requests"] += 1
+            e["duration_sum_s"] += seconds
+            e["duration_buckets"][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            if error:
+                e["errors"][error] = e["errors"].get(error, 0) + 1
+                if error == "DeadlineExceededError":
+                    e["shed"] += 1
+                return
+            e["ok"] += 1
+            e["samples"] += samples
+            if slo_met:
+                e["slo_met"] += 1
+
+    def add(self, other: Mapping[str, Mapping[str, Any]]) -> None:
+        """Add another counter's :meth:`to_dict` (a frontend's stats; unknown keys ignored)."""
+        with self._lock:
+            for model, st in other.items():
+                e = self._entry(model)
+                for k in _COUNTS:
+                    e[k] += int(st.get(k, 0))
+                e["duration_sum_s"] += float(st.get("duration_sum_s", 0.0))
+                for kind, n in dict(st.get("errors", {})).items():
+                    e["errors"][kind] = e["errors"].get(kind, 0) + int(n)
+                for i, n in enumerate(
+                    list(st.get("duration_buckets", []))[: len(LATENCY_BUCKETS) + 1]
+                ):
+                    e["duration_buckets"][i] += int(n)
+
+    def add_stats(self, other: InferenceStats) -> None:
+        self.add(other.to_dict())
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {
+                m: {
+                    **e,
+                    "errors": dict(e["errors"]),
+                    "duration_buckets": list(e["duration_buckets"]),
+                }
+                for m, e in self.models.items()
+            }

@@ -16,8 +16,10 @@ model has no ready worker), as Triton answers.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -102,6 +104,27 @@ _WHY = {
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorOut, "description": _WHY[c]} for c in codes}
+
+
+def binary_request(
+    x: np.ndarray, input_name: str = "input", *, binary_output: bool = False
+) -> tuple[bytes, dict[str, str]]:
+    """A client's KServe v2 infer request carrying ``x`` as binary tensor data: (body, headers).
+    For the benchmarks' and the tests' own clients (tritonclient builds the same bytes)."""
+    head: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": input_name,
+                "shape": list(x.shape),
+                "datatype": KSERVE_OF[str(x.dtype)],
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ]
+    }
+    if binary_output:
+        head["outputs"] = [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}]
+    raw = json.dumps(head).encode()
+    return raw + np.ascontiguousarray(x).tobytes(), {HEADER: str(len(raw))}
 
 
 def router() -> APIRouter:

@@ -21,6 +21,16 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
+ONE_SIMULATED_GPU = """
+[backend]
+kind = "simulated"
+simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
+[controller]
+interval_s = 3600.0
+"""
+"""``LocalDaemon`` sections: one simulated H100 without MIG (CPU workers), and a controller that
+never re-plans on its own (load tests and fault tests measure the runtime, not re-plans)."""
+
 
 def free_port() -> int:
     with socket.socket() as s:

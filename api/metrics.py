@@ -27,9 +27,13 @@ and per-GPU gauges are read at scrape time and tolerate a backend that does not 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from api.inference import LATENCY_BUCKETS, InferenceStats
 
 if TYPE_CHECKING:
     from api.controller import Controller
@@ -38,41 +42,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.success = Counter(
-            "stgs_inference_request_success", "Successful inference requests", ["model"], registry=r
-        )
-        self.failure = Counter(
-            "stgs_inference_request_failure",
-            "Failed inference requests",
-            ["model", "reason"],
-            registry=r,
-        )
-        self.samples = Counter(
-            "stgs_inference_count",
-            "Samples inferred (a request may carry several)",
-            ["model"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "stgs_inference_request_duration_seconds",
-            "Inference request latency from arrival at the server to the answer, every answer"
-            " (successes, shed, timed out, failed)",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.slo_met = Counter(
-            "stgs_inference_slo_met",
-            "Requests answered successfully within their SLO (from arrival at the server)",
-            ["model"],
-            registry=r,
-        )
+        # every answered request, in this process or a frontend: one collector (_Inference)
+        self.inference = InferenceStats()
+        self.inference_sources: list[Callable[[], InferenceStats]] = []
+        r.register(_Inference(self))
         self.attainment = Gauge(
             "stgs_slo_attainment_ratio", "SLO attainment (EWMA) per model", ["model"], registry=r
         )
@@ -184,14 +162,15 @@ class Metrics:
         """Every answered inference request, as its client saw it: the duration counts from the
         request's arrival at the server, and a request shed, timed out or failed is in the
         duration histogram (its ``_count`` is every answer) and never within SLO."""
-        self.duration.labels(model).observe(seconds)
-        if error:
-            self.failure.labels(model, error).inc()
-            return
-        self.success.labels(model).inc()
-        self.samples.labels(model).inc(n)
-        if slo_met:
-            self.slo_met.labels(model).inc()
+        self.inference.record(model, n, seconds, slo_met, error)
+
+    def inference_totals(self) -> InferenceStats:
+        """This process's counts plus every source's (the frontends of the data plane)."""
+        out = InferenceStats()
+        out.add_stats(self.inference)
+        for source in self.inference_sources:
+            out.add_stats(source())
+        return out
 
     def on_reconfig(self, ok: bool, seconds: float) -> None:
         self.reconfigs.labels("success" if ok else "failure").inc()
@@ -263,3 +242,50 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Inference:
+    """The inference families, from :meth:`Metrics.inference_totals` at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self.metrics.inference_totals().to_dict()
+        success = CounterMetricFamily(
+            "stgs_inference_request_success", "Successful inference requests", labels=["model"]
+        )
+        failure = CounterMetricFamily(
+            "stgs_inference_request_failure",
+            "Failed inference requests (shed, timed out, no worker, invalid, ...)",
+            labels=["model", "reason"],
+        )
+        samples = CounterMetricFamily(
+            "stgs_inference_count",
+            "Samples inferred (a request may carry several)",
+            labels=["model"],
+        )
+        met = CounterMetricFamily(
+            "stgs_inference_slo_met",
+            "Requests answered successfully within their SLO (from arrival at the server)",
+            labels=["model"],
+        )
+        duration = HistogramMetricFamily(
+            "stgs_inference_request_duration_seconds",
+            "Inference request latency from arrival at the server to the answer, every answer"
+            " (successes, shed, timed out, failed)",
+            labels=["model"],
+        )
+        for model, st in sorted(totals.items()):
+            success.add_metric([model], st["ok"])
+            samples.add_metric([model], st["samples"])
+            met.add_metric([model], st["slo_met"])
+            for kind, n in sorted(st["errors"].items()):
+                failure.add_metric([model, kind], n)
+            cum = 0
+            buckets = []
+            for le, n in zip((*LATENCY_BUCKETS, float("inf")), st["duration_buckets"], strict=True):
+                cum += n
+                buckets.append(("+Inf" if le == float("inf") else repr(le), cum))
+            duration.add_metric([model], buckets, sum_value=st["duration_sum_s"])
+        yield from (success, failure, samples, met, duration)

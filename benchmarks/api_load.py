@@ -41,34 +41,16 @@ from typing import Any
 
 import numpy as np
 
-from api.launch import LocalDaemon, free_port, wait_until
+from api.kserve import binary_request
+from api.launch import ONE_SIMULATED_GPU, LocalDaemon, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = """
-[backend]
-kind = "simulated"
-simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
-[controller]
-interval_s = 3600.0
-"""
 
 
 def _request() -> tuple[bytes, dict[str, str], bytes]:
     x = np.random.default_rng(0).standard_normal((1, 64), dtype=np.float32)
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [1, 64],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}, x.tobytes()
+    body, headers = binary_request(x, binary_output=True)
+    return body, headers, x.tobytes()
 
 
 async def _drive(
@@ -315,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon: LocalDaemon | None = None
     try:
         if {"http", "grpc"} & set(targets):
-            daemon = LocalDaemon(work / "daemon", SECTIONS)
+            daemon = LocalDaemon(work / "daemon", ONE_SIMULATED_GPU)
             p = daemon.start()
             with daemon.client() as c:
                 wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)

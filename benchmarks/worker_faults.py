@@ -31,37 +31,14 @@ from typing import Any
 import httpx
 import numpy as np
 
-from api.launch import LocalDaemon, wait_until
+from api.kserve import binary_request
+from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
 
 SLO_MS = 250.0
-SECTIONS = """
-[backend]
-kind = "simulated"
-simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
-[controller]
-interval_s = 3600.0
-"""
-
-
-def _infer_body() -> tuple[bytes, dict[str, str]]:
-    x = np.ones((1, 64), np.float32)
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [1, 64],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ]
-        }
-    ).encode()
-    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
 
 
 async def _open_loop(url: str, rate: float, seconds: float, out: list[tuple[float, float, int]]):
-    body, headers = _infer_body()
+    body, headers = binary_request(np.ones((1, 64), np.float32))
     rng = random.Random(1)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as c:
@@ -127,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     faults = ["SIGKILL"] * args.kills + ["SIGSTOP"] * args.stops
     seconds = 6.0 + 6.0 * len(faults)
     work = Path(tempfile.mkdtemp(prefix="stgs-faults-"))
-    d = LocalDaemon(work, SECTIONS)
+    d = LocalDaemon(work, ONE_SIMULATED_GPU)
     p = d.start()
     rows: list[dict[str, Any]] = []
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from api.launch import LocalDaemon, wait_until
+from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,12 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-SECTIONS = """
-[backend]
-kind = "simulated"
-simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
-[controller]
-interval_s = 3600.0
-"""
 X = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
-    d = LocalDaemon(tmp_path_factory.mktemp("clients"), SECTIONS)
+    d = LocalDaemon(tmp_path_factory.mktemp("clients"), ONE_SIMULATED_GPU)
     p = d.start()
     try:
         with d.client() as c:

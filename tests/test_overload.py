@@ -20,39 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.launch import LocalDaemon, wait_until
+from api.kserve import binary_request
+from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
 
 pytestmark = pytest.mark.slow
 
 SLO_MS = 100.0
-SECTIONS = """
-[backend]
-kind = "simulated"
-simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
-[controller]
-interval_s = 3600.0
-"""
 
 
 def _closed_loop(url: str, conns: int, seconds: float, path: str) -> None:
     """A client process: ``conns`` requests always open, (seconds, status) per answer."""
     import aiohttp
 
-    x = np.ones((1, 64), np.float32)
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [1, 64],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ]
-        }
-    ).encode()
-    body = head + x.tobytes()
-    headers = {"Inference-Header-Content-Length": str(len(head))}
+    body, headers = binary_request(np.ones((1, 64), np.float32))
     out: list[tuple[float, int]] = []
 
     async def main() -> None:
@@ -85,7 +65,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_overload_shows_in_the_slo_metrics(tmp_path: Path) -> None:
-    d = LocalDaemon(tmp_path, SECTIONS)
+    d = LocalDaemon(tmp_path, ONE_SIMULATED_GPU)
     p = d.start()
     try:
         with d.client() as c:

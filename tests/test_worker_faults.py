@@ -10,7 +10,6 @@ happened.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -25,21 +24,14 @@ import httpx
 import numpy as np
 import pytest
 
-from api.launch import LocalDaemon, wait_until
+from api.kserve import binary_request
+from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
 from api.service import ANSWER_GRACE_S
 
 pytestmark = pytest.mark.slow
 
 SLO_MS = 250.0
-SECTIONS = """
-[backend]
-kind = "simulated"
-simulated_gpus = [{ sku = "H100-80GB", count = 1, mig = false }]
-[controller]
-interval_s = 3600.0
-[workers]
-hang_grace_s = 0.8
-"""
+SECTIONS = ONE_SIMULATED_GPU + "[workers]\nhang_grace_s = 0.8\n"
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +60,6 @@ def _ready_partition(c: httpx.Client) -> dict[str, Any] | None:
     return parts[0] if parts and parts[0]["state"] == "ready" else None
 
 
-def _body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ]
-        }
-    ).encode()
-    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
-
-
 @dataclass
 class Load:
     """A closed-loop client in its own thread: (sent, seconds, status) per request."""
@@ -93,7 +69,7 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        body, headers = _body(np.ones((1, 64), np.float32))
+        body, headers = binary_request(np.ones((1, 64), np.float32))
         with httpx.Client(base_url=self.url, timeout=30.0) as c:
             while not self.stop.is_set():
                 t0 = time.monotonic()
@@ -116,7 +92,7 @@ class Load:
 
 
 def _timed_infer(c: httpx.Client) -> tuple[float, float, int]:
-    body, headers = _body(np.ones((1, 64), np.float32))
+    body, headers = binary_request(np.ones((1, 64), np.float32))
     t0 = time.monotonic()
     r = c.post("/v2/models/tiny_mlp/infer", content=body, headers=headers)
     return t0, time.monotonic() - t0, r.status_code
