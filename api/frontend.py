@@ -506,8 +506,9 @@ class FrontendConfig:
     """What the daemon passes in ``--config`` (JSON)."""
 
     http_fd: int
+    slot: int = 0  # this frontend's index among the daemon's (its log lines say it)
+    host: str = "127.0.0.1"  # the daemon's serving address: gRPC binds it
     grpc_port: int = -1
-    grpc_host: str = "127.0.0.1"
     token_file: str | None = None
     auth_all: bool = False
     control_socket: str | None = None
@@ -566,7 +567,7 @@ class Frontend:
 
             grpc_server, _ = await grpc_mod.start(
                 self.router,
-                cfg.grpc_host,
+                cfg.host,
                 cfg.grpc_port,
                 token=self.token,
                 auth_all=cfg.auth_all,
@@ -626,8 +627,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--control-fd", type=int, required=True, help="the control channel's fd")
     ap.add_argument("--config", required=True, help="FrontendConfig as JSON")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     cfg = FrontendConfig.from_json(args.config)
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(asctime)s frontend {cfg.slot} %(name)s: %(message)s"
+    )
     control = socket.socket(fileno=args.control_fd)
     frontend = Frontend(cfg, control)
     try:
