@@ -53,29 +53,30 @@ class _Protocol(asyncio.Protocol):
         end = len(buf)
         head = HEADER.size
         pending = self.conn._pending
-        while end - pos >= head:
-            kind, status, dt, ndim, _model, req_id, _dl, nbytes = HEADER.unpack_from(buf, pos)
-            start = pos + head + 4 * ndim
-            stop = start + nbytes
-            if stop > end:
-                break
-            if kind == RESPONSE:
-                fut = pending.pop(req_id, None)
-                if fut is not None and not fut.done():
-                    payload = bytes(buf[start:stop])
-                    if status == OK:
-                        try:
-                            shape = struct.unpack_from(f"<{ndim}I", buf, pos + head)
-                            arr = np.frombuffer(payload, dtype=dtype_of(dt)).reshape(shape)
-                        except ValueError as exc:  # a malformed frame: that request fails
-                            fut.set_exception(WorkerDiedError(f"bad response frame: {exc}"))
+        with memoryview(buf) as view:  # payloads are copied out once, straight from it
+            while end - pos >= head:
+                kind, status, dt, ndim, _model, req_id, _dl, nbytes = HEADER.unpack_from(buf, pos)
+                start = pos + head + 4 * ndim
+                stop = start + nbytes
+                if stop > end:
+                    break
+                if kind == RESPONSE:
+                    fut = pending.pop(req_id, None)
+                    if fut is not None and not fut.done():
+                        payload = bytes(view[start:stop])
+                        if status == OK:
+                            try:
+                                shape = struct.unpack_from(f"<{ndim}I", buf, pos + head)
+                                arr = np.frombuffer(payload, dtype=dtype_of(dt)).reshape(shape)
+                            except ValueError as exc:  # a malformed frame: that request fails
+                                fut.set_exception(WorkerDiedError(f"bad response frame: {exc}"))
+                            else:
+                                fut.set_result(arr)
                         else:
-                            fut.set_result(arr)
-                    else:
-                        fut.set_exception(error_of(status, payload.decode("utf-8", "replace")))
-            # other kinds (READY, HEARTBEAT, STATS) only flow on a supervisor's connection
-            pos = stop
-        if pos:
+                            fut.set_exception(error_of(status, payload.decode("utf-8", "replace")))
+                # other kinds (READY, HEARTBEAT, STATS) only flow on a supervisor's connection
+                pos = stop
+        if pos:  # the view is released: the buffer can shrink
             del buf[:pos]
 
 
