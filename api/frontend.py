@@ -169,7 +169,7 @@ class Router:
             f.cancel()  # the worker's late answer is dropped
         for f in done:
             f.exception()  # retrieved: asyncio does not log it as lost
-        if p.draining and conn.in_flight == 0:
+        if p.draining and conn.awaited == 0:  # drained, or the rest timed out
             self._close_drained(p)
         if pending:
             raise WorkerTimeoutError(
@@ -265,7 +265,7 @@ class Router:
             if p not in kept:
                 p.draining = True
                 self._draining.add(p)
-                if p.conn.in_flight == 0:
+                if p.conn.awaited == 0:
                     self._close_drained(p)
         self.models = models
         self.partitions = new

@@ -164,8 +164,10 @@ def test_async_connection_serves_and_fails_in_flight_when_the_worker_dies(
         with pytest.raises(DeadlineExceededError):
             await late
         slow = conn.submit(1, x[0], 0)
+        given_up = conn.submit(1, x[0], 0)
+        given_up.cancel()  # its caller timed out: the worker still holds it
         await asyncio.sleep(0.3)
-        assert conn.in_flight == 1
+        assert conn.in_flight == 2 and conn.awaited == 1
         w.proc.kill()
         with pytest.raises(WorkerDiedError):
             await asyncio.wait_for(slow, TIMEOUT)

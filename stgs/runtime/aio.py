@@ -106,6 +106,11 @@ class AsyncWorkerConnection:
         return len(self._pending)
 
     @property
+    def awaited(self) -> int:
+        """Requests in flight that a caller still waits for (not given up on: cancelled)."""
+        return sum(1 for f in self._pending.values() if not f.done())
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
