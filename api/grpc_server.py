@@ -24,7 +24,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
@@ -32,12 +32,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from api import inference
-from api.inference import InferError, ModelIO
+from api.inference import InferenceBackend, InferError, ModelIO
 from stgs import __version__
 from stgs.errors import StgsError
-
-if TYPE_CHECKING:
-    from api.service import Service
 
 # typed contents field of InferTensorContents by KServe datatype (FP16 travels raw only)
 _CONTENTS = {
@@ -60,9 +57,10 @@ def _code(status: int) -> grpc.StatusCode:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The KServe v2 gRPC service over the daemon's :class:`~api.service.Service`."""
+    """The KServe v2 gRPC service over an :class:`~api.inference.InferenceBackend`: the daemon's
+    :class:`~api.service.Service`, or a frontend process's router."""
 
-    def __init__(self, svc: Service) -> None:
+    def __init__(self, svc: InferenceBackend) -> None:
         self.svc = svc
 
     # ------------------------------------------------------------------ health, metadata
@@ -93,7 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def _io(self, name: str, version: str, context: Any) -> ModelIO:
         try:
-            return inference.model_io(self.svc, name, version)
+            return self.svc.model_io(name, version)
         except InferError as exc:
             await context.abort(_code(exc.status), exc.message)
             raise  # not reached: abort raises
@@ -143,14 +141,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 t.cancel()
 
     async def _infer(self, req: Any, arrival_ns: int) -> Any:
-        io = inference.model_io(self.svc, req.model_name, req.model_version)
+        io = self.svc.model_io(req.model_name, req.model_version)
         if len(req.inputs) != 1:
             raise InferError(400, f"model {io.name!r} takes one input, {io.input_name!r}")
         for o in req.outputs:
             if o.name != inference.OUTPUT_NAME:
                 raise InferError(400, f"unknown output {o.name!r}; the model has 'output'")
         arr = _decode(io, req)
-        out = await inference.infer(self.svc, io.name, arr, arrival_ns)
+        out = await self.svc.infer_array(io.name, arr, arrival_ns)
         if out.dtype.name not in inference.KSERVE_OF:
             out = out.astype(np.float32)
         raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
@@ -233,22 +231,27 @@ class _TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 async def start(
-    svc: Service,
+    svc: InferenceBackend,
     host: str,
     port: int,
     *,
     token: str | None = None,
     auth_all: bool = False,
     max_message_bytes: int = 64 << 20,
+    reuse_port: bool = False,
 ) -> tuple[Any, int]:
-    """Start the gRPC server on the running event loop; (server, the port it bound)."""
+    """Start the gRPC server on the running event loop; (server, the port it bound).
+
+    ``reuse_port``: bind with SO_REUSEPORT, so that every frontend process serves one port (the
+    kernel spreads connections over them); the daemon alone binds without it, so a second daemon
+    on the same port fails instead of sharing it."""
     interceptors = [_TokenCheck(token)] if token is not None and auth_all else []
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(svc), server)

@@ -10,11 +10,12 @@ the same outcome on either protocol.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import numpy as np
 from pydantic import BeforeValidator
@@ -180,12 +181,233 @@ def check_finite(name: str, arr: np.ndarray) -> None:
         raise InferError(400, f"input {name!r}: data holds NaN or infinity")
 
 
+class InferenceBackend(Protocol):
+    """What a KServe frontend serves from: the daemon's :class:`~api.service.Service`, or a
+    frontend process's router (:class:`api.frontend.Router`). One gRPC servicer and one set of
+    checks serve over either."""
+
+    @property
+    def restored(self) -> bool:
+        """Ready to serve (``/v2/health/ready``)."""
+
+    def model_io(self, model: str, version: str = "") -> ModelIO:
+        """The model's tensors; InferError(404) for an unknown model or version."""
+
+    def model_ready(self, model: str) -> bool:
+        """Some ready worker serves the model."""
+
+    async def infer_array(
+        self, model: str, array: np.ndarray, arrival_ns: int | None
+    ) -> np.ndarray:
+        """The batch ``array`` through the model, its outputs stacked; ServingError on failure,
+        the SLO counted from ``arrival_ns`` (default: now)."""
+
+
 async def infer(svc: Service, model: str, arr: np.ndarray, arrival_ns: int | None) -> np.ndarray:
     """Run a batch (first dimension: samples) through the model; its outputs stacked.
 
     Raises the service's :class:`~stgs.errors.ServingError`s (see :func:`status_of`)."""
     outs = await svc.infer_async(model, list(arr), arrival_ns=arrival_ns)
     return np.stack([np.asarray(o) for o in outs])
+
+
+# ---------------------------------------------------------------- the lean HTTP request path
+# The frontend (api.frontend) parses every infer request on its hot path: plain dict checks and
+# one JSON decode, no pydantic model per request. The checks and messages are api.kserve's.
+
+HEADER = "Inference-Header-Content-Length"
+TOO_DEEP = "the request JSON is nested too deeply"
+_KNOWN_DATATYPES = (*DTYPES, "BYTES", "BF16")
+
+try:
+    import orjson
+
+    def _loads(raw: bytes) -> object:
+        """orjson when it can; the standard decoder decides what orjson refuses (NaN literals,
+        integers past 64 bits, deep nesting), so either decoder gives one answer."""
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return json.loads(raw)
+
+    def _dumps(obj: object) -> bytes:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+except ImportError:  # pragma: no cover - orjson is optional
+
+    def _loads(raw: bytes) -> object:
+        return json.loads(raw)
+
+    def _dumps(obj: object) -> bytes:
+        return json.dumps(obj).encode()
+
+
+def dumps(obj: object) -> bytes:
+    """JSON bytes (orjson when installed)."""
+    return _dumps(obj)
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """A parsed infer request: its input batch, its id, whether outputs go back as binary."""
+
+    array: np.ndarray
+    request_id: str | None
+    binary: bool
+
+
+def _bad(message: str) -> InferError:
+    return InferError(400, f"invalid inference request: {message}")
+
+
+def _int_list(v: object, where: str, max_len: int) -> list[int]:
+    if not isinstance(v, list) or len(v) > max_len:
+        raise _bad(f"{where}: a list of at most {max_len} integers expected")
+    out = []
+    for d in v:
+        d = whole(d)
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise _bad(f"{where}: integers expected")
+        out.append(d)
+    return out
+
+
+def _opt_dict(v: object, where: str) -> dict[str, object]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _bad(f"{where}: an object expected")
+    return v
+
+
+def _name(v: object, where: str) -> str:
+    if not isinstance(v, str) or len(v) > 256:
+        raise _bad(f"{where}: a string of at most 256 characters expected")
+    return v
+
+
+def parse_infer(body: bytes, header_len: str | None, io: ModelIO) -> InferCall:
+    """An HTTP infer request (JSON, or the binary tensor data extension) checked against the
+    model; InferError(400) says what is wrong, as api.kserve answers."""
+    tail = b""
+    head = body
+    if header_len is not None:
+        try:
+            n = int(header_len)
+        except ValueError:
+            raise InferError(400, f"{HEADER}: not an integer: {header_len[:40]!r}") from None
+        if not 0 < n <= len(body):
+            raise InferError(400, f"{HEADER} {n} is outside the body of {len(body)} bytes")
+        head, tail = body[:n], body[n:]
+    try:
+        data = _loads(head)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InferError(400, f"the request header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InferError(400, TOO_DEEP) from None
+    if not isinstance(data, dict):
+        raise InferError(400, "the request must be a JSON object with 'inputs'")
+    request_id = data.get("id")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 1024):
+        raise _bad("id: a string of at most 1024 characters expected")
+    params = _opt_dict(data.get("parameters"), "parameters")
+    inputs = data.get("inputs")
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= 64:
+        raise _bad("inputs: a list of 1 to 64 inputs expected")
+    outputs = data.get("outputs")
+    if outputs is not None and (not isinstance(outputs, list) or len(outputs) > 64):
+        raise _bad("outputs: a list of at most 64 outputs expected")
+    for k, inp in enumerate(inputs):
+        if not isinstance(inp, dict):
+            raise _bad(f"inputs.{k}: an object expected")
+        _name(inp.get("name"), f"inputs.{k}.name")
+        _int_list(inp.get("shape"), f"inputs.{k}.shape", 16)
+        if inp.get("datatype") not in _KNOWN_DATATYPES:
+            raise _bad(f"inputs.{k}.datatype: one of {', '.join(_KNOWN_DATATYPES)} expected")
+        _opt_dict(inp.get("parameters"), f"inputs.{k}.parameters")
+        if inp.get("data") is not None and not isinstance(inp["data"], list):
+            raise _bad(f"inputs.{k}.data: a list expected")
+    binary = bool(params.get("binary_data_output"))
+    for k, out in enumerate(outputs or []):
+        if not isinstance(out, dict):
+            raise _bad(f"outputs.{k}: an object expected")
+        _name(out.get("name"), f"outputs.{k}.name")
+    if outputs:
+        binary = any(
+            bool(_opt_dict(o.get("parameters"), f"outputs.{k}.parameters").get("binary_data"))
+            for k, o in enumerate(outputs)
+        )
+    if len(inputs) != 1:
+        raise InferError(400, f"model {io.name!r} takes one input, {io.input_name!r}")
+    inp = inputs[0]
+    if inp["name"] != io.input_name:
+        raise InferError(400, f"unknown input {inp['name']!r}; the model takes {io.input_name!r}")
+    for o in outputs or []:
+        if o["name"] != OUTPUT_NAME:
+            raise InferError(400, f"unknown output {o['name']!r}; the model has 'output'")
+    return InferCall(_decode(io, inp, tail), request_id, binary)
+
+
+def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes) -> np.ndarray:
+    name, datatype = inp["name"], inp["datatype"]
+    shape = [int(whole(d)) for d in inp["shape"]]  # type: ignore[call-overload]
+    np_dtype, count = check_input(io, name, datatype, shape)
+    size = (inp.get("parameters") or {}).get("binary_data_size")
+    data = inp.get("data")
+    if size is not None:
+        if data is not None:
+            raise InferError(400, f"input {name!r}: both data and binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InferError(400, f"input {name!r}: binary_data_size must be an integer")
+        itemsize = np.dtype(np_dtype).itemsize
+        if size != count * itemsize:
+            raise InferError(
+                400,
+                f"input {name!r}: binary_data_size {size}, shape {shape} of "
+                f"{datatype} needs {count * itemsize} bytes",
+            )
+        if size > len(tail):
+            raise InferError(400, f"input {name!r}: the body ends before its binary data")
+        le = np.dtype(np_dtype).newbyteorder("<")
+        arr = np.frombuffer(tail[:size], dtype=le).astype(np_dtype)
+    else:
+        if data is None:
+            raise InferError(400, f"input {name!r}: no data and no binary_data_size")
+        try:
+            arr = np.asarray(data, dtype=np_dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InferError(400, f"input {name!r}: data is not {datatype}: {exc}") from None
+        if arr.size != count:
+            raise InferError(
+                400, f"input {name!r}: {arr.size} values for shape {shape} ({count} needed)"
+            )
+    check_finite(name, arr)
+    return arr.reshape(shape)
+
+
+def encode_infer(
+    model: str, request_id: str | None, out: np.ndarray, binary: bool
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """An infer response's body and headers (JSON, or the JSON header then the raw tensor)."""
+    datatype = KSERVE_OF.get(str(out.dtype))
+    if datatype is None:
+        out = out.astype(np.float32)
+        datatype = "FP32"
+    entry: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": datatype, "shape": list(out.shape)}
+    body: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": [entry]}
+    if request_id is not None:
+        body["id"] = request_id
+    if not binary:
+        entry["data"] = out.ravel().tolist()
+        return _dumps(body), [(b"content-type", b"application/json")]
+    raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
+    entry["parameters"] = {"binary_data_size": len(raw)}
+    head = _dumps(body)
+    headers = [
+        (b"content-type", b"application/octet-stream"),
+        (HEADER.lower().encode(), str(len(head)).encode()),
+    ]
+    return head + raw, headers
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -17,87 +17,25 @@ model has no ready worker), as Triton answers.
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from api.inference import JsonInt
+from api.inference import (
+    DTYPES,
+    HEADER,
+    KSERVE_OF,
+    OUTPUT_NAME,
+    InferError,
+    ModelIO,
+    encode_infer,
+    parse_infer,
+)
 from stgs import __version__
 from stgs.errors import ConfigError, InvalidRequestError
-
-HEADER = "Inference-Header-Content-Length"
-MAX_BATCH = 1024
-OUTPUT_NAME = "output"
-TOO_DEEP = "the request JSON is nested too deeply"
-
-DTYPES: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-KSERVE_OF = {v: k for k, v in DTYPES.items()}
-Datatype = Literal[
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-    "BF16",
-]
-
-
-class KServeError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class _Base(BaseModel):
-    """Strict: ``"3"`` is no shape dimension (the document, ``_INFER_SCHEMA``, says so too)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class InferInput(_Base):
-    name: str = Field(max_length=256)
-    shape: list[JsonInt] = Field(max_length=16)
-    datatype: Datatype
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
-
-
-class InferOutput(_Base):
-    name: str = Field(max_length=256)
-    parameters: dict[str, Any] | None = None
-
-
-class InferRequest(_Base):
-    id: str | None = Field(None, max_length=1024)
-    parameters: dict[str, Any] | None = None
-    inputs: list[InferInput] = Field(min_length=1, max_length=64)
-    outputs: list[InferOutput] | None = Field(None, max_length=64)
 
 
 class ErrorOut(BaseModel):
@@ -168,137 +106,6 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorOut, "description": _WHY[c]} for c in codes}
 
 
-def _one_line(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in e["loc"])
-        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
-    return "; ".join(parts)
-
-
-def parse_request(body: bytes, header_len: str | None) -> tuple[InferRequest, bytes]:
-    """The JSON header and the binary tail of an infer request; KServeError(400) if malformed."""
-    tail = b""
-    head = body
-    if header_len is not None:
-        try:
-            n = int(header_len)
-        except ValueError:
-            raise KServeError(400, f"{HEADER}: not an integer: {header_len[:40]!r}") from None
-        if not 0 < n <= len(body):
-            raise KServeError(400, f"{HEADER} {n} is outside the body of {len(body)} bytes")
-        head, tail = body[:n], body[n:]
-    try:
-        data = json.loads(head)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise KServeError(400, f"the request header is not valid JSON: {exc}") from None
-    except RecursionError:  # [[[[... : the decoder's depth guard (the body size bounds the rest)
-        raise KServeError(400, TOO_DEEP) from None
-    if not isinstance(data, dict):
-        raise KServeError(400, "the request must be a JSON object with 'inputs'")
-    try:
-        return InferRequest.model_validate(data), tail
-    except ValidationError as exc:
-        raise KServeError(400, f"invalid inference request: {_one_line(exc)}") from None
-    except RecursionError:
-        raise KServeError(400, TOO_DEEP) from None
-
-
-def decode_input(
-    inp: InferInput, tail: bytes, offset: int, want_dtype: str, want_shape: tuple[int, ...] | None
-) -> tuple[np.ndarray, int]:
-    """The input as an array [batch, *sample]; returns it and the new offset into ``tail``."""
-    if inp.datatype not in DTYPES:
-        raise KServeError(400, f"input {inp.name!r}: datatype {inp.datatype} is not supported")
-    np_dtype = DTYPES[inp.datatype]
-    if want_dtype and np_dtype != want_dtype:
-        raise KServeError(
-            400,
-            f"input {inp.name!r}: datatype {inp.datatype}, the model takes "
-            f"{KSERVE_OF.get(want_dtype, want_dtype)}",
-        )
-    shape = inp.shape
-    if not shape or any(d < 0 for d in shape) or shape[0] < 1:
-        raise KServeError(400, f"input {inp.name!r}: shape {shape}: [batch >= 1, ...] expected")
-    if shape[0] > MAX_BATCH:
-        raise KServeError(400, f"input {inp.name!r}: batch {shape[0]} > {MAX_BATCH}")
-    if want_shape is not None and tuple(shape[1:]) != want_shape:
-        raise KServeError(
-            400,
-            f"input {inp.name!r}: shape {shape}, the model takes [-1, "
-            + ", ".join(str(d) for d in want_shape)
-            + "]",
-        )
-    count = math.prod(shape)
-    params = inp.parameters or {}
-    size = params.get("binary_data_size")
-    if size is not None:
-        if inp.data is not None:
-            raise KServeError(400, f"input {inp.name!r}: both data and binary_data_size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise KServeError(400, f"input {inp.name!r}: binary_data_size must be an integer")
-        itemsize = np.dtype(np_dtype).itemsize
-        if size != count * itemsize:
-            raise KServeError(
-                400,
-                f"input {inp.name!r}: binary_data_size {size}, shape {shape} of "
-                f"{inp.datatype} needs {count * itemsize} bytes",
-            )
-        if offset + size > len(tail):
-            raise KServeError(400, f"input {inp.name!r}: the body ends before its binary data")
-        raw = tail[offset : offset + size]
-        arr = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
-        _finite(inp.name, arr)
-        return arr.reshape(shape), offset + size
-    if inp.data is None:
-        raise KServeError(400, f"input {inp.name!r}: no data and no binary_data_size")
-    try:
-        arr = np.asarray(inp.data, dtype=np_dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise KServeError(400, f"input {inp.name!r}: data is not {inp.datatype}: {exc}") from None
-    if arr.size != count:
-        raise KServeError(
-            400, f"input {inp.name!r}: {arr.size} values for shape {shape} ({count} needed)"
-        )
-    _finite(inp.name, arr)
-    return arr.reshape(shape), offset
-
-
-def _finite(name: str, arr: np.ndarray) -> None:
-    """Refuse NaN and infinity in float inputs, JSON and binary alike: a model's output for them
-    is meaningless, and both encodings of one tensor must get one answer."""
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise KServeError(400, f"input {name!r}: data holds NaN or infinity")
-
-
-def _wants_binary(req: InferRequest) -> bool:
-    if req.outputs:
-        return any(bool((o.parameters or {}).get("binary_data")) for o in req.outputs)
-    return bool((req.parameters or {}).get("binary_data_output"))
-
-
-def encode_response(model: str, req_id: str | None, out: np.ndarray, binary: bool) -> Response:
-    datatype = KSERVE_OF.get(str(out.dtype))
-    if datatype is None:
-        out = out.astype(np.float32)
-        datatype = "FP32"
-    entry: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": datatype, "shape": list(out.shape)}
-    body: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": [entry]}
-    if req_id is not None:
-        body["id"] = req_id
-    if not binary:
-        entry["data"] = out.ravel().tolist()
-        return JSONResponse(body)
-    raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
-    entry["parameters"] = {"binary_data_size": len(raw)}
-    head = json.dumps(body).encode()
-    return Response(
-        head + raw,
-        media_type="application/octet-stream",
-        headers={HEADER: str(len(head))},
-    )
-
-
 def binary_request(
     x: np.ndarray, input_name: str = "input", *, binary_output: bool = False
 ) -> tuple[bytes, dict[str, str]]:
@@ -352,7 +159,7 @@ def router() -> APIRouter:
     def _record(request: Request, model: str) -> Any:
         rec = svc(request).store.get_model(model)
         if rec is None:
-            raise KServeError(404, f"unknown model {model!r}")
+            raise InferError(404, f"unknown model {model!r}")
         return rec
 
     def _io(rec: Any) -> tuple[str, str, tuple[int, ...] | None]:
@@ -372,7 +179,7 @@ def router() -> APIRouter:
         try:
             rec = _record(request, model)
             in_name, dtype, shape = _io(rec)
-        except KServeError as exc:
+        except InferError as exc:
             return error(exc.status, exc.message)
         except ConfigError as exc:
             return error(404, str(exc))
@@ -404,7 +211,7 @@ def router() -> APIRouter:
     async def model_ready(model: str, request: Request) -> Response:
         try:
             _record(request, model)
-        except KServeError as exc:
+        except InferError as exc:
             return error(exc.status, exc.message)
         ok = svc(request).model_ready(model)
         return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 400)
@@ -437,23 +244,13 @@ def router() -> APIRouter:
         try:
             body = await request.body()  # at most server.max_infer_body_bytes (api.limits)
             rec = _record(request, model)
-            req, tail = parse_request(body, request.headers.get(HEADER))
-            in_name, dtype, shape = _io(rec)
-            if len(req.inputs) != 1:
-                raise KServeError(400, f"model {model!r} takes one input, {in_name!r}")
-            inp = req.inputs[0]
-            if inp.name != in_name:
-                raise KServeError(400, f"unknown input {inp.name!r}; the model takes {in_name!r}")
-            for o in req.outputs or []:
-                if o.name != OUTPUT_NAME:
-                    raise KServeError(400, f"unknown output {o.name!r}; the model has 'output'")
-            arr, _ = decode_input(inp, tail, 0, dtype, shape)
-            samples = list(arr)
+            io = ModelIO(model, *_io(rec))
+            call = parse_infer(body, request.headers.get(HEADER), io)
             arrival_ns = getattr(request.state, "arrival_ns", None)
-            outs = await svc(request).infer_async(model, samples, arrival_ns=arrival_ns)
-            out = np.stack([np.asarray(o) for o in outs])
-            return encode_response(model, req.id, out, _wants_binary(req))
-        except KServeError as exc:
+            out = await svc(request).infer_array(model, call.array, arrival_ns)
+            content, headers = encode_infer(model, call.request_id, out, call.binary)
+            return Response(content, headers={k.decode(): v.decode() for k, v in headers})
+        except InferError as exc:
             return error(exc.status, exc.message)
         except InvalidRequestError as exc:
             return error(400, str(exc))

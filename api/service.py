@@ -39,7 +39,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from api import inference
 from api.config import DaemonConfig
+from api.inference import ModelIO
 from api.planproc import PlanJob, PlannerDiedError, PlannerPool
 from api.store import ModelRecord, Store
 from partitioner.replan import diff
@@ -699,6 +701,16 @@ class Service:
             p.state is PartitionState.READY and name in p.rates
             for p in list(self.runtime.partitions.values())
         )
+
+    def model_io(self, model: str, version: str = "") -> ModelIO:
+        """(InferenceBackend) the registered model's tensors; InferError(404) when unknown."""
+        return inference.model_io(self, model, version)
+
+    async def infer_array(
+        self, model: str, array: np.ndarray, arrival_ns: int | None
+    ) -> np.ndarray:
+        """(InferenceBackend) the batch through the model, one request per row."""
+        return await inference.infer(self, model, array, arrival_ns)
 
     def infer(self, name: str, samples: list[np.ndarray]) -> list[Any]:
         """Blocking :meth:`infer_async` for callers without an event loop (tests, scripts)."""

@@ -109,6 +109,13 @@ def dtype_code(dtype: np.dtype[Any]) -> int:
         raise InvalidRequestError(f"dtype {dtype} cannot travel; known: {known}") from None
 
 
+def dtype_of(code: int) -> np.dtype[Any]:
+    """The dtype of a frame's dtype code (ValueError for an unknown code)."""
+    if not 0 <= code < len(_DTYPES):
+        raise ValueError(f"bad dtype code {code}")
+    return _DTYPES[code]
+
+
 @dataclass
 class Frame:
     kind: int
@@ -122,7 +129,7 @@ class Frame:
 
     def array(self) -> Array:
         """The payload as an array (no copy: it views the receive buffer)."""
-        dt = _DTYPES[self.dtype]
+        dt = dtype_of(self.dtype)
         return np.frombuffer(self.payload, dtype=dt).reshape(self.shape)
 
     def text(self) -> str:
@@ -159,7 +166,7 @@ class FrameSocket:
         array: Array | None = None,
         data: bytes = b"",
     ) -> None:
-        parts = _frame_parts(kind, status, model, req_id, deadline_ns, array, data)
+        parts = frame_parts(kind, status, model, req_id, deadline_ns, array, data)
         with self._send_lock:
             _sendmsg_all(self.sock, parts)
 
@@ -167,7 +174,7 @@ class FrameSocket:
         """OK responses ``(req_id, array)``, in order, in as few system calls as fit."""
         parts: list[bytes | memoryview] = []
         for req_id, arr in replies:
-            parts += _frame_parts(RESPONSE, OK, 0, req_id, 0, arr, b"")
+            parts += frame_parts(RESPONSE, OK, 0, req_id, 0, arr, b"")
         with self._send_lock:
             for k in range(0, len(parts), _MAX_IOV):
                 _sendmsg_all(self.sock, parts[k : k + _MAX_IOV])
@@ -225,7 +232,7 @@ class FrameSocket:
             self.sock.close()
 
 
-def _frame_parts(
+def frame_parts(
     kind: int,
     status: int,
     model: int,
@@ -303,7 +310,8 @@ def _nothing() -> None:
     pass
 
 
-def _error(status: int, message: str) -> ServingError:
+def error_of(status: int, message: str) -> ServingError:
+    """The serving error a non-OK response status stands for."""
     if status == DEADLINE:
         return DeadlineExceededError(message)
     if status == INVALID:
@@ -412,7 +420,7 @@ class SocketTransport(Transport):
                     if frame.status == OK:
                         _resolve(fut, frame.array())
                     else:
-                        _resolve(fut, _error(frame.status, frame.text()))
+                        _resolve(fut, error_of(frame.status, frame.text()))
                 elif frame.kind == HEARTBEAT:
                     self.max_batch_ns = max(self.max_batch_ns, frame.req_id)
                 elif frame.kind == STATS:
