@@ -117,9 +117,15 @@ def test_everything_through_the_public_port(daemon: LocalDaemon) -> None:
         tc.close()
         gc.close()
     with daemon.client() as c:
-        # the frontends answered these; the control plane's metrics count them
-        text = c.get("/metrics").text
-        assert 'stgs_inference_request_success_total{model="tiny_mlp"}' in text
+        # the frontends answered these; the control plane's metrics count them (the frontends
+        # report about once a second)
+        wait_until(
+            "the frontends' counts in /metrics",
+            lambda: 'stgs_inference_request_success_total{model="tiny_mlp"}'
+            in c.get("/metrics").text,
+            10,
+            daemon.procs[-1],
+        )
         assert c.get("/v1/models/tiny_mlp").json()["status"] == "ready"  # proxied REST
 
 
@@ -127,10 +133,13 @@ def test_plan_transition_under_load_loses_nothing(daemon: LocalDaemon) -> None:
     with daemon.client() as c, Load(daemon.url) as load:
         time.sleep(0.5)
         before = c.get("/v1/plan").json()["partitions"]
-        # another batch size for the model: new workers, then the old ones drain
-        r = c.post("/v1/plan/apply", json={"rates": {"tiny_mlp": 400}})
+        # another policy: the model moves from an MPS share to the whole GPU (a new worker,
+        # then the old one drains), and back
+        r = c.post("/v1/plan/apply", json={"policy": "temporal"})
         assert r.status_code == 200, r.text
         after = c.get("/v1/plan").json()["partitions"]
+        time.sleep(0.5)
+        assert c.post("/v1/plan/apply", json={"policy": "stgs"}).status_code == 200
         time.sleep(0.5)
     assert {p["pid"] for p in before} != {p["pid"] for p in after}  # workers were replaced
     codes = [code for _, _, code in load.results]
