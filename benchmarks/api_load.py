@@ -3,22 +3,21 @@
 Targets, each driven by the same open-loop Poisson client (``--clients`` processes of their own,
 aiohttp for HTTP, grpc.aio for gRPC, KServe v2 binary tensors of ``tiny_mlp``'s [1, 64] FP32):
 
-* ``http``: ``stgs serve`` (simulated node, CPU worker), ``POST /v2/models/tiny_mlp/infer``;
+* ``http``: ``stgs serve`` (simulated node, CPU worker) serving inference in its control-plane
+  process (``server.frontends = 0``), ``POST /v2/models/tiny_mlp/infer``;
 * ``grpc``: the same daemon's KServe v2 gRPC ``ModelInfer``;
+* ``dp-http``, ``dp-grpc``: a second daemon with the data plane (``server.frontends =
+  --frontends``, default 2): frontend processes serve both protocols, straight to the worker;
 * ``bare``: a bare one-process FastAPI KServe endpoint (``benchmarks/_bare_kserve.py``) that
-  runs the same network in its own process: the yardstick a data plane must at least match;
-* ``frontend``: the data plane without the daemon: ``--frontends`` frontend processes
-  (``python -m api.frontend``) accepting on one listening socket, each with its own CPU worker of
-  ``tiny_mlp`` reached directly over a Unix data connection (``benchmarks/_path_worker.py``; with
-  one frontend, one worker, as the daemon's), routing sent over each control channel.
+  runs the same network in its own process: the yardstick a data plane must at least match.
 
 For each target and rate (``--rates``), ``--seconds`` of load; a request counts within SLO when
 it got a 200 within ``--slo-ms`` of when the client meant to send it (client lag included, so
 a client that falls behind shows as misses, and its lag is reported). Prints one row per rate
 and a summary: the highest rate whose share within SLO is >= 0.99.
 
-    python benchmarks/api_load.py [--targets http,grpc,bare,frontend] [--rates 100,200,400,800]
-        [--seconds 10] [--clients 2] [--frontends 1] [--json OUT]
+    python benchmarks/api_load.py [--targets http,grpc,dp-http,dp-grpc,bare]
+        [--rates 100,200,400,800] [--seconds 10] [--clients 2] [--frontends 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -30,11 +29,9 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -181,103 +178,23 @@ def _discard(lines: Any) -> None:
         pass
 
 
-class _Frontends:
-    """``n`` frontend processes on one listening socket, each routed to a worker of its own."""
-
-    def __init__(self, work: Path, n: int, slo_ms: float, rate_rps: float) -> None:
-        from stgs.runtime.models import model_entry
-        from stgs.runtime.worker import ModelSlot, WorkerSpec
-
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.controls: list[socket.socket] = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
-        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        entry = model_entry("tiny_mlp")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "STGS_DEVICE": "cpu"}
-        log = (work / "frontend.log").open("ab")
-        models = {
-            "tiny_mlp": {
-                "slo_ms": slo_ms,
-                "input": {
-                    "name": "input",
-                    "dtype": entry.input_dtype,
-                    "shape": list(entry.input_shape or []),
-                },
-            }
-        }
-        try:
-            for i in range(n):
-                path = str(work / f"w{i}.sock")
-                spec = WorkerSpec(f"w{i}", (ModelSlot("tiny_mlp", 32),), device="cpu")
-                self.procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            str(ROOT / "benchmarks" / "_path_worker.py"),
-                            path,
-                            spec.to_json(),
-                        ],
-                        cwd=ROOT,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-                wait_until("worker socket", lambda p=path: os.path.exists(p), 60, self.procs[-1])
-                ctl, child = socket.socketpair()
-                self.controls.append(ctl)
-                cfg = json.dumps({"http_fd": self.listener.fileno()})
-                argv = [sys.executable, "-m", "api.frontend", "--control-fd", str(child.fileno())]
-                self.procs.append(
-                    subprocess.Popen(
-                        [*argv, "--config", cfg],
-                        cwd=ROOT,
-                        env=env,
-                        pass_fds=[child.fileno(), self.listener.fileno()],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-                child.close()
-                routing = {
-                    "type": "routing",
-                    "version": 1,
-                    "ready": True,
-                    "models": models,
-                    "partitions": [
-                        {
-                            "id": f"w{i}",
-                            "socket": path,
-                            "models": ["tiny_mlp"],
-                            "rates": {"tiny_mlp": rate_rps},
-                        }
-                    ],
-                }
-                ctl.sendall(json.dumps(routing).encode() + b"\n")
-                lines = ctl.makefile("rb")
-                while (msg := json.loads(lines.readline()))["type"] != "ack":
-                    pass
-                assert not msg["failed"], msg
-                # stats lines keep coming: read them so the frontend never blocks on them
-                threading.Thread(
-                    target=lambda f=lines: all(iter(f.readline, b"")), daemon=True
-                ).start()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        for ctl in self.controls:
-            ctl.close()  # each frontend exits; its worker's connection closes and it exits
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.listener.close()
+def _daemon(work: Path, frontends: int, slo_ms: float, rate_rps: float) -> LocalDaemon:
+    """``stgs serve`` with ``tiny_mlp`` registered and served."""
+    d = LocalDaemon(work, ONE_SIMULATED_GPU, server_options=f"frontends = {frontends}\n")
+    p = d.start()
+    try:
+        with d.client() as c:
+            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+            body = {"name": "tiny_mlp", "slo_ms": slo_ms, "rate_rps": rate_rps}
+            r = c.post("/v1/models", json=body)
+            assert r.status_code in (201, 202), r.text
+            wait_until(
+                "served", lambda: c.get("/v2/models/tiny_mlp/ready").status_code == 200, 120, p
+            )
+    except BaseException:
+        d.stop()
+        raise
+    return d
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="100,200,400,800,1600")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=2)
-    ap.add_argument("--frontends", type=int, default=1, help="frontend processes (frontend)")
+    ap.add_argument("--frontends", type=int, default=2, help="frontends of the dp-* daemon")
     ap.add_argument("--slo-ms", type=float, default=100.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -294,31 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     targets = args.targets.split(",")
     work = Path(tempfile.mkdtemp(prefix="stgs-apiload-"))
     results: list[dict[str, Any]] = []
-    daemon: LocalDaemon | None = None
+    daemons: dict[int, LocalDaemon] = {}
     try:
-        if {"http", "grpc"} & set(targets):
-            daemon = LocalDaemon(work / "daemon", ONE_SIMULATED_GPU)
-            p = daemon.start()
-            with daemon.client() as c:
-                wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-                r = c.post(
-                    "/v1/models",
-                    json={"name": "tiny_mlp", "slo_ms": args.slo_ms, "rate_rps": max(rates)},
-                )
-                assert r.status_code in (201, 202), r.text
-                wait_until("served", lambda: c.get("/v1/models/tiny_mlp").json()["ready"], 120, p)
         for target in targets:
             bare = None
-            frontends = None
+            kind = "grpc" if target.endswith("grpc") else "http"
             if target == "bare":
                 bare, addr = _bare(work)
-            elif target == "frontend":
-                frontends = _Frontends(work, args.frontends, args.slo_ms, max(rates))
-                addr = frontends.addr
-            elif daemon is not None:
-                port = daemon.grpc_port if target == "grpc" else daemon.port
-                addr = f"127.0.0.1:{port}"
-            kind = "grpc" if target == "grpc" else "http"
+            else:
+                n = args.frontends if target.startswith("dp-") else 0
+                if n not in daemons:
+                    daemons[n] = _daemon(work / f"daemon{n}", n, args.slo_ms, max(rates))
+                d = daemons[n]
+                addr = f"127.0.0.1:{d.grpc_port if kind == 'grpc' else d.port}"
             try:
                 load(kind, addr, 50.0, 2.0, 1, work)  # warm up connections and caches
                 for rate in rates:
@@ -338,11 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                 if bare is not None:
                     bare.send_signal(signal.SIGTERM)
                     bare.wait(10)
-                if frontends is not None:
-                    frontends.close()
     finally:
-        if daemon is not None:
-            daemon.stop()
+        for d in daemons.values():
+            d.stop()
     print(
         f"\nhighest open-loop rate with >= 99% within {args.slo_ms:g} ms"
         f" ({os.cpu_count()} CPUs, clients included):"

@@ -121,8 +121,9 @@ def test_everything_through_the_public_port(daemon: LocalDaemon) -> None:
         # report about once a second)
         wait_until(
             "the frontends' counts in /metrics",
-            lambda: 'stgs_inference_request_success_total{model="tiny_mlp"}'
-            in c.get("/metrics").text,
+            lambda: (
+                'stgs_inference_request_success_total{model="tiny_mlp"}' in c.get("/metrics").text
+            ),
             10,
             daemon.procs[-1],
         )

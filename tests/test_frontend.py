@@ -1,9 +1,8 @@
 """The data plane's frontend process (``python -m api.frontend``) against real workers.
 
-Each worker here listens on a Unix path and serves the one connection it accepts there (the
-worker's data socket, ``WorkerSpec.listen``, serves the same frames):
-``benchmarks/_path_worker.py`` accepts it and execs ``python -m stgs.runtime --fd <it>``. The
-frontend is a real process with a control socketpair and a listening TCP socket made here,
+Each worker here is a real worker process listening for data connections on a Unix path
+(``WorkerSpec.listen``), its control connection held by the test. The frontend is a real
+process with a control socketpair and a listening TCP socket made here,
 driven by tritonclient, httpx and aiohttp.
 """
 
@@ -27,8 +26,10 @@ import httpx
 import numpy as np
 import pytest
 
+from stgs.backend import DeviceRef, SimulatedNode
 from stgs.errors import DeadlineExceededError, WorkerDiedError
 from stgs.runtime.aio import AsyncWorkerConnection
+from stgs.runtime.process import WorkerProcess
 from stgs.runtime.worker import ModelSlot, WorkerSpec
 
 pytestmark = pytest.mark.slow
@@ -41,29 +42,24 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 30.0
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "STGS_DEVICE": "cpu"}
 
-PATH_WORKER = str(ROOT / "benchmarks" / "_path_worker.py")
-
 
 class PathWorker:
-    """A worker serving one data connection at ``path``."""
+    """A real worker process (on the simulated node) listening for data connections at
+    ``path`` (``WorkerSpec.listen``); the test holds its control connection."""
 
     def __init__(self, tmp: Path, name: str, *slots: tuple[str, int]) -> None:
         self.path = str(tmp / f"{name}.sock")
-        spec = WorkerSpec(name, tuple(ModelSlot(m, b) for m, b in slots), device="cpu")
-        self.proc = subprocess.Popen(
-            [sys.executable, PATH_WORKER, self.path, spec.to_json()],
-            env=ENV,
-            cwd=ROOT,
+        spec = WorkerSpec(
+            name, tuple(ModelSlot(m, b) for m, b in slots), device="cpu", listen=self.path
         )
-        end = time.monotonic() + TIMEOUT
-        while not os.path.exists(self.path):
-            assert self.proc.poll() is None and time.monotonic() < end, "worker did not listen"
-            time.sleep(0.02)
+        self.node = SimulatedNode("H100-80GB", 1, mig_enabled=False)
+        self.worker = WorkerProcess(self.node, DeviceRef(0), None, spec)
+        self.proc = self.worker.proc
+        assert self.worker.wait_ready(TIMEOUT), "worker did not start"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        self.worker.kill()
+        self.node.close()
 
 
 class FrontendProc:
@@ -407,8 +403,8 @@ def test_a_partition_left_out_of_the_snapshot_finishes_its_requests(
         t.join(TIMEOUT)
         assert [st for st, _, _ in results] == [200] * 8
         assert [st for st, _, _ in after] == [200] * 4
-        a.proc.wait(TIMEOUT)  # its one connection was closed once drained: the worker left
         assert b.proc.poll() is None
+        a.close()  # a partition that cannot be reached is reported
         ack = fe.route(3, models, [_part("pa", a, ["sleep:200"], 40.0)])
         assert ack["failed"] == ["pa"]
     finally:
