@@ -11,6 +11,12 @@ aiohttp for HTTP, grpc.aio for gRPC, KServe v2 binary tensors of ``tiny_mlp``'s 
 * ``bare``: a bare one-process FastAPI KServe endpoint (``benchmarks/_bare_kserve.py``) that
   runs the same network in its own process: the yardstick a data plane must at least match.
 
+With ``--overload R`` (R: a rate the target sustains), each target instead gets 3R for 30 s,
+then R for 10 s: the p99 of every answer (200 or 429) during the overload against the SLO, the
+requests served within SLO per second during it (at least R is the goal), the share within SLO
+in the 10 s after, and the daemon's resident memory (control plane and frontends) before and
+after.
+
 For each target and rate (``--rates``), ``--seconds`` of load; a request counts within SLO when
 it got a 200 within ``--slo-ms`` of when the client meant to send it (client lag included, so
 a client that falls behind shows as misses, and its lag is reported). Prints one row per rate
@@ -18,6 +24,7 @@ and a summary: the highest rate whose share within SLO is >= 0.99.
 
     python benchmarks/api_load.py [--targets http,grpc,dp-http,dp-grpc,bare]
         [--rates 100,200,400,800] [--seconds 10] [--clients 2] [--frontends 2] [--json OUT]
+        [--overload R]
 """
 
 from __future__ import annotations
@@ -178,6 +185,56 @@ def _discard(lines: Any) -> None:
         pass
 
 
+def _rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def _daemon_pids(d: LocalDaemon) -> list[int]:
+    with d.client() as c:
+        fronts = c.get("/v1/status").json().get("frontends", [])
+    return [d.procs[-1].pid, *(int(f["pid"]) for f in fronts)]
+
+
+def overload(
+    target: str,
+    kind: str,
+    addr: str,
+    rate: float,
+    args: argparse.Namespace,
+    work: Path,
+    pids: list[int],
+) -> dict[str, Any]:
+    """3x ``rate`` for 30 s, then ``rate`` for 10 s; what the clients saw and the memory."""
+    slo_s = args.slo_ms / 1e3
+    rss0 = _rss_mib(pids)
+    over = load(kind, addr, 3 * rate, 30.0, args.clients, work)
+    after = load(kind, addr, rate, 10.0, args.clients, work)
+    rss1 = _rss_mib(pids)
+    lat = np.array([r[1] for r in over])
+    served = sum(1 for r in over if r[2] == 200 and r[1] <= slo_s) / 30.0
+    codes: dict[str, int] = {}
+    for r in over:
+        codes[str(r[2])] = codes.get(str(r[2]), 0) + 1
+    return {
+        "target": target,
+        "rate": rate,
+        "overload_p99_ms": float(np.percentile(lat, 99) * 1e3),
+        "served_within_slo_per_s": served,
+        "after_within_slo": summarize(after, slo_s)["within_slo"],
+        "rss_before_mib": rss0,
+        "rss_after_mib": rss1,
+        "codes": codes,
+    }
+
+
 def _daemon(work: Path, frontends: int, slo_ms: float, rate_rps: float) -> LocalDaemon:
     """``stgs serve`` with ``tiny_mlp`` registered and served."""
     d = LocalDaemon(work, ONE_SIMULATED_GPU, server_options=f"frontends = {frontends}\n")
@@ -206,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frontends", type=int, default=2, help="frontends of the dp-* daemon")
     ap.add_argument("--slo-ms", type=float, default=100.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--overload", type=float, default=None, help="a sustainable rate R: 3R, R")
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     targets = args.targets.split(",")
@@ -226,6 +284,20 @@ def main(argv: list[str] | None = None) -> int:
                 addr = f"127.0.0.1:{d.grpc_port if kind == 'grpc' else d.port}"
             try:
                 load(kind, addr, 50.0, 2.0, 1, work)  # warm up connections and caches
+                if args.overload is not None:
+                    pids = [] if bare is not None else _daemon_pids(d)
+                    o = overload(target, kind, addr, args.overload, args, work, pids)
+                    results.append(o)
+                    print(
+                        f"{target:8} 3 x {o['rate']:.0f}/s for 30 s:"
+                        f" p99 {o['overload_p99_ms']:.1f} ms"
+                        f" (SLO {args.slo_ms:g}), {o['served_within_slo_per_s']:.0f}/s within SLO;"
+                        f" then {o['rate']:.0f}/s: {o['after_within_slo']:.4f} within SLO;"
+                        f" RSS {o['rss_before_mib']:.0f} -> {o['rss_after_mib']:.0f} MiB"
+                        f"  {o['codes']}",
+                        flush=True,
+                    )
+                    continue
                 for rate in rates:
                     s = summarize(
                         load(kind, addr, rate, args.seconds, args.clients, work), args.slo_ms / 1e3
@@ -251,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         f" ({os.cpu_count()} CPUs, clients included):"
     )
     for target in targets:
-        good = [r["rate"] for r in results if r["target"] == target and r["within_slo"] >= 0.99]
+        good = [
+            r["rate"] for r in results if r["target"] == target and r.get("within_slo", 0.0) >= 0.99
+        ]
         print(f"  {target:8} {max(good, default=0):7.0f} req/s")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
