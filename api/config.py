@@ -39,13 +39,26 @@ class ServerConfig(_Strict):
         le=65535,
         description="KServe v2 gRPC port on the same host (0: any free port; -1: no gRPC)",
     )
-    frontends: int = Field(
-        0,
-        ge=0,
-        le=64,
+    frontends: int | Literal["auto"] = Field(
+        "auto",
         description="data-plane frontend processes that serve inference (HTTP and gRPC) apart"
-        " from the control plane; 0: the control plane serves inference itself",
+        " from the control plane; auto: one per core, at most 8; 0: the control plane serves"
+        " inference itself",
     )
+
+    @field_validator("frontends")
+    @classmethod
+    def _frontends(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 64:
+            raise ValueError("frontends must be auto or a number from 0 to 64")
+        return v
+
+    def frontend_count(self) -> int:
+        """How many frontends to run (``auto`` resolved on this machine)."""
+        if self.frontends == "auto":
+            return max(1, min(8, os.cpu_count() or 1))
+        return int(self.frontends)
+
     # Limits on what one request can make the daemon spend (api.limits; docs/operations.md).
     max_body_bytes: int = Field(
         1 << 20, ge=1, le=1 << 30, description="largest request body but inference (413 above)"

@@ -138,7 +138,7 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
         restart_limit=w.restart_limit,
         on_event=on_worker_event,
         # with frontends, every worker listens for their data connections
-        data_dir=cfg.paths.runtime_dir / "w" if cfg.server.frontends else None,
+        data_dir=cfg.paths.runtime_dir / "w" if cfg.server.frontend_count() else None,
     )
     meter = LoadMeter(cfg.controller.rate_halflife_s)
 
@@ -187,6 +187,13 @@ class _DataPlaneSockets:
     control: socket.socket  # this process's own HTTP server (the frontends proxy to it)
 
 
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def start_dataplane(d: Daemon) -> _DataPlaneSockets:
     """Bind the public port and the control plane's Unix socket; make the frontends' manager
     (started with the server) and hook it to the runtime, the metrics and the load meter."""
@@ -206,11 +213,13 @@ def start_dataplane(d: Daemon) -> _DataPlaneSockets:
     s = cfg.server
     plane = DataPlane(
         d.service,
-        count=s.frontends,
+        count=s.frontend_count(),
         listen=listen,
         config={
             "host": s.host,
-            "grpc_port": s.grpc_port,
+            # every frontend binds the same gRPC port (SO_REUSEPORT): "any free port" is chosen
+            # here, once
+            "grpc_port": free_port(s.host) if s.grpc_port == 0 else s.grpc_port,
             "token_file": None if s.token_file is None else str(s.token_file),
             "auth_all": d.ctx.auth_all,
             "control_socket": str(path),
@@ -271,7 +280,7 @@ def serve(cfg: DaemonConfig) -> int:
             else:
                 log.error("controller loop stalled: no WATCHDOG=1 (systemd will restart us)")
 
-    dataplane = start_dataplane(d) if cfg.server.frontends else None
+    dataplane = start_dataplane(d) if cfg.server.frontend_count() else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:

@@ -154,7 +154,11 @@ def test_sigkill_while_a_worker_loads(node: LocalDaemon) -> None:
     took = sigkill_and_time_children(p, workers)
     t.join(10)
     assert took < GONE_WITHIN_S, f"the loading worker outlived the daemon by {took:.2f} s"
-    assert len(replies) == 1 and isinstance(replies[0], httpx.HTTPError), replies
+    # no reply: the connection broke, or (through a frontend) its proxy answered 502
+    lost = replies[0] if replies else None
+    assert isinstance(lost, httpx.HTTPError) or (
+        isinstance(lost, httpx.Response) and lost.status_code == 502
+    ), replies
 
     p = node.start()
     with node.client() as c:
