@@ -68,6 +68,7 @@ from stgs.errors import (
     StgsError,
     WorkerTimeoutError,
 )
+from stgs.lifeline import die_with_parent
 from stgs.runtime.aio import AsyncWorkerConnection
 
 log = logging.getLogger("stgs.frontend")
@@ -623,6 +624,9 @@ class Frontend:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # a daemon killed with SIGKILL takes its frontends along at once: none keeps the public
+    # port (inherited) from the daemon that starts next
+    die_with_parent()
     ap = argparse.ArgumentParser(prog="stgs-frontend")
     ap.add_argument("--control-fd", type=int, required=True, help="the control channel's fd")
     ap.add_argument("--config", required=True, help="FrontendConfig as JSON")

@@ -151,9 +151,11 @@ def test_sigkill_while_a_worker_loads(node: LocalDaemon) -> None:
         workers = wait_until("a worker", lambda: children(p.pid, "stgs.runtime"), 30, p)
         states = [x["state"] for x in c.get("/v1/plan").json()["partitions"]]
         assert states == ["starting"], states  # still loading its model
-    took = sigkill_and_time_children(p, workers)
+        frontends = children(p.pid, "api.frontend")
+        assert frontends  # the data plane's (server.frontends = auto)
+    took = sigkill_and_time_children(p, workers + frontends)
     t.join(10)
-    assert took < GONE_WITHIN_S, f"the loading worker outlived the daemon by {took:.2f} s"
+    assert took < GONE_WITHIN_S, f"a worker or frontend outlived the daemon by {took:.2f} s"
     # no reply: the connection broke, or (through a frontend) its proxy answered 502
     lost = replies[0] if replies else None
     assert isinstance(lost, httpx.HTTPError) or (
