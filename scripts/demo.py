@@ -79,11 +79,15 @@ def main() -> int:
                     print(
                         f"  GPU {g['index']} {label:8s} cycle {p['duty_cycle_ms']:.1f} ms: {names}"
                     )
-            metrics = [
-                ln
-                for ln in c.get("/metrics").text.splitlines()
-                if ln.startswith("stgs_inference_request_duration_seconds_count")
-            ]
+
+            def counted() -> list[str]:  # the frontends report about once a second
+                return [
+                    ln
+                    for ln in c.get("/metrics").text.splitlines()
+                    if ln.startswith("stgs_inference_request_duration_seconds_count")
+                ]
+
+            metrics = wait_until("the request in /metrics", counted, 10, proc)
             print("\ndemo: GET /metrics (excerpt)")
             for ln in metrics:
                 print("  " + ln)
