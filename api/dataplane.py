@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 5.0
+CONTROL_SEND_TIMEOUT_S = 1
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 YOUNG_S = 10.0  # a frontend that dies younger than this counts towards the back-off
 
@@ -165,6 +167,11 @@ class DataPlane:
 
     def _spawn(self, slot: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A frontend that stops reading must not block the publisher (the runtime's monitor
+        # publishes while it holds the runtime's lock): a send that makes no progress for
+        # CONTROL_SEND_TIMEOUT_S fails, and the frontend is seen as late (restarted on a wait).
+        timeout = struct.pack("ll", int(CONTROL_SEND_TIMEOUT_S), 0)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         cfg = {**self.config, "http_fd": self.listen.fileno(), "slot": slot}
         argv = [
             sys.executable,

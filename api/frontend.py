@@ -55,6 +55,8 @@ from api.inference import (
     InferenceStats,
     InferError,
     ModelIO,
+    await_answers,
+    counted,
     dumps,
     encode_infer,
     parse_infer,
@@ -66,15 +68,12 @@ from stgs.errors import (
     DeadlineExceededError,
     NoWorkerError,
     StgsError,
-    WorkerTimeoutError,
 )
 from stgs.lifeline import die_with_parent
 from stgs.runtime.aio import AsyncWorkerConnection
 
 log = logging.getLogger("stgs.frontend")
 
-ANSWER_GRACE_S = 0.5  # a request in flight is answered by its deadline + this, as Service does
-NO_SLO_TIMEOUT_S = 30.0  # the answer bound of a model without an SLO
 EWMA_ALPHA = 0.2  # weight of a new per-request service time sample
 STATS_INTERVAL_S = 1.0
 MAX_CONTROL_LINE_BYTES = 64 << 20  # a routing snapshot of many models and partitions
@@ -135,23 +134,17 @@ class Router:
         self, model: str, array: np.ndarray, arrival_ns: int | None
     ) -> np.ndarray:
         """Route the batch (one request per row, as Service does), answer by the deadline plus
-        ``ANSWER_GRACE_S``; count the outcome against the SLO from ``arrival_ns``."""
+        ``api.inference.ANSWER_GRACE_S``; count the outcome against the SLO from ``arrival_ns``."""
         t0 = time.monotonic_ns() if arrival_ns is None else arrival_ns
         m = self.models.get(model)
         slo_ms = m.slo_ms if m is not None else None
-        ok = False
-        kind = ""
-        try:
-            out = await self._serve(model, array, t0, slo_ms)
-            ok = True
-            return out
-        except StgsError as exc:
-            kind = type(exc).__name__
-            raise
-        finally:
-            secs = (time.monotonic_ns() - t0) / 1e9
-            met = ok and (slo_ms is None or secs * 1000.0 <= slo_ms)
-            self.stats.record(model, len(array), secs, met, kind)
+        n = len(array)
+        return await counted(
+            self._serve(model, array, t0, slo_ms),
+            t0,
+            slo_ms,
+            lambda secs, met, kind: self.stats.record(model, n, secs, met, kind),
+        )
 
     async def _serve(
         self, model: str, array: np.ndarray, t0_ns: int, slo_ms: float | None
@@ -164,19 +157,11 @@ class Router:
         slot = p.slots[model]
         ahead = conn.in_flight
         futs = [conn.submit(slot, row, deadline_ns) for row in array]
-        left_s = NO_SLO_TIMEOUT_S if not deadline_ns else (deadline_ns - now) / 1e9
-        done, pending = await asyncio.wait(futs, timeout=max(0.0, left_s) + ANSWER_GRACE_S)
-        for f in pending:
-            f.cancel()  # the worker's late answer is dropped
-        for f in done:
-            f.exception()  # retrieved: asyncio does not log it as lost
-        if p.draining and conn.awaited == 0:  # drained, or the rest timed out
-            self._close_drained(p)
-        if pending:
-            raise WorkerTimeoutError(
-                f"{model}: no answer from its worker by the deadline + {ANSWER_GRACE_S:g} s"
-                " (the worker is not responding)"
-            )
+        try:
+            await await_answers(model, futs, now, deadline_ns)
+        finally:
+            if p.draining and conn.awaited == 0:  # drained, or the rest timed out
+                self._close_drained(p)
         outs = [f.result() for f in futs]
         # the per-request service time: the latency over the requests it waited for
         sample_s = (time.monotonic_ns() - now) / 1e9 / (ahead + n)

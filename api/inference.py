@@ -9,13 +9,15 @@ the same outcome on either protocol.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import math
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BeforeValidator
@@ -29,12 +31,19 @@ from stgs.errors import (
     StgsError,
     WorkerDiedError,
     WorkerError,
+    WorkerTimeoutError,
 )
 
 if TYPE_CHECKING:
     from api.service import Service
 
+T = TypeVar("T")
+
 OUTPUT_NAME = "output"
+# A request is answered by its deadline plus ANSWER_GRACE_S, whatever its worker does (a hung
+# worker's requests get WorkerTimeoutError); a model without an SLO waits NO_SLO_TIMEOUT_S.
+ANSWER_GRACE_S = 0.5
+NO_SLO_TIMEOUT_S = 30.0
 MAX_BATCH = 1024
 MAX_ELEMENTS = 64 << 20  # per input tensor
 
@@ -203,12 +212,46 @@ class InferenceBackend(Protocol):
         the SLO counted from ``arrival_ns`` (default: now)."""
 
 
-async def infer(svc: Service, model: str, arr: np.ndarray, arrival_ns: int | None) -> np.ndarray:
-    """Run a batch (first dimension: samples) through the model; its outputs stacked.
+async def await_answers(
+    model: str, futs: Sequence[asyncio.Future[Any]], now_ns: int, deadline_ns: int
+) -> None:
+    """Wait for every answer until the deadline plus :data:`ANSWER_GRACE_S` (no deadline:
+    :data:`NO_SLO_TIMEOUT_S`); late answers are dropped and WorkerTimeoutError raised. The
+    daemon's and the frontends' routers both bound their requests here."""
+    left_s = NO_SLO_TIMEOUT_S if not deadline_ns else (deadline_ns - now_ns) / 1e9
+    _, pending = await asyncio.wait(futs, timeout=max(0.0, left_s) + ANSWER_GRACE_S)
+    for f in pending:
+        f.cancel()  # the worker's late answer is dropped
+    for f in futs:
+        if not f.cancelled():
+            f.exception()  # retrieved: asyncio does not log it as lost
+    if pending:
+        raise WorkerTimeoutError(
+            f"{model}: no answer from its worker by the deadline + {ANSWER_GRACE_S:g} s"
+            " (the worker is not responding)"
+        )
 
-    Raises the service's :class:`~stgs.errors.ServingError`s (see :func:`status_of`)."""
-    outs = await svc.infer_async(model, list(arr), arrival_ns=arrival_ns)
-    return np.stack([np.asarray(o) for o in outs])
+
+async def counted(
+    serve: Awaitable[T],
+    t0_ns: int,
+    slo_ms: float | None,
+    record: Callable[[float, bool, str], None],
+) -> T:
+    """Await ``serve`` and report its outcome as the client sees it: ``record(seconds since
+    t0_ns, within SLO, error kind or "")``, failures included (never within SLO)."""
+    ok = False
+    kind = ""
+    try:
+        out = await serve
+        ok = True
+        return out
+    except StgsError as exc:
+        kind = type(exc).__name__
+        raise
+    finally:
+        secs = (time.monotonic_ns() - t0_ns) / 1e9
+        record(secs, ok and (slo_ms is None or secs * 1000.0 <= slo_ms), kind)
 
 
 # ---------------------------------------------------------------- the lean HTTP request path

@@ -56,7 +56,6 @@ from stgs.errors import (
     ProfileError,
     StgsError,
     TransitionError,
-    WorkerTimeoutError,
 )
 from stgs.plan import Plan, empty_plan
 from stgs.profiles import ProfileRow, ProfileTable, default_profiles_path, read_profiles
@@ -69,10 +68,6 @@ log = logging.getLogger(__name__)
 PROFILING, PENDING, READY, REFUSED, FAILED = "profiling", "pending", "ready", "refused", "failed"
 LIVE = (PENDING, READY)  # statuses of models that belong in the plan
 MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2")
-# A request is answered by its deadline plus this, whatever its worker does (a hung worker's
-# requests get WorkerTimeoutError); a model without an SLO waits NO_SLO_TIMEOUT_S at most.
-ANSWER_GRACE_S = 0.5
-NO_SLO_TIMEOUT_S = 30.0
 OPTIMISTIC_TRIES = 3  # plans made off the lock before the last one is made holding it
 
 T = TypeVar("T")
@@ -710,7 +705,8 @@ class Service:
         self, model: str, array: np.ndarray, arrival_ns: int | None
     ) -> np.ndarray:
         """(InferenceBackend) the batch through the model, one request per row."""
-        return await inference.infer(self, model, array, arrival_ns)
+        outs = await self.infer_async(model, list(array), arrival_ns=arrival_ns)
+        return np.stack([np.asarray(o) for o in outs])
 
     def infer(self, name: str, samples: list[np.ndarray]) -> list[Any]:
         """Blocking :meth:`infer_async` for callers without an event loop (tests, scripts)."""
@@ -724,27 +720,24 @@ class Service:
         The SLO clock starts at ``arrival_ns`` (when the request reached the server; default
         now): a request that already missed its deadline is shed at once
         (DeadlineExceededError), the worker sheds what cannot meet it, and whatever the worker
-        does the call answers by the deadline plus ``ANSWER_GRACE_S`` (WorkerTimeoutError).
-        Every outcome is counted, against the SLO, from the arrival."""
+        does the call answers by the deadline plus ``inference.ANSWER_GRACE_S``
+        (WorkerTimeoutError). Every outcome is counted, against the SLO, from the arrival."""
         slo_ms = self.runtime.slos.get(name)
         t0 = time.monotonic_ns() if arrival_ns is None else arrival_ns
         deadline_ns = 0 if slo_ms is None else t0 + int(slo_ms * 1e6)
-        self.inflight.add(name, len(samples))
-        ok = False
-        kind = ""
-        try:
-            out = await self._serve(name, samples, deadline_ns)
-            ok = True
-            return out
-        except StgsError as exc:
-            kind = type(exc).__name__
-            raise
-        finally:
-            self.inflight.add(name, -len(samples))
-            secs = (time.monotonic_ns() - t0) / 1e9
+        n = len(samples)
+
+        def record(secs: float, met: bool, kind: str) -> None:
             if self.observer.on_request is not None:
-                met = ok and (slo_ms is None or secs * 1000.0 <= slo_ms)
-                self.observer.on_request(name, len(samples), secs, met, kind)
+                self.observer.on_request(name, n, secs, met, kind)
+
+        self.inflight.add(name, n)
+        try:
+            return await inference.counted(
+                self._serve(name, samples, deadline_ns), t0, slo_ms, record
+            )
+        finally:
+            self.inflight.add(name, -n)
 
     async def _serve(self, name: str, samples: list[np.ndarray], deadline_ns: int) -> list[Any]:
         now = time.monotonic_ns()
@@ -754,19 +747,9 @@ class Service:
                 " reached a worker (the server is overloaded)"
             )
         futs = await self._submit(name, samples, deadline_ns)
-        left_s = NO_SLO_TIMEOUT_S if not deadline_ns else (deadline_ns - now) / 1e9
-        waits = [asyncio.wrap_future(f) for f in futs]
-        _, pending = await asyncio.wait(waits, timeout=max(0.0, left_s) + ANSWER_GRACE_S)
-        for w in pending:
-            w.cancel()  # the worker's late answer is dropped
-        for w in waits:
-            if not w.cancelled():
-                w.exception()  # retrieved: asyncio does not log it as lost
-        if pending:
-            raise WorkerTimeoutError(
-                f"{name}: no answer from its worker by the deadline + {ANSWER_GRACE_S:g} s"
-                " (the worker is not responding; it is restarted)"
-            )
+        await inference.await_answers(
+            name, [asyncio.wrap_future(f) for f in futs], now, deadline_ns
+        )
         return [f.result() for f in futs]
 
     async def _submit(

@@ -24,9 +24,9 @@ import httpx
 import numpy as np
 import pytest
 
+from api.inference import ANSWER_GRACE_S
 from api.kserve import binary_request
 from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
-from api.service import ANSWER_GRACE_S
 
 pytestmark = pytest.mark.slow
 
