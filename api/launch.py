@@ -107,6 +107,26 @@ class LocalDaemon:
         self.procs.append(p)
         return p
 
+    def start_serving(
+        self, model: str, slo_ms: float, rate_rps: float, timeout_s: float = 120.0
+    ) -> subprocess.Popen[bytes]:
+        """Start the daemon, register ``model`` over REST (profiled in the background on the
+        simulated node) and return once it serves (``/v2/models/{model}/ready``)."""
+        p = self.start()
+        with self.client() as c:
+            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+            body = {"name": model, "slo_ms": slo_ms, "rate_rps": rate_rps}
+            r = c.post("/v1/models", json=body)
+            if r.status_code not in (201, 202):
+                raise RuntimeError(f"registering {model}: {r.status_code} {r.text}")
+            wait_until(
+                f"{model} served",
+                lambda: c.get(f"/v2/models/{model}/ready").status_code == 200,
+                timeout_s,
+                p,
+            )
+        return p
+
     def client(self, timeout_s: float = 60.0) -> httpx.Client:
         return httpx.Client(
             base_url=self.url,

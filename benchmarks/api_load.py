@@ -238,16 +238,8 @@ def overload(
 def _daemon(work: Path, frontends: int, slo_ms: float, rate_rps: float) -> LocalDaemon:
     """``stgs serve`` with ``tiny_mlp`` registered and served."""
     d = LocalDaemon(work, ONE_SIMULATED_GPU, server_options=f"frontends = {frontends}\n")
-    p = d.start()
     try:
-        with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-            body = {"name": "tiny_mlp", "slo_ms": slo_ms, "rate_rps": rate_rps}
-            r = c.post("/v1/models", json=body)
-            assert r.status_code in (201, 202), r.text
-            wait_until(
-                "served", lambda: c.get("/v2/models/tiny_mlp/ready").status_code == 200, 120, p
-            )
+        d.start_serving("tiny_mlp", slo_ms, rate_rps)
     except BaseException:
         d.stop()
         raise

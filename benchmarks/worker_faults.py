@@ -105,14 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 6.0 + 6.0 * len(faults)
     work = Path(tempfile.mkdtemp(prefix="stgs-faults-"))
     d = LocalDaemon(work, ONE_SIMULATED_GPU)
-    p = d.start()
     rows: list[dict[str, Any]] = []
     try:
+        p = d.start_serving("tiny_mlp", SLO_MS, 20)
         with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-            r = c.post("/v1/models", json={"name": "tiny_mlp", "slo_ms": SLO_MS, "rate_rps": 20})
-            assert r.status_code in (201, 202), r.text
-            wait_until("tiny_mlp ready", lambda: _partition(c), 120, p)
             ctx = mp.get_context("spawn")
             loads = str(work / "load.json")
             lives = str(work / "live.json")

@@ -37,15 +37,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
     d = LocalDaemon(
         tmp_path_factory.mktemp("dataplane"), ONE_SIMULATED_GPU, server_options="frontends = 2\n"
     )
-    p = d.start()
     try:
-        with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-            r = c.post("/v1/models", json={"name": "tiny_mlp", "slo_ms": SLO_MS, "rate_rps": 50})
-            assert r.status_code in (201, 202), r.text
-            wait_until(
-                "served", lambda: c.get("/v2/models/tiny_mlp/ready").status_code == 200, 90, p
-            )
+        d.start_serving("tiny_mlp", SLO_MS, 50)
         yield d
     finally:
         d.stop()

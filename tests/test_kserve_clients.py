@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
+from api.launch import ONE_SIMULATED_GPU, LocalDaemon
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +30,8 @@ X = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
     d = LocalDaemon(tmp_path_factory.mktemp("clients"), ONE_SIMULATED_GPU)
-    p = d.start()
     try:
-        with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-            r = c.post("/v1/models", json={"name": "tiny_mlp", "slo_ms": 2000, "rate_rps": 10})
-            assert r.status_code in (201, 202), r.text
-            wait_until("served", lambda: c.get("/v1/models/tiny_mlp").json()["ready"], 90, p)
+        d.start_serving("tiny_mlp", 2000, 10)
         yield d
     finally:
         d.stop()

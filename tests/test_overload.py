@@ -67,16 +67,10 @@ def _metric(text: str, name: str) -> float:
 @pytest.mark.parametrize("frontends", [0, 2], ids=["control-plane", "data-plane"])
 def test_overload_shows_in_the_slo_metrics(tmp_path: Path, frontends: int) -> None:
     d = LocalDaemon(tmp_path, ONE_SIMULATED_GPU, server_options=f"frontends = {frontends}\n")
-    p = d.start()
     count = "stgs_inference_request_duration_seconds_count"
     try:
+        p = d.start_serving("tiny_mlp", SLO_MS, 20)
         with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-            r = c.post("/v1/models", json={"name": "tiny_mlp", "slo_ms": SLO_MS, "rate_rps": 20})
-            assert r.status_code in (201, 202), r.text
-            wait_until(
-                "served", lambda: c.get("/v2/models/tiny_mlp/ready").status_code == 200, 90, p
-            )
             before = c.get("/metrics").text
             out_path = tmp_path / "client.json"
             q = mp.get_context("spawn").Process(

@@ -37,13 +37,8 @@ SECTIONS = ONE_SIMULATED_GPU + "[workers]\nhang_grace_s = 0.8\n"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
     d = LocalDaemon(tmp_path_factory.mktemp("faults"), SECTIONS)
-    p = d.start()
     try:
-        with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-            r = c.post("/v1/models", json={"name": "tiny_mlp", "slo_ms": SLO_MS, "rate_rps": 20})
-            assert r.status_code in (201, 202), r.text
-            wait_until("tiny_mlp ready", lambda: _ready_partition(c) is not None, 90, p)
+        d.start_serving("tiny_mlp", SLO_MS, 20)
         yield d
     finally:
         d.stop()
