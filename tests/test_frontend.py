@@ -356,13 +356,14 @@ BODY = json.dumps(
 def test_admission_sheds_at_once_what_cannot_meet_its_deadline(
     tmp_path: Path, workers: list[PathWorker]
 ) -> None:
-    w = PathWorker(tmp_path, "w0", ("sleep:50", 1))
+    w = PathWorker(tmp_path, "w0", ("sleep:200", 1))
     workers.append(w)
     fe = FrontendProc()
     try:
-        # planned at 20 requests/s: 50 ms each, as the worker runs them
-        fe.route(1, {"sleep:50": _model(100.0)}, [_part("p0", w, ["sleep:50"], 20.0)])
-        url = f"{fe.url}/v2/models/sleep:50/infer"
+        # planned at 5 requests/s: 200 ms each, as the worker runs them; a 400 ms SLO. The scale
+        # (not 50/100 ms) keeps the client's own jitter on a loaded 2-core host small beside it.
+        fe.route(1, {"sleep:200": _model(400.0)}, [_part("p0", w, ["sleep:200"], 5.0)])
+        url = f"{fe.url}/v2/models/sleep:200/infer"
         for _ in range(3):  # the worker's first batches (and the frontend's estimate) settle
             _burst(url, 1, BODY)
         got = _burst(url, 100, BODY)
@@ -370,14 +371,14 @@ def test_admission_sheds_at_once_what_cannot_meet_its_deadline(
         shed = [(s, b) for st, s, b in got if st == 429]
         assert len(ok) + len(shed) == 100, sorted({st for st, _, _ in got})
         assert 1 <= len(ok) <= 4, len(ok)
-        assert max(ok) <= 0.1 + 0.1, ok  # within the SLO, with room for a loaded host
+        assert max(ok) <= 0.4 + 0.2, ok  # within the SLO, with room for a loaded host
         assert all("deadline" in b["error"] for _, b in shed)
-        assert max(s for s, _ in shed) <= 0.1 + 0.1  # no answer later than SLO + a bound
+        assert max(s for s, _ in shed) <= 0.4 + 0.2  # no answer later than SLO + a bound
         fast = sorted(s for s, _ in shed)
-        assert fast[len(fast) // 2] < 0.05, fast  # most are refused at once
-        stats = fe.recv("stats")["models"]["sleep:50"]
+        assert fast[len(fast) // 2] < 0.2, fast  # most are refused at once
+        stats = fe.recv("stats")["models"]["sleep:200"]
         while stats["requests"] < 103:
-            stats = fe.recv("stats")["models"]["sleep:50"]
+            stats = fe.recv("stats")["models"]["sleep:200"]
         assert stats["shed"] == len(shed) and stats["ok"] == len(ok) + 3
     finally:
         fe.close()
