@@ -24,142 +24,44 @@ and a summary: the highest rate whose share within SLO is >= 0.99.
 
     python benchmarks/api_load.py [--targets http,grpc,dp-http,dp-grpc,bare]
         [--rates 100,200,400,800] [--seconds 10] [--clients 2] [--frontends 2] [--json OUT]
-        [--overload R]
+        [--overload R] [--server-cpus 0,1]
+
+``--server-cpus``: the servers run on these CPUs only and the clients on the others, so that on
+a machine with more cores the server side is measured as on a small one and the client is
+never its bottleneck (on the 2-core VM the clients share the cores with the server).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
 import os
-import random
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+import _kserve_load as kserve_load
 import numpy as np
+from _kserve_load import Row, Target, summarize
 
-from api.kserve import binary_request
 from api.launch import ONE_SIMULATED_GPU, LocalDaemon, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _request() -> tuple[bytes, dict[str, str], bytes]:
-    x = np.random.default_rng(0).standard_normal((1, 64), dtype=np.float32)
-    body, headers = binary_request(x, binary_output=True)
-    return body, headers, x.tobytes()
+X = np.random.default_rng(0).standard_normal((1, 64), dtype=np.float32)  # tiny_mlp's input
 
 
-async def _drive(
-    kind: str, addr: str, rate: float, seconds: float, seed: int
-) -> list[tuple[float, float, int]]:
-    """(lag s, latency from the intended send s, status) per request; status 200 = OK."""
-    body, headers, raw = _request()
-    rng = random.Random(seed)
-    out: list[tuple[float, float, int]] = []
-    if kind == "grpc":
-        import grpc
-        from tritonclient.grpc import service_pb2 as pb
-        from tritonclient.grpc import service_pb2_grpc as pb_grpc
-
-        channel = grpc.aio.insecure_channel(addr)
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        req = pb.ModelInferRequest(
-            model_name="tiny_mlp",
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 64])
-            ],
-            raw_input_contents=[raw],
-        )
-
-        async def send() -> int:
-            try:
-                await stub.ModelInfer(req, timeout=30)
-                return 200
-            except grpc.aio.AioRpcError as exc:
-                return {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503}.get(exc.code().name, 500)
-
-        closer: Any = channel.close
-    else:
-        import aiohttp
-
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        url = f"http://{addr}/v2/models/tiny_mlp/infer"
-
-        async def send() -> int:
-            try:
-                async with session.post(url, data=body, headers=headers) as r:
-                    await r.read()
-                    return r.status
-            except aiohttp.ClientError:
-                return -1
-
-        closer = session.close
-
-    async def one(t_plan: float) -> None:
-        lag = time.monotonic() - t_plan
-        code = await send()
-        out.append((lag, time.monotonic() - t_plan, code))
-
-    tasks = []
-    start = time.monotonic() + 0.2
-    t = 0.0
-    while t < seconds:
-        t += rng.expovariate(rate)
-        delay = start + t - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(start + t)))
-    await asyncio.gather(*tasks)
-    await closer()
-    return out
-
-
-def _client(kind: str, addr: str, rate: float, seconds: float, seed: int, path: str) -> None:
-    res = asyncio.run(_drive(kind, addr, rate, seconds, seed))
-    Path(path).write_text(json.dumps(res))
-
-
-def load(kind: str, addr: str, rate: float, seconds: float, clients: int, work: Path) -> list:
-    """``rate`` req/s for ``seconds`` from ``clients`` processes; every request's record."""
-    ctx = mp.get_context("spawn")
-    paths = [str(work / f"c{i}.json") for i in range(clients)]
-    procs = [
-        ctx.Process(target=_client, args=(kind, addr, rate / clients, seconds, 17 + i, p))
-        for i, p in enumerate(paths)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(seconds + 120)
-    out: list = []
-    for p in paths:
-        out += json.loads(Path(p).read_text())
-    return out
-
-
-def summarize(rows: list, slo_s: float) -> dict[str, Any]:
-    lat = np.array([r[1] for r in rows])
-    ok = np.array([r[2] == 200 and r[1] <= slo_s for r in rows])
-    lag = np.array([r[0] for r in rows])
-    codes: dict[str, int] = {}
-    for r in rows:
-        codes[str(r[2])] = codes.get(str(r[2]), 0) + 1
-    return {
-        "n": len(rows),
-        "within_slo": float(ok.mean()) if len(rows) else 0.0,
-        "p50_ms": float(np.percentile(lat, 50) * 1e3),
-        "p99_ms": float(np.percentile(lat, 99) * 1e3),
-        "lag_p99_ms": float(np.percentile(lag, 99) * 1e3),
-        "codes": codes,
-    }
+def load(
+    kind: str, addr: str, rate: float, seconds: float, clients: int, work: Path, cpus: Any = None
+) -> list[Row]:
+    """``rate`` req/s of ``tiny_mlp`` for ``seconds`` from ``clients`` processes."""
+    return kserve_load.load(
+        kind, addr, [Target("tiny_mlp", rate, X)], seconds, clients, work, cpus=cpus
+    )
 
 
 def _bare(work: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -211,12 +113,13 @@ def overload(
     args: argparse.Namespace,
     work: Path,
     pids: list[int],
+    cpus: Any = None,
 ) -> dict[str, Any]:
     """3x ``rate`` for 30 s, then ``rate`` for 10 s; what the clients saw and the memory."""
     slo_s = args.slo_ms / 1e3
     rss0 = _rss_mib(pids)
-    over = load(kind, addr, 3 * rate, 30.0, args.clients, work)
-    after = load(kind, addr, rate, 10.0, args.clients, work)
+    over = load(kind, addr, 3 * rate, 30.0, args.clients, work, cpus)
+    after = load(kind, addr, rate, 10.0, args.clients, work, cpus)
     rss1 = _rss_mib(pids)
     lat = np.array([r[1] for r in over])
     served = sum(1 for r in over if r[2] == 200 and r[1] <= slo_s) / 30.0
@@ -256,7 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slo-ms", type=float, default=100.0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--overload", type=float, default=None, help="a sustainable rate R: 3R, R")
+    ap.add_argument(
+        "--server-cpus",
+        default="",
+        help="CPUs (e.g. 0,1) the servers (daemon, its workers and frontends; the bare endpoint)"
+        " run on; the clients get the others. Default: all share every CPU",
+    )
     args = ap.parse_args(argv)
+    server_cpus = {int(c) for c in args.server_cpus.split(",") if c}
+    client_cpus = sorted(os.sched_getaffinity(0) - server_cpus) if server_cpus else None
+    if server_cpus and not client_cpus:
+        ap.error("--server-cpus leaves no CPU for the clients")
+
+    def pinned_start(start: Any) -> Any:
+        """Start a server on the server CPUs (its children inherit them)."""
+        if not server_cpus:
+            return start()
+        every = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, server_cpus)
+        try:
+            return start()
+        finally:
+            os.sched_setaffinity(0, every)
+
     rates = [float(r) for r in args.rates.split(",")]
     targets = args.targets.split(",")
     work = Path(tempfile.mkdtemp(prefix="stgs-apiload-"))
@@ -267,18 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             bare = None
             kind = "grpc" if target.endswith("grpc") else "http"
             if target == "bare":
-                bare, addr = _bare(work)
+                bare, addr = pinned_start(lambda: _bare(work))
             else:
                 n = args.frontends if target.startswith("dp-") else 0
                 if n not in daemons:
-                    daemons[n] = _daemon(work / f"daemon{n}", n, args.slo_ms, max(rates))
+                    daemons[n] = pinned_start(
+                        lambda n=n: _daemon(work / f"daemon{n}", n, args.slo_ms, max(rates))
+                    )
                 d = daemons[n]
                 addr = f"127.0.0.1:{d.grpc_port if kind == 'grpc' else d.port}"
             try:
-                load(kind, addr, 50.0, 2.0, 1, work)  # warm up connections and caches
+                load(kind, addr, 50.0, 2.0, 1, work, client_cpus)  # warm up connections and caches
                 if args.overload is not None:
                     pids = [] if bare is not None else _daemon_pids(d)
-                    o = overload(target, kind, addr, args.overload, args, work, pids)
+                    o = overload(target, kind, addr, args.overload, args, work, pids, client_cpus)
                     results.append(o)
                     print(
                         f"{target:8} 3 x {o['rate']:.0f}/s for 30 s:"
@@ -292,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for rate in rates:
                     s = summarize(
-                        load(kind, addr, rate, args.seconds, args.clients, work), args.slo_ms / 1e3
+                        load(kind, addr, rate, args.seconds, args.clients, work, client_cpus),
+                        args.slo_ms / 1e3,
                     )
                     results.append({"target": target, "rate": rate, **s})
                     print(
@@ -312,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             d.stop()
     print(
         f"\nhighest open-loop rate with >= 99% within {args.slo_ms:g} ms"
-        f" ({os.cpu_count()} CPUs, clients included):"
+        + (
+            f" (servers on CPUs {sorted(server_cpus)}, clients on {len(client_cpus or [])} others):"
+            if server_cpus
+            else f" ({os.cpu_count()} CPUs, clients included):"
+        )
     )
     for target in targets:
         good = [

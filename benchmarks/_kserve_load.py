@@ -1,0 +1,208 @@
+"""The benchmarks' open-loop KServe v2 client: Poisson arrivals over several models, sent over HTTP
+(aiohttp) or gRPC (grpc.aio, Triton's published protos) as binary tensors, from processes of its
+own so that the client is not the server's bottleneck (``benchmarks/api_load.py``,
+``benchmarks/api_gpu.py``).
+
+Every request's record: (model index, lag s, latency s, status). The latency counts from when the
+client meant to send the request (its scheduled arrival), so a client that falls behind shows
+as misses, and its lag (scheduled -> actually sent) is reported. Status: the HTTP code, or for
+gRPC 200 (OK), 429 (RESOURCE_EXHAUSTED), 503 (UNAVAILABLE), 500 (anything else); -1 a
+connection error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.kserve import KSERVE_OF, binary_request
+
+Row = tuple[int, float, float, int]  # model index, lag s, latency s, status
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model's share of the load: ``rate`` req/s of ``x`` (one request, batch dim first)."""
+
+    model: str
+    rate: float
+    x: np.ndarray
+    input_name: str = "input"
+
+
+def _sender(kind: str, addr: str, t: Target) -> Any:
+    """A coroutine function that sends ``t``'s request once and returns the status."""
+    if kind == "grpc":
+        import grpc
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.GRPCInferenceServiceStub(_channels.setdefault(addr, _channel(addr)))
+        req = pb.ModelInferRequest(
+            model_name=t.model,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name=t.input_name, datatype=KSERVE_OF[str(t.x.dtype)], shape=list(t.x.shape)
+                )
+            ],
+            raw_input_contents=[np.ascontiguousarray(t.x).tobytes()],
+        )
+
+        async def send_grpc() -> int:
+            try:
+                await stub.ModelInfer(req, timeout=30)
+                return 200
+            except grpc.aio.AioRpcError as exc:
+                return {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503}.get(exc.code().name, 500)
+
+        return send_grpc
+
+    import aiohttp
+
+    session = _sessions.get(addr)
+    if session is None:
+        session = _sessions[addr] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    body, headers = binary_request(t.x, t.input_name, binary_output=True)
+    url = f"http://{addr}/v2/models/{t.model}/infer"
+
+    async def send_http() -> int:
+        try:
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                return r.status
+        except aiohttp.ClientError:
+            return -1
+
+    return send_http
+
+
+_channels: dict[str, Any] = {}
+_sessions: dict[str, Any] = {}
+
+
+def _channel(addr: str) -> Any:
+    import grpc
+
+    return grpc.aio.insecure_channel(addr)
+
+
+async def _drive(
+    kind: str, addr: str, targets: Sequence[Target], seconds: float, seed: int
+) -> list[Row]:
+    senders = [_sender(kind, addr, t) for t in targets]
+    total = sum(t.rate for t in targets)
+    weights = [t.rate for t in targets]
+    rng = random.Random(seed)
+    out: list[Row] = []
+
+    async def one(i: int, t_plan: float) -> None:
+        lag = time.monotonic() - t_plan
+        code = await senders[i]()
+        out.append((i, lag, time.monotonic() - t_plan, code))
+
+    tasks = []
+    start = time.monotonic() + 0.2
+    t = 0.0
+    idx = range(len(targets))
+    while total > 0:
+        t += rng.expovariate(total)  # the sum of the models' Poisson processes
+        if t >= seconds:
+            break
+        i = rng.choices(idx, weights)[0] if len(targets) > 1 else 0
+        delay = start + t - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, start + t)))
+    await asyncio.gather(*tasks)
+    for ch in _channels.values():
+        await ch.close()
+    for s in _sessions.values():
+        await s.close()
+    _channels.clear()
+    _sessions.clear()
+    return out
+
+
+def _client(
+    kind: str,
+    addr: str,
+    targets: Sequence[Target],
+    seconds: float,
+    seed: int,
+    path: str,
+    cpus: Sequence[int] | None,
+) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    res = asyncio.run(_drive(kind, addr, targets, seconds, seed))
+    Path(path).write_text(json.dumps(res))
+
+
+def load(
+    kind: str,
+    addr: str,
+    targets: Sequence[Target],
+    seconds: float,
+    clients: int,
+    work: Path,
+    *,
+    cpus: Sequence[int] | None = None,
+    seed: int = 17,
+) -> list[Row]:
+    """The targets' rates for ``seconds`` from ``clients`` processes (each a share of every
+    model's rate), pinned to ``cpus`` when given; every request's record."""
+    ctx = mp.get_context("spawn")
+    work.mkdir(parents=True, exist_ok=True)
+    paths = [str(work / f"c{i}.json") for i in range(clients)]
+    share = [Target(t.model, t.rate / clients, t.x, t.input_name) for t in targets]
+    procs = [
+        ctx.Process(target=_client, args=(kind, addr, share, seconds, seed + i, p, cpus))
+        for i, p in enumerate(paths)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(seconds + 120)
+    out: list[Row] = []
+    for p in paths:
+        out += [tuple(r) for r in json.loads(Path(p).read_text())]  # type: ignore[misc]
+    return out
+
+
+def summarize(rows: Sequence[Row], slo_s: float | Sequence[float]) -> dict[str, Any]:
+    """Share within SLO (a 200 within the model's SLO of the scheduled send), percentiles of
+    every answer's latency, the client's lag and the status counts."""
+    if not rows:
+        return {"n": 0, "within_slo": 0.0, "codes": {}}
+    arr = np.array(rows, dtype=np.float64)
+    slos = np.asarray(slo_s if isinstance(slo_s, Sequence) else [slo_s], dtype=np.float64)
+    slo = slos[arr[:, 0].astype(int)] if len(slos) > 1 else slos[0]
+    lat, lag, code = arr[:, 2], arr[:, 1], arr[:, 3]
+    ok = (code == 200) & (lat <= slo)
+    codes: dict[str, int] = {}
+    for c in code.astype(int).tolist():
+        codes[str(c)] = codes.get(str(c), 0) + 1
+    return {
+        "n": len(rows),
+        "within_slo": float(ok.mean()),
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+        "lag_p99_ms": float(np.percentile(lag, 99) * 1e3),
+        "codes": codes,
+    }

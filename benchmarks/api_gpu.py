@@ -1,0 +1,292 @@
+"""Goodput through the daemon's API against the in-process router, on the same plan (issue 14).
+
+    # on a GPU (MIG disabled; the daemon and the in-process runtime start their own MPS daemons):
+    python benchmarks/api_gpu.py [--mix serve|second|NAME:SLO_MS:RATE,...] [--scales 1,1.5,2]
+        [--seconds 10] [--clients 4] [--frontends 4] [--protos http,grpc] [--json OUT]
+    # anywhere: the simulated node with CPU workers and tiny models
+    python benchmarks/api_gpu.py --simulated
+
+1. ``stgs serve`` (NVML backend, or the simulated node) with the data plane (``--frontends``
+   processes) and a controller that does not re-plan (the plan must stay the one measured)
+   registers the mix's models over REST (``POST /v1/models``: SLO and rate; the shipped H100
+   profiles plan the zoo models, nothing is profiled) and waits until every one is ready.
+2. Through the API: for each scale s of the registered rates (``--scales``, ascending), an
+   open-loop Poisson load of s x the rates for ``--seconds``, KServe v2 binary tensors over HTTP
+   (and gRPC with ``--protos http,grpc``) from ``--clients`` processes of their own
+   (``benchmarks/_kserve_load.py``). A request is within SLO when it got a 200 within its
+   model's SLO of when the client meant to send it.
+3. The daemon stops (its MPS daemons quit). The plan it served (``GET /v1/plan``) is applied by
+   an in-process ``Runtime`` on the same backend, and ``serve_gpu.py``'s open-loop load
+   generator (the in-process router: ``Runtime.submit``) drives the same scales; within SLO means
+   the same (completed OK within SLO of the scheduled arrival).
+4. Goodput of each path: the highest scale whose share within SLO is >= 0.99, times the mix's
+   total rate; a sweep stops at the first scale below 0.99. The ratio API / in-process is the
+   figure issue 14 asks for (>= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _kserve_load as kserve_load
+import numpy as np
+from _kserve_load import Target, summarize
+from serve_gpu import (
+    DEADLINE,
+    DEFAULT_MODELS,
+    ERROR,
+    NOT_SENT,
+    OK,
+    LoadGen,
+    ModelCfg,
+    describe_plan,
+    open_backend,
+    parse_models,
+    poisson_arrivals,
+    stop_daemons,
+)
+
+from api.launch import LocalDaemon, wait_until
+from stgs.plan import Plan
+from stgs.runtime import Runtime
+from stgs.runtime.models import model_entry
+
+MIXES = {
+    "serve": DEFAULT_MODELS,  # serve_gpu.py's mix
+    # vision models of every size beside BERT: five partitions, tight SLOs
+    "second": "resnet18:8:600,googlenet:10:300,densenet121:25:150,bert_base:30:200,"
+    "mnasnet1_0:10:300",
+    "sim": "tiny_mlp:100:100,tiny_cnn:500:20",  # the simulated node: CPU workers
+}
+
+
+def _config(simulated: bool) -> str:
+    kind = "simulated" if simulated else "nvml"
+    return f"""[backend]
+kind = "{kind}"
+simulated_gpus = [{{ sku = "H100-80GB", count = 1, mig = false }}]
+allow_mig_changes = false
+[controller]
+interval_s = 3600.0
+"""
+
+
+def _quit_mps(run_dir: Path) -> None:
+    """MPS daemons a stopped daemon left behind (their pipe dirs are under its runtime dir)."""
+    for pipe in run_dir.glob("**/pipe"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["nvidia-cuda-mps-control"],
+                input=b"quit\n",
+                env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)},
+                timeout=15,
+                check=False,
+            )
+
+
+def _row(path: str, scale: float, total: float, s: dict[str, Any]) -> dict[str, Any]:
+    print(
+        f"  {path:11} x{scale:<5g} {scale * total:7.0f}/s  n={s['n']:6d}"
+        f"  within SLO {s['within_slo']:.4f}  p50 {s.get('p50_ms', 0):7.2f} ms"
+        f"  p99 {s.get('p99_ms', 0):8.2f} ms  client lag p99 {s.get('lag_p99_ms', 0):6.2f} ms"
+        f"  {s['codes']}",
+        flush=True,
+    )
+    return {"path": path, "scale": scale, "offered_rps": scale * total, **s}
+
+
+def through_api(
+    args: argparse.Namespace, models: list[ModelCfg], work: Path, protos: list[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Register the mix over REST, sweep the scales through the API; (plan view, rows)."""
+    d = LocalDaemon(
+        work / "daemon",
+        _config(args.simulated),
+        server_options=f"frontends = {args.frontends}\n",
+    )
+    rows: list[dict[str, Any]] = []
+    total = sum(m.rate_rps for m in models)
+    try:
+        p = d.start()
+        with d.client() as c:
+            wait_until("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 120, p)
+            t0 = time.monotonic()
+            for m in models:
+                r = c.post(
+                    "/v1/models", json={"name": m.name, "slo_ms": m.slo_ms, "rate_rps": m.rate_rps}
+                )
+                if r.status_code not in (200, 201, 202):
+                    raise RuntimeError(f"POST /v1/models {m.name}: {r.status_code} {r.text}")
+
+            def ready() -> bool:
+                ms = c.get("/v1/models").json()
+                bad = [x for x in ms if x["status"] in ("failed", "refused")]
+                if bad:
+                    raise RuntimeError(f"registration failed: {bad}")
+                return all(x["ready"] for x in ms)
+
+            wait_until("every model ready", ready, args.ready_timeout_s, p)
+            print(
+                f"daemon: {len(models)} models registered and ready in"
+                f" {time.monotonic() - t0:.1f} s"
+            )
+            view = c.get("/v1/plan").json()
+            fronts = c.get("/v1/status").json().get("frontends", [])
+            print(f"  frontends: {len(fronts)}")
+        targets = [
+            Target(m.name, m.rate_rps, model_entry(m.name).example(seed=i)[None])
+            for i, m in enumerate(models)
+        ]
+        slos = [m.slo_ms / 1e3 for m in models]
+        for proto in protos:
+            addr = f"127.0.0.1:{d.grpc_port if proto == 'grpc' else d.port}"
+            warm = [Target(t.model, 20.0, t.x) for t in targets]
+            kserve_load.load(proto, addr, warm, 2.0, 1, work / "warm")  # connections, caches
+            for scale in args.scale_list:
+                scaled = [Target(t.model, t.rate * scale, t.x) for t in targets]
+                got = kserve_load.load(proto, addr, scaled, args.seconds, args.clients, work / "c")
+                row = _row(f"api-{proto}", scale, total, summarize(got, slos))
+                rows.append(row)
+                if row["within_slo"] < 0.99:
+                    break
+    finally:
+        d.stop()
+        if not args.simulated:
+            _quit_mps(d.work / "run")
+    return view, rows
+
+
+def in_process(
+    args: argparse.Namespace, models: list[ModelCfg], plan: Plan, work: Path
+) -> list[dict[str, Any]]:
+    """The same plan on an in-process ``Runtime``; the same scales through its router."""
+    opened = open_backend(args.simulated, work / "run")
+    if opened is None:
+        raise RuntimeError("no backend")
+    backend, _ = opened
+    names = [m.name for m in models]
+    slos_ms = [m.slo_ms for m in models]
+    inputs = [model_entry(m.name).example(seed=i) for i, m in enumerate(models)]
+    total = sum(m.rate_rps for m in models)
+    runtime = Runtime(backend, slos=dict(zip(names, slos_ms, strict=True)), admission=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        runtime.start_monitor()
+        t = time.monotonic()
+        runtime.apply(plan)
+        states = [s["state"] for s in runtime.describe()]
+        print(f"in-process: plan applied in {time.monotonic() - t:.1f} s: {states}")
+        if any(s != "ready" for s in states):
+            raise RuntimeError(f"not every partition is ready: {states}")
+        gc.collect()
+        gc.freeze()
+        slo_of = np.asarray(slos_ms) / 1e3
+        for k, scale in enumerate([0.1, *args.scale_list]):  # 0.1: a warm-up, not reported
+            seconds = 2.0 if k == 0 else args.seconds
+            rates = [m.rate_rps * scale for m in models]
+            t_sched, m_idx = poisson_arrivals(rates, seconds, args.seed + k)
+            lg = LoadGen(runtime, names, slos_ms, inputs, t_sched, m_idx, 0)
+            lg.start(time.monotonic() + 0.2)
+            lg.join()
+            end = time.monotonic() + max(slos_ms) / 1e3 + 2.0
+            while lg.pending() and time.monotonic() < end:
+                time.sleep(0.01)
+            if k == 0:
+                continue
+            sent = lg.status != NOT_SENT
+            lat = lg.done - (lg.t0 + lg.t)  # NaN where never answered
+            code = np.select(
+                [lg.status == OK, lg.status == DEADLINE, lg.status == ERROR], [200, 429, 500], -1
+            )
+            recs = [
+                (int(mi), float(s - (lg.t0 + tt)), float(x) if np.isfinite(x) else 1e9, int(c))
+                for mi, s, tt, x, c in zip(
+                    m_idx[sent], lg.sent[sent], lg.t[sent], lat[sent], code[sent], strict=True
+                )
+            ]
+            row = _row("in-process", scale, total, summarize(recs, list(slo_of)))
+            rows.append(row)
+            if row["within_slo"] < 0.99:
+                break
+    finally:
+        runtime.close()
+        with contextlib.suppress(Exception):
+            stop_daemons(backend)
+        with contextlib.suppress(Exception):
+            backend.close()
+    return rows
+
+
+def goodput(rows: list[dict[str, Any]], path: str) -> float:
+    return max(
+        (r["offered_rps"] for r in rows if r["path"] == path and r["within_slo"] >= 0.99),
+        default=0.0,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mix", default=None, help="serve, second, sim or NAME:SLO_MS:RATE,...")
+    ap.add_argument("--scales", default="1,1.5,2,2.5,3,3.5,4")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--frontends", type=int, default=4)
+    ap.add_argument("--protos", default="http")
+    ap.add_argument("--simulated", action="store_true")
+    ap.add_argument("--ready-timeout-s", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", default=None, help="summary path (default $OUT/api_gpu-MIX.json)")
+    args = ap.parse_args(argv)
+    sys.setswitchinterval(1e-3)  # as serve_gpu.py's in-process load generator runs
+    mix = args.mix or ("sim" if args.simulated else "serve")
+    models = parse_models(MIXES.get(mix, mix))
+    args.scale_list = [float(s) for s in args.scales.split(",")]
+    protos = args.protos.split(",")
+    work = Path(tempfile.mkdtemp(prefix="stgs-apigpu-"))
+    total = sum(m.rate_rps for m in models)
+    out: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "mix": mix,
+        "models": [m.__dict__ for m in models],
+        "args": {k: v for k, v in vars(args).items() if k != "scale_list"},
+        "cpus": os.cpu_count(),
+    }
+    try:
+        view, rows = through_api(args, models, work, protos)
+        plan = Plan.from_dict(view["plan"])
+        out["plan"] = view["plan"]
+        print("the daemon's plan:\n" + "\n".join(describe_plan(plan)))
+        rows += in_process(args, models, plan, work / "inproc")
+        out["rows"] = rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\ngoodput (highest load with >= 99% within SLO; mix {mix}, {total:g} req/s at x1):")
+    base = goodput(rows, "in-process")
+    out["goodput"] = {}
+    for path in [*(f"api-{p}" for p in protos), "in-process"]:
+        g = goodput(rows, path)
+        out["goodput"][path] = g
+        ratio = f"{g / base:.2f} of in-process" if base else "in-process: none"
+        print(f"  {path:11} {g:7.0f} req/s  ({ratio})")
+    path = args.json or (
+        str(Path(os.environ["OUT"]) / f"api_gpu-{mix}.json") if os.environ.get("OUT") else None
+    )
+    if path:
+        Path(path).write_text(json.dumps(out, indent=1, default=str))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
