@@ -12,7 +12,7 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -93,6 +93,28 @@ class ServerConfig(_Strict):
         allow_inf_nan=False,
         description="the longest pause between two pieces of a request body (408)",
     )
+    max_concurrency: int = Field(
+        4096,
+        ge=16,
+        le=1 << 20,
+        description="connections and requests one serving process holds at once; above it, HTTP"
+        " answers 503 and gRPC RESOURCE_EXHAUSTED at once (with the data plane: per frontend)",
+    )
+
+    def limits(self) -> dict[str, Any]:
+        """What bounds one request (api.limits), as the frontends get it (one list)."""
+        return self.model_dump(include=set(LIMIT_FIELDS))
+
+
+LIMIT_FIELDS = (
+    "max_body_bytes",
+    "max_infer_body_bytes",
+    "max_header_bytes",
+    "header_timeout_s",
+    "body_timeout_s",
+    "idle_body_timeout_s",
+    "max_concurrency",
+)
 
 
 class PathsConfig(_Strict):

@@ -28,7 +28,7 @@ from typing import Any
 from api.app import AppContext, create_app
 from api.config import DaemonConfig, read_token
 from api.controller import Controller, LoadMeter
-from api.limits import header_limits_protocol
+from api.limits import uvicorn_config
 from api.metrics import Metrics
 from api.service import Observer, Service, clean_stale_profiling, cpu_profiler, gpu_profiler
 from api.store import Store
@@ -223,12 +223,7 @@ def start_dataplane(d: Daemon) -> _DataPlaneSockets:
             "token_file": None if s.token_file is None else str(s.token_file),
             "auth_all": d.ctx.auth_all,
             "control_socket": str(path),
-            "max_body_bytes": s.max_body_bytes,
-            "max_infer_body_bytes": s.max_infer_body_bytes,
-            "max_header_bytes": s.max_header_bytes,
-            "header_timeout_s": s.header_timeout_s,
-            "body_timeout_s": s.body_timeout_s,
-            "idle_body_timeout_s": s.idle_body_timeout_s,
+            **s.limits(),
         },
         on_event=lambda kind, msg, data: d.store.log_event(kind, msg, **data),
         on_stats=d.on_frontend_stats,
@@ -294,6 +289,7 @@ def serve(cfg: DaemonConfig) -> int:
                 cfg.server.grpc_port,
                 token=d.ctx.token,
                 auth_all=d.ctx.auth_all,
+                max_concurrent_rpcs=cfg.server.max_concurrency,
             )
             log.info("KServe v2 gRPC on %s:%d", cfg.server.host, bound)
         threading.Thread(target=restore, name="stgs-restore", daemon=True).start()
@@ -318,14 +314,14 @@ def serve(cfg: DaemonConfig) -> int:
         if dataplane is None
         else {"fd": dataplane.control.fileno()}
     )
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
-        **where,
+        header_timeout_s=cfg.server.header_timeout_s,
+        max_header_bytes=cfg.server.max_header_bytes,
+        max_concurrency=cfg.server.max_concurrency,
         log_level="info",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-        http=header_limits_protocol(cfg.server.header_timeout_s, cfg.server.max_header_bytes),
+        graceful_s=10,
+        **where,
     )
     server = uvicorn.Server(config)
     server.run()

@@ -62,7 +62,7 @@ from api.inference import (
     parse_infer,
     status_of,
 )
-from api.limits import BodyLimits, header_limits_protocol
+from api.limits import BodyLimits, uvicorn_config
 from stgs import __version__
 from stgs.errors import (
     DeadlineExceededError,
@@ -504,6 +504,7 @@ class FrontendConfig:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     idle_body_timeout_s: float = 10.0
+    max_concurrency: int = 4096
     max_in_flight: int = 64  # per partition, this frontend's share
 
     @classmethod
@@ -538,13 +539,13 @@ class Frontend:
             body_timeout_s=cfg.body_timeout_s,
             idle_body_timeout_s=cfg.idle_body_timeout_s,
         )
-        config = uvicorn.Config(
+        config = uvicorn_config(
             asgi,
+            header_timeout_s=cfg.header_timeout_s,
+            max_header_bytes=cfg.max_header_bytes,
+            max_concurrency=cfg.max_concurrency,
             log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-            http=header_limits_protocol(cfg.header_timeout_s, cfg.max_header_bytes),
+            graceful_s=5,
         )
         server = uvicorn.Server(config)
         grpc_server = None
@@ -558,6 +559,7 @@ class Frontend:
                 token=self.token,
                 auth_all=cfg.auth_all,
                 max_message_bytes=cfg.max_infer_body_bytes,
+                max_concurrent_rpcs=cfg.max_concurrency,
                 reuse_port=True,
             )
         control = asyncio.create_task(self._control(server))

@@ -238,16 +238,19 @@ async def start(
     token: str | None = None,
     auth_all: bool = False,
     max_message_bytes: int = 64 << 20,
+    max_concurrent_rpcs: int | None = None,
     reuse_port: bool = False,
 ) -> tuple[Any, int]:
     """Start the gRPC server on the running event loop; (server, the port it bound).
 
     ``reuse_port``: bind with SO_REUSEPORT, so that every frontend process serves one port (the
     kernel spreads connections over them); the daemon alone binds without it, so a second daemon
-    on the same port fails instead of sharing it."""
+    on the same port fails instead of sharing it. ``max_concurrent_rpcs``: calls above it are
+    refused at once with RESOURCE_EXHAUSTED by gRPC itself (a bounded queue)."""
     interceptors = [_TokenCheck(token)] if token is not None and auth_all else []
     server = grpc.aio.server(
         interceptors=interceptors,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

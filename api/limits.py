@@ -233,6 +233,33 @@ class HeaderLimitsProtocol(HttpToolsProtocol):
         transport.close()
 
 
+def uvicorn_config(
+    app: Any,
+    *,
+    header_timeout_s: float,
+    max_header_bytes: int,
+    max_concurrency: int,
+    log_level: str,
+    graceful_s: float,
+    **where: Any,
+) -> Any:
+    """The ``uvicorn.Config`` of a serving process (the daemon's, a frontend's): the header
+    limits' protocol, the concurrency bound (503 above it), no access log; ``where``: host and
+    port, or fd."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        **where,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_s,
+        limit_concurrency=max_concurrency,
+        http=header_limits_protocol(header_timeout_s, max_header_bytes),
+    )
+
+
 def header_limits_protocol(
     header_timeout_s: float, max_header_bytes: int
 ) -> type[HeaderLimitsProtocol]:

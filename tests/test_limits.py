@@ -375,3 +375,73 @@ def test_a_token_file_others_may_write_stops_the_daemon(tmp_path: Path, mode: in
         f"stgs: error: {token}: the token file is writable by group or others"
         f" (mode {mode:04o}); chmod go-w {token}"
     ]
+
+
+def test_concurrency_bound_answers_at_once(tmp_path: Path) -> None:
+    """``server.max_concurrency``: past it a frontend answers HTTP 503 and gRPC
+    RESOURCE_EXHAUSTED at once instead of queueing (idle connections and open streams count)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    bound = 16
+    d = LocalDaemon(
+        tmp_path,
+        '[backend]\nkind = "simulated"\n',
+        server_options=f"frontends = 1\nmax_concurrency = {bound}\n",
+    )
+    p = d.start()
+    held: list[socket.socket] = []
+    try:
+        with d.client() as c:
+            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 30, p)
+        for _ in range(bound + 4):  # idle keep-alive connections, as a slow client holds them
+            held.append(_connect(d))
+        time.sleep(0.3)  # the frontend has accepted them
+        t0 = time.monotonic()
+        r = httpx.get(f"{d.url}/v2/health/live", timeout=10)
+        assert r.status_code == 503, r.text
+        assert time.monotonic() - t0 < 2.0
+        for s in held:
+            s.close()
+        held.clear()
+        wait_until(
+            "served again",
+            lambda: httpx.get(f"{d.url}/v2/health/live", timeout=10).status_code == 200,
+            10,
+            p,
+        )
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{d.grpc_port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+        stop = threading.Event()
+
+        def idle() -> Iterator[pb.ModelInferRequest]:  # a stream that sends nothing
+            stop.wait(30)
+            return
+            yield
+
+        streams = [stub.ModelStreamInfer(idle()) for _ in range(bound + 4)]
+        try:
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+        finally:
+            stop.set()
+            for st in streams:
+                st.cancel()
+
+        def live() -> bool:
+            try:
+                return bool(stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live)
+            except grpc.RpcError:
+                return False
+
+        wait_until("gRPC served again", live, 10, p)
+        channel.close()
+    finally:
+        for s in held:
+            s.close()
+        d.stop()
