@@ -99,6 +99,36 @@ def _rss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
+def _tree(root: int) -> list[int]:
+    """``root`` and every process below it (workers, frontends)."""
+    children: dict[int, list[int]] = {}
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = st.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(st.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _cpu_s(root: int) -> float:
+    """CPU seconds (user + system) the process tree under ``root`` has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def _daemon_pids(d: LocalDaemon) -> list[int]:
     with d.client() as c:
         fronts = c.get("/v1/status").json().get("frontends", [])
@@ -121,20 +151,16 @@ def overload(
     over = load(kind, addr, 3 * rate, 30.0, args.clients, work, cpus)
     after = load(kind, addr, rate, 10.0, args.clients, work, cpus)
     rss1 = _rss_mib(pids)
-    lat = np.array([r[1] for r in over])
-    served = sum(1 for r in over if r[2] == 200 and r[1] <= slo_s) / 30.0
-    codes: dict[str, int] = {}
-    for r in over:
-        codes[str(r[2])] = codes.get(str(r[2]), 0) + 1
+    s = summarize(over, slo_s)
     return {
         "target": target,
         "rate": rate,
-        "overload_p99_ms": float(np.percentile(lat, 99) * 1e3),
-        "served_within_slo_per_s": served,
+        "overload_p99_ms": s["p99_ms"],
+        "served_within_slo_per_s": s["within_slo"] * s["n"] / 30.0,
         "after_within_slo": summarize(after, slo_s)["within_slo"],
         "rss_before_mib": rss0,
         "rss_after_mib": rss1,
-        "codes": codes,
+        "codes": s["codes"],
     }
 
 
@@ -217,16 +243,21 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     continue
+                root = bare.pid if bare is not None else d.procs[-1].pid
                 for rate in rates:
+                    cpu0 = _cpu_s(root)
                     s = summarize(
                         load(kind, addr, rate, args.seconds, args.clients, work, client_cpus),
                         args.slo_ms / 1e3,
                     )
+                    # the server's CPU (every process of it) per answer
+                    s["server_cpu_us"] = (_cpu_s(root) - cpu0) / max(s["n"], 1) * 1e6
                     results.append({"target": target, "rate": rate, **s})
                     print(
                         f"{target:8} {rate:7.0f}/s  n={s['n']:6d}  within SLO {s['within_slo']:.4f}"
                         f"  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:8.1f} ms"
-                        f"  client lag p99 {s['lag_p99_ms']:6.1f} ms  {s['codes']}",
+                        f"  client lag p99 {s['lag_p99_ms']:6.1f} ms"
+                        f"  server CPU {s['server_cpu_us']:5.0f} us/req  {s['codes']}",
                         flush=True,
                     )
                     if s["within_slo"] < 0.5:
