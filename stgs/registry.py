@@ -738,10 +738,7 @@ def build_module(model: ModelEntry | str, device: str = "cpu") -> torch.nn.Modul
     loaded: torch.nn.Module
     if entry.kind == "torchscript":
         check_torchscript(path)
-        loaded = _file_load(
-            path,
-            lambda: torch.jit.load(str(path), map_location="cpu").eval(),  # type: ignore[no-untyped-call]
-        )
+        loaded = _file_load(path, lambda: _jit_load(path))
         return loaded
     if entry.kind == "export":
         check_export(path)
@@ -760,6 +757,18 @@ def build_module(model: ModelEntry | str, device: str = "cpu") -> torch.nn.Modul
     else:
         raise ConfigError(f"model {entry.name!r}: unknown kind {entry.kind!r}")
     return module.eval()
+
+
+def _jit_load(path: Path) -> Any:
+    """``torch.jit.load`` (TorchScript is deprecated in favour of torch.export, and says so at
+    every call; it still loads, and it is the format many model files come in)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()  # type: ignore[no-untyped-call]
 
 
 def _file_load(path: Path, load: Callable[[], Any]) -> Any:
