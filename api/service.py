@@ -487,6 +487,11 @@ class Service:
                     f" (name {target!r})"
                 )
             entry = model_entry(target)  # ConfigError for unknown names
+            if len(given) > len(entry.inputs):
+                raise ConfigError(
+                    f"{target} takes {len(entry.inputs)} input(s); the registration gives"
+                    f" {len(given)}"
+                )
             if given:
                 want = entry.input_shape
                 shape = given[0].shape
