@@ -92,12 +92,18 @@ class ModelIn(_In):
         None,
         max_length=1024,
         pattern=r"^(builtin|file):.+$",
-        description="builtin:<name> (default: builtin:<name>) or file:<path in model_dir>",
+        description="builtin:<name> (default: builtin:<name>) or file:<path in model_dir>"
+        " (.pt TorchScript, .pt2 torch.export, .onnx ONNX)",
     )
     slo_ms: float = Field(gt=0, le=600_000, allow_inf_nan=False, description="latency SLO")
     rate_rps: float = Field(ge=0, le=1_000_000, allow_inf_nan=False, description="expected rate")
     dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="compute dtype on GPUs")
-    inputs: list[TensorSpec] = Field(default_factory=list, max_length=1)
+    inputs: list[TensorSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="the model's inputs (a TorchScript file needs them; other files and the"
+        " built-ins describe their own, which these must match); served models take one",
+    )
 
 
 class ModelOut(BaseModel):

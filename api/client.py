@@ -45,7 +45,20 @@ def add_arguments(sub: Any) -> None:
     a.add_argument("name", help="built-in model name, e.g. tiny_mlp, resnet50")
     a.add_argument("--slo-ms", type=float, required=True, help="latency SLO (ms)")
     a.add_argument("--rate-rps", type=float, required=True, help="expected request rate")
-    a.add_argument("--source", help="builtin:<name> or file:<path in model_dir>")
+    a.add_argument(
+        "--source",
+        help="builtin:<name> or file:<path in model_dir> (.pt TorchScript, .pt2, .onnx)",
+    )
+    a.add_argument(
+        "--input-shape",
+        help="one sample's input shape, e.g. 3x224x224 (a TorchScript file needs it)",
+    )
+    a.add_argument(
+        "--input-datatype",
+        default="FP32",
+        choices=("FP32", "FP16", "INT64", "INT32", "UINT8"),
+        help="the input's KServe datatype with --input-shape (default FP32)",
+    )
     a.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     a.add_argument("--wait", type=float, default=0.0, help="seconds to wait until it serves")
     _common(a)
@@ -167,6 +180,15 @@ def _models(args: argparse.Namespace) -> int:
         }
         if args.source:
             spec["source"] = args.source
+        if args.input_shape:
+            dims = [d for d in args.input_shape.lower().replace(",", "x").split("x") if d]
+            try:
+                shape = [int(d) for d in dims]
+            except ValueError:
+                raise SystemExit(
+                    f"--input-shape {args.input_shape!r}: expected e.g. 3x224x224"
+                ) from None
+            spec["inputs"] = [{"datatype": args.input_datatype, "shape": shape}]
         m = _call(args, "POST", "/v1/models", json=spec)
         end = time.monotonic() + args.wait
         while m["status"] == "profiling" and time.monotonic() < end:

@@ -123,7 +123,18 @@ class PathsConfig(_Strict):
         Path("stgs-run"), description="MPS pipe/log directories, worker sockets (RuntimeDirectory)"
     )
     model_dir: Path = Field(
-        Path("models"), description="model files load only from here (no path traversal)"
+        Path("models"),
+        description="model files (source file:<path>) load only from here: the resolved path,"
+        " symlinks included, must stay inside it",
+    )
+
+
+class ModelsConfig(_Strict):
+    """``[models]``: model files registered with ``source: file:<path in paths.model_dir>``
+    (TorchScript .pt/.ts, torch.export .pt2, ONNX .onnx; never pickled modules)."""
+
+    max_file_mb: float = Field(
+        2048.0, gt=0, le=1 << 20, description="a larger model file is refused (MiB)"
     )
 
 
@@ -232,6 +243,7 @@ class DaemonConfig(_Strict):
     planner: PlannerConfig = Field(default_factory=lambda: PlannerConfig())
     controller: ControllerConfig = Field(default_factory=lambda: ControllerConfig())
     workers: WorkersConfig = Field(default_factory=lambda: WorkersConfig())
+    models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
 
     @field_validator("server")
     @classmethod

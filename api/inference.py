@@ -142,19 +142,19 @@ class ModelIO:
 
 def model_io(svc: Service, model: str, version: str = "") -> ModelIO:
     """The registered model's tensors; InferError(404) for an unknown model or version."""
-    from stgs.runtime.models import model_entry
-
     rec = svc.store.get_model(model)
     if rec is None:
         raise InferError(404, f"unknown model {model!r}")
     if version not in ("", "1"):
         raise InferError(404, f"model {model!r} has no version {version!r} (versions: 1)")
     try:
-        entry = model_entry(rec.name)
+        entry = svc.entry(rec)
     except ConfigError as exc:
         raise InferError(404, str(exc)) from None
     inputs = rec.spec.get("inputs") or []
-    name = inputs[0]["name"] if inputs else "input"
+    # a file: its own input name (TorchScript: the registration's)
+    default = entry.inputs[0].name if entry.is_file else "input"
+    name = default if entry.is_file or not inputs else inputs[0]["name"]
     return ModelIO(model, name, entry.input_dtype, entry.input_shape)
 
 

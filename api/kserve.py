@@ -32,6 +32,7 @@ from api.inference import (
     InferError,
     ModelIO,
     encode_infer,
+    model_io,
     parse_infer,
 )
 from stgs import __version__
@@ -162,13 +163,9 @@ def router() -> APIRouter:
             raise InferError(404, f"unknown model {model!r}")
         return rec
 
-    def _io(rec: Any) -> tuple[str, str, tuple[int, ...] | None]:
-        from stgs.runtime.models import model_entry
-
-        entry = model_entry(rec.name)
-        inputs = rec.spec.get("inputs") or []
-        name = inputs[0]["name"] if inputs else "input"
-        return name, entry.input_dtype, entry.input_shape
+    def _io(request: Request, rec: Any) -> tuple[str, str, tuple[int, ...] | None]:
+        io = model_io(svc(request), rec.name)
+        return io.input_name, io.dtype, io.shape
 
     @r.get(
         "/v2/models/{model}",
@@ -178,7 +175,7 @@ def router() -> APIRouter:
     async def model_metadata(model: str, request: Request) -> Response:
         try:
             rec = _record(request, model)
-            in_name, dtype, shape = _io(rec)
+            in_name, dtype, shape = _io(request, rec)
         except InferError as exc:
             return error(exc.status, exc.message)
         except ConfigError as exc:
@@ -244,7 +241,7 @@ def router() -> APIRouter:
         try:
             body = await request.body()  # at most server.max_infer_body_bytes (api.limits)
             rec = _record(request, model)
-            io = ModelIO(model, *_io(rec))
+            io = ModelIO(model, *_io(request, rec))
             call = parse_infer(body, request.headers.get(HEADER), io)
             arrival_ns = getattr(request.state, "arrival_ns", None)
             out = await svc(request).infer_array(model, call.array, arrival_ns)

@@ -108,24 +108,47 @@ class LocalDaemon:
         return p
 
     def start_serving(
-        self, model: str, slo_ms: float, rate_rps: float, timeout_s: float = 120.0
+        self,
+        model: str,
+        slo_ms: float,
+        rate_rps: float,
+        timeout_s: float = 120.0,
+        extra: dict[str, Any] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start the daemon, register ``model`` over REST (profiled in the background on the
-        simulated node) and return once it serves (``/v2/models/{model}/ready``)."""
+        simulated node) and return once it serves (``/v2/models/{model}/ready``). ``extra``:
+        more registration fields (``source``, ``inputs``)."""
         p = self.start()
         with self.client() as c:
             wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
-            body = {"name": model, "slo_ms": slo_ms, "rate_rps": rate_rps}
+        self.register(model, slo_ms, rate_rps, timeout_s, extra)
+        return p
+
+    def register(
+        self,
+        model: str,
+        slo_ms: float,
+        rate_rps: float,
+        timeout_s: float = 120.0,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Register ``model`` over REST on the running daemon and wait until it serves."""
+        p = self.procs[-1]
+        with self.client() as c:
+            body = {"name": model, "slo_ms": slo_ms, "rate_rps": rate_rps, **(extra or {})}
             r = c.post("/v1/models", json=body)
             if r.status_code not in (201, 202):
                 raise RuntimeError(f"registering {model}: {r.status_code} {r.text}")
-            wait_until(
-                f"{model} served",
-                lambda: c.get(f"/v2/models/{model}/ready").status_code == 200,
-                timeout_s,
-                p,
-            )
-        return p
+
+            def served() -> bool:
+                if c.get(f"/v2/models/{model}/ready").status_code == 200:
+                    return True
+                got = c.get(f"/v1/models/{model}").json()
+                if got.get("status") in ("failed", "refused"):
+                    raise RuntimeError(f"{model}: {got['status']}: {got.get('detail')}")
+                return False
+
+            wait_until(f"{model} served", served, timeout_s, p)
 
     def client(self, timeout_s: float = 60.0) -> httpx.Client:
         return httpx.Client(

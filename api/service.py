@@ -59,6 +59,14 @@ from stgs.errors import (
 )
 from stgs.plan import Plan, empty_plan
 from stgs.profiles import ProfileRow, ProfileTable, default_profiles_path, read_profiles
+from stgs.registry import (
+    FILE_FORMATS,
+    ModelEntry,
+    TensorSpec,
+    file_entry,
+    model_entry,
+    resolve_model_file,
+)
 from stgs.runtime import PartitionState, Runtime
 from stgs.scenario import PlannerOptions, Scenario
 from stgs.types import GpuSpec, ModelSpec
@@ -67,14 +75,16 @@ log = logging.getLogger(__name__)
 
 PROFILING, PENDING, READY, REFUSED, FAILED = "profiling", "pending", "ready", "refused", "failed"
 LIVE = (PENDING, READY)  # statuses of models that belong in the plan
-MODEL_FILE_SUFFIXES = (".pt", ".ts", ".pt2")
+MODEL_FILE_SUFFIXES = tuple(FILE_FORMATS)
 OPTIMISTIC_TRIES = 3  # plans made off the lock before the last one is made holding it
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-ProfileFn = Callable[[str, str], list[ProfileRow]]
-"""(model name, GPU SKU) -> measured profile rows of that model on that SKU."""
+ProfileFn = Callable[[ModelEntry, str], list[ProfileRow]]
+"""(the model's registry entry, GPU SKU) -> measured profile rows of that model on that SKU."""
+
+__all__ = ["ProfileFn", "Service", "cpu_profiler", "gpu_profiler", "resolve_model_file"]
 
 
 class NotFoundError(StgsError):
@@ -93,33 +103,18 @@ class UnavailableError(StgsError):
     """The daemon cannot do it now: the plan could not be applied or made in time (HTTP 503)."""
 
 
+def _tensor(t: Mapping[str, Any]) -> TensorSpec:
+    """A registration's tensor (``TensorSpec`` of :mod:`api.app`: KServe datatype names)."""
+    dtype = inference.DTYPES.get(str(t.get("datatype", "FP32")), "")
+    return TensorSpec(str(t.get("name", "input")), dtype, tuple(int(d) for d in t["shape"]))
+
+
 @dataclass
 class Observer:
     """Hooks for metrics and the controller's meters; every one optional."""
 
     on_request: Callable[[str, int, float, bool, str], None] | None = None
     on_reconfig: Callable[[bool, float], None] | None = None
-
-
-def resolve_model_file(model_dir: Path, rel: str) -> Path:
-    """``rel`` inside ``model_dir``, resolved (symlinks too); ConfigError on traversal."""
-    if not rel or "\x00" in rel:
-        raise ConfigError("model file: empty path")
-    base = model_dir.resolve()
-    p = Path(rel)
-    if p.is_absolute():
-        raise ConfigError(f"model file {rel!r}: give a path relative to the model directory")
-    target = (base / p).resolve()
-    if not target.is_relative_to(base):
-        raise ConfigError(f"model file {rel!r} is outside the model directory")
-    if target.suffix not in MODEL_FILE_SUFFIXES:
-        raise ConfigError(
-            f"model file {rel!r}: only TorchScript (.pt, .ts) or torch.export (.pt2) files load"
-            " (never pickled modules)"
-        )
-    if not target.is_file():
-        raise ConfigError(f"model file {rel!r}: no such file in the model directory")
-    return target
 
 
 def clean_stale_profiling(work_dir: Path) -> list[str]:
@@ -146,16 +141,18 @@ def cpu_profiler(
     stand in for the simulated GPU's whole-GPU rows (``full`` at the SKU's SM count); the
     latency functions scale them to smaller partitions."""
 
-    def run(model: str, sku: str) -> list[ProfileRow]:
+    def run(entry: ModelEntry, sku: str) -> list[ProfileRow]:
         from profiler.measure import TimingOptions
-        from profiler.models import resolve_spec
+        from profiler.models import ModelSpec as ProfiledModel
         from profiler.run import ProfileConfig, run_profile
+
+        model = entry.name
 
         work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
             out = Path(tmp) / "profile.csv"
             cfg = ProfileConfig(
-                models=(resolve_spec(model),),
+                models=(ProfiledModel.of(entry),),
                 out=out,
                 device="cpu",
                 batches=tuple(batches),
@@ -180,14 +177,15 @@ def cpu_profiler(
 def gpu_profiler(work_dir: Path, device: str = "0") -> ProfileFn:
     """Profile on a real GPU with the profiler's default grid (whole GPU, MPS shares)."""
 
-    def run(model: str, sku: str) -> list[ProfileRow]:
-        from profiler.models import resolve_spec
+    def run(entry: ModelEntry, sku: str) -> list[ProfileRow]:
+        from profiler.models import ModelSpec as ProfiledModel
         from profiler.run import ProfileConfig, run_profile
 
+        model = entry.name
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / f"{model}.csv"  # resumable across restarts
         summary = run_profile(
-            ProfileConfig(models=(resolve_spec(model),), out=out, device=device, quiet=True)
+            ProfileConfig(models=(ProfiledModel.of(entry),), out=out, device=device, quiet=True)
         )
         if summary.load_failures:
             raise ProfileError("; ".join(summary.load_failures.values()))
@@ -243,6 +241,7 @@ class Service:
         self.inflight = _Inflight()
         self.restored = False
         self.last_error: str | None = None
+        self._entries: dict[str, tuple[tuple[str, str], ModelEntry]] = {}
 
     def log_event(self, kind: str, message: str, **data: Any) -> None:
         self.store.log_event(kind, message, **data)
@@ -468,34 +467,62 @@ class Service:
             raise NotFoundError(f"no model {name!r} is registered")
         return rec
 
-    def validate(self, spec: Mapping[str, Any]) -> None:
-        """Checks that need the node: the runtime knows the model; a file is in model_dir."""
-        from stgs.runtime.models import model_entry
-
-        source = str(spec.get("source") or f"builtin:{spec['name']}")
+    def validate(self, spec: Mapping[str, Any]) -> ModelEntry:
+        """Checks that need the node; the model's registry entry. A built-in must be known to
+        the registry; a file must be in ``paths.model_dir``, within ``models.max_file_mb``, of
+        a format that loads without pickle, with tensors the file and the request agree on.
+        ConfigError (ModelFileError for files: it names the file and the reason)."""
+        name = str(spec["name"])
+        source = str(spec.get("source") or f"builtin:{name}")
         kind, _, target = source.partition(":")
+        given = tuple(_tensor(t) for t in spec.get("inputs") or [])
         if kind == "file":
-            resolve_model_file(self.cfg.paths.model_dir, target)
-            raise ConfigError(
-                f"model file {target!r} is in the model directory, but the serving runtime loads"
-                " built-in and torchvision models only for now; register it by its built-in name"
-            )
-        if kind != "builtin":
-            raise ConfigError(f"source {source!r}: expected builtin:<name> or file:<path>")
-        if target != spec["name"]:
-            raise ConfigError(
-                f"source {source!r}: a built-in model is served under its own name"
-                f" (name {target!r})"
-            )
-        entry = model_entry(target)  # ConfigError for unknown names
-        inputs = spec.get("inputs") or []
-        if inputs:
-            want = entry.input_shape
-            shape = tuple(int(d) for d in inputs[0]["shape"])
-            if want is not None and shape != want:
+            path = resolve_model_file(self.cfg.paths.model_dir, target)
+            max_bytes = int(self.cfg.models.max_file_mb * 2**20)
+            entry = file_entry(name, path, given, max_bytes=max_bytes)
+        elif kind == "builtin":
+            if target != name:
                 raise ConfigError(
-                    f"input shape {list(shape)} does not match {target}'s sample shape {list(want)}"
+                    f"source {source!r}: a built-in model is served under its own name"
+                    f" (name {target!r})"
                 )
+            entry = model_entry(target)  # ConfigError for unknown names
+            if len(given) > len(entry.inputs):
+                raise ConfigError(
+                    f"{target} takes {len(entry.inputs)} input(s); the registration gives"
+                    f" {len(given)}"
+                )
+            if given:
+                want = entry.input_shape
+                shape = given[0].shape
+                if want is not None and shape != want:
+                    raise ConfigError(
+                        f"input shape {list(shape or ())} does not match {target}'s sample shape"
+                        f" {list(want)}"
+                    )
+        else:
+            raise ConfigError(f"source {source!r}: expected builtin:<name> or file:<path>")
+        if len(entry.inputs) != 1:
+            raise ConfigError(
+                f"model {name!r} takes {len(entry.inputs)} inputs"
+                f" ({', '.join(t.name for t in entry.inputs)}); the serving transport passes one"
+                " array per request for now: models of one input only"
+            )
+        return entry
+
+    def entry(self, rec: ModelRecord) -> ModelEntry:
+        """The registry entry of a registered model (cached; files are inspected once)."""
+        key = (rec.name, repr(sorted(rec.spec.items())))
+        got = self._entries.get(rec.name)
+        if got is not None and got[0] == key:
+            return got[1]
+        entry = self.validate(rec.spec)
+        self._entries[rec.name] = (key, entry)
+        if entry.is_file:
+            self.runtime.entries[rec.name] = entry
+        else:
+            self.runtime.entries.pop(rec.name, None)
+        return entry
 
     def registered_as(self, spec: Mapping[str, Any]) -> ModelRecord | None:
         """The stored registration that ``spec`` repeats, if it still stands (not refused or
@@ -513,7 +540,7 @@ class Service:
         ConfigError (invalid), UnavailableError (the plan could not be applied).
         """
         name = str(spec["name"])
-        self.validate(spec)
+        entry = self.validate(spec)
         with self._lock:
             old = self.store.get_model(name)
             if old is not None and old.status not in (REFUSED, FAILED):
@@ -521,6 +548,11 @@ class Service:
                     f"model {name!r} is already registered ({old.status}); delete it first"
                 )
             self.runtime.slos[name] = float(spec["slo_ms"])
+            self._entries.pop(name, None)
+            if entry.is_file:
+                self.runtime.entries[name] = entry
+            else:
+                self.runtime.entries.pop(name, None)
             if not self.has_profile(name):
                 if self.profiler is None:
                     raise ConfigError(f"no profile for {name!r} on {', '.join(self.skus())}")
@@ -603,7 +635,10 @@ class Service:
                 if self.store.get_model(name) is None:
                     return  # deleted meanwhile
                 self.store.set_model_status(name, PROFILING, f"measuring on {sku}")
-                rows = self.profiler(name, sku)
+                rec = self.store.get_model(name)
+                if rec is None:
+                    return
+                rows = self.profiler(self.entry(rec), sku)
                 if not rows:
                     raise ProfileError(f"profiling {name} on {sku} measured nothing")
                 self.store.put_profiles(rows)
@@ -631,6 +666,8 @@ class Service:
             rec = self.get(name)
             self.store.delete_model(name)
             self.runtime.slos.pop(name, None)
+            self.runtime.entries.pop(name, None)
+            self._entries.pop(name, None)
             self.store.log_event("delete", f"model {name}", model=name)
             self._changed()
             cur = self.runtime.current_plan
@@ -651,6 +688,13 @@ class Service:
         models = self.store.models()
         for r in models:
             self.runtime.slos[r.name] = float(r.spec["slo_ms"])
+            try:
+                self.entry(r)  # model files: the workers need their entries
+            except ConfigError as exc:  # the file went away or changed: that model fails
+                log.warning("model %s: %s", r.name, exc)
+                if r.status in LIVE or r.status == PROFILING:
+                    self.store.set_model_status(r.name, FAILED, str(exc))
+        models = self.store.models()
         found = self._observed_layout()
         self.store.log_event("start", f"daemon start; node: {found}", node=found)
         live = {r.name for r in models if r.status in LIVE}

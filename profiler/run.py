@@ -373,7 +373,7 @@ class _Run:
                 sm_count=int(r["sm_count"]),
                 batch=p.batch,
                 latency_ms=round(float(r["median_ms"]), 4),
-                memory_mib=round(float(r["memory_mib"]), 1),
+                memory_mib=round(float(r["memory_mib"]), 3),
             )
         except ProfileError as exc:
             self.fail(p, f"invalid measurement: {exc}")

@@ -120,6 +120,7 @@ class WorkerState:
             kind=spec["kind"],
             target=spec["target"],
             input_shape=tuple(spec["input_shape"]) if spec.get("input_shape") else None,
+            entry=spec.get("entry"),
         )
         t0 = time.perf_counter()
         dt = _torch_dtype(dtype) if self.cuda else self.torch.float32

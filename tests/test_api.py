@@ -20,13 +20,14 @@ from api.config import DaemonConfig
 from api.daemon import Daemon, build
 from stgs.catalog import get_sku
 from stgs.profiles import ProfileRow
+from stgs.registry import ModelEntry
 
 TOKEN = "api-test-token-0123456789"
 
 
-def fake_profiler(model: str, sku: str) -> list[ProfileRow]:
+def fake_profiler(model: ModelEntry, sku: str) -> list[ProfileRow]:
     sms = get_sku(sku).sm_count
-    return [ProfileRow(sku, model, "full", sms, b, 0.5 + 0.05 * b, 10.0) for b in (1, 2, 4, 8)]
+    return [ProfileRow(sku, model.name, "full", sms, b, 0.5 + 0.05 * b, 10.0) for b in (1, 2, 4, 8)]
 
 
 def _daemon(tmp_path: Path, **server: object) -> Daemon:
@@ -280,7 +281,8 @@ def test_model_files_only_from_the_model_dir(client: TestClient, tmp_path: Path)
     r = client.post(
         "/v1/models", json={"name": "m", "slo_ms": 1, "rate_rps": 1, "source": "file:ok.pt"}
     )
-    assert r.status_code == 422 and "loads built-in and torchvision models only" in r.text
+    assert r.status_code == 422 and "not a TorchScript archive" in r.text
+    assert "ok.pt" in r.json()["error"]
 
 
 def test_nasty_paths_and_queries(client: TestClient) -> None:

@@ -74,8 +74,16 @@ def test_resolve_spec(tmp_path: Path) -> None:
     f.write_bytes(b"x")
     spec = resolve_spec(str(f), (3, 8, 8))
     assert (spec.kind, spec.name, spec.input_shape) == ("export", "m", (3, 8, 8))
+    # a .pt2 or .onnx file's inputs come from the file; a TorchScript file needs --input-shape
+    assert resolve_spec(str(f)).input_shape is None
+    ts = tmp_path / "m.pt"
+    ts.write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="input-shape"):
-        resolve_spec(str(f))
+        resolve_spec(str(ts))
+    onnx_file = tmp_path / "n.onnx"
+    onnx_file.write_bytes(b"x")
+    assert resolve_spec(str(onnx_file)).kind == "onnx"
+    assert resolve_spec("echo").kind == "builtin"  # the test models profile too
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_spec(str(tmp_path / "nope.pt"), (3,))
     with pytest.raises(ModelLoadError, match="unknown model"):

@@ -122,12 +122,12 @@ def test_model_registry() -> None:
 
 def test_bert_encoder_shape() -> None:
     torch = pytest.importorskip("torch")
-    from stgs.runtime.models import bert_encoder
+    from stgs.registry import bert_encoder
 
     net = bert_encoder(vocab=100, hidden=32, layers=2, heads=4, ff=64).eval()
     with torch.inference_mode():
         out = net(torch.randint(0, 100, (3, 16)))
-    assert tuple(out.shape) == (3, 32)
+    assert tuple(out.shape) == (3, 16, 32)  # the last hidden state, as profiled
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from partitioner.control import MIN_RATE_RPS, ControlRules
+from stgs.registry import sample_bytes
 
 # Median spread of batch latency measured on an H100 with CUDA graphs (the 344 rows of
 # stgs/data/profiles.csv: ln(p99_ms / latency_ms) / 2.326, median 0.0023,
@@ -37,18 +38,6 @@ class ReconfigCosts(_Strict):
     graph_capture_s: float = Field(default=0.05, ge=0)  # per captured batch bucket
 
 
-# Bytes of one request's input, by model (profile) name, as the runtime's workers take them
-# (stgs.runtime.models.model_entry; that needs torchvision, so the sizes are listed here).
-_IMAGE_BYTES = 3 * 224 * 224 * 4  # float32 3x224x224
-INPUT_BYTES: dict[str, int] = {
-    "bert_base": 128 * 8,  # int64 token ids, sequence 128
-    "wav2vec2_base": 16000 * 4,  # float32, 1 s of 16 kHz audio
-    "inception_v3": 3 * 299 * 299 * 4,
-    "tiny_mlp": 64 * 4,
-    "tiny_cnn": 3 * 32 * 32 * 4,
-}
-
-
 class HostCosts(_Strict):
     """Host-side time around each GPU batch, as the runtime spends it (milliseconds).
 
@@ -57,8 +46,9 @@ class HostCosts(_Strict):
     GPU batch latency + ``batch_ms`` + n x (``sample_ms`` + ``sample_ms_per_mb`` x MB) (copy
     into the pinned input, host-to-device copy, result copy back, one reply per request); each
     answer reaches the client ``reply_ms`` after its batch ends. MB: the request's input size
-    in MB (10^6 bytes), ``input_mb`` per model or :data:`INPUT_BYTES` (a 3x224x224 float32
-    image for other names). Defaults: measured on the workers' trace of the lent H100's
+    in MB (10^6 bytes), ``input_mb`` per model or the registry's sample size
+    (:func:`stgs.registry.sample_bytes`: a 3x224x224 float32 image for names it does not
+    know). Defaults: measured on the workers' trace of the lent H100's
     serve_gpu.py runs of session 3 (2026-11-22, full and half rate pooled; docs/simulator.md,
     ``benchmarks/fidelity.py --fit``), one set for every model.
     """
@@ -75,7 +65,7 @@ class HostCosts(_Strict):
     def mb(self, model: str) -> float:
         if model in self.input_mb:
             return float(self.input_mb[model])
-        return INPUT_BYTES.get(model, _IMAGE_BYTES) / 1e6
+        return sample_bytes(model) / 1e6
 
     def request_delay_ms(self, model: str) -> float:
         """From arrival to the worker's queue."""

@@ -63,6 +63,7 @@ from stgs.errors import (
     TransitionError,
 )
 from stgs.plan import GpuPlan, Partition, Plan
+from stgs.registry import ModelEntry
 from stgs.runtime.process import WorkerProcess
 from stgs.runtime.transport import Array, SocketTransport
 from stgs.runtime.worker import ModelSlot, WorkerSpec
@@ -226,6 +227,9 @@ class Runtime:
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.backend = backend
         self.slos = dict(slos or {})
+        # Models that are not built-ins of their name (model files): their registry entries,
+        # set by the daemon when it registers them; workers load them from these.
+        self.entries: dict[str, ModelEntry] = {}
         self.device = device
         self.admission = admission
         self.ready_timeout_s = ready_timeout_s
@@ -436,10 +440,16 @@ class Runtime:
             if error is not None:
                 p.last_error = error
 
+    def _entry_dict(self, name: str) -> dict[str, Any] | None:
+        entry = self.entries.get(name)
+        return None if entry is None else entry.to_dict()
+
     def _spawn(self, p: PartitionRuntime) -> None:
         spec = WorkerSpec(
             name=str(p.key),
-            models=tuple(ModelSlot(m.name, m.batch) for m in p.partition.models),
+            models=tuple(
+                ModelSlot(m.name, m.batch, self._entry_dict(m.name)) for m in p.partition.models
+            ),
             duty_cycle_ms=p.partition.duty_cycle_ms,
             device=self.device,
             admission=self.admission,

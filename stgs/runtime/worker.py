@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from stgs.lifeline import die_with_parent
+from stgs.registry import ModelEntry
 from stgs.runtime.models import BatchRunner, load_runner, model_entry
 from stgs.runtime.transport import (
     DEADLINE,
@@ -117,8 +118,16 @@ _DATA_SEND_TIMEOUT = struct.pack(  # a struct timeval
 
 @dataclass(frozen=True)
 class ModelSlot:
+    """A model the worker serves at its planned batch; ``entry``: its registry entry
+    (:meth:`stgs.registry.ModelEntry.to_dict`) when it is not a built-in of that name (a
+    model file)."""
+
     name: str
     batch: int
+    entry: dict[str, Any] | None = None
+
+    def model(self) -> ModelEntry:
+        return model_entry(self.name) if self.entry is None else ModelEntry.from_dict(self.entry)
 
 
 @dataclass(frozen=True)
@@ -188,16 +197,17 @@ class Worker:
         self.max_run_ns = 0  # the longest batch so far (the supervisor's hang threshold)
 
     def load(self) -> None:
-        torch_models = any(model_entry(m.name).needs_torch for m in self.spec.models)
+        entries = [m.model() for m in self.spec.models]
+        torch_models = any(e.needs_torch for e in entries)
         if self.device == "cpu" and torch_models:
             import torch
 
             torch.set_num_threads(max(1, self.spec.cpu_threads))
         loaded: dict[str, BatchRunner] = {}
-        for slot in self.spec.models:
+        for slot, entry in zip(self.spec.models, entries, strict=True):
             if slot.name not in loaded:  # one copy of the weights per process
                 top = max(s.batch for s in self.spec.models if s.name == slot.name)
-                loaded[slot.name] = load_runner(slot.name, self.device, top, dtype=self.spec.dtype)
+                loaded[slot.name] = load_runner(entry, self.device, top, dtype=self.spec.dtype)
             self.runners.append(loaded[slot.name])
 
     def listen(self, path: str) -> None:
