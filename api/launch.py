@@ -150,6 +150,21 @@ class LocalDaemon:
 
             wait_until(f"{model} served", served, timeout_s, p)
 
+    def wait_all_ready(self, timeout_s: float = 120.0) -> None:
+        """Wait until every registered model is ready; RuntimeError naming any registration
+        that failed or was refused, or on timeout."""
+        p = self.procs[-1]
+        with self.client() as c:
+
+            def ready() -> bool:
+                ms = c.get("/v1/models").json()
+                bad = [m for m in ms if m["status"] in ("failed", "refused")]
+                if bad:
+                    raise RuntimeError(f"registration failed: {bad}")
+                return all(m["ready"] for m in ms)
+
+            wait_until("every model ready", ready, timeout_s, p)
+
     def client(self, timeout_s: float = 60.0) -> httpx.Client:
         return httpx.Client(
             base_url=self.url,

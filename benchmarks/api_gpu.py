@@ -128,15 +128,7 @@ def through_api(
                 )
                 if r.status_code not in (200, 201, 202):
                     raise RuntimeError(f"POST /v1/models {m.name}: {r.status_code} {r.text}")
-
-            def ready() -> bool:
-                ms = c.get("/v1/models").json()
-                bad = [x for x in ms if x["status"] in ("failed", "refused")]
-                if bad:
-                    raise RuntimeError(f"registration failed: {bad}")
-                return all(x["ready"] for x in ms)
-
-            wait_until("every model ready", ready, args.ready_timeout_s, p)
+            d.wait_all_ready(args.ready_timeout_s)
             print(
                 f"daemon: {len(models)} models registered and ready in"
                 f" {time.monotonic() - t0:.1f} s"

@@ -261,15 +261,8 @@ hold_s = 1.0
                 if r.status_code not in (201, 202):
                     raise RuntimeError(f"registration of {name} failed: {r.text}")
 
-            def ready() -> bool:
-                ms = c.get("/v1/models").json()
-                bad = [m for m in ms if m["status"] in ("failed", "refused")]
-                if bad:
-                    raise RuntimeError(f"registration failed: {bad}")
-                return all(m["ready"] for m in ms)
-
             t1 = time.monotonic()
-            wait_until("every model ready", ready, args.ready_timeout_s, p)
+            d.wait_all_ready(args.ready_timeout_s)
             result["ready_s"] = round(time.monotonic() - t1, 2)
             print(f"models ready in {result['ready_s']} s; plan:")
             plan = c.get("/v1/plan").json()
@@ -290,7 +283,7 @@ hold_s = 1.0
                 120,
                 p2,
             )
-            wait_until("every model ready after restart", ready, args.ready_timeout_s, p2)
+            d.wait_all_ready(args.ready_timeout_s)
             result["restart_ready_s"] = round(time.monotonic() - t2, 2)
             listed = sorted(m["name"] for m in c.get("/v1/models").json())
             result["listed_after_restart"] = listed

@@ -37,15 +37,10 @@ def main() -> int:
             for name, slo, rate in (("tiny_mlp", 500, 20), ("tiny_cnn", 500, 10)):
                 r = c.post("/v1/models", json={"name": name, "slo_ms": slo, "rate_rps": rate})
                 print(f"demo: POST /v1/models {name} -> {r.status_code} {r.json().get('status')}")
-
-            def ready() -> bool:
-                ms = c.get("/v1/models").json()
-                bad = [m for m in ms if m["status"] in ("failed", "refused")]
-                if bad:
-                    raise SystemExit(f"demo: registration failed: {bad}")
-                return all(m["ready"] for m in ms)
-
-            wait_until("both models profiled, planned and ready", ready, 90, proc)
+            try:
+                d.wait_all_ready(90)  # both models profiled, planned and ready
+            except RuntimeError as exc:
+                raise SystemExit(f"demo: {exc}") from None
             body = {
                 "inputs": [
                     {
