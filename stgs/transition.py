@@ -120,6 +120,12 @@ class PartitionKey:
         return (self.gpu, self.mig_start)
 
     @property
+    def slot(self) -> tuple[int, str, str | None, int | None]:
+        """GPU, kind and MIG instance: a partition replaced in the same slot (another share,
+        batch or model set) is a worker restart."""
+        return (self.gpu, self.kind, self.mig_profile, self.mig_start)
+
+    @property
     def place(self) -> tuple[int, str, str | None, int | None, int | None]:
         """GPU, shape and place, without the models: where a model is served."""
         return (self.gpu, self.kind, self.mig_profile, self.mig_start, self.mps_pct)
@@ -270,8 +276,8 @@ class Transition:
 
     @property
     def restarted(self) -> frozenset[tuple[object, ...]]:
-        """Places (GPU, shape, place) whose worker is replaced: stopped and started again."""
-        return frozenset(k.place for k in self.started) & frozenset(k.place for k in self.stopped)
+        """Slots (:attr:`PartitionKey.slot`) whose worker is replaced: stopped and started."""
+        return frozenset(k.slot for k in self.started) & frozenset(k.slot for k in self.stopped)
 
     @property
     def disrupted(self) -> tuple[int, ...]:

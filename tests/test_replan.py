@@ -74,7 +74,7 @@ def test_repair_adds_a_model_without_touching_the_others() -> None:
     # runtime's rule, stgs.transition: its model set changed), no other one stops
     change = transition(cur, rep)
     assert ch.partitions_removed == len(change.stopped)
-    assert {k.place for k in change.stopped} <= change.restarted
+    assert {k.slot for k in change.stopped} <= change.restarted
     assert set(ch.models_moved) <= {"efficientnet_b0"}
     _valid(more, rep)
 
