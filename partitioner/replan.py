@@ -1,28 +1,31 @@
 """Incremental replanning: diff two plans, and prefer plans that change few partitions.
 
-A partition is *kept* when the same GPU has a partition of the same shape and place (kind, MIG
-profile and start, MPS share) in both plans; everything else is added or removed. A model is
-*moved* when the set of partitions that serve it changes. The runtime turns added/removed
-partitions into MIG/MPS changes and worker starts/stops, so they are what reconfiguration costs.
+What changes is what the runtime does: the steps of ``stgs.transition.transition`` (one
+identity, :class:`stgs.transition.PartitionKey`). A partition is *kept* when the runtime keeps
+its worker (same GPU, shape, place, models and batches; a rate change only re-weights routing);
+every other one is *added* (a worker started) or *removed* (a worker stopped): a batch or model
+change restarts a worker and counts as one of each. A model is *moved* when the set of places
+(GPU, shape, place) that serve it changes.
 
 Score of a candidate: ``gpus_used + reconfig_cost * (partitions added + removed + 10 x GPUs
 disrupted)``, among the candidates that serve every model (else the one serving the most). A
-GPU is *disrupted* when its new partitions cannot start beside the old ones (``disruptive``):
-the runtime must then stop serving there before it starts again. A fresh plan's GPUs are first
-renumbered (``align_gpus``) so that new layouts land on GPUs idle now where they can.
+GPU is *disrupted* when the runtime stops serving partitions there before the new ones are
+ready (``disruptive``: a MIG mode change under a serving GPU, or new MIG instances whose slices
+old ones hold; MPS shares never break first). A fresh plan's GPUs are first renumbered
+(``align_gpus``) so that new layouts land on GPUs idle now where they can.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from partitioner.problem import Curve, Problem, Shape, schedule
-from stgs.catalog import MigPlacement, get_sku, layout_violation
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
+from stgs.transition import Transition, partition_keys, transition
 from stgs.types import GpuSpec
 
 
@@ -48,40 +51,23 @@ class Changes:
         }
 
 
-def _keys(g: GpuPlan) -> Counter[tuple[object, ...]]:
-    return Counter(p.key for p in g.partitions)
-
-
 def diff(old: Plan, new: Plan) -> Changes:
-    added = removed = kept = 0
-    mode_changed = []
-    old_by = {g.index: g for g in old.gpus}
-    for g in new.gpus:
-        o = old_by.get(g.index)
-        ok = _keys(o) if o is not None else Counter()
-        nk = _keys(g)
-        common = sum((ok & nk).values())
-        kept += common
-        added += sum(nk.values()) - common
-        removed += sum(ok.values()) - common
-        if o is not None and o.partitions and g.partitions and o.mig != g.mig:
-            mode_changed.append(g.index)
-    new_idx = {g.index for g in new.gpus}
-    for g in old.gpus:
-        if g.index not in new_idx:
-            removed += len(g.partitions)
+    return _changes(old, new, transition(old, new))
 
+
+def _changes(old: Plan, new: Plan, change: Transition) -> Changes:
     def homes(plan: Plan) -> dict[str, set[tuple[object, ...]]]:
         out: dict[str, set[tuple[object, ...]]] = defaultdict(set)
-        for g in plan.gpus:
-            for p in g.partitions:
-                for m in p.models:
-                    out[m.name].add((g.index, *p.key))
+        for k, (_, p) in partition_keys(plan).items():
+            for m in p.models:
+                out[m.name].add(k.place)
         return out
 
     oh, nh = homes(old), homes(new)
     moved = tuple(sorted(n for n in set(oh) | set(nh) if oh.get(n) != nh.get(n)))
-    return Changes(added, removed, kept, moved, tuple(mode_changed))
+    return Changes(
+        len(change.started), len(change.stopped), len(change.kept), moved, change.mode_changed
+    )
 
 
 def current_rates(current: Plan) -> tuple[dict[str, float], dict[str, int]]:
@@ -173,52 +159,23 @@ def _shape_of(problem: Problem, gtype: GpuSpec, p: Partition) -> Shape | None:
     return None
 
 
+def _on_one_gpu(old: GpuPlan | None, new: GpuPlan) -> Transition:
+    """The runtime's steps on one GPU, from ``old`` (None: idle) to ``new``."""
+    before = Plan("old", True, () if old is None else (old,))
+    return transition(before, Plan("new", True, (new,)))
+
+
 def disruptive(old: GpuPlan | None, new: GpuPlan) -> bool:
-    """Must this GPU stop old partitions before its new ones can start (no make before break)?
+    """Must this GPU stop old partitions before its new ones are ready (no make before break)?
 
-    True when partitions are added beside old ones that would not fit together: MPS shares
-    (kept, removed and added) over 100%, MIG instances overlapping the old ones, or a change of
-    MIG mode on a GPU that still serves."""
-    if old is None or not old.partitions:
-        return False
-    ok, nk = _keys(old), _keys(new)
-    added = nk - ok
-    if not added:
-        return False
-    if old.mig != new.mig:
-        return True
-    if not new.mig:
-        return (
-            sum(_pct(p) for p in old.partitions)
-            + sum(_pct(p) for p in new.partitions if added[p.key] > 0)
-            > 100
-        )
-    old_inst = {(p.mig_start, p.mig_profile) for p in old.partitions}
-    new_inst = {(p.mig_start, p.mig_profile) for p in new.partitions} - old_inst
-    sku = get_sku(new.sku)
-    both = [MigPlacement(int(s or 0), str(prof)) for s, prof in old_inst | new_inst]
-    if layout_violation(sku, sorted(both)) is not None:
-        return True
-    # MPS shares added inside a kept instance must fit beside the old ones
-    for s, prof in old_inst:
-        olds = [p for p in old.partitions if (p.mig_start, p.mig_profile) == (s, prof)]
-        adds = [
-            p
-            for p in new.partitions
-            if (p.mig_start, p.mig_profile) == (s, prof) and added[p.key] > 0
-        ]
-        if adds and sum(_pct(p) for p in olds) + sum(_pct(p) for p in adds) > 100:
-            return True
-    return False
-
-
-def _pct(p: Partition) -> int:
-    return 100 if p.kind != "mps" else int(p.mps_pct or 100)
+    The runtime's rule (``stgs.transition``): a change of MIG mode on a GPU that still serves,
+    or new MIG instances whose slices old ones hold (those old ones stop first). MPS shares
+    never do: new MPS workers start beside the old ones, whatever their shares add up to."""
+    return bool(_on_one_gpu(old, new).early)
 
 
 def disruptions(current: Plan, plan: Plan) -> int:
-    old_by = {g.index: g for g in current.gpus}
-    return sum(1 for g in plan.gpus if disruptive(old_by.get(g.index), g))
+    return len(transition(current, plan).disrupted)
 
 
 def align_gpus(current: Plan, plan: Plan, problem: Problem) -> Plan:
@@ -240,11 +197,12 @@ def align_gpus(current: Plan, plan: Plan, problem: Problem) -> Plan:
         for i, g in enumerate(gs):
             for j, phys in enumerate(idx):
                 old = old_by.get(phys)
-                moved = replace(g, index=phys)
-                kept = sum((_keys(old) & _keys(moved)).values()) if old is not None else 0
-                mode = old is not None and old.partitions and old.mig != g.mig
+                change = _on_one_gpu(old, replace(g, index=phys))
                 cost[i, j] = (
-                    10.0 * disruptive(old, moved) + 3.0 * bool(mode) - kept + 1e-3 * abs(i - j)
+                    10.0 * bool(change.early)
+                    + 3.0 * bool(change.mode_changed)
+                    - len(change.kept)
+                    + 1e-3 * abs(i - j)
                 )
         rows, cols = linear_sum_assignment(cost)
         for r, c in zip(rows, cols, strict=True):
@@ -262,7 +220,8 @@ def score(
     """(unserved rate, GPUs + reconfig_cost x (partitions changed + 10 x disruptive GPUs));
     without ``count_gpus`` (spare capacity planning) the changes alone."""
     unserved = sum(u.rate_rps for u in plan.unserved)
-    changes = diff(current, plan).partitions_changed + 10 * disruptions(current, plan)
+    change = transition(current, plan)
+    changes = len(change.started) + len(change.stopped) + 10 * len(change.disrupted)
     return (unserved, (plan.gpus_used if count_gpus else 0) + reconfig_cost * changes)
 
 
@@ -286,6 +245,10 @@ def choose_incremental(
         candidates.append(replace(repaired, policy=fresh.policy))
     cost = problem.options.reconfig_cost
     best = min(candidates, key=lambda p: score(p, current, cost, count_gpus))
+    change = transition(current, best)
     return best.with_info(
-        changes={**diff(current, best).to_dict(), "gpus_disrupted": disruptions(current, best)}
+        changes={
+            **_changes(current, best, change).to_dict(),
+            "gpus_disrupted": len(change.disrupted),
+        }
     )

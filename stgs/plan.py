@@ -55,11 +55,6 @@ class Partition:
     mig_start: int | None = None
     mps_pct: int | None = None
 
-    @property
-    def key(self) -> tuple[object, ...]:
-        """Identity of the partition's *shape and place*, for diffing plans."""
-        return (self.kind, self.mig_profile, self.mig_start, self.mps_pct)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -24,6 +24,7 @@ from partitioner.replan import align_gpus, diff, disruptions, disruptive
 from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.scenario import scenario_from_mapping
+from stgs.transition import transition
 
 GPUS = [{"sku": "H100-80GB", "count": 2}, {"sku": "H100-80GB", "count": 1, "mig": False}]
 MODELS = [
@@ -69,7 +70,11 @@ def test_repair_adds_a_model_without_touching_the_others() -> None:
     rep = Greedy(_problem(more), VARIANTS[0]).repair(cur)
     assert rep is not None and rep.feasible
     ch = diff(cur, rep)
-    assert ch.partitions_removed == 0  # nothing running is torn down
+    # nothing running is torn down: a partition that gains the model restarts in place (the
+    # runtime's rule, stgs.transition: its model set changed), no other one stops
+    change = transition(cur, rep)
+    assert ch.partitions_removed == len(change.stopped)
+    assert {k.slot for k in change.stopped} <= change.restarted
     assert set(ch.models_moved) <= {"efficientnet_b0"}
     _valid(more, rep)
 
@@ -130,7 +135,9 @@ def _plan(*gpus: GpuPlan) -> Plan:
 def test_disruptive_rules() -> None:
     old = GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(50, "b")))
     assert not disruptive(old, old)
-    assert disruptive(old, GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(37, "c"))))
+    # MPS shares over 100% during the overlap do not break first: the runtime starts the new
+    # MPS workers beside the old ones (stgs.transition; the planner used to count it)
+    assert not disruptive(old, GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(37, "c"))))
     half = GpuPlan(0, "H100-80GB", False, (_mps(50, "a"),))
     assert not disruptive(half, GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(25, "c"))))
     assert not disruptive(None, old)
@@ -139,22 +146,23 @@ def test_disruptive_rules() -> None:
         mig, GpuPlan(0, "H100-80GB", True, (_mig("3g.40gb", 0), _mig("3g.40gb", 4)))
     )
     assert disruptive(mig, GpuPlan(0, "H100-80GB", True, (_mig("1g.10gb", 0),)))
+    assert not disruptive(mig, GpuPlan(0, "H100-80GB", True, (_mig("3g.40gb", 0, "b"),)))
     assert disruptive(mig, old)  # MIG mode off under a serving GPU
 
 
 def test_align_puts_a_new_layout_on_the_idle_gpu() -> None:
     prob = Problem.from_scenario(
-        scenario_from_mapping(
-            {"gpus": [{"sku": "H100-80GB", "count": 2, "mig": False}], "models": MODELS[:1]}
-        )
+        scenario_from_mapping({"gpus": [{"sku": "H100-80GB", "count": 2}], "models": MODELS[:1]})
     )
+    # a new MIG layout over the old instances breaks first (an MPS share change does not: the
+    # runtime starts new MPS workers beside the old ones)
     cur = _plan(
-        GpuPlan(0, "H100-80GB", False, (_mps(50, "a"), _mps(50, "b"))),
-        GpuPlan(1, "H100-80GB", False, ()),
+        GpuPlan(0, "H100-80GB", True, (_mig("3g.40gb", 0, "a"), _mig("3g.40gb", 4, "b"))),
+        GpuPlan(1, "H100-80GB", True, ()),
     )
     fresh = _plan(
-        GpuPlan(0, "H100-80GB", False, (_mps(75, "a"), _mps(25, "b"))),
-        GpuPlan(1, "H100-80GB", False, ()),
+        GpuPlan(0, "H100-80GB", True, (_mig("4g.40gb", 0, "a"), _mig("2g.20gb", 4, "b"))),
+        GpuPlan(1, "H100-80GB", True, ()),
     )
     assert disruptions(cur, fresh) == 1
     aligned = align_gpus(cur, fresh, prob)
@@ -164,7 +172,7 @@ def test_align_puts_a_new_layout_on_the_idle_gpu() -> None:
 
 def test_spare_factor_plans_headroom_and_keeps_it() -> None:
     """spare_factor 1.5: a plan for 1.5x the rates serving the real rates (valid at them), and
-    a later 1.3x rise is absorbed by keeping the layout (no partition changed)."""
+    a later 1.3x rise is absorbed by keeping the layout (at most a batch change restarts one)."""
     data = {**_data(MODELS), "planner": {"spare_factor": 1.5}}
     prob = Problem.from_scenario(scenario_from_mapping(data))
     plan = get_policy("stgs").plan(prob)
@@ -178,7 +186,11 @@ def test_spare_factor_plans_headroom_and_keeps_it() -> None:
     )
     again = get_policy("stgs").plan(prob_up, plan)
     assert again.feasible
-    assert diff(plan, again).partitions_changed == 0
+    # the runtime's rule (stgs.transition): a partition whose batches change restarts, one
+    # stopped and one started; nothing else changes and no GPU breaks first
+    ch = diff(plan, again)
+    assert ch.partitions_added == ch.partitions_removed <= 1
+    assert again.info["changes"]["gpus_disrupted"] == 0
     _valid(up, again)
 
 

@@ -29,6 +29,10 @@ and a heap of partition and controller events. What it mirrors of the runtime
   answered (as the daemon's meter is); the policy call and the transition it starts hold the
   controller (the daemon's loop waits for ``Service.replan``), and a plan that would serve none
   of a model is not applied (``Service.replan`` refuses it).
+* **Transitions** (``Runtime._transition``): the steps of ``stgs.transition.transition``, the
+  runtime's own, on the node state the simulated plans left (MIG modes and instances, MPS
+  daemons); each MIG and MPS step costs its ``ReconfigCosts`` seconds (``step_seconds``), each
+  new worker its start, model loads and graph captures.
 
 Deterministic: the same inputs and seed give the same results to the bit.
 """
@@ -38,7 +42,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,12 +54,13 @@ from partitioner.problem import Problem
 from partitioner.sim.config import ReconfigCosts, SimOptions
 from partitioner.sim.noise import factors_for
 from partitioner.sim.workload import model_rng
-from stgs.catalog import MigPlacement, canonical_layout, get_sku, layout_violation
+from stgs.catalog import get_sku
 from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, Partition, Plan
 from stgs.runtime.models import batch_buckets
-from stgs.runtime.runtime import partition_keys as runtime_partition_keys
 from stgs.runtime.worker import ADMISSION_DECAY
+from stgs.transition import Held, NodeState, PartitionKey, Step, node_state_of, transition
+from stgs.transition import partition_keys as plan_partition_keys
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -76,13 +81,25 @@ runtime_buckets = batch_buckets
 
 
 # ------------------------------------------------------------------------------------ keys
-PartKey = Hashable
+PartKey = PartitionKey
 
 
 def partition_keys(plan: Plan) -> list[tuple[PartKey, GpuPlan, Partition]]:
-    """The runtime's partition identity (``stgs.runtime.runtime.partition_keys``): GPU, shape,
-    place, models with batches, ordinal."""
-    return [(k, g, p) for k, (g, p) in runtime_partition_keys(plan).items()]
+    """The one partition identity (``stgs.transition.partition_keys``): GPU, shape, place,
+    models with batches, ordinal."""
+    return [(k, g, p) for k, (g, p) in plan_partition_keys(plan).items()]
+
+
+def step_seconds(step: Step, costs: ReconfigCosts) -> float:
+    """Seconds one transition step takes on the node (worker starts and drains are timed
+    apart: they run in parallel with serving)."""
+    if step.op == "mig_layout":
+        return costs.mig_destroy_s * len(step.destroy) + costs.mig_create_s * len(step.create)
+    if step.op == "mig_mode":
+        return costs.mig_mode_change_s
+    if step.op == "mps_start" and not step.running:
+        return costs.mps_start_s
+    return 0.0
 
 
 def gpu_fraction(g: GpuPlan, p: Partition) -> float:
@@ -182,6 +199,7 @@ class _Transition:
     old_parts: list[_Part]
     blocking: list[_Part]
     steps_s: float = 0.0  # MIG and MPS steps before workers start
+    free_s: float = 0.0  # MIG steps after the old partitions stopped
     phase: str = "break"  # break -> start -> drain -> done
     ready_ms: float = math.nan
 
@@ -274,6 +292,7 @@ class Simulator:
                     raise ConfigError(f"deadlines of {n!r} do not match its arrivals")
                 self.deadlines_ms.append(d)
         self.plan = plan
+        self.node: NodeState = node_state_of(plan)  # MIG modes, instances, MPS daemons
         self.parts: list[_Part] = []
         self.routes: list[list[tuple[_Part, float]]] = [[] for _ in self.models]
         self.heap: list[tuple[float, int, int, Any]] = []
@@ -661,43 +680,37 @@ class Simulator:
 
     # -------------------------------------------------------------------- transitions
     def _begin_transition(self, t: float, new: Plan) -> None:
-        """Mirror ``Runtime._transition``: keep what matches, make before break."""
+        """Cost ``stgs.transition.transition``'s steps, as ``Runtime._transition`` does them:
+        keep what matches, make before break."""
         costs = self.options.reconfig
         live = {p.key: p for p in self.parts if p.state in (READY, STARTING)}
-        want = partition_keys(new)
-        keep = {k for k, _, _ in want if k in live}
-        for k, _, p in want:  # rate changes only re-weight routing
-            if k in keep:
-                part = live[k]
-                part.partition = p
-                part.rates = {}
-                for a in p.models:
-                    mi = self.midx[a.name]
-                    part.rates[mi] = part.rates.get(mi, 0.0) + a.rate_rps
-        old = [p for k, p in live.items() if k not in keep]
-        to_start = [(k, g, p) for k, g, p in want if k not in keep]
-        if not to_start and not old:
+        change = transition({k: Held(p.partition) for k, p in live.items()}, new, self.node)
+        self.node = change.node
+        want = {k: (g, p) for k, g, p in partition_keys(new)}
+        kept = set(change.kept)
+        for k in change.kept:  # rate changes only re-weight routing
+            part = live[k]
+            part.partition = p = want[k][1]
+            part.rates = {}
+            for a in p.models:
+                mi = self.midx[a.name]
+                part.rates[mi] = part.rates.get(mi, 0.0) + a.rate_rps
+        old = [p for k, p in live.items() if k not in kept]
+        if not change.started and not old:
             self.plan = new
             self.plans.append((t, new))
             self._rebuild_routes()
             return
-        steps_s, blocking = _mig_steps(self.plan, new, old, costs)
+        blocking = [live[k] for k in change.early]
+        steps_s = sum(step_seconds(s, costs) for s in change.steps if s.phase in ("break", "start"))
+        free_s = sum(step_seconds(s, costs) for s in change.steps if s.phase == "free")
         new_parts = []
-        for k, g, p in to_start:
+        for k in change.started:
+            g, p = want[k]
             part = self._make_part(k, g, p, new)
             part.born_ms = math.nan
             new_parts.append(part)
-        # MPS daemons for new MPS partitions whose (gpu, instance) has none running.
-        running = {
-            (p.gpu.index, p.partition.mig_start)
-            for p in live.values()
-            if p.partition.kind == "mps" and p not in blocking
-        }
-        new_refs = {
-            (p.gpu.index, p.partition.mig_start) for p in new_parts if p.partition.kind == "mps"
-        }
-        steps_s += costs.mps_start_s * len(new_refs - running)
-        tr = _Transition(new, t, new_parts, old, blocking, steps_s)
+        tr = _Transition(new, t, new_parts, old, blocking, steps_s, free_s)
         self.transition = tr
         for b in blocking:
             self._drain(b, t)
@@ -789,10 +802,7 @@ class Simulator:
         tr = self.transition
         assert tr is not None
         if all(p.state == STOPPED for p in tr.old_parts):
-            destroyed = _instances_removed(tr.old_parts, tr.plan)
-            self._push(
-                t + destroyed * self.options.reconfig.mig_destroy_s * 1000.0, _FINISH, "done"
-            )
+            self._push(t + tr.free_s * 1000.0, _FINISH, "done")
             tr.phase = "finishing"
 
 
@@ -818,80 +828,3 @@ def _neighbour_pct(plan: Plan, g: GpuPlan, p: Partition) -> float:
             continue
         total += float(q.mps_pct or 0)
     return total
-
-
-def _layout(g: GpuPlan) -> list[MigPlacement]:
-    if not g.mig:
-        return []
-    starts = {
-        p.mig_start: p.mig_profile
-        for p in g.partitions
-        if p.mig_start is not None and p.mig_profile
-    }
-    return list(canonical_layout(MigPlacement(s, prof) for s, prof in starts.items()))
-
-
-def _mig_steps(
-    old: Plan, new: Plan, old_parts: Sequence[_Part], costs: ReconfigCosts
-) -> tuple[float, list[_Part]]:
-    """Seconds of MIG work before new workers can start, and the old partitions in the way
-    (drained and stopped first), following ``Runtime._transition`` step 1.
-
-    A GPU the new plan leaves idle keeps its mode and its instances: nothing new needs it, so
-    its old partitions serve until the new ones are ready and drain with the rest (their
-    instances are destroyed afterwards, ``_instances_removed``). Its ``mig`` flag in the new
-    plan is not a mode change to break for (``align_gpus`` moves a fresh plan's layouts to the
-    idle GPUs and leaves the old ones' GPUs empty with ``mig`` off)."""
-    seconds = 0.0
-    blocking: list[_Part] = []
-    old_by = {g.index: g for g in old.gpus}
-    for g in new.gpus:
-        if not g.partitions:
-            continue
-        o = old_by.get(g.index)
-        was_mig = o.mig if (o is not None and o.partitions) else g.mig
-        old_layout = _layout(o) if o is not None else []
-        new_layout = _layout(g)
-        if was_mig != g.mig:
-            blocking += [p for p in old_parts if p.gpu.index == g.index]
-            seconds += costs.mig_destroy_s * len(old_layout) + costs.mig_mode_change_s
-            seconds += costs.mig_create_s * len(new_layout)
-            continue
-        if not g.mig:
-            continue
-        added = [pl for pl in new_layout if pl not in old_layout]
-        if not added:
-            continue
-        sku = get_sku(g.sku)
-        seconds += costs.mig_create_s * len(added)
-        if layout_violation(sku, canonical_layout([*old_layout, *added])) is None:
-            continue
-        goners = [pl for pl in old_layout if pl not in new_layout]
-        taken = {
-            s
-            for pl in added
-            for s in range(pl.start, pl.start + sku.mig_profile(pl.profile).memory_slices)
-        }
-        block = {
-            pl.start
-            for pl in goners
-            if taken & set(range(pl.start, pl.start + sku.mig_profile(pl.profile).memory_slices))
-        }
-        rest = [pl for pl in old_layout if pl.start not in block]
-        if layout_violation(sku, canonical_layout([*rest, *added])) is not None:
-            block = {pl.start for pl in goners}
-        seconds += costs.mig_destroy_s * len(block)
-        blocking += [
-            p for p in old_parts if p.gpu.index == g.index and p.partition.mig_start in block
-        ]
-    return seconds, blocking
-
-
-def _instances_removed(old_parts: Sequence[_Part], new: Plan) -> int:
-    gone = set()
-    new_by = {g.index: {pl.start for pl in _layout(g)} for g in new.gpus}
-    for p in old_parts:
-        s = p.partition.mig_start
-        if s is not None and p.gpu.mig and s not in new_by.get(p.gpu.index, set()):
-            gone.add((p.gpu.index, s))
-    return len(gone)

@@ -45,13 +45,12 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from stgs.backend.base import Backend, DeviceRef
 from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, layout_violation
@@ -62,11 +61,13 @@ from stgs.errors import (
     StgsError,
     TransitionError,
 )
-from stgs.plan import GpuPlan, Partition, Plan
+from stgs.plan import Partition, Plan
 from stgs.registry import ModelEntry
 from stgs.runtime.process import WorkerProcess
 from stgs.runtime.transport import Array, SocketTransport
 from stgs.runtime.worker import ModelSlot, WorkerSpec
+from stgs.transition import GpuState, Held, NodeState, PartitionKey, Step, transition
+from stgs.transition import partition_keys as partition_keys  # the one identity, re-exported
 
 __all__ = [
     "PartitionKey",
@@ -108,48 +109,6 @@ class TransitionState(Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # and rolled back to the last good plan
     ROLLBACK_FAILED = "rollback_failed"
-
-
-@dataclass(frozen=True, order=True)
-class PartitionKey:
-    """What makes two partitions the same worker: GPU, shape, place, models and batches."""
-
-    gpu: int
-    kind: str
-    mig_profile: str | None
-    mig_start: int | None
-    mps_pct: int | None
-    models: tuple[tuple[str, int], ...]
-    ordinal: int = 0  # tells identical partitions of one GPU apart
-
-    def __str__(self) -> str:
-        place = "" if self.mig_start is None else f" {self.mig_profile}@{self.mig_start}"
-        share = "" if self.mps_pct is None else f" mps{self.mps_pct}%"
-        models = ",".join(f"{m}x{b}" for m, b in self.models)
-        suffix = f"#{self.ordinal}" if self.ordinal else ""
-        return f"gpu{self.gpu} {self.kind}{place}{share} [{models}]{suffix}"
-
-
-def _slices(profile: Any, start: int) -> range:
-    return range(start, start + int(profile.memory_slices))
-
-
-def partition_keys(plan: Plan) -> dict[PartitionKey, tuple[GpuPlan, Partition]]:
-    out: dict[PartitionKey, tuple[GpuPlan, Partition]] = {}
-    seen: Counter[PartitionKey] = Counter()
-    for g, p in plan.partitions():
-        base = PartitionKey(
-            g.index,
-            p.kind,
-            p.mig_profile,
-            p.mig_start,
-            p.mps_pct,
-            tuple((m.name, m.batch) for m in p.models),
-        )
-        key = PartitionKey(**{**base.__dict__, "ordinal": seen[base]})
-        seen[base] += 1
-        out[key] = (g, p)
-    return out
 
 
 @dataclass
@@ -195,6 +154,13 @@ class TransitionRecord:
 
 class _TransitionFailed(StgsError):
     pass
+
+
+def _held_state(state: PartitionState) -> Literal["live", "down", "stopped"]:
+    """A record's state as :func:`stgs.transition.transition` reads it."""
+    if state in (PartitionState.READY, PartitionState.STARTING):
+        return "live"
+    return "stopped" if state is PartitionState.STOPPED else "down"
 
 
 class Runtime:
@@ -530,9 +496,9 @@ class Runtime:
             if info.mig_enabled != mig:
                 self.backend.set_mig_mode(gpu, mig)
 
-    def _validate(self, plan: Plan) -> dict[int, MigLayout]:
+    def _validate(self, plan: Plan) -> None:
+        """Refuse, before any change, a plan the node cannot run."""
         infos = self.backend.gpus()
-        layouts: dict[int, MigLayout] = {}
         for g in plan.gpus:
             if not 0 <= g.index < len(infos):
                 raise ConfigError(f"plan uses GPU {g.index}; the node has {len(infos)}")
@@ -560,94 +526,96 @@ class Runtime:
                 why = layout_violation(sku, layout)
                 if why is not None:
                     raise ConfigError(f"GPU {g.index}: invalid MIG layout: {why}")
-            layouts[g.index] = layout
-        return layouts
 
     def _transition(self, target: Plan, rec: TransitionRecord) -> None:
-        layouts = self._validate(target)
-        gpu_mig = {g.index: g.mig for g in target.gpus}
-        want = partition_keys(target)
-        live = {
-            k: p
-            for k, p in self.partitions.items()
-            if p.state in (PartitionState.READY, PartitionState.STARTING)
-        }
-        keep = {k for k in want if k in live}
-        to_start = [k for k in want if k not in keep]
-        to_stop = [p for k, p in self.partitions.items() if k not in keep]
-        for k in keep:  # rate changes only re-weight routing
-            _, part = want[k]
+        """Carry out :func:`stgs.transition.transition`'s steps, in their order."""
+        self._validate(target)
+        held = dict(self.partitions)  # the records before the change, by key
+        change = transition(
+            {k: Held(p.partition, _held_state(p.state)) for k, p in held.items()},
+            target,
+            self._node_state(),
+        )
+        started: list[PartitionRuntime] = []
+        drained: dict[PartitionKey, float] = {}  # drain deadline of each drained partition
+        forgotten = False
+        for step in change.steps:
+            if step.phase == "free" and not forgotten:
+                self._forget(held, change.kept)
+                forgotten = True
+            self._do(step, held, rec, started, drained)
+        if not forgotten:
+            self._forget(held, change.kept)
+        self.current_plan = target
+
+    def _do(
+        self,
+        step: Step,
+        held: Mapping[PartitionKey, PartitionRuntime],
+        rec: TransitionRecord,
+        started: list[PartitionRuntime],
+        drained: dict[PartitionKey, float],
+    ) -> None:
+        """One step of a transition (see :mod:`stgs.transition`)."""
+        k, part = step.key, step.partition
+        if step.op in ("keep", "reweight"):  # rate changes only re-weight routing
+            assert k is not None and part is not None
             p = self.partitions[k]
             with self._route_lock:
                 p.partition = part
                 p.rates = {m.name: m.rate_rps for m in part.models}
             rec.kept.append(str(k))
-
-        # 1. MIG: mode changes and instances whose slices are taken break first.
-        infos = {i.index: i for i in self.backend.gpus()}
-        for gpu, layout in layouts.items():
-            info = infos[gpu]
-            if not target.gpus[self._gpu_pos(target, gpu)].partitions:
-                # Nothing new needs this GPU: it keeps its mode, and its old partitions serve
-                # until the new ones are ready (step 4 drains them and frees its instances).
-                continue
-            if info.mig_enabled != gpu_mig[gpu]:
-                self._break_gpu(gpu, to_stop, rec, lambda _p: True)
-                if info.mig_enabled:
-                    self.backend.apply_mig_layout(gpu, ())
-                self.backend.set_mig_mode(gpu, gpu_mig[gpu])
-                if gpu_mig[gpu]:
-                    self.backend.apply_mig_layout(gpu, layout)
-                continue
-            if not info.mig_enabled:
-                continue
-            current = self.backend.mig_layout(gpu)
-            new = [pl for pl in layout if pl not in current]
-            if not new:
-                continue
-            sku = self.backend.sku(gpu)
-            if layout_violation(sku, canonical_layout([*current, *new])) is None:
-                self.backend.apply_mig_layout(gpu, [*current, *new])  # make before break
-                continue
-            # Break first, but only the old instances in the way: those whose memory slices the
-            # new ones need, or all the old ones when compute slices or counts still do not fit.
-            goners = [pl for pl in current if pl not in layout]
-            taken = {s for pl in new for s in _slices(sku.mig_profile(pl.profile), pl.start)}
-            blocking = {
-                pl.start
-                for pl in goners
-                if taken & set(_slices(sku.mig_profile(pl.profile), pl.start))
-            }
-            rest = [pl for pl in current if pl.start not in blocking]
-            if layout_violation(sku, canonical_layout([*rest, *new])) is not None:
-                blocking = {pl.start for pl in goners}
-                rest = [pl for pl in current if pl.start not in blocking]
-
-            def in_the_way(p: PartitionRuntime, starts: set[int] = blocking) -> bool:
-                return p.ref.mig_start in starts
-
-            self._break_gpu(gpu, to_stop, rec, in_the_way)
-            self.backend.apply_mig_layout(gpu, [*rest, *new])
-
-        # 2. MPS daemons for the new MPS partitions.
-        refs: dict[PartitionKey, DeviceRef] = {}
-        for k in to_start:
-            g, part = want[k]
-            ref = DeviceRef(g.index, part.mig_start if g.mig else None)
-            refs[k] = ref
-            if part.kind == "mps":
-                self.backend.start_mps(ref)
-                self._started_mps.add(ref)
-
-        # 3. Start the new workers; every one must become ready.
-        started: list[PartitionRuntime] = []
-        for k in to_start:
-            _, part = want[k]
-            p = PartitionRuntime(k, part, refs[k], rates={m.name: m.rate_rps for m in part.models})
+        elif step.op == "route":
+            self._routing(step.leaving, wait=True)
+        elif step.op == "drain":
+            assert k is not None
+            p = held[k]
+            if p.worker is not None and p.state is PartitionState.READY:
+                self._set(p, PartitionState.DRAINING)  # the router sends it nothing new
+                end = drained[k] = self.clock() + self.drain_timeout_s
+                w = p.worker
+                while w.transport.in_flight and w.alive and self.clock() < end:
+                    time.sleep(0.002)
+        elif step.op == "stop":
+            assert k is not None
+            p = held[k]
+            if p.state is PartitionState.STOPPED:
+                return
+            if p.worker is not None:
+                if k in drained:
+                    p.worker.stop(timeout_s=max(0.0, drained[k] - self.clock()) + 1.0)
+                else:
+                    p.worker.kill()
+            self._set(p, PartitionState.STOPPED)
+            rec.stopped.append(str(k))
+        elif step.op == "mps_stop":
+            assert step.ref is not None
+            self._stop_mps(DeviceRef(*step.ref))
+        elif step.op == "mig_layout":
+            assert step.gpu is not None
+            self.backend.apply_mig_layout(step.gpu, step.layout)
+        elif step.op == "mig_mode":
+            assert step.gpu is not None and step.mig is not None
+            self.backend.set_mig_mode(step.gpu, step.mig)
+        elif step.op == "mps_start":
+            assert step.ref is not None
+            ref = DeviceRef(*step.ref)
+            self.backend.start_mps(ref)
+            self._started_mps.add(ref)
+        elif step.op == "start":
+            assert k is not None and part is not None and step.ref is not None
+            p = PartitionRuntime(
+                k, part, DeviceRef(*step.ref), rates={m.name: m.rate_rps for m in part.models}
+            )
             self.partitions[k] = p
             self._spawn(p)
             started.append(p)
             rec.started.append(str(k))
+        elif step.op == "ready":
+            self._await_ready(started)
+
+    def _await_ready(self, started: list[PartitionRuntime]) -> None:
+        """Every new worker must become ready."""
         deadline = self.clock() + self.ready_timeout_s
         for p in started:
             if p.state is PartitionState.FAILED or p.worker is None:
@@ -665,55 +633,23 @@ class Runtime:
             self._set(p, PartitionState.READY)
             p.ready_at, p.failures = self.clock(), 0
 
-        # 4. Routers elsewhere (the data plane) move to the new partitions; then drain and stop
-        # the old ones, then free their instances and daemons.
-        self._routing(
-            frozenset(p.key for p in to_stop if p.state is not PartitionState.STOPPED), wait=True
-        )
-        for p in to_stop:
-            if p.state is not PartitionState.STOPPED:
-                self._stop_partition(p, drain=True)
-                rec.stopped.append(str(p.key))
-        for p in to_stop:
-            if self.partitions.get(p.key) is p:
-                del self.partitions[p.key]
-        self._stop_unused_mps(
-            {p.ref for p in self.partitions.values() if p.partition.kind == "mps"}
-        )
-        for gpu, layout in layouts.items():
-            idle = not target.gpus[self._gpu_pos(target, gpu)].partitions
-            if self.backend.gpus()[gpu].mig_enabled and (gpu_mig[gpu] or idle):
-                self.backend.apply_mig_layout(gpu, layout)  # an idle GPU's: none
-        self.current_plan = target
-
-    @staticmethod
-    def _gpu_pos(plan: Plan, gpu: int) -> int:
-        return next(i for i, g in enumerate(plan.gpus) if g.index == gpu)
-
-    def _break_gpu(
-        self,
-        gpu: int,
-        to_stop: list[PartitionRuntime],
-        rec: TransitionRecord,
-        which: Callable[[PartitionRuntime], bool],
+    def _forget(
+        self, held: Mapping[PartitionKey, PartitionRuntime], kept: Collection[PartitionKey]
     ) -> None:
-        """Drain and stop, before anything new starts, the old partitions in the way."""
-        goners = frozenset(
-            p.key
-            for p in to_stop
-            if p.ref.gpu == gpu and p.state is not PartitionState.STOPPED and which(p)
-        )
-        self._routing(goners, wait=True)
-        for p in to_stop:
-            if p.ref.gpu == gpu and p.state is not PartitionState.STOPPED and which(p):
-                self._stop_partition(p, drain=True)
-                rec.stopped.append(str(p.key))
-        in_use = {
-            p.ref
-            for p in self.partitions.values()
-            if p.state is not PartitionState.STOPPED and p.partition.kind == "mps"
-        }
-        self._stop_unused_mps(in_use)
+        """Drop the records of the partitions that left (not those replaced under their key)."""
+        keep = set(kept)
+        for k, p in held.items():
+            if k not in keep and self.partitions.get(k) is p:
+                del self.partitions[k]
+
+    def _node_state(self) -> NodeState:
+        gpus = {}
+        for info in self.backend.gpus():
+            mig = info.mig_enabled
+            layout = self.backend.mig_layout(info.index) if mig and info.healthy else ()
+            gpus[info.index] = GpuState(mig, layout)
+        mps = frozenset((r.gpu, r.mig_start) for r in self._started_mps)
+        return NodeState(gpus, mps)
 
     def _stop_partition(self, p: PartitionRuntime, *, drain: bool) -> None:
         w = p.worker
@@ -732,13 +668,16 @@ class Runtime:
 
     def _stop_unused_mps(self, in_use: set[DeviceRef]) -> None:
         for ref in sorted(self._started_mps - in_use):
-            try:
-                self.backend.stop_mps(ref)
-            except BackendError as exc:
-                if self._daemon_exists(ref):
-                    raise
-                log.debug("MPS daemon on %s already gone: %s", ref, exc)
-            self._started_mps.discard(ref)
+            self._stop_mps(ref)
+
+    def _stop_mps(self, ref: DeviceRef) -> None:
+        try:
+            self.backend.stop_mps(ref)
+        except BackendError as exc:
+            if self._daemon_exists(ref):
+                raise
+            log.debug("MPS daemon on %s already gone: %s", ref, exc)
+        self._started_mps.discard(ref)
 
     def _daemon_exists(self, ref: DeviceRef) -> bool:
         return any(d.ref == ref for d in self.backend.mps_daemons())
