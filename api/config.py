@@ -157,25 +157,16 @@ class BackendConfig(_Strict):
     )
 
 
-_PLANNER_DEFAULTS = PlannerOptions()
+class PlannerConfig(PlannerOptions):
+    """``[planner]``: the planner's own options (:class:`stgs.scenario.PlannerOptions`, declared
+    once there) and the daemon's settings around them."""
 
-
-class PlannerConfig(_Strict):
     policy: str = Field("stgs", description="policy name or dotted path")
     headroom: float = Field(0.1, ge=0.0, lt=1.0, description="latency margin (fraction)")
     profiles: Path | None = Field(None, description="extra profile CSV loaded at start")
-    reconfig_cost: float = Field(0.05, ge=0.0, description="GPUs charged per changed partition")
+    # the daemon fills the GPUs its plan holds (the core's default is the fewest GPUs, 1)
     spare_factor: SpareFactor = Field(
-        "fill",
-        description="plan for the rates x this where the GPUs allow (headroom for bursts and"
-        ' load steps on GPUs that would sit idle); 1: the fewest GPUs; "fill": the largest'
-        " factor up to max_spare_factor that the fewest GPUs hold (fills them, adds none)",
-    )
-    max_spare_factor: float = Field(
-        _PLANNER_DEFAULTS.max_spare_factor,
-        ge=1.0,
-        le=64.0,
-        description='spare_factor = "fill": the largest factor it plans for',
+        "fill", description=PlannerOptions.model_fields["spare_factor"].description
     )
     time_budget_s: float = Field(
         10.0,
@@ -183,25 +174,6 @@ class PlannerConfig(_Strict):
         le=3600.0,
         description="the longest one API call (or controller re-plan) may plan: a plan that"
         " takes longer is abandoned (its planner process killed) and the call answers 503",
-    )
-    # defaults: the planner's own (measured; stgs.scenario.PlannerOptions)
-    host_request_ms: float = Field(
-        _PLANNER_DEFAULTS.host_request_ms,
-        ge=0.0,
-        le=1000.0,
-        description="a request's host way to its worker and back (ms)",
-    )
-    host_batch_ms: float = Field(
-        _PLANNER_DEFAULTS.host_batch_ms,
-        ge=0.0,
-        le=1000.0,
-        description="worker host time per batch, beside the GPU (ms)",
-    )
-    host_item_ms: float = Field(
-        _PLANNER_DEFAULTS.host_item_ms,
-        ge=0.0,
-        le=1000.0,
-        description="worker host time per request in a batch (ms)",
     )
 
 

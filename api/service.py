@@ -68,7 +68,7 @@ from stgs.registry import (
     resolve_model_file,
 )
 from stgs.runtime import PartitionState, Runtime
-from stgs.scenario import PlannerOptions, Scenario
+from stgs.scenario import Scenario
 from stgs.types import GpuSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -332,14 +332,7 @@ class Service:
             gpus=gpus,
             models=tuple(models),
             headroom=self.cfg.planner.headroom,
-            options=PlannerOptions(
-                reconfig_cost=self.cfg.planner.reconfig_cost,
-                spare_factor=self.cfg.planner.spare_factor,
-                max_spare_factor=self.cfg.planner.max_spare_factor,
-                host_request_ms=self.cfg.planner.host_request_ms,
-                host_batch_ms=self.cfg.planner.host_batch_ms,
-                host_item_ms=self.cfg.planner.host_item_ms,
-            ),
+            options=self.cfg.planner.options(),
         )
         table = self.table()
         job = PlanJob(

@@ -95,26 +95,49 @@ class ModelEntry(_Strict):
 
 
 class PlannerOptions(_Strict):
-    """Knobs of the planner; every policy reads the ones that concern it."""
+    """Knobs of the planner; every policy reads the ones that concern it. The one declaration:
+    a scenario's ``planner:`` section and the daemon's ``[planner]`` (which extends it) both
+    read these fields, defaults and descriptions."""
 
-    mps_shares: tuple[int, ...] = DEFAULT_MPS_SHARES
-    max_batch: int | None = Field(default=None, ge=1, le=4096)  # None: largest profiled batch
-    interference_gamma: float = Field(default=0.45, ge=0, le=10)
-    mps_in_mig: bool = True
-    max_models_per_partition: int = Field(default=8, ge=1, le=64)
-    reconfig_cost: float = Field(default=0.05, ge=0)  # GPU-fractions one changed partition costs
-    time_limit_s: float = Field(default=30.0, gt=0)  # for the exact solver
-    # Poisson margin on batches: a cycle that expects n requests gets a batch of at least
-    # n + z sqrt(n), so that bursts rarely spill into the next cycle (0: the mean rule b >= n).
-    batch_margin_z: float = Field(default=1.0, ge=0, le=5)
+    mps_shares: tuple[int, ...] = Field(
+        default=DEFAULT_MPS_SHARES, description="MPS active-thread percentages a partition may get"
+    )
+    max_batch: int | None = Field(
+        default=None, ge=1, le=4096, description="largest batch (none: the largest profiled)"
+    )
+    interference_gamma: float = Field(
+        default=0.45, ge=0, le=10, description="slow-down per unit of co-located MPS load"
+    )
+    mps_in_mig: bool = Field(default=True, description="MPS shares inside MIG instances")
+    max_models_per_partition: int = Field(
+        default=8, ge=1, le=64, description="models one partition may time-share"
+    )
+    reconfig_cost: float = Field(
+        default=0.05, ge=0, description="GPU-fractions one changed partition costs a re-plan"
+    )
+    time_limit_s: float = Field(default=30.0, gt=0, description="the exact solver's time limit")
+    batch_margin_z: float = Field(
+        default=1.0,
+        ge=0,
+        le=5,
+        description="Poisson margin on batches: a cycle that expects n requests gets a batch of"
+        " at least n + z sqrt(n), so bursts rarely spill into the next cycle (0: b >= n)",
+    )
     # Spare capacity (stgs policy): when > 1, plan the rates x this factor (or the largest of
     # x factor, x sqrt(factor) that fits) and serve the real rates on that plan, so that idle
     # GPUs become headroom for bursts and steps instead of staying empty. 1: fewest GPUs.
     # "fill": plan the fewest GPUs first, then the largest factor f in [1, max_spare_factor]
     # (bisection) whose plan needs no more GPUs of any type than that lean plan, and serve the
     # real rates on it: the GPUs the lean plan holds are filled, none is added.
-    spare_factor: SpareFactor = 1.0
-    max_spare_factor: float = Field(default=8.0, ge=1, le=64)
+    spare_factor: SpareFactor = Field(
+        default=1.0,
+        description="plan for the rates x this where the GPUs allow (headroom for bursts and"
+        ' load steps on GPUs that would sit idle); 1: the fewest GPUs; "fill": the largest'
+        " factor up to max_spare_factor that the fewest GPUs hold (fills them, adds none)",
+    )
+    max_spare_factor: float = Field(
+        default=8.0, ge=1, le=64, description='spare_factor = "fill": the largest factor'
+    )
     # Host time around the GPU batch, which the profiles do not contain (measured on the lent
     # H100's host through the runtime's worker trace; docs/planner.md "Host costs"): a request's
     # way from the router into the worker's queue and its answer back (per request, outside
@@ -122,9 +145,20 @@ class PlannerOptions(_Strict):
     # request in a batch (the input copy into the pinned buffer). A batch of b then takes
     # L(b) + host_batch_ms + b host_item_ms of the cycle, and a request must see
     # d + that + host_request_ms <= slo. All 0: plan on GPU batch latency alone.
-    host_request_ms: float = Field(default=0.6, ge=0, le=1000)
-    host_batch_ms: float = Field(default=0.25, ge=0, le=1000)
-    host_item_ms: float = Field(default=0.07, ge=0, le=1000)
+    host_request_ms: float = Field(
+        default=0.6, ge=0, le=1000, description="a request's host way to its worker and back (ms)"
+    )
+    host_batch_ms: float = Field(
+        default=0.25, ge=0, le=1000, description="worker host time per batch, beside the GPU (ms)"
+    )
+    host_item_ms: float = Field(
+        default=0.07, ge=0, le=1000, description="worker host time per request in a batch (ms)"
+    )
+
+    def options(self) -> PlannerOptions:
+        """Just the planner's options (a subclass, such as the daemon's config, adds its own
+        settings)."""
+        return PlannerOptions(**self.model_dump(include=set(PlannerOptions.model_fields)))
 
     @field_validator("mps_shares")
     @classmethod

@@ -300,14 +300,17 @@ def test_a_controller_replan_over_the_budget_is_logged_and_retried(tmp_path: Pat
                 "kind": "simulated",
                 "simulated_gpus": [{"sku": "H100-80GB", "count": GPUS}],
             },
-            "planner": {"profiles": "profiles.csv", "time_budget_s": 1.0},
+            "planner": {"profiles": "profiles.csv", "time_budget_s": 30.0},
         }
     ).resolved(tmp_path)
     d = build(cfg, background=False)
     try:
         d.service.restore()
         spec = {"name": "echo", "slo_ms": 100, "rate_rps": 50, "source": "builtin:echo"}
-        d.service.register(spec)
+        d.service.register(spec)  # within a generous budget: a loaded machine starts slowly
+        d.service.cfg = cfg.model_copy(
+            update={"planner": cfg.planner.model_copy(update={"time_budget_s": 1.0})}
+        )
         clock = _Clock()
         rules = ControllerConfig(interval_s=1.0, rate_halflife_s=0.5, hysteresis=0.2, hold_s=1.0)
         ctl = Controller(d.service, rules, clock=clock)
