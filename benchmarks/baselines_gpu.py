@@ -79,29 +79,28 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from serve_gpu import (
+
+from benchmarks.lib.loadgen import (
     DEFAULT_MODELS,
     NOT_SENT,
     PLAN_SKU,
+    DirectRouter,
     LoadGen,
     ModelCfg,
     describe_plan,
-    open_backend,
     parse_models,
     plan_checks,
     plan_for,
     poisson_arrivals,
     relabel,
-    stop_daemons,
     window_stats,
 )
-
+from benchmarks.lib.node import open_backend, stop_daemons
 from partitioner.fluid import fluid_bound
 from partitioner.planner import make_plan
 from partitioner.problem import Problem
@@ -267,20 +266,6 @@ def search(
 
 
 # ---------------------------------------------------------------------- systems
-class DirectRouter:
-    """``Runtime.submit``'s contract over a fixed model -> connection map (the baselines)."""
-
-    def __init__(self, transports: dict[str, SocketTransport]) -> None:
-        self.transports = transports
-
-    def submit(
-        self, model: str, array: Array, *, deadline_ms: float | None = None
-    ) -> Future[Array]:
-        # the deadline the same way Runtime.submit makes it
-        deadline_ns = 0 if deadline_ms is None else time.monotonic_ns() + int(deadline_ms * 1e6)
-        return self.transports[model].submit(model, array, deadline_ns=deadline_ns)
-
-
 def env_facts(pid: int) -> dict[str, str | None]:
     """The pinning variables a process runs with (from /proc; empty where unreadable)."""
     try:
