@@ -101,6 +101,7 @@ from benchmarks.lib.loadgen import (
     window_stats,
 )
 from benchmarks.lib.node import open_backend, stop_daemons
+from benchmarks.lib.runs import run_header
 from partitioner.fluid import fluid_bound
 from partitioner.planner import make_plan
 from partitioner.problem import Problem
@@ -1002,7 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res: dict[str, Any] = {
         "device": label,
         "live_sku": live_sku,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **run_header("baselines_gpu", argv),  # command, machine, date
         "args": vars(args),
         "models": [asdict(m) for m in models],
         "models_text": args.models,

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_SCENARIO = """\
 # profile_check's default scenario: the shipped measured H100 profiles, a vision/language/speech mix

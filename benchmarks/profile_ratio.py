@@ -21,11 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from stgs.errors import ProfileError  # noqa: E402
-from stgs.profiles import measured_profiles_path, normalise_gpu, read_profiles  # noqa: E402
+from stgs.errors import ProfileError
+from stgs.profiles import measured_profiles_path, normalise_gpu, read_profiles
 
 KINDS = ("full", "mps", "green", "mig")
 # gpu-facts.md, "Latency on a lent H200 (measured, fp16, torchvision weights=None, median of

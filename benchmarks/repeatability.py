@@ -24,9 +24,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity as F
-
+from benchmarks.lib import fitting, runs
 from partitioner.sim.config import HostCosts
 from stgs.plan import Plan
 
@@ -54,7 +52,7 @@ def plan_shape(plan: Plan) -> list[Any]:
     ]
 
 
-def not_repeats(a: F.Run, b: F.Run) -> str | None:
+def not_repeats(a: runs.Run, b: runs.Run) -> str | None:
     """Why ``b`` is not a repeat of ``a`` (None: it is)."""
     if a.names != b.names:
         return f"models differ ({', '.join(a.names)} vs {', '.join(b.names)})"
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--arrivals",
-        choices=F.MODES,
+        choices=fitting.MODES,
         default="auto",
         help="where latency counts from, as fidelity.py (auto: queued when every run has a"
         " worker trace, else scheduled)",
@@ -98,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.runs:
         path, _, npz = spec.partition(":")
         try:
-            runs.append(F.read_run(path, npz or None, args.sku))
-        except F.RunError as exc:
+            runs.append(runs.read_run(path, npz or None, args.sku))
+        except runs.RunError as exc:
             print(f"repeatability.py: {exc}", file=sys.stderr)
             return 2
     for r in runs[1:]:
@@ -112,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     mode = args.arrivals
     if mode == "auto":
-        mode = "queued" if all(F.load_trace(r) is not None for r in runs) else "scheduled"
-    if mode == "queued" and any(F.load_trace(r) is None for r in runs):
+        mode = "queued" if all(fitting.load_trace(r) is not None for r in runs) else "scheduled"
+    if mode == "queued" and any(fitting.load_trace(r) is None for r in runs):
         print("repeatability.py: --arrivals queued needs every run's worker trace", file=sys.stderr)
         return 2
     host = HostCosts()
-    stats = [F.gpu_stats(r, mode, host) for r in runs]
+    stats = [fitting.gpu_stats(r, mode, host) for r in runs]
     names = [*runs[0].names, "all"]
     labels = [r.path.stem for r in runs]
     print(f"# repeatability: {len(runs)} runs of one plan and one schedule ({', '.join(labels)})")

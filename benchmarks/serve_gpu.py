@@ -72,7 +72,8 @@ from benchmarks.lib.loadgen import (
     window_stats,
 )
 from benchmarks.lib.node import open_backend, stop_daemons
-from benchmarks.lib.probes import Probe, _mps_pids, collect_traces
+from benchmarks.lib.probes import Probe, collect_traces, mps_pids
+from benchmarks.lib.runs import run_header
 from stgs.errors import StgsError
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "device": label,
         "live_sku": live_sku,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **run_header("serve_gpu", argv),  # command, machine, date
         "args": vars(args),
         "load_scale": load_scale,
         "models": [m.__dict__ for m in models],
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0,
             lambda: {
                 "workers": [int(p["pid"]) for p in runtime.describe() if p["pid"]],
-                "mps": _mps_pids(),
+                "mps": mps_pids(),
             },
         )
         probe.start()

@@ -145,7 +145,7 @@ def _proc_system_busy(tick: float) -> float:
     return (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / tick
 
 
-def _mps_pids() -> list[int]:
+def mps_pids() -> list[int]:
     out = []
     for d in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
