@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.lib import fitting, runs
+from benchmarks.lib import fitting
+from benchmarks.lib.runs import Run, RunError, read_run
 from partitioner.sim.config import HostCosts
 from stgs.plan import Plan
 
@@ -52,7 +53,7 @@ def plan_shape(plan: Plan) -> list[Any]:
     ]
 
 
-def not_repeats(a: runs.Run, b: runs.Run) -> str | None:
+def not_repeats(a: Run, b: Run) -> str | None:
     """Why ``b`` is not a repeat of ``a`` (None: it is)."""
     if a.names != b.names:
         return f"models differ ({', '.join(a.names)} vs {', '.join(b.names)})"
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.runs:
         path, _, npz = spec.partition(":")
         try:
-            runs.append(runs.read_run(path, npz or None, args.sku))
-        except runs.RunError as exc:
+            runs.append(read_run(path, npz or None, args.sku))
+        except RunError as exc:
             print(f"repeatability.py: {exc}", file=sys.stderr)
             return 2
     for r in runs[1:]:

@@ -29,9 +29,7 @@ from partitioner.sim.run import noise_for
 from stgs.profiles import default_profiles_path
 from stgs.scenario import load_scenario
 
-RUNTIME_NOISE = (
-    Path(__file__).resolve().parent / "results" / "2026-11-22-h100-s4" / "runtime_noise_cd.json"
-)
+RUNTIME_NOISE = Path(str(files("stgs") / "data" / "runtime-noise-h100.json"))
 
 
 def main() -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.lib import fitting, runs
+from benchmarks.lib import fitting
+from benchmarks.lib.runs import Run, RunError, read_run
 
 
-def windows(run: runs.Run, lag_ms: float) -> np.ndarray:
+def windows(run: Run, lag_ms: float) -> np.ndarray:
     """[start, end) seconds from the load generator's t0, merged, of its late sends in phase 1."""
     z = run.npz
     t, sent = z["t_sched"], z["sent"]
@@ -58,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow", type=float, default=1.3)
     args = ap.parse_args(argv)
 
-    def load(path: str, npz: str | None = None) -> runs.Run:
+    def load(path: str, npz: str | None = None) -> Run:
         try:
-            return runs.read_run(path, npz)
-        except runs.RunError as exc:  # a usage error: exit 2 with the file and why
+            return read_run(path, npz)
+        except RunError as exc:  # a usage error: exit 2 with the file and why
             print(f"stall_windows.py: {exc}", file=sys.stderr)
             raise SystemExit(2) from exc
 
