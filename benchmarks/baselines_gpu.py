@@ -57,12 +57,12 @@ finished). JSON (every trial, per model) goes to ``--json`` (default ``$OUT/base
 rewritten after every trial.
 
     # a GPU (MIG off), e.g. in two calls under 560 s each (docs/baselines.md):
-    python benchmarks/baselines_gpu.py --systems stgs,timeslice --time-budget-s 520 --json a.json
-    python benchmarks/baselines_gpu.py --systems mps,streams --start 0.8 --time-budget-s 520 \\
+    python -m benchmarks.baselines_gpu --systems stgs,timeslice --time-budget-s 520 --json a.json
+    python -m benchmarks.baselines_gpu --systems mps,streams --start 0.8 --time-budget-s 520 \\
         --json b.json
-    python benchmarks/baselines_gpu.py --combine a.json b.json   # the table of both (no GPU)
+    python -m benchmarks.baselines_gpu --combine a.json b.json   # the table of both (no GPU)
     # anywhere: the simulated node, CPU workers serving sleep:<ms> stand-ins, low rates
-    python benchmarks/baselines_gpu.py --simulated
+    python -m benchmarks.baselines_gpu --simulated
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 kill -9, restart, infer again. Issue #5's flow on a lent GPU (``--backend nvml``) or on the
 simulated node with CPU workers (``--backend simulated``, tiny models).
 
-    python benchmarks/daemon_gpu.py [--backend nvml|simulated] [--json OUT.json]
+    python -m benchmarks.daemon_gpu [--backend nvml|simulated] [--json OUT.json]
 
 Starts ``stgs serve`` as a subprocess with a throw-away config (state, runtime and MPS pipe
 directories in a temp dir), registers the models over REST (the shipped H100 profiles serve the

@@ -1,11 +1,11 @@
 """Simulator fidelity: the same plan and the same requests, on the GPU and in the simulator.
 
-    python benchmarks/fidelity.py RUN.json [RUN2.json ...] [--seeds 3] [--host default|off|fit|F]
+    python -m benchmarks.fidelity RUN.json [RUN2.json ...] [--seeds 3] [--host default|off|fit|F]
         [--arrivals auto|queued|sent|scheduled] [--interference busy|static]
-    python benchmarks/fidelity.py --fit RUN.json [RUN2.json ...] [--fit-from auto|trace|client]
-    python benchmarks/fidelity.py RUN.json --calibrate-from OTHER.json [...]
+    python -m benchmarks.fidelity --fit RUN.json [RUN2.json ...] [--fit-from auto|trace|client]
+    python -m benchmarks.fidelity RUN.json --calibrate-from OTHER.json [...]
         [--calibrate-by partition|bucket] [--noise profile|runtime --runtime-noise FILE]
-    python benchmarks/fidelity.py --fit-noise OUT.json RUN.json [RUN2.json ...]
+    python -m benchmarks.fidelity --fit-noise OUT.json RUN.json [RUN2.json ...]
 
 Input: what `benchmarks/serve_gpu.py` wrote after a run on a lent GPU (its JSON summary and the
 .npz of every request: scheduled arrival, send and answer times, model, status; newer runs also

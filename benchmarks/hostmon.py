@@ -20,7 +20,7 @@ under test never saw. This samples, every ``--interval-s`` until killed (SIGTERM
 It writes the samples as JSON (``--out``) and prints a summary: mean and max busy and steal per
 interval in cores, intervals with throttling, and the processes' mean and max CPU in cores.
 
-    python3 benchmarks/hostmon.py --out $OUT/host.json &  MON=$!
+    python3 -m benchmarks.hostmon --out $OUT/host.json &  MON=$!
     ... benchmark ...
     kill $MON; wait $MON
 """

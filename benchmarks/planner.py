@@ -1,7 +1,7 @@
 """Planner benchmark: peak load factor k per policy against the fluid bound, gap to the exact
 optimum on small instances, and solve times.
 
-    python benchmarks/planner.py [--quick] [--json OUT.json]
+    python -m benchmarks.planner [--quick] [--json OUT.json]
 
 Scenarios: a mixed model zoo on 1 to 16 GPUs (MIG and non-MIG), rates 10 to 5000 rps, SLOs 10 to
 200 ms, on the profiles shipped in the package. Prints tables; numbers are what this run measured.

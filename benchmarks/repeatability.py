@@ -1,7 +1,7 @@
 """The runtime against itself: repeats of one serve_gpu.py run, counted as fidelity.py counts
 the GPU side.
 
-    python benchmarks/repeatability.py RUN.json[:NPZ] RUN2.json[:NPZ] ... [--arrivals auto|...]
+    python -m benchmarks.repeatability RUN.json[:NPZ] RUN2.json[:NPZ] ... [--arrivals auto|...]
 
 The runs must be repeats: the same plan 1 (GPUs, partitions, their models, batches and rates;
 how it was solved aside) and the same scheduled arrivals (every request's model and scheduled

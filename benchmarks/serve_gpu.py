@@ -1,9 +1,9 @@
 """Serve a stgs plan under open-loop Poisson load, then switch plans under load.
 
     # on a GPU (MIG disabled; starts and quits its own MPS daemon under --runtime-dir):
-    python benchmarks/serve_gpu.py [--phase-s 60] [--after-s 30] [--json out.json]
+    python -m benchmarks.serve_gpu [--phase-s 60] [--after-s 30] [--json out.json]
     # anywhere, on the simulated node with CPU workers (``sleep:<ms>`` stand-ins, low rates):
-    python benchmarks/serve_gpu.py --simulated [--phase-s 3]
+    python -m benchmarks.serve_gpu --simulated [--phase-s 3]
 
 1. Plan the models (``--models name:slo_ms:rate_rps,...``) on one GPU with the ``stgs`` policy
    and the shipped measured H100 profiles, apply the plan with ``Runtime(NvmlBackend(...))``

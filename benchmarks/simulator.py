@@ -1,6 +1,6 @@
 """Simulator speed: requests simulated per minute of wall time, on one core.
 
-    .venv/bin/python benchmarks/simulator.py [--duration 60] [--loads 1 2 3]
+    .venv/bin/python -m benchmarks.simulator [--duration 60] [--loads 1 2 3]
         [--noise default|profile|runtime] [--runtime-noise FILE]
 
 Plans the embedded example scenario (2x H100 + 1x H200, eight models) with each policy once,

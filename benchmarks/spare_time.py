@@ -1,6 +1,6 @@
 """Solve time of spare capacity: one `stgs` plan lean (spare_factor 1), at 1.5x and "fill".
 
-    python benchmarks/spare_time.py [--large] [--repeat N]
+    python -m benchmarks.spare_time [--large] [--repeat N]
 
 Cases: the shipped example scenario (stgs/data/example-scenario.yaml) at its rates,
 examples/compare-zoo.yaml's scenario (2 H100s) at 1, 2 and 2.75x its rates, then

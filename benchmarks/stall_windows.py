@@ -1,6 +1,6 @@
 """Do the workers slow down while the load generator's process stalls? (serve_gpu.py runs)
 
-    python benchmarks/stall_windows.py RUN.json[:NPZ] ... --clean CLEAN.json [CLEAN2.json ...]
+    python -m benchmarks.stall_windows RUN.json[:NPZ] ... --clean CLEAN.json [CLEAN2.json ...]
 
 Stall windows of a run: the union of [scheduled, sent] over the phase-1 requests the load
 generator sent more than ``--lag-ms`` (3) late. Every phase-1 batch of the workers' trace is
