@@ -39,10 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _kserve_load as kserve_load
 import numpy as np
-from _kserve_load import Target, summarize
-from serve_gpu import (
+
+from api.launch import LocalDaemon, wait_until
+from benchmarks.lib import kserve_load
+from benchmarks.lib.kserve_load import Target, summarize
+from benchmarks.lib.loadgen import (
     DEADLINE,
     DEFAULT_MODELS,
     ERROR,
@@ -51,13 +53,10 @@ from serve_gpu import (
     LoadGen,
     ModelCfg,
     describe_plan,
-    open_backend,
     parse_models,
     poisson_arrivals,
-    stop_daemons,
 )
-
-from api.launch import LocalDaemon, wait_until
+from benchmarks.lib.node import open_backend, stop_daemons
 from stgs.plan import Plan
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry

@@ -43,11 +43,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import _kserve_load as kserve_load
 import numpy as np
-from _kserve_load import Row, Target, summarize
 
 from api.launch import ONE_SIMULATED_GPU, LocalDaemon, free_port, wait_until
+from benchmarks.lib import kserve_load
+from benchmarks.lib.kserve_load import Row, Target, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 

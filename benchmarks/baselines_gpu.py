@@ -57,12 +57,12 @@ finished). JSON (every trial, per model) goes to ``--json`` (default ``$OUT/base
 rewritten after every trial.
 
     # a GPU (MIG off), e.g. in two calls under 560 s each (docs/baselines.md):
-    python benchmarks/baselines_gpu.py --systems stgs,timeslice --time-budget-s 520 --json a.json
-    python benchmarks/baselines_gpu.py --systems mps,streams --start 0.8 --time-budget-s 520 \\
+    python -m benchmarks.baselines_gpu --systems stgs,timeslice --time-budget-s 520 --json a.json
+    python -m benchmarks.baselines_gpu --systems mps,streams --start 0.8 --time-budget-s 520 \\
         --json b.json
-    python benchmarks/baselines_gpu.py --combine a.json b.json   # the table of both (no GPU)
+    python -m benchmarks.baselines_gpu --combine a.json b.json   # the table of both (no GPU)
     # anywhere: the simulated node, CPU workers serving sleep:<ms> stand-ins, low rates
-    python benchmarks/baselines_gpu.py --simulated
+    python -m benchmarks.baselines_gpu --simulated
 """
 
 from __future__ import annotations
@@ -79,29 +79,29 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from serve_gpu import (
+
+from benchmarks.lib.loadgen import (
     DEFAULT_MODELS,
     NOT_SENT,
     PLAN_SKU,
+    DirectRouter,
     LoadGen,
     ModelCfg,
     describe_plan,
-    open_backend,
     parse_models,
     plan_checks,
     plan_for,
     poisson_arrivals,
     relabel,
-    stop_daemons,
     window_stats,
 )
-
+from benchmarks.lib.node import open_backend, stop_daemons
+from benchmarks.lib.runs import run_header
 from partitioner.fluid import fluid_bound
 from partitioner.planner import make_plan
 from partitioner.problem import Problem
@@ -267,20 +267,6 @@ def search(
 
 
 # ---------------------------------------------------------------------- systems
-class DirectRouter:
-    """``Runtime.submit``'s contract over a fixed model -> connection map (the baselines)."""
-
-    def __init__(self, transports: dict[str, SocketTransport]) -> None:
-        self.transports = transports
-
-    def submit(
-        self, model: str, array: Array, *, deadline_ms: float | None = None
-    ) -> Future[Array]:
-        # the deadline the same way Runtime.submit makes it
-        deadline_ns = 0 if deadline_ms is None else time.monotonic_ns() + int(deadline_ms * 1e6)
-        return self.transports[model].submit(model, array, deadline_ns=deadline_ns)
-
-
 def env_facts(pid: int) -> dict[str, str | None]:
     """The pinning variables a process runs with (from /proc; empty where unreadable)."""
     try:
@@ -1017,7 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res: dict[str, Any] = {
         "device": label,
         "live_sku": live_sku,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **run_header("baselines_gpu", argv),  # command, machine, date
         "args": vars(args),
         "models": [asdict(m) for m in models],
         "models_text": args.models,

@@ -2,7 +2,7 @@
 kill -9, restart, infer again. Issue #5's flow on a lent GPU (``--backend nvml``) or on the
 simulated node with CPU workers (``--backend simulated``, tiny models).
 
-    python benchmarks/daemon_gpu.py [--backend nvml|simulated] [--json OUT.json]
+    python -m benchmarks.daemon_gpu [--backend nvml|simulated] [--json OUT.json]
 
 Starts ``stgs serve`` as a subprocess with a throw-away config (state, runtime and MPS pipe
 directories in a temp dir), registers the models over REST (the shipped H100 profiles serve the
@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 
 from api.launch import LocalDaemon, wait_until
+from benchmarks.lib.runs import run_header
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -240,7 +241,7 @@ hold_s = 1.0
     result: dict[str, Any] = {
         "backend": args.backend,
         "models": specs,
-        "date": time.strftime("%F %T %Z"),
+        **run_header("daemon_gpu"),  # command, machine, date
     }
     start = d.start
     rc = 1

@@ -1,6 +1,6 @@
 """Requests/s through a worker's data connection vs through its control connection.
 
-    .venv/bin/python benchmarks/data_connections.py [--n 5000] [--depth 32]
+    .venv/bin/python -m benchmarks.data_connections [--n 5000] [--depth 32]
 
 One worker process on the simulated node serves ``echo`` (no compute, 256 B inputs) and listens
 for data connections (``WorkerSpec.listen``). Closed loop (``depth`` requests in flight, a new

@@ -1,15 +1,16 @@
 """How fast can serve_gpu.py's load generator push requests? (no GPU needed)
 
-    python benchmarks/loadgen_bench.py --rate 2400 --seconds 5 [--models 5] [--input small]
+    python -m benchmarks.loadgen_bench --rate 2400 --seconds 5 [--models 5] [--input small]
 
 Starts ``--models`` stgs worker processes on the simulated node, each serving ``echo`` (or
-``--model sleep:<ms>``), connects them as baselines_gpu.py's ``DirectRouter`` does (one socket per
-model), and drives serve_gpu.py's ``LoadGen`` with open-loop Poisson load at ``--rate`` req/s
-spread evenly over the models. Reports the sender lag behind the schedule (p50/p99/max), the
-share answered within ``--slo-ms`` counted from the scheduled arrival, and the CPU the load
-generator's process spent per request (user + system, every thread), with the CPU of each of its
-threads (senders, transport readers, ...). ``--loadgen-from FILE`` takes ``LoadGen`` from another
-copy of serve_gpu.py (to compare versions).
+``--model sleep:<ms>``), connects them as baselines_gpu.py does (``DirectRouter``, one socket per
+model), and drives serve_gpu.py's ``LoadGen`` (both in ``benchmarks.lib.loadgen``) with open-loop
+Poisson load at ``--rate`` req/s spread evenly over the models. Reports the sender lag behind
+the schedule (p50/p99/max), the share answered within ``--slo-ms`` counted from the scheduled
+arrival, and the CPU the load generator's process spent per request (user + system, every
+thread), with the CPU of each of its threads (senders, transport readers, ...).
+``--loadgen-from FILE`` takes ``LoadGen`` from another file (a copy of
+``benchmarks/lib/loadgen.py``, or of serve_gpu.py before it moved: to compare versions).
 """
 
 from __future__ import annotations
@@ -29,11 +30,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from baselines_gpu import DirectRouter
-from serve_gpu import NOT_SENT, OK, poisson_arrivals
-
+from benchmarks.lib.loadgen import NOT_SENT, OK, DirectRouter, poisson_arrivals
 from stgs.backend import SimulatedNode
 from stgs.backend.base import DeviceRef
 from stgs.runtime.process import WorkerProcess
@@ -53,7 +50,7 @@ def _thread_cpu() -> dict[int, float]:
 
 def _load_loadgen(path: str | None) -> Any:
     if path is None:
-        from serve_gpu import LoadGen
+        from benchmarks.lib.loadgen import LoadGen
 
         return LoadGen
     spec = importlib.util.spec_from_file_location("serve_gpu_alt", path)
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slo-ms", type=float, default=10.0)
     ap.add_argument("--senders", type=int, default=2)
     ap.add_argument("--switch-interval-us", type=float, default=200.0)
-    ap.add_argument("--loadgen-from", default=None, help="a serve_gpu.py to take LoadGen from")
+    ap.add_argument("--loadgen-from", default=None, help="a file to take LoadGen from")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

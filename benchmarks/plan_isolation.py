@@ -1,7 +1,7 @@
 """What planning costs the serving daemon: inference latency while a slow plan runs, and the
 time of small previews (the per-call overhead of planning in a planner process).
 
-    python benchmarks/plan_isolation.py [--gpus 32] [--budget-s 3] [--no-budget]
+    python -m benchmarks.plan_isolation [--gpus 32] [--budget-s 3] [--no-budget]
 
 Starts ``stgs serve`` on a simulated node of ``--gpus`` H100s (CPU workers), with ``echo``
 profiled by a synthetic CSV, registers ``echo`` at 50 request/s and measures sequential

@@ -3,9 +3,9 @@
 Two steps (the first needs no GPU, the second no planner):
 
     # 1. plan a scenario that uses the shipped measured profiles (default: a built-in one)
-    python benchmarks/profile_check.py plan [--scenario S.yaml] --plan-out plan.json
+    python -m benchmarks.profile_check plan [--scenario S.yaml] --plan-out plan.json
     # 2. on the GPU: replay each chosen (model, batch) at its chosen partition, compare
-    python benchmarks/profile_check.py replay plan.json --profiles stgs/data/profiles.csv
+    python -m benchmarks.profile_check replay plan.json --profiles stgs/data/profiles.csv
 
 The replay measures every (partition, model, batch) of the plan's GPUs of the profiled SKU with
 ``stgs profile``'s own machinery (CUDA graphs, an MPS client at the partition's share, a green
@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_SCENARIO = """\
 # profile_check's default scenario: the shipped measured H100 profiles, a vision/language/speech mix

@@ -1,7 +1,7 @@
 """Latency of one GPU's profile rows against another's, per model and partition kind.
 
-    python benchmarks/profile_ratio.py [PROFILES.csv] [--gpu H200-141GB] [--base H100-80GB]
-    python benchmarks/profile_ratio.py --reference      # the H200 rows vs gpu-facts.md
+    python -m benchmarks.profile_ratio [PROFILES.csv] [--gpu H200-141GB] [--base H100-80GB]
+    python -m benchmarks.profile_ratio --reference      # the H200 rows vs gpu-facts.md
 
 For every (model, partition, batch) measured on both GPUs (same partition name, e.g.
 ``mps:25`` or ``green:64``), the ratio ``latency(gpu) / latency(base)``; printed as the median
@@ -21,11 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from stgs.errors import ProfileError  # noqa: E402
-from stgs.profiles import measured_profiles_path, normalise_gpu, read_profiles  # noqa: E402
+from stgs.errors import ProfileError
+from stgs.profiles import measured_profiles_path, normalise_gpu, read_profiles
 
 KINDS = ("full", "mps", "green", "mig")
 # gpu-facts.md, "Latency on a lent H200 (measured, fp16, torchvision weights=None, median of

@@ -1,7 +1,7 @@
 """The runtime against itself: repeats of one serve_gpu.py run, counted as fidelity.py counts
 the GPU side.
 
-    python benchmarks/repeatability.py RUN.json[:NPZ] RUN2.json[:NPZ] ... [--arrivals auto|...]
+    python -m benchmarks.repeatability RUN.json[:NPZ] RUN2.json[:NPZ] ... [--arrivals auto|...]
 
 The runs must be repeats: the same plan 1 (GPUs, partitions, their models, batches and rates;
 how it was solved aside) and the same scheduled arrivals (every request's model and scheduled
@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity as F
-
+from benchmarks.lib import fitting
+from benchmarks.lib.runs import Run, RunError, read_run
 from partitioner.sim.config import HostCosts
 from stgs.plan import Plan
 
@@ -54,7 +53,7 @@ def plan_shape(plan: Plan) -> list[Any]:
     ]
 
 
-def not_repeats(a: F.Run, b: F.Run) -> str | None:
+def not_repeats(a: Run, b: Run) -> str | None:
     """Why ``b`` is not a repeat of ``a`` (None: it is)."""
     if a.names != b.names:
         return f"models differ ({', '.join(a.names)} vs {', '.join(b.names)})"
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--arrivals",
-        choices=F.MODES,
+        choices=fitting.MODES,
         default="auto",
         help="where latency counts from, as fidelity.py (auto: queued when every run has a"
         " worker trace, else scheduled)",
@@ -98,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.runs:
         path, _, npz = spec.partition(":")
         try:
-            runs.append(F.read_run(path, npz or None, args.sku))
-        except F.RunError as exc:
+            runs.append(read_run(path, npz or None, args.sku))
+        except RunError as exc:
             print(f"repeatability.py: {exc}", file=sys.stderr)
             return 2
     for r in runs[1:]:
@@ -112,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     mode = args.arrivals
     if mode == "auto":
-        mode = "queued" if all(F.load_trace(r) is not None for r in runs) else "scheduled"
-    if mode == "queued" and any(F.load_trace(r) is None for r in runs):
+        mode = "queued" if all(fitting.load_trace(r) is not None for r in runs) else "scheduled"
+    if mode == "queued" and any(fitting.load_trace(r) is None for r in runs):
         print("repeatability.py: --arrivals queued needs every run's worker trace", file=sys.stderr)
         return 2
     host = HostCosts()
-    stats = [F.gpu_stats(r, mode, host) for r in runs]
+    stats = [fitting.gpu_stats(r, mode, host) for r in runs]
     names = [*runs[0].names, "all"]
     labels = [r.path.stem for r in runs]
     print(f"# repeatability: {len(runs)} runs of one plan and one schedule ({', '.join(labels)})")

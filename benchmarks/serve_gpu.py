@@ -1,9 +1,9 @@
 """Serve a stgs plan under open-loop Poisson load, then switch plans under load.
 
     # on a GPU (MIG disabled; starts and quits its own MPS daemon under --runtime-dir):
-    python benchmarks/serve_gpu.py [--phase-s 60] [--after-s 30] [--json out.json]
+    python -m benchmarks.serve_gpu [--phase-s 60] [--after-s 30] [--json out.json]
     # anywhere, on the simulated node with CPU workers (``sleep:<ms>`` stand-ins, low rates):
-    python benchmarks/serve_gpu.py --simulated [--phase-s 3]
+    python -m benchmarks.serve_gpu --simulated [--phase-s 3]
 
 1. Plan the models (``--models name:slo_ms:rate_rps,...``) on one GPU with the ``stgs`` policy
    and the shipped measured H100 profiles, apply the plan with ``Runtime(NvmlBackend(...))``
@@ -38,579 +38,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import importlib.util
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from partitioner.planner import make_plan
-from stgs.backend.base import Backend
-from stgs.errors import DeadlineExceededError, StgsError
-from stgs.plan import Plan
+from benchmarks.lib.loadgen import (
+    DEFAULT_MODELS,
+    ERROR,
+    NOT_SENT,
+    PENDING,
+    PLAN_SKU,
+    LoadGen,
+    describe_plan,
+    parse_models,
+    plan_checks,
+    plan_for,
+    poisson_arrivals,
+    print_table,
+    relabel,
+    stand_ins,
+    timeline,
+    window_stats,
+)
+from benchmarks.lib.node import open_backend, stop_daemons
+from benchmarks.lib.probes import Probe, collect_traces, mps_pids
+from benchmarks.lib.runs import run_header
+from stgs.errors import StgsError
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
-from stgs.runtime.stalls import StallProbe
 from stgs.runtime.worker import TRACE_ENV
-from stgs.scenario import scenario_from_mapping
-
-# 1200 req/s: at this load the planner time-shares two of its three MPS partitions (the
-# issue asks for a plan with time sharing; at 2400 req/s, with host costs planned, every model
-# gets its own partition). The session-2 headline run used twice these rates.
-DEFAULT_MODELS = (
-    "resnet50:15:300,mobilenet_v3_large:10:300,vit_b_16:20:150,bert_base:25:150,"
-    "efficientnet_b0:10:300"
-)
-PLAN_SKU = "H100-80GB"  # the SKU of the shipped measured profiles
-
-_MISS = 1e12  # the latency a miss counts as in percentiles
-
-# request status codes
-NOT_SENT, PENDING, OK, DEADLINE, ERROR = -1, 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class ModelCfg:
-    name: str
-    slo_ms: float
-    rate_rps: float
-
-
-def parse_models(text: str) -> list[ModelCfg]:
-    out = []
-    for item in text.split(","):
-        name, slo, rate = item.strip().split(":")
-        out.append(ModelCfg(name, float(slo), float(rate)))
-    return out
-
-
-# ---------------------------------------------------------------------- plans
-def plan_for(
-    models: Sequence[ModelCfg], shares: Sequence[int] | None, scale: float, headroom: float
-) -> Plan:
-    data: dict[str, Any] = {
-        "headroom": headroom,
-        "gpus": [{"sku": PLAN_SKU, "count": 1, "mig": False}],
-        "models": [
-            {"name": m.name, "slo_ms": m.slo_ms, "rate_rps": m.rate_rps * scale} for m in models
-        ],
-    }
-    if shares:
-        data["planner"] = {"mps_shares": list(shares)}
-    return make_plan(scenario_from_mapping(data), "stgs")
-
-
-def describe_plan(plan: Plan) -> list[str]:
-    lines = [f"  feasible={plan.feasible} unserved={[u.name for u in plan.unserved]}"]
-    for _, p in plan.partitions():
-        share = f"mps {p.mps_pct:>3}%" if p.kind == "mps" else p.kind
-        models = ", ".join(
-            f"{m.name} b{m.batch} {m.rate_rps:.0f}/s {m.latency_ms:.2f}ms" for m in p.models
-        )
-        lines.append(f"  {share} {p.sm_count:>3} SMs  cycle {p.duty_cycle_ms:5.2f} ms  [{models}]")
-    return lines
-
-
-def plan_checks(plan: Plan) -> dict[str, Any]:
-    parts = [p for _, p in plan.partitions()]
-    mps = [p for p in parts if p.kind == "mps"]
-    return {
-        "feasible": plan.feasible,
-        "models": len({m.name for p in parts for m in p.models}),
-        "mps_partitions": len(mps),
-        "time_shared_partitions": sum(1 for p in parts if len(p.models) > 1),
-        "shares": sorted(p.mps_pct or 100 for p in parts),
-    }
-
-
-def relabel(plan: Plan, sku: str, names: dict[str, str] | None = None) -> Plan:
-    """The plan for the live SKU, with model names replaced (simulated stand-ins)."""
-    gpus = []
-    for g in plan.gpus:
-        parts = []
-        for p in g.partitions:
-            ms = tuple(
-                replace(m, name=(names or {}).get(m.name, m.name)) if names else m for m in p.models
-            )
-            parts.append(replace(p, models=ms))
-        gpus.append(replace(g, sku=sku, partitions=tuple(parts)))
-    return replace(plan, gpus=tuple(gpus))
-
-
-def stand_ins(plans: Sequence[Plan]) -> dict[str, str]:
-    """A distinct ``sleep:<ms>`` model per real model: its largest planned batch latency."""
-    lat: dict[str, float] = {}
-    for plan in plans:
-        for _, p in plan.partitions():
-            for m in p.models:
-                lat[m.name] = max(lat.get(m.name, 0.0), m.latency_ms)
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for name in sorted(lat):
-        ms = round(lat[name], 3)
-        while f"sleep:{ms:.3f}" in used:
-            ms += 0.001
-        out[name] = f"sleep:{ms:.3f}"
-        used.add(out[name])
-    return out
-
-
-# ---------------------------------------------------------------------- load
-def poisson_arrivals(
-    rates: Sequence[float], horizon_s: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted arrival offsets (s) and model indices, Poisson per model, up to ``horizon_s``."""
-    rng = np.random.default_rng(seed)
-    ts, ms = [], []
-    for i, r in enumerate(rates):
-        if r <= 0:
-            continue
-        n = int(r * horizon_s + 10 * np.sqrt(r * horizon_s) + 10)
-        t = np.cumsum(rng.exponential(1.0 / r, size=n))
-        t = t[t < horizon_s]
-        ts.append(t)
-        ms.append(np.full(len(t), i, dtype=np.int16))
-    t_all = np.concatenate(ts)
-    m_all = np.concatenate(ms)
-    order = np.argsort(t_all, kind="stable")
-    return t_all[order], m_all[order]
-
-
-class LoadGen:
-    """Open loop: each request is sent at its scheduled time, whatever is outstanding.
-
-    ``senders`` threads per model each send every ``senders``-th arrival of their model, so that
-    a send blocked on one worker's socket delays only that model; ``senders=0``: one thread sends
-    every model's requests. A sender sleeps until its next arrival, then sends everything that
-    is due by then back to back (one wake-up for a burst). The per-request work is kept small:
-    the schedule is converted to plain floats once, the inputs are the same arrays every time
-    (the transport sends them without a copy), and the answer's callback writes three numbers.
-    Fewer threads that wake less often matter more than the Python per request: every thread
-    that wakes up must take the GIL, and with many of them the GIL's queue, not the work, is
-    what delays a send (measured in ``benchmarks/loadgen_bench.py``).
-    """
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        serve_names: Sequence[str],
-        slos_ms: Sequence[float],
-        inputs: Sequence[np.ndarray],
-        t_sched: np.ndarray,
-        model_idx: np.ndarray,
-        senders: int,
-    ) -> None:
-        self.rt = runtime
-        self.names = list(serve_names)
-        self.slos = np.asarray(slos_ms, dtype=np.float64)
-        self.inputs = list(inputs)
-        self.t = t_sched
-        self.m = model_idx
-        n = len(t_sched)
-        self.sent = np.full(n, np.nan)
-        self.done = np.full(n, np.nan)
-        self.status = np.full(n, NOT_SENT, dtype=np.int8)
-        self.errors: Counter[str] = Counter()
-        self.examples: dict[str, str] = {}
-        # "deadline exceeded" answers per model: refused on the predicted batch latency
-        # (admission) or found late in the worker's queue
-        self.deadline_kinds: Counter[tuple[int, str]] = Counter()
-        self._err_lock = threading.Lock()
-        self.stop_at = float("inf")  # offset after which nothing more is sent
-        self.t0 = 0.0
-        if senders <= 0:
-            groups = [("sender-all", np.arange(n))]
-        else:
-            groups = [
-                (f"sender-{i}-{j}", np.flatnonzero(model_idx == i)[j::senders])
-                for i in range(len(serve_names))
-                for j in range(senders)
-            ]
-        self.threads = [
-            threading.Thread(target=self._send, args=(mine,), name=name, daemon=True)
-            for name, mine in groups
-            if len(mine)
-        ]
-
-    def start(self, t0: float) -> None:
-        self.t0 = t0
-        for th in self.threads:
-            th.start()
-
-    def join(self) -> None:
-        for th in self.threads:
-            th.join()
-
-    def _send(self, mine: np.ndarray) -> None:
-        t0 = self.t0
-        offs = self.t[mine].tolist()
-        idx = mine.tolist()
-        mis = self.m[mine].tolist()
-        slos = self.slos.tolist()
-        names, inputs = self.names, self.inputs
-        sent, status = self.sent, self.status
-        submit, done = self.rt.submit, self._done
-        mono, sleep, partial = time.monotonic, time.sleep, functools.partial
-        k, n = 0, len(idx)
-        while k < n:
-            wait = t0 + offs[k] - mono()
-            if wait > 0:
-                sleep(wait)
-            now = mono()
-            while k < n and t0 + offs[k] <= now:  # everything due: back to back
-                off = offs[k]
-                if off > self.stop_at:
-                    return
-                i, mi = idx[k], mis[k]
-                now = mono()
-                sent[i] = now
-                status[i] = PENDING
-                left_ms = slos[mi] - (now - t0 - off) * 1e3  # deadline: arrival + SLO
-                fut = submit(names[mi], inputs[mi], deadline_ms=left_ms)
-                fut.add_done_callback(partial(done, i))
-                k += 1
-
-    def _done(self, i: int, fut: Future[Any]) -> None:
-        self.done[i] = time.monotonic()
-        exc = fut.exception()
-        if exc is None:
-            self.status[i] = OK
-            return
-        if isinstance(exc, DeadlineExceededError):
-            self.status[i] = DEADLINE
-            kind = "predicted" if "predicted" in str(exc) else "late"
-            with self._err_lock:
-                self.deadline_kinds[(int(self.m[i]), kind)] += 1
-            return
-        self.status[i] = ERROR
-        kind = type(exc).__name__
-        with self._err_lock:
-            self.errors[kind] += 1
-            self.examples.setdefault(kind, str(exc)[:300])
-
-    def pending(self) -> int:
-        return int(np.count_nonzero(self.status == PENDING))
-
-
-# ---------------------------------------------------------------------- statistics
-def window_stats(
-    lg: LoadGen, models: Sequence[ModelCfg], rates: Sequence[float], lo: float, hi: float
-) -> dict[str, Any]:
-    sel = (lg.t >= lo) & (lg.t < hi) & (lg.status != NOT_SENT)
-    dur = max(hi - lo, 1e-9)
-    lat_ms = (lg.done - (lg.t0 + lg.t)) * 1e3
-    svc_ms = (lg.done - lg.sent) * 1e3
-    rows = []
-
-    def row(name: str, mask: np.ndarray, rate: float, slo: np.ndarray | float) -> dict[str, Any]:
-        st = lg.status[mask]
-        lat = lat_ms[mask]
-        svc = svc_ms[mask]
-        slo_arr = np.broadcast_to(np.asarray(slo, dtype=np.float64), lat.shape)
-        ok = st == OK
-        within = ok & (lat <= slo_arr)
-        eff = np.where(ok, lat, _MISS)  # misses count as infinitely late in percentiles
-        n = int(mask.sum())
-        return {
-            "model": name,
-            "rate_rps": round(rate, 1),
-            "offered_rps": round(n / dur, 1),
-            "sent": n,
-            "ok": int(ok.sum()),
-            "deadline": int((st == DEADLINE).sum()),
-            "errors": int((st == ERROR).sum()),
-            "never_answered": int((st == PENDING).sum()),
-            "p50_ms": _pct(eff, 50),
-            "p99_ms": _pct(eff, 99),
-            "p99_ok_ms": _pct(lat[ok], 99),
-            "max_ok_ms": round(float(lat[ok].max()), 3) if ok.any() else None,
-            "attainment": round(float(within.sum()) / n, 5) if n else None,
-            # the same, counting latency from the actual send instead of the scheduled arrival
-            "attainment_from_send": round(float((ok & (svc <= slo_arr)).sum()) / n, 5)
-            if n
-            else None,
-        }
-
-    for i, mc in enumerate(models):
-        rows.append(row(mc.name, sel & (lg.m == i), rates[i], mc.slo_ms))
-    slo_all = np.asarray([mc.slo_ms for mc in models])[lg.m[sel]]
-    rows.append(row("all", sel, float(sum(rates)), slo_all))
-    return {"from_s": round(lo, 3), "to_s": round(hi, 3), "rows": rows}
-
-
-def _pct(x: np.ndarray, q: float) -> float | None:
-    if x.size == 0:
-        return None
-    v = float(np.percentile(x, q, method="inverted_cdf"))
-    return round(v, 3) if v < _MISS else None  # None: more than (100-q)% missed
-
-
-def timeline(lg: LoadGen, models: Sequence[ModelCfg], end: float) -> list[dict[str, Any]]:
-    """Per second: requests and the fraction within SLO (all models together)."""
-    lat_ms = (lg.done - (lg.t0 + lg.t)) * 1e3
-    slo = np.asarray([mc.slo_ms for mc in models])[lg.m]
-    good = (lg.status == OK) & (lat_ms <= slo)
-    out = []
-    for s in range(int(np.ceil(end))):
-        sel = (lg.t >= s) & (lg.t < s + 1) & (lg.status != NOT_SENT)
-        n = int(sel.sum())
-        if n:
-            out.append({"s": s, "sent": n, "within_slo": int((good & sel).sum())})
-    return out
-
-
-def print_table(title: str, win: dict[str, Any], slos: dict[str, float]) -> None:
-    print(f"\n{title}  (arrivals {win['from_s']:.1f} s .. {win['to_s']:.1f} s)")
-    head = (
-        f"{'model':<20}{'slo':>5}{'rate':>8}{'sent':>8}{'ok':>8}{'deadl':>7}{'err':>5}"
-        f"{'lost':>6}{'p50 ms':>9}{'p99 ms':>9}{'p99 ok':>9}{'attain':>9}"
-    )
-    print(head)
-    print("-" * len(head))
-    for r in win["rows"]:
-        p50 = "miss" if r["p50_ms"] is None else f"{r['p50_ms']:.2f}"
-        p99 = "miss" if r["p99_ms"] is None else f"{r['p99_ms']:.2f}"
-        p99ok = "-" if r["p99_ok_ms"] is None else f"{r['p99_ok_ms']:.2f}"
-        att = "-" if r["attainment"] is None else f"{100 * r['attainment']:.2f}%"
-        slo = slos.get(r["model"])
-        print(
-            f"{r['model']:<20}{'' if slo is None else f'{slo:g}':>5}{r['rate_rps']:>8.0f}"
-            f"{r['sent']:>8}{r['ok']:>8}{r['deadline']:>7}{r['errors']:>5}"
-            f"{r['never_answered'] + r['errors']:>6}{p50:>9}{p99:>9}{p99ok:>9}{att:>9}"
-        )
-
-
-# ---------------------------------------------------------------------- diagnostics
-STALL_FRAMES_MS = 8.0
-
-
-def _frames() -> dict[str, str]:
-    """thread name -> its innermost three frames (``file:line function``), this one left out."""
-    names = {th.ident: th.name for th in threading.enumerate()}
-    me = threading.get_ident()
-    out = {}
-    for ident, frame in sys._current_frames().items():
-        if ident == me:
-            continue
-        stack = []
-        f: Any = frame
-        while f is not None and len(stack) < 3:
-            co = f.f_code
-            stack.append(f"{os.path.basename(co.co_filename)}:{f.f_lineno} {co.co_name}")
-            f = f.f_back
-        out[names.get(ident, str(ident))] = " < ".join(stack)
-    return out
-
-
-class Probe:
-    """Where time goes on the client side: stalls of this process, GC passes, CPU use."""
-
-    def __init__(self, t0: float, pid_source: Callable[[], dict[str, list[int]]]) -> None:
-        self.stalls: list[tuple[float, float]] = []  # (time, ms late) of a 1 ms sleeper
-        # where every thread was right after a stall > STALL_FRAMES_MS (the first 200): the
-        # thread that held the GIL through the stall has just let go of it, so its frame is
-        # at (or just after) what took so long
-        self.stall_frames: list[dict[str, Any]] = []
-        self.gcs: list[tuple[float, int, float]] = []  # (time, generation, ms)
-        self.cpu: list[dict[str, float]] = []
-        self.pid_source = pid_source
-        self._stop = threading.Event()
-        self._gc_t0 = 0.0
-        self.t0 = t0
-        self._sleeper = StallProbe(self._on_wake, interval_s=0.001)
-
-    def start(self) -> None:
-        gc.callbacks.append(self._on_gc)
-        self._sleeper.start()
-        threading.Thread(target=self._cpu_loop, daemon=True, name="_cpu_loop").start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sleeper.stop()
-        with contextlib.suppress(ValueError):
-            gc.callbacks.remove(self._on_gc)
-
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gc_t0 = time.monotonic()
-            return
-        ms = (time.monotonic() - self._gc_t0) * 1e3
-        if ms > 1.0:
-            self.gcs.append((self._gc_t0 - self.t0, info.get("generation", -1), ms))
-
-    def _on_wake(self, late_s: float) -> None:
-        late = late_s * 1e3
-        if late > 3.0:
-            a = time.monotonic() - late_s - self._sleeper.interval_s  # when the sleep began
-            self.stalls.append((a - self.t0, late))
-            if late > STALL_FRAMES_MS and len(self.stall_frames) < 200:
-                self.stall_frames.append(
-                    {"t": round(a - self.t0, 4), "late_ms": round(late, 2), **_frames()}
-                )
-
-    def _cpu_loop(self) -> None:
-        tick = float(os.sysconf("SC_CLK_TCK"))
-        prev: dict[tuple[str, int], float] = {}
-        prev_t = time.monotonic()
-        while not self._stop.wait(0.5):
-            now = time.monotonic()
-            groups = {"system": [0], "main": [os.getpid()], **self.pid_source()}
-            cur = {
-                (g, pid): _proc_system_busy(tick) if g == "system" else _proc_cpu(pid, tick)
-                for g, pids in groups.items()
-                for pid in pids
-            }
-            cur = {k: v for k, v in cur.items() if v > 0}  # 0: the process is gone
-            if prev:
-                dt = now - prev_t
-                row = {"t": round(now - self.t0, 2)}
-                for g in ("system", "main", "workers", "mps"):
-                    busy = sum(v - prev[k] for k, v in cur.items() if k[0] == g and k in prev)
-                    row[g] = round(100 * busy / dt, 1)
-                self.cpu.append(row)
-            prev, prev_t = cur, now
-
-    def summary(self, lo: float, hi: float) -> dict[str, Any]:
-        st = [ms for t, ms in self.stalls if lo <= t < hi]
-        gcs = [ms for t, _, ms in self.gcs if lo <= t < hi]
-        cpu = [c for c in self.cpu if lo <= c["t"] < hi]
-
-        def mean(key: str) -> float | None:
-            return round(float(np.mean([c[key] for c in cpu])), 1) if cpu else None
-
-        return {
-            "stalls_over_3ms": len(st),
-            "stall_max_ms": round(max(st), 1) if st else 0.0,
-            "stall_total_ms": round(sum(st), 1),
-            "gc_passes_over_1ms": len(gcs),
-            "gc_max_ms": round(max(gcs), 1) if gcs else 0.0,
-            "cpu_pct_mean": {k: mean(k) for k in ("system", "main", "workers", "mps")},
-            "cpu_pct_max_system": max((c["system"] for c in cpu), default=None),
-        }
-
-
-def _proc_cpu(pid: int, tick: float) -> float:
-    """CPU seconds (user + system) of a process, 0 when it is gone or /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / tick
-
-
-def _proc_system_busy(tick: float) -> float:
-    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
-    try:
-        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    return (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / tick
-
-
-def _mps_pids() -> list[int]:
-    out = []
-    for d in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if (d / "comm").read_text().strip().startswith("nvidia-cuda-mps"):
-                out.append(int(d.name))
-    return out
-
-
-# ---------------------------------------------------------------------- worker trace
-def collect_traces(trace_dir: Path) -> dict[str, np.ndarray]:
-    """The workers' trace files merged: ``wb`` (batches) and ``wr`` (requests) with the
-    worker's index prepended, ``w_parts`` (JSON: per worker its name, models and pid)."""
-    parts: list[dict[str, Any]] = []
-    wb, wr = [], []
-    for f in sorted(trace_dir.glob("*.npz")):
-        try:
-            with np.load(f) as z:
-                b, r = z["batches"], z["requests"]
-                k = len(parts)
-                parts.append(
-                    {"name": str(z["name"]), "models": [str(m) for m in z["models"]], "pid": f.stem}
-                )
-        except (OSError, KeyError, ValueError) as exc:
-            print(f"trace {f} not read: {exc}")
-            continue
-        wb.append(np.c_[np.full(len(b), k, dtype=np.int64), b])
-        wr.append(np.c_[np.full(len(r), k, dtype=np.int64), r])
-    if not parts:
-        return {}
-    return {
-        "wb": np.concatenate(wb),
-        "wr": np.concatenate(wr),
-        "w_parts": np.asarray(json.dumps(parts)),
-    }
-
-
-# ---------------------------------------------------------------------- GPU helpers
-def open_backend(simulated: bool, runtime_dir: Path) -> tuple[Backend, str] | None:
-    """The node to serve on (the simulated node with CPU workers, or NVML) and its label;
-    None, after saying why, when GPU 0 is in MIG mode (these benchmarks never change it)."""
-    backend: Backend
-    if simulated:
-        from stgs.backend import SimulatedNode
-
-        backend = SimulatedNode(PLAN_SKU, mig_enabled=False, runtime_dir=runtime_dir)
-        label = f"simulated {PLAN_SKU} (CPU workers, sleep stand-ins)"
-    else:
-        from stgs.backend.nvml import NvmlBackend
-
-        backend = NvmlBackend(runtime_dir)
-        label = gpu_label()
-    if backend.gpus()[0].mig_enabled:
-        print("GPU 0 is in MIG mode; this benchmark needs MIG off (it never changes it)")
-        return None
-    return backend, label
-
-
-def gpu_label() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "unknown"
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.splitlines()[0] if out else "unknown"
-
-
-def stop_daemons(backend: Backend, timeout_s: float = 15.0) -> list[str]:
-    """Quit every MPS daemon stgs started (waits for the killed clients to detach)."""
-    notes = []
-    end = time.monotonic() + timeout_s
-    for d in backend.mps_daemons():
-        while True:
-            try:
-                backend.stop_mps(d.ref)
-                notes.append(f"MPS daemon on {d.ref} quit")
-                break
-            except StgsError as exc:
-                if time.monotonic() > end:
-                    notes.append(f"MPS daemon on {d.ref} NOT stopped: {exc}")
-                    break
-                time.sleep(0.2)
-    return notes
 
 
 def _sigterm(_sig: int, _frame: Any) -> None:
@@ -714,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "device": label,
         "live_sku": live_sku,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **run_header("serve_gpu", argv),  # command, machine, date
         "args": vars(args),
         "load_scale": load_scale,
         "models": [m.__dict__ for m in models],
@@ -755,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0,
             lambda: {
                 "workers": [int(p["pid"]) for p in runtime.describe() if p["pid"]],
-                "mps": _mps_pids(),
+                "mps": mps_pids(),
             },
         )
         probe.start()

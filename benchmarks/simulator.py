@@ -1,6 +1,6 @@
 """Simulator speed: requests simulated per minute of wall time, on one core.
 
-    .venv/bin/python benchmarks/simulator.py [--duration 60] [--loads 1 2 3]
+    .venv/bin/python -m benchmarks.simulator [--duration 60] [--loads 1 2 3]
         [--noise default|profile|runtime] [--runtime-noise FILE]
 
 Plans the embedded example scenario (2x H100 + 1x H200, eight models) with each policy once,
@@ -29,9 +29,7 @@ from partitioner.sim.run import noise_for
 from stgs.profiles import default_profiles_path
 from stgs.scenario import load_scenario
 
-RUNTIME_NOISE = (
-    Path(__file__).resolve().parent / "results" / "2026-11-22-h100-s4" / "runtime_noise_cd.json"
-)
+RUNTIME_NOISE = Path(str(files("stgs") / "data" / "runtime-noise-h100.json"))
 
 
 def main() -> None:

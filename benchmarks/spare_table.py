@@ -1,7 +1,7 @@
 """Session 6's table: stgs, stgs-spare (1.5x) and stgs-fill side by side from `stgs compare`
 results (examples/spare-fill.yaml, examples/spare-fill-zoo.yaml), and the verdict.
 
-    python benchmarks/spare_table.py OUT_DIR [OUT_DIR ...]
+    python -m benchmarks.spare_table OUT_DIR [OUT_DIR ...]
 
 Per cell (GPU set, workload, load), means over the seeds: SLO attainment, p99 (ms), GPUs used
 (time average), reconfigurations, and controller re-plans / controller passes (passes do not

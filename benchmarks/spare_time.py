@@ -1,6 +1,6 @@
 """Solve time of spare capacity: one `stgs` plan lean (spare_factor 1), at 1.5x and "fill".
 
-    python benchmarks/spare_time.py [--large] [--repeat N]
+    python -m benchmarks.spare_time [--large] [--repeat N]
 
 Cases: the shipped example scenario (stgs/data/example-scenario.yaml) at its rates,
 examples/compare-zoo.yaml's scenario (2 H100s) at 1, 2 and 2.75x its rates, then
@@ -24,16 +24,12 @@ from pathlib import Path
 
 import yaml
 
-# the repository's packages (not an installed copy), and planner.py beside this file
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-
-from planner import LOAD, measured_scenarios, timing_case  # noqa: E402
-
-from partitioner.fluid import fluid_bound  # noqa: E402
-from partitioner.policies import get_policy  # noqa: E402
-from partitioner.policies.stgs_policy import hold_plan  # noqa: E402
-from partitioner.problem import Problem  # noqa: E402
-from stgs.scenario import load_scenario, scenario_from_mapping  # noqa: E402
+from benchmarks.lib.cases import LOAD, measured_scenarios, timing_case
+from partitioner.fluid import fluid_bound
+from partitioner.policies import get_policy
+from partitioner.policies.stgs_policy import hold_plan
+from partitioner.problem import Problem
+from stgs.scenario import load_scenario, scenario_from_mapping
 
 SKU = "H100-80GB"  # planner.py's default measured set
 RISE = 1.25  # a re-plan's rates: x this (out of the controller's default band, 1 + 0.2)

@@ -1,6 +1,6 @@
 """Do the workers slow down while the load generator's process stalls? (serve_gpu.py runs)
 
-    python benchmarks/stall_windows.py RUN.json[:NPZ] ... --clean CLEAN.json [CLEAN2.json ...]
+    python -m benchmarks.stall_windows RUN.json[:NPZ] ... --clean CLEAN.json [CLEAN2.json ...]
 
 Stall windows of a run: the union of [scheduled, sent] over the phase-1 requests the load
 generator sent more than ``--lag-ms`` (3) late. Every phase-1 batch of the workers' trace is
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fidelity as F
+from benchmarks.lib import fitting
+from benchmarks.lib.runs import Run, RunError, read_run
 
 
-def windows(run: F.Run, lag_ms: float) -> np.ndarray:
+def windows(run: Run, lag_ms: float) -> np.ndarray:
     """[start, end) seconds from the load generator's t0, merged, of its late sends in phase 1."""
     z = run.npz
     t, sent = z["t_sched"], z["sent"]
@@ -59,18 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow", type=float, default=1.3)
     args = ap.parse_args(argv)
 
-    def load(path: str, npz: str | None = None) -> F.Run:
+    def load(path: str, npz: str | None = None) -> Run:
         try:
-            return F.read_run(path, npz)
-        except F.RunError as exc:  # a usage error: exit 2 with the file and why
+            return read_run(path, npz)
+        except RunError as exc:  # a usage error: exit 2 with the file and why
             print(f"stall_windows.py: {exc}", file=sys.stderr)
             raise SystemExit(2) from exc
 
     clean = [load(p) for p in args.clean]
-    if any(F.load_trace(r) is None for r in clean):
+    if any(fitting.load_trace(r) is None for r in clean):
         ap.error("--clean runs need a worker trace")
-    cal = F.calibration(clean)
-    _, info = F.fit_host_trace(clean)
+    cal = fitting.calibration(clean)
+    _, info = fitting.fit_host_trace(clean)
     a0 = float(info["runner_copy_ms"]["per_batch"])
     a1 = float(info["runner_copy_ms"]["per_mb"])
     print(
@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.runs:
         path, _, npz = spec.partition(":")
         run = load(path, npz or None)
-        tr = F.load_trace(run)
+        tr = fitting.load_trace(run)
         if tr is None:
             print(f"{path}: no worker trace", file=sys.stderr)
             return 2
         win = windows(run, args.lag_ms)
-        kinds = {m.name: p for p in F._plan_parts(run).values() for m in p.models}
+        kinds = {m.name: p for p in fitting.plan_parts(run).values() for m in p.models}
         slow_in, slow_out, post_in, post_out = [], [], [], []
-        for d in F.trace_batches(run, tr):
+        for d in fitting.trace_batches(run, tr):
             part = kinds[d["model"]]
             f = cal.get((d["model"], part.kind, int(part.sm_count)), (1.0, 0))[0]
             pred = d["solo_ms"] * f * (1.0 + d["gamma"] * d["busy_pct"] / 100.0)

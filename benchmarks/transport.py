@@ -1,6 +1,6 @@
 """Added latency per request of the daemon <-> worker transport (target: < 0.3 ms p50).
 
-    .venv/bin/python benchmarks/transport.py [--n 3000]
+    .venv/bin/python -m benchmarks.transport [--n 3000]
 
 A worker process on the simulated node serves the ``echo`` model (no compute), so the round
 trip is all transport: framing, one ``sendmsg`` of header and raw array buffer, the worker's

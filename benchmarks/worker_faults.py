@@ -10,7 +10,7 @@ wall time), how long the new worker took to start (``worker_restarted`` -> ``wor
 when the model served again, and what the clients saw in the gap (status codes, the slowest
 answer) and the slowest ``/v2/health/live`` answer during the fault.
 
-    python benchmarks/worker_faults.py [--rate 40] [--kills 3] [--stops 3] [--json OUT]
+    python -m benchmarks.worker_faults [--rate 40] [--kills 3] [--stops 3] [--json OUT]
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,3 +24,52 @@ def run_python(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+# The GPU runs the fidelity tests replay: serve_gpu.py's JSON summaries and per-request .npz
+# (6 to 12 MB each), out of the tree since this commit's successor (benchmarks/results/
+# MANIFEST.md); restored from git history into a cache folder outside the tree.
+RECORDED_COMMIT = "0abe881dd5124fe62d5ca2bf9e1874cfcce529d1"
+RECORDED_RUNS = (
+    "2026-11-22-h100/full",
+    "2026-11-22-h100/half",
+    "2026-11-22-h100-s3/full",
+    "2026-11-22-h100-s3/half",
+    "2026-11-22-h100-s4/s1200c",
+    "2026-11-22-h100-s4/s1200d",
+)
+
+
+def recorded_runs() -> Path | None:
+    """A folder with :data:`RECORDED_RUNS` (``SESSION/RUN.json`` and ``.npz``) as committed in
+    :data:`RECORDED_COMMIT`, restored once per machine; None where git or that commit's objects
+    are missing (a shallow clone, an sdist): the tests that replay them skip."""
+    out = Path(tempfile.gettempdir()) / f"stgs-recorded-runs-{RECORDED_COMMIT[:12]}"
+    if (out / "complete").is_file():
+        return out
+    try:
+        for run in RECORDED_RUNS:
+            for ext in (".json", ".npz"):
+                dst = out / f"{run}{ext}"
+                if dst.is_file():
+                    continue
+                blob = subprocess.run(
+                    [
+                        "git",
+                        "-C",
+                        str(ROOT),
+                        "show",
+                        f"{RECORDED_COMMIT}:benchmarks/results/{run}{ext}",
+                    ],
+                    capture_output=True,
+                    timeout=120,
+                    check=True,
+                ).stdout
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+                tmp.write_bytes(blob)
+                tmp.replace(dst)  # whole or absent, also with several pytest processes
+    except (OSError, subprocess.SubprocessError):
+        return None
+    (out / "complete").touch()
+    return out

@@ -14,18 +14,12 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from _helpers import ROOT, run_python
-
-SCRIPT = ROOT / "benchmarks" / "baselines_gpu.py"
+from _helpers import run_python
 
 
 @pytest.fixture(scope="module")
 def bl() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module("baselines_gpu")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return importlib.import_module("benchmarks.baselines_gpu")
 
 
 # ---------------------------------------------------------------------- search
@@ -206,7 +200,8 @@ def test_summary_table_ratios_and_targets(bl: ModuleType) -> None:
 def _run(tmp_path: Path, name: str, *extra: str) -> tuple[CompletedProcess[str], Any]:
     out = tmp_path / f"{name}.json"
     proc = run_python(
-        str(SCRIPT),
+        "-m",
+        "benchmarks.baselines_gpu",
         "--simulated",
         "--runtime-dir",
         str(tmp_path / f"rt-{name}"),
@@ -281,7 +276,8 @@ def test_baselines_simulated(tmp_path: Path) -> None:
     b.write_text(json.dumps(other))
     merged = tmp_path / "merged.json"
     comb = run_python(
-        str(SCRIPT),
+        "-m",
+        "benchmarks.baselines_gpu",
         "--combine",
         str(tmp_path / "all.json"),
         str(b),

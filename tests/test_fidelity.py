@@ -1,43 +1,35 @@
-"""benchmarks/fidelity.py on the committed H100 runs: the host-cost fits, the trace join, the
-interference check and the comparison modes."""
+"""benchmarks/fidelity.py on the H100 runs (restored from git history, tests/_helpers.py): the
+host-cost fits, the trace join, the interference check and the comparison modes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import recorded_runs
 
+from benchmarks import fidelity, repeatability, stall_windows
+from benchmarks.lib import fitting
+from benchmarks.lib import runs as rf
 from partitioner.sim.config import HostCosts
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "benchmarks" / "results" / "2026-11-22-h100"
-S3 = ROOT / "benchmarks" / "results" / "2026-11-22-h100-s3"
-
-
-def _fidelity():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks" / "fidelity.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+REC = recorded_runs() or Path("/nonexistent")  # skipped below where the history is missing
+RUNS = REC / "2026-11-22-h100"
+S3 = REC / "2026-11-22-h100-s3"
 
 
 pytestmark = [
     pytest.mark.shipped_profiles,
-    pytest.mark.skipif(not (RUNS / "full.npz").is_file(), reason="H100 runs not in the tree"),
+    pytest.mark.skipif(not (RUNS / "full.npz").is_file(), reason="H100 runs not in git history"),
 ]
 
 
 def test_client_fit_of_session_2() -> None:
     """The client-side fit (runs without a trace) still measures: positive loop costs, and
     images (0.6 MB) cost more on the way in than token ids (1 kB)."""
-    fid = _fidelity()
-    runs = [fid.load_run(RUNS / "full.json"), fid.load_run(RUNS / "half.json")]
-    fitted, info = fid.fit_host(runs, {"bert_base"})
+    runs = [rf.load_run(RUNS / "full.json"), rf.load_run(RUNS / "half.json")]
+    fitted, info = fitting.fit_host(runs, {"bert_base"})
     assert fitted.batch_ms > 0 and fitted.sample_ms_per_mb > 0
     around = info["around_ms"]
     assert min(around["resnet50"]) > max(around["bert_base"])
@@ -45,10 +37,9 @@ def test_client_fit_of_session_2() -> None:
 
 def test_batches_from_answers() -> None:
     """Batches told apart by their answers: sizes within the planned batch, durations > 0."""
-    fid = _fidelity()
-    run = fid.load_run(RUNS / "full.json")
-    for mids, lat in fid.gpu_latency(run):
-        b = fid.client_batches(run, mids)
+    run = rf.load_run(RUNS / "full.json")
+    for mids, lat in fitting.gpu_latency(run):
+        b = fitting.client_batches(run, mids)
         assert b["n"].sum() > 1000
         for slot, mi in enumerate(mids):
             mine = b["model"] == mi
@@ -57,16 +48,15 @@ def test_batches_from_answers() -> None:
         assert (b["dur_ms"][1:] > 0).all()
 
 
-s3 = pytest.mark.skipif(not (S3 / "full.npz").is_file(), reason="session-3 runs not in the tree")
+s3 = pytest.mark.skipif(not (S3 / "full.npz").is_file(), reason="session-3 runs not in git history")
 
 
 @s3
 def test_defaults_are_the_trace_fit_of_session_3() -> None:
     """The simulator's default host costs are what --fit measures on the workers' trace of
     the two session-3 runs (one set for every model)."""
-    fid = _fidelity()
-    runs = [fid.load_run(S3 / "full.json"), fid.load_run(S3 / "half.json")]
-    fitted, info = fid.fit_host_trace(runs)
+    runs = [rf.load_run(S3 / "full.json"), rf.load_run(S3 / "half.json")]
+    fitted, info = fitting.fit_host_trace(runs)
     d = HostCosts()
     for k in (
         "request_ms",
@@ -86,12 +76,11 @@ def test_defaults_are_the_trace_fit_of_session_3() -> None:
 def test_trace_join_and_every_request_queued() -> None:
     """Every request sent in phase 1 reached a worker's queue (the trace has as many rows in
     the window), and the join to the client's record is one to one and nearly complete."""
-    fid = _fidelity()
-    run = fid.load_run(S3 / "half.json")
-    tr = fid.load_trace(run)
+    run = rf.load_run(S3 / "half.json")
+    tr = fitting.load_trace(run)
     assert tr is not None
     t, st = run.npz["t_sched"], run.npz["status"]
-    win = (t >= run.lo) & (t < run.hi) & (st != fid.NOT_SENT)
+    win = (t >= run.lo) & (t < run.hi) & (st != rf.NOT_SENT)
     rows = (tr.row_arrival_s >= run.lo) & (tr.row_arrival_s < run.hi) & (tr.row_model >= 0)
     assert int(rows.sum()) == int(win.sum())
     joined = tr.req_row[tr.req_row >= 0]
@@ -103,19 +92,18 @@ def test_trace_join_and_every_request_queued() -> None:
     assert (tr.row_model[r] == run.npz["model"][i]).all()
     assert np.abs(tr.row_arrival_s[r] - t[i]).max() <= 50e-6
     # no trace: None, and auto falls back to the end-to-end mode
-    old = fid.load_run(RUNS / "full.json")
-    assert fid.load_trace(old) is None
-    assert fid.resolve_mode(old, "auto") == "scheduled"
-    assert fid.resolve_mode(run, "auto") == "queued"
+    old = rf.load_run(RUNS / "full.json")
+    assert fitting.load_trace(old) is None
+    assert fitting.resolve_mode(old, "auto") == "scheduled"
+    assert fitting.resolve_mode(run, "auto") == "queued"
 
 
 @s3
 def test_busy_interference_fits_the_trace_better() -> None:
     """Runner time per batch on the MPS partitions: the neighbours-running model errs less
     than the plan's static one (the evidence behind SimOptions.interference = "busy")."""
-    fid = _fidelity()
-    runs = [fid.load_run(S3 / "full.json"), fid.load_run(S3 / "half.json")]
-    lines, mae = fid.interference_check(runs)
+    runs = [rf.load_run(S3 / "full.json"), rf.load_run(S3 / "half.json")]
+    lines, mae = fitting.interference_check(runs)
     assert mae["busy"] < 0.9 * mae["static"]
     assert len([x for x in lines if x.startswith("| full |")]) == 5
 
@@ -125,23 +113,21 @@ def test_queued_mode_meets_target_on_full_run_and_host_costs_matter() -> None:
     """Counted from the worker's queue (the load generator's lag out of both sides), the full
     run agrees within 10% for every model; without host costs it does not; end to end (the
     lag in the GPU's numbers only) it does not either."""
-    fid = _fidelity()
-    run = fid.load_run(S3 / "full.json")
-    rows, worst, info = fid.compare(run, HostCosts(), 1, "queued")
+    run = rf.load_run(S3 / "full.json")
+    rows, worst, info = fitting.compare(run, HostCosts(), 1, "queued")
     assert info["requests"] == 144514 and info["not_sent"] == 0
     assert info["expired_on_arrival"] > 0  # the lag's victims: misses on both sides
     assert worst < 0.10, rows
-    _, worst_off, _ = fid.compare(run, HostCosts(enabled=False), 1, "queued")
+    _, worst_off, _ = fitting.compare(run, HostCosts(enabled=False), 1, "queued")
     assert worst_off > 0.2
-    _, worst_e2e, _ = fid.compare(run, HostCosts(), 1, "scheduled")
+    _, worst_e2e, _ = fitting.compare(run, HostCosts(), 1, "scheduled")
     assert worst_e2e > 0.2
 
 
 def test_scheduled_mode_matches_serve_gpu_summary() -> None:
     """The end-to-end GPU numbers computed from the .npz are serve_gpu.py's own phase-1 rows."""
-    fid = _fidelity()
-    run = fid.load_run(RUNS / "half.json")
-    rows, _, info = fid.compare(run, HostCosts(), 1, "scheduled")
+    run = rf.load_run(RUNS / "half.json")
+    rows, _, info = fitting.compare(run, HostCosts(), 1, "scheduled")
     gpu = {r["model"]: r for r in run.res["windows"]["phase1"]["rows"]}
     for r in rows:
         assert r["gpu_attainment"] == pytest.approx(gpu[r["model"]]["attainment"], abs=1e-4)
@@ -149,8 +135,10 @@ def test_scheduled_mode_matches_serve_gpu_summary() -> None:
     assert info["requests"] == 72162
 
 
-S4 = ROOT / "benchmarks" / "results" / "2026-11-22-h100-s4"
-s4 = pytest.mark.skipif(not (S4 / "s1200c.npz").is_file(), reason="session-4 runs not in the tree")
+S4 = REC / "2026-11-22-h100-s4"
+s4 = pytest.mark.skipif(
+    not (S4 / "s1200c.npz").is_file(), reason="session-4 runs not in git history"
+)
 
 
 @s4
@@ -158,8 +146,7 @@ def test_calibration_from_another_run() -> None:
     """--calibrate-from: the runtime's latency per (model, partition) measured on run c scales
     the profiles for run d (same plan, same machine kind): a factor per partition of run c's
     plan, near 1, applied to exactly those curves, and the replay of d within the target."""
-    fid = _fidelity()
-    cal = fid.calibration([fid.load_run(S4 / "s1200c.json")])
+    cal = fitting.calibration([rf.load_run(S4 / "s1200c.json")])
     assert {m for m, _, _ in cal} == {
         "resnet50",
         "mobilenet_v3_large",
@@ -168,38 +155,32 @@ def test_calibration_from_another_run() -> None:
         "vit_b_16",
     }
     assert all(0.85 < f < 1.2 and n >= 1000 for f, n in cal.values())
-    run = fid.load_run(S4 / "s1200d.json")
+    run = rf.load_run(S4 / "s1200d.json")
     sku = run.plan.gpus[0].sku
     prof = run.problem.models[run.names.index("bert_base")].profile
     before = run.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 14, kind="mps")
-    assert fid.apply_calibration(run, cal) == 5
+    assert fitting.apply_calibration(run, cal) == 5
     after = run.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 14, kind="mps")
     assert after == pytest.approx(before * cal[("bert_base", "mps", 14)][0])
     other = run.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 66, kind="mps")
-    fresh = fid.load_run(S4 / "s1200d.json")
+    fresh = rf.load_run(S4 / "s1200d.json")
     assert other == pytest.approx(
         fresh.problem.latency[(sku, prof)].latency_curve([1, 2, 4], 66, kind="mps")
     )
-    _, worst, _ = fid.compare(run, HostCosts(), 1, "queued", "busy")
-    assert worst <= fid.TARGET
+    _, worst, _ = fitting.compare(run, HostCosts(), 1, "queued", "busy")
+    assert worst <= fitting.TARGET
 
 
 @s4
 def test_calibration_refuses_the_compared_run() -> None:
-    fid = _fidelity()
     with pytest.raises(SystemExit):
-        fid.main([str(S4 / "s1200d.json"), "--calibrate-from", str(S4 / "s1200d.json")])
+        fidelity.main([str(S4 / "s1200d.json"), "--calibrate-from", str(S4 / "s1200d.json")])
 
 
 def test_stall_windows_merge_and_overlap() -> None:
     """benchmarks/stall_windows.py: late sends merge into windows; a batch overlaps a window
     when their intervals intersect."""
-    spec = importlib.util.spec_from_file_location(
-        "stall_windows", ROOT / "benchmarks" / "stall_windows.py"
-    )
-    assert spec is not None and spec.loader is not None
-    sw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sw)
+    sw = stall_windows
     win = np.array([[1.0, 2.0], [5.0, 6.0]])
     got = sw.overlaps(win, np.array([0.0, 1.5, 2.5, 4.0, 6.5]), np.array([0.9, 1.6, 3.0, 5.1, 7.0]))
     assert got.tolist() == [False, True, False, True, False]
@@ -224,24 +205,23 @@ def test_stall_windows_merge_and_overlap() -> None:
 def test_calibration_by_bucket() -> None:
     """--calibrate-by bucket: a factor per captured bucket where 50 batches measured it, the
     partition's kept for the rest; the scaled curve takes each bucket's own factor."""
-    fid = _fidelity()
-    cal = fid.calibration([fid.load_run(S4 / "s1200c.json")], "bucket")
+    cal = fitting.calibration([rf.load_run(S4 / "s1200c.json")], "bucket")
     part = cal[("mobilenet_v3_large", "mps", 32)]
     b1, b4 = cal[("mobilenet_v3_large", "mps", 32, 1)], cal[("mobilenet_v3_large", "mps", 32, 4)]
     assert b1[1] + cal[("mobilenet_v3_large", "mps", 32, 2)][1] + b4[1] == part[1]
     assert b4[0] < part[0] < b1[0]  # one factor per partition over-charges the large batches
-    assert all(n >= fid.CAL_MIN for _, n in cal.values())
-    run = fid.load_run(S4 / "s1200d.json")
+    assert all(n >= fitting.CAL_MIN for _, n in cal.values())
+    run = rf.load_run(S4 / "s1200d.json")
     sku = run.plan.gpus[0].sku
     prof = run.problem.models[run.names.index("mobilenet_v3_large")].profile
     before = run.problem.latency[(sku, prof)].latency_curve([1, 2, 3, 4], 32, kind="mps")
-    fid.apply_calibration(run, cal)
+    fitting.apply_calibration(run, cal)
     after = run.problem.latency[(sku, prof)].latency_curve([1, 2, 3, 4], 32, kind="mps")
     f2 = cal[("mobilenet_v3_large", "mps", 32, 2)][0]
     # 3 is no bucket of batch 4: the partition's factor
     assert after == pytest.approx(before * np.array([b1[0], f2, part[0], b4[0]]))
     with pytest.raises(ValueError, match="calibrate by"):
-        fid.calibration([run], "model")
+        fitting.calibration([run], "model")
 
 
 @s4
@@ -249,9 +229,8 @@ def test_fit_runtime_noise_and_compare_with_it(tmp_path: Path) -> None:
     """--fit-noise: factors of median 1 per served profile and "*", the runtime's spread (p99 /
     median > 1.05, the profiler's is ~1.005); --noise runtime replays with them (other draws,
     the GPU side unchanged)."""
-    fid = _fidelity()
     out = tmp_path / "noise.json"
-    assert fid.main(["--fit-noise", str(out), str(S4 / "s1200c.json")]) == 0
+    assert fidelity.main(["--fit-noise", str(out), str(S4 / "s1200c.json")]) == 0
     from partitioner.sim.noise import load_runtime_noise
 
     fs = load_runtime_noise(out)
@@ -260,9 +239,9 @@ def test_fit_runtime_noise_and_compare_with_it(tmp_path: Path) -> None:
         x = np.asarray(v)
         assert np.median(x) == pytest.approx(1.0, abs=0.01)
         assert np.percentile(x, 99) > 1.05
-    run = fid.load_run(S4 / "s1200d.json")
-    rows_p, _, info_p = fid.compare(run, HostCosts(), 1, "queued", "busy")
-    rows_r, _, info_r = fid.compare(run, HostCosts(), 1, "queued", "busy", out)
+    run = rf.load_run(S4 / "s1200d.json")
+    rows_p, _, info_p = fitting.compare(run, HostCosts(), 1, "queued", "busy")
+    rows_r, _, info_r = fitting.compare(run, HostCosts(), 1, "queued", "busy", out)
     assert info_p["noise"] == "profile" and info_r["noise"].startswith("runtime")
     p, r = rows_p[-1], rows_r[-1]
     # the draws differ; p99 moves little (queueing dominates it; measured in docs/benchmarks.md)
@@ -273,9 +252,8 @@ def test_fit_runtime_noise_and_compare_with_it(tmp_path: Path) -> None:
 
 
 def test_noise_flags_go_together() -> None:
-    fid = _fidelity()
     with pytest.raises(SystemExit) as exc:
-        fid.main([str(RUNS / "full.json"), "--noise", "runtime"])
+        fidelity.main([str(RUNS / "full.json"), "--noise", "runtime"])
     assert exc.value.code == 2
 
 
@@ -285,7 +263,6 @@ def test_unreadable_run_exits_2_with_the_file(
 ) -> None:
     """fidelity.py, repeatability.py and stall_windows.py share read_run: a run that cannot be
     read is exit 2 and one line naming the file and why, not a traceback."""
-    fid = _fidelity()
     p = tmp_path / "run.json"
     if what == "not json":
         p.write_text("{")
@@ -294,11 +271,11 @@ def test_unreadable_run_exits_2_with_the_file(
     elif what == "not a run":
         p.write_text("{}")
         np.savez(tmp_path / "run.npz", x=np.zeros(1))
-    assert fid.main([str(p)]) == 2
+    assert fidelity.main([str(p)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run." in err
     with pytest.raises(
-        fid.RunError,
+        rf.RunError,
         match={
             "missing": "no such file",
             "not json": "not JSON",
@@ -306,31 +283,22 @@ def test_unreadable_run_exits_2_with_the_file(
             "not a run": "not a serve_gpu.py run",
         }[what],
     ):
-        fid.read_run(p)
-    sw = _module("stall_windows")
+        rf.read_run(p)
+    sw = stall_windows
     with pytest.raises(SystemExit) as exc:
         sw.main([str(p), "--clean", str(p)])
     named = str(tmp_path / "run.")  # the JSON, or its missing .npz
     assert exc.value.code == 2 and named in capsys.readouterr().err
-    rep = _module("repeatability")
+    rep = repeatability
     assert rep.main([str(p), str(p)]) == 2
     assert named in capsys.readouterr().err
-
-
-def _module(name: str):  # type: ignore[no-untyped-def]
-    _fidelity()  # the scripts import it as "fidelity"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @s4
 def test_repeatability_of_c_and_d(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """Runs c and d (one machine, one plan, one schedule): end to end (scheduled) the figures
     are serve_gpu.py's own phase-1 rows of each run, and the spread is what they differ by."""
-    rep = _module("repeatability")
+    rep = repeatability
     out = tmp_path / "rep.json"
     c, d = S4 / "s1200c.json", S4 / "s1200d.json"
     assert rep.main([str(c), str(d), "--arrivals", "scheduled", "--json", str(out)]) == 0
@@ -353,7 +321,7 @@ def test_repeatability_of_c_and_d(capsys: pytest.CaptureFixture[str], tmp_path: 
 def test_repeatability_refuses_non_repeats(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rep = _module("repeatability")
+    rep = repeatability
     c = S4 / "s1200c.json"
     # another plan
     assert rep.main([str(c), str(RUNS / "full.json")]) == 2

@@ -31,7 +31,8 @@ def test_hostmon_sees_a_busy_process(tmp_path: Path) -> None:
         proc = subprocess.run(
             [
                 sys.executable,
-                str(ROOT / "benchmarks" / "hostmon.py"),
+                "-m",
+                "benchmarks.hostmon",
                 "--out",
                 str(out),
                 "--duration-s",
@@ -41,6 +42,7 @@ def test_hostmon_sees_a_busy_process(tmp_path: Path) -> None:
                 "--match",
                 marker,
             ],
+            cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=60,

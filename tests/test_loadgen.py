@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import importlib
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -29,25 +27,15 @@ from stgs.runtime.transport import (
 )
 from stgs.runtime.worker import ADMISSION_DECAY, ModelSlot, Worker, WorkerSpec, _Request
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench(name: str) -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
 
 @pytest.fixture(scope="module")
 def sg() -> ModuleType:
-    return _bench("serve_gpu")
+    return importlib.import_module("benchmarks.lib.loadgen")
 
 
 @pytest.fixture(scope="module")
 def bl() -> ModuleType:
-    return _bench("baselines_gpu")
+    return importlib.import_module("benchmarks.baselines_gpu")
 
 
 # ---------------------------------------------------------------------- LoadGen

@@ -19,13 +19,13 @@ def test_ratio_over_common_points(tmp_path: Path) -> None:
         + "H100-80GB,m,mps:50,66,1,4.0,10\nH200-141GB,m,mps:50,66,1,4.4,10\n"
         + "H200-141GB,m,mps:25,32,1,9.9,10\n"  # nothing to compare it with: left out
     )
-    out = run_python("benchmarks/profile_ratio.py", str(csv), timeout=60).stdout
+    out = run_python("-m", "benchmarks.profile_ratio", str(csv), timeout=60).stdout
     assert "| m | 0.750 (0.75-0.75) [1] | 1.100 (1.10-1.10) [1] |" in out
     assert "all 2 points: median 0.925, range 0.750-1.100" in out
 
 
 def test_shipped_h200_rows_against_h100() -> None:
-    out = run_python("benchmarks/profile_ratio.py", timeout=60).stdout
+    out = run_python("-m", "benchmarks.profile_ratio", timeout=60).stdout
     assert "all 600 points" in out
     for model in ("resnet50", "vit_b_16", "bert_base", "mobilenet_v3_large", "efficientnet_b0"):
         assert f"| {model} |" in out
@@ -33,7 +33,7 @@ def test_shipped_h200_rows_against_h100() -> None:
 
 def test_no_common_point_is_exit_2() -> None:
     r = subprocess.run(
-        [sys.executable, "benchmarks/profile_ratio.py", "--gpu", "L4"],
+        [sys.executable, "-m", "benchmarks.profile_ratio", "--gpu", "L4"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,7 +43,7 @@ def test_no_common_point_is_exit_2() -> None:
 
 
 def test_reference_compares_the_shipped_h200_rows_with_gpu_facts() -> None:
-    out = run_python("benchmarks/profile_ratio.py", "--reference", timeout=60).stdout
+    out = run_python("-m", "benchmarks.profile_ratio", "--reference", timeout=60).stdout
     assert "| resnet50 | mps:50 | 1.20 / 1.21 (-0.6%) |" in out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "ours / ref" not in ln]
     assert len(rows) == 5 and all(ln.count("%") == 4 for ln in rows)  # every reference point

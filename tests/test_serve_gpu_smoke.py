@@ -6,14 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from _helpers import ROOT, run_python
+from _helpers import run_python
 
 
 @pytest.mark.shipped_profiles
 def test_serve_gpu_simulated(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
     proc = run_python(
-        str(ROOT / "benchmarks" / "serve_gpu.py"),
+        "-m",
+        "benchmarks.serve_gpu",
         "--simulated",
         "--warmup-s",
         "0.5",

@@ -148,12 +148,9 @@ def test_write_and_quantiles(tmp_path: Path) -> None:
 
 
 def test_committed_factors_file() -> None:
-    """The committed factors (session-4 H100 runs c and d): every served model and "*", median
+    """The shipped factors (session-4 H100 runs c and d): every served model and "*", median
     1 (the level is the calibration's), the runtime's spread far wider than the profiler's."""
-    path = (
-        Path(__file__).resolve().parents[1]
-        / "benchmarks/results/2026-11-22-h100-s4/runtime_noise_cd.json"
-    )
+    path = Path(__file__).resolve().parents[1] / "stgs/data/runtime-noise-h100.json"
     fs = load_runtime_noise(path)
     assert set(fs) == {
         "resnet50",

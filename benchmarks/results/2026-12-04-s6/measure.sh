@@ -18,15 +18,15 @@ ALL="s1200a s1200c s1200d s1200n r1200"
 others() { for y in $ALL; do [ "$y" != "$1" ] && echo -n "$S/$y.json "; done; }
 # runtime noise: of each run alone, and of every run's other four
 for x in $ALL; do
-  $P benchmarks/fidelity.py --fit-noise $N/noise_$x.json $S/$x.json > $O/noise_$x.txt
-  $P benchmarks/fidelity.py --fit-noise $N/noise_not_$x.json $(others $x) > $O/noise_not_$x.txt
+  $P -m benchmarks.fidelity --fit-noise $N/noise_$x.json $S/$x.json > $O/noise_$x.txt
+  $P -m benchmarks.fidelity --fit-noise $N/noise_not_$x.json $(others $x) > $O/noise_not_$x.txt
 done
 one() { # tag run [calibration runs...]; $BY, $NOISE, $NF
   local tag=$1 x=$2; shift 2
   local nz=""; [ "$NOISE" = runtime ] && nz="--noise runtime --runtime-noise $NF"
   local cal=""; [ $# -gt 0 ] && cal="--calibrate-from $* --calibrate-by $BY"
-  echo "python benchmarks/fidelity.py $S/$x.json --seeds 10 $cal $nz" >> $O/commands.txt
-  $P benchmarks/fidelity.py $S/$x.json --seeds 10 $cal $nz --json $O/$tag.json > /dev/null
+  echo "python -m benchmarks.fidelity $S/$x.json --seeds 10 $cal $nz" >> $O/commands.txt
+  $P -m benchmarks.fidelity $S/$x.json --seeds 10 $cal $nz --json $O/$tag.json > /dev/null
 }
 : > $O/commands.txt
 for x in $ALL; do
@@ -44,10 +44,10 @@ for pair in "s1200c s1200d" "s1200d s1200c"; do
   done
 done
 for m in queued scheduled; do
-  $P benchmarks/repeatability.py $S/s1200c.json $S/s1200d.json --arrivals $m > $O/repeat_cd_$m.txt
-  $P benchmarks/repeatability.py $S/s1200c.json $S/s1200d.json $S/s1200n.json --arrivals $m \
+  $P -m benchmarks.repeatability $S/s1200c.json $S/s1200d.json --arrivals $m > $O/repeat_cd_$m.txt
+  $P -m benchmarks.repeatability $S/s1200c.json $S/s1200d.json $S/s1200n.json --arrivals $m \
     > $O/repeat_cdn_$m.txt
-  $P benchmarks/repeatability.py $(for y in $ALL; do echo -n "$S/$y.json "; done) --arrivals $m \
+  $P -m benchmarks.repeatability $(for y in $ALL; do echo -n "$S/$y.json "; done) --arrivals $m \
     > $O/repeat_all_$m.txt
 done
 $P benchmarks/results/2026-12-04-s6/table.py $O > $O/table.md

@@ -1,0 +1,67 @@
+"""The node a GPU benchmark serves on: the backend (NVML, or the simulated node with CPU
+workers), its label, and quitting the MPS daemons stgs started."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.lib.loadgen import PLAN_SKU
+from stgs.backend.base import Backend
+from stgs.errors import StgsError
+
+
+def open_backend(simulated: bool, runtime_dir: Path) -> tuple[Backend, str] | None:
+    """The node to serve on (the simulated node with CPU workers, or NVML) and its label;
+    None, after saying why, when GPU 0 is in MIG mode (these benchmarks never change it)."""
+    backend: Backend
+    if simulated:
+        from stgs.backend import SimulatedNode
+
+        backend = SimulatedNode(PLAN_SKU, mig_enabled=False, runtime_dir=runtime_dir)
+        label = f"simulated {PLAN_SKU} (CPU workers, sleep stand-ins)"
+    else:
+        from stgs.backend.nvml import NvmlBackend
+
+        backend = NvmlBackend(runtime_dir)
+        label = gpu_label()
+    if backend.gpus()[0].mig_enabled:
+        print("GPU 0 is in MIG mode; this benchmark needs MIG off (it never changes it)")
+        return None
+    return backend, label
+
+
+def gpu_label() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "unknown"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def stop_daemons(backend: Backend, timeout_s: float = 15.0) -> list[str]:
+    """Quit every MPS daemon stgs started (waits for the killed clients to detach)."""
+    notes = []
+    end = time.monotonic() + timeout_s
+    for d in backend.mps_daemons():
+        while True:
+            try:
+                backend.stop_mps(d.ref)
+                notes.append(f"MPS daemon on {d.ref} quit")
+                break
+            except StgsError as exc:
+                if time.monotonic() > end:
+                    notes.append(f"MPS daemon on {d.ref} NOT stopped: {exc}")
+                    break
+                time.sleep(0.2)
+    return notes
