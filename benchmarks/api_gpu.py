@@ -1,10 +1,10 @@
 """Goodput through the daemon's API against the in-process router, on the same plan (issue 14).
 
     # on a GPU (MIG disabled; the daemon and the in-process runtime start their own MPS daemons):
-    python benchmarks/api_gpu.py [--mix serve|second|NAME:SLO_MS:RATE,...] [--scales 1,1.5,2]
+    python -m benchmarks.api_gpu [--mix serve|second|NAME:SLO_MS:RATE,...] [--scales 1,1.5,2]
         [--seconds 10] [--clients 4] [--frontends 4] [--protos http,grpc] [--json OUT]
     # anywhere: the simulated node with CPU workers and tiny models
-    python benchmarks/api_gpu.py --simulated
+    python -m benchmarks.api_gpu --simulated
 
 1. ``stgs serve`` (NVML backend, or the simulated node) with the data plane (``--frontends``
    processes) and a controller that does not re-plan (the plan must stay the one measured)

@@ -22,7 +22,7 @@ it got a 200 within ``--slo-ms`` of when the client meant to send it (client lag
 a client that falls behind shows as misses, and its lag is reported). Prints one row per rate
 and a summary: the highest rate whose share within SLO is >= 0.99.
 
-    python benchmarks/api_load.py [--targets http,grpc,dp-http,dp-grpc,bare]
+    python -m benchmarks.api_load [--targets http,grpc,dp-http,dp-grpc,bare]
         [--rates 100,200,400,800] [--seconds 10] [--clients 2] [--frontends 2] [--json OUT]
         [--overload R] [--server-cpus 0,1]
 
