@@ -91,6 +91,8 @@ def routing_snapshot(
                 "socket": p.socket_path,
                 "models": [m.name for m in p.partition.models],
                 "rates": dict(p.rates),
+                # the planned batch per model: the frontend's admission counts rounds of batches
+                "batches": {m.name: m.batch for m in p.partition.models},
             }
         )
     return {

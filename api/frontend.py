@@ -44,7 +44,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,7 +74,7 @@ from stgs.runtime.aio import AsyncWorkerConnection
 
 log = logging.getLogger("stgs.frontend")
 
-EWMA_ALPHA = 0.2  # weight of a new per-request service time sample
+EWMA_ALPHA = 0.2  # weight of a new per-round service time sample
 STATS_INTERVAL_S = 1.0
 MAX_CONTROL_LINE_BYTES = 64 << 20  # a routing snapshot of many models and partitions
 
@@ -89,8 +89,14 @@ class _Partition:
     conn: AsyncWorkerConnection
     slots: dict[str, int]  # model -> its (first) slot in the worker's spec
     rates: dict[str, float]  # model -> planned rate (requests/s)
-    service_s: dict[str, float]  # model -> EWMA of the per-request service time, once measured
+    service_s: dict[str, float]  # model -> EWMA of the time per round of batches, once measured
+    batches: dict[str, int] = field(default_factory=dict)  # model -> planned batch (default 1)
     draining: bool = False
+
+    def rounds(self, model: str, requests: int) -> int:
+        """The worker's duty-cycle rounds that ``requests`` queued requests take: one batch of
+        up to the planned batch per round."""
+        return -(-requests // max(1, self.batches.get(model, 1)))
 
 
 @dataclass(frozen=True)
@@ -163,8 +169,10 @@ class Router:
             if p.draining and conn.awaited == 0:  # drained, or the rest timed out
                 self._close_drained(p)
         outs = [f.result() for f in futs]
-        # the per-request service time: the latency over the requests it waited for
-        sample_s = (time.monotonic_ns() - now) / 1e9 / (ahead + n)
+        # the time per round: the latency over the rounds of batches it waited for (the worker
+        # takes up to its planned batch per round, so a queue of a batch is one round, not a
+        # batch's worth of rounds)
+        sample_s = (time.monotonic_ns() - now) / 1e9 / p.rounds(model, ahead + n)
         est = p.service_s.get(model, 0.0)
         p.service_s[model] = sample_s if est <= 0 else est + EWMA_ALPHA * (sample_s - est)
         return np.stack(outs)
@@ -193,7 +201,7 @@ class Router:
             # An idle partition always gets the request (its worker sheds what it cannot run in
             # time): the estimate is re-measured whenever the queue empties, so a stale one
             # never refuses everything, and none is needed before the first answer.
-            predicted_s = (queued + n) * p.service_s.get(model, 0.0)
+            predicted_s = p.rounds(model, queued + n) * p.service_s.get(model, 0.0)
             if queued and predicted_s > left_s:
                 why = (
                     f"a partition's queue ({queued} requests) would take {predicted_s * 1e3:.1f}"
@@ -233,10 +241,11 @@ class Router:
             for k, name in enumerate(spec.get("models", [])):
                 slots.setdefault(name, k)
             rates = {k: float(v) for k, v in (spec.get("rates") or {}).items()}
+            batches = {k: int(v) for k, v in (spec.get("batches") or {}).items()}
             cur = old.get(pid)
             if cur is not None and cur.socket == spec["socket"] and not cur.conn.closed:
                 # the same worker: keep its connection and what was learnt about it
-                cur.slots, cur.rates = slots, rates
+                cur.slots, cur.rates, cur.batches = slots, rates, batches
                 new[pid] = cur
                 continue
             try:
@@ -245,7 +254,7 @@ class Router:
                 log.warning("partition %s: cannot connect to %s: %s", pid, spec["socket"], exc)
                 failed.append(pid)
                 continue
-            new[pid] = _Partition(pid, spec["socket"], conn, slots, rates, {})
+            new[pid] = _Partition(pid, spec["socket"], conn, slots, rates, {}, batches)
         kept = set(new.values())
         for p in old.values():
             if p not in kept:

@@ -410,3 +410,26 @@ def test_a_partition_left_out_of_the_snapshot_finishes_its_requests(
         assert ack["failed"] == ["pa"]
     finally:
         fe.close()
+
+
+def test_admission_counts_rounds_of_batches(tmp_path: Path, workers: list[PathWorker]) -> None:
+    """A worker that takes up to 8 requests per round: a burst of 8 fits one round and must not
+    be shed as 8 requests' worth of service time (what a per-request estimate predicted)."""
+    w = PathWorker(tmp_path, "w0", ("sleep:100", 8))
+    workers.append(w)
+    fe = FrontendProc()
+    try:
+        part = {**_part("p0", w, ["sleep:100"], 40.0), "batches": {"sleep:100": 8}}
+        fe.route(1, {"sleep:100": _model(300.0)}, [part])
+        url = f"{fe.url}/v2/models/sleep:100/infer"
+        for _ in range(3):  # the estimate settles: one round takes ~100 ms
+            _burst(url, 1, BODY)
+        got = _burst(url, 8, BODY)
+        assert [st for st, _, _ in got] == [200] * 8, got
+        assert max(s for _, s, _ in got) <= 0.3
+        # and past a round's worth it still sheds: 3 rounds (300 ms) cannot meet 300 ms
+        got = _burst(url, 40, BODY)
+        codes = [st for st, _, _ in got]
+        assert codes.count(429) >= 8 and codes.count(200) >= 8, codes
+    finally:
+        fe.close()
