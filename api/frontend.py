@@ -553,6 +553,11 @@ class Frontend:
         if cfg.grpc_port >= 0:
             from api import grpc_server as grpc_mod
 
+            control_client = (  # Triton's model API: the control plane's
+                None
+                if cfg.control_socket is None
+                else grpc_mod.ControlClient.unix(cfg.control_socket)
+            )
             grpc_server, _ = await grpc_mod.start(
                 self.router,
                 cfg.host,
@@ -562,6 +567,7 @@ class Frontend:
                 max_message_bytes=cfg.max_infer_body_bytes,
                 max_concurrent_rpcs=cfg.max_concurrency,
                 reuse_port=True,
+                control=control_client,
             )
         control = asyncio.create_task(self._control(server))
         # the socket object from the fd itself (uvicorn's ``fd=`` assumes a Unix socket)

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from tritonclient.grpc import service_pb2 as pb
 
@@ -77,7 +77,8 @@ class LoadIn(BaseModel):
 
 
 _WHY = {
-    400: "the model cannot be loaded (its config, its file, admission control): the reason",
+    400: "a body that is not valid, or a model that cannot be loaded (its config, its file,"
+    " admission control): the reason",
     404: "no such model (or version)",
     409: "registered from another source under that name",
     503: "still loading, or nothing can serve it now",
@@ -90,6 +91,34 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """The request's JSON body as ``model`` (None when empty), whatever its Content-Type:
+    tritonclient sends these bodies without one. ConfigError when it is not valid."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "body"
+        raise _BadBody(f"invalid request: {where}: {err['msg']}") from None
+
+
+class _BadBody(Exception):
+    pass
+
+
+def _doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a body read by :func:`_body` (optional JSON)."""
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
 
 
 def _param(params: dict[str, Any], key: str) -> float | None:
@@ -217,18 +246,32 @@ def router(ctx: AppContext) -> APIRouter:
         return await stats(model, version)
 
     # ------------------------------------------------------------------ repository
-    @r.post("/v2/repository/index", summary="the models of the repository, and their state")
-    async def index(req: Annotated[IndexIn | None, Body()] = None) -> list[IndexRow]:
+    @r.post(
+        "/v2/repository/index",
+        summary="the models of the repository, and their state",
+        responses={200: {"model": list[IndexRow]}, **_errors(400)},
+        openapi_extra=_doc(IndexIn),
+    )
+    async def index(request: Request) -> JSONResponse:
+        try:
+            req = await _body(request, IndexIn)
+        except _BadBody as exc:
+            return _error(400, str(exc))
         ready = bool(req is not None and req.ready)
         rows = await run_in_threadpool(svc.repository_index, ready)
-        return [IndexRow(**row) for row in rows]
+        return JSONResponse(rows)
 
     @r.post(
         "/v2/repository/models/{model}/load",
         summary="register the model (from the repository), or register it again",
         responses={200: {"content": {"application/json": {}}}, **_errors(400, 404, 409, 503)},
+        openapi_extra=_doc(LoadIn),
     )
-    async def load(model: str, req: Annotated[LoadIn | None, Body()] = None) -> JSONResponse:
+    async def load(model: str, request: Request) -> JSONResponse:
+        try:
+            req = await _body(request, LoadIn)
+        except _BadBody as exc:
+            return _error(400, str(exc))
         params = dict((req.parameters if req is not None else None) or {})
         try:
             extra = sorted(k for k in params if k not in ("slo_ms", "rate_rps"))
@@ -263,9 +306,14 @@ def router(ctx: AppContext) -> APIRouter:
     @r.post(
         "/v2/repository/models/{model}/unload",
         summary="remove the model's registration",
-        responses={200: {"content": {"application/json": {}}}, **_errors(404, 409, 503)},
+        responses={200: {"content": {"application/json": {}}}, **_errors(400, 404, 409, 503)},
+        openapi_extra=_doc(LoadIn),
     )
-    async def unload(model: str, req: Annotated[LoadIn | None, Body()] = None) -> JSONResponse:
+    async def unload(model: str, request: Request) -> JSONResponse:
+        try:
+            await _body(request, LoadIn)
+        except _BadBody as exc:
+            return _error(400, str(exc))
         try:
             await run_in_threadpool(svc.unload, model)
         except NotFoundError as exc:
