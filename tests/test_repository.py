@@ -114,12 +114,12 @@ def test_onnx_and_export_checked_against_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(RepositoryError, match=r"'dims'.*dims \[4\], the ONNX graph has \[8\]"):
         repo.entry("dims", None)
-    with pytest.raises(RepositoryError, match="input 'z' does not match the ONNX graph.*'x'"):
+    with pytest.raises(RepositoryError, match=r"input 'z' does not match the ONNX graph.*'x'"):
         repo.entry("name", None)
     with pytest.raises(RepositoryError, match="is TYPE_INT64, the ONNX graph has TYPE_FP32"):
         repo.entry("dtype", None)
     assert repo.entry("pt2", None).kind == "export"
-    with pytest.raises(RepositoryError, match="the torch.export signature, whose input is 'input'"):
+    with pytest.raises(RepositoryError, match=r"the torch.export signature, whose input is 'input'"):
         repo.entry("pt2name", None)
 
 
@@ -132,17 +132,17 @@ def test_refusals_name_the_model(tmp_path: Path) -> None:
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.pbtxt").write_text("max_batch_size: [")
     repo = Repository(tmp_path, 1 << 30)
-    with pytest.raises(RepositoryError, match="'two'.*2 input.*not supported yet"):
+    with pytest.raises(RepositoryError, match=r"'two'.*2 input.*not supported yet"):
         repo.inspect("two")
     with pytest.raises(RepositoryError, match="max_batch_size 0"):
         repo.entry("mbs0", None)
     with pytest.raises(RepositoryError, match="TYPE_STRING"):
         repo.entry("strings", None)
-    with pytest.raises(RepositoryError, match="version 1 has none of model.pt, model.pt2"):
+    with pytest.raises(RepositoryError, match=r"version 1 has none of model.pt, model.pt2"):
         repo.inspect("wrongfile")
-    with pytest.raises(RepositoryError, match="no config.pbtxt"):
+    with pytest.raises(RepositoryError, match=r"no config.pbtxt"):
         repo.inspect("noconfig")
-    with pytest.raises(RepositoryError, match="'broken'.*does not parse"):
+    with pytest.raises(RepositoryError, match=r"'broken'.*does not parse"):
         repo.inspect("broken")
 
 
