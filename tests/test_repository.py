@@ -119,7 +119,7 @@ def test_onnx_and_export_checked_against_the_file(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="is TYPE_INT64, the ONNX graph has TYPE_FP32"):
         repo.entry("dtype", None)
     assert repo.entry("pt2", None).kind == "export"
-    with pytest.raises(RepositoryError, match=r"the torch.export signature, whose input is 'input'"):
+    with pytest.raises(RepositoryError, match=r"torch.export signature, whose input is 'input'"):
         repo.entry("pt2name", None)
 
 
