@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from tritonclient.grpc import service_pb2 as pb
 
@@ -56,6 +56,8 @@ LOAD_WAIT_S = 600.0
 
 
 class IndexIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     repository_name: str | None = Field(None, max_length=256, description="ignored (one)")
     ready: bool | None = Field(None, description="true: the models ready to serve only")
 
@@ -68,6 +70,8 @@ class IndexRow(BaseModel):
 
 
 class LoadIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     parameters: dict[str, Any] | None = Field(
         None,
         description="slo_ms and rate_rps (numbers or strings): the SLO and rate to register it"
@@ -262,12 +266,13 @@ def router(ctx: AppContext) -> APIRouter:
         return JSONResponse(rows)
 
     @r.post(
-        "/v2/repository/models/{model}/load",
+        "/v2/repository/models/{name}/load",
         summary="register the model (from the repository), or register it again",
         responses={200: {"content": {"application/json": {}}}, **_errors(400, 404, 409, 503)},
         openapi_extra=_doc(LoadIn),
     )
-    async def load(model: str, request: Request) -> JSONResponse:
+    async def load(name: str, request: Request) -> JSONResponse:
+        model = name
         try:
             req = await _body(request, LoadIn)
         except _BadBody as exc:
@@ -304,12 +309,13 @@ def router(ctx: AppContext) -> APIRouter:
         return JSONResponse({})
 
     @r.post(
-        "/v2/repository/models/{model}/unload",
+        "/v2/repository/models/{name}/unload",
         summary="remove the model's registration",
         responses={200: {"content": {"application/json": {}}}, **_errors(400, 404, 409, 503)},
         openapi_extra=_doc(LoadIn),
     )
-    async def unload(model: str, request: Request) -> JSONResponse:
+    async def unload(name: str, request: Request) -> JSONResponse:
+        model = name
         try:
             await _body(request, LoadIn)
         except _BadBody as exc:
