@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ModelName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128)]
-MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
 @dataclass

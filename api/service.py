@@ -789,9 +789,11 @@ class Service:
             try:
                 rec = self.load(name)
                 log.info("model repository: %s %s (%s)", name, rec.status, rec.detail)
-            except StgsError as exc:
-                log.warning("model repository: %s", exc)
-                self.store.log_event("repository_error", str(exc), model=name)
+            except Exception as exc:  # one model's trouble never stops the others, or the start
+                why = str(exc) if isinstance(exc, StgsError) else f"{type(exc).__name__}: {exc}"
+                self.repository.errors[name] = why
+                log.warning("model repository: %s", why)
+                self.store.log_event("repository_error", why, model=name)
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: every model of the repository (registered or not) and

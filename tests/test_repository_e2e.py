@@ -84,12 +84,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
         p = d.start()
         with d.client() as c:
             for m in ("torchnet", "onnxnet"):  # registered at start, profiled, planned
-                wait_until(
-                    f"{m} ready",
-                    lambda m=m: c.get(f"/v2/models/{m}/ready").status_code == 200,
-                    180,
-                    p,
-                )
+
+                def served(m: str = m) -> bool:
+                    if c.get(f"/v2/models/{m}/ready").status_code == 200:
+                        return True
+                    got = c.get(f"/v1/models/{m}")
+                    if got.status_code == 200 and got.json()["status"] in ("failed", "refused"):
+                        raise RuntimeError(f"{m}: {got.json()['status']}: {got.json()['detail']}")
+                    return False
+
+                wait_until(f"{m} served", served, 300, p)
         yield d
     finally:
         d.stop()
