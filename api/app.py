@@ -31,9 +31,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from api import kserve
+from api import kserve, triton
 from api.controller import Controller
-from api.inference import status_of, whole
+from api.inference import status_of, token_required, whole
 from api.kserve import ErrorOut
 from api.limits import BodyLimits
 from api.metrics import CONTENT_TYPE, Metrics
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ModelName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=128)]
-MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
 @dataclass
@@ -91,9 +90,11 @@ class ModelIn(_In):
     source: str | None = Field(
         None,
         max_length=1024,
-        pattern=r"^(builtin|file):.+$",
-        description="builtin:<name> (default: builtin:<name>) or file:<path in model_dir>"
-        " (.pt TorchScript, .pt2 torch.export, .onnx ONNX)",
+        pattern=r"^(builtin|file|repository):.+$",
+        description="builtin:<name> (default: builtin:<name>), file:<path in model_dir>"
+        " (.pt TorchScript, .pt2 torch.export, .onnx ONNX), or repository:<name>: the model of"
+        " the model repository (models.repository) of that name, its newest version by its"
+        " config's version_policy, its tensors from its config.pbtxt",
     )
     slo_ms: float = Field(gt=0, le=600_000, allow_inf_nan=False, description="latency SLO")
     rate_rps: float = Field(ge=0, le=1_000_000, allow_inf_nan=False, description="expected rate")
@@ -234,7 +235,7 @@ def needs_token(ctx: AppContext, method: str, path: str) -> bool:
     document's ``security`` both ask this, so the document says what the daemon enforces)."""
     if ctx.token is None:
         return False
-    return ctx.auth_all or (method.upper() in MUTATING and path.startswith("/v1/"))
+    return token_required(method, path, ctx.auth_all)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -359,6 +360,19 @@ def create_app(
         different one for a registered name, 409."""
         spec = model.model_dump()
         spec["source"] = spec["source"] or f"builtin:{model.name}"
+        if spec["source"].startswith("repository:"):
+            if spec["source"] != f"repository:{model.name}" or spec["inputs"]:
+                raise ConfigError(
+                    f"source {spec['source']!r}: a repository model registers as"
+                    f" repository:{model.name}, under its own name, without inputs (its"
+                    " config.pbtxt has them; the version is the newest its policy selects)"
+                )
+            try:
+                spec = await run_in_threadpool(
+                    svc.repository_spec, model.name, model.slo_ms, model.rate_rps
+                )
+            except NotFoundError as exc:  # not a resource of this call: an invalid source
+                raise ConfigError(str(exc)) from exc
         same = await run_in_threadpool(svc.registered_as, spec)
         if same is not None:
             response.status_code = 200
@@ -474,6 +488,7 @@ def create_app(
         ctx.metrics.refresh(svc, ctx.controller)
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
+    app.include_router(triton.router(ctx))  # before kserve's: /v2/models/stats
     app.include_router(kserve.router())
     document_auth(app, ctx)
     app.add_middleware(ArrivalStamp)  # added last: the outermost layer

@@ -35,6 +35,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_arguments(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the daemon (REST API, KServe v2 inference, controller)")
     s.add_argument("--config", help="TOML config (default: built-in defaults, state in ./)")
+    s.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        help="a Triton-style model repository to serve (overrides models.repository)",
+    )
 
     st = sub.add_parser("status", help="the running daemon: models, partitions, controller")
     _common(st)
@@ -129,7 +134,13 @@ def _serve(args: argparse.Namespace) -> int:
     from api.config import load_config
     from api.daemon import serve
 
-    return serve(load_config(Path(args.config) if args.config else None))
+    cfg = load_config(Path(args.config) if args.config else None)
+    if args.model_repository:
+        repo = Path(args.model_repository).resolve()
+        if not repo.is_dir():
+            raise ClientError(f"--model-repository {args.model_repository}: no such directory", 2)
+        cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"repository": repo})})
+    return serve(cfg)
 
 
 def _console() -> Any:

@@ -136,6 +136,12 @@ class ModelsConfig(_Strict):
     max_file_mb: float = Field(
         2048.0, gt=0, le=1 << 20, description="a larger model file is refused (MiB)"
     )
+    repository: Path | None = Field(
+        None,
+        description="a Triton-style model repository (<repo>/<model>/config.pbtxt,"
+        " <repo>/<model>/<version>/model.pt|model.pt2|model.onnx): registered at start, and"
+        " the Triton model-repository API (/v2/repository/...) loads and unloads from it",
+    )
 
 
 class SimulatedGpu(_Strict):
@@ -241,6 +247,9 @@ class DaemonConfig(_Strict):
                     model_dir=fix(self.paths.model_dir) or self.paths.model_dir,
                 ),
                 "planner": self.planner.model_copy(update={"profiles": fix(self.planner.profiles)}),
+                "models": self.models.model_copy(
+                    update={"repository": fix(self.models.repository)}
+                ),
             }
         )
 

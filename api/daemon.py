@@ -278,7 +278,7 @@ def serve(cfg: DaemonConfig) -> int:
     dataplane = start_dataplane(d) if cfg.server.frontend_count() else None
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: Any) -> AsyncIterator[None]:
+    async def lifespan(app: Any) -> AsyncIterator[None]:
         grpc_server = None
         if cfg.server.grpc_port >= 0 and dataplane is None:
             from api import grpc_server as grpc_mod
@@ -290,6 +290,7 @@ def serve(cfg: DaemonConfig) -> int:
                 token=d.ctx.token,
                 auth_all=d.ctx.auth_all,
                 max_concurrent_rpcs=cfg.server.max_concurrency,
+                control=grpc_mod.ControlClient.in_process(app),  # Triton's model API
             )
             log.info("KServe v2 gRPC on %s:%d", cfg.server.host, bound)
         threading.Thread(target=restore, name="stgs-restore", daemon=True).start()

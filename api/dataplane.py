@@ -75,11 +75,7 @@ def routing_snapshot(
             continue
         models[rec.name] = {
             "slo_ms": float(rec.spec["slo_ms"]),
-            "input": {
-                "name": io.input_name,
-                "dtype": io.dtype,
-                "shape": None if io.shape is None else list(io.shape),
-            },
+            "input": io.to_dict(),  # the input, and the output, versions, batch bound
         }
     parts = []
     for p in list(svc.runtime.partitions.values()):

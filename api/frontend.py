@@ -51,6 +51,7 @@ import numpy as np
 from starlette.types import Receive, Scope, Send
 
 from api.inference import (
+    EXTENSIONS,
     HEADER,
     InferenceStats,
     InferError,
@@ -61,6 +62,7 @@ from api.inference import (
     encode_infer,
     parse_infer,
     status_of,
+    token_required,
 )
 from api.limits import BodyLimits, uvicorn_config
 from stgs import __version__
@@ -129,8 +131,7 @@ class Router:
         m = self.models.get(model)
         if m is None:
             raise InferError(404, f"unknown model {model!r}")
-        if version not in ("", "1"):
-            raise InferError(404, f"model {model!r} has no version {version!r} (versions: 1)")
+        m.io.check_version(version)
         return m.io
 
     def model_ready(self, model: str) -> bool:
@@ -222,14 +223,7 @@ class Router:
         """Apply a routing snapshot; the ids of listed partitions it could not connect to."""
         models: dict[str, _Model] = {}
         for name, m in snapshot.get("models", {}).items():
-            inp = m.get("input") or {}
-            shape = inp.get("shape")
-            io = ModelIO(
-                name,
-                inp.get("name") or "input",
-                inp.get("dtype") or "",
-                None if shape is None else tuple(int(d) for d in shape),
-            )
+            io = ModelIO.from_dict(name, m.get("input") or {})
             slo = m.get("slo_ms")
             models[name] = _Model(io, None if slo is None else float(slo))
         listed = {p["id"]: p for p in snapshot.get("partitions", [])}
@@ -292,7 +286,6 @@ _HOP_BY_HOP = frozenset(
     )
 )
 _HEADER_KEY = HEADER.lower().encode()
-_MUTATING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
 
 
 async def _answer(
@@ -356,7 +349,7 @@ class FrontendApp:
         """api.app's rule: with a token, mutating /v1 calls need it; off loopback, every call."""
         if self.token is None:
             return True
-        if not (self.auth_all or (method in _MUTATING and path.startswith("/v1/"))):
+        if not token_required(method, path, self.auth_all):
             return True
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -387,7 +380,7 @@ class FrontendApp:
             body: object = {
                 "name": "stgs",
                 "version": __version__,
-                "extensions": ["binary_tensor_data"],
+                "extensions": list(EXTENSIONS),
             }
             return await self._get(send, method, 200, body)
         if parts[2] == "health" and len(parts) == 4:
@@ -396,37 +389,36 @@ class FrontendApp:
             if parts[3] == "ready":
                 return await self._get(send, method, 200 if r.ready else 503, {"ready": r.ready})
             return False
-        if parts[2] != "models" or len(parts) not in (4, 5) or not parts[3]:
-            return False
+        if parts[2] != "models" or len(parts) < 4 or not parts[3]:
+            return False  # /v2/repository/...: the control plane's
         model = parts[3]
-        if len(parts) == 4:
+        if model == "stats" and len(parts) == 4:
+            return False  # every model's statistics: the control plane's
+        rest = parts[4:]
+        version = ""
+        if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+            version, rest = rest[1], rest[2:]
+        if not rest or rest == ["ready"]:
             if method != "GET":
                 return await self._get(send, method, 0, None)
             try:
-                io = r.model_io(model)
+                io = r.model_io(model, version)
             except InferError as exc:
                 await _error(send, exc.status, exc.message)
                 return True
-            await _json(send, 200, io.metadata())
-            return True
-        if parts[4] == "ready":
-            if method != "GET":
-                return await self._get(send, method, 0, None)
-            try:
-                r.model_io(model)
-            except InferError as exc:
-                await _error(send, exc.status, exc.message)
+            if not rest:
+                await _json(send, 200, io.metadata())
                 return True
             ok = r.model_ready(model)
             await _json(send, 200 if ok else 400, {"name": model, "ready": ok})
             return True
-        if parts[4] == "infer":
+        if rest == ["infer"]:
             if method != "POST":
                 await _error(send, 405, "Method Not Allowed")
                 return True
-            await self._infer(scope, receive, send, model)
+            await self._infer(scope, receive, send, model, version)
             return True
-        return False
+        return False  # config, stats: the control plane's
 
     async def _get(self, send: Send, method: str, status: int, body: object) -> bool:
         if method != "GET":
@@ -435,7 +427,9 @@ class FrontendApp:
             await _json(send, status, body)
         return True
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
+    async def _infer(
+        self, scope: Scope, receive: Receive, send: Send, model: str, version: str = ""
+    ) -> None:
         msg = await receive()  # BodyLimits hands the whole body as one message
         body: bytes = msg.get("body", b"")
         header_len = None
@@ -446,7 +440,7 @@ class FrontendApp:
         arrival_ns = scope.get("state", {}).get("arrival_ns")
         r = self.router
         try:
-            io = r.model_io(model)
+            io = r.model_io(model, version)
             call = parse_infer(body, header_len, io)
             out = await r.infer_array(model, call.array, arrival_ns)
         except InferError as exc:
@@ -455,7 +449,14 @@ class FrontendApp:
         except StgsError as exc:
             await _error(send, status_of(exc), str(exc))
             return
-        content, headers = encode_infer(model, call.request_id, out, call.binary)
+        content, headers = encode_infer(
+            model,
+            call.request_id,
+            out,
+            call.binary,
+            output_name=io.output_name,
+            version=io.version,
+        )
         await _answer(send, 200, content, headers)
 
     async def _proxy_request(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -561,6 +562,11 @@ class Frontend:
         if cfg.grpc_port >= 0:
             from api import grpc_server as grpc_mod
 
+            control_client = (  # Triton's model API: the control plane's
+                None
+                if cfg.control_socket is None
+                else grpc_mod.ControlClient.unix(cfg.control_socket)
+            )
             grpc_server, _ = await grpc_mod.start(
                 self.router,
                 cfg.host,
@@ -570,6 +576,7 @@ class Frontend:
                 max_message_bytes=cfg.max_infer_body_bytes,
                 max_concurrent_rpcs=cfg.max_concurrency,
                 reuse_port=True,
+                control=control_client,
             )
         control = asyncio.create_task(self._control(server))
         # the socket object from the fd itself (uvicorn's ``fd=`` assumes a Unix socket)

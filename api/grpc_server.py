@@ -4,8 +4,13 @@ The messages and the service come from Triton's published protos as the ``triton
 ships them compiled (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``), so
 ``tritonclient.grpc`` and any client built from the same protos work unchanged. Served:
 ``ServerLive``, ``ServerReady``, ``ServerMetadata``, ``ModelReady``, ``ModelMetadata``,
-``ModelInfer`` and ``ModelStreamInfer`` (each request of the stream answered as it completes);
-the other methods answer ``UNIMPLEMENTED``.
+``ModelInfer`` and ``ModelStreamInfer`` (each request of the stream answered as it completes),
+and Triton's model API: ``ModelConfig``, ``ModelStatistics``, ``RepositoryIndex``,
+``RepositoryModelLoad`` and ``RepositoryModelUnload``, which the control plane serves
+(:mod:`api.triton`): the servicer forwards them to its HTTP API with a small internal call
+(:class:`ControlClient`: over the control plane's Unix socket from a frontend, in process in the
+daemon without frontends) and turns the JSON back into the protos. The other methods answer
+``UNIMPLEMENTED``.
 
 Semantics are those of the HTTP endpoints (:mod:`api.kserve`), through the same code
 (:mod:`api.inference`): the same checks, the same SLO clock (from the call's arrival), the same
@@ -25,9 +30,12 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -60,8 +68,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     """The KServe v2 gRPC service over an :class:`~api.inference.InferenceBackend`: the daemon's
     :class:`~api.service.Service`, or a frontend process's router."""
 
-    def __init__(self, svc: InferenceBackend) -> None:
+    def __init__(self, svc: InferenceBackend, control: ControlClient | None = None) -> None:
         self.svc = svc
+        self.control = control
 
     # ------------------------------------------------------------------ health, metadata
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -71,7 +80,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.ServerReadyResponse(ready=bool(self.svc.restored))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return pb.ServerMetadataResponse(name="stgs", version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(
+            name="stgs", version=__version__, extensions=list(inference.EXTENSIONS)
+        )
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         await self._io(request.name, request.version, context)
@@ -95,6 +106,67 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         except InferError as exc:
             await context.abort(_code(exc.status), exc.message)
             raise  # not reached: abort raises
+
+    # ------------------------------------------------------------------ Triton's model API
+    # Served by the control plane's HTTP API (api.triton): a frontend forwards the call over
+    # the control socket, the daemon without frontends to its own app in process, with the
+    # caller's authorization metadata as the Authorization header (the control plane checks it).
+    async def _call(
+        self, context: Any, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> Any:
+        if self.control is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no control plane to ask")
+        assert self.control is not None
+        auth = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                auth = str(value)
+        try:
+            status, data = await self.control(method, path, body, auth)
+        except Exception as exc:  # the control plane is gone (a daemon restarting)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"control plane unreachable: {exc}")
+        if status != 200:
+            msg = data.get("error") if isinstance(data, dict) else None
+            await context.abort(_code(status), str(msg or f"HTTP {status}"))
+        return data
+
+    @staticmethod
+    def _model_path(name: str, version: str, tail: str) -> str:
+        v = f"/versions/{quote(version, safe='')}" if version else ""
+        return f"/v2/models/{quote(name, safe='')}{v}/{tail}"
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        data = await self._call(
+            context, "GET", self._model_path(request.name, request.version, "config")
+        )
+        cfg = json_format.ParseDict(data, mc.ModelConfig(), ignore_unknown_fields=True)
+        return pb.ModelConfigResponse(config=cfg)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        path = (
+            self._model_path(request.name, request.version, "stats")
+            if request.name
+            else "/v2/models/stats"
+        )
+        data = await self._call(context, "GET", path)
+        return json_format.ParseDict(data, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        rows = await self._call(context, "POST", "/v2/repository/index", {"ready": request.ready})
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows]
+        )
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        params = {k: _param_value(v) for k, v in request.parameters.items()}
+        path = f"/v2/repository/models/{quote(request.model_name, safe='')}/load"
+        await self._call(context, "POST", path, {"parameters": params})
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        path = f"/v2/repository/models/{quote(request.model_name, safe='')}/unload"
+        await self._call(context, "POST", path, {})
+        return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------------ inference
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -145,8 +217,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if len(req.inputs) != 1:
             raise InferError(400, f"model {io.name!r} takes one input, {io.input_name!r}")
         for o in req.outputs:
-            if o.name != inference.OUTPUT_NAME:
-                raise InferError(400, f"unknown output {o.name!r}; the model has 'output'")
+            inference.check_output(io, o.name)
         arr = _decode(io, req)
         out = await self.svc.infer_array(io.name, arr, arrival_ns)
         if out.dtype.name not in inference.KSERVE_OF:
@@ -154,17 +225,62 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
         return pb.ModelInferResponse(
             model_name=io.name,
-            model_version="1",
+            model_version=io.version,
             id=req.id,
             outputs=[
                 pb.ModelInferResponse.InferOutputTensor(
-                    name=inference.OUTPUT_NAME,
+                    name=io.output_name,
                     datatype=inference.KSERVE_OF[out.dtype.name],
                     shape=list(out.shape),
                 )
             ],
             raw_output_contents=[raw],
         )
+
+
+def _param_value(p: Any) -> Any:
+    """A ``ModelRepositoryParameter``'s value (its oneof)."""
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None or which == "bytes_param" else getattr(p, which)
+
+
+class ControlClient:
+    """Calls the control plane's HTTP API: ``(method, path, JSON body, authorization) ->
+    (status, JSON)``; over its Unix socket (a frontend, as its HTTP proxy does) or, for the
+    daemon without frontends, to its own app in process."""
+
+    def __init__(self, transport: Any) -> None:
+        import httpx
+
+        self._client = httpx.AsyncClient(
+            transport=transport, base_url="http://stgs-control", timeout=httpx.Timeout(None)
+        )
+
+    @classmethod
+    def unix(cls, path: str) -> ControlClient:
+        import httpx
+
+        return cls(httpx.AsyncHTTPTransport(uds=path))
+
+    @classmethod
+    def in_process(cls, app: Any) -> ControlClient:
+        import httpx
+
+        return cls(httpx.ASGITransport(app=app))
+
+    async def __call__(
+        self, method: str, path: str, body: dict[str, Any] | None, authorization: str | None
+    ) -> tuple[int, Any]:
+        headers = {} if authorization is None else {"authorization": authorization}
+        resp = await self._client.request(method, path, json=body, headers=headers)
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"error": resp.text[:500]}
+        return resp.status_code, data
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 def _decode(io: ModelIO, req: Any) -> np.ndarray:
@@ -240,6 +356,7 @@ async def start(
     max_message_bytes: int = 64 << 20,
     max_concurrent_rpcs: int | None = None,
     reuse_port: bool = False,
+    control: ControlClient | None = None,
 ) -> tuple[Any, int]:
     """Start the gRPC server on the running event loop; (server, the port it bound).
 
@@ -257,7 +374,7 @@ async def start(
             ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(svc), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(svc, control), server)
     bound = server.add_insecure_port(f"{'[::1]' if host == '::1' else host}:{port}")
     if bound == 0:
         raise OSError(f"gRPC: cannot bind {host}:{port}")

@@ -79,6 +79,22 @@ them first (``Annotated[int, Field(ge=1), BeforeValidator(whole)]``), or pydanti
 out of the JSON schema."""
 
 
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
+"""Server metadata's extensions (Triton's names), the same on every serving process."""
+_MUTATING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+
+
+def token_required(method: str, path: str, auth_all: bool) -> bool:
+    """Whether a call needs the bearer token (when one is set): off loopback (``auth_all``)
+    every call; on loopback the calls that change the daemon's state: mutating ``/v1`` calls and
+    loading or unloading a repository model (``POST /v2/repository/models/...``)."""
+    if auth_all:
+        return True
+    return method.upper() in _MUTATING and (
+        path.startswith("/v1/") or path.startswith("/v2/repository/models/")
+    )
+
+
 class InferError(Exception):
     """A request the daemon refuses, with its HTTP status (gRPC: :data:`GRPC_CODE_OF`)."""
 
@@ -116,19 +132,40 @@ def status_of(exc: StgsError) -> int:
 
 @dataclass(frozen=True)
 class ModelIO:
-    """A served model's tensors: one input (batch first), one output named ``output``."""
+    """A served model's tensors: one input (batch first), one output (``output``, or its
+    repository config's name); the served version(s) and the largest batch a request carries."""
 
     name: str
     input_name: str
     dtype: str  # numpy dtype name of the input; "" when any
     shape: tuple[int, ...] | None  # one sample's shape; None when any
+    output_name: str = OUTPUT_NAME
+    output_dtype: str = ""  # "" : FP32 in the metadata (what the workers return)
+    output_shape: tuple[int, ...] | None = None
+    versions: tuple[str, ...] = ("1",)
+    max_batch: int = MAX_BATCH
+    platform: str = "stgs"
+
+    @property
+    def version(self) -> str:
+        """The version an answer names: the served one."""
+        return self.versions[-1]
+
+    def check_version(self, version: str) -> None:
+        """InferError(404) unless ``version`` ("" : the served one) is served."""
+        if version not in ("", *self.versions):
+            raise InferError(
+                404,
+                f"model {self.name!r} has no version {version!r} served"
+                f" (versions: {', '.join(self.versions)})",
+            )
 
     def metadata(self) -> dict[str, object]:
         """KServe v2 model metadata (the same on HTTP and gRPC)."""
         return {
             "name": self.name,
-            "versions": ["1"],
-            "platform": "stgs",
+            "versions": list(self.versions),
+            "platform": self.platform,
             "inputs": [
                 {
                     "name": self.input_name,
@@ -136,8 +173,49 @@ class ModelIO:
                     "shape": [-1, *(self.shape or [-1])],
                 }
             ],
-            "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, -1]}],
+            "outputs": [
+                {
+                    "name": self.output_name,
+                    "datatype": KSERVE_OF.get(self.output_dtype, "FP32"),
+                    "shape": [-1, *(self.output_shape or [-1])],
+                }
+            ],
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe (the data plane's routing snapshots); :meth:`from_dict` reads it back."""
+        return {
+            "name": self.input_name,
+            "dtype": self.dtype,
+            "shape": None if self.shape is None else list(self.shape),
+            "output": {
+                "name": self.output_name,
+                "dtype": self.output_dtype,
+                "shape": None if self.output_shape is None else list(self.output_shape),
+            },
+            "versions": list(self.versions),
+            "max_batch": self.max_batch,
+            "platform": self.platform,
+        }
+
+    @classmethod
+    def from_dict(cls, model: str, d: Mapping[str, Any]) -> ModelIO:
+        def shape(v: Any) -> tuple[int, ...] | None:
+            return None if v is None else tuple(int(x) for x in v)
+
+        out = d.get("output") or {}
+        return cls(
+            model,
+            str(d.get("name") or "input"),
+            str(d.get("dtype") or ""),
+            shape(d.get("shape")),
+            output_name=str(out.get("name") or OUTPUT_NAME),
+            output_dtype=str(out.get("dtype") or ""),
+            output_shape=shape(out.get("shape")),
+            versions=tuple(str(v) for v in d.get("versions") or ("1",)),
+            max_batch=int(d.get("max_batch") or MAX_BATCH),
+            platform=str(d.get("platform") or "stgs"),
+        )
 
 
 def model_io(svc: Service, model: str, version: str = "") -> ModelIO:
@@ -145,17 +223,34 @@ def model_io(svc: Service, model: str, version: str = "") -> ModelIO:
     rec = svc.store.get_model(model)
     if rec is None:
         raise InferError(404, f"unknown model {model!r}")
-    if version not in ("", "1"):
-        raise InferError(404, f"model {model!r} has no version {version!r} (versions: 1)")
     try:
         entry = svc.entry(rec)
     except ConfigError as exc:
         raise InferError(404, str(exc)) from None
+    source = str(rec.spec.get("source") or "")
+    if source.startswith("repository:"):  # its config's names, version and batch
+        out = entry.outputs[0]
+        io = ModelIO(
+            model,
+            entry.inputs[0].name,
+            entry.input_dtype,
+            entry.input_shape,
+            output_name=out.name,
+            output_dtype=out.dtype,
+            output_shape=out.shape,
+            versions=(source.rsplit("/", 1)[-1],),
+            max_batch=min(MAX_BATCH, int(rec.spec.get("max_batch_size") or MAX_BATCH)),
+            platform="onnxruntime_onnx" if entry.kind == "onnx" else "pytorch_libtorch",
+        )
+        io.check_version(version)
+        return io
     inputs = rec.spec.get("inputs") or []
     # a file: its own input name (TorchScript: the registration's)
     default = entry.inputs[0].name if entry.is_file else "input"
     name = default if entry.is_file or not inputs else inputs[0]["name"]
-    return ModelIO(model, name, entry.input_dtype, entry.input_shape)
+    io = ModelIO(model, name, entry.input_dtype, entry.input_shape)
+    io.check_version(version)
+    return io
 
 
 def check_input(io: ModelIO, name: str, datatype: str, shape: list[int]) -> tuple[str, int]:
@@ -173,8 +268,9 @@ def check_input(io: ModelIO, name: str, datatype: str, shape: list[int]) -> tupl
         )
     if not shape or any(d < 0 for d in shape) or shape[0] < 1:
         raise InferError(400, f"input {name!r}: shape {shape}: [batch >= 1, ...] expected")
-    if shape[0] > MAX_BATCH:
-        raise InferError(400, f"input {name!r}: batch {shape[0]} > {MAX_BATCH}")
+    if shape[0] > io.max_batch:
+        what = "max_batch_size" if io.max_batch < MAX_BATCH else "the largest batch"
+        raise InferError(400, f"input {name!r}: batch {shape[0]} > {io.max_batch} ({what})")
     if io.shape is not None and tuple(shape[1:]) != io.shape:
         want = ", ".join(str(d) for d in io.shape)
         raise InferError(400, f"input {name!r}: shape {shape}, the model takes [-1, {want}]")
@@ -386,9 +482,14 @@ def parse_infer(body: bytes, header_len: str | None, io: ModelIO) -> InferCall:
     if inp["name"] != io.input_name:
         raise InferError(400, f"unknown input {inp['name']!r}; the model takes {io.input_name!r}")
     for o in outputs or []:
-        if o["name"] != OUTPUT_NAME:
-            raise InferError(400, f"unknown output {o['name']!r}; the model has 'output'")
+        check_output(io, o["name"])
     return InferCall(_decode(io, inp, tail), request_id, binary)
+
+
+def check_output(io: ModelIO, name: str) -> None:
+    """A requested output must be the model's; InferError(400) otherwise."""
+    if name != io.output_name:
+        raise InferError(400, f"unknown output {name!r}; the model has {io.output_name!r}")
 
 
 def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes) -> np.ndarray:
@@ -429,15 +530,21 @@ def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes) -> np.ndarray:
 
 
 def encode_infer(
-    model: str, request_id: str | None, out: np.ndarray, binary: bool
+    model: str,
+    request_id: str | None,
+    out: np.ndarray,
+    binary: bool,
+    *,
+    output_name: str = OUTPUT_NAME,
+    version: str = "1",
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """An infer response's body and headers (JSON, or the JSON header then the raw tensor)."""
     datatype = KSERVE_OF.get(str(out.dtype))
     if datatype is None:
         out = out.astype(np.float32)
         datatype = "FP32"
-    entry: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": datatype, "shape": list(out.shape)}
-    body: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": [entry]}
+    entry: dict[str, Any] = {"name": output_name, "datatype": datatype, "shape": list(out.shape)}
+    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": [entry]}
     if request_id is not None:
         body["id"] = request_id
     if not binary:
@@ -466,7 +573,8 @@ class InferenceStats:
     Per model: ``requests`` (every answer), ``ok``, ``slo_met`` (ok within SLO from arrival),
     ``shed`` (429: could not meet its deadline), ``samples``, ``errors`` by kind,
     ``duration_sum_s`` and ``duration_buckets`` (one count per :data:`LATENCY_BUCKETS` bound,
-    then +Inf; not cumulative)."""
+    then +Inf; not cumulative), ``ok_duration_sum_s`` (the successes' alone) and
+    ``last_unix_ms`` (the last answer's wall-clock time; Triton's statistics show both)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -477,7 +585,11 @@ class InferenceStats:
         if e is None:
             e = dict.fromkeys(_COUNTS, 0)
             e.update(
-                errors={}, duration_sum_s=0.0, duration_buckets=[0] * (len(LATENCY_BUCKETS) + 1)
+                errors={},
+                duration_sum_s=0.0,
+                duration_buckets=[0] * (len(LATENCY_BUCKETS) + 1),
+                ok_duration_sum_s=0.0,
+                last_unix_ms=0,
             )
             self.models[model] = e
         return e
@@ -490,6 +602,7 @@ class InferenceStats:
             e = self._entry(model)
             e["requests"] += 1
             e["duration_sum_s"] += seconds
+            e["last_unix_ms"] = int(time.time() * 1000)
             e["duration_buckets"][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             if error:
                 e["errors"][error] = e["errors"].get(error, 0) + 1
@@ -497,6 +610,7 @@ class InferenceStats:
                     e["shed"] += 1
                 return
             e["ok"] += 1
+            e["ok_duration_sum_s"] += seconds
             e["samples"] += samples
             if slo_met:
                 e["slo_met"] += 1
@@ -509,6 +623,8 @@ class InferenceStats:
                 for k in _COUNTS:
                     e[k] += int(st.get(k, 0))
                 e["duration_sum_s"] += float(st.get("duration_sum_s", 0.0))
+                e["ok_duration_sum_s"] += float(st.get("ok_duration_sum_s", 0.0))
+                e["last_unix_ms"] = max(e["last_unix_ms"], int(st.get("last_unix_ms", 0)))
                 for kind, n in dict(st.get("errors", {})).items():
                     e["errors"][kind] = e["errors"].get(kind, 0) + int(n)
                 for i, n in enumerate(

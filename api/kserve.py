@@ -1,17 +1,21 @@
 """The KServe v2 / Triton HTTP inference protocol, with the binary tensor data extension.
 
 Endpoints: ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/ready``,
-``/v2/models/{m}`` (metadata), ``/v2/models/{m}/ready``, ``POST /v2/models/{m}/infer``.
+``/v2/models/{m}`` (metadata), ``/v2/models/{m}/ready``, ``POST /v2/models/{m}/infer``, and the
+same three under ``/v2/models/{m}/versions/{v}`` for the served version (``1``; a repository
+model's: the newest version its config's policy selects). Triton's model configuration,
+statistics and repository API: :mod:`api.triton`.
 
 A model has one input (named by its registration, default ``input``) and one output
-(``output``). The first dimension of the input is the batch: each row is one sample, queued
-and batched by the partition's worker. Binary tensor data: when the request carries the
-``Inference-Header-Content-Length`` header, the body is that many bytes of JSON followed by the
-raw tensors (little-endian, row major) of the inputs whose ``parameters.binary_data_size`` is
-set, in the order of the inputs. Outputs come back as binary when the request asks for it
-(``parameters.binary_data_output`` or an output's ``parameters.binary_data``); the response
-then has the same header. Errors are ``{"error": "..."}`` with a 4xx status (503 while the
-model has no ready worker), as Triton answers.
+(``output``; a repository model's: named by its config). The first dimension of the input is
+the batch: each row is one sample, queued and batched by the partition's worker. Binary tensor
+data: when the request carries the ``Inference-Header-Content-Length`` header, the body is that
+many bytes of JSON followed by the raw tensors (little-endian, row major) of the inputs whose
+``parameters.binary_data_size`` is set, in the order of the inputs. Outputs come back as
+binary when the request asks for it (``parameters.binary_data_output`` or an output's
+``parameters.binary_data``); the response then has the same header. Errors are
+``{"error": "..."}`` with a 4xx status (503 while the model has no ready worker), as Triton
+answers.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from api.inference import (
     DTYPES,
+    EXTENSIONS,
     HEADER,
     KSERVE_OF,
     OUTPUT_NAME,
@@ -139,7 +144,7 @@ def router() -> APIRouter:
 
     @r.get("/v2", summary="server metadata")
     async def server_metadata() -> ServerMetadata:
-        return ServerMetadata(name="stgs", version=__version__, extensions=["binary_tensor_data"])
+        return ServerMetadata(name="stgs", version=__version__, extensions=list(EXTENSIONS))
 
     @r.get("/v2/health/live", summary="the daemon is alive")
     async def live() -> Live:
@@ -157,15 +162,19 @@ def router() -> APIRouter:
         ok = bool(svc(request).restored)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    def _record(request: Request, model: str) -> Any:
-        rec = svc(request).store.get_model(model)
-        if rec is None:
-            raise InferError(404, f"unknown model {model!r}")
-        return rec
+    def _io(request: Request, model: str, version: str = "") -> ModelIO:
+        """The model's tensors; InferError(404) for an unknown model or version."""
+        try:
+            return model_io(svc(request), model, version)
+        except ConfigError as exc:
+            raise InferError(404, str(exc)) from None
 
-    def _io(request: Request, rec: Any) -> tuple[str, str, tuple[int, ...] | None]:
-        io = model_io(svc(request), rec.name)
-        return io.input_name, io.dtype, io.shape
+    async def metadata(request: Request, model: str, version: str) -> Response:
+        try:
+            io = _io(request, model, version)
+        except InferError as exc:
+            return error(exc.status, exc.message)
+        return JSONResponse(io.metadata())
 
     @r.get(
         "/v2/models/{model}",
@@ -173,50 +182,70 @@ def router() -> APIRouter:
         responses={200: {"model": ModelMetadata}, **_errors(404, 422)},
     )
     async def model_metadata(model: str, request: Request) -> Response:
-        try:
-            rec = _record(request, model)
-            in_name, dtype, shape = _io(request, rec)
-        except InferError as exc:
-            return error(exc.status, exc.message)
-        except ConfigError as exc:
-            return error(404, str(exc))
-        return JSONResponse(
-            {
-                "name": model,
-                "versions": ["1"],
-                "platform": "stgs",
-                "inputs": [
-                    {
-                        "name": in_name,
-                        "datatype": KSERVE_OF.get(dtype, "FP32") if dtype else "FP32",
-                        "shape": [-1, *(shape or [-1])],
-                    }
-                ],
-                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, -1]}],
-            }
-        )
+        return await metadata(request, model, "")
 
     @r.get(
-        "/v2/models/{model}/ready",
-        summary="the model has a ready worker",
-        responses={
-            200: {"model": ModelReady},
-            400: {"model": ModelReady, "description": "registered, no ready worker"},
-            **_errors(404, 422),
-        },
+        "/v2/models/{model}/versions/{version}",
+        summary="model metadata of a version (the served one)",
+        responses={200: {"model": ModelMetadata}, **_errors(404, 422)},
     )
-    async def model_ready(model: str, request: Request) -> Response:
+    async def model_version_metadata(model: str, version: str, request: Request) -> Response:
+        return await metadata(request, model, version)
+
+    async def readiness(request: Request, model: str, version: str) -> Response:
         try:
-            _record(request, model)
+            _io(request, model, version)
         except InferError as exc:
             return error(exc.status, exc.message)
         ok = svc(request).model_ready(model)
         return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 400)
 
-    @r.post(
-        "/v2/models/{model}/infer",
-        summary="inference (JSON tensors, or the binary tensor data extension)",
-        responses={
+    ready_responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": ModelReady},
+        400: {"model": ModelReady, "description": "registered, no ready worker"},
+        **_errors(404, 422),
+    }
+
+    @r.get(
+        "/v2/models/{model}/ready",
+        summary="the model has a ready worker",
+        responses=ready_responses,
+    )
+    async def model_ready(model: str, request: Request) -> Response:
+        return await readiness(request, model, "")
+
+    @r.get(
+        "/v2/models/{model}/versions/{version}/ready",
+        summary="the version (the served one) has a ready worker",
+        responses=ready_responses,
+    )
+    async def model_version_ready(model: str, version: str, request: Request) -> Response:
+        return await readiness(request, model, version)
+
+    async def inference(request: Request, model: str, version: str) -> Response:
+        try:
+            body = await request.body()  # at most server.max_infer_body_bytes (api.limits)
+            io = _io(request, model, version)
+            call = parse_infer(body, request.headers.get(HEADER), io)
+            arrival_ns = getattr(request.state, "arrival_ns", None)
+            out = await svc(request).infer_array(model, call.array, arrival_ns)
+            content, headers = encode_infer(
+                model,
+                call.request_id,
+                out,
+                call.binary,
+                output_name=io.output_name,
+                version=io.version,
+            )
+            return Response(content, headers={k.decode(): v.decode() for k, v in headers})
+        except InferError as exc:
+            return error(exc.status, exc.message)
+        except InvalidRequestError as exc:
+            return error(400, str(exc))
+
+    infer_doc: dict[str, Any] = {
+        "summary": "inference (JSON tensors, or the binary tensor data extension)",
+        "responses": {
             200: {
                 "model": InferResponse,
                 "content": {
@@ -228,7 +257,7 @@ def router() -> APIRouter:
             },
             **_errors(400, 404, 413, 422, 429, 503),
         },
-        openapi_extra={
+        "openapi_extra": {
             "requestBody": {
                 "required": True,
                 "content": {
@@ -236,21 +265,15 @@ def router() -> APIRouter:
                 },
             }
         },
-    )
+    }
+
+    @r.post("/v2/models/{model}/infer", **infer_doc)
     async def infer(model: str, request: Request) -> Response:
-        try:
-            body = await request.body()  # at most server.max_infer_body_bytes (api.limits)
-            rec = _record(request, model)
-            io = ModelIO(model, *_io(request, rec))
-            call = parse_infer(body, request.headers.get(HEADER), io)
-            arrival_ns = getattr(request.state, "arrival_ns", None)
-            out = await svc(request).infer_array(model, call.array, arrival_ns)
-            content, headers = encode_infer(model, call.request_id, out, call.binary)
-            return Response(content, headers={k.decode(): v.decode() for k, v in headers})
-        except InferError as exc:
-            return error(exc.status, exc.message)
-        except InvalidRequestError as exc:
-            return error(400, str(exc))
+        return await inference(request, model, "")
+
+    @r.post("/v2/models/{model}/versions/{version}/infer", **infer_doc)
+    async def infer_version(model: str, version: str, request: Request) -> Response:
+        return await inference(request, model, version)
 
     return r
 

@@ -37,7 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-INFER_PATH = re.compile(r"^/v2/models/[^/]+/infer$")
+INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,9 @@ def _error_response(status: int, message: str) -> tuple[list[tuple[bytes, bytes]
 class BodyLimits:
     """Read each HTTP request's body under a size limit and deadlines before the app runs.
 
-    ``max_infer_body_bytes`` applies to ``POST /v2/models/{m}/infer`` (tensors), ``max_body_bytes``
-    to every other path (JSON documents). See the module docstring for what a client gets.
+    ``max_infer_body_bytes`` applies to ``POST /v2/models/{m}[/versions/{v}]/infer`` (tensors),
+    ``max_body_bytes`` to every other path (JSON documents). See the module docstring for what a
+    client gets.
     """
 
     def __init__(

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from api import inference
+from api import inference, repository
 from api.config import DaemonConfig
 from api.inference import ModelIO
 from api.planproc import PlanJob, PlannerDiedError, PlannerPool
@@ -242,6 +242,12 @@ class Service:
         self.restored = False
         self.last_error: str | None = None
         self._entries: dict[str, tuple[tuple[str, str], ModelEntry]] = {}
+        repo = cfg.models.repository
+        self.repository = (
+            None
+            if repo is None
+            else repository.Repository(repo, int(cfg.models.max_file_mb * 2**20))
+        )
 
     def log_event(self, kind: str, message: str, **data: Any) -> None:
         self.store.log_event(kind, message, **data)
@@ -473,6 +479,24 @@ class Service:
             path = resolve_model_file(self.cfg.paths.model_dir, target)
             max_bytes = int(self.cfg.models.max_file_mb * 2**20)
             entry = file_entry(name, path, given, max_bytes=max_bytes)
+        elif kind == "repository":
+            if self.repository is None:
+                raise ConfigError(
+                    f"source {source!r}: no model repository is configured (models.repository,"
+                    " stgs serve --model-repository DIR)"
+                )
+            model, version = repository.parse_source(source)
+            if model != name:
+                raise ConfigError(
+                    f"source {source!r}: a repository model is served under its own name"
+                    f" ({model!r})"
+                )
+            if given:
+                raise ConfigError(
+                    f"model {name!r}: a repository model's inputs come from its config.pbtxt;"
+                    " give none"
+                )
+            entry = self.repository.entry(model, version)
         elif kind == "builtin":
             if target != name:
                 raise ConfigError(
@@ -494,7 +518,9 @@ class Service:
                         f" {list(want)}"
                     )
         else:
-            raise ConfigError(f"source {source!r}: expected builtin:<name> or file:<path>")
+            raise ConfigError(
+                f"source {source!r}: expected builtin:<name>, file:<path> or repository:<model>"
+            )
         if len(entry.inputs) != 1:
             raise ConfigError(
                 f"model {name!r} takes {len(entry.inputs)} inputs"
@@ -668,6 +694,128 @@ class Service:
         if served:
             self._optimistic(self.plan, lambda plan: self.apply(plan, f"delete {name}"))
 
+    # ------------------------------------------------------------------ model repository
+    def _repo(self) -> repository.Repository:
+        if self.repository is None:
+            raise NotFoundError(
+                "no model repository is configured (models.repository, stgs serve"
+                " --model-repository DIR)"
+            )
+        return self.repository
+
+    def repository_spec(
+        self, name: str, slo_ms: float | None = None, rate_rps: float | None = None
+    ) -> dict[str, Any]:
+        """The registration of the repository model ``name`` now (the newest version its policy
+        selects). SLO and rate: the arguments, else its config's parameters, else those of its
+        current registration (a model registered over REST keeps them across loads)."""
+        repo = self._repo()
+        if not repo.has(name):
+            raise NotFoundError(f"no model {name!r} in the model repository {repo.root}")
+        m = repo.inspect(name)
+        old = self.store.get_model(name)
+        if old is not None and repository.is_repository_source(old.spec.get("source")):
+            if slo_ms is None and m.slo_ms is None:
+                slo_ms = float(old.spec["slo_ms"])
+            if rate_rps is None and m.rate_rps is None:
+                rate_rps = float(old.spec["rate_rps"])
+        return repo.spec(m, slo_ms, rate_rps)
+
+    def load(
+        self, name: str, slo_ms: float | None = None, rate_rps: float | None = None
+    ) -> ModelRecord:
+        """Triton's load. A repository model is registered from the repository: a stored
+        registration of the same spec stands (a retry, a restart), one of another version or
+        config is replaced (delete, then register); a model registered from another source under
+        that name is a conflict. A model not in the repository but registered is registered
+        again when it failed or was refused, else left as it is. NotFoundError: neither."""
+        if self.repository is None or not self.repository.has(name):
+            old = self.get(name)
+            if old.status not in (REFUSED, FAILED):
+                return old
+            spec = dict(old.spec)
+            if slo_ms is not None:
+                spec["slo_ms"] = float(slo_ms)
+            if rate_rps is not None:
+                spec["rate_rps"] = float(rate_rps)
+            return self.register(spec)[0]
+        repo = self.repository
+        try:
+            spec = self.repository_spec(name, slo_ms, rate_rps)
+            self.validate(spec)  # the config against the file, before the old one goes
+            same = self.registered_as(spec)
+            if same is not None:
+                repo.errors.pop(name, None)
+                return same
+            prev = self.store.get_model(name)
+            if prev is not None and prev.status not in (REFUSED, FAILED):
+                if not repository.is_repository_source(prev.spec.get("source")):
+                    raise ConflictError(
+                        f"model {name!r} is registered from {prev.spec.get('source')!r}, not from"
+                        " the model repository; delete it first"
+                    )
+                self.delete(name)
+            rec, _ = self.register(spec)
+        except StgsError as exc:
+            repo.errors[name] = str(exc)
+            raise
+        repo.errors.pop(name, None)
+        return rec
+
+    def unload(self, name: str) -> None:
+        """Triton's unload: the registration goes (:meth:`delete`); a repository model that is
+        not registered is already unloaded. NotFoundError when neither."""
+        repo = self.repository
+        if self.store.get_model(name) is None and repo is not None and repo.has(name):
+            repo.errors.pop(name, None)
+            return
+        self.delete(name)
+
+    def register_repository(self) -> None:
+        """At start: register every model of the repository (:meth:`load`: a stored
+        registration of the same spec stands, so restarts change nothing). A model that cannot
+        be served is logged, recorded as a ``repository_error`` event and shown by the
+        repository index; the others go on."""
+        if self.repository is None:
+            return
+        for name in self.repository.names():
+            try:
+                rec = self.load(name)
+                log.info("model repository: %s %s (%s)", name, rec.status, rec.detail)
+            except Exception as exc:  # one model's trouble never stops the others, or the start
+                why = str(exc) if isinstance(exc, StgsError) else f"{type(exc).__name__}: {exc}"
+                self.repository.errors[name] = why
+                log.warning("model repository: %s", why)
+                self.store.log_event("repository_error", why, model=name)
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: every model of the repository (registered or not) and
+        every other registered model, as ``{name, version, state, reason}``; state READY,
+        LOADING (profiling, admission) or UNAVAILABLE (with the reason: unloaded, refused,
+        failed, a bad config)."""
+        rows: dict[str, dict[str, str]] = {}
+        if self.repository is not None:
+            for n in self.repository.names():
+                rows[n] = {
+                    "name": n,
+                    "version": "",
+                    "state": "UNAVAILABLE",
+                    "reason": self.repository.errors.get(n, "unloaded"),
+                }
+        for rec in self.store.models():
+            src = str(rec.spec.get("source") or "")
+            state = {READY: "READY", PROFILING: "LOADING", PENDING: "LOADING"}.get(
+                rec.status, "UNAVAILABLE"
+            )
+            rows[rec.name] = {
+                "name": rec.name,
+                "version": src.rsplit("/", 1)[-1] if repository.is_repository_source(src) else "1",
+                "state": state,
+                "reason": rec.detail if state == "UNAVAILABLE" else "",
+            }
+        out = [rows[k] for k in sorted(rows)]
+        return [r for r in out if r["state"] == "READY"] if ready_only else out
+
     def wait_background(self, timeout_s: float = 60.0) -> None:
         """Join the profiling threads (tests, shutdown)."""
         end = time.monotonic() + timeout_s
@@ -711,6 +859,7 @@ class Service:
         for r in models:
             if r.status == PROFILING:
                 self._start_profiling(r.name)
+        self.register_repository()
         self.restored = True
 
     def _observed_layout(self) -> list[dict[str, Any]]:

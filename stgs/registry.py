@@ -89,6 +89,7 @@ __all__ = [
     "TensorSpec",
     "build_module",
     "file_entry",
+    "file_tensors",
     "model_entry",
     "resolve_model_file",
     "sample_bytes",
@@ -405,6 +406,24 @@ def file_entry(
         ) from exc
     ins = _merge_inputs(path.name, ins, given)
     return ModelEntry(name, kind, str(path), ins, outs)
+
+
+def file_tensors(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The inputs and outputs a torch.export (``.pt2``) or ONNX file declares, as the file
+    has them (a shape None where a sample dimension is open); ModelFileError for a TorchScript
+    file (no signature) or one that does not load. Model repositories check their configs
+    against it."""
+    kind = FILE_FORMATS.get(path.suffix)
+    if kind not in ("export", "onnx"):
+        raise ModelFileError(f"model file {path.name!r}: no signature in a {kind} file")
+    try:
+        return _export_tensors(path) if kind == "export" else _onnx_tensors(path)
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(
+            f"model file {path.name!r} does not load as {kind}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _merge_inputs(

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.config import DaemonConfig
 from api.daemon import Daemon, build
+from api.inference import EXTENSIONS
 from stgs.catalog import get_sku
 from stgs.profiles import ProfileRow
 from stgs.registry import ModelEntry
@@ -100,7 +101,7 @@ def test_kserve_json_and_binary(client: TestClient) -> None:
     assert client.get("/v2/health/ready").status_code == 200
     assert client.get("/v2/models/echo/ready").status_code == 200
     assert client.get("/v2/models/nope/ready").status_code == 404
-    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert client.get("/v2").json()["extensions"] == list(EXTENSIONS)
     assert client.get("/v2/models/echo").json()["inputs"][0]["name"] == "input"
 
     body = {

@@ -52,13 +52,19 @@ with TestClient(_APP) as _c:
     assert _r.status_code in (201, 202), _r.text
 
 # Valid by the schema, refused by what the schema cannot know (see the module docstring).
-_SEMANTIC = {"POST /v1/models": "422", "POST /v2/models/{model}/infer": "400"}
+_SEMANTIC = {
+    "POST /v1/models": "422",
+    "POST /v2/models/{model}/infer": "400",
+    "POST /v2/models/{model}/versions/{version}/infer": "400",
+    # parameters it does not take (Triton's config override), a model it cannot load
+    "POST /v2/repository/models/{name}/load": "400",
+}
 _ACCEPTED = ["2xx", "401", "404", "409", "429", "503"]
 _CONFIG = SchemathesisConfig.from_dict(
     {
         "checks": {"enabled": True},
         # half the KServe model names are the registered model's, so that inference and its
-        # metadata answer too (not DELETE's name: it would delete the model midway)
+        # metadata answer too (not DELETE's or unload's name: it would delete the model midway)
         "dictionaries": {"models": {"values": ["echo"]}},
         "parameters": {"path.model": {"dictionary": "models", "probability": 0.5}},
         "operations": [

@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
+from api.inference import EXTENSIONS
 from stgs.backend import DeviceRef, SimulatedNode
 from stgs.errors import DeadlineExceededError, WorkerDiedError
 from stgs.runtime.aio import AsyncWorkerConnection
@@ -217,7 +218,7 @@ def test_frontend_serves_kserve_like_the_daemon(tmp_path: Path, workers: list[Pa
             assert r.status_code == 404 and "unknown model" in r.json()["error"]
             r = h.get("/v2/models/nope/ready")
             assert r.status_code == 404
-            assert h.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+            assert h.get("/v2").json()["extensions"] == list(EXTENSIONS)
             big = b"x" * (2 << 20)
             r = h.post("/v2/models/echo/infer", content=big)
             assert r.status_code == 400  # under the infer limit: parsed, not JSON
