@@ -636,6 +636,11 @@ class Service:
                 why = "the planner did not place it"
             raise RefusedError(why)
         self.apply(plan, f"register {name}")
+        # In the plan now: from here every other call's plan must keep it. Under the same lock
+        # hold as the apply, and stale-marking again, so that no plan made while it was still
+        # out of the others' plans (a concurrent admission's) can commit and drop it.
+        self._admitting.discard(name)
+        self._changed()
 
     def _start_profiling(self, name: str) -> None:
         if not self.background:

@@ -365,3 +365,55 @@ def test_a_planner_process_that_dies_fails_its_call_only() -> None:
         assert pool.plan(PlanJob(small, "stgs", None, table_key=1), table, 30.0).feasible
     finally:
         pool.close()
+
+
+def test_a_concurrent_admission_never_drops_a_model_just_admitted(tmp_path: Path) -> None:
+    """Two registrations at once (a repository's models at start): the second one's plan is
+    made right after the first was applied, while the first was still finishing its admission.
+    It must keep the first model (it once planned without it and applied that, leaving the first
+    model "not in the current plan" for good)."""
+    write_profiles(_profile_rows(), tmp_path / "profiles.csv")
+    cfg = DaemonConfig.model_validate(
+        {
+            "backend": {"kind": "simulated", "simulated_gpus": [{"sku": "H100-80GB"}]},
+            "planner": {"profiles": "profiles.csv"},
+        }
+    ).resolved(tmp_path)
+    d = build(cfg, background=False)
+    svc = d.service
+    first_applied = threading.Event()
+    real = svc._optimistic
+
+    def optimistic(decide: Any, commit: Any) -> Any:
+        out = real(decide, commit)
+        if threading.current_thread().name == "first":
+            first_applied.set()
+            time.sleep(0.5)  # the window before its admission is wound up
+        return out
+
+    svc._optimistic = optimistic  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def register(name: str, after: threading.Event | None) -> None:
+        try:
+            if after is not None:
+                assert after.wait(60)
+            svc.register({"name": name, "slo_ms": 100, "rate_rps": 50, "source": f"builtin:{name}"})
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        svc.restore()
+        a = threading.Thread(target=register, args=("echo", None), name="first")
+        b = threading.Thread(target=register, args=("fail", first_applied), name="second")
+        a.start()
+        b.start()
+        a.join(60)
+        b.join(60)
+        assert not errors, errors
+        status = {r.name: r.status for r in d.store.models()}
+        assert status == {"echo": "ready", "fail": "ready"}, status
+        plan = svc.runtime.current_plan
+        assert plan is not None and plan.served_rate("echo") > 0 and plan.served_rate("fail") > 0
+    finally:
+        d.close()
