@@ -6,7 +6,8 @@ own so that the client is not the server's bottleneck (``benchmarks/api_load.py`
 Every request's record: (model index, lag s, latency s, status). The latency counts from when the
 client meant to send the request (its scheduled arrival), so a client that falls behind shows
 as misses, and its lag (scheduled -> actually sent) is reported. Status: the HTTP code, or for
-gRPC 200 (OK), 429 (RESOURCE_EXHAUSTED), 503 (UNAVAILABLE), 500 (anything else); -1 a
+gRPC the HTTP status its code stands for (``_GRPC_STATUS``: 429 RESOURCE_EXHAUSTED, 503
+UNAVAILABLE, 504 DEADLINE_EXCEEDED, 499 CANCELLED, 500 INTERNAL; 520 any other); -1 a
 connection error.
 """
 
@@ -63,7 +64,7 @@ def _sender(kind: str, addr: str, t: Target) -> Any:
                 await stub.ModelInfer(req, timeout=30)
                 return 200
             except grpc.aio.AioRpcError as exc:
-                return {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503}.get(exc.code().name, 500)
+                return _GRPC_STATUS.get(exc.code().name, 520)
 
         return send_grpc
 
@@ -86,6 +87,16 @@ def _sender(kind: str, addr: str, t: Target) -> Any:
     return send_http
 
 
+# gRPC codes as the HTTP statuses they stand for (520: any other code)
+_GRPC_STATUS = {
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+}
 _channels: dict[str, Any] = {}
 _sessions: dict[str, Any] = {}
 
