@@ -9,7 +9,6 @@ import pytest
 from plan_checker import build_models, check_plan
 
 from partitioner.greedy import Greedy
-from partitioner.peak import largest_factor
 from partitioner.policies import get_policy
 from partitioner.policies.stgs_policy import (
     VARIANTS,
@@ -21,6 +20,7 @@ from partitioner.policies.stgs_policy import (
 )
 from partitioner.problem import Problem
 from partitioner.replan import align_gpus, diff, disruptions, disruptive
+from partitioner.search import largest_factor
 from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
 from stgs.scenario import scenario_from_mapping

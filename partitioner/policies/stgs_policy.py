@@ -22,6 +22,7 @@ from dataclasses import replace
 from partitioner.greedy import ALL_FAMILIES, FULL, MIG, MIG_MPS, MPS, Greedy, GreedyConfig
 from partitioner.policies import Policy, register
 from partitioner.problem import Problem
+from partitioner.search import largest_factor
 from stgs.plan import Plan
 from stgs.scenario import FILL
 from stgs.types import GpuSpec
@@ -157,11 +158,10 @@ def fill_factor(
 
     Each attempt is ``make`` of the problem at rates x f restricted to those GPUs (``on_gpus``:
     the plan cannot take another one; :func:`fits_within` checks it all the same). The search
-    is the peak search's bisection (``partitioner.peak.largest_factor``, geometric, to
+    is the peak search's bisection (``partitioner.search.largest_factor``, geometric, to
     ``rel_tol``) on [1, min(cap, the fluid bound of those GPUs)], deciding
     :data:`FILL_FIRST` first. Deterministic and pure (no clock)."""
     from partitioner.fluid import fluid_bound
-    from partitioner.peak import largest_factor
 
     held = tuple(g.index for g in lean.gpus if g.partitions)
     if cap <= 1 or not lean.feasible or not held:
