@@ -108,8 +108,8 @@ def _timed(run: Callable[[], Any], stream: Any, opts: TimingOptions) -> list[flo
         pairs = []
         with torch.cuda.stream(stream):
             for _ in range(n):
-                a = torch.cuda.Event(enable_timing=True)
-                b = torch.cuda.Event(enable_timing=True)
+                a = _event()
+                b = _event()
                 a.record(stream)
                 run()
                 b.record(stream)
@@ -195,6 +195,14 @@ def measure_cuda(
     return Measurement(med, p99, peak, prepared.kind, len(samples), tuple(samples))
 
 
+def _event() -> Any:
+    """A CUDA event that records time (torch types its constructor loosely)."""
+    import torch
+
+    event: Any = torch.cuda.Event
+    return event(enable_timing=True)
+
+
 def run_for(run: Callable[[], Any], stream: Any, seconds: float) -> list[float]:
     """Replay ``run`` back to back for ``seconds`` of wall time; per-replay GPU times (ms)."""
     import torch
@@ -203,8 +211,8 @@ def run_for(run: Callable[[], Any], stream: Any, seconds: float) -> list[float]:
     deadline = time.monotonic() + seconds
     with torch.cuda.stream(stream):
         while time.monotonic() < deadline:
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
+            a = _event()
+            b = _event()
             a.record(stream)
             run()
             b.record(stream)

@@ -84,14 +84,16 @@ class WorkerState:
         # library handles and cuDNN's cached plans are then all made inside it.
         self.green_sms: int | None = None
         self._stream: Any = None
+        self._green: Any = None
         green = os.environ.get(GREEN_ENV)
         if green and self.cuda:
             from torch.cuda.green_contexts import GreenContext
 
             self.green_sms = int(green)
-            self._green = GreenContext.create(num_sms=self.green_sms, device_id=0)
-            self._green.set_context()
-            stream = self._green.Stream() if hasattr(self._green, "Stream") else None
+            ctx: Any = GreenContext.create(num_sms=self.green_sms, device_id=0)
+            ctx.set_context()
+            self._green = ctx
+            stream = ctx.Stream() if hasattr(ctx, "Stream") else None
             self._stream = stream if stream is not None else torch.cuda.current_stream()
 
     # --- requests ---------------------------------------------------------------------
