@@ -55,7 +55,7 @@ CONTROL_SEND_TIMEOUT_S = 1
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 YOUNG_S = 10.0  # a frontend that dies younger than this counts towards the back-off
 
-EventFn = Callable[[str, str, dict[str, Any]], None]
+EventFn = Callable[[str, str, dict[str, Any]], object]
 StatsFn = Callable[[str, dict[str, float]], None]
 """(model, deltas since the last stats message: requests, ok, slo_met, shed): the load meter."""
 

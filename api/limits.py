@@ -241,7 +241,7 @@ def uvicorn_config(
     max_header_bytes: int,
     max_concurrency: int,
     log_level: str,
-    graceful_s: float,
+    graceful_s: int,
     **where: Any,
 ) -> Any:
     """The ``uvicorn.Config`` of a serving process (the daemon's, a frontend's): the header

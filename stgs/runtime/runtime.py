@@ -87,9 +87,9 @@ log = logging.getLogger(__name__)
 MAX_SOCKET_PATH_BYTES = 107
 MAX_SOCKET_SEQ = 10**9
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-EventFn = Callable[[str, str, dict[str, Any]], None]
+EventFn = Callable[[str, str, dict[str, Any]], object]
 """(kind, message, data): what the runtime did on its own (a worker failed, was restarted)."""
-RoutingFn = Callable[[frozenset["PartitionKey"], bool], None]
+RoutingFn = Callable[[frozenset["PartitionKey"], bool], object]
 """(partitions leaving, wait): the routable partitions changed; with ``wait``, return only once
 no router outside this process sends anything new to the leaving ones (the data plane's
 frontends acknowledged it): the runtime drains them next."""
