@@ -10,6 +10,7 @@ config's ``server.token_file``. Exit codes: 0 ok, 1 the daemon refused (its mess
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from api.dispatch import dispatch, fail
 
 DAEMON_COMMANDS = ("serve", "status", "models")
 DEFAULT_URL = "http://127.0.0.1:8470"
+
+
+FINAL = ("ready", "failed", "refused")  # a registration's outcomes (--wait stops there)
 
 
 class ClientError(Exception):
@@ -30,6 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help=f"daemon URL (default: $STGS_URL, the config's, {DEFAULT_URL})")
     p.add_argument("--token-file", help="bearer token file (default: $STGS_TOKEN_FILE)")
     p.add_argument("--config", help="daemon config TOML (for its address and token)")
+    p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
 
 
 def add_arguments(sub: Any) -> None:
@@ -65,7 +70,13 @@ def add_arguments(sub: Any) -> None:
         help="the input's KServe datatype with --input-shape (default FP32)",
     )
     a.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
-    a.add_argument("--wait", type=float, default=0.0, help="seconds to wait until it serves")
+    a.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds until the model serves; exit 1 when it failed or was"
+        " refused, 3 when it does not serve in time (0: return at once, exit 0 unless refused)",
+    )
     _common(a)
     ls = msub.add_parser("list", help="registered models and their status")
     _common(ls)
@@ -78,7 +89,7 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", action="store_true", help="show the running daemon's plan")
     p.add_argument("--url", help="daemon URL for --live")
     p.add_argument("--token-file", help="bearer token file for --live")
-    p.add_argument("--config-file", dest="config", help="daemon config TOML for --live")
+    p.add_argument("--config", "--config-file", dest="config", help="daemon config TOML for --live")
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -153,6 +164,9 @@ def _status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     s = _call(args, "GET", "/v1/status")
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
     con = _console()
     con.print(
         f"stgs {s['version']} on the {s['backend']} backend; policy {s['policy']}; "
@@ -202,16 +216,29 @@ def _models(args: argparse.Namespace) -> int:
             spec["inputs"] = [{"datatype": args.input_datatype, "shape": shape}]
         m = _call(args, "POST", "/v1/models", json=spec)
         end = time.monotonic() + args.wait
-        while m["status"] == "profiling" and time.monotonic() < end:
+        # --wait: until it serves (ready) or cannot (failed, refused), not merely until its
+        # profiling ended: "pending" may stay pending for good
+        while args.wait > 0 and m["status"] not in FINAL and time.monotonic() < end:
             time.sleep(0.5)
             m = _call(args, "GET", f"/v1/models/{args.name}")
-        print(f"{m['name']}: {m['status']}" + (f" ({m['detail']})" if m["detail"] else ""))
-        return 0 if m["status"] in ("ready", "pending", "profiling") else 1
+        if args.json:
+            print(json.dumps(m, indent=2))
+        else:
+            print(f"{m['name']}: {m['status']}" + (f" ({m['detail']})" if m["detail"] else ""))
+        if m["status"] in ("failed", "refused"):
+            return 1
+        if args.wait > 0 and m["status"] != "ready":
+            return 3  # not serving within --wait
+        return 0
     if args.models_cmd == "rm":
         _call(args, "DELETE", f"/v1/models/{args.name}")
-        print(f"{args.name}: deleted")
+        done = {"name": args.name, "deleted": True}
+        print(json.dumps(done) if args.json else f"{args.name}: deleted")
         return 0
     rows = _call(args, "GET", "/v1/models")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
     t = Table(title="models")
     for col in ("name", "status", "slo_ms", "rate_rps", "planned_rps", "ready", "detail"):
         t.add_column(col, justify="right" if col.endswith(("ms", "rps")) else "left")
@@ -233,6 +260,9 @@ def plan_live(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     v = _call(args, "GET", "/v1/plan")
+    if getattr(args, "json", False):
+        print(json.dumps(v, indent=2))
+        return 0
     con = _console()
     plan = v.get("plan")
     if plan is None:

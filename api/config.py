@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from partitioner.control import ControlRules
-from stgs.errors import ConfigError
+from stgs.errors import ConfigError, StgsError
 from stgs.scenario import PlannerOptions, SpareFactor
 
 
@@ -168,6 +168,19 @@ class PlannerConfig(PlannerOptions):
     once there) and the daemon's settings around them."""
 
     policy: str = Field("stgs", description="policy name or dotted path")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        """Checked at start, not when the first model arrives."""
+        from partitioner.policies import get_policy
+
+        try:
+            get_policy(v)
+        except StgsError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
     headroom: float = Field(0.1, ge=0.0, lt=1.0, description="latency margin (fraction)")
     profiles: Path | None = Field(None, description="extra profile CSV loaded at start")
     # the daemon fills the GPUs its plan holds (the core's default is the fewest GPUs, 1)
