@@ -488,6 +488,17 @@ def create_app(
         ctx.metrics.refresh(svc, ctx.controller)
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get(
+        "/metrics/triton",
+        tags=["node"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+        summary="Triton's nv_inference_* and nv_gpu_* series, named as Triton names them",
+    )
+    def metrics_triton() -> Response:
+        ctx.metrics.refresh(svc, ctx.controller)
+        return Response(ctx.metrics.render_triton(), media_type=CONTENT_TYPE)
+
     app.include_router(triton.router(ctx))  # before kserve's: /v2/models/stats
     app.include_router(kserve.router())
     document_auth(app, ctx)
