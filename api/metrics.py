@@ -46,6 +46,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.utils import floatToGoString
 
 from api.inference import LATENCY_BUCKETS, InferenceStats
 
@@ -67,12 +68,10 @@ disable_created_metrics()
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.triton_registry = CollectorRegistry()
         # every answered request, in this process or a frontend: one collector (_Inference)
         self.inference = InferenceStats()
         self.inference_sources: list[Callable[[], InferenceStats]] = []
         r.register(_Inference(self))
-        self.triton_registry.register(_Triton(self))
         # counters read from the runtime at scrape time (worker lifetimes): _Live
         self._lock = threading.Lock()
         self._live: list[Metric] = []
@@ -485,7 +484,30 @@ class Metrics:
         return generate_latest(self.registry)
 
     def render_triton(self) -> bytes:
-        return generate_latest(self.triton_registry)
+        """Triton's text: a counter's ``# TYPE`` line names it as its samples do (no
+        ``_total``, which prometheus_client's writer would add)."""
+        return _exposition(self.triton_live())
+
+
+def _escape(value: str, quote: bool) -> str:
+    out = value.replace("\\", "\\\\").replace("\n", "\\n")
+    return out.replace('"', '\\"') if quote else out
+
+
+def _exposition(families: Iterable[Metric]) -> bytes:
+    """Text format 0.0.4 of ``families``, each sample under its own name, as is."""
+    lines = []
+    for f in families:
+        lines.append(f"# HELP {f.name} {_escape(f.documentation, False)}")
+        lines.append(f"# TYPE {f.name} {f.type}")
+        for smp in f.samples:
+            labels = ",".join(f'{k}="{_escape(v, True)}"' for k, v in smp.labels.items())
+            lines.append(
+                f"{smp.name}{{{labels}}} {floatToGoString(smp.value)}"
+                if labels
+                else f"{smp.name} {floatToGoString(smp.value)}"
+            )
+    return ("\n".join(lines) + "\n").encode()
 
 
 class _Live:
@@ -496,16 +518,6 @@ class _Live:
 
     def collect(self) -> Iterator[Metric]:
         yield from self.metrics.live()
-
-
-class _Triton:
-    """``/metrics/triton``: the ``nv_*`` families of the last :meth:`Metrics.refresh`."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self.metrics.triton_live()
 
 
 class _Inference:
