@@ -149,6 +149,7 @@ class DeletedOut(BaseModel):
 
 class PartitionOut(BaseModel):
     partition: str
+    id: str = Field("", description="the partition's id in the metrics (label partition)")
     state: str
     pid: int | None
     restarts: int

@@ -330,6 +330,7 @@ def test_live_daemon_metrics_pass_promtool(tmp_path: Path, exported: tuple[str, 
 
             text = wait_until("the requests in /metrics", counted, 20, d.procs[-1])
             triton = c.get("/metrics/triton").text
+            plan_ids = [p["id"] for p in c.get("/v1/plan").json()["partitions"]]
         assert check_metrics(text) == []
         names = family_names(text)
         assert names <= known_names(exported), names - known_names(exported)
@@ -339,6 +340,7 @@ def test_live_daemon_metrics_pass_promtool(tmp_path: Path, exported: tuple[str, 
         pid = re.search(r'partition="([^"]+)"', info[0])
         assert pid is not None and "tiny_mlp" not in pid.group(1)  # short: no models in it
         assert f'stgs_partition_up{{gpu="0",partition="{pid.group(1)}"}} 1.0' in text
+        assert plan_ids == [pid.group(1)]  # GET /v1/plan names the same id
         assert not [p for p in check_metrics(triton) if not TRITON_LINTS.match(p)]
         assert 'nv_inference_request_success{model="tiny_mlp",version="1"} 3.0' in triton
         assert 'nv_inference_count{model="tiny_mlp",version="1"} 6.0' in triton
