@@ -78,7 +78,6 @@ class Metrics:
         self._triton_live: list[Metric] = []
         self._exec_seen: dict[tuple[object, int | None, str], tuple[int, int]] = {}
         self._exec_total: dict[str, list[int]] = {}
-        self._versions: dict[str, str] = {}
         r.register(_Live(self))
         self.attainment = Gauge(
             "stgs_slo_attainment_ratio",
@@ -410,7 +409,6 @@ class Metrics:
 
     def _triton_families(self, service: Service, pending: dict[str, int]) -> list[Metric]:
         """Triton's per-model inference series, named and typed as Triton does."""
-        from api.inference import InferError
 
         def family(name: str, doc: str, typ: str = "counter") -> Metric:
             return Metric(name, doc, typ)
@@ -442,19 +440,19 @@ class Metrics:
         totals = self.inference_totals().to_dict()
         with self._lock:
             execs = {k: list(v) for k, v in self._exec_total.items()}
-        names = set(totals) | set(execs) | set(pending)
+        versions: dict[str, str] = {}
         try:
-            names |= {rec.name for rec in service.models()}
+            for rec in service.models():
+                # the served version: a repository model's is its source's last part
+                # (api.inference.model_io), every other model's is 1
+                source = str(rec.spec.get("source") or "")
+                repo = source.startswith("repository:")
+                versions[rec.name] = source.rsplit("/", 1)[-1] if repo else "1"
         except Exception:
             log.exception("metrics: listing the models failed")
+        names = set(totals) | set(execs) | set(pending) | set(versions)
         for name in sorted(names):
-            version = self._versions.get(name)
-            if version is None:
-                try:
-                    version = service.model_io(name).version
-                    self._versions[name] = version
-                except (InferError, Exception):
-                    version = "1"  # unregistered since, or its file went away
+            version = versions.get(name, "1")  # unregistered since
             lab = {"model": name, "version": version}
             st = totals.get(name, {})
             ok = int(st.get("ok", 0))

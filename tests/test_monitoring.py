@@ -124,7 +124,7 @@ class _Service:
         return {"resnet50": 100.0}
 
     def models(self) -> list[Any]:
-        return [SimpleNamespace(name="resnet50")]
+        return [SimpleNamespace(name="resnet50", spec={"source": "builtin:resnet50"})]
 
     def model_ready(self, name: str) -> bool:
         return True
