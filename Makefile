@@ -15,7 +15,12 @@ $(BIN)/stgs: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
-setup: $(BIN)/stgs
+# promtool, for the monitoring tests: extracted from Debian's prometheus package (never fails;
+# without it those tests skip, or fail where STGS_REQUIRE_PROMTOOL=1 as in CI)
+$(BIN)/promtool: | $(BIN)/stgs
+	bash scripts/install_promtool.sh $@
+
+setup: $(BIN)/stgs $(BIN)/promtool
 
 ## Set up, plan the embedded example scenario, then run the daemon on the simulated node:
 ## register two models over REST, serve KServe v2 inference, stop (no GPU needed).

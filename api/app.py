@@ -149,6 +149,7 @@ class DeletedOut(BaseModel):
 
 class PartitionOut(BaseModel):
     partition: str
+    id: str = Field("", description="the partition's id in the metrics (label partition)")
     state: str
     pid: int | None
     restarts: int
@@ -487,6 +488,17 @@ def create_app(
     def metrics() -> Response:
         ctx.metrics.refresh(svc, ctx.controller)
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get(
+        "/metrics/triton",
+        tags=["node"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+        summary="Triton's nv_inference_* and nv_gpu_* series, named as Triton names them",
+    )
+    def metrics_triton() -> Response:
+        ctx.metrics.refresh(svc, ctx.controller)
+        return Response(ctx.metrics.render_triton(), media_type=CONTENT_TYPE)
 
     app.include_router(triton.router(ctx))  # before kserve's: /v2/models/stats
     app.include_router(kserve.router())

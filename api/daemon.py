@@ -158,7 +158,9 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
         backend,
         runtime,
         profiler=profiler,
-        observer=Observer(on_request=on_request, on_reconfig=metrics.on_reconfig),
+        observer=Observer(
+            on_request=on_request, on_reconfig=metrics.on_reconfig, on_plan=metrics.on_plan
+        ),
         background=background,
         mig_allowed=mig,
     )

@@ -115,6 +115,7 @@ class Observer:
 
     on_request: Callable[[str, int, float, bool, str], None] | None = None
     on_reconfig: Callable[[bool, float], None] | None = None
+    on_plan: Callable[[str], None] | None = None  # a plan's result: ok, timeout, refused, error
 
 
 def clean_stale_profiling(work_dir: Path) -> list[str]:
@@ -344,15 +345,23 @@ class Service:
         job = PlanJob(
             sc, pol, self.runtime.current_plan if incremental else None, hash(table.rows), clip=clip
         )
+        result = "error"
         try:
-            return self._planner.plan(job, table, self.cfg.planner.time_budget_s)
+            out = self._planner.plan(job, table, self.cfg.planner.time_budget_s)
+            result = "ok"
+            return out
         except BeyondCapacityError as exc:
+            result = "refused"
             raise RefusedError(str(exc)) from exc
         except PlanningTimeoutError as exc:
+            result = "timeout"
             self.store.log_event("plan_timeout", str(exc))
             raise UnavailableError(str(exc)) from exc
         except PlannerDiedError as exc:
             raise UnavailableError(str(exc)) from exc
+        finally:
+            if self.observer.on_plan is not None:
+                self.observer.on_plan(result)
 
     def _optimistic(self, decide: Callable[[], T], commit: Callable[[T], R]) -> R:
         """``commit(decide())`` where ``decide`` (planning) runs off the lock on a snapshot and

@@ -61,6 +61,7 @@ what happens on the machine):
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -136,6 +137,18 @@ class PartitionKey:
         models = ",".join(f"{m}x{b}" for m, b in self.models)
         suffix = f"#{self.ordinal}" if self.ordinal else ""
         return f"gpu{self.gpu} {self.kind}{place}{share} [{models}]{suffix}"
+
+    @property
+    def short_id(self) -> str:
+        """A short name of the partition, unique on its GPU, for metrics labels: its MIG place
+        or kind, then 6 hex digits of a hash of the whole key (``mps-1a2b3c``,
+        ``3g.40gb@4-9f00e1``, ``3g.40gb@4-mps-77ab10``). Like the key, it stays the same when a
+        re-plan changes only rates (``reweight``) and changes when the worker is replaced."""
+        digest = hashlib.blake2s(repr(self).encode(), digest_size=3).hexdigest()
+        parts = [] if self.mig_start is None else [f"{self.mig_profile}@{self.mig_start}"]
+        if self.kind != "mig":
+            parts.append(self.kind)
+        return "-".join([*parts, digest])
 
 
 def partition_keys(plan: Plan) -> dict[PartitionKey, tuple[GpuPlan, Partition]]:

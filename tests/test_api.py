@@ -144,7 +144,7 @@ def test_kserve_json_and_binary(client: TestClient) -> None:
     metrics = client.get("/metrics").text
     assert 'stgs_inference_request_success_total{model="echo"} 2.0' in metrics
     assert 'stgs_inference_count_total{model="echo"} 4.0' in metrics
-    assert 'stgs_model_planned_rate_rps{model="echo"} 50.0' in metrics
+    assert 'stgs_model_planned_requests_per_second{model="echo"} 50.0' in metrics
     assert "stgs_plan_gpus_used 1.0" in metrics
     # the worker's batch statistics (STATS frames) beside the plan's prediction
     assert 'stgs_partition_planned_batch_seconds{gpu="0"' in metrics

@@ -154,3 +154,51 @@ def test_mps_start_failures(tmp_path: Path) -> None:
 def test_parse_pids() -> None:
     assert parse_pids("12\n 34 \n\nfoo\n") == [12, 34]
     assert parse_pids("") == []
+
+
+def test_usage_reads_gpus_and_mig_instances(tmp_path: Path) -> None:
+    """``usage()`` over a fake NVML: a GPU's utilisation and memory, a MIG instance's memory
+    (its utilisation NOT_SUPPORTED: None), an empty MIG slot and a lost GPU skipped."""
+    import threading
+    from types import SimpleNamespace
+
+    from stgs.backend import DeviceUsage
+    from stgs.catalog import MigPlacement
+
+    gib = 1 << 30
+
+    def memory(h: str) -> SimpleNamespace:
+        if h == "gpu1":
+            raise pynvml.NVMLError_GpuIsLost()
+        return SimpleNamespace(used=3 * gib, total=40 * gib if h == "mig0" else 80 * gib)
+
+    def utilization(h: str) -> SimpleNamespace:
+        if h.startswith("mig"):
+            raise pynvml.NVMLError_NotSupported()
+        return SimpleNamespace(gpu=37, memory=5)
+
+    def mig_handle(h: str, idx: int) -> str:
+        if idx:
+            raise pynvml.NVMLError_NotFound()
+        return f"mig{idx}"
+
+    nv = SimpleNamespace(
+        NVMLError=pynvml.NVMLError,
+        NVML_DEVICE_MIG_ENABLE=1,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
+        nvmlDeviceGetMemoryInfo=memory,
+        nvmlDeviceGetUtilizationRates=utilization,
+        nvmlDeviceGetMigMode=lambda h: (1, 1),
+        nvmlDeviceGetMaxMigDeviceCount=lambda h: 7,
+        nvmlDeviceGetMigDeviceHandleByIndex=mig_handle,
+        nvmlDeviceGetGpuInstanceId=lambda mh: 2,
+    )
+    b = object.__new__(NvmlBackend)
+    b._nv = nv
+    b._lock = threading.RLock()
+    b._gpu_instances = lambda gpu: [(MigPlacement(4, "3g.40gb"), None, 2, None)]  # type: ignore[method-assign]
+    assert b.usage() == [
+        DeviceUsage(DeviceRef(0), None, 3 * gib, 80 * gib, 0.37),
+        DeviceUsage(DeviceRef(0, 4), "3g.40gb", 3 * gib, 40 * gib, None),
+    ]

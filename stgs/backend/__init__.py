@@ -4,12 +4,20 @@
 ``NvmlBackend`` lives in :mod:`stgs.backend.nvml` and imports ``pynvml`` only when built.
 """
 
-from stgs.backend.base import Backend, DeviceRef, GpuInfo, MigDevice, MpsDaemonInfo
+from stgs.backend.base import (
+    Backend,
+    DeviceRef,
+    DeviceUsage,
+    GpuInfo,
+    MigDevice,
+    MpsDaemonInfo,
+)
 from stgs.backend.simulated import FaultKind, SimulatedNode
 
 __all__ = [
     "Backend",
     "DeviceRef",
+    "DeviceUsage",
     "FaultKind",
     "GpuInfo",
     "MigDevice",

@@ -99,6 +99,21 @@ class MpsDaemonInfo:
     pid: int | None
 
 
+@dataclass(frozen=True)
+class DeviceUsage:
+    """Measured use of a GPU (``ref.mig_start`` None) or of a MIG instance, at one read.
+
+    ``utilization``: the share of the driver's last sample period in which a kernel ran on the
+    device (NVML's ``utilization.gpu`` / 100), None where the driver does not measure it (a MIG
+    instance: NVML answers NOT_SUPPORTED there)."""
+
+    ref: DeviceRef
+    mig_profile: str | None
+    memory_used_bytes: int
+    memory_total_bytes: int
+    utilization: float | None
+
+
 class Backend(ABC):
     """One node's GPUs. Write paths raise :class:`~stgs.errors.BackendError` subclasses."""
 
@@ -109,6 +124,11 @@ class Backend(ABC):
     @abstractmethod
     def gpus(self) -> list[GpuInfo]:
         """Every GPU of the node, in index order (read path: tolerates missing values)."""
+
+    def usage(self) -> list[DeviceUsage]:
+        """Measured utilisation and memory of every GPU and MIG instance (read path); empty
+        where nothing is measured (the simulated node: it models no memory or load)."""
+        return []
 
     @abstractmethod
     def sku(self, gpu: int) -> GpuSku:

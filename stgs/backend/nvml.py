@@ -30,7 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stgs.backend.base import Backend, DeviceRef, GpuInfo, MigDevice, MpsDaemonInfo
+from stgs.backend.base import (
+    Backend,
+    DeviceRef,
+    DeviceUsage,
+    GpuInfo,
+    MigDevice,
+    MpsDaemonInfo,
+)
 from stgs.backend.mps import MpsControl
 from stgs.catalog import SKUS, GpuSku, MigPlacement, MigProfile, get_sku
 from stgs.errors import (
@@ -182,6 +189,56 @@ class NvmlBackend(Backend):
                 )
             )
         return out
+
+    def usage(self) -> list[DeviceUsage]:
+        """Per GPU: ``nvmlDeviceGetUtilizationRates`` and ``nvmlDeviceGetMemoryInfo``; per MIG
+        instance (MIG on): its memory, and its utilisation where NVML gives one (it answers
+        NOT_SUPPORTED for MIG devices: None). A GPU or instance that does not answer is left
+        out (read path: never raises)."""
+        nv = self._nv
+        out: list[DeviceUsage] = []
+        with self._lock:
+            try:
+                count = int(nv.nvmlDeviceGetCount())
+            except nv.NVMLError:
+                return out
+            for i in range(count):
+                try:
+                    h = nv.nvmlDeviceGetHandleByIndex(i)
+                except nv.NVMLError:
+                    continue
+                got = _device_usage(nv, h, DeviceRef(i), None)
+                if got is None:
+                    continue
+                out.append(got)
+                try:
+                    mig_on = nv.nvmlDeviceGetMigMode(h)[0] == nv.NVML_DEVICE_MIG_ENABLE
+                except nv.NVMLError:
+                    mig_on = False
+                if mig_on:
+                    out.extend(self._mig_usage(i, h))
+        return out
+
+    def _mig_usage(self, gpu: int, h: Any) -> list[DeviceUsage]:
+        nv = self._nv
+        try:
+            places = {gi_id: pl for pl, _gi, gi_id, _prof in self._gpu_instances(gpu)}
+            n = int(nv.nvmlDeviceGetMaxMigDeviceCount(h))
+        except (nv.NVMLError, BackendError):
+            return []
+        out = []
+        for idx in range(n):
+            try:
+                mh = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, idx)
+                pl = places.get(int(nv.nvmlDeviceGetGpuInstanceId(mh)))
+            except nv.NVMLError:
+                continue  # an empty slot
+            if pl is None:
+                continue
+            got = _device_usage(nv, mh, DeviceRef(gpu, pl.start), pl.profile)
+            if got is not None:
+                out.append(got)
+        return sorted(out, key=lambda u: (u.ref.gpu, u.ref.mig_start or 0))
 
     def _live_profiles(self, gpu: int) -> dict[str, tuple[int, MigProfile]]:
         """name -> (NVML profile id, profile) from NVML's own catalog of this GPU."""
@@ -411,6 +468,22 @@ class NvmlBackend(Backend):
             env.update(self._mps.env(uuid))
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(mps_pct)
         return env
+
+
+def _device_usage(
+    nv: Any, handle: Any, ref: DeviceRef, mig_profile: str | None
+) -> DeviceUsage | None:
+    """One device's memory and utilisation; None when its memory cannot be read."""
+    try:
+        mem = nv.nvmlDeviceGetMemoryInfo(handle)
+    except nv.NVMLError:
+        return None
+    util: float | None
+    try:
+        util = float(nv.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0
+    except nv.NVMLError:
+        util = None  # NOT_SUPPORTED on MIG devices
+    return DeviceUsage(ref, mig_profile, int(mem.used), int(mem.total), util)
 
 
 def _ci_enum(nv: Any, slices: int) -> int:

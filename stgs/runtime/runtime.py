@@ -688,6 +688,7 @@ class Runtime:
         return [
             {
                 "partition": str(k),
+                "id": k.short_id,
                 "state": p.state.value,
                 "pid": p.pid,
                 "restarts": p.restarts,
