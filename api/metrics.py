@@ -59,10 +59,16 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MIB = 1 << 20
 
+
+def _go_float(v: float) -> str:
+    """A sample value as Prometheus's text format writes it."""
+    out: str = floatToGoString(v)  # type: ignore[no-untyped-call]
+    return out
+
 # No ``<counter>_created`` series (a gauge per counter and histogram that dashboards never read
 # and that doubles the series count). Process-wide, like the environment variable
 # PROMETHEUS_DISABLE_CREATED_SERIES.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -343,11 +349,11 @@ class Metrics:
         uuids: dict[int, str] = {}
         try:
             for info in service.backend.gpus():
-                g = str(info.index)
+                gpu = str(info.index)
                 uuids[info.index] = info.uuid
-                self.gpu_mem.labels(g).set(info.memory_mib * MIB)
-                self.gpu_healthy.labels(g).set(1 if info.healthy else 0)
-                self.gpu_mig.labels(g).set(1 if info.mig_enabled else 0)
+                self.gpu_mem.labels(gpu).set(info.memory_mib * MIB)
+                self.gpu_healthy.labels(gpu).set(1 if info.healthy else 0)
+                self.gpu_mig.labels(gpu).set(1 if info.mig_enabled else 0)
         except Exception:
             log.exception("metrics: reading the backend failed")
         gpu_util = GaugeMetricFamily(
@@ -361,11 +367,11 @@ class Metrics:
         )
         try:
             for u in service.backend.usage():
-                g = str(u.ref.gpu)
+                gpu = str(u.ref.gpu)
                 if u.ref.mig_start is None:
-                    self.gpu_used.labels(g).set(u.memory_used_bytes)
+                    self.gpu_used.labels(gpu).set(u.memory_used_bytes)
                     if u.utilization is not None:
-                        self.gpu_util.labels(g).set(u.utilization)
+                        self.gpu_util.labels(gpu).set(u.utilization)
                     uuid = uuids.get(u.ref.gpu, "")
                     if uuid:
                         gpu_total.add_metric([uuid], u.memory_total_bytes)
@@ -373,7 +379,7 @@ class Metrics:
                         if u.utilization is not None:
                             gpu_util.add_metric([uuid], u.utilization)
                     continue
-                ml = (g, str(u.ref.mig_start), u.mig_profile or "")
+                ml = (gpu, str(u.ref.mig_start), u.mig_profile or "")
                 self.mig_used.labels(*ml).set(u.memory_used_bytes)
                 self.mig_total.labels(*ml).set(u.memory_total_bytes)
                 if u.utilization is not None:
@@ -501,9 +507,9 @@ def _exposition(families: Iterable[Metric]) -> bytes:
         for smp in f.samples:
             labels = ",".join(f'{k}="{_escape(v, True)}"' for k, v in smp.labels.items())
             lines.append(
-                f"{smp.name}{{{labels}}} {floatToGoString(smp.value)}"
+                f"{smp.name}{{{labels}}} {_go_float(smp.value)}"
                 if labels
-                else f"{smp.name} {floatToGoString(smp.value)}"
+                else f"{smp.name} {_go_float(smp.value)}"
             )
     return ("\n".join(lines) + "\n").encode()
 

@@ -3,9 +3,9 @@
 # (default .venv/bin/promtool) for the monitoring tests (tests/test_monitoring.py).
 #
 # promtool ships in Debian's `prometheus` package. Installing that package would also install
-# and start a Prometheus server, so the .deb is downloaded (`apt-get download`, no root
-# needed once the package lists are there) and only usr/bin/promtool is extracted from it. As
-# root, with no package lists yet (a fresh CI machine), `apt-get update` runs first.
+# and start a Prometheus server, so the .deb is downloaded (`apt-get download`) and only
+# usr/bin/promtool is extracted from it. With no package lists for it (a fresh CI machine),
+# `apt-get update` fills lists of our own in a temporary directory first: no root needed.
 # A promtool already on PATH is used as it is. Never fails: without promtool the tests that need
 # it skip, saying why (unless STGS_REQUIRE_PROMTOOL=1, as .ci/run sets).
 set -uo pipefail
@@ -15,19 +15,23 @@ if command -v promtool >/dev/null 2>&1 || [ -x "$dest" ]; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-download() { (cd "$tmp" && apt-get download prometheus >"$tmp/apt.log" 2>&1); }
+# package lists of our own (no root needed, the system's lists untouched): apt-get update into
+# them when the system has none for the package
+own=(-o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache" -o Debug::NoLocking=1)
+download() { (cd "$tmp" && apt-get "$@" download prometheus >"$tmp/apt.log" 2>&1); }
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "install_promtool: no apt-get here: the promtool tests will skip" >&2
     exit 0
 fi
-if ! download && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq >"$tmp/update.log" 2>&1
-    download
+if ! download; then
+    mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
+    apt-get "${own[@]}" update -qq >"$tmp/update.log" 2>&1
+    download "${own[@]}"
 fi
 deb=$(ls "$tmp"/prometheus_*.deb 2>/dev/null | head -n 1)
 if [ -z "$deb" ]; then
-    echo "install_promtool: could not download Debian's prometheus package (not root, or no" \
-        "package lists): the promtool tests will skip" >&2
+    echo "install_promtool: could not download Debian's prometheus package: the promtool" \
+        "tests will skip" >&2
     tail -n 3 "$tmp/apt.log" >&2
     exit 0
 fi
