@@ -65,6 +65,7 @@ def _go_float(v: float) -> str:
     out: str = floatToGoString(v)  # type: ignore[no-untyped-call]
     return out
 
+
 # No ``<counter>_created`` series (a gauge per counter and histogram that dashboards never read
 # and that doubles the series count). Process-wide, like the environment variable
 # PROMETHEUS_DISABLE_CREATED_SERIES.
