@@ -829,27 +829,37 @@ def onnx_session(entry: ModelEntry, device: str = "cpu", threads: int = 0) -> An
 
 
 def onnx_module(entry: ModelEntry, device: str = "cpu") -> torch.nn.Module:
-    """The ONNX model as a torch module: ``forward(x)`` runs the session on the first input
-    (numpy across the boundary) and returns the first output on ``x``'s device."""
+    """The ONNX model as a torch module: ``forward(*xs)`` runs the session on the entry's inputs
+    in order (numpy across the boundary) and returns its output on the first input's device
+    (a tuple of every output for a graph of several)."""
     import torch
 
     threads = torch.get_num_threads() if not device.startswith("cuda") else 0
     sess = onnx_session(entry, device, threads)
     first = sess.get_inputs()[0]
-    in_name = first.name
+    in_names = [i.name for i in sess.get_inputs()]
     per_row = isinstance(first.shape[0], int)  # a fixed batch of 1: one run per sample
-    in_dtype = entry.inputs[0].dtype or "float32"
-    out_name = sess.get_outputs()[0].name
+    in_dtypes = [t.dtype or "float32" for t in entry.inputs]
+    out_names = [o.name for o in sess.get_outputs()]
 
     class OnnxModule(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            arr = x.detach().cpu().numpy().astype(in_dtype, copy=False)
+        def forward(self, *xs: torch.Tensor) -> Any:
+            arrs = [
+                x.detach().cpu().numpy().astype(d, copy=False)
+                for x, d in zip(xs, in_dtypes, strict=True)
+            ]
+            feeds = dict(zip(in_names, arrs, strict=True))
             if per_row:
-                rows = [sess.run([out_name], {in_name: arr[k : k + 1]})[0] for k in range(len(arr))]
-                out = np.concatenate(rows)
+                runs = [
+                    sess.run(out_names, {k: v[r : r + 1] for k, v in feeds.items()})
+                    for r in range(len(arrs[0]))
+                ]
+                outs = [np.concatenate([run[j] for run in runs]) for j in range(len(out_names))]
             else:
-                (out,) = sess.run([out_name], {in_name: arr})
-            return torch.from_numpy(np.ascontiguousarray(out)).to(x.device)
+                outs = list(sess.run(out_names, feeds))
+            dev = xs[0].device
+            got = [torch.from_numpy(np.ascontiguousarray(o)).to(dev) for o in outs]
+            return got[0] if len(got) == 1 else tuple(got)
 
     return OnnxModule().eval()
 
