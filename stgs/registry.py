@@ -1,9 +1,7 @@
 """The model registry: every model stgs profiles, plans for and serves, defined once.
 
 A :class:`ModelEntry` says what a model takes and returns (its input and output tensors, each
-with a name, a dtype and one sample's shape, Triton style: several of each can be described;
-the serving transport passes one array today, so a served model uses its first input and
-first output) and where it comes from (``kind``, ``target``); :func:`build_module` builds it.
+with a name, a dtype and one sample's shape, Triton style: several of each, all served) and where it comes from (``kind``, ``target``); :func:`build_module` builds it.
 The profiler (``profiler/models.py``), the runtime's workers (``stgs/runtime/models.py``), the
 API (registration, KServe metadata), the simulator (:func:`sample_bytes`) and the benchmarks
 (``model_entry(name).example()``) all read it here, so that the network a profile measured is
