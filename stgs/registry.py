@@ -1,9 +1,10 @@
 """The model registry: every model stgs profiles, plans for and serves, defined once.
 
 A :class:`ModelEntry` says what a model takes and returns (its input and output tensors, each
-with a name, a dtype and one sample's shape, Triton style: several of each, all served) and where it comes from (``kind``, ``target``); :func:`build_module` builds it.
-The profiler (``profiler/models.py``), the runtime's workers (``stgs/runtime/models.py``), the
-API (registration, KServe metadata), the simulator (:func:`sample_bytes`) and the benchmarks
+with a name, a dtype and one sample's shape, Triton style: several of each, all served) and
+where it comes from (``kind``, ``target``); :func:`build_module` builds it. The profiler
+(``profiler/models.py``), the runtime's workers (``stgs/runtime/models.py``), the API
+(registration, KServe metadata), the simulator (:func:`sample_bytes`) and the benchmarks
 (``model_entry(name).example()``) all read it here, so that the network a profile measured is
 the network a worker serves.
 
@@ -62,6 +63,7 @@ import importlib
 import importlib.util
 import json
 import math
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -529,6 +531,19 @@ def check_export(path: Path) -> None:
                         _weights_only(z.read(member), path.name, member)
 
 
+_EXPORT_LOAD = threading.Lock()
+
+
+def export_load(path: Path) -> Any:
+    """``torch.export.load``, one call at a time in this process: it sets a module-global
+    deserializer and fails ("_CURRENT_DESERIALIZER is already set") when two threads load at
+    once (the daemon inspects a file in a request thread while its profiler loads it)."""
+    import torch
+
+    with _EXPORT_LOAD:
+        return torch.export.load(str(path))
+
+
 def _np_dtype_of_torch(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -537,7 +552,7 @@ def _export_tensors(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpe
     import torch
 
     check_export(path)
-    ep = torch.export.load(str(path))
+    ep = export_load(path)
     user_inputs = list(ep.graph_signature.user_inputs)
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
 
@@ -759,7 +774,7 @@ def build_module(model: ModelEntry | str, device: str = "cpu") -> torch.nn.Modul
         return loaded
     if entry.kind == "export":
         check_export(path)
-        loaded = _file_load(path, lambda: torch.export.load(str(path)).module())
+        loaded = _file_load(path, lambda: export_load(path).module())
         return loaded
     if entry.kind == "onnx":
         loaded = _file_load(path, lambda: onnx_module(entry, device))
