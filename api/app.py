@@ -102,8 +102,14 @@ class ModelIn(_In):
     inputs: list[TensorSpec] = Field(
         default_factory=list,
         max_length=8,
-        description="the model's inputs (a TorchScript file needs them; other files and the"
-        " built-ins describe their own, which these must match); served models take one",
+        description="the model's inputs (a TorchScript file needs them, in its argument order;"
+        " other files and the built-ins describe their own, which these must match)",
+    )
+    outputs: list[TensorSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="a TorchScript file's outputs, in the order its module returns them"
+        " (default: one, 'output', FP32); other models describe their own",
     )
 
 
@@ -360,6 +366,8 @@ def create_app(
         request again answers 200 with the stored registration (a retry after a lost reply); a
         different one for a registered name, 409."""
         spec = model.model_dump()
+        if not spec["outputs"]:  # the registrations of before: the same stored spec
+            del spec["outputs"]
         spec["source"] = spec["source"] or f"builtin:{model.name}"
         if spec["source"].startswith("repository:"):
             if spec["source"] != f"repository:{model.name}" or spec["inputs"]:

@@ -24,7 +24,7 @@ Control channel (the inherited Unix socket ``--control-fd``; newline-delimited J
 
 When the control channel closes (the daemon is gone) the frontend exits.
 
-Why the frontend answers 429 itself (deadline-aware admission, :meth:`Router.infer_array`): a
+Why the frontend answers 429 itself (deadline-aware admission, :meth:`Router.infer_arrays`): a
 request that no partition can serve by its deadline (already late, or the partition's queue on
 this connection times its measured per-request service time exceeds the time left) costs the
 worker nothing and the client gets its answer at once instead of at the deadline. In flight per
@@ -56,11 +56,14 @@ from api.inference import (
     InferenceStats,
     InferError,
     ModelIO,
+    answer_outputs,
     await_answers,
     counted,
     dumps,
     encode_infer,
     parse_infer,
+    rows_of,
+    stack_rows,
     status_of,
     token_required,
 )
@@ -137,33 +140,33 @@ class Router:
     def model_ready(self, model: str) -> bool:
         return any(model in p.slots and not p.conn.closed for p in self.partitions.values())
 
-    async def infer_array(
-        self, model: str, array: np.ndarray, arrival_ns: int | None
-    ) -> np.ndarray:
+    async def infer_arrays(
+        self, model: str, arrays: tuple[np.ndarray, ...], arrival_ns: int | None
+    ) -> tuple[np.ndarray, ...]:
         """Route the batch (one request per row, as Service does), answer by the deadline plus
         ``api.inference.ANSWER_GRACE_S``; count the outcome against the SLO from ``arrival_ns``."""
         t0 = time.monotonic_ns() if arrival_ns is None else arrival_ns
         m = self.models.get(model)
         slo_ms = m.slo_ms if m is not None else None
-        n = len(array)
+        n = len(arrays[0])
         return await counted(
-            self._serve(model, array, t0, slo_ms),
+            self._serve(model, arrays, t0, slo_ms),
             t0,
             slo_ms,
             lambda secs, met, kind: self.stats.record(model, n, secs, met, kind),
         )
 
     async def _serve(
-        self, model: str, array: np.ndarray, t0_ns: int, slo_ms: float | None
-    ) -> np.ndarray:
+        self, model: str, arrays: tuple[np.ndarray, ...], t0_ns: int, slo_ms: float | None
+    ) -> tuple[np.ndarray, ...]:
         now = time.monotonic_ns()
         deadline_ns = 0 if slo_ms is None else t0_ns + int(slo_ms * 1e6)
-        n = len(array)
+        n = len(arrays[0])
         p = self._choose(model, n, now, deadline_ns)
         conn = p.conn
         slot = p.slots[model]
         ahead = conn.in_flight
-        futs = [conn.submit(slot, row, deadline_ns) for row in array]
+        futs = [conn.submit(slot, row, deadline_ns) for row in rows_of(arrays)]
         try:
             await await_answers(model, futs, now, deadline_ns)
         finally:
@@ -176,7 +179,7 @@ class Router:
         sample_s = (time.monotonic_ns() - now) / 1e9 / p.rounds(model, ahead + n)
         est = p.service_s.get(model, 0.0)
         p.service_s[model] = sample_s if est <= 0 else est + EWMA_ALPHA * (sample_s - est)
-        return np.stack(outs)
+        return stack_rows(outs)
 
     def _choose(self, model: str, n: int, now_ns: int, deadline_ns: int) -> _Partition:
         """The least loaded partition ((in flight + 1) / planned rate) that can meet the
@@ -442,21 +445,15 @@ class FrontendApp:
         try:
             io = r.model_io(model, version)
             call = parse_infer(body, header_len, io)
-            out = await r.infer_array(model, call.array, arrival_ns)
+            result = await r.infer_arrays(model, call.arrays, arrival_ns)
+            answer = answer_outputs(io, call, result)
         except InferError as exc:
             await _error(send, exc.status, exc.message)
             return
         except StgsError as exc:
             await _error(send, status_of(exc), str(exc))
             return
-        content, headers = encode_infer(
-            model,
-            call.request_id,
-            out,
-            call.binary,
-            output_name=io.output_name,
-            version=io.version,
-        )
+        content, headers = encode_infer(model, call.request_id, answer, version=io.version)
         await _answer(send, 200, content, headers)
 
     async def _proxy_request(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -214,27 +214,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def _infer(self, req: Any, arrival_ns: int) -> Any:
         io = self.svc.model_io(req.model_name, req.model_version)
-        if len(req.inputs) != 1:
+        if len(req.inputs) > 1 and len(io.inputs) == 1:
             raise InferError(400, f"model {io.name!r} takes one input, {io.input_name!r}")
-        for o in req.outputs:
-            inference.check_output(io, o.name)
-        arr = _decode(io, req)
-        out = await self.svc.infer_array(io.name, arr, arrival_ns)
-        if out.dtype.name not in inference.KSERVE_OF:
-            out = out.astype(np.float32)
-        raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
+        for inp in req.inputs:
+            io.input_index(inp.name)
+        # binary_data is an HTTP notion: gRPC answers every output in raw_output_contents
+        selected = inference.select_outputs(io, [(o.name, True) for o in req.outputs], True)
+        if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
+            raise InferError(
+                400,
+                f"{len(req.raw_input_contents)} raw_input_contents for {len(req.inputs)} inputs"
+                " (one per input, in order, or none)",
+            )
+        named = [
+            (
+                inp.name,
+                _decode(io, inp, req.raw_input_contents[k] if req.raw_input_contents else None),
+            )
+            for k, inp in enumerate(req.inputs)
+        ]
+        arrays = inference.order_inputs(io, named)
+        result = inference.outputs_of(io, await self.svc.infer_arrays(io.name, arrays, arrival_ns))
+        tensors = []
+        raws = []
+        for k, _ in selected:
+            out = result[k]
+            if out.dtype.name not in inference.KSERVE_OF:
+                out = out.astype(np.float32)
+            raws.append(np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes())
+            tensors.append(
+                pb.ModelInferResponse.InferOutputTensor(
+                    name=io.outputs[k].name,
+                    datatype=inference.KSERVE_OF[out.dtype.name],
+                    shape=list(out.shape),
+                )
+            )
         return pb.ModelInferResponse(
             model_name=io.name,
             model_version=io.version,
             id=req.id,
-            outputs=[
-                pb.ModelInferResponse.InferOutputTensor(
-                    name=io.output_name,
-                    datatype=inference.KSERVE_OF[out.dtype.name],
-                    shape=list(out.shape),
-                )
-            ],
-            raw_output_contents=[raw],
+            outputs=tensors,
+            raw_output_contents=raws,
         )
 
 
@@ -283,15 +303,14 @@ class ControlClient:
         await self._client.aclose()
 
 
-def _decode(io: ModelIO, req: Any) -> np.ndarray:
-    """The request's one input as an array [batch, *sample]; InferError(400) if malformed."""
-    inp = req.inputs[0]
+def _decode(io: ModelIO, inp: Any, raw: bytes | None) -> np.ndarray:
+    """One input as an array [batch, *sample] (``raw``: its raw_input_contents, None when the
+    request has none); InferError(400) if malformed."""
     shape = [int(d) for d in inp.shape]
     np_dtype, count = inference.check_input(io, inp.name, inp.datatype, shape)
-    if req.raw_input_contents:
-        if len(req.raw_input_contents) != 1 or inp.HasField("contents"):
+    if raw is not None:
+        if inp.HasField("contents"):
             raise InferError(400, f"input {inp.name!r}: raw_input_contents and contents disagree")
-        raw = req.raw_input_contents[0]
         need = count * np.dtype(np_dtype).itemsize
         if len(raw) != need:
             raise InferError(

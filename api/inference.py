@@ -131,20 +131,85 @@ def status_of(exc: StgsError) -> int:
 
 
 @dataclass(frozen=True)
-class ModelIO:
-    """A served model's tensors: one input (batch first), one output (``output``, or its
-    repository config's name); the served version(s) and the largest batch a request carries."""
+class TensorIO:
+    """One input or output of a served model: ``dtype`` a numpy dtype name ("" : any; FP32 in
+    the metadata), ``shape`` one sample's (None: any)."""
 
     name: str
-    input_name: str
-    dtype: str  # numpy dtype name of the input; "" when any
-    shape: tuple[int, ...] | None  # one sample's shape; None when any
-    output_name: str = OUTPUT_NAME
-    output_dtype: str = ""  # "" : FP32 in the metadata (what the workers return)
-    output_shape: tuple[int, ...] | None = None
+    dtype: str = ""
+    shape: tuple[int, ...] | None = None
+
+    def metadata(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "datatype": KSERVE_OF.get(self.dtype, "FP32") if self.dtype else "FP32",
+            "shape": [-1, *(self.shape if self.shape is not None else [-1])],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": None if self.shape is None else list(self.shape),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], default_name: str) -> TensorIO:
+        shape = d.get("shape")
+        return cls(
+            str(d.get("name") or default_name),
+            str(d.get("dtype") or ""),
+            None if shape is None else tuple(int(x) for x in shape),
+        )
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """A served model's tensors: its inputs (batch first, in the order the workers take them)
+    and outputs (in the order they return them; ``output`` for a model of one whose name is not
+    its own), the served version(s) and the largest batch a request carries."""
+
+    name: str
+    inputs: tuple[TensorIO, ...]
+    outputs: tuple[TensorIO, ...] = (TensorIO(OUTPUT_NAME),)
     versions: tuple[str, ...] = ("1",)
     max_batch: int = MAX_BATCH
     platform: str = "stgs"
+
+    # the first input and output (a model of one of each: its only ones)
+    @property
+    def input_name(self) -> str:
+        return self.inputs[0].name
+
+    @property
+    def dtype(self) -> str:
+        return self.inputs[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return self.inputs[0].shape
+
+    @property
+    def output_name(self) -> str:
+        return self.outputs[0].name
+
+    def input_index(self, name: str) -> int:
+        """The position of the input ``name``; InferError(400) naming the model's inputs."""
+        for k, t in enumerate(self.inputs):
+            if t.name == name:
+                return k
+        raise InferError(400, f"unknown input {name!r}; model {self.name!r} takes {self._ins()}")
+
+    def output_index(self, name: str) -> int:
+        """The position of the output ``name``; InferError(400) naming the model's outputs."""
+        for k, t in enumerate(self.outputs):
+            if t.name == name:
+                return k
+        outs = ", ".join(repr(t.name) for t in self.outputs)
+        raise InferError(400, f"unknown output {name!r}; the model has {outs}")
+
+    def _ins(self) -> str:
+        return ", ".join(repr(t.name) for t in self.inputs)
 
     @property
     def version(self) -> str:
@@ -166,33 +231,15 @@ class ModelIO:
             "name": self.name,
             "versions": list(self.versions),
             "platform": self.platform,
-            "inputs": [
-                {
-                    "name": self.input_name,
-                    "datatype": KSERVE_OF.get(self.dtype, "FP32") if self.dtype else "FP32",
-                    "shape": [-1, *(self.shape or [-1])],
-                }
-            ],
-            "outputs": [
-                {
-                    "name": self.output_name,
-                    "datatype": KSERVE_OF.get(self.output_dtype, "FP32"),
-                    "shape": [-1, *(self.output_shape or [-1])],
-                }
-            ],
+            "inputs": [t.metadata() for t in self.inputs],
+            "outputs": [t.metadata() for t in self.outputs],
         }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (the data plane's routing snapshots); :meth:`from_dict` reads it back."""
         return {
-            "name": self.input_name,
-            "dtype": self.dtype,
-            "shape": None if self.shape is None else list(self.shape),
-            "output": {
-                "name": self.output_name,
-                "dtype": self.output_dtype,
-                "shape": None if self.output_shape is None else list(self.output_shape),
-            },
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
             "versions": list(self.versions),
             "max_batch": self.max_batch,
             "platform": self.platform,
@@ -200,22 +247,25 @@ class ModelIO:
 
     @classmethod
     def from_dict(cls, model: str, d: Mapping[str, Any]) -> ModelIO:
-        def shape(v: Any) -> tuple[int, ...] | None:
-            return None if v is None else tuple(int(x) for x in v)
-
-        out = d.get("output") or {}
+        """Also reads the form of one input (``name``, ``dtype``, ``shape``, ``output``)."""
+        if "inputs" in d:
+            ins = tuple(TensorIO.from_dict(t, "input") for t in d["inputs"])
+            outs = tuple(TensorIO.from_dict(t, OUTPUT_NAME) for t in d.get("outputs") or ())
+        else:
+            ins = (TensorIO.from_dict(d, "input"),)
+            outs = (TensorIO.from_dict(d.get("output") or {}, OUTPUT_NAME),)
         return cls(
             model,
-            str(d.get("name") or "input"),
-            str(d.get("dtype") or ""),
-            shape(d.get("shape")),
-            output_name=str(out.get("name") or OUTPUT_NAME),
-            output_dtype=str(out.get("dtype") or ""),
-            output_shape=shape(out.get("shape")),
+            ins or (TensorIO("input"),),
+            outs or (TensorIO(OUTPUT_NAME),),
             versions=tuple(str(v) for v in d.get("versions") or ("1",)),
             max_batch=int(d.get("max_batch") or MAX_BATCH),
             platform=str(d.get("platform") or "stgs"),
         )
+
+
+def _io_of(t: Any) -> TensorIO:
+    return TensorIO(t.name, t.dtype, t.shape)
 
 
 def model_io(svc: Service, model: str, version: str = "") -> ModelIO:
@@ -229,55 +279,130 @@ def model_io(svc: Service, model: str, version: str = "") -> ModelIO:
         raise InferError(404, str(exc)) from None
     source = str(rec.spec.get("source") or "")
     if source.startswith("repository:"):  # its config's names, version and batch
-        out = entry.outputs[0]
         io = ModelIO(
             model,
-            entry.inputs[0].name,
-            entry.input_dtype,
-            entry.input_shape,
-            output_name=out.name,
-            output_dtype=out.dtype,
-            output_shape=out.shape,
+            tuple(_io_of(t) for t in entry.inputs),
+            tuple(_io_of(t) for t in entry.outputs),
             versions=(source.rsplit("/", 1)[-1],),
             max_batch=min(MAX_BATCH, int(rec.spec.get("max_batch_size") or MAX_BATCH)),
             platform="onnxruntime_onnx" if entry.kind == "onnx" else "pytorch_libtorch",
         )
         io.check_version(version)
         return io
-    inputs = rec.spec.get("inputs") or []
-    # a file: its own input name (TorchScript: the registration's)
-    default = entry.inputs[0].name if entry.is_file else "input"
-    name = default if entry.is_file or not inputs else inputs[0]["name"]
-    io = ModelIO(model, name, entry.input_dtype, entry.input_shape)
+    given = rec.spec.get("inputs") or []
+    if entry.is_file:  # a file: its own input names (TorchScript: the registration's)
+        ins = tuple(_io_of(t) for t in entry.inputs)
+    else:  # a built-in: "input", or the registration's name
+        first = entry.inputs[0]
+        ins = (TensorIO(str(given[0]["name"]) if given else "input", first.dtype, first.shape),)
+    # a model of one output answers "output" (FP32 in the metadata), unless its registration
+    # names its outputs; several outputs: their own names, dtypes and shapes
+    if rec.spec.get("outputs") or len(entry.outputs) > 1:
+        outs = tuple(_io_of(t) for t in entry.outputs)
+    else:
+        outs = (TensorIO(OUTPUT_NAME),)
+    io = ModelIO(model, ins, outs)
     io.check_version(version)
     return io
 
 
 def check_input(io: ModelIO, name: str, datatype: str, shape: list[int]) -> tuple[str, int]:
-    """Check one input's name, datatype and shape against the model; returns its numpy dtype
-    and element count. InferError(400) says what is wrong."""
-    if name != io.input_name:
-        raise InferError(400, f"unknown input {name!r}; model {io.name!r} takes {io.input_name!r}")
+    """Check one input's name, datatype and shape against the model's input of that name;
+    returns its numpy dtype and element count. InferError(400) says what is wrong."""
+    spec = io.inputs[io.input_index(name)]
     if datatype not in DTYPES:
         raise InferError(400, f"input {name!r}: datatype {datatype} is not supported")
     np_dtype = DTYPES[datatype]
-    if io.dtype and np_dtype != io.dtype:
+    if spec.dtype and np_dtype != spec.dtype:
         raise InferError(
             400,
-            f"input {name!r}: datatype {datatype}, the model takes {KSERVE_OF.get(io.dtype)}",
+            f"input {name!r}: datatype {datatype}, the model takes {KSERVE_OF.get(spec.dtype)}",
         )
     if not shape or any(d < 0 for d in shape) or shape[0] < 1:
         raise InferError(400, f"input {name!r}: shape {shape}: [batch >= 1, ...] expected")
     if shape[0] > io.max_batch:
         what = "max_batch_size" if io.max_batch < MAX_BATCH else "the largest batch"
         raise InferError(400, f"input {name!r}: batch {shape[0]} > {io.max_batch} ({what})")
-    if io.shape is not None and tuple(shape[1:]) != io.shape:
-        want = ", ".join(str(d) for d in io.shape)
+    if spec.shape is not None and tuple(shape[1:]) != spec.shape:
+        want = ", ".join(str(d) for d in spec.shape)
         raise InferError(400, f"input {name!r}: shape {shape}, the model takes [-1, {want}]")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise InferError(400, f"input {name!r}: shape {shape} is too large")
     return np_dtype, count
+
+
+def order_inputs(io: ModelIO, named: Sequence[tuple[str, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """A request's decoded inputs (each already checked by :func:`check_input`), in the
+    model's order; InferError(400) for a missing or repeated input, or batches that differ."""
+    got: list[np.ndarray | None] = [None] * len(io.inputs)
+    for name, arr in named:
+        k = io.input_index(name)
+        if got[k] is not None:
+            raise InferError(400, f"input {name!r} is given twice")
+        got[k] = arr
+    missing = [t.name for t, a in zip(io.inputs, got, strict=True) if a is None]
+    if missing:
+        raise InferError(
+            400,
+            f"missing input {', '.join(repr(m) for m in missing)}; model {io.name!r} takes"
+            f" {io._ins()}",
+        )
+    arrays = tuple(a for a in got if a is not None)
+    for t, a in zip(io.inputs[1:], arrays[1:], strict=True):
+        if len(a) != len(arrays[0]):
+            raise InferError(
+                400,
+                f"input {t.name!r}: batch {len(a)}, input {io.inputs[0].name!r} has"
+                f" {len(arrays[0])} (every input carries the same batch)",
+            )
+    return arrays
+
+
+def select_outputs(
+    io: ModelIO, requested: Sequence[tuple[str, bool | None]], default_binary: bool
+) -> tuple[tuple[int, bool], ...]:
+    """The outputs to answer as ``(index in io.outputs, binary)``: those requested (a None
+    binary takes ``default_binary``), or every output; InferError(400) for an unknown or
+    repeated name."""
+    if not requested:
+        return tuple((k, default_binary) for k in range(len(io.outputs)))
+    out: list[tuple[int, bool]] = []
+    seen: set[int] = set()
+    for name, binary in requested:
+        k = io.output_index(name)
+        if k in seen:
+            raise InferError(400, f"output {name!r} is requested twice")
+        seen.add(k)
+        out.append((k, default_binary if binary is None else binary))
+    return tuple(out)
+
+
+def rows_of(arrays: Sequence[np.ndarray]) -> list[Any]:
+    """A batch's requests to the workers, one per row: an array for a model of one input, a
+    tuple of arrays (one per input) for several."""
+    if len(arrays) == 1:
+        return list(arrays[0])
+    return list(zip(*arrays, strict=True))
+
+
+def stack_rows(outs: Sequence[Any]) -> tuple[np.ndarray, ...]:
+    """The workers' answers, one per row (an array, or a tuple of one per output), as the
+    batch's outputs, each stacked."""
+    if outs and isinstance(outs[0], tuple):
+        return tuple(np.stack(col) for col in zip(*outs, strict=True))
+    return (np.stack([np.asarray(o) for o in outs]),)
+
+
+def outputs_of(io: ModelIO, result: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """The batch's outputs in the model's order; InferError(500) when the model returned fewer
+    than it declares."""
+    if len(result) < len(io.outputs):
+        raise InferError(
+            500,
+            f"model {io.name!r} returned {len(result)} output(s), it declares {len(io.outputs)}",
+        )
+    return result
 
 
 def check_finite(name: str, arr: np.ndarray) -> None:
@@ -301,11 +426,12 @@ class InferenceBackend(Protocol):
     def model_ready(self, model: str) -> bool:
         """Some ready worker serves the model."""
 
-    async def infer_array(
-        self, model: str, array: np.ndarray, arrival_ns: int | None
-    ) -> np.ndarray:
-        """The batch ``array`` through the model, its outputs stacked; ServingError on failure,
-        the SLO counted from ``arrival_ns`` (default: now)."""
+    async def infer_arrays(
+        self, model: str, arrays: tuple[np.ndarray, ...], arrival_ns: int | None
+    ) -> tuple[np.ndarray, ...]:
+        """The batch through the model: ``arrays`` its inputs in the model's order (batch
+        first, one request per row), the result its outputs in the model's order, each
+        stacked; ServingError on failure, the SLO counted from ``arrival_ns`` (default: now)."""
 
 
 async def await_answers(
@@ -388,11 +514,17 @@ def dumps(obj: object) -> bytes:
 
 @dataclass(frozen=True)
 class InferCall:
-    """A parsed infer request: its input batch, its id, whether outputs go back as binary."""
+    """A parsed infer request: its inputs in the model's order (each batch first), its id, and
+    the outputs to answer: ``(index in the model's outputs, binary)``, in answer order."""
 
-    array: np.ndarray
+    arrays: tuple[np.ndarray, ...]
     request_id: str | None
-    binary: bool
+    outputs: tuple[tuple[int, bool], ...]
+
+    @property
+    def array(self) -> np.ndarray:
+        """The first input (a model of one input: its only one)."""
+        return self.arrays[0]
 
 
 def _bad(message: str) -> InferError:
@@ -467,32 +599,33 @@ def parse_infer(body: bytes, header_len: str | None, io: ModelIO) -> InferCall:
         if inp.get("data") is not None and not isinstance(inp["data"], list):
             raise _bad(f"inputs.{k}.data: a list expected")
     binary = bool(params.get("binary_data_output"))
+    requested: list[tuple[str, bool | None]] = []
     for k, out in enumerate(outputs or []):
         if not isinstance(out, dict):
             raise _bad(f"outputs.{k}: an object expected")
-        _name(out.get("name"), f"outputs.{k}.name")
-    if outputs:
-        binary = any(
-            bool(_opt_dict(o.get("parameters"), f"outputs.{k}.parameters").get("binary_data"))
-            for k, o in enumerate(outputs)
-        )
-    if len(inputs) != 1:
+        name = _name(out.get("name"), f"outputs.{k}.name")
+        flag = _opt_dict(out.get("parameters"), f"outputs.{k}.parameters").get("binary_data")
+        requested.append((name, None if flag is None else bool(flag)))
+    if len(inputs) > len(io.inputs) and len(io.inputs) == 1:
         raise InferError(400, f"model {io.name!r} takes one input, {io.input_name!r}")
-    inp = inputs[0]
-    if inp["name"] != io.input_name:
-        raise InferError(400, f"unknown input {inp['name']!r}; the model takes {io.input_name!r}")
-    for o in outputs or []:
-        check_output(io, o["name"])
-    return InferCall(_decode(io, inp, tail), request_id, binary)
+    for inp in inputs:
+        io.input_index(inp["name"])
+    selected = select_outputs(io, requested, binary)
+    named: list[tuple[str, np.ndarray]] = []
+    offset = 0  # binary inputs take the tail in the order they are listed
+    for inp in inputs:
+        arr, offset = _decode(io, inp, tail, offset)
+        named.append((inp["name"], arr))
+    return InferCall(order_inputs(io, named), request_id, selected)
 
 
 def check_output(io: ModelIO, name: str) -> None:
     """A requested output must be the model's; InferError(400) otherwise."""
-    if name != io.output_name:
-        raise InferError(400, f"unknown output {name!r}; the model has {io.output_name!r}")
+    io.output_index(name)
 
 
-def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes) -> np.ndarray:
+def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes, offset: int) -> tuple[np.ndarray, int]:
+    """One input as an array [batch, *sample], and where the tail's next binary input starts."""
     name, datatype = inp["name"], inp["datatype"]
     shape = [int(whole(d)) for d in inp["shape"]]  # type: ignore[call-overload]
     np_dtype, count = check_input(io, name, datatype, shape)
@@ -510,10 +643,11 @@ def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes) -> np.ndarray:
                 f"input {name!r}: binary_data_size {size}, shape {shape} of "
                 f"{datatype} needs {count * itemsize} bytes",
             )
-        if size > len(tail):
+        if offset + size > len(tail):
             raise InferError(400, f"input {name!r}: the body ends before its binary data")
         le = np.dtype(np_dtype).newbyteorder("<")
-        arr = np.frombuffer(tail[:size], dtype=le).astype(np_dtype)
+        arr = np.frombuffer(tail, dtype=le, count=count, offset=offset).astype(np_dtype)
+        offset += size
     else:
         if data is None:
             raise InferError(400, f"input {name!r}: no data and no binary_data_size")
@@ -526,38 +660,55 @@ def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes) -> np.ndarray:
                 400, f"input {name!r}: {arr.size} values for shape {shape} ({count} needed)"
             )
     check_finite(name, arr)
-    return arr.reshape(shape)
+    return arr.reshape(shape), offset
 
 
 def encode_infer(
     model: str,
     request_id: str | None,
-    out: np.ndarray,
-    binary: bool,
+    outputs: Sequence[tuple[str, np.ndarray, bool]],
     *,
-    output_name: str = OUTPUT_NAME,
     version: str = "1",
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """An infer response's body and headers (JSON, or the JSON header then the raw tensor)."""
-    datatype = KSERVE_OF.get(str(out.dtype))
-    if datatype is None:
-        out = out.astype(np.float32)
-        datatype = "FP32"
-    entry: dict[str, Any] = {"name": output_name, "datatype": datatype, "shape": list(out.shape)}
-    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": [entry]}
+    """An infer response's body and headers: ``outputs`` ``(name, array, binary)`` in answer
+    order; JSON, or (some output binary) the JSON header then the binary outputs' raw bytes in
+    that order."""
+    entries: list[dict[str, Any]] = []
+    raws: list[bytes] = []
+    for name, arr, binary in outputs:
+        out = arr
+        datatype = KSERVE_OF.get(str(out.dtype))
+        if datatype is None:
+            out = out.astype(np.float32)
+            datatype = "FP32"
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(out.shape)}
+        if binary:
+            raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            raws.append(raw)
+        else:
+            entry["data"] = out.ravel().tolist()
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request_id is not None:
         body["id"] = request_id
-    if not binary:
-        entry["data"] = out.ravel().tolist()
+    if not raws:
         return _dumps(body), [(b"content-type", b"application/json")]
-    raw = np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes()
-    entry["parameters"] = {"binary_data_size": len(raw)}
     head = _dumps(body)
     headers = [
         (b"content-type", b"application/octet-stream"),
         (HEADER.lower().encode(), str(len(head)).encode()),
     ]
-    return head + raw, headers
+    return b"".join((head, *raws)), headers
+
+
+def answer_outputs(
+    io: ModelIO, call: InferCall, result: Sequence[np.ndarray]
+) -> list[tuple[str, np.ndarray, bool]]:
+    """The outputs ``call`` asked for, from the batch's ``result`` (the model's order), as
+    :func:`encode_infer` takes them."""
+    outs = outputs_of(io, result)
+    return [(io.outputs[k].name, outs[k], binary) for k, binary in call.outputs]
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

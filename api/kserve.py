@@ -36,6 +36,7 @@ from api.inference import (
     OUTPUT_NAME,
     InferError,
     ModelIO,
+    answer_outputs,
     encode_infer,
     model_io,
     parse_infer,
@@ -228,14 +229,9 @@ def router() -> APIRouter:
             io = _io(request, model, version)
             call = parse_infer(body, request.headers.get(HEADER), io)
             arrival_ns = getattr(request.state, "arrival_ns", None)
-            out = await svc(request).infer_array(model, call.array, arrival_ns)
+            result = await svc(request).infer_arrays(model, call.arrays, arrival_ns)
             content, headers = encode_infer(
-                model,
-                call.request_id,
-                out,
-                call.binary,
-                output_name=io.output_name,
-                version=io.version,
+                model, call.request_id, answer_outputs(io, call, result), version=io.version
             )
             return Response(content, headers={k.decode(): v.decode() for k, v in headers})
         except InferError as exc:

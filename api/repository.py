@@ -21,9 +21,11 @@ Triton's published model-config schema as ``tritonclient`` ships it compiled
 
 A config that disagrees with its file (input or output names, datatypes or dims against the
 ONNX graph or the torch.export signature) is a :class:`RepositoryError` naming the model and the
-mismatch; so is a config of more than one input or output (the serving transport passes one
-array per request for now). Files load under the registry's rules (``stgs.registry``: no
-pickle, inside the repository, within ``models.max_file_mb``).
+mismatch. A model may have several inputs and outputs: the config lists every input of the
+file (in any order; requests send them by name), and outputs the file has (ONNX: by name; a
+torch.export or TorchScript file: in the file's order, the first ones). Files load under the
+registry's rules (``stgs.registry``: no pickle, inside the repository, within
+``models.max_file_mb``).
 
 A repository model registers as ``source: repository:<model>/<version>`` through the same path as
 ``POST /v1/models`` (:meth:`api.service.Service.load_from_repository`).
@@ -246,12 +248,18 @@ class Repository:
         """The model ``name`` as its config and version directories say (``version``: that
         one, which must be among those the policy selects; default the newest)."""
         cfg = self.read_config(name)
-        if len(cfg.input) != 1 or len(cfg.output) != 1:
+        if not len(cfg.input) or not len(cfg.output):
             raise RepositoryError(
                 f"model {name!r}: {CONFIG_FILE} declares {len(cfg.input)} input(s) and"
-                f" {len(cfg.output)} output(s); stgs serves models of one input and one output"
-                " for now (several inputs or outputs are not supported yet)"
+                f" {len(cfg.output)} output(s); stgs serves models of at least one of each"
             )
+        for what, ts in (("input", cfg.input), ("output", cfg.output)):
+            names = [t.name for t in ts]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise RepositoryError(
+                    f"model {name!r}: {CONFIG_FILE} declares {what} {dup[0]!r} twice"
+                )
         present = sorted(
             int(p.name)
             for p in (self.root / name).iterdir()
@@ -358,36 +366,76 @@ class Repository:
         cfg = m.config
         path = resolve_model_file(self.root, m.file)
         kind = FILE_FORMATS[path.suffix]
-        cin = _tensor(cfg.input[0], cfg.max_batch_size, name, "input")
-        cout = _tensor(cfg.output[0], cfg.max_batch_size, name, "output")
+        cins = [_tensor(t, cfg.max_batch_size, name, "input") for t in cfg.input]
+        couts = [_tensor(t, cfg.max_batch_size, name, "output") for t in cfg.output]
         try:
             if kind == "torchscript":
-                for t in (cin, cout):
+                for t in (*cins, *couts):
                     if any(d < 1 for d in t.dims):
                         raise RepositoryError(
                             f"model {name!r}: {t.what} {t.name!r} has dims {list(t.dims)}; a"
                             " TorchScript file has no signature, so its config's dims must be"
                             " fixed"
                         )
-                given = (TensorSpec(cin.name, cin.dtype, cin.dims),)
+                # no signature: the config's order is the module's argument order
+                given = tuple(TensorSpec(c.name, c.dtype, c.dims) for c in cins)
                 entry = file_entry(name, path, given, max_bytes=self.max_bytes)
-                return replace(entry, outputs=(TensorSpec(cout.name, cout.dtype, cout.dims),))
+                outs = tuple(TensorSpec(c.name, c.dtype, c.dims) for c in couts)
+                return replace(entry, outputs=outs)
             found_in, found_out = file_tensors(path)
             what = _WHAT[kind]
-            _agree(name, what, cin, found_in, names=True)
-            _agree(name, what, cout, found_out, names=kind == "onnx")
-            f_in = found_in[0]
-            shape = f_in.shape if f_in.shape is not None else cin.fixed()
-            if shape is None:
-                raise RepositoryError(
-                    f"model {name!r}: input {cin.name!r} has variable dims {list(cin.dims)} in"
-                    f" {CONFIG_FILE} and in the {what}; stgs needs fixed sample dims"
-                )
-            given = (TensorSpec(f_in.name, f_in.dtype, shape),)
-            entry = file_entry(name, path, given, max_bytes=self.max_bytes)
-            f_out = found_out[0]
-            out_shape = f_out.shape if f_out.shape is not None else cout.fixed()
-            return replace(entry, outputs=(TensorSpec(cout.name, f_out.dtype, out_shape),))
+            file_names = {f.name for f in found_in}
+            for c in cins:
+                if c.name not in file_names:
+                    raise RepositoryError(
+                        f"model {name!r}: {CONFIG_FILE} input {c.name!r} does not match the"
+                        f" {what}, whose input{'s are' if len(found_in) > 1 else ' is'}"
+                        f" {', '.join(repr(f.name) for f in found_in)}"
+                    )
+            by_name = {c.name: c for c in cins}
+            given_list = []
+            for f_in in found_in:  # the file's order: the order the runner passes them in
+                cin = by_name.get(f_in.name)
+                if cin is None:
+                    raise RepositoryError(
+                        f"model {name!r}: the {what} takes input {f_in.name!r}, which"
+                        f" {CONFIG_FILE} does not declare"
+                        f" (it declares {', '.join(c.name for c in cins)})"
+                    )
+                _agree(name, what, cin, f_in, names=True)
+                shape = f_in.shape if f_in.shape is not None else cin.fixed()
+                if shape is None:
+                    raise RepositoryError(
+                        f"model {name!r}: input {cin.name!r} has variable dims {list(cin.dims)}"
+                        f" in {CONFIG_FILE} and in the {what}; stgs needs fixed sample dims"
+                    )
+                given_list.append(TensorSpec(f_in.name, f_in.dtype, shape))
+            entry = file_entry(name, path, tuple(given_list), max_bytes=self.max_bytes)
+            outs_list = []
+            if kind == "onnx":  # by name: any subset of the graph's outputs, in any order
+                found = {f.name: f for f in found_out}
+                pairs = []
+                for c in couts:
+                    f_out = found.get(c.name)
+                    if f_out is None:
+                        raise RepositoryError(
+                            f"model {name!r}: {CONFIG_FILE} output {c.name!r} does not match"
+                            f" the {what}, whose outputs are"
+                            f" {', '.join(repr(f.name) for f in found_out)}"
+                        )
+                    pairs.append((c, f_out))
+            else:  # a torch.export program's outputs have no stable names: by position
+                if len(couts) > len(found_out):
+                    raise RepositoryError(
+                        f"model {name!r}: {CONFIG_FILE} declares {len(couts)} outputs, the"
+                        f" {what} has {len(found_out)}"
+                    )
+                pairs = list(zip(couts, found_out, strict=False))
+            for c, f_out in pairs:
+                _agree(name, what, c, f_out, names=False)
+                out_shape = f_out.shape if f_out.shape is not None else c.fixed()
+                outs_list.append(TensorSpec(c.name, f_out.dtype, out_shape))
+            return replace(entry, outputs=tuple(outs_list))
         except ModelFileError as exc:
             if isinstance(exc, RepositoryError):
                 raise
@@ -440,17 +488,8 @@ def _tensor(t: Any, max_batch_size: int, model: str, what: str) -> _ConfigTensor
     return _ConfigTensor(what, t.name, DATA_TYPES[dt], dims)
 
 
-def _agree(
-    model: str, what: str, c: _ConfigTensor, found: tuple[TensorSpec, ...], *, names: bool
-) -> None:
+def _agree(model: str, what: str, c: _ConfigTensor, f: TensorSpec, *, names: bool) -> None:
     """The config's tensor and the file's agree (names, datatype, dims); else RepositoryError."""
-    if len(found) != 1:
-        raise RepositoryError(
-            f"model {model!r}: the {what} has {len(found)} {c.what}s"
-            f" ({', '.join(t.name for t in found)}); {CONFIG_FILE} declares one ({c.name!r})"
-            " and stgs serves one for now"
-        )
-    f = found[0]
     if names and f.name != c.name:
         raise RepositoryError(
             f"model {model!r}: {CONFIG_FILE} {c.what} {c.name!r} does not match the {what},"
@@ -476,13 +515,13 @@ def io_config(io: ModelIO, spec: Mapping[str, Any]) -> dict[str, Any]:
     file): its served tensors, the batch stgs accepts, its SLO and rate as parameters."""
     cfg = mc.ModelConfig(name=io.name, platform=io.platform, max_batch_size=io.max_batch)
     cfg.version_policy.latest.num_versions = 1
-    for x, name, dtype, shape in (
-        (cfg.input.add(), io.input_name, io.dtype, io.shape),
-        (cfg.output.add(), io.output_name, io.output_dtype, io.output_shape),
+    for x, t in (
+        *((cfg.input.add(), t) for t in io.inputs),
+        *((cfg.output.add(), t) for t in io.outputs),
     ):
-        x.name = name
-        x.data_type = mc.DataType.Value(TYPE_OF.get(dtype or "float32", "TYPE_FP32"))
-        x.dims.extend(shape if shape is not None else [-1])
+        x.name = t.name
+        x.data_type = mc.DataType.Value(TYPE_OF.get(t.dtype or "float32", "TYPE_FP32"))
+        x.dims.extend(t.shape if t.shape is not None else [-1])
     for key in ("slo_ms", "rate_rps"):
         if key in spec:
             cfg.parameters[key].string_value = f"{float(spec[key]):g}"

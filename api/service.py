@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,10 +103,10 @@ class UnavailableError(StgsError):
     """The daemon cannot do it now: the plan could not be applied or made in time (HTTP 503)."""
 
 
-def _tensor(t: Mapping[str, Any]) -> TensorSpec:
+def _tensor(t: Mapping[str, Any], default: str = "input") -> TensorSpec:
     """A registration's tensor (``TensorSpec`` of :mod:`api.app`: KServe datatype names)."""
     dtype = inference.DTYPES.get(str(t.get("datatype", "FP32")), "")
-    return TensorSpec(str(t.get("name", "input")), dtype, tuple(int(d) for d in t["shape"]))
+    return TensorSpec(str(t.get("name", default)), dtype, tuple(int(d) for d in t["shape"]))
 
 
 @dataclass
@@ -530,12 +530,14 @@ class Service:
             raise ConfigError(
                 f"source {source!r}: expected builtin:<name>, file:<path> or repository:<model>"
             )
-        if len(entry.inputs) != 1:
-            raise ConfigError(
-                f"model {name!r} takes {len(entry.inputs)} inputs"
-                f" ({', '.join(t.name for t in entry.inputs)}); the serving transport passes one"
-                " array per request for now: models of one input only"
-            )
+        outputs = tuple(_tensor(t, "output") for t in spec.get("outputs") or [])
+        if outputs:
+            if entry.kind != "torchscript":
+                raise ConfigError(
+                    f"model {name!r}: outputs are given only for a TorchScript file (it has no"
+                    " signature); other models describe their own"
+                )
+            entry = replace(entry, outputs=outputs)
         return entry
 
     def entry(self, rec: ModelRecord) -> ModelEntry:
@@ -901,19 +903,19 @@ class Service:
         """(InferenceBackend) the registered model's tensors; InferError(404) when unknown."""
         return inference.model_io(self, model, version)
 
-    async def infer_array(
-        self, model: str, array: np.ndarray, arrival_ns: int | None
-    ) -> np.ndarray:
+    async def infer_arrays(
+        self, model: str, arrays: tuple[np.ndarray, ...], arrival_ns: int | None
+    ) -> tuple[np.ndarray, ...]:
         """(InferenceBackend) the batch through the model, one request per row."""
-        outs = await self.infer_async(model, list(array), arrival_ns=arrival_ns)
-        return np.stack([np.asarray(o) for o in outs])
+        outs = await self.infer_async(model, inference.rows_of(arrays), arrival_ns=arrival_ns)
+        return inference.stack_rows(outs)
 
-    def infer(self, name: str, samples: list[np.ndarray]) -> list[Any]:
+    def infer(self, name: str, samples: list[Any]) -> list[Any]:
         """Blocking :meth:`infer_async` for callers without an event loop (tests, scripts)."""
         return asyncio.run(self.infer_async(name, samples))
 
     async def infer_async(
-        self, name: str, samples: list[np.ndarray], *, arrival_ns: int | None = None
+        self, name: str, samples: list[Any], *, arrival_ns: int | None = None
     ) -> list[Any]:
         """Run ``samples`` (one array per sample) through the model; ServingError on failure.
 
@@ -939,7 +941,7 @@ class Service:
         finally:
             self.inflight.add(name, -n)
 
-    async def _serve(self, name: str, samples: list[np.ndarray], deadline_ns: int) -> list[Any]:
+    async def _serve(self, name: str, samples: list[Any], deadline_ns: int) -> list[Any]:
         now = time.monotonic_ns()
         if deadline_ns and now >= deadline_ns:
             raise DeadlineExceededError(
@@ -952,9 +954,7 @@ class Service:
         )
         return [f.result() for f in futs]
 
-    async def _submit(
-        self, name: str, samples: list[np.ndarray], deadline_ns: int
-    ) -> list[Future[Any]]:
+    async def _submit(self, name: str, samples: list[Any], deadline_ns: int) -> list[Future[Any]]:
         """Submit every sample. With no ready worker, fail at once (NoWorkerError: 503), except
         during a transition (the break-first gap of a MIG change), where the request waits for
         the new worker until its deadline."""

@@ -96,7 +96,7 @@ def measure_cpu(
             model(x)
             samples.append((time.perf_counter() - t0) * 1000.0)
     nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    nbytes += x.numel() * x.element_size()
+    nbytes += sum(t.numel() * t.element_size() for t in (x if isinstance(x, tuple) else (x,)))
     med, p99 = summarise(samples)
     return Measurement(med, p99, nbytes / 2**20, "eager", len(samples), tuple(samples))
 

@@ -152,8 +152,6 @@ def build_model(spec: ModelSpec, device: Any, dtype: Any) -> tuple[Any, Callable
     import torch
 
     entry = spec.model_entry()
-    first = entry.inputs[0]
-    shape = first.shape if first.shape is not None else (4,)
     try:
         model = registry.build_module(entry, device=str(device))
         if entry.kind != "onnx":
@@ -167,13 +165,36 @@ def build_model(spec: ModelSpec, device: Any, dtype: Any) -> tuple[Any, Callable
             f"model {spec.name!r} does not load: {type(exc).__name__}: {exc}"
         ) from exc
 
-    int_dtype = getattr(torch, first.dtype) if first.dtype.startswith(("int", "uint")) else None
+    def maker(t: TensorSpec) -> Callable[[int], Any]:
+        t_shape = t.shape if t.shape is not None else (4,)
+        int_dtype = getattr(torch, t.dtype) if t.dtype.startswith(("int", "uint")) else None
+
+        def make(batch: int) -> Any:
+            gen = torch.Generator(device="cpu").manual_seed(batch)
+            if t.dtype == "bool":
+                return torch.randint(0, 2, (batch, *t_shape), generator=gen).bool().to(device)
+            if int_dtype is not None:
+                x = torch.randint(0, t.high or 2, (batch, *t_shape), generator=gen, dtype=int_dtype)
+                return x.to(device)
+            return torch.randn((batch, *t_shape), generator=gen).to(device=device, dtype=dtype)
+
+        return make
+
+    makers = [maker(t) for t in entry.inputs]
+    if len(makers) == 1:
+        return model, makers[0]
+
+    # several inputs: the input is a tuple, the model (a module still: the profiler counts its
+    # parameters) takes it unpacked
+    class Unpack(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, xs: Any) -> Any:
+            return self.inner(*xs)
 
     def make_input(batch: int) -> Any:
-        gen = torch.Generator(device="cpu").manual_seed(batch)
-        if int_dtype is not None:
-            x = torch.randint(0, first.high or 2, (batch, *shape), generator=gen, dtype=int_dtype)
-            return x.to(device)
-        return torch.randn((batch, *shape), generator=gen).to(device=device, dtype=dtype)
+        return tuple(m(batch) for m in makers)
 
-    return model, make_input
+    return Unpack(model), make_input

@@ -1,11 +1,10 @@
 """The model registry: every model stgs profiles, plans for and serves, defined once.
 
 A :class:`ModelEntry` says what a model takes and returns (its input and output tensors, each
-with a name, a dtype and one sample's shape, Triton style: several of each can be described;
-the serving transport passes one array today, so a served model uses its first input and
-first output) and where it comes from (``kind``, ``target``); :func:`build_module` builds it.
-The profiler (``profiler/models.py``), the runtime's workers (``stgs/runtime/models.py``), the
-API (registration, KServe metadata), the simulator (:func:`sample_bytes`) and the benchmarks
+with a name, a dtype and one sample's shape, Triton style: several of each, all served) and
+where it comes from (``kind``, ``target``); :func:`build_module` builds it. The profiler
+(``profiler/models.py``), the runtime's workers (``stgs/runtime/models.py``), the API
+(registration, KServe metadata), the simulator (:func:`sample_bytes`) and the benchmarks
 (``model_entry(name).example()``) all read it here, so that the network a profile measured is
 the network a worker serves.
 
@@ -64,6 +63,7 @@ import importlib
 import importlib.util
 import json
 import math
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -531,6 +531,19 @@ def check_export(path: Path) -> None:
                         _weights_only(z.read(member), path.name, member)
 
 
+_EXPORT_LOAD = threading.Lock()
+
+
+def export_load(path: Path) -> Any:
+    """``torch.export.load``, one call at a time in this process: it sets a module-global
+    deserializer and fails ("_CURRENT_DESERIALIZER is already set") when two threads load at
+    once (the daemon inspects a file in a request thread while its profiler loads it)."""
+    import torch
+
+    with _EXPORT_LOAD:
+        return torch.export.load(str(path))
+
+
 def _np_dtype_of_torch(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -539,7 +552,7 @@ def _export_tensors(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpe
     import torch
 
     check_export(path)
-    ep = torch.export.load(str(path))
+    ep = export_load(path)
     user_inputs = list(ep.graph_signature.user_inputs)
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
 
@@ -761,7 +774,7 @@ def build_module(model: ModelEntry | str, device: str = "cpu") -> torch.nn.Modul
         return loaded
     if entry.kind == "export":
         check_export(path)
-        loaded = _file_load(path, lambda: torch.export.load(str(path)).module())
+        loaded = _file_load(path, lambda: export_load(path).module())
         return loaded
     if entry.kind == "onnx":
         loaded = _file_load(path, lambda: onnx_module(entry, device))
@@ -829,27 +842,37 @@ def onnx_session(entry: ModelEntry, device: str = "cpu", threads: int = 0) -> An
 
 
 def onnx_module(entry: ModelEntry, device: str = "cpu") -> torch.nn.Module:
-    """The ONNX model as a torch module: ``forward(x)`` runs the session on the first input
-    (numpy across the boundary) and returns the first output on ``x``'s device."""
+    """The ONNX model as a torch module: ``forward(*xs)`` runs the session on the entry's inputs
+    in order (numpy across the boundary) and returns its output on the first input's device
+    (a tuple of every output for a graph of several)."""
     import torch
 
     threads = torch.get_num_threads() if not device.startswith("cuda") else 0
     sess = onnx_session(entry, device, threads)
     first = sess.get_inputs()[0]
-    in_name = first.name
+    in_names = [i.name for i in sess.get_inputs()]
     per_row = isinstance(first.shape[0], int)  # a fixed batch of 1: one run per sample
-    in_dtype = entry.inputs[0].dtype or "float32"
-    out_name = sess.get_outputs()[0].name
+    in_dtypes = [t.dtype or "float32" for t in entry.inputs]
+    out_names = [o.name for o in sess.get_outputs()]
 
     class OnnxModule(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            arr = x.detach().cpu().numpy().astype(in_dtype, copy=False)
+        def forward(self, *xs: torch.Tensor) -> Any:
+            arrs = [
+                x.detach().cpu().numpy().astype(d, copy=False)
+                for x, d in zip(xs, in_dtypes, strict=True)
+            ]
+            feeds = dict(zip(in_names, arrs, strict=True))
             if per_row:
-                rows = [sess.run([out_name], {in_name: arr[k : k + 1]})[0] for k in range(len(arr))]
-                out = np.concatenate(rows)
+                runs = [
+                    sess.run(out_names, {k: v[r : r + 1] for k, v in feeds.items()})
+                    for r in range(len(arrs[0]))
+                ]
+                outs = [np.concatenate([run[j] for run in runs]) for j in range(len(out_names))]
             else:
-                (out,) = sess.run([out_name], {in_name: arr})
-            return torch.from_numpy(np.ascontiguousarray(out)).to(x.device)
+                outs = list(sess.run(out_names, feeds))
+            dev = xs[0].device
+            got = [torch.from_numpy(np.ascontiguousarray(o)).to(dev) for o in outs]
+            return got[0] if len(got) == 1 else tuple(got)
 
     return OnnxModule().eval()
 

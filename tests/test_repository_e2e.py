@@ -1,6 +1,6 @@
 """A Triton model repository through the front door: ``stgs serve`` on the simulated node (CPU
 workers, frontends) started on a repository of a TorchScript and an ONNX model with their
-``config.pbtxt`` (and three models it must refuse), then Triton's own clients,
+``config.pbtxt`` (and two models it must refuse), then Triton's own clients,
 ``tritonclient.http`` and ``tritonclient.grpc``: inference equal to the eager torch model,
 versions, the repository index, model configs, statistics, unload and load again.
 """
@@ -43,7 +43,8 @@ def _config(platform: str, inp: str, out: str, in_dims: str = "8", extra: str = 
 
 def build_repository(repo: Path) -> None:
     """torchnet (versions 1 and 2: 2 served), onnxnet (version 1); refused: badcfg (its config
-    disagrees with its ONNX graph), badfile (a pickle, not TorchScript), twoin (two inputs)."""
+    disagrees with its ONNX graph), badfile (a pickle, not TorchScript). Models of several
+    inputs and outputs: tests/test_multi_io_e2e.py."""
     for v in ("1", "2"):
         (repo / "torchnet" / v).mkdir(parents=True)
         save_torchscript(repo / "torchnet" / v / "model.pt")
@@ -62,16 +63,6 @@ def build_repository(repo: Path) -> None:
     torch.save(_net(), repo / "badfile" / "1" / "model.pt")
     (repo / "badfile" / "config.pbtxt").write_text(
         _config("pytorch_libtorch", "INPUT__0", "OUTPUT__0")
-    )
-    (repo / "twoin" / "1").mkdir(parents=True)
-    save_torchscript(repo / "twoin" / "1" / "model.pt")
-    (repo / "twoin" / "config.pbtxt").write_text(
-        _config(
-            "pytorch_libtorch",
-            "INPUT__0",
-            "OUTPUT__0",
-            extra='input [ { name: "INPUT__1" data_type: TYPE_FP32 dims: [ 8 ] } ]\n',
-        )
     )
 
 
@@ -164,15 +155,14 @@ def test_repository_index_names_every_model_and_why(
     daemon: LocalDaemon, http_c: Any, grpc_c: Any
 ) -> None:
     rows = {r["name"]: r for r in http_c.get_model_repository_index()}
-    assert set(rows) == {"torchnet", "onnxnet", "badcfg", "badfile", "twoin"}
+    assert set(rows) == {"torchnet", "onnxnet", "badcfg", "badfile"}
     assert rows["torchnet"]["state"] == "READY" and rows["torchnet"]["version"] == "2"
     assert rows["onnxnet"]["state"] == "READY" and rows["onnxnet"]["version"] == "1"
-    bad = {n: rows[n] for n in ("badcfg", "badfile", "twoin")}
+    bad = {n: rows[n] for n in ("badcfg", "badfile")}
     assert all(r["state"] == "UNAVAILABLE" for r in bad.values())
     assert "'badcfg'" in bad["badcfg"]["reason"] and "dims [4]" in bad["badcfg"]["reason"]
     assert "[8]" in bad["badcfg"]["reason"]
     assert "torch.save pickle" in bad["badfile"]["reason"]
-    assert "not supported yet" in bad["twoin"]["reason"]
     g = grpc_c.get_model_repository_index(as_json=True)["models"]
     assert {m["name"]: m.get("state") for m in g} == {n: r["state"] for n, r in rows.items()}
     with daemon.client() as c:

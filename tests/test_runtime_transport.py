@@ -24,6 +24,7 @@ from stgs.errors import (
 from stgs.runtime.models import batch_buckets, model_entry
 from stgs.runtime.process import WorkerProcess
 from stgs.runtime.transport import (
+    MULTI,
     OK,
     REQUEST,
     RESPONSE,
@@ -31,6 +32,7 @@ from stgs.runtime.transport import (
     FrameSocket,
     MockTransport,
     SocketTransport,
+    frame_parts,
 )
 from stgs.runtime.worker import ModelSlot, WorkerSpec
 
@@ -78,6 +80,78 @@ def test_frames_round_trip_raw_arrays(array: np.ndarray) -> None:
     finally:
         fa.close()
         fb.close()
+
+
+MULTI_TENSORS = (
+    np.arange(4, dtype=np.float32),
+    np.array([7, -2], dtype=np.int64),
+    np.ones((2, 3), dtype=np.float16),  # 12 bytes: padded to 16
+    np.array(True),  # 0-d bool: 1 byte, padded
+    np.zeros((0, 3), dtype=np.int32),  # empty
+    np.asfortranarray(np.arange(6, dtype=np.uint16).reshape(2, 3)),  # not C order
+    np.arange(3, dtype=np.uint64),
+)
+
+
+@pytest.mark.parametrize("n", [1, 2, len(MULTI_TENSORS)])
+def test_frames_carry_several_tensors_in_order(n: int) -> None:
+    """A tuple travels as one MULTI frame: each tensor its own dtype and shape, in order; a
+    tuple of one comes back as a tuple of one, a bare array as a bare array."""
+    tensors = MULTI_TENSORS[:n]
+    a, b = socket.socketpair()
+    fa, fb = FrameSocket(a), FrameSocket(b)
+    try:
+        fa.send(REQUEST, model=3, req_id=9, array=tensors)
+        fa.send_responses([(10, tensors), (11, tensors[0])])
+        for want_id in (9, 10):
+            frame = fb.recv()
+            assert frame is not None and frame.req_id == want_id and frame.dtype == MULTI
+            got = frame.tensors()
+            assert isinstance(got, tuple) and len(got) == n
+            for g, t in zip(got, tensors, strict=True):
+                assert g.dtype == t.dtype and g.shape == t.shape
+                np.testing.assert_array_equal(g, t)
+            with pytest.raises(ValueError):
+                frame.array()  # several tensors: no single array
+        single = fb.recv()
+        assert single is not None and single.dtype != MULTI
+        got1 = single.tensors()
+        assert isinstance(got1, np.ndarray)
+        np.testing.assert_array_equal(got1, tensors[0])
+    finally:
+        fa.close()
+        fb.close()
+
+
+def test_single_array_frames_are_unchanged() -> None:
+    """One array: the frame of before (header, shape, raw bytes), no tensor table."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    head, body = frame_parts(REQUEST, OK, 1, 2, 3, x, b"")
+    assert len(head) == 32 + 2 * 4 and bytes(body) == x.tobytes()
+    assert head[2] == 0 and head[3] == 2  # float32's code, ndim
+    parts = frame_parts(REQUEST, OK, 1, 2, 3, (x, x[0]), b"")
+    assert parts[0][2] == MULTI and parts[0][3] == (1 + 2) + (1 + 1)  # table words
+    assert sum(len(memoryview(p).cast("B")) for p in parts[1:]) == 24 + 16  # 12 B padded
+
+
+def test_malformed_tensor_tables_are_refused() -> None:
+    from stgs.runtime.transport import decode_tensors
+
+    payload = bytearray(16)
+    with pytest.raises(ValueError):
+        decode_tensors(MULTI, (0 | 1 << 8,), payload)  # the dims word is missing
+    with pytest.raises(ValueError):
+        decode_tensors(MULTI, (0 | 1 << 8, 8), payload)  # 32 bytes needed
+    with pytest.raises(ValueError):
+        decode_tensors(MULTI, (0 | 1 << 8, 2), payload)  # 8 bytes too many
+    with pytest.raises(ValueError):
+        decode_tensors(MULTI, (), payload)  # no tensor
+    with pytest.raises(ValueError):
+        decode_tensors(MULTI, (200 | 1 << 8, 2), payload)  # unknown dtype code
+    with pytest.raises(InvalidRequestError, match="cannot travel"):
+        frame_parts(REQUEST, OK, 0, 0, 0, tuple(np.zeros((1,) * 9) for _ in range(30)), b"")
+    with pytest.raises(InvalidRequestError):
+        frame_parts(REQUEST, OK, 0, 0, 0, (), b"")
 
 
 def test_unsupported_dtype_is_an_invalid_request() -> None:
@@ -293,3 +367,20 @@ def test_malformed_stats_are_ignored() -> None:
     finally:
         t.close()
         b.close()
+
+
+def test_worker_echoes_several_tensors(node: SimulatedNode) -> None:
+    """Tuples through a worker process: batched together with single arrays, each request
+    answered with its own tensors."""
+    w = _worker(node, ("echo", 8))
+    try:
+        futs = [w.transport.submit("echo", MULTI_TENSORS[: 1 + k % 3]) for k in range(6)]
+        one = w.transport.submit("echo", MULTI_TENSORS[1])
+        for k, f in enumerate(futs):
+            got = f.result(TIMEOUT)
+            assert isinstance(got, tuple) and len(got) == 1 + k % 3
+            for g, t in zip(got, MULTI_TENSORS, strict=False):
+                np.testing.assert_array_equal(g, t)
+        np.testing.assert_array_equal(one.result(TIMEOUT), MULTI_TENSORS[1])
+    finally:
+        w.kill()

@@ -23,16 +23,14 @@ import asyncio
 import itertools
 import struct
 
-import numpy as np
-
 from stgs.errors import InvalidRequestError, WorkerDiedError
 from stgs.runtime.transport import (
     HEADER,
     OK,
     REQUEST,
     RESPONSE,
-    Array,
-    dtype_of,
+    Tensors,
+    decode_tensors,
     error_of,
     frame_parts,
 )
@@ -72,7 +70,7 @@ class _Protocol(asyncio.Protocol):
                         if status == OK:
                             try:
                                 shape = struct.unpack_from(f"<{ndim}I", buf, pos + head)
-                                arr = np.frombuffer(payload, dtype=dtype_of(dt)).reshape(shape)
+                                arr = decode_tensors(dt, shape, payload)
                             except ValueError as exc:  # a malformed frame: that request fails
                                 fut.set_exception(WorkerDiedError(f"bad response frame: {exc}"))
                             else:
@@ -90,7 +88,7 @@ class AsyncWorkerConnection:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._pending: dict[int, asyncio.Future[Array]] = {}
+        self._pending: dict[int, asyncio.Future[Tensors]] = {}
         self._ids = itertools.count(1)
         self._transport: asyncio.Transport | None = None
         self._closed = False
@@ -120,10 +118,11 @@ class AsyncWorkerConnection:
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, slot: int, array: Array, deadline_ns: int) -> asyncio.Future[Array]:
-        """Send one request for the model in ``slot`` (its index in the worker's spec); the
-        future raises a :class:`~stgs.errors.ServingError` subclass on failure."""
-        fut: asyncio.Future[Array] = asyncio.get_running_loop().create_future()
+    def submit(self, slot: int, array: Tensors, deadline_ns: int) -> asyncio.Future[Tensors]:
+        """Send one request for the model in ``slot`` (its index in the worker's spec): an
+        array, or a tuple of arrays for a model of several inputs; the future gives the outputs
+        likewise, or raises a :class:`~stgs.errors.ServingError` subclass on failure."""
+        fut: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
         if self._closed or self._transport is None:
             fut.set_exception(WorkerDiedError(f"{self.name}: {self._reason}"))
             return fut

@@ -5,13 +5,18 @@
 here for the callers that knew them from this module. Metadata never imports torch; the runners
 (:func:`load_runner`) do, lazily, inside the worker process.
 
-Runners take a list of single-sample arrays and return one output array per sample (the model's
-first input and first output: the transport passes one array). On the CPU they run plain torch
-(inference mode, batches stacked). On a GPU they capture one CUDA graph per batch-size bucket
-(powers of two up to the planned batch, and the batch itself) and pad a batch to its bucket on
-the GPU: the real rows are copied into the static input, the rest keep stale rows whose outputs
-are dropped. A worker replays its graphs one after another (time sharing), which is the safe way
-to run graphs of several models in one process. ONNX files run in an onnxruntime session (CPU
+Runners take a list of samples and return one result per sample. A sample is one array for a
+model of one input, a tuple of arrays (in the entry's input order) for a model of several; a
+result is one array for a model of one output, a tuple for several (the entry's outputs; a
+TorchScript file registered without outputs: its first). Each input is stacked into its own
+batch, each output split back into rows. Outputs come back in their declared dtype (floats as
+float32 where none is declared). On the CPU they run plain torch (inference mode). On a GPU
+they capture one CUDA graph per batch-size bucket (powers of two up to the planned batch, and
+the batch itself), with one static buffer per input and per output, and pad a batch to its
+bucket on the GPU: the real rows are copied into the static inputs, the rest keep stale rows
+whose outputs are dropped (its path of several inputs or outputs is not yet exercised on a
+GPU). A worker replays its graphs one after another (time sharing), which is the safe way to
+run graphs of several models in one process. ONNX files run in an onnxruntime session (CPU
 provider, or CUDA where the worker runs on a GPU; see :mod:`stgs.registry` for why), without
 the runtime's CUDA graphs. ``echo``, ``sleep:<ms>`` and ``fail`` run without torch.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +33,7 @@ import numpy.typing as npt
 
 from stgs.errors import ConfigError
 from stgs.registry import ModelEntry, build_module, model_entry, onnx_session
+from stgs.runtime.transport import Tensors
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +69,10 @@ class BatchRunner(ABC):
     entry: ModelEntry
 
     @abstractmethod
-    def run(self, samples: list[Array]) -> list[Array]:
-        """One output per sample, in order."""
+    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
+        """One result per sample, in order. A sample is an array (a model of one input) or a
+        tuple of arrays (several inputs, in the entry's order); a result likewise (a tuple when
+        the model has several outputs)."""
 
 
 class _Echo(BatchRunner):
@@ -72,7 +81,7 @@ class _Echo(BatchRunner):
         self._sleep_s = sleep_s
         self._fail = fail
 
-    def run(self, samples: list[Array]) -> list[Array]:
+    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
         if self._fail:
             raise RuntimeError("the 'fail' model always fails")
         if self._sleep_s:
@@ -80,24 +89,81 @@ class _Echo(BatchRunner):
         return samples
 
 
+def _columns(samples: list[Tensors], n_in: int) -> list[Array]:
+    """Each input's batch: the samples' arrays of that input stacked."""
+    if n_in == 1:
+        return [np.stack(samples)]
+    return [np.stack([s[k] for s in samples]) for k in range(n_in)]
+
+
+def _rows(outs: list[Array], n: int) -> list[Tensors]:
+    """Per sample, its row of every output: an array for one output, else a tuple."""
+    if len(outs) == 1:
+        return list(outs[0][:n])
+    return list(zip(*(o[:n] for o in outs), strict=True))
+
+
+def _out_dtype(entry: ModelEntry, k: int) -> str:
+    """Output ``k``'s declared numpy dtype ("" : floats come back as float32)."""
+    d = entry.outputs[k].dtype if k < len(entry.outputs) else ""
+    return "" if d == "bfloat16" else d
+
+
+def _host_np(arr: Array, dtype: str) -> Array:
+    """An output as it travels back: its declared dtype, else float32 for floats."""
+    if dtype:
+        return arr.astype(dtype, copy=False)
+    return arr.astype(np.float32, copy=False) if arr.dtype.kind == "f" else arr
+
+
+def _outputs(out: Any, n_out: int) -> list[torch.Tensor]:
+    """A module's first ``n_out`` outputs (a tensor, or a tuple or list of them)."""
+    outs = list(out) if isinstance(out, tuple | list) else [out]
+    if len(outs) < n_out:
+        raise RuntimeError(f"the model returned {len(outs)} output(s), {n_out} expected")
+    return outs[:n_out]
+
+
+def _host_torch(t: torch.Tensor, dtype: str) -> Array:
+    """An output tensor on the host as it travels back (see :func:`_host_np`)."""
+    if t.is_floating_point():
+        t = t.double() if dtype == "float64" else t.float()
+    return _host_np(t.cpu().numpy(), dtype)
+
+
 class _TorchCpu(BatchRunner):
     def __init__(self, entry: ModelEntry, module: torch.nn.Module) -> None:
         self.entry = entry
         self.module = module
+        self.n_in = len(entry.inputs)
+        self.n_out = max(1, len(entry.outputs))
 
-    def run(self, samples: list[Array]) -> list[Array]:
+    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
         import torch
 
+        cols = _columns(samples, self.n_in)
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(np.stack(samples)))
-            if isinstance(out, tuple | list):
-                out = out[0]
-            result = out.float().numpy()
-        return list(result)
+            out = self.module(*(torch.from_numpy(c) for c in cols))
+            outs = [
+                _host_torch(t, _out_dtype(self.entry, k))
+                for k, t in enumerate(_outputs(out, self.n_out))
+            ]
+        return _rows(outs, len(samples))
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    got = getattr(torch, dtype or "int64", None)
+    if not isinstance(got, torch.dtype):
+        raise ConfigError(f"dtype {dtype!r} has no torch equivalent")
+    return got
 
 
 class _TorchCudaGraphs(BatchRunner):
-    """One CUDA graph per batch bucket, static input and output buffers, fp16 weights."""
+    """One CUDA graph per batch bucket, fp16 weights, one static buffer per input (on the GPU,
+    and a pinned one on the host) and per output. Float inputs run in the weights' dtype,
+    others in their own."""
 
     def __init__(
         self, entry: ModelEntry, module: torch.nn.Module, max_batch: int, dtype: str
@@ -105,64 +171,72 @@ class _TorchCudaGraphs(BatchRunner):
         import torch
 
         self.entry = entry
+        self.n_out = max(1, len(entry.outputs))
         self.buckets = batch_buckets(max_batch)
         dev = torch.device("cuda")
-        float_in = entry.input_dtype.startswith("float")
         wdtype = getattr(torch, dtype)
         self.module = module.to(device=dev, dtype=wdtype)
-        in_dtype = wdtype if float_in else torch.int64
-        shape = entry.input_shape or (1,)
         top = self.buckets[-1]
-        self.static_in = torch.zeros((top, *shape), dtype=in_dtype, device=dev)
-        host_dtype = torch.float32 if float_in else torch.int64
-        self.host_in = torch.zeros((top, *shape), dtype=host_dtype).pin_memory()
+        self.static_in: list[torch.Tensor] = []
+        self.host_in: list[torch.Tensor] = []
+        for spec in entry.inputs:
+            shape = spec.shape or (1,)
+            if spec.dtype.startswith("float") or spec.dtype == "bfloat16":
+                dev_dtype, host_dtype = wdtype, torch.float32
+            else:
+                dev_dtype = host_dtype = _torch_dtype(spec.dtype)
+            self.static_in.append(torch.zeros((top, *shape), dtype=dev_dtype, device=dev))
+            self.host_in.append(torch.zeros((top, *shape), dtype=host_dtype).pin_memory())
         self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
         with torch.inference_mode():
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):  # warm up (cuDNN autotune, lazy init)
                 for b in self.buckets:
                     for _ in range(3):
-                        self._forward(self.static_in[:b])
+                        self._forward(b)
             torch.cuda.current_stream().wait_stream(self.stream)
             torch.cuda.synchronize()
             pool = None
             for b in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, stream=self.stream):
-                    out = self._forward(self.static_in[:b])
+                    outs = self._forward(b)
                 pool = g.pool()
-                self.graphs[b] = (g, out)
+                self.graphs[b] = (g, outs)
         torch.cuda.synchronize()
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
+    def _forward(self, b: int) -> list[torch.Tensor]:
+        """The module on the first ``b`` rows of every static input: its static outputs."""
+        return _outputs(self.module(*(x[:b] for x in self.static_in)), self.n_out)
 
-        out = self.module(x)
-        if isinstance(out, tuple | list):
-            out = out[0]
-        assert isinstance(out, torch.Tensor)
-        return out
-
-    def run(self, samples: list[Array]) -> list[Array]:
+    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
         import torch
 
         n = len(samples)
         bucket = next(b for b in self.buckets if b >= n)
-        host = self.host_in.numpy()  # the pinned buffer: one copy per sample, no np.stack
-        for k, sample in enumerate(samples):
-            host[k] = sample
+        hosts = [h.numpy() for h in self.host_in]  # pinned: one copy per sample, no np.stack
+        if len(hosts) == 1:
+            host = hosts[0]
+            for k, sample in enumerate(samples):
+                host[k] = sample
+        else:
+            for k, sample in enumerate(samples):
+                for h, x in zip(hosts, sample, strict=True):
+                    h[k] = x
         with torch.cuda.stream(self.stream):
             # Pad on the GPU: only the n real rows move; rows n..bucket keep stale inputs.
-            self.static_in[:n].copy_(self.host_in[:n], non_blocking=True)
-            graph, out = self.graphs[bucket]
+            for static, pinned in zip(self.static_in, self.host_in, strict=True):
+                static[:n].copy_(pinned[:n], non_blocking=True)
+            graph, outs = self.graphs[bucket]
             graph.replay()
-            result = out[:n].float().cpu()  # synchronises the stream
-        return list(result.numpy())
+            # the first copy to the host synchronises the stream
+            result = [_host_torch(o[:n], _out_dtype(self.entry, k)) for k, o in enumerate(outs)]
+        return _rows(result, n)
 
 
 class _Onnx(BatchRunner):
-    """An onnxruntime session; the first input and output (the transport passes one array)."""
+    """An onnxruntime session: every input of the entry (by name), its outputs."""
 
     def __init__(self, entry: ModelEntry, device: str) -> None:
         threads = 0
@@ -173,22 +247,31 @@ class _Onnx(BatchRunner):
         self.entry = entry
         self.sess = onnx_session(entry, device, threads)
         first = self.sess.get_inputs()[0]
-        self.in_name = first.name
         self.per_row = isinstance(first.shape[0], int)  # a fixed batch of 1
-        self.out_name = self.sess.get_outputs()[0].name
-        self.dtype = entry.input_dtype or "float32"
+        self.in_names = [t.name for t in entry.inputs]
+        self.in_dtypes = [t.dtype or "float32" for t in entry.inputs]
+        graph_outs = [o.name for o in self.sess.get_outputs()]
+        declared = [t.name for t in entry.outputs if t.name in graph_outs]
+        self.out_names = declared if declared else graph_outs[:1]
 
-    def run(self, samples: list[Array]) -> list[Array]:
-        x = np.stack(samples).astype(self.dtype, copy=False)
+    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
+        cols = [
+            c.astype(d, copy=False)
+            for c, d in zip(_columns(samples, len(self.in_names)), self.in_dtypes, strict=True)
+        ]
+        feeds = dict(zip(self.in_names, cols, strict=True))
         if self.per_row:
-            rows = [
-                self.sess.run([self.out_name], {self.in_name: x[k : k + 1]})[0]
-                for k in range(len(x))
+            runs = [
+                self.sess.run(self.out_names, {k: v[r : r + 1] for k, v in feeds.items()})
+                for r in range(len(samples))
             ]
-            out = np.concatenate(rows)
+            outs = [np.concatenate([run[j] for run in runs]) for j in range(len(self.out_names))]
         else:
-            (out,) = self.sess.run([self.out_name], {self.in_name: x})
-        return list(np.asarray(out, dtype=np.float32))
+            outs = list(self.sess.run(self.out_names, feeds))
+        return _rows(
+            [_host_np(np.asarray(o), _out_dtype(self.entry, k)) for k, o in enumerate(outs)],
+            len(samples),
+        )
 
 
 def load_runner(

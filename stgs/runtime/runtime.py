@@ -64,7 +64,7 @@ from stgs.errors import (
 from stgs.plan import Partition, Plan
 from stgs.registry import ModelEntry
 from stgs.runtime.process import WorkerProcess
-from stgs.runtime.transport import Array, SocketTransport
+from stgs.runtime.transport import SocketTransport, Tensors
 from stgs.runtime.worker import ModelSlot, WorkerSpec
 from stgs.transition import GpuState, Held, NodeState, PartitionKey, Step, transition
 from stgs.transition import partition_keys as partition_keys  # the one identity, re-exported
@@ -232,11 +232,11 @@ class Runtime:
     def submit(
         self,
         model: str,
-        array: Array,
+        array: Tensors,
         *,
         deadline_ms: float | None = None,
         deadline_ns: int | None = None,
-    ) -> Future[Array]:
+    ) -> Future[Tensors]:
         """Route one request; the future raises a ServingError subclass on failure.
 
         ``deadline_ns`` (on ``time.monotonic_ns()``) wins over ``deadline_ms`` (from now), which
@@ -267,11 +267,11 @@ class Runtime:
     def infer(
         self,
         model: str,
-        array: Array,
+        array: Tensors,
         *,
         deadline_ms: float | None = None,
         timeout_s: float = 30.0,
-    ) -> Array:
+    ) -> Tensors:
         return self.submit(model, array, deadline_ms=deadline_ms).result(timeout_s)
 
     # ------------------------------------------------------------------ monitor

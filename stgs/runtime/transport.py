@@ -1,7 +1,7 @@
 """Transport between the daemon and its workers: requests in, results out.
 
-The I/O boundary is one small interface, :class:`Transport` (``submit`` a tensor for a model,
-get a :class:`~concurrent.futures.Future` of the result), with two implementations:
+The I/O boundary is one small interface, :class:`Transport` (``submit`` a request's tensors for
+a model, get a :class:`~concurrent.futures.Future` of the result), with two implementations:
 
 * :class:`SocketTransport`: a worker process at the other end of a Unix stream socket (a
   ``socketpair`` made by the supervisor). Tensors travel as raw buffers: one ``sendmsg`` of a
@@ -17,6 +17,20 @@ Frames (little endian)::
             | nbytes u64                                                       (32 bytes)
     shape   ndim x u32
     payload nbytes bytes (the array, C order; for an error: its UTF-8 message)
+
+A request's or a response's tensors (:data:`Tensors`) are one array, or a tuple of arrays (a
+model of several inputs or outputs, in the model's order; each its own dtype and shape). One
+array travels as above. A tuple travels in the same frame layout, self-described by the dtype
+code ``MULTI`` (255): ``ndim`` then counts the u32 words of a tensor table instead of a shape,
+and the payload holds the tensors one after another, each padded to 8 bytes::
+
+    table   per tensor: dtype u8 | ndim u8 | 0 u16 (one word), then its ndim x u32 dims
+    payload per tensor: its bytes (C order), then zeros up to a multiple of 8
+
+So a single-array frame is byte for byte what it always was (and as cheap), a receiver tells
+the two apart by the dtype code alone, and a tuple is still sent with one ``sendmsg`` of the
+header, the table and the arrays' own buffers (no copy). The table holds at most 255 words
+(e.g. 64 tensors of up to 2 dims, 32 of up to 6).
 
 ``deadline_ns`` is on ``time.monotonic_ns()``, which is one clock for every process of a Linux
 host; 0 means no deadline.
@@ -41,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import socket
 import struct
 import threading
@@ -64,11 +79,15 @@ from stgs.errors import (
 )
 
 __all__ = [
+    "MULTI",
     "Frame",
     "FrameSocket",
     "MockTransport",
     "SocketTransport",
+    "Tensors",
     "Transport",
+    "as_tuple",
+    "decode_tensors",
 ]
 
 HEADER = struct.Struct("<BBBBIQqQ")
@@ -89,16 +108,40 @@ DEADLINE = 1
 INVALID = 2
 FAILED = 3
 
+# (append only: a dtype's code is its index)
 _DTYPES: tuple[np.dtype[Any], ...] = tuple(
     np.dtype(t)
-    for t in ("float32", "float16", "float64", "int64", "int32", "uint8", "int8", "bool")
+    for t in (
+        "float32",
+        "float16",
+        "float64",
+        "int64",
+        "int32",
+        "uint8",
+        "int8",
+        "bool",
+        "int16",
+        "uint16",
+        "uint32",
+        "uint64",
+    )
 )
+MULTI = 0xFF  # the dtype code of a frame of several tensors (module docstring)
+_MAX_WORDS = 0xFF  # u32 words of a shape, or of a MULTI frame's tensor table
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 _UINT8 = _DTYPE_CODE[np.dtype("uint8")]
 _MAX_IOV = 512  # buffers per sendmsg (Linux IOV_MAX: 1024)
 HEARTBEAT_INTERVAL_S = 0.2  # the longest the worker's loop stays silent while it is not in a batch
 
 Array = npt.NDArray[Any]
+Tensors = Array | tuple[Array, ...]
+"""A request's or a response's tensors: one array, or a tuple (several, in the model's order)."""
+_PAD = bytes(8)
+
+
+def as_tuple(t: Tensors) -> tuple[Array, ...]:
+    """``t`` as a tuple of arrays (one array: a tuple of one)."""
+    return t if isinstance(t, tuple) else (t,)
 
 
 def dtype_code(dtype: np.dtype[Any]) -> int:
@@ -128,9 +171,15 @@ class Frame:
     payload: bytearray
 
     def array(self) -> Array:
-        """The payload as an array (no copy: it views the receive buffer)."""
+        """The payload as an array (no copy: it views the receive buffer); ValueError for a
+        frame of several tensors."""
         dt = dtype_of(self.dtype)
         return np.frombuffer(self.payload, dtype=dt).reshape(self.shape)
+
+    def tensors(self) -> Tensors:
+        """The payload as its tensors: an array, or a tuple of arrays for a ``MULTI`` frame (no
+        copy); ValueError when malformed."""
+        return decode_tensors(self.dtype, self.shape, self.payload)
 
     def text(self) -> str:
         return self.payload.decode("utf-8", errors="replace")
@@ -163,15 +212,15 @@ class FrameSocket:
         model: int = 0,
         req_id: int = 0,
         deadline_ns: int = 0,
-        array: Array | None = None,
+        array: Tensors | None = None,
         data: bytes = b"",
     ) -> None:
         parts = frame_parts(kind, status, model, req_id, deadline_ns, array, data)
         with self._send_lock:
             _sendmsg_all(self.sock, parts)
 
-    def send_responses(self, replies: Sequence[tuple[int, Array]]) -> None:
-        """OK responses ``(req_id, array)``, in order, in as few system calls as fit."""
+    def send_responses(self, replies: Sequence[tuple[int, Tensors]]) -> None:
+        """OK responses ``(req_id, tensors)``, in order, in as few system calls as fit."""
         parts: list[bytes | memoryview] = []
         for req_id, arr in replies:
             parts += frame_parts(RESPONSE, OK, 0, req_id, 0, arr, b"")
@@ -193,7 +242,7 @@ class FrameSocket:
                 return None
             shape = struct.unpack_from(f"<{ndim}I", self._rbuf, self._rpos)
             self._rpos += 4 * ndim
-        if dt >= len(_DTYPES):
+        if dt >= len(_DTYPES) and dt != MULTI:
             raise ValueError(f"bad dtype code {dt}")
         have = self._rend - self._rpos
         if nbytes <= have:  # whole payload buffered: one copy out of the buffer
@@ -238,10 +287,13 @@ def frame_parts(
     model: int,
     req_id: int,
     deadline_ns: int,
-    array: Array | None,
+    array: Tensors | None,
     data: bytes,
 ) -> list[bytes | memoryview]:
-    """A frame as the buffers to send: header (+ shape), then the body when not empty."""
+    """A frame as the buffers to send: header (+ shape), then the body when not empty; a
+    tuple of arrays as a ``MULTI`` frame. InvalidRequestError for what cannot travel."""
+    if isinstance(array, tuple):
+        return _multi_parts(kind, status, model, req_id, deadline_ns, array)
     if array is not None:
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
@@ -254,6 +306,68 @@ def frame_parts(
     if shape:
         head += struct.pack(f"<{len(shape)}I", *shape)
     return [head, body] if len(body) else [head]
+
+
+def _multi_parts(
+    kind: int, status: int, model: int, req_id: int, deadline_ns: int, arrays: tuple[Array, ...]
+) -> list[bytes | memoryview]:
+    if not arrays:
+        raise InvalidRequestError("a frame carries at least one tensor")
+    words: list[int] = []
+    bodies: list[bytes | memoryview] = []
+    total = 0
+    for a in arrays:
+        if not isinstance(a, np.ndarray):
+            raise InvalidRequestError(f"a tensor must be a numpy array, not {type(a).__name__}")
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        words.append(dtype_code(a.dtype) | a.ndim << 8)
+        words += a.shape
+        n = a.nbytes
+        if n:
+            bodies.append(memoryview(a.data).cast("B"))
+        pad = -n % 8
+        if pad:
+            bodies.append(_PAD[:pad])
+        total += n + pad
+    if len(words) > _MAX_WORDS:
+        raise InvalidRequestError(
+            f"{len(arrays)} tensors of {len(words) - len(arrays)} dims in all cannot travel in one"
+            f" frame (at most {_MAX_WORDS} words: tensors plus their dims)"
+        )
+    head = HEADER.pack(kind, status, MULTI, len(words), model, req_id, deadline_ns, total)
+    head += struct.pack(f"<{len(words)}I", *words)
+    return [head, *bodies]
+
+
+def decode_tensors(code: int, shape: Sequence[int], payload: bytes | bytearray) -> Tensors:
+    """A frame's tensors from its dtype code, shape words and payload (no copy: views of the
+    payload); ValueError when malformed. The one decoder of every receiver."""
+    if code != MULTI:
+        return np.frombuffer(payload, dtype=dtype_of(code)).reshape(shape)
+    out: list[Array] = []
+    i = off = 0
+    nwords = len(shape)
+    while i < nwords:
+        w = shape[i]
+        nd = w >> 8
+        if nd > 0xFF or i + 1 + nd > nwords:
+            raise ValueError(f"bad tensor table word {w:#x}")
+        dims = tuple(shape[i + 1 : i + 1 + nd])
+        i += 1 + nd
+        dt = dtype_of(w & 0xFF)
+        count = math.prod(dims)
+        n = count * dt.itemsize
+        if off + n > len(payload):
+            raise ValueError("the tensors need more bytes than the frame carries")
+        if n:
+            out.append(np.frombuffer(payload, dtype=dt, count=count, offset=off).reshape(dims))
+        else:
+            out.append(np.zeros(dims, dt))
+        off += n + (-n % 8)
+    if not out or off != len(payload):
+        raise ValueError(f"the tensors take {off} bytes, the frame carries {len(payload)}")
+    return tuple(out)
 
 
 def _sendmsg_all(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
@@ -288,8 +402,10 @@ class Transport(ABC):
     batch_stats: Mapping[str, Mapping[str, int]] = MappingProxyType({})
 
     @abstractmethod
-    def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
-        """Send one request; the future raises a :class:`~stgs.errors.ServingError` subclass."""
+    def submit(self, model: str, array: Tensors, *, deadline_ns: int = 0) -> Future[Tensors]:
+        """Send one request (an array, or a tuple of arrays for a model of several inputs); the
+        future gives the outputs likewise, or raises a :class:`~stgs.errors.ServingError`
+        subclass."""
 
     @property
     @abstractmethod
@@ -335,7 +451,7 @@ class SocketTransport(Transport):
         self.models = tuple(models)
         self._index = {m: i for i, m in enumerate(self.models)}
         self._fs = FrameSocket(sock)
-        self._pending: dict[int, Future[Array]] = {}
+        self._pending: dict[int, Future[Tensors]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
@@ -358,20 +474,20 @@ class SocketTransport(Transport):
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
+    def submit(self, model: str, array: Tensors, *, deadline_ns: int = 0) -> Future[Tensors]:
         fut, send = self.reserve(model, array, deadline_ns=deadline_ns)
         send()
         return fut
 
     def reserve(
-        self, model: str, array: Array, *, deadline_ns: int = 0
-    ) -> tuple[Future[Array], Callable[[], None]]:
+        self, model: str, array: Tensors, *, deadline_ns: int = 0
+    ) -> tuple[Future[Tensors], Callable[[], None]]:
         """Register a request (it counts as in flight from now on) and return its sender.
 
         The router reserves under its lock, so a worker it is about to drain never misses a
         request, and sends outside it, so that large tensors to different workers go in parallel.
         """
-        fut: Future[Array] = Future()
+        fut: Future[Tensors] = Future()
         idx = self._index.get(model)
         if idx is None:
             fut.set_exception(InvalidRequestError(f"{self.name} does not serve {model!r}"))
@@ -402,7 +518,7 @@ class SocketTransport(Transport):
         with contextlib.suppress(OSError):
             self._fs.send(STOP)
 
-    def _pop(self, req_id: int) -> Future[Array] | None:
+    def _pop(self, req_id: int) -> Future[Tensors] | None:
         with self._lock:
             return self._pending.pop(req_id, None)
 
@@ -418,7 +534,7 @@ class SocketTransport(Transport):
                     if fut is None:
                         continue
                     if frame.status == OK:
-                        _resolve(fut, frame.array())
+                        _resolve(fut, frame.tensors())
                     else:
                         _resolve(fut, error_of(frame.status, frame.text()))
                 elif frame.kind == HEARTBEAT:
@@ -457,7 +573,7 @@ class SocketTransport(Transport):
         self._shutdown("closed by the daemon")
 
 
-def _resolve(fut: Future[Array], outcome: Array | BaseException) -> None:
+def _resolve(fut: Future[Tensors], outcome: Tensors | BaseException) -> None:
     """Complete ``fut`` unless its caller gave up on it (cancelled): the reader thread must
     never die of an answer that came too late."""
     if not fut.set_running_or_notify_cancel():  # cancelled: nobody waits for it
@@ -484,10 +600,13 @@ def _parse_stats(text: str, models: Sequence[str]) -> dict[str, dict[str, int]] 
 
 
 class MockTransport(Transport):
-    """A transport that calls ``handler(model, array) -> array`` in this process."""
+    """A transport that calls ``handler(model, tensors) -> tensors`` in this process."""
 
     def __init__(
-        self, handler: Callable[[str, Array], Array], models: Sequence[str], name: str = "mock"
+        self,
+        handler: Callable[[str, Tensors], Tensors],
+        models: Sequence[str],
+        name: str = "mock",
     ) -> None:
         self.name = name
         self.models = tuple(models)
@@ -502,8 +621,8 @@ class MockTransport(Transport):
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, model: str, array: Array, *, deadline_ns: int = 0) -> Future[Array]:
-        fut: Future[Array] = Future()
+    def submit(self, model: str, array: Tensors, *, deadline_ns: int = 0) -> Future[Tensors]:
+        fut: Future[Tensors] = Future()
         if self._closed:
             fut.set_exception(WorkerDiedError(f"{self.name}: closed"))
         elif model not in self.models:

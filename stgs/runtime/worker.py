@@ -88,8 +88,8 @@ from stgs.runtime.transport import (
     STATS,
     STATS_KEYS,
     STOP,
-    Array,
     FrameSocket,
+    Tensors,
 )
 
 __all__ = ["TRACE_BATCH", "TRACE_ENV", "TRACE_REQUEST", "ModelSlot", "WorkerSpec", "main", "run"]
@@ -168,7 +168,7 @@ class _Conn:
 class _Request:
     req_id: int
     deadline_ns: int
-    array: Array
+    array: Tensors  # one array, or a tuple (a model of several inputs)
     conn: _Conn  # where the reply goes
     t_queued: int = 0
 
@@ -285,8 +285,8 @@ class Worker:
                     self._reply_error(c, frame.req_id, INVALID, f"no model #{frame.model}")
                     continue
                 entry = self.runners[frame.model].entry
-                arr = frame.array()
-                why = _invalid(entry.input_shape, entry.input_dtype, arr)
+                arr = frame.tensors()
+                why = _invalid(entry, arr)
                 if why is not None:
                     name = self.spec.models[frame.model].name
                     self._reply_error(c, frame.req_id, INVALID, f"{name}: {why}")
@@ -412,21 +412,21 @@ class Worker:
             if r.conn is not first:
                 break
         else:  # the common case: one connection, nothing to group
-            replies = [(r.req_id, np.asarray(o)) for r, o in zip(live, outs, strict=True)]
+            replies = [(r.req_id, _tensors(o)) for r, o in zip(live, outs, strict=True)]
             return self._send(first, replies) and first is self.control
-        groups: dict[_Conn, list[tuple[int, Array]]] = {}
+        groups: dict[_Conn, list[tuple[int, Tensors]]] = {}
         for r, o in zip(live, outs, strict=True):
             group = groups.get(r.conn)
             if group is None:
                 group = groups[r.conn] = []
-            group.append((r.req_id, np.asarray(o)))
+            group.append((r.req_id, _tensors(o)))
         beat = False
         for c, group in groups.items():
             beat = (self._send(c, group) and c is self.control) or beat
         return beat
 
     @staticmethod
-    def _send(c: _Conn, replies: list[tuple[int, Array]]) -> bool:
+    def _send(c: _Conn, replies: list[tuple[int, Tensors]]) -> bool:
         try:
             c.fs.send_responses(replies)
         except OSError:
@@ -468,11 +468,35 @@ def _cut(c: _Conn) -> None:
         c.fs.sock.shutdown(socket.SHUT_RDWR)
 
 
-def _invalid(shape: tuple[int, ...] | None, dtype: str, arr: Array) -> str | None:
+def _tensors(o: Any) -> Tensors:
+    """A runner's result as it travels: a tuple of arrays, or one array."""
+    return tuple(np.asarray(x) for x in o) if isinstance(o, tuple) else np.asarray(o)
+
+
+def _invalid(entry: ModelEntry, t: Tensors) -> str | None:
+    """Why a request's tensors do not fit the model's inputs (None: they do). A test model
+    (echo, sleep, fail) takes anything; a model of one input takes one array."""
+    if entry.kind == "test":
+        return None
+    specs = entry.inputs
+    if not isinstance(t, tuple):
+        if len(specs) != 1:
+            return f"{len(specs)} inputs expected ({', '.join(s.name for s in specs)}), got 1"
+        return _invalid_one(specs[0].shape, specs[0].dtype, t, "input")
+    if len(t) != len(specs):
+        return f"{len(specs)} input(s) expected ({', '.join(s.name for s in specs)}), got {len(t)}"
+    for spec, arr in zip(specs, t, strict=True):
+        why = _invalid_one(spec.shape, spec.dtype, arr, f"input {spec.name!r}")
+        if why is not None:
+            return why
+    return None
+
+
+def _invalid_one(shape: tuple[int, ...] | None, dtype: str, arr: Any, what: str) -> str | None:
     if shape is not None and tuple(arr.shape) != shape:
-        return f"input shape {tuple(arr.shape)}, expected {shape}"
+        return f"{what} shape {tuple(arr.shape)}, expected {shape}"
     if dtype and arr.dtype != np.dtype(dtype):
-        return f"input dtype {arr.dtype}, expected {dtype}"
+        return f"{what} dtype {arr.dtype}, expected {dtype}"
     return None
 
 
