@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stgs.batching import ADMISSION_DECAY
 from stgs.errors import DeadlineExceededError
 from stgs.runtime.transport import (
     DEADLINE,
@@ -25,7 +26,7 @@ from stgs.runtime.transport import (
     STATS,
     FrameSocket,
 )
-from stgs.runtime.worker import ADMISSION_DECAY, ModelSlot, Worker, WorkerSpec, _Request
+from stgs.runtime.worker import ModelSlot, Worker, WorkerSpec, _Request
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from stgs.backend import DeviceRef, SimulatedNode
+from stgs.batching import batch_buckets
 from stgs.errors import (
     ConfigError,
     DeadlineExceededError,
@@ -21,7 +22,7 @@ from stgs.errors import (
     WorkerDiedError,
     WorkerError,
 )
-from stgs.runtime.models import batch_buckets, model_entry
+from stgs.runtime.models import model_entry
 from stgs.runtime.process import WorkerProcess
 from stgs.runtime.transport import (
     MULTI,

@@ -25,9 +25,9 @@ from partitioner.sim.engine import OK as SIM_OK
 from partitioner.sim.engine import Simulator
 from partitioner.sim.noise import FALLBACK, quantiles
 from partitioner.sim.run import noise_for, simulate
+from stgs.batching import batch_buckets
 from stgs.plan import Partition
 from stgs.profiles import default_profiles_path
-from stgs.runtime.models import batch_buckets
 
 TARGET = 0.10
 _GAP_S = 0.00015  # answers of one batch arrive closer than this

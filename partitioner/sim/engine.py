@@ -14,7 +14,7 @@ and a heap of partition and controller events. What it mirrors of the runtime
   (admission; without admission: before now), and runs the rest as one batch.
 * **Batch latency**: the runtime pads a batch of n to the smallest captured bucket >= n, its
   buckets being the powers of two below the planned batch and the planned batch itself
-  (``stgs.runtime.models.batch_buckets``); latency = l(bucket, partition) from the latency
+  (``stgs.batching.batch_buckets``); latency = l(bucket, partition) from the latency
   functions x the interference slowdown ``1 + gamma x pct / 100`` x a noise factor: lognormal
   (median 1, sigma fitted from the profile's ``p99_ms``), or with ``noise: runtime`` drawn from
   the runtime's measured factors (``partitioner/sim/noise.py``). ``pct``: the MPS shares of the
@@ -54,11 +54,10 @@ from partitioner.problem import Problem
 from partitioner.sim.config import ReconfigCosts, SimOptions
 from partitioner.sim.noise import factors_for
 from partitioner.sim.workload import model_rng
+from stgs.batching import ADMISSION_DECAY, batch_buckets
 from stgs.catalog import get_sku
 from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, Partition, Plan
-from stgs.runtime.models import batch_buckets
-from stgs.runtime.worker import ADMISSION_DECAY
 from stgs.transition import Held, NodeState, PartitionKey, Step, node_state_of, transition
 from stgs.transition import partition_keys as plan_partition_keys
 

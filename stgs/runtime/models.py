@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from stgs.batching import batch_buckets
 from stgs.errors import ConfigError
 from stgs.registry import ModelEntry, build_module, model_entry, onnx_session
 from stgs.runtime.transport import Tensors
@@ -48,19 +49,6 @@ __all__ = [
 ]
 
 Array = npt.NDArray[Any]
-
-
-def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """Batch sizes with a captured graph: powers of two below ``max_batch``, and it."""
-    if max_batch < 1:
-        raise ValueError(f"batch must be >= 1, got {max_batch}")
-    out = []
-    b = 1
-    while b < max_batch:
-        out.append(b)
-        b *= 2
-    out.append(max_batch)
-    return tuple(out)
 
 
 class BatchRunner(ABC):

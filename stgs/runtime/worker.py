@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from stgs.batching import ADMISSION_DECAY
 from stgs.lifeline import die_with_parent
 from stgs.registry import ModelEntry
 from stgs.runtime.models import BatchRunner, load_runner, model_entry
@@ -102,10 +103,6 @@ TRACE_BATCH = ("slot", "taken", "live", "t_take", "t_run", "t_ran", "t_replied")
 # per request taken: its deadline, when the reader queued it, its batch (row in the batch
 # record), 1 if it ran, 0 if answered "deadline exceeded".
 TRACE_REQUEST = ("slot", "deadline", "t_queued", "batch", "ran")
-# Admission: when nothing of a take runs and some request was refused on the predicted latency,
-# the estimate shrinks by this factor, so that a model whose estimate exceeds its SLO (nothing
-# runs, so nothing re-measures it) runs again after a few refused takes.
-ADMISSION_DECAY = 0.8
 STATS_INTERVAL_NS = 1_000_000_000  # at most one STATS frame a second
 # How long a send on a data connection may wait for its client to read (SO_SNDTIMEO): far below
 # the supervisor's hang threshold (twice the slowest batch plus 0.8 s by default), far above
