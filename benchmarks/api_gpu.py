@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from benchmarks.lib.loadgen import (
     parse_models,
     poisson_arrivals,
 )
-from benchmarks.lib.node import open_backend, stop_daemons
+from benchmarks.lib.node import open_backend, quit_mps, stop_daemons
 from stgs.plan import Plan
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
@@ -79,19 +78,6 @@ allow_mig_changes = false
 [controller]
 interval_s = 3600.0
 """
-
-
-def _quit_mps(run_dir: Path) -> None:
-    """MPS daemons a stopped daemon left behind (their pipe dirs are under its runtime dir)."""
-    for pipe in run_dir.glob("**/pipe"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(
-                ["nvidia-cuda-mps-control"],
-                input=b"quit\n",
-                env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)},
-                timeout=15,
-                check=False,
-            )
 
 
 def _row(path: str, scale: float, total: float, s: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +140,7 @@ def through_api(
     finally:
         d.stop()
         if not args.simulated:
-            _quit_mps(d.work / "run")
+            quit_mps(d.work / "run")
     return view, rows
 
 

@@ -15,7 +15,6 @@ stops it. MPS daemons left by the killed process are quit at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import httpx
 import numpy as np
 
 from api.launch import LocalDaemon, wait_until
+from benchmarks.lib.node import quit_mps
 from benchmarks.lib.runs import run_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,16 +307,7 @@ hold_s = 1.0
         print(f"error: {result['error']}", file=sys.stderr)
     finally:
         d.stop()
-        # MPS daemons the killed daemon left behind (their pipe dirs are under run/)
-        for pipe in (work / "run").glob("**/pipe"):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    ["nvidia-cuda-mps-control"],
-                    input=b"quit\n",
-                    env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)},
-                    timeout=15,
-                    check=False,
-                )
+        quit_mps(work / "run")  # what the killed daemon left behind
         result["log_tail"] = d.log_path.read_text(errors="replace")[-4000:]
         path = args.json or (
             str(Path(os.environ["OUT"]) / "daemon_gpu.json") if os.environ.get("OUT") else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -50,3 +51,22 @@ def _forbid_nvml_init(
     if hasattr(pynvml, "nvmlInitWithFlags"):
         monkeypatch.setattr(pynvml, "nvmlInitWithFlags", forbidden)
     yield
+
+
+# tritonclient's clients for a test module's ``daemon`` fixture (an api.launch.LocalDaemon)
+@pytest.fixture(scope="module")
+def http_c(daemon: Any) -> Iterator[Any]:
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(url=f"127.0.0.1:{daemon.port}", network_timeout=120.0)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_c(daemon: Any) -> Iterator[Any]:
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(url=f"127.0.0.1:{daemon.grpc_port}")
+    yield c
+    c.close()

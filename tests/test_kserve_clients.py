@@ -37,20 +37,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
         d.stop()
 
 
-@pytest.fixture(scope="module")
-def grpc_c(daemon: LocalDaemon) -> Iterator[Any]:
-    c = grpcclient.InferenceServerClient(url=f"127.0.0.1:{daemon.grpc_port}")
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def http_c(daemon: LocalDaemon) -> Iterator[Any]:
-    c = httpclient.InferenceServerClient(url=f"127.0.0.1:{daemon.port}", network_timeout=30.0)
-    yield c
-    c.close()
-
-
 def _grpc_infer(c: Any, x: np.ndarray, model: str = "tiny_mlp", name: str = "input") -> Any:
     inp = grpcclient.InferInput(name, list(x.shape), "FP32" if x.dtype == np.float32 else "FP16")
     inp.set_data_from_numpy(x)

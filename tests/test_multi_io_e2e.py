@@ -146,20 +146,6 @@ def daemon(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         d.stop()
 
 
-@pytest.fixture(scope="module")
-def http_c(daemon: LocalDaemon) -> Iterator[Any]:
-    c = httpclient.InferenceServerClient(url=f"127.0.0.1:{daemon.port}", network_timeout=60.0)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def grpc_c(daemon: LocalDaemon) -> Iterator[Any]:
-    c = grpcclient.InferenceServerClient(url=f"127.0.0.1:{daemon.grpc_port}")
-    yield c
-    c.close()
-
-
 MODELS = ("pt2multi", "onnxmulti", "tsmulti")
 
 

@@ -74,34 +74,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
     try:
         p = d.start()
         with d.client() as c:
-            for m in ("torchnet", "onnxnet"):  # registered at start, profiled, planned
-
-                def served(m: str = m) -> bool:
-                    if c.get(f"/v2/models/{m}/ready").status_code == 200:
-                        return True
-                    got = c.get(f"/v1/models/{m}")
-                    if got.status_code == 200 and got.json()["status"] in ("failed", "refused"):
-                        raise RuntimeError(f"{m}: {got.json()['status']}: {got.json()['detail']}")
-                    return False
-
-                wait_until(f"{m} served", served, 300, p)
+            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+            # registered at start from the repository (the refused ones are not registered)
+            wait_until("both registered", lambda: len(c.get("/v1/models").json()) >= 2, 60, p)
+        d.wait_all_ready(300)  # profiled, planned, serving; a failure stops it with the reason
         yield d
     finally:
         d.stop()
-
-
-@pytest.fixture(scope="module")
-def http_c(daemon: LocalDaemon) -> Iterator[Any]:
-    c = httpclient.InferenceServerClient(url=f"127.0.0.1:{daemon.port}", network_timeout=120.0)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def grpc_c(daemon: LocalDaemon) -> Iterator[Any]:
-    c = grpcclient.InferenceServerClient(url=f"127.0.0.1:{daemon.grpc_port}")
-    yield c
-    c.close()
 
 
 def _eager(x: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@ workers), its label, and quitting the MPS daemons stgs started."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import time
@@ -65,3 +67,17 @@ def stop_daemons(backend: Backend, timeout_s: float = 15.0) -> list[str]:
                     break
                 time.sleep(0.2)
     return notes
+
+
+def quit_mps(run_dir: Path) -> None:
+    """Quit the MPS control daemons a stopped (or killed) ``stgs serve`` left behind: their
+    pipe directories are under its runtime directory."""
+    for pipe in run_dir.glob("**/pipe"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["nvidia-cuda-mps-control"],
+                input=b"quit\n",
+                env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)},
+                timeout=15,
+                check=False,
+            )
