@@ -43,6 +43,9 @@ log = logging.getLogger("stgs.daemon")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+STATUS_INTERVAL_S = 2.0  # how often the daemon's systemd STATUS line is brought up to date
+
+
 def sd_notify(message: str) -> bool:
     """Send ``message`` to systemd's $NOTIFY_SOCKET; False when not under systemd."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -260,9 +263,21 @@ def serve(cfg: DaemonConfig) -> int:
         d.controller.start()
         if dataplane is not None:
             dataplane.plane.publish()  # restored: the frontends answer ready, route everything
-        n = len(d.store.models())
-        sd_notify(f"READY=1\nSTATUS=serving {n} model(s) on {cfg.server.host}:{cfg.server.port}")
-        log.info("ready: %d model(s), %s backend", n, d.ctx.backend_kind)
+        status = serving_status()
+        sd_notify(f"READY=1\nSTATUS={status}")
+        log.info("ready: %s, %s backend", status, d.ctx.backend_kind)
+        # STATUS follows what is served (systemctl status shows it), checked every 2 s
+        while os.environ.get("NOTIFY_SOCKET") and not stop.wait(STATUS_INTERVAL_S):
+            now = serving_status()
+            if now != status:
+                status = now
+                sd_notify(f"STATUS={status}")
+
+    def serving_status() -> str:
+        models = d.store.models()
+        ready = sum(1 for m in models if m.status == "ready")
+        where = f"{cfg.server.host}:{cfg.server.port}"
+        return f"serving {ready} of {len(models)} registered model(s) on {where}"
 
     def watchdog() -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)

@@ -95,8 +95,9 @@ class LocalDaemon:
     def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         if self._log is None:
             self._log = self.log_path.open("ab")
-        e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        e.pop("NOTIFY_SOCKET", None)
+        e = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        e.pop("NOTIFY_SOCKET", None)  # not this process's systemd, unless ``env`` says so
+        e.update(env or {})
         p = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config)],
             stdout=self._log,

@@ -49,3 +49,44 @@ def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert srv.recv(100) == b"READY=1\nSTATUS=serving"
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
     assert sd_notify("WATCHDOG=1") is False  # logged, never raised
+
+
+def test_systemd_status_follows_what_is_served(tmp_path: Path) -> None:
+    """Under systemd (NOTIFY_SOCKET) the daemon says READY=1, then keeps STATUS up to date as
+    models come and go (it once kept "serving 0 model(s)" after a model was added)."""
+    import socket
+    import time
+
+    from api.launch import ONE_SIMULATED_GPU, LocalDaemon
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(str(path))
+        srv.settimeout(1.0)
+        d = LocalDaemon(tmp_path / "d", ONE_SIMULATED_GPU, server_options="frontends = 1\n")
+        got: list[str] = []
+
+        def until(text: str, timeout_s: float = 60.0, since: int = 0) -> None:
+            """Wait for a message with ``text`` among those from index ``since`` on."""
+            end = time.monotonic() + timeout_s
+            while time.monotonic() < end:
+                if any(text in m for m in got[since:]):
+                    return
+                try:
+                    got.append(srv.recv(4096).decode())
+                except TimeoutError:
+                    continue
+            raise AssertionError(f"no {text!r} in {got}")
+
+        try:
+            d.start(env={"NOTIFY_SOCKET": str(path)})
+            until("READY=1")
+            until("STATUS=serving 0 of 0 registered model(s)")
+            d.register("tiny_mlp", 500, 5)
+            until("STATUS=serving 1 of 1 registered model(s)")
+            n = len(got)
+            with d.client() as c:
+                assert c.delete("/v1/models/tiny_mlp").status_code in (200, 204)
+            until("STATUS=serving 0 of 0 registered model(s)", 30, since=n)
+        finally:
+            d.stop()
