@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from stgs.plan import ModelAssignment, Partition
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,3 +75,23 @@ def recorded_runs() -> Path | None:
         return None
     (out / "complete").touch()
     return out
+
+
+def make_partition(
+    models: list[tuple[str, int, float]],
+    kind: str = "mps",
+    mig: tuple[str, int] | None = None,
+    mps: int | None = None,
+    sm_count: int = 16,
+) -> Partition:
+    """A plan partition for transition tests: (name, batch, rate) per model, 1 ms batches."""
+    return Partition(
+        kind=kind,  # type: ignore[arg-type]
+        sm_count=sm_count,
+        memory_mib=1000.0,
+        duty_cycle_ms=10.0,
+        models=tuple(ModelAssignment(n, b, r, 1.0) for n, b, r in models),
+        mig_profile=None if mig is None else mig[0],
+        mig_start=None if mig is None else mig[1],
+        mps_pct=mps,
+    )

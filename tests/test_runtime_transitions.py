@@ -10,11 +10,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from _helpers import make_partition
 
 from stgs.backend import DeviceRef, FaultKind, SimulatedNode
 from stgs.catalog import MigPlacement, canonical_layout
 from stgs.errors import ConfigError, NoWorkerError, ServingError, TransitionError, WorkerDiedError
-from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
+from stgs.plan import GpuPlan, Partition, Plan
 from stgs.runtime import PartitionRuntime, PartitionState, Runtime, TransitionState
 
 TIMEOUT = 20.0
@@ -28,16 +29,7 @@ def part(
     mig: tuple[str, int] | None = None,
     mps: int | None = None,
 ) -> Partition:
-    return Partition(
-        kind=kind,  # type: ignore[arg-type]
-        sm_count=16,
-        memory_mib=1000.0,
-        duty_cycle_ms=10.0,
-        models=tuple(ModelAssignment(n, b, r, 1.0) for n, b, r in models),
-        mig_profile=None if mig is None else mig[0],
-        mig_start=None if mig is None else mig[1],
-        mps_pct=mps,
-    )
+    return make_partition(models, kind, mig, mps)
 
 
 def plan(name: str, *gpus: tuple[str, bool, list[Partition]]) -> Plan:

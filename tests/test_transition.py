@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _helpers import make_partition
 
 from partitioner.replan import diff, disruptions
 from partitioner.sim.config import SimOptions
@@ -34,16 +35,7 @@ def _part(
     mig: tuple[str, int] | None = None,
     mps: int | None = None,
 ) -> Partition:
-    return Partition(
-        kind=kind,  # type: ignore[arg-type]
-        sm_count=8,
-        memory_mib=1000.0,
-        duty_cycle_ms=10.0,
-        models=tuple(ModelAssignment(n, b, r, 1.0) for n, b, r in models),
-        mig_profile=None if mig is None else mig[0],
-        mig_start=None if mig is None else mig[1],
-        mps_pct=mps,
-    )
+    return make_partition(models, kind, mig, mps, sm_count=8)
 
 
 def _profile(sku: GpuSku, slices: int) -> str:
