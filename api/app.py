@@ -260,7 +260,7 @@ def _status_of(exc: StgsError) -> int:
 
 
 def _model_out(svc: Service, rec: ModelRecord) -> ModelOut:
-    plan = svc.runtime.current_plan
+    plan = svc.current_plan()
     return ModelOut(
         name=rec.name,
         status=rec.status,
@@ -408,11 +408,11 @@ def create_app(
 
     # ------------------------------------------------------------------ plans
     def _plan_view() -> PlanView:
-        plan = svc.runtime.current_plan
-        hist = svc.runtime.history[-1] if svc.runtime.history else None
+        plan = svc.current_plan()
+        hist = svc.last_transition()
         return PlanView(
             plan=None if plan is None else plan.to_dict(),
-            partitions=[PartitionOut(**p) for p in svc.runtime.describe()],
+            partitions=[PartitionOut(**p) for p in svc.partitions()],
             last_transition=None
             if hist is None
             else TransitionOut(
@@ -462,7 +462,7 @@ def create_app(
     ) -> list[EventOut]:
         return [
             EventOut(id=e.id, ts=e.ts, kind=e.kind, message=e.message, data=e.data)
-            for e in svc.store.events(limit=limit, kind=kind)
+            for e in svc.events(limit=limit, kind=kind)
         ]
 
     @app.get("/v1/status", tags=["node"])
@@ -470,7 +470,8 @@ def create_app(
         counts: dict[str, int] = {}
         for r in svc.models():
             counts[r.status] = counts.get(r.status, 0) + 1
-        plan = svc.runtime.current_plan
+        plan = svc.current_plan()
+        parts = svc.partitions()
         return StatusOut(
             version=__version__,
             backend=ctx.backend_kind,
@@ -478,7 +479,7 @@ def create_app(
             models=counts,
             gpus_used=0 if plan is None else plan.gpus_used,
             partitions={
-                s: sum(1 for p in svc.runtime.describe() if p["state"] == s)
+                s: sum(1 for p in parts if p["state"] == s)
                 for s in ("starting", "ready", "draining", "failed")
             },
             policy=svc.cfg.planner.policy,
@@ -581,7 +582,7 @@ def gpu_view(ctx: AppContext) -> dict[str, Any]:
         out["error"] = str(exc)
         return out
     by_gpu: dict[int, list[Mapping[str, Any]]] = {}
-    for p in svc.runtime.describe():
+    for p in svc.partitions():
         by_gpu.setdefault(int(p["partition"].split()[0].removeprefix("gpu")), []).append(p)
     for info in infos:
         g: dict[str, Any] = {

@@ -43,7 +43,7 @@ from api import inference, repository
 from api.config import DaemonConfig
 from api.inference import ModelIO
 from api.planproc import PlanJob, PlannerDiedError, PlannerPool
-from api.store import ModelRecord, Store
+from api.store import Event, ModelRecord, Store
 from partitioner.replan import diff
 from stgs.backend.base import Backend
 from stgs.catalog import get_sku
@@ -67,7 +67,7 @@ from stgs.registry import (
     model_entry,
     resolve_model_file,
 )
-from stgs.runtime import PartitionState, Runtime
+from stgs.runtime import PartitionState, Runtime, TransitionRecord
 from stgs.scenario import Scenario
 from stgs.types import GpuSpec, ModelSpec
 
@@ -466,6 +466,23 @@ class Service:
         )
 
     # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ read views (the facade)
+    # What the HTTP layer reads, so that it never reaches into the runtime, the store or the
+    # backend itself.
+    def current_plan(self) -> Plan | None:
+        """The plan in force (None before the first apply)."""
+        return self.runtime.current_plan
+
+    def last_transition(self) -> TransitionRecord | None:
+        return self.runtime.history[-1] if self.runtime.history else None
+
+    def partitions(self) -> list[dict[str, Any]]:
+        """Every partition the runtime holds and its state (:meth:`Runtime.describe`)."""
+        return self.runtime.describe()
+
+    def events(self, limit: int = 100, kind: str | None = None) -> list[Event]:
+        return self.store.events(limit=limit, kind=kind)
+
     def models(self) -> list[ModelRecord]:
         return self.store.models()
 
