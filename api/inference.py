@@ -270,7 +270,7 @@ def _io_of(t: Any) -> TensorIO:
 
 def model_io(svc: Service, model: str, version: str = "") -> ModelIO:
     """The registered model's tensors; InferError(404) for an unknown model or version."""
-    rec = svc.store.get_model(model)
+    rec = svc.record(model)
     if rec is None:
         raise InferError(404, f"unknown model {model!r}")
     try:

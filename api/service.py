@@ -483,6 +483,21 @@ class Service:
     def events(self, limit: int = 100, kind: str | None = None) -> list[Event]:
         return self.store.events(limit=limit, kind=kind)
 
+    def record(self, name: str) -> ModelRecord | None:
+        """The registration of ``name`` as stored now (None when there is none)."""
+        return self.store.get_model(name)
+
+    def batch_totals(self) -> dict[str, tuple[int, int]]:
+        """Per model: batches its current workers ran and their run time (ns), from the workers'
+        STATS (since each worker started)."""
+        out: dict[str, tuple[int, int]] = {}
+        for p in list(self.runtime.partitions.values()):
+            w = p.worker
+            for name, st in ({} if w is None else dict(w.transport.batch_stats)).items():
+                b, ns = out.get(name, (0, 0))
+                out[name] = (b + int(st.get("batches", 0)), ns + int(st.get("run_ns", 0)))
+        return out
+
     def models(self) -> list[ModelRecord]:
         return self.store.models()
 

@@ -180,13 +180,7 @@ def router(ctx: AppContext) -> APIRouter:
     def stats_of(model: str, version: str) -> dict[str, Any]:
         names = [model] if model else [rec.name for rec in svc.models()]
         totals = ctx.metrics.inference_totals().to_dict()
-        batches: dict[str, list[int]] = {}
-        for p in list(svc.runtime.partitions.values()):
-            w = p.worker
-            for name, st in ({} if w is None else dict(w.transport.batch_stats)).items():
-                b = batches.setdefault(name, [0, 0])
-                b[0] += int(st.get("batches", 0))
-                b[1] += int(st.get("run_ns", 0))
+        batches = svc.batch_totals()
         out = []
         for name in names:
             try:
@@ -199,7 +193,7 @@ def router(ctx: AppContext) -> APIRouter:
             ok = int(st.get("ok", 0))
             ok_ns = int(float(st.get("ok_duration_sum_s", 0.0)) * 1e9)
             all_ns = int(float(st.get("duration_sum_s", 0.0)) * 1e9)
-            execs, run_ns = batches.get(name, [0, 0])
+            execs, run_ns = batches.get(name, (0, 0))
             d = pb.StatisticDuration
             out.append(
                 pb.ModelStatistics(
@@ -290,7 +284,7 @@ def router(ctx: AppContext) -> APIRouter:
             end = time.monotonic() + LOAD_WAIT_S
             while rec.status in (PROFILING, PENDING) and time.monotonic() < end:
                 await asyncio.sleep(0.2)
-                got = svc.store.get_model(model)
+                got = svc.record(model)
                 if got is None:
                     return _error(409, f"model {model!r} was unloaded while it loaded")
                 rec = got
