@@ -101,6 +101,13 @@ class ServerConfig(_Strict):
         " answers 503 and gRPC RESOURCE_EXHAUSTED at once (with the data plane: per frontend)",
     )
 
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="the log lines of the daemon and its frontends: text, or one JSON object"
+        " per line (time, level, logger, process, message)",
+    )
+    access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
+
     def limits(self) -> dict[str, Any]:
         """What bounds one request (api.limits), as the frontends get it (one list)."""
         return self.model_dump(include=set(LIMIT_FIELDS))

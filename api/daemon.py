@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from api import logs
 from api.app import AppContext, create_app
 from api.config import DaemonConfig, read_token
 from api.controller import Controller, LoadMeter
@@ -229,6 +230,8 @@ def start_dataplane(d: Daemon) -> _DataPlaneSockets:
             "auth_all": d.ctx.auth_all,
             "control_socket": str(path),
             **s.limits(),
+            "log_format": s.log_format,
+            "access_log": s.access_log,
         },
         on_event=lambda kind, msg, data: d.store.log_event(kind, msg, **data),
         on_stats=d.on_frontend_stats,
@@ -243,9 +246,7 @@ def serve(cfg: DaemonConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean stop."""
     import uvicorn
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(cfg.server.log_format, logging.INFO)
     d = build(cfg)
     server: Any = None
     stop = threading.Event()
@@ -339,6 +340,7 @@ def serve(cfg: DaemonConfig) -> int:
         max_concurrency=cfg.server.max_concurrency,
         log_level="info",
         graceful_s=10,
+        access_log=cfg.server.access_log,
         **where,
     )
     server = uvicorn.Server(config)

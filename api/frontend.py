@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from starlette.types import Receive, Scope, Send
 
+from api import logs
 from api.inference import (
     EXTENSIONS,
     HEADER,
@@ -512,6 +513,8 @@ class FrontendConfig:
     body_timeout_s: float = 30.0
     idle_body_timeout_s: float = 10.0
     max_concurrency: int = 4096
+    log_format: str = "text"
+    access_log: bool = False
     max_in_flight: int = 64  # per partition, this frontend's share
 
     @classmethod
@@ -551,8 +554,9 @@ class Frontend:
             header_timeout_s=cfg.header_timeout_s,
             max_header_bytes=cfg.max_header_bytes,
             max_concurrency=cfg.max_concurrency,
-            log_level="warning",
+            log_level="info" if cfg.access_log else "warning",  # access lines are INFO
             graceful_s=5,
+            access_log=cfg.access_log,
         )
         server = uvicorn.Server(config)
         grpc_server = None
@@ -632,8 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="FrontendConfig as JSON")
     args = ap.parse_args(argv)
     cfg = FrontendConfig.from_json(args.config)
-    logging.basicConfig(
-        level=logging.WARNING, format=f"%(asctime)s frontend {cfg.slot} %(name)s: %(message)s"
+    # INFO with the access log on: uvicorn writes it at INFO
+    logs.setup(
+        cfg.log_format, logging.INFO if cfg.access_log else logging.WARNING, f"frontend {cfg.slot}"
     )
     control = socket.socket(fileno=args.control_fd)
     frontend = Frontend(cfg, control)

@@ -242,10 +242,12 @@ def uvicorn_config(
     max_concurrency: int,
     log_level: str,
     graceful_s: int,
+    access_log: bool = False,
     **where: Any,
 ) -> Any:
     """The ``uvicorn.Config`` of a serving process (the daemon's, a frontend's): the header
-    limits' protocol, the concurrency bound (503 above it), no access log; ``where``: host and
+    limits' protocol, the concurrency bound (503 above it), the access log when asked for, and
+    uvicorn's loggers through the process's own handler (:mod:`api.logs`); ``where``: host and
     port, or fd."""
     import uvicorn
 
@@ -253,7 +255,8 @@ def uvicorn_config(
         app,
         **where,
         log_level=log_level,
-        access_log=False,
+        log_config=None,  # uvicorn's loggers go through the process's handler (api.logs)
+        access_log=access_log,
         lifespan="on",
         timeout_graceful_shutdown=graceful_s,
         limit_concurrency=max_concurrency,

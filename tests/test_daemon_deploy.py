@@ -90,3 +90,37 @@ def test_systemd_status_follows_what_is_served(tmp_path: Path) -> None:
             until("STATUS=serving 0 of 0 registered model(s)", 30, since=n)
         finally:
             d.stop()
+
+
+def test_json_logs_and_the_access_log(tmp_path: Path) -> None:
+    """``server.log_format = "json"``: every line the daemon and its frontends write is one JSON
+    object (time, level, logger, process, message); ``access_log`` logs each request."""
+    import json
+
+    import httpx
+
+    from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
+
+    d = LocalDaemon(
+        tmp_path,
+        ONE_SIMULATED_GPU,
+        server_options='frontends = 1\nlog_format = "json"\naccess_log = true\n',
+    )
+    try:
+        p = d.start()
+        with d.client() as c:
+            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+        for _ in range(3):
+            assert httpx.get(f"{d.url}/v2/health/live").status_code == 200
+
+        def logged() -> bool:
+            return "/v2/health/live" in d.log_path.read_text(errors="replace")
+
+        wait_until("the access log line", logged, 10, p)
+    finally:
+        d.stop()
+    lines = [ln for ln in d.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    objs = [json.loads(ln) for ln in lines]  # every line parses
+    assert all({"time", "level", "logger", "process", "message"} <= o.keys() for o in objs)
+    assert {o["process"] for o in objs} >= {"daemon", "frontend 0"}
+    assert any("/v2/health/live" in o["message"] for o in objs)
