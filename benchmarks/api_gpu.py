@@ -19,7 +19,13 @@
    an in-process ``Runtime`` on the same backend, and ``serve_gpu.py``'s open-loop load
    generator (the in-process router: ``Runtime.submit``) drives the same scales; within SLO means
    the same (completed OK within SLO of the scheduled arrival).
-4. Goodput of each path: the highest scale whose share within SLO is >= 0.99, times the mix's
+4. With ``--trace`` the workers record their trace (``STGS_WORKER_TRACE``) on both paths, and
+   each row gets the host breakdown of its window from it (p50/p99 ms, by the worker's clock,
+   one ``CLOCK_MONOTONIC`` for the host): ``in`` from the request's arrival (where its deadline
+   counts from: the frontend's HTTP arrival, or the in-process router's scheduled time) to the
+   worker's queue, ``wait`` in the queue, ``run`` the batch, ``out`` the replies sent. The rest
+   of what the client saw is the client's and the HTTP layer's.
+5. Goodput of each path: the highest scale whose share within SLO is >= 0.99, times the mix's
    total rate; a sweep stops at the first scale below 0.99. The ratio API / in-process is the
    figure issue 14 asks for (>= 0.9).
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -56,9 +63,11 @@ from benchmarks.lib.loadgen import (
     poisson_arrivals,
 )
 from benchmarks.lib.node import open_backend, quit_mps, stop_daemons
+from benchmarks.lib.probes import collect_traces
 from stgs.plan import Plan
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
+from stgs.runtime.worker import TRACE_BATCH, TRACE_ENV, TRACE_REQUEST
 
 MIXES = {
     "serve": DEFAULT_MODELS,  # serve_gpu.py's mix
@@ -91,6 +100,58 @@ def _row(path: str, scale: float, total: float, s: dict[str, Any]) -> dict[str, 
     return {"path": path, "scale": scale, "offered_rps": scale * total, **s}
 
 
+def breakdown(
+    traces: dict[str, np.ndarray], slo_ms: dict[str, float], t0_ns: int, t1_ns: int
+) -> dict[str, float]:
+    """The worker trace's host breakdown (p50/p99 ms) of the requests that arrived in
+    [t0_ns, t1_ns) and ran: arrival -> worker queue (``in``), queue (``wait``), batch (``run``),
+    replies sent (``out``), and arrival -> replies sent (``worker_total``)."""
+    if not traces:
+        return {}
+    parts = json.loads(str(traces["w_parts"]))
+    wb, wr = traces["wb"], traces["wr"]
+    col_b = {c: k + 1 for k, c in enumerate(TRACE_BATCH)}
+    col_r = {c: k + 1 for k, c in enumerate(TRACE_REQUEST)}
+    # each worker's batches, by (worker, row in its own trace)
+    first = {int(w): int(np.argmax(wb[:, 0] == w)) for w in np.unique(wb[:, 0])}
+    pairs = wr[:, [0, col_r["slot"]]]
+    slo_ns = np.array([slo_ms.get(parts[int(w)]["models"][int(s)], 0.0) * 1e6 for w, s in pairs])
+    ran = (wr[:, col_r["ran"]] == 1) & (wr[:, col_r["deadline"]] > 0)
+    arrival = wr[:, col_r["deadline"]] - slo_ns
+    ran &= (arrival >= t0_ns) & (arrival < t1_ns)
+    if not ran.any():
+        return {}
+    rows = np.array([first[int(w)] + int(b) for w, b in wr[ran][:, [0, col_r["batch"]]]])
+    b = wb[rows]
+    q = wr[ran][:, col_r["t_queued"]]
+    a = arrival[ran]
+    spans = {
+        "in": q - a,
+        "wait": b[:, col_b["t_run"]] - q,
+        "run": b[:, col_b["t_ran"]] - b[:, col_b["t_run"]],
+        "out": b[:, col_b["t_replied"]] - b[:, col_b["t_ran"]],
+        "worker_total": b[:, col_b["t_replied"]] - a,
+    }
+    out: dict[str, float] = {}
+    for k, v in spans.items():
+        out[f"{k}_p50_ms"] = float(np.percentile(v, 50)) / 1e6
+        out[f"{k}_p99_ms"] = float(np.percentile(v, 99)) / 1e6
+    return out
+
+
+def _print_breakdown(rows: list[dict[str, Any]]) -> None:
+    keys = ("in", "wait", "run", "out", "worker_total")
+    print("host breakdown from the worker trace (ms, p50/p99; client = what the client saw):")
+    print(f"  {'path':11} {'scale':>6} " + " ".join(f"{k:>13}" for k in (*keys, "client")))
+    for r in rows:
+        bd = r.get("trace") or {}
+        if not bd:
+            continue
+        cells = [f"{bd[k + '_p50_ms']:5.2f}/{bd[k + '_p99_ms']:6.2f}" for k in keys]
+        cells.append(f"{r.get('p50_ms', 0):5.2f}/{r.get('p99_ms', 0):6.2f}")
+        print(f"  {r['path']:11} x{r['scale']:<5g} " + " ".join(f"{c:>13}" for c in cells))
+
+
 def through_api(
     args: argparse.Namespace, models: list[ModelCfg], work: Path, protos: list[str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -102,8 +163,10 @@ def through_api(
     )
     rows: list[dict[str, Any]] = []
     total = sum(m.rate_rps for m in models)
+    trace_dir = work / "trace-api" if args.trace else None
+    windows: list[tuple[dict[str, Any], int, int]] = []
     try:
-        p = d.start()
+        p = d.start(env={TRACE_ENV: str(trace_dir)} if trace_dir else None)
         with d.client() as c:
             wait_until("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 120, p)
             t0 = time.monotonic()
@@ -132,16 +195,43 @@ def through_api(
             kserve_load.load(proto, addr, warm, 2.0, 1, work / "warm")  # connections, caches
             for scale in args.scale_list:
                 scaled = [Target(t.model, t.rate * scale, t.x) for t in targets]
+                t0 = time.monotonic_ns()
                 got = kserve_load.load(proto, addr, scaled, args.seconds, args.clients, work / "c")
                 row = _row(f"api-{proto}", scale, total, summarize(got, slos))
                 rows.append(row)
+                windows.append((row, t0, time.monotonic_ns()))
                 if row["within_slo"] < 0.99:
                     break
+        if trace_dir is not None:  # workers write their trace when drained, not when killed
+            with d.client() as c:
+                for m in models:
+                    c.delete(f"/v1/models/{m.name}")
+                wait_until(
+                    "the workers drained",
+                    lambda: not any(c.get("/v1/status").json()["partitions"].values()),
+                    60,
+                    p,
+                )
+                time.sleep(1.0)  # the last worker writes its trace as it exits
     finally:
         d.stop()
         if not args.simulated:
             quit_mps(d.work / "run")
+    _add_breakdown(trace_dir, models, windows)
     return view, rows
+
+
+def _add_breakdown(
+    trace_dir: Path | None, models: list[ModelCfg], windows: list[tuple[dict[str, Any], int, int]]
+) -> None:
+    """Each row's host breakdown from the (drained) workers' trace files."""
+    if trace_dir is None:
+        return
+    traces = collect_traces(trace_dir) if trace_dir.exists() else {}
+    print(f"worker trace: {len(traces.get('wr', []))} requests")
+    slo_ms = {m.name: m.slo_ms for m in models}
+    for row, t0, t1 in windows:
+        row["trace"] = breakdown(traces, slo_ms, t0, t1)
 
 
 def in_process(
@@ -156,8 +246,12 @@ def in_process(
     slos_ms = [m.slo_ms for m in models]
     inputs = [model_entry(m.name).example(seed=i) for i, m in enumerate(models)]
     total = sum(m.rate_rps for m in models)
+    trace_dir = work / "trace-inproc" if args.trace else None
+    if trace_dir is not None:
+        os.environ[TRACE_ENV] = str(trace_dir)  # the workers inherit it
     runtime = Runtime(backend, slos=dict(zip(names, slos_ms, strict=True)), admission=True)
     rows: list[dict[str, Any]] = []
+    windows: list[tuple[dict[str, Any], int, int]] = []
     try:
         runtime.start_monitor()
         t = time.monotonic()
@@ -174,6 +268,7 @@ def in_process(
             rates = [m.rate_rps * scale for m in models]
             t_sched, m_idx = poisson_arrivals(rates, seconds, args.seed + k)
             lg = LoadGen(runtime, names, slos_ms, inputs, t_sched, m_idx, 0)
+            t0 = time.monotonic_ns()
             lg.start(time.monotonic() + 0.2)
             lg.join()
             end = time.monotonic() + max(slos_ms) / 1e3 + 2.0
@@ -194,14 +289,19 @@ def in_process(
             ]
             row = _row("in-process", scale, total, summarize(recs, list(slo_of)))
             rows.append(row)
+            windows.append((row, t0, time.monotonic_ns()))
             if row["within_slo"] < 0.99:
                 break
+        if trace_dir is not None:  # workers write their trace when drained, not when killed
+            runtime.apply(dataclasses.replace(plan, gpus=()))
     finally:
         runtime.close()
         with contextlib.suppress(Exception):
             stop_daemons(backend)
         with contextlib.suppress(Exception):
             backend.close()
+        os.environ.pop(TRACE_ENV, None)
+    _add_breakdown(trace_dir, models, windows)
     return rows
 
 
@@ -223,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--simulated", action="store_true")
     ap.add_argument("--ready-timeout-s", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--trace", action="store_true", help="host breakdown from the worker trace")
     ap.add_argument("--json", default=None, help="summary path (default $OUT/api_gpu-MIX.json)")
     args = ap.parse_args(argv)
     sys.setswitchinterval(1e-3)  # as serve_gpu.py's in-process load generator runs
@@ -248,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         out["rows"] = rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.trace:
+        _print_breakdown(rows)
     print(f"\ngoodput (highest load with >= 99% within SLO; mix {mix}, {total:g} req/s at x1):")
     base = goodput(rows, "in-process")
     out["goodput"] = {}
