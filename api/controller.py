@@ -166,12 +166,10 @@ class Controller:
             return False
         reason = d.reason
         self.state = "replanning"
-        try:
-            self.planner.replan(d.rates, reason=f"controller: {reason}", clip=True)
-        except Exception:
-            self.rules.failed(now)  # back off: the next attempt waits hold_s x 2^failures
-            raise
-        self.rules.succeeded()
+        rates = d.rates
+        self.rules.attempt(
+            now, lambda: self.planner.replan(rates, reason=f"controller: {reason}", clip=True)
+        )
         self.replans += 1
         self.state = "idle"
         if self.on_replan is not None:

@@ -23,18 +23,30 @@ Pure and clock-injected (no threads, no I/O, no wall clock): the daemon's reconc
 
 :class:`ControlLoop` is both in one object (the simulator's); the daemon keeps the estimator
 behind its thread-safe :class:`api.controller.LoadMeter` and calls :class:`ReplanRules` itself.
+
+The glue around a pass is here too, so that the daemon and the simulator run the same code:
+:func:`planned_rates` (what the controller compares the load with: the plan's rate of each
+model, or the rate asked for when the plan serves none of it), :func:`check_keeps_live` (a
+re-plan that serves none of a live model is not applied) and :meth:`ReplanRules.attempt` (a
+re-plan carried out: a failure backs off, a success resets the back-off).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stgs.errors import StgsError
+from stgs.plan import Plan
+
 MIN_RATE_RPS = 1.0  # a registered model keeps a partition even when idle
 MIN_SAMPLES = 20.0  # requests (EWMA-weighted) before attainment is trusted
+
+T = TypeVar("T")
 
 
 class ControlRules(BaseModel):
@@ -123,6 +135,34 @@ class Decision:
 MAX_BACKOFF = 64.0  # x hold_s: the longest wait after failed re-plans
 
 
+def planned_rates(plan: Plan | None, asked: Mapping[str, float]) -> dict[str, float]:
+    """Each model's planned rate, as the controller compares the load with it: what ``plan``
+    (the plan in force) serves of it, or the rate ``asked`` for it (its registered rate, or the
+    last re-plan's) when the plan serves none of it yet. ``asked``: the live models."""
+    out = {}
+    for name, rate in asked.items():
+        served = plan.served_rate(name) if plan is not None else 0.0
+        out[name] = served if served > 0 else float(rate)
+    return out
+
+
+class DropsLiveModelError(StgsError):
+    """A re-plan's plan serves none of a live model: it is not applied."""
+
+
+def check_keeps_live(plan: Plan, planned: Mapping[str, float]) -> None:
+    """Raise DropsLiveModelError when ``plan`` serves none of a model planned at a rate
+    above 0 (``planned``: :func:`planned_rates`), with the policy's reasons. A policy that
+    cannot serve everyone must not take a live model's partitions away: the plan in force
+    stays, and the controller backs off (:meth:`ReplanRules.attempt`)."""
+    missing = [n for n, r in planned.items() if plan.served_rate(n) <= 0 < r]
+    if missing:
+        why = "; ".join(u.reason for u in plan.unserved) or "not placed"
+        raise DropsLiveModelError(
+            f"the {plan.policy} plan would serve none of {', '.join(missing)}: {why}"
+        )
+
+
 class ReplanRules:
     """The band, attainment and hold rules; remembers since when each model is out of band,
     and the failed re-plans since the last success (back-off)."""
@@ -144,6 +184,19 @@ class ReplanRules:
     def succeeded(self) -> None:
         self.failures = 0
         self.not_before = -math.inf
+
+    def attempt(self, now: float, replan: Callable[[], T]) -> T:
+        """Carry out the re-plan a pass asked for (``replan()`` makes and applies it, and
+        raises when it cannot: no plan in time, a failed transition, a plan that drops a live
+        model, :func:`check_keeps_live`). A failure backs off (:meth:`failed`) and is raised
+        again; a success resets the back-off."""
+        try:
+            out = replan()
+        except Exception:
+            self.failed(now)  # the next attempt waits hold_s x 2^failures
+            raise
+        self.succeeded()
+        return out
 
     def band(self, planned: float) -> tuple[float, float]:
         h = self.rules.hysteresis

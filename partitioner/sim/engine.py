@@ -28,7 +28,8 @@ and a heap of partition and controller events. What it mirrors of the runtime
   ``partitioner.control.ControlLoop``, fed each request's arrival and SLO outcome when it is
   answered (as the daemon's meter is); the policy call and the transition it starts hold the
   controller (the daemon's loop waits for ``Service.replan``), and a plan that would serve none
-  of a model is not applied (``Service.replan`` refuses it).
+  of a model is not applied: the daemon's glue, ``partitioner.control.planned_rates``,
+  ``check_keeps_live`` and ``ReplanRules.attempt`` (the back-off), runs here as there.
 * **Transitions** (``Runtime._transition``): the steps of ``stgs.transition.transition``, the
   runtime's own, on the node state the simulated plans left (MIG modes and instances, MPS
   daemons); each MIG and MPS step costs its ``ReconfigCosts`` seconds (``step_seconds``), each
@@ -49,7 +50,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from partitioner.control import ControlLoop, Counts
+from partitioner.control import (
+    ControlLoop,
+    Counts,
+    DropsLiveModelError,
+    check_keeps_live,
+    planned_rates,
+)
 from partitioner.problem import Problem
 from partitioner.sim.config import ReconfigCosts, SimOptions
 from partitioner.sim.noise import factors_for
@@ -635,11 +642,7 @@ class Simulator:
     def _ctrl_planned(self) -> dict[str, float]:
         """Each model's planned rate as the daemon reads it (``Service.planned_rates``): what
         the current plan serves of it, or the rate asked for when it serves none."""
-        out = {}
-        for n in self.models:
-            r = self.plan.served_rate(n)
-            out[n] = r if r > 0 else self.ctrl_requested[n]
-        return out
+        return planned_rates(self.plan, {n: self.ctrl_requested[n] for n in self.models})
 
     def _next_tick(self, t: float) -> None:
         nxt = t + self.options.controller.interval_s * 1000.0
@@ -662,16 +665,21 @@ class Simulator:
         if d.rates is None:
             self._next_tick(t)
             return
-        new = self.replan_fn(d.rates, self.plan)
-        self.replans += 1
-        if any(new.served_rate(n) <= 0 < r for n, r in planned.items()):
-            # Service.replan refuses a plan that drops a live model (a controller error there)
+        rates, replan_fn = d.rates, self.replan_fn
+
+        def replan() -> Plan:
+            new = replan_fn(rates, self.plan)
+            self.replans += 1
+            check_keeps_live(new, planned)  # as Service.replan does
+            return new
+
+        try:  # the daemon's controller around its replan: a failure backs off
+            new = ctrl.replan_rules.attempt(t / 1000.0, replan)
+        except DropsLiveModelError:  # a controller error there
             self.replans_refused += 1
-            ctrl.replan_rules.failed(t / 1000.0)  # and the controller backs off, as there
             self._next_tick(t)
             return
-        ctrl.replan_rules.succeeded()
-        self.ctrl_requested = dict(d.rates)
+        self.ctrl_requested = dict(rates)
         self._begin_transition(t, new)
         if self.transition is None:  # nothing to start or stop: done at once
             self._next_tick(t)
