@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -453,7 +453,7 @@ def create_app(
     @app.get("/v1/gpus", tags=["node"], response_model_exclude_unset=True)
     def gpus() -> GpusOut:
         """The backend's view: GPUs, MIG mode and layout, MPS daemons, partitions."""
-        return GpusOut(**gpu_view(ctx))
+        return GpusOut(**svc.node_view(ctx.backend_kind))
 
     @app.get("/v1/events", responses=errors(422), tags=["node"])
     def events(
@@ -569,56 +569,3 @@ class ArrivalStamp:
         if scope["type"] == "http":
             scope.setdefault("state", {}).setdefault("arrival_ns", time.monotonic_ns())
         await self.app(scope, receive, send)
-
-
-def gpu_view(ctx: AppContext) -> dict[str, Any]:
-    """Read path: every value the backend gives; a failing read is reported, not raised."""
-    svc = ctx.service
-    backend = svc.backend
-    out: dict[str, Any] = {"backend": ctx.backend_kind, "gpus": [], "mps_daemons": []}
-    try:
-        infos = backend.gpus()
-    except StgsError as exc:
-        out["error"] = str(exc)
-        return out
-    by_gpu: dict[int, list[Mapping[str, Any]]] = {}
-    for p in svc.partitions():
-        by_gpu.setdefault(int(p["partition"].split()[0].removeprefix("gpu")), []).append(p)
-    for info in infos:
-        g: dict[str, Any] = {
-            "index": info.index,
-            "uuid": info.uuid,
-            "name": info.name,
-            "sku": info.sku,
-            "sm_count": info.sm_count,
-            "memory_mib": info.memory_mib,
-            "mig_capable": info.mig_capable,
-            "mig_enabled": info.mig_enabled,
-            "mig_pending": info.mig_pending,
-            "healthy": info.healthy,
-            "mig_devices": [],
-            "partitions": by_gpu.get(info.index, []),
-        }
-        if info.mig_enabled and info.healthy:
-            try:
-                g["mig_devices"] = [
-                    {
-                        "profile": d.placement.profile,
-                        "start": d.placement.start,
-                        "uuid": d.uuid,
-                        "sm_count": d.sm_count,
-                        "memory_mib": d.memory_mib,
-                    }
-                    for d in backend.mig_devices(info.index)
-                ]
-            except StgsError as exc:
-                g["error"] = str(exc)
-        out["gpus"].append(g)
-    try:
-        out["mps_daemons"] = [
-            {"device": str(d.ref), "uuid": d.device_uuid, "pipe_dir": str(d.pipe_dir), "pid": d.pid}
-            for d in backend.mps_daemons()
-        ]
-    except StgsError as exc:
-        out["mps_error"] = str(exc)
-    return out

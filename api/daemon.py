@@ -31,8 +31,9 @@ from api.config import DaemonConfig, read_token
 from api.controller import Controller, LoadMeter
 from api.limits import uvicorn_config
 from api.metrics import Metrics
-from api.service import Observer, Service, clean_stale_profiling, cpu_profiler, gpu_profiler
+from api.service import Observer, Service
 from api.store import Store
+from profiler.adapters import clean_stale_profiling, cpu_profiler, gpu_profiler
 from stgs.backend.base import Backend
 from stgs.backend.simulated import SimulatedNode
 from stgs.errors import BackendError, ConfigError

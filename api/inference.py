@@ -35,7 +35,8 @@ from stgs.errors import (
 )
 
 if TYPE_CHECKING:
-    from api.service import Service
+    from api.store import ModelRecord
+    from stgs.registry import ModelEntry
 
 T = TypeVar("T")
 
@@ -268,7 +269,17 @@ def _io_of(t: Any) -> TensorIO:
     return TensorIO(t.name, t.dtype, t.shape)
 
 
-def model_io(svc: Service, model: str, version: str = "") -> ModelIO:
+class ModelLookup(Protocol):
+    """The registered models, as :func:`model_io` reads them (the daemon's service)."""
+
+    def record(self, name: str) -> ModelRecord | None:
+        """The registration of ``name`` as stored now (None when there is none)."""
+
+    def entry(self, rec: ModelRecord) -> ModelEntry:
+        """Its registry entry; ConfigError when its file went away or changed."""
+
+
+def model_io(svc: ModelLookup, model: str, version: str = "") -> ModelIO:
     """The registered model's tensors; InferError(404) for an unknown model or version."""
     rec = svc.record(model)
     if rec is None:

@@ -9,16 +9,21 @@ from typing import Any
 import numpy as np
 import pytest
 
-from api.config import ControllerConfig
+from api.config import ControllerConfig, DaemonConfig
 from api.controller import Controller
+from api.daemon import build
+from api.service import ConflictError
 from partitioner.control import ControlLoop, ControlRules, Counts
 from partitioner.policies import Policy, get_policy
 from partitioner.problem import Problem
 from partitioner.sim import ControllerOptions, SimOptions, Simulator
 from partitioner.sim.compare import load_experiment
 from partitioner.sim.run import simulate
+from stgs.catalog import get_sku
 from stgs.errors import ConfigError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan
+from stgs.profiles import ProfileRow
+from stgs.registry import ModelEntry
 from stgs.scenario import scenario_from_mapping
 
 RULES = {"interval_s": 1.0, "rate_halflife_s": 2.0, "hysteresis": 0.2, "hold_s": 5.0}
@@ -130,6 +135,63 @@ def test_daemon_and_simulator_act_alike_on_slo_misses() -> None:
     for (td, rd), (ts, rs) in zip(daemon, sim, strict=True):
         assert abs(td - ts) <= RULES["interval_s"]
         assert rs == pytest.approx(rd, rel=0.02)
+
+
+def _fake_profiler(model: ModelEntry, sku: str) -> list[ProfileRow]:
+    sms = get_sku(sku).sm_count
+    return [ProfileRow(sku, model.name, "full", sms, b, 0.5 + 0.05 * b, 10.0) for b in (1, 2, 4, 8)]
+
+
+def test_daemon_and_simulator_refuse_a_plan_that_drops_a_model_and_back_off_alike(
+    tmp_path: Path,
+) -> None:
+    """Every request late and a policy whose plan serves none of the model: the daemon's
+    service refuses it (409, the plan in force stays), the simulator does not apply it, and
+    both controllers back off alike: the same number of re-plans, all refused."""
+    empty = Plan("hand", True, (GpuPlan(0, "H100-80GB", False),))
+    # the simulator: its controller's re-plans, each answered with the dropping plan
+    calls: list[float] = []
+
+    def replan(rates: Any, _cur: Plan) -> Plan:
+        calls.append(float(rates["resnet50"]))
+        return empty
+
+    opts = SimOptions(
+        duration_s=DURATION_S, noise="off", controller=ControllerOptions(enabled=True, **RULES)
+    )
+    sim = Simulator(_problem(1.0), _plan(100.0), {"resnet50": _arrivals()}, opts, replan=replan)
+    res = sim.run()
+    assert res.replans == res.info["replans_refused"] == len(calls) and len(res.plans) == 1
+    # the daemon: the real service (one model served at 100 req/s) and controller, whose
+    # policy makes the same plan
+    cfg = DaemonConfig.model_validate({"backend": {"kind": "simulated"}}).resolved(tmp_path)
+    d = build(cfg, background=False)
+    try:
+        svc = d.service
+        svc.profiler = _fake_profiler
+        svc.restore()
+        svc.register({"name": "echo", "slo_ms": 100, "rate_rps": 100, "source": "builtin:echo"})
+        served = svc.current_plan()
+        assert served is not None and svc.planned_rates() == {"echo": 100.0}
+        svc.planning.plan = lambda *_a, **_k: empty  # type: ignore[method-assign]
+        with pytest.raises(ConflictError, match="would serve none of echo"):
+            svc.replan({"echo": 120.0}, reason="test")
+        assert svc.current_plan() is served
+        t = [0.0]
+        ctl = Controller(svc, ControllerConfig(**RULES), clock=lambda: t[0])
+        ctl.step()  # started before the load
+        arr = _arrivals()
+        for k in range(1, int(DURATION_S / RULES["interval_s"])):
+            t[0] = k * RULES["interval_s"]
+            n = int(((arr >= t[0] - RULES["interval_s"]) & (arr < t[0])).sum())
+            ctl.meter.arrived("echo", n)
+            ctl.meter.finished("echo", n, False)
+            assert ctl.step() is False
+        assert ctl.errors == ctl.rules.failures == res.replans >= 2
+        assert "would serve none of echo" in (ctl.last_error or "")
+        assert svc.current_plan() is served
+    finally:
+        d.close()
 
 
 def test_control_loop_is_pure_and_clock_injected() -> None:

@@ -382,7 +382,7 @@ def test_a_concurrent_admission_never_drops_a_model_just_admitted(tmp_path: Path
     d = build(cfg, background=False)
     svc = d.service
     first_applied = threading.Event()
-    real = svc._optimistic
+    real = svc.planning.optimistic
 
     def optimistic(decide: Any, commit: Any) -> Any:
         out = real(decide, commit)
@@ -391,7 +391,7 @@ def test_a_concurrent_admission_never_drops_a_model_just_admitted(tmp_path: Path
             time.sleep(0.5)  # the window before its admission is wound up
         return out
 
-    svc._optimistic = optimistic  # type: ignore[method-assign]
+    svc.planning.optimistic = optimistic  # type: ignore[method-assign]
     errors: list[BaseException] = []
 
     def register(name: str, after: threading.Event | None) -> None:
