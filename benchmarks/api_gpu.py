@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-timeout-s", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--trace", action="store_true", help="host breakdown from the worker trace")
+    ap.add_argument("--api-only", action="store_true", help="no in-process run (no ratio)")
     ap.add_argument("--json", default=None, help="summary path (default $OUT/api_gpu-MIX.json)")
     args = ap.parse_args(argv)
     sys.setswitchinterval(1e-3)  # as serve_gpu.py's in-process load generator runs
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan.from_dict(view["plan"])
         out["plan"] = view["plan"]
         print("the daemon's plan:\n" + "\n".join(describe_plan(plan)))
-        rows += in_process(args, models, plan, work / "inproc")
+        if not args.api_only:
+            rows += in_process(args, models, plan, work / "inproc")
         out["rows"] = rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
