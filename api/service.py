@@ -707,7 +707,7 @@ class Service:
         """Background: profile ``name`` on every SKU of the node, then admit it."""
         assert self.profiler is not None
         try:
-            with self._profiling:  # queued ("queued") behind another model's run until then
+            with self._profiling:  # waits here (detail "queued") while another model profiles
                 for sku in self.skus():
                     if self.store.get_model(name) is None:
                         return  # deleted meanwhile
