@@ -186,7 +186,13 @@ def gpu_profiler(work_dir: Path, device: str = "0") -> ProfileFn:
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / f"{model}.csv"  # resumable across restarts
         summary = run_profile(
-            ProfileConfig(models=(ProfiledModel.of(entry),), out=out, device=device, quiet=True)
+            ProfileConfig(
+                models=(ProfiledModel.of(entry),),
+                out=out,
+                device=device,
+                gpu_label=sku,  # the rows are the planning SKU's, as the backend names it
+                quiet=True,
+            )
         )
         if summary.load_failures:
             raise ProfileError("; ".join(summary.load_failures.values()))
@@ -239,6 +245,9 @@ class Service:
         self._planner = PlannerPool()
         self._base_table: ProfileTable | None = None
         self._threads: list[threading.Thread] = []
+        # One model profiles at a time: runs side by side on one GPU (or the simulated node's
+        # CPU) would time each other, and each GPU run starts workers in every partition.
+        self._profiling = threading.Lock()
         self.inflight = _Inflight()
         self.restored = False
         self.last_error: str | None = None
@@ -698,18 +707,28 @@ class Service:
         """Background: profile ``name`` on every SKU of the node, then admit it."""
         assert self.profiler is not None
         try:
-            for sku in self.skus():
-                if self.store.get_model(name) is None:
-                    return  # deleted meanwhile
-                self.store.set_model_status(name, PROFILING, f"measuring on {sku}")
-                rec = self.store.get_model(name)
-                if rec is None:
-                    return
-                rows = self.profiler(self.entry(rec), sku)
-                if not rows:
-                    raise ProfileError(f"profiling {name} on {sku} measured nothing")
-                self.store.put_profiles(rows)
-                self.store.log_event("profiled", f"{name} on {sku}: {len(rows)} rows", model=name)
+            with self._profiling:  # waits here (detail "queued") while another model profiles
+                for sku in self.skus():
+                    if self.store.get_model(name) is None:
+                        return  # deleted meanwhile
+                    self.store.set_model_status(name, PROFILING, f"measuring on {sku}")
+                    rec = self.store.get_model(name)
+                    if rec is None:
+                        return
+                    t0 = time.monotonic()
+                    rows = self.profiler(self.entry(rec), sku)
+                    secs = round(time.monotonic() - t0, 2)
+                    if not rows:
+                        raise ProfileError(f"profiling {name} on {sku} measured nothing")
+                    self.store.put_profiles(rows)
+                    self.store.log_event(
+                        "profiled",
+                        f"{name} on {sku}: {len(rows)} rows in {secs:g} s",
+                        model=name,
+                        sku=sku,
+                        rows=len(rows),
+                        seconds=secs,
+                    )
         except Exception as exc:  # a background task: record every failure, never raise
             log.warning("profiling %s failed: %s", name, exc)
             if self.store.get_model(name) is not None:
