@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from stgs import __version__
-from stgs.errors import StgsError
+from stgs.errors import ConfigError
 from stgs.plan import Plan
 from stgs.profiles import PROFILE_COLUMNS, ProfileRow
 
@@ -123,8 +123,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
-class StoreError(StgsError):
-    """The state database cannot be opened or has an unknown schema."""
+class StoreError(ConfigError):
+    """The state database cannot be opened, is not stgs's, or has a schema newer than this stgs
+    reads. A setup error, as a bad config is (``stgs serve`` exits 2; the systemd unit does not
+    restart it): restarting does not help."""
 
 
 @dataclass(frozen=True)
