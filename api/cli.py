@@ -16,6 +16,8 @@ from pathlib import Path
 # api.client is light (no httpx, FastAPI): the daemon verbs' arguments and their names
 from api.client import DAEMON_COMMANDS, add_live_arguments
 from api.client import add_arguments as add_daemon_arguments
+from api.completion import SHELLS
+from api.completion import path as path_argument
 from api.dispatch import EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, dispatch, fail
 from stgs import __version__
 from stgs.errors import ConfigError, StgsError
@@ -34,10 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plan", help="plan a scenario: partitions, time sharing, batches")
-    p.add_argument(
-        "scenario",
-        nargs="?",
-        help="scenario YAML (default: the embedded example scenario)",
+    path_argument(
+        p.add_argument(
+            "scenario",
+            nargs="?",
+            help="scenario YAML (default: the embedded example scenario)",
+        )
     )
     p.add_argument("--policy", default="stgs", help="policy name or dotted path (default: stgs)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (stgs.plan/v1)")
@@ -46,18 +50,27 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="find the largest factor k on all rates that still fits, and the plan at k",
     )
-    p.add_argument("--current", metavar="PLAN.json", help="replan incrementally from this plan")
+    path_argument(
+        p.add_argument("--current", metavar="PLAN.json", help="replan incrementally from this plan")
+    )
     add_live_arguments(p)
 
     sub.add_parser("policies", help="list the planning policies")
 
     f = sub.add_parser("fit", help="fit latency functions to a profile table and report errors")
-    f.add_argument("profiles", nargs="?", help="profile CSV (default: the shipped profiles)")
+    path_argument(
+        f.add_argument("profiles", nargs="?", help="profile CSV (default: the shipped profiles)")
+    )
     f.add_argument("--gpu", help="only this GPU SKU")
 
     c = sub.add_parser("compare", help="simulate a grid of policies x workloads x GPUs x seeds")
-    c.add_argument("experiment", help="experiment YAML (see docs/simulator.md)")
-    c.add_argument("--out", default="compare-out", help="output directory (default: compare-out)")
+    path_argument(c.add_argument("experiment", help="experiment YAML (see docs/simulator.md)"))
+    path_argument(
+        c.add_argument(
+            "--out", default="compare-out", help="output directory (default: compare-out)"
+        ),
+        directory=True,
+    )
     c.add_argument("--jobs", type=int, default=0, help="processes (default: the available cores)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -67,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("profile", help="measure latency profiles of models on a GPU (or CPU)")
     )
     add_daemon_arguments(sub)
+
+    sh = sub.add_parser("completion", help="print the shell completion script (bash, zsh)")
+    sh.add_argument("shell", choices=SHELLS)
     return ap
 
 
@@ -181,7 +197,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return profile_command(args)
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from api.completion import script
+
+    sys.stdout.write(script(_parser(), args.shell))
+    return EXIT_OK
+
+
 _COMMANDS = {
+    "completion": _cmd_completion,
     "plan": _cmd_plan,
     "policies": _cmd_policies,
     "fit": _cmd_fit,

@@ -492,6 +492,10 @@ class Service:
     def events(self, limit: int = 100, kind: str | None = None) -> list[Event]:
         return self.store.events(limit=limit, kind=kind)
 
+    def state_schema(self) -> int:
+        """The state database's schema version (after the migrations at start)."""
+        return self.store.schema_version
+
     def record(self, name: str) -> ModelRecord | None:
         """The registration of ``name`` as stored now (None when there is none)."""
         return self.store.get_model(name)
