@@ -16,7 +16,7 @@ from pathlib import Path
 # api.client is light (no httpx, FastAPI): the daemon verbs' arguments and their names
 from api.client import DAEMON_COMMANDS, add_live_arguments
 from api.client import add_arguments as add_daemon_arguments
-from api.dispatch import EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, dispatch, fail
+from api.dispatch import EXIT_INCOMPLETE, EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, dispatch, fail
 from stgs import __version__
 from stgs.errors import ConfigError, StgsError
 
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare-out", help="output directory (default: compare-out)")
     c.add_argument("--jobs", type=int, default=0, help="processes (default: the available cores)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument(
+        "--allow-infeasible",
+        action="store_true",
+        help="exit 0 even when a policy's plan cannot serve every rate (default: exit 1)",
+    )
 
     from profiler.command import add_arguments as add_profile_arguments  # light: no torch
 
@@ -120,31 +125,61 @@ def _cmd_policies(_args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 0: every cell ran (and every plan was feasible, or --allow-infeasible); 1: a plan
+    could not serve every rate; 3: a cell failed (the others' results are written); 2: the
+    experiment cannot run (nothing is run)."""
     from rich.console import Console
     from rich.table import Table
 
     from partitioner.sim.compare import (
+        CellFailure,
         default_jobs,
+        infeasible_runs,
         load_experiment,
         run_experiment,
         summary_table,
         write_outputs,
     )
 
+    if args.jobs < 0:
+        raise ConfigError(f"--jobs {args.jobs}: give a number of processes >= 1 (0: all cores)")
     exp = load_experiment(args.experiment)
     jobs = args.jobs if args.jobs > 0 else default_jobs()
-    rows = run_experiment(exp, jobs=jobs, progress=not args.no_progress)
+    failures: list[CellFailure] = []
+    rows = run_experiment(exp, jobs=jobs, progress=not args.no_progress, failures=failures)
     out = Path(args.out)
-    plots = write_outputs(exp, rows, out)
+    plots = write_outputs(exp, rows, out, failures)
+    n_seeds = len(exp.spec.seeds)
     header, *body = list(summary_table(rows))
-    table = Table(title=f"{exp.spec.name}: means over {len(exp.spec.seeds)} seed(s)")
+    what = "means ± 95% CI (Student's t)" if n_seeds >= 2 else "means"
+    table = Table(title=f"{exp.spec.name}: {what} over {n_seeds} seed(s)")
     for col in header:
         table.add_column(col, justify="left" if col in ("gpus", "workload", "policy") else "right")
     for r in body:
         table.add_row(*r)
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(160 if n_seeds >= 2 else 120, Console().width)).print(table)
     print(f"wrote {out}/results.csv, results.json, summary.csv, experiment.resolved.json")
-    print(f"plots: {', '.join(str(p) for p in plots)}")
+    print(f"plots: {', '.join(str(p) for p in plots) or 'none'}")
+    if failures:
+        for f in failures:
+            print(f"stgs: error: cell failed: {f}", file=sys.stderr)
+        print(
+            f"stgs: error: {len(failures)} cell(s) failed; the results of the other"
+            f" {len(rows)} run(s) are in {out}",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
+    bad = infeasible_runs(rows)
+    if bad and not args.allow_infeasible:
+        cells = sorted({(r["gpu_set"], r["workload"], r["load"], r["policy"]) for r in bad})
+        listed = "; ".join(f"{g} x {w} x {ld:g} x {p}" for g, w, ld, p in cells[:5])
+        more = f" and {len(cells) - 5} more" if len(cells) > 5 else ""
+        print(
+            f"stgs: error: {len(bad)} of {len(rows)} run(s) started from a plan that cannot"
+            f" serve every rate ({listed}{more}); pass --allow-infeasible to accept them",
+            file=sys.stderr,
+        )
+        return EXIT_INFEASIBLE
     return EXIT_OK
 
 
