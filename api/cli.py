@@ -17,6 +17,7 @@ from pathlib import Path
 from api.client import DAEMON_COMMANDS, add_live_arguments
 from api.client import add_arguments as add_daemon_arguments
 from api.dispatch import EXIT_INCOMPLETE, EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, dispatch, fail
+from api.migcmd import add_arguments as add_mig_arguments
 from stgs import __version__
 from stgs.errors import ConfigError, StgsError
 
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("profile", help="measure latency profiles of models on a GPU (or CPU)")
     )
     add_daemon_arguments(sub)
+    add_mig_arguments(sub)
     return ap
 
 
@@ -210,6 +212,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_mig(args: argparse.Namespace) -> int:
+    from api.migcmd import run
+
+    return run(args)
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from profiler.command import profile_command
 
@@ -222,6 +230,7 @@ _COMMANDS = {
     "fit": _cmd_fit,
     "compare": _cmd_compare,
     "profile": _cmd_profile,
+    "mig": _cmd_mig,
 }
 
 
