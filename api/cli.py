@@ -1,8 +1,10 @@
 """The ``stgs`` command: the composition root. Imports heavy parts lazily per sub-command, so
 ``stgs plan`` never pays for torch or FastAPI.
 
-Exit codes: 0 success; 1 the plan is infeasible (``stgs plan``: some rate unserved);
-2 bad input (usage, scenario, profiles, policy): one line on stderr, never a traceback.
+Exit codes: 0 success; 1 the plan is infeasible (``stgs plan``: some rate unserved; ``stgs
+compare``: a run started from such a plan, unless ``--allow-infeasible``); 2 bad input (usage,
+scenario, profiles, policy, experiment, MIG layout file): one line on stderr, never a traceback;
+3 ``stgs compare``: a cell failed (the other cells' results are written).
 """
 
 from __future__ import annotations
