@@ -287,11 +287,13 @@ def _apply(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gpus {args.gpus}: a node has at least one GPU")
     if not args.simulated and (args.sku is not None or args.gpus is not None):
         raise ConfigError("--sku and --gpus are for --simulated (a real node's GPUs say theirs)")
-    name = _config_name(data, args.config_name, args.file) if kind == "mig-parted" else ""
+    # stgs's form is checked whole before the node is touched, NVML opened included
+    exact = from_mapping(data, args.file) if kind == "stgs" else None
+    name = _config_name(data, args.config_name, args.file) if exact is None else ""
 
     if args.simulated:
-        if kind == "stgs":
-            layouts = from_mapping(data, args.file)
+        if exact is not None:
+            layouts = exact
         else:
             if args.sku is None:
                 raise ConfigError("a mig-parted file on --simulated needs --sku (the GPUs' SKU)")
@@ -312,8 +314,8 @@ def _apply(args: argparse.Namespace) -> int:
             node.close()
 
     with _nvml() as backend:
-        if kind == "stgs":
-            layouts = from_mapping(data, args.file)
+        if exact is not None:
+            layouts = exact
         else:
             skus = [backend.sku(i).name for i in range(len(backend.gpus()))]
             with _in_file(args.file):

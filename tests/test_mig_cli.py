@@ -416,3 +416,17 @@ def test_export_live_is_the_layout_the_daemon_applied(daemon: LocalDaemon, tmp_p
     assert mp.returncode == 0, mp.stderr
     counts = Counter(d["profile"] for d in node["mig_devices"])
     assert yaml.safe_load(mp.stdout)["mig-configs"]["stgs-plan"][0]["mig-devices"] == dict(counts)
+
+
+def test_a_bad_file_is_refused_before_the_node_is_opened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On any machine, GPU or not: the file's error, not NVML's, and nothing touched."""
+    f = tmp_path / "bad.yaml"
+    f.write_text(
+        "format: stgs.mig/v1\ngpus:\n- {index: 0, sku: H100-80GB, mig: true, placements:"
+        " [{profile: 7g.80gb, start: 0}, {profile: 1g.10gb, start: 0}]}\n"
+    )
+    rc, out, err = cli(capsys, "mig", "apply", str(f))
+    assert rc == 2 and out == ""
+    assert "overlaps another instance" in err and "NVML" not in err
