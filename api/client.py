@@ -142,6 +142,12 @@ def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
     return body
 
 
+def daemon_get(args: argparse.Namespace, path: str) -> Any:
+    """GET ``path`` of the daemon that ``args`` (``--url``, ``--token-file``, ``--config``)
+    name; ClientError when it cannot be reached (code 2) or answers an error (code 1)."""
+    return _call(args, "GET", path)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return dispatch(args, _VERBS)

@@ -6,9 +6,10 @@ same three under ``/v2/models/{m}/versions/{v}`` for the served version (``1``; 
 model's: the newest version its config's policy selects). Triton's model configuration,
 statistics and repository API: :mod:`api.triton`.
 
-A model has one input (named by its registration, default ``input``) and one output
-(``output``; a repository model's: named by its config). The first dimension of the input is
-the batch: each row is one sample, queued and batched by the partition's worker. Binary tensor
+A model has one or more named inputs and outputs (from its file, its registration or its
+repository config; a built-in's default: ``input`` and ``output``); a request sends every input
+by name and asks for every output or some. The first dimension of each input is the batch: each
+row is one sample, queued and batched by the partition's worker. Binary tensor
 data: when the request carries the ``Inference-Header-Content-Length`` header, the body is that
 many bytes of JSON followed by the raw tensors (little-endian, row major) of the inputs whose
 ``parameters.binary_data_size`` is set, in the order of the inputs. Outputs come back as
