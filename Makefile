@@ -20,7 +20,13 @@ $(BIN)/stgs: pyproject.toml
 $(BIN)/promtool: | $(BIN)/stgs
 	bash scripts/install_promtool.sh $@
 
-setup: $(BIN)/stgs $(BIN)/promtool
+# systemd-analyze, for the systemd unit tests (verify, security): unpacked from Debian's systemd
+# package with the libraries it needs, no root (never fails; without it those tests skip, or fail
+# where STGS_REQUIRE_SYSTEMD_ANALYZE=1 as in CI)
+$(BIN)/systemd-analyze: | $(BIN)/stgs
+	bash scripts/install_systemd_analyze.sh $@
+
+setup: $(BIN)/stgs $(BIN)/promtool $(BIN)/systemd-analyze
 
 ## Set up, plan the embedded example scenario, then run the daemon on the simulated node:
 ## register two models over REST, serve KServe v2 inference, stop (no GPU needed).

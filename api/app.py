@@ -205,6 +205,7 @@ class StatusOut(BaseModel):
     policy: str
     controller: dict[str, Any] | None
     last_error: str | None
+    state_schema: int = Field(description="the state database's schema version")
     frontends: list[dict[str, Any]] = Field(
         default_factory=list, description="the data plane's frontend processes (if any)"
     )
@@ -485,6 +486,7 @@ def create_app(
             policy=svc.cfg.planner.policy,
             controller=None if ctx.controller is None else ctx.controller.status(),
             last_error=svc.last_error,
+            state_schema=svc.state_schema(),
             frontends=[] if ctx.dataplane is None else ctx.dataplane.describe(),
         )
 

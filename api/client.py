@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from api.completion import path
 from api.dispatch import dispatch, fail
 
 DAEMON_COMMANDS = ("serve", "status", "models")
@@ -32,18 +33,21 @@ class ClientError(Exception):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help=f"daemon URL (default: $STGS_URL, the config's, {DEFAULT_URL})")
-    p.add_argument("--token-file", help="bearer token file (default: $STGS_TOKEN_FILE)")
-    p.add_argument("--config", help="daemon config TOML (for its address and token)")
+    path(p.add_argument("--token-file", help="bearer token file (default: $STGS_TOKEN_FILE)"))
+    path(p.add_argument("--config", help="daemon config TOML (for its address and token)"))
     p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
 
 
 def add_arguments(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the daemon (REST API, KServe v2 inference, controller)")
-    s.add_argument("--config", help="TOML config (default: built-in defaults, state in ./)")
-    s.add_argument(
-        "--model-repository",
-        metavar="DIR",
-        help="a Triton-style model repository to serve (overrides models.repository)",
+    path(s.add_argument("--config", help="TOML config (default: built-in defaults, state in ./)"))
+    path(
+        s.add_argument(
+            "--model-repository",
+            metavar="DIR",
+            help="a Triton-style model repository to serve (overrides models.repository)",
+        ),
+        directory=True,
     )
 
     st = sub.add_parser("status", help="the running daemon: models, partitions, controller")
@@ -88,8 +92,12 @@ def add_arguments(sub: Any) -> None:
 def add_live_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", action="store_true", help="show the running daemon's plan")
     p.add_argument("--url", help="daemon URL for --live")
-    p.add_argument("--token-file", help="bearer token file for --live")
-    p.add_argument("--config", "--config-file", dest="config", help="daemon config TOML for --live")
+    path(p.add_argument("--token-file", help="bearer token file for --live"))
+    path(
+        p.add_argument(
+            "--config", "--config-file", dest="config", help="daemon config TOML for --live"
+        )
+    )
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -132,6 +140,12 @@ def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
         msg = body.get("error") if isinstance(body, dict) else None
         raise ClientError(f"{r.status_code}: {msg or r.text}")
     return body
+
+
+def daemon_get(args: argparse.Namespace, path: str) -> Any:
+    """GET ``path`` of the daemon that ``args`` (``--url``, ``--token-file``, ``--config``)
+    name; ClientError when it cannot be reached (code 2) or answers an error (code 1)."""
+    return _call(args, "GET", path)
 
 
 def run(args: argparse.Namespace) -> int:

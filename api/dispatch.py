@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE = 0, 1, 2
+EXIT_INCOMPLETE = 3  # it ran, but part of the work failed (``stgs compare``: a cell raised)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -582,6 +583,10 @@ class Frontend:
         control = asyncio.create_task(self._control(server))
         # the socket object from the fd itself (uvicorn's ``fd=`` assumes a Unix socket)
         listener = socket.socket(fileno=cfg.http_fd)
+        # What start-up made lives as long as the process: out of the collector's sight, so
+        # that no full collection walks it on a request's path (as the workers do).
+        gc.collect()
+        gc.freeze()
         try:
             await server.serve(sockets=[listener])
         finally:

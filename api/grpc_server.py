@@ -318,7 +318,9 @@ def _decode(io: ModelIO, inp: Any, raw: bytes | None) -> np.ndarray:
                 f"input {inp.name!r}: {len(raw)} raw bytes, shape {shape} of {inp.datatype}"
                 f" needs {need}",
             )
-        arr = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(np_dtype)
+        arr = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<")).astype(
+            np_dtype, copy=False
+        )
     else:
         field = _CONTENTS.get(inp.datatype)
         if field is None:

@@ -657,7 +657,7 @@ def _decode(io: ModelIO, inp: dict[str, Any], tail: bytes, offset: int) -> tuple
         if offset + size > len(tail):
             raise InferError(400, f"input {name!r}: the body ends before its binary data")
         le = np.dtype(np_dtype).newbyteorder("<")
-        arr = np.frombuffer(tail, dtype=le, count=count, offset=offset).astype(np_dtype)
+        arr = np.frombuffer(tail, dtype=le, count=count, offset=offset).astype(np_dtype, copy=False)
         offset += size
     else:
         if data is None:

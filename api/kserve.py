@@ -6,9 +6,10 @@ same three under ``/v2/models/{m}/versions/{v}`` for the served version (``1``; 
 model's: the newest version its config's policy selects). Triton's model configuration,
 statistics and repository API: :mod:`api.triton`.
 
-A model has one input (named by its registration, default ``input``) and one output
-(``output``; a repository model's: named by its config). The first dimension of the input is
-the batch: each row is one sample, queued and batched by the partition's worker. Binary tensor
+A model has one or more named inputs and outputs (from its file, its registration or its
+repository config; a built-in's default: ``input`` and ``output``); a request sends every input
+by name and asks for every output or some. The first dimension of each input is the batch: each
+row is one sample, queued and batched by the partition's worker. Binary tensor
 data: when the request carries the ``Inference-Header-Content-Length`` header, the body is that
 many bytes of JSON followed by the raw tensors (little-endian, row major) of the inputs whose
 ``parameters.binary_data_size`` is set, in the order of the inputs. Outputs come back as
@@ -21,6 +22,7 @@ answers.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,6 @@ from api.inference import (
     EXTENSIONS,
     HEADER,
     KSERVE_OF,
-    OUTPUT_NAME,
     InferError,
     ModelIO,
     answer_outputs,
@@ -114,24 +115,32 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def binary_request(
-    x: np.ndarray, input_name: str = "input", *, binary_output: bool = False
+    x: np.ndarray | Mapping[str, np.ndarray],
+    input_name: str = "input",
+    *,
+    binary_output: bool = False,
 ) -> tuple[bytes, dict[str, str]]:
     """A client's KServe v2 infer request carrying ``x`` as binary tensor data: (body, headers).
-    For the benchmarks' and the tests' own clients (tritonclient builds the same bytes)."""
+    ``x``: one array (the input ``input_name``), or arrays by input name (a model of several).
+    ``binary_output``: every output comes back as binary data. For the benchmarks' and the
+    tests' own clients (tritonclient builds the same bytes)."""
+    named = list(x.items()) if isinstance(x, Mapping) else [(input_name, x)]
     head: dict[str, Any] = {
         "inputs": [
             {
-                "name": input_name,
-                "shape": list(x.shape),
-                "datatype": KSERVE_OF[str(x.dtype)],
-                "parameters": {"binary_data_size": x.nbytes},
+                "name": name,
+                "shape": list(arr.shape),
+                "datatype": KSERVE_OF[str(arr.dtype)],
+                "parameters": {"binary_data_size": arr.nbytes},
             }
+            for name, arr in named
         ]
     }
     if binary_output:
-        head["outputs"] = [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}]
+        head["parameters"] = {"binary_data_output": True}
     raw = json.dumps(head).encode()
-    return raw + np.ascontiguousarray(x).tobytes(), {HEADER: str(len(raw))}
+    tensors = b"".join(np.ascontiguousarray(arr).tobytes() for _, arr in named)
+    return raw + tensors, {HEADER: str(len(raw))}
 
 
 def router() -> APIRouter:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -92,14 +92,17 @@ class LocalDaemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, env: dict[str, str] | None = None, args: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """``stgs serve --config <work>/stgs.toml [args]`` (``--model-repository DIR``)."""
         if self._log is None:
             self._log = self.log_path.open("ab")
         e = {**os.environ, "PYTHONUNBUFFERED": "1"}
         e.pop("NOTIFY_SOCKET", None)  # not this process's systemd, unless ``env`` says so
         e.update(env or {})
         p = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", "api.cli", "serve", "--config", str(self.config), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

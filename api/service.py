@@ -136,6 +136,15 @@ class Service:
         self.profiles.profiler = fn
 
     @property
+    def background(self) -> bool:
+        """Whether profiling runs in background threads (False: inline, tests)."""
+        return self.profiles.background
+
+    @background.setter
+    def background(self, on: bool) -> None:
+        self.profiles.background = on
+
+    @property
     def last_error(self) -> str | None:
         """The last failed apply or restore (``GET /v1/status``)."""
         return self.planning.last_error
@@ -170,6 +179,10 @@ class Service:
 
     def events(self, limit: int = 100, kind: str | None = None) -> list[Event]:
         return self.store.events(limit=limit, kind=kind)
+
+    def state_schema(self) -> int:
+        """The state database's schema version (after the migrations at start)."""
+        return self.store.schema_version
 
     def record(self, name: str) -> ModelRecord | None:
         """The registration of ``name`` as stored now (None when there is none)."""

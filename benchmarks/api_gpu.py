@@ -62,7 +62,7 @@ from benchmarks.lib.loadgen import (
     parse_models,
     poisson_arrivals,
 )
-from benchmarks.lib.node import open_backend, quit_mps, stop_daemons
+from benchmarks.lib.node import daemon_sections, open_backend, quit_mps, stop_daemons
 from benchmarks.lib.probes import collect_traces
 from stgs.plan import Plan
 from stgs.runtime import Runtime
@@ -76,17 +76,6 @@ MIXES = {
     "mnasnet1_0:10:300",
     "sim": "tiny_mlp:100:100,tiny_cnn:500:20",  # the simulated node: CPU workers
 }
-
-
-def _config(simulated: bool) -> str:
-    kind = "simulated" if simulated else "nvml"
-    return f"""[backend]
-kind = "{kind}"
-simulated_gpus = [{{ sku = "H100-80GB", count = 1, mig = false }}]
-allow_mig_changes = false
-[controller]
-interval_s = 3600.0
-"""
 
 
 def _row(path: str, scale: float, total: float, s: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +147,7 @@ def through_api(
     """Register the mix over REST, sweep the scales through the API; (plan view, rows)."""
     d = LocalDaemon(
         work / "daemon",
-        _config(args.simulated),
+        daemon_sections(args.simulated),
         server_options=f"frontends = {args.frontends}\n",
     )
     rows: list[dict[str, Any]] = []
@@ -324,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-timeout-s", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--trace", action="store_true", help="host breakdown from the worker trace")
+    ap.add_argument("--api-only", action="store_true", help="no in-process run (no ratio)")
     ap.add_argument("--json", default=None, help="summary path (default $OUT/api_gpu-MIX.json)")
     args = ap.parse_args(argv)
     sys.setswitchinterval(1e-3)  # as serve_gpu.py's in-process load generator runs
@@ -345,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan.from_dict(view["plan"])
         out["plan"] = view["plan"]
         print("the daemon's plan:\n" + "\n".join(describe_plan(plan)))
-        rows += in_process(args, models, plan, work / "inproc")
+        if not args.api_only:
+            rows += in_process(args, models, plan, work / "inproc")
         out["rows"] = rows
     finally:
         shutil.rmtree(work, ignore_errors=True)

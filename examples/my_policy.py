@@ -6,7 +6,7 @@ the controller's "planned" rates the real ones, so the controller does not see t
 load drop and re-plan); it falls back to the plain rates when the margin does not fit on the
 GPUs. Compare it with the built-in policies:
 
-    stgs compare examples/compare-zoo.yaml          # lists it as my_policy:Overprovisioned
+    stgs compare examples/compare-zoo.yaml --allow-infeasible  # lists my_policy:Overprovisioned
 
 A policy is a ``partitioner.policies.Policy`` subclass with one method, ``plan``; name it by
 dotted path (``module:Class``) in an experiment's ``policies`` or with ``stgs plan --policy``.

@@ -93,7 +93,13 @@ def gpu_profiler(work_dir: Path, device: str = "0") -> ProfileFn:
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / f"{model}.csv"  # resumable across restarts
         summary = run_profile(
-            ProfileConfig(models=(ProfiledModel.of(entry),), out=out, device=device, quiet=True)
+            ProfileConfig(
+                models=(ProfiledModel.of(entry),),
+                out=out,
+                device=device,
+                gpu_label=sku,  # the rows are the planning SKU's, as the backend names it
+                quiet=True,
+            )
         )
         if summary.load_failures:
             raise ProfileError("; ".join(summary.load_failures.values()))

@@ -564,8 +564,24 @@ def _progress(quiet: bool) -> Iterator[Any]:
         yield progress
 
 
+def model_partitions(spec: ModelSpec, partitions: Sequence[str]) -> tuple[str, ...]:
+    """The partitions ``spec`` is measured in: every one, but no green context for an ONNX
+    model. onnxruntime's CUDA provider selects its device with ``cudaSetDevice``, which makes
+    the device's primary context current: a green context would neither confine nor time it
+    (and the worker's green-context streams would not be valid in the primary context). Its MIG
+    instances are then predicted from its other rows (``stgs.latency``)."""
+    if spec.kind == "onnx":
+        return tuple(p for p in partitions if not p.startswith("green:"))
+    return tuple(partitions)
+
+
 def grid_points(cfg: ProfileConfig, partitions: Sequence[str]) -> list[Point]:
-    return [Point(m.name, part, b) for m in cfg.models for part in partitions for b in cfg.batches]
+    return [
+        Point(m.name, part, b)
+        for m in cfg.models
+        for part in model_partitions(m, partitions)
+        for b in cfg.batches
+    ]
 
 
 def run_profile(
@@ -605,7 +621,14 @@ def run_profile(
                 summary.driver = driver_version()
             summary.gpu = cfg.gpu_label or ("cpu" if cfg.cpu else summary.gpu)
             if points is None:
-                points = grid_points(cfg, run.partitions(info))
+                parts = run.partitions(info)
+                points = grid_points(cfg, parts)
+                onnx = [m.name for m in cfg.models if len(model_partitions(m, parts)) < len(parts)]
+                if onnx:
+                    summary.notes.append(
+                        f"no green contexts for ONNX model(s) {', '.join(onnx)}: onnxruntime"
+                        " runs in the device's primary context"
+                    )
             done = measured_points(cfg.out)
             gpu = ProfileRow(summary.gpu, "x", "full", 1, 1, 1.0, 0.0).gpu  # normalised
             summary.gpu = gpu

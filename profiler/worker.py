@@ -78,6 +78,9 @@ class WorkerState:
         self.model: Any = None
         self.make_input: Any = None
         self.model_name: str | None = None
+        # an ONNX model runs in onnxruntime through host arrays, as the runtime serves it: no
+        # CUDA graph (a capture would fail at the first copy to the host)
+        self.use_graph = True
         self.weights_mib = 0.0
         self.prepared: Prepared | None = None
         # A green-context worker makes its context current once, for its whole life: streams,
@@ -128,6 +131,7 @@ class WorkerState:
         dt = _torch_dtype(dtype) if self.cuda else self.torch.float32
         before = self.torch.cuda.memory_allocated(self.device) if self.cuda else 0
         self.model, self.make_input = build_model(ms, self.device, dt)
+        self.use_graph = ms.kind != "onnx"
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
             self.weights_mib = (self.torch.cuda.memory_allocated(self.device) - before) / 2**20
@@ -169,7 +173,9 @@ class WorkerState:
             sms = max(1, self.torch.get_num_threads())
         else:
             stream, sms = self._stream_for(partition)
-            m = measure_cuda(self.model, self.make_input, batch, opts, stream)
+            m = measure_cuda(
+                self.model, self.make_input, batch, opts, stream, use_graph=self.use_graph
+            )
         out = asdict(m)
         out["memory_mib"] += self.weights_mib
         out.pop("samples_ms")
@@ -209,7 +215,12 @@ class WorkerState:
         self.prepared = None
         stream, sms = self._stream_for(partition)
         self.prepared = prepare_cuda(
-            self.model, self.make_input, batch, TimingOptions(**timing), stream
+            self.model,
+            self.make_input,
+            batch,
+            TimingOptions(**timing),
+            stream,
+            use_graph=self.use_graph,
         )
         return {"graph": self.prepared.kind, "sm_count": sms}
 

@@ -44,8 +44,10 @@ from stgs.errors import ConfigError, MigLayoutError
 __all__ = [
     "MIG_PARTED_VERSION",
     "DeviceKey",
+    "config_names",
     "export_mig_parted",
     "import_mig_parted",
+    "load_yaml",
     "mig_parted_counts",
     "mig_parted_spec",
     "place_counts",
@@ -302,7 +304,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Ha
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
             line = key_node.start_mark.line + 1
-            raise ConfigError(f"duplicate key {key!r} in mig-parted config (line {line})")
+            raise ConfigError(f"duplicate key {key!r} (line {line})")
         seen.add(key)
     return loader.construct_mapping(node, deep=True)
 
@@ -310,14 +312,24 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Ha
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def load_yaml(text: str, what: str = "mig-parted config") -> Any:
+    """YAML (or JSON) text parsed safely; a duplicate key or bad YAML is a ConfigError that
+    names ``what``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(exc)}") from exc
+    except ConfigError as exc:  # a duplicate key
+        raise ConfigError(f"{what}: {exc}") from exc
+
+
+def config_names(source: str | Mapping[str, Any]) -> list[str]:
+    """The names of a mig-parted document's configs, in file order (the document checked)."""
+    return list(_parse_spec(_load(source)))
+
+
 def _load(source: str | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(source, str):
-        try:
-            data = yaml.load(source, Loader=_StrictLoader)  # a SafeLoader subclass: safe
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"mig-parted config is not valid YAML: {_yaml_problem(exc)}") from exc
-    else:
-        data = source
+    data = load_yaml(source) if isinstance(source, str) else source
     if not isinstance(data, Mapping):
         raise ConfigError(f"a mig-parted config is a mapping, got {type(data).__name__}")
     return data

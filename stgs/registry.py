@@ -38,7 +38,9 @@ Model files (:func:`file_entry`, the daemon's ``source: file:<path>``), with the
   opaque objects are refused. Its inputs and outputs come from the exported program's
   signature (the batch dimension must be the first, and dynamic);
 * ONNX (``.onnx``), run by an **onnxruntime** ``InferenceSession`` (CPU execution provider on
-  the CPU; the CUDA provider where the worker runs on a GPU and onnxruntime-gpu offers it).
+  the CPU; the CUDA provider where the worker runs on a GPU and onnxruntime-gpu offers it; a
+  GPU session whose CUDA provider does not load is an error, not onnxruntime's silent CPU
+  fallback).
   Why onnxruntime rather than a conversion to torch: it is ONNX's reference runtime and runs
   every standard operator of every opset, whereas onnx-to-torch converters cover a subset and
   would make "loads" depend on which ops a file uses; and its numbers match the eager torch
@@ -832,13 +834,27 @@ def onnx_session(entry: ModelEntry, device: str = "cpu", threads: int = 0) -> An
         opts.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
+        if importlib.util.find_spec("torch") is not None:
+            # onnxruntime-gpu finds the CUDA and cuDNN libraries torch loads (its documented
+            # way with pip-installed CUDA), as in the profiler's workers, which import torch
+            importlib.import_module("torch")
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ModelFileError(
                 f"model file {path.name!r}: this onnxruntime has no CUDA provider (install"
                 " onnxruntime-gpu to serve ONNX models on a GPU)"
             )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in sess.get_providers():
+        # onnxruntime falls back to the CPU, with a warning only, when its CUDA provider does
+        # not load (CUDA or cuDNN libraries missing, or of another CUDA version than its build)
+        raise ModelFileError(
+            f"model file {path.name!r}: onnxruntime's CUDA provider did not load in this"
+            f" process (the session would run on {', '.join(sess.get_providers())}): its CUDA"
+            " and cuDNN libraries are missing or of another CUDA version than the"
+            " onnxruntime-gpu build"
+        )
+    return sess
 
 
 def onnx_module(entry: ModelEntry, device: str = "cpu") -> torch.nn.Module:

@@ -7,6 +7,7 @@ synthetic rows at once, so registration runs the real admission control, planner
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,6 +360,45 @@ def test_restart_restores_registered_models(tmp_path: Path) -> None:
         assert [e.kind for e in d2.store.events(kind="start")] == ["start", "start"]
     finally:
         d2.close()
+
+
+def test_models_profile_one_at_a_time(tmp_path: Path) -> None:
+    """Two registrations that need profiling: the second waits ("queued") until the first is
+    measured (side by side they would time each other on one GPU); the profiled event says how
+    many rows and how long."""
+    d = _daemon(tmp_path)
+    d.service.background = True
+    spans: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def slow(model: ModelEntry, sku: str) -> list[ProfileRow]:
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        with lock:
+            spans.append((t0, time.monotonic()))
+        return fake_profiler(model, sku)
+
+    d.service.profiler = slow
+    try:
+        with TestClient(create_app(d.ctx)) as c:
+            c.headers["Authorization"] = f"Bearer {TOKEN}"
+            for name in ("echo", "fail"):
+                assert register(c, name)["status"] == "profiling"
+            end = time.monotonic() + 30
+            while not any(m["detail"].startswith("measuring") for m in c.get("/v1/models").json()):
+                assert time.monotonic() < end
+                time.sleep(0.01)
+            details = sorted(m["detail"] for m in c.get("/v1/models").json())
+            assert details[1] == "queued" and details[0].startswith("measuring on H100-80GB")
+            d.service.wait_background(60)
+            assert [m["status"] for m in c.get("/v1/models").json()] == ["ready", "ready"]
+            profiled = c.get("/v1/events", params={"kind": "profiled"}).json()
+        (_, end_first), (start_second, _) = sorted(spans)
+        assert start_second >= end_first
+        assert {e["data"]["model"] for e in profiled} == {"echo", "fail"}
+        assert all(e["data"]["rows"] == 4 and e["data"]["seconds"] >= 1.0 for e in profiled)
+    finally:
+        d.close()
 
 
 def test_openapi_lists_every_endpoint(client: TestClient) -> None:

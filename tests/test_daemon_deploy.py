@@ -34,8 +34,14 @@ def test_systemd_unit() -> None:
     s = unit["Service"]
     assert s["Type"] == "notify" and s["Restart"] == "on-failure"
     assert s["StateDirectory"] == "stgs" and s["RuntimeDirectory"] == "stgs"
-    assert s["User"] == "root" and "MIG" in text and "need root" in text
+    # unprivileged: the MIG changes that need root are stgs-mig.service's (test_systemd_unit
+    # runs systemd-analyze on both)
+    assert s["User"] == "stgs" and s["CapabilityBoundingSet"] == "" and "NoNewPrivileges" in s
     assert "WatchdogSec" in s and "DeviceAllow=/dev/nvidiactl" in text
+    assert s["RestartPreventExitStatus"] == "2"  # a config or state error is not retried
+    # the example config fits that unit: the daemon never asks for a MIG change
+    assert load_config(DEPLOY / "stgs.toml").backend.allow_mig_changes is False
+    assert DaemonConfig().backend.allow_mig_changes is True  # the default (a root daemon)
 
 
 def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ The model (fixed weights, no randomness): ``x`` FP32 [4] and ``idx`` INT64 [2] i
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from api.kserve import binary_request
 from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
 
 torch = pytest.importorskip("torch")
@@ -263,3 +265,25 @@ def test_bad_inputs_are_refused_naming_the_input(http_c: Any, grpc_c: Any) -> No
     short.set_data_from_numpy(X[:1], binary_data=True)
     with pytest.raises(InferenceServerException, match="same batch"):
         http_c.infer("onnxmulti", [full_h[0], short])
+
+
+def test_binary_request_of_several_inputs_gets_every_output_binary(daemon: LocalDaemon) -> None:
+    """The benchmarks' own client (api.kserve.binary_request, benchmarks/lib/kserve_load): every
+    input by name as binary data, and ``binary_data_output`` asks for every output as binary."""
+    want_y, want_z = eager(X, IDX)
+    body, headers = binary_request({"idx": IDX, "x": X}, binary_output=True)
+    with daemon.client() as c:
+        r = c.post("/v2/models/onnxmulti/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    outs = json.loads(r.content[:n])["outputs"]
+    assert [(o["name"], o["datatype"]) for o in outs] == [("y", "FP32"), ("z", "INT64")]
+    tail, got = r.content[n:], {}
+    for o in outs:
+        size = o["parameters"]["binary_data_size"]
+        dtype = np.float32 if o["datatype"] == "FP32" else np.int64
+        got[o["name"]] = np.frombuffer(tail[:size], dtype=dtype).reshape(o["shape"])
+        tail = tail[size:]
+    assert not tail
+    np.testing.assert_allclose(got["y"], want_y, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(got["z"], want_z)

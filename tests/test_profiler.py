@@ -18,7 +18,7 @@ from profiler.errors import ModelLoadError, MpsUnavailableError, NoGpuError, Pro
 from profiler.gpu import gpu_label
 from profiler.grid import default_partitions, parse_batches, parse_partitions
 from profiler.measure import summarise
-from profiler.models import parse_shape, resolve_spec
+from profiler.models import ModelSpec, parse_shape, resolve_spec
 from profiler.mps import MpsDaemon, visible_devices_env
 from profiler.output import CsvAppender, failures_path, measured_points
 from profiler.report import fit_markdown, fit_rows
@@ -358,6 +358,23 @@ def test_model_that_does_not_load_costs_only_its_points(tmp_path: Path, fake_mps
     s = run_profile(_cfg(tmp_path, "resnet50", "vgg16"), factory=_factory([], {"load": "vgg16"}))
     assert s.measured == 9 and "vgg16" in s.load_failures
     assert read_profiles(tmp_path / "p.csv").models() == ["resnet50"]
+
+
+def test_onnx_models_are_not_measured_in_green_contexts(tmp_path: Path, fake_mps: None) -> None:
+    """onnxruntime's CUDA provider runs in the device's primary context: no green-context
+    workers for an ONNX model (nor their points); the other models keep the whole grid."""
+    log: list[tuple[str, Any]] = []
+    fac = _factory(log)
+    onnx = ModelSpec("onnxnet", "onnx", str(tmp_path / "net.onnx"))
+    cfg = _cfg(tmp_path, "resnet50", models=(resolve_spec("resnet50"), onnx))
+    s = run_profile(cfg, factory=fac)
+    rows = read_profiles(tmp_path / "p.csv")
+    parts = {m: {r.partition for r in rows if r.model == m} for m in ("resnet50", "onnxnet")}
+    assert parts == {"resnet50": {"full", "green:16", "mps:50"}, "onnxnet": {"full", "mps:50"}}
+    assert (s.measured, s.failed) == (15, 0)
+    assert any("onnxnet" in n and "green" in n for n in s.notes)
+    green_loads = [w.model for w in fac.workers if "STGS_PROFILER_GREEN_SMS" in w.env and w.model]
+    assert "onnxnet" not in green_loads
 
 
 def test_interference_pairs(tmp_path: Path, fake_mps: None) -> None:

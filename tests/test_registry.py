@@ -26,6 +26,7 @@ from stgs.registry import (
     build_module,
     file_entry,
     model_entry,
+    onnx_session,
     resolve_model_file,
     sample_bytes,
     torchvision_names,
@@ -220,6 +221,29 @@ def test_pickles_are_refused(tmp_path: Path) -> None:
                 "m", "export", str(tmp_path / "evil.pt2"), (TensorSpec("x", "float32", (8,)),)
             )
         )
+
+
+def test_onnx_on_a_gpu_never_runs_on_the_cpu_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime runs a session on the CPU, with a warning only, when the CUDA provider asked
+    for does not load; a GPU worker or the GPU profiler would then serve and time the CPU. Here
+    (onnxruntime without CUDA) that is what a build listing a provider it cannot load does."""
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu here: its CUDA provider may load")
+    save_onnx(tmp_path / "net.onnx")
+    entry = file_entry("net", tmp_path / "net.onnx")
+    with pytest.raises(ModelFileError, match=r"'net.onnx'.*no CUDA provider"):
+        onnx_session(entry, "cuda")
+    listed = [*ort.get_available_providers(), "CUDAExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    with (
+        pytest.warns(UserWarning, match="CUDAExecutionProvider"),
+        pytest.raises(ModelFileError, match=r"'net.onnx'.*CUDA provider did not load"),
+    ):
+        onnx_session(entry, "cuda")
+    assert onnx_session(entry, "cpu").get_providers() == ["CPUExecutionProvider"]
 
 
 def test_paths_outside_the_model_dir_are_refused(tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ class Profiles:
         self.background = background
         self._base_table: ProfileTable | None = None
         self._threads: list[threading.Thread] = []
+        # One model profiles at a time: runs side by side on one GPU (or the simulated node's
+        # CPU) would time each other, and each GPU run starts workers in every partition.
+        self._profiling = threading.Lock()
 
     def base_table(self) -> ProfileTable:
         if self._base_table is None:
@@ -90,18 +93,28 @@ class Profiles:
         """Background: profile ``name`` on every SKU of the node, then hand it on."""
         assert self.profiler is not None
         try:
-            for sku in self.node.skus():
-                if self.store.get_model(name) is None:
-                    return  # deleted meanwhile
-                self.store.set_model_status(name, PROFILING, f"measuring on {sku}")
-                rec = self.store.get_model(name)
-                if rec is None:
-                    return
-                rows = self.profiler(entry_of(rec), sku)
-                if not rows:
-                    raise ProfileError(f"profiling {name} on {sku} measured nothing")
-                self.store.put_profiles(rows)
-                self.store.log_event("profiled", f"{name} on {sku}: {len(rows)} rows", model=name)
+            with self._profiling:  # waits here (detail "queued") while another model profiles
+                for sku in self.node.skus():
+                    if self.store.get_model(name) is None:
+                        return  # deleted meanwhile
+                    self.store.set_model_status(name, PROFILING, f"measuring on {sku}")
+                    rec = self.store.get_model(name)
+                    if rec is None:
+                        return
+                    t0 = time.monotonic()
+                    rows = self.profiler(entry_of(rec), sku)
+                    secs = round(time.monotonic() - t0, 2)
+                    if not rows:
+                        raise ProfileError(f"profiling {name} on {sku} measured nothing")
+                    self.store.put_profiles(rows)
+                    self.store.log_event(
+                        "profiled",
+                        f"{name} on {sku}: {len(rows)} rows in {secs:g} s",
+                        model=name,
+                        sku=sku,
+                        rows=len(rows),
+                        seconds=secs,
+                    )
         except Exception as exc:  # a background task: record every failure, never raise
             log.warning("profiling %s failed: %s", name, exc)
             if self.store.get_model(name) is not None:

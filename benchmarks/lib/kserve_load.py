@@ -20,7 +20,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,17 @@ Row = tuple[int, float, float, int]  # model index, lag s, latency s, status
 
 @dataclass(frozen=True)
 class Target:
-    """One model's share of the load: ``rate`` req/s of ``x`` (one request, batch dim first)."""
+    """One model's share of the load: ``rate`` req/s of ``x`` (one request, batch dim first;
+    the input ``input_name``), and ``more`` inputs by name for a model of several."""
 
     model: str
     rate: float
     x: np.ndarray
     input_name: str = "input"
+    more: tuple[tuple[str, np.ndarray], ...] = ()
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        return {self.input_name: self.x, **dict(self.more)}
 
 
 def _sender(kind: str, addr: str, t: Target) -> Any:
@@ -49,14 +54,16 @@ def _sender(kind: str, addr: str, t: Target) -> Any:
         from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
         stub = pb_grpc.GRPCInferenceServiceStub(_channels.setdefault(addr, _channel(addr)))
+        named = t.inputs()
         req = pb.ModelInferRequest(
             model_name=t.model,
             inputs=[
                 pb.ModelInferRequest.InferInputTensor(
-                    name=t.input_name, datatype=KSERVE_OF[str(t.x.dtype)], shape=list(t.x.shape)
+                    name=name, datatype=KSERVE_OF[str(x.dtype)], shape=list(x.shape)
                 )
+                for name, x in named.items()
             ],
-            raw_input_contents=[np.ascontiguousarray(t.x).tobytes()],
+            raw_input_contents=[np.ascontiguousarray(x).tobytes() for x in named.values()],
         )
 
         async def send_grpc() -> int:
@@ -73,7 +80,7 @@ def _sender(kind: str, addr: str, t: Target) -> Any:
     session = _sessions.get(addr)
     if session is None:
         session = _sessions[addr] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    body, headers = binary_request(t.x, t.input_name, binary_output=True)
+    body, headers = binary_request(t.inputs(), binary_output=True)
     url = f"http://{addr}/v2/models/{t.model}/infer"
 
     async def send_http() -> int:
@@ -181,7 +188,7 @@ def load(
     ctx = mp.get_context("spawn")
     work.mkdir(parents=True, exist_ok=True)
     paths = [str(work / f"c{i}.json") for i in range(clients)]
-    share = [Target(t.model, t.rate / clients, t.x, t.input_name) for t in targets]
+    share = [replace(t, rate=t.rate / clients) for t in targets]
     procs = [
         ctx.Process(target=_client, args=(kind, addr, share, seconds, seed + i, p, cpus))
         for i, p in enumerate(paths)

@@ -15,6 +15,20 @@ from stgs.backend.base import Backend
 from stgs.errors import StgsError
 
 
+def daemon_sections(simulated: bool) -> str:
+    """``LocalDaemon`` sections of a GPU benchmark's daemon: the NVML backend, never changing MIG
+    (or the simulated node: one H100 without MIG, CPU workers), and a controller that does not
+    re-plan on its own (the plan stays the one measured)."""
+    kind = "simulated" if simulated else "nvml"
+    return f"""[backend]
+kind = "{kind}"
+simulated_gpus = [{{ sku = "H100-80GB", count = 1, mig = false }}]
+allow_mig_changes = false
+[controller]
+interval_s = 3600.0
+"""
+
+
 def open_backend(simulated: bool, runtime_dir: Path) -> tuple[Backend, str] | None:
     """The node to serve on (the simulated node with CPU workers, or NVML) and its label;
     None, after saying why, when GPU 0 is in MIG mode (these benchmarks never change it)."""

@@ -16,8 +16,13 @@ Experiment file (every key checked; paths relative to the file)::
 Each run (one cell x seed) is independent and deterministic; runs go to a process pool, and the
 results are sorted in grid order, so ``--jobs`` never changes them. Outputs in ``--out``:
 ``results.csv`` (one row per run), ``results.json`` (rows with per-model metrics and time
-series), ``summary.csv`` (means over seeds), ``experiment.resolved.json`` (the resolved config,
-versions included) and ``plots/*.png``.
+series, and the cells that failed), ``summary.csv`` (means over seeds with the half-width of
+their 95 % confidence interval, Student's t), ``experiment.resolved.json`` (the resolved config,
+versions included) and ``plots/*.png`` (error bars: the same intervals).
+
+Settings that cannot run or mean nothing are refused before any run (a policy that does not
+resolve, an unreadable trace, warm-up past the duration, a seed listed twice, ...). A cell that
+raises while running is recorded as failed with its error; the other cells' results are kept.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from scipy import stats
 
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
@@ -45,7 +51,7 @@ from partitioner.sim.config import SimOptions
 from partitioner.sim.engine import NoiseModel
 from partitioner.sim.noise import load_runtime_noise
 from partitioner.sim.run import fresh_problem, noise_for, runtime_noise_path, simulate
-from partitioner.sim.workload import WorkloadSpec, generate, trace_rates
+from partitioner.sim.workload import WorkloadSpec, generate, read_trace, trace_rates
 from stgs.errors import ConfigError
 from stgs.profiles import default_profiles_path
 from stgs.scenario import GpuEntry, Scenario, scenario_from_mapping
@@ -84,6 +90,19 @@ class ExperimentFile(_Strict):
                 raise ValueError(f"a {what} name is listed twice")
         if any(not (x > 0 and math.isfinite(x)) for x in self.loads):
             raise ValueError("loads must be > 0")
+        if len(set(self.loads)) != len(self.loads):
+            raise ValueError("a load is listed twice")
+        if any(s < 0 for s in self.seeds):
+            raise ValueError("seeds must be >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("a seed is listed twice (its runs would count twice in the means)")
+        duration = self.simulator.duration_s
+        for w in self.workloads:
+            if w.kind == "step" and w.at_s >= duration:
+                raise ValueError(
+                    f"workload {w.name!r}: the step at at_s={w.at_s:g} s never happens within"
+                    f" simulator.duration_s={duration:g} s"
+                )
         return self
 
 
@@ -170,7 +189,40 @@ def experiment_from_mapping(data: Any, base_dir: Path, source: str = "experiment
             load_runtime_noise(rn)
         except ConfigError as exc:
             raise ConfigError(f"{source}: simulator.{exc}") from exc
-    return Experiment(spec, base_dir, scenario, tuple(sets))
+    exp = Experiment(spec, base_dir, scenario, tuple(sets))
+    _check_runnable(exp, source)
+    return exp
+
+
+def _check_runnable(exp: Experiment, source: str) -> None:
+    """Refuse before any run what would fail or mean nothing in every cell: a policy that does
+    not resolve, a trace that cannot be read or names other models, a workload with no
+    request (every rate 0)."""
+    _setup_path(exp)
+    for name in exp.spec.policies:
+        try:
+            get_policy(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: policies: {exc}") from exc
+    names = [m.name for m in exp.scenario.models]
+    for w in exp.spec.workloads:
+        if w.kind == "trace":
+            assert w.path is not None
+            p = Path(w.path)
+            p = p if p.is_absolute() else exp.base_dir / p
+            trace = read_trace(p)
+            unknown = sorted(set(trace) - set(names))
+            if unknown:
+                raise ConfigError(
+                    f"{source}: workload {w.name!r}: trace {p} names models not in the scenario:"
+                    f" {', '.join(unknown)}"
+                )
+            if not any(ts.size for ts in trace.values()):
+                raise ConfigError(f"{source}: workload {w.name!r}: trace {p} has no request")
+        elif not any(m.rate_rps > 0 for m in exp.scenario.models):
+            raise ConfigError(
+                f"{source}: workload {w.name!r} sends no request: every model's rate_rps is 0"
+            )
 
 
 def _gpus_name(sc: Scenario) -> str:
@@ -264,14 +316,67 @@ def run_cell(exp: Experiment, cell: Cell) -> list[dict[str, Any]]:
     return rows
 
 
-def run_experiment(exp: Experiment, jobs: int = 1, progress: bool = True) -> list[dict[str, Any]]:
-    """Every run of the grid, in grid order (cells, then seeds)."""
+@dataclass(frozen=True)
+class CellFailure:
+    """A cell whose runs raised (a policy or the simulator failed): none of its seeds count."""
+
+    policy: str
+    workload: str
+    gpu_set: str
+    load: float
+    error: str  # "ExceptionType: message"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "workload": self.workload,
+            "gpu_set": self.gpu_set,
+            "load": self.load,
+            "error": self.error,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.gpu_set} x {self.workload} x {self.load:g} x {self.policy}: {self.error}"
+
+
+def _failure(exp: Experiment, c: Cell, exc: BaseException) -> CellFailure:
+    msg = " ".join(str(exc).split()) or "(no message)"
+    return CellFailure(
+        c.policy,
+        exp.spec.workloads[c.workload].name,
+        exp.gpu_sets[c.gpu_set][0],
+        c.load,
+        f"{type(exc).__name__}: {msg}",
+    )
+
+
+def run_experiment(
+    exp: Experiment,
+    jobs: int = 1,
+    progress: bool = True,
+    failures: list[CellFailure] | None = None,
+) -> list[dict[str, Any]]:
+    """Every run of the grid, in grid order (cells, then seeds).
+
+    A cell that raises: without ``failures`` the error propagates (the grid stops); with a
+    ``failures`` list it is recorded there and the other cells run on, their rows kept.
+    """
     todo = cells(exp)
     results: dict[int, list[dict[str, Any]]] = {}
+    failed_cells: dict[int, CellFailure] = {}
+
+    def failed(c: Cell, exc: Exception) -> None:
+        if failures is None:
+            raise exc
+        failed_cells[c.index] = _failure(exp, c, exc)
+
     with _progress(len(todo), progress) as advance:
         if jobs <= 1:
             for c in todo:
-                results[c.index] = run_cell(exp, c)
+                try:
+                    results[c.index] = run_cell(exp, c)
+                except Exception as exc:
+                    failed(c, exc)
                 advance(c)
         else:
             import multiprocessing
@@ -285,9 +390,19 @@ def run_experiment(exp: Experiment, jobs: int = 1, progress: bool = True) -> lis
 
                 for f in as_completed(futs):
                     c = futs[f]
-                    results[c.index] = f.result()
+                    try:
+                        results[c.index] = f.result()
+                    except Exception as exc:  # the cell's error, or its process died
+                        failed(c, exc)
                     advance(c)
-    return [row for c in todo for row in results[c.index]]
+    if failures is not None:
+        failures.extend(failed_cells[i] for i in sorted(failed_cells))
+    return [row for c in todo if c.index in results for row in results[c.index]]
+
+
+def infeasible_runs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs whose first plan was infeasible (some rate not served from the start)."""
+    return [r for r in rows if not r["plan_feasible"]]
 
 
 class _progress:
@@ -380,8 +495,27 @@ def _fmt(v: Any) -> Any:
     return v
 
 
+CI_LEVEL = 0.95
+CI_SUFFIX = "_ci95"  # summary column of a metric's confidence half-width
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` (NaN ignored) and the half-width of its 95 % confidence interval
+    over them (Student's t with n - 1 degrees of freedom: the seeds are a small sample); the
+    half-width is NaN with fewer than two values."""
+    vals = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if vals.size == 0:
+        return float("nan"), float("nan")
+    mean = float(vals.mean())
+    if vals.size < 2:
+        return mean, float("nan")
+    sem = float(vals.std(ddof=1)) / math.sqrt(vals.size)
+    return mean, float(stats.t.ppf(0.5 + CI_LEVEL / 2, vals.size - 1)) * sem
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Means over seeds per (gpu_set, workload, load, policy), in first-seen order."""
+    """Means over seeds per (gpu_set, workload, load, policy), in first-seen order, with the
+    half-width of each mean's 95 % confidence interval (``<metric>_ci95``; NaN with one seed)."""
     groups: dict[tuple[str, str, float, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["gpu_set"], r["workload"], r["load"], r["policy"]), []).append(r)
@@ -389,27 +523,46 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (gs, wl, load, pol), rs in groups.items():
         d: dict[str, Any] = {"gpu_set": gs, "workload": wl, "load": load, "policy": pol}
         for k in SUMMARY_METRICS:
-            vals = [float(r[k]) for r in rs if not math.isnan(float(r[k]))]
-            d[k] = float(np.mean(vals)) if vals else float("nan")
+            d[k], d[k + CI_SUFFIX] = mean_ci([float(r[k]) for r in rs])
         d["seeds"] = len(rs)
+        d["infeasible"] = sum(1 for r in rs if not r["plan_feasible"])
         out.append(d)
     return out
 
 
-def write_outputs(exp: Experiment, rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+SUMMARY_COLUMNS = (
+    "gpu_set",
+    "workload",
+    "load",
+    "policy",
+    *(c for k in SUMMARY_METRICS for c in (k, k + CI_SUFFIX)),
+    "seeds",
+    "infeasible",
+)
+
+
+def write_outputs(
+    exp: Experiment,
+    rows: Sequence[dict[str, Any]],
+    out: Path,
+    failures: Sequence[CellFailure] = (),
+) -> list[Path]:
+    """The result files and the plots; ``failures`` (cells that raised) go to results.json."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
             w.writerow([_fmt(r[c]) for c in CSV_COLUMNS])
-    (out / "results.json").write_text(
-        json.dumps({"format": "stgs.compare/v1", "runs": _jsonable(rows)}, indent=1) + "\n",
-        encoding="utf-8",
-    )
+    doc = {
+        "format": "stgs.compare/v1",
+        "runs": _jsonable(rows),
+        "failed": [f.to_dict() for f in failures],
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     summary = summarise(rows)
     with open(out / "summary.csv", "w", newline="", encoding="utf-8") as f:
-        cols = ["gpu_set", "workload", "load", "policy", *SUMMARY_METRICS, "seeds"]
+        cols = SUMMARY_COLUMNS
         w = csv.writer(f)
         w.writerow(cols)
         for s in summary:
@@ -447,17 +600,23 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> Iterator[list[str]]:
         "reconf.",
     ]
     for s in summarise(rows):
+
+        def cell(key: str, digits: int, s: dict[str, Any] = s) -> str:
+            text = f"{s[key]:.{digits}f}"
+            ci = s[key + CI_SUFFIX]
+            return text if math.isnan(ci) else f"{text} ± {ci:.{digits}f}"
+
         yield [
             s["gpu_set"],
             s["workload"],
             f"{s['load']:g}",
             s["policy"],
-            f"{s['slo_attainment']:.4f}",
-            f"{s['goodput_rps']:.0f}",
-            f"{s['p99_ms']:.1f}",
-            f"{s['gpus_used_mean']:.2f}",
-            f"{s['dropped']:.0f}",
-            f"{s['reconfigurations']:.1f}",
+            cell("slo_attainment", 4),
+            cell("goodput_rps", 0),
+            cell("p99_ms", 1),
+            cell("gpus_used_mean", 2),
+            cell("dropped", 0),
+            cell("reconfigurations", 1),
         ]
 
 

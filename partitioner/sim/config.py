@@ -152,7 +152,12 @@ class SimOptions(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _noise_file(self) -> SimOptions:
+    def _consistent(self) -> SimOptions:
+        if self.warmup_s >= self.duration_s:
+            raise ValueError(
+                f"warmup_s ({self.warmup_s:g}) must be shorter than duration_s"
+                f" ({self.duration_s:g}): only requests after the warm-up are counted"
+            )
         if self.noise == "runtime" and not self.runtime_noise:
             raise ValueError("noise: runtime needs runtime_noise: FILE (fidelity.py --fit-noise)")
         if self.runtime_noise and self.noise != "runtime":

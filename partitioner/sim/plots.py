@@ -1,4 +1,5 @@
-"""Plots of a comparison (matplotlib, Agg backend: no display needed)."""
+"""Plots of a comparison (matplotlib, Agg backend: no display needed). With two seeds or more,
+the curves over the loads carry error bars: the 95 % confidence interval of each mean."""
 
 from __future__ import annotations
 
@@ -9,8 +10,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from partitioner.sim.compare import CI_SUFFIX
+
 if TYPE_CHECKING:
     from partitioner.sim.compare import Experiment
+
+
+def series(
+    summary: Sequence[dict[str, Any]], gs: str, wl: str, pol: str, key: str
+) -> tuple[list[float], list[float], list[float] | None]:
+    """One policy's curve of ``key`` over the loads: x, the means, and the error bars (the 95 %
+    confidence half-widths over the seeds; None where no point has two seeds or more)."""
+    pts = sorted(
+        (s["load"], s[key], s.get(key + CI_SUFFIX, math.nan))
+        for s in summary
+        if s["gpu_set"] == gs and s["workload"] == wl and s["policy"] == pol
+    )
+    err = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
+    has_ci = any(not math.isnan(p[2]) for p in pts)
+    return [p[0] for p in pts], [p[1] for p in pts], err if has_ci else None
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -24,6 +42,8 @@ def make_plots(
     summary: Sequence[dict[str, Any]],
     out: Path,
 ) -> list[Path]:
+    if not rows:  # every cell failed: nothing to draw
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,14 +55,6 @@ def make_plots(
     gsets = [name for name, _ in exp.gpu_sets]
     written: list[Path] = []
     markers = "os^vD<>p*h"
-
-    def by(gs: str, wl: str, pol: str, key: str) -> tuple[list[float], list[float]]:
-        pts = sorted(
-            (s["load"], s[key])
-            for s in summary
-            if s["gpu_set"] == gs and s["workload"] == wl and s["policy"] == pol
-        )
-        return [p[0] for p in pts], [p[1] for p in pts]
 
     def save(fig: Any, title: str, fname: str, gs: str) -> None:
         """Title, lay out, write ``fname.png`` (``fname_<gpu set>.png`` with several) and close."""
@@ -66,8 +78,18 @@ def make_plots(
             for i, wl in enumerate(workloads):
                 ax = axes[i // nc][i % nc]
                 for j, pol in enumerate(policies):
-                    x, y = by(gs, wl, pol, key)
-                    ax.plot(x, y, marker=markers[j % len(markers)], label=pol, lw=1.4, ms=4)
+                    x, y, err = series(summary, gs, wl, pol, key)
+                    ax.errorbar(
+                        x,
+                        y,
+                        yerr=err,
+                        marker=markers[j % len(markers)],
+                        label=pol,
+                        lw=1.4,
+                        ms=4,
+                        capsize=2.5 if err is not None else 0,
+                        elinewidth=0.9,
+                    )
                 ax.set_title(wl, fontsize=10)
                 ax.set_xlabel("load (x scenario rates)")
                 ax.set_ylabel(ylabel, fontsize=9)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import struct
 
 from stgs.errors import InvalidRequestError, WorkerDiedError
@@ -33,6 +34,7 @@ from stgs.runtime.transport import (
     decode_tensors,
     error_of,
     frame_parts,
+    size_buffers,
 )
 
 __all__ = ["AsyncWorkerConnection"]
@@ -100,7 +102,18 @@ class AsyncWorkerConnection:
         """Connect to the worker's data socket at ``path`` (OSError when nobody listens)."""
         conn = cls(name)
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_unix_connection(lambda: _Protocol(conn), path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Room for whole requests in the socket, as the worker's end has: at the default
+            # send buffer a 600 KB image took several write -> worker read -> writable rounds
+            # between the two processes, milliseconds when the worker's GIL was busy.
+            size_buffers(sock)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, path)
+            transport, _ = await loop.create_unix_connection(lambda: _Protocol(conn), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         conn._transport = transport
         return conn
 

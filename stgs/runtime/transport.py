@@ -92,6 +92,7 @@ __all__ = [
 
 HEADER = struct.Struct("<BBBBIQqQ")
 SOCKET_BUFFER_BYTES = 4 << 20
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux's; Python's socket module does not name them
 RECV_BUFFER_BYTES = 64 << 10
 
 # kinds
@@ -185,15 +186,26 @@ class Frame:
         return self.payload.decode("utf-8", errors="replace")
 
 
+def size_buffers(sock: socket.socket) -> None:
+    """Room for a whole image batch in a connection's socket buffers (``SOCKET_BUFFER_BYTES``):
+    a Unix socket's send buffer bounds what is in flight, so at the default (~200 KiB) one large
+    tensor takes several write -> read -> writable rounds between the two processes. The kernel
+    caps the size at ``net.core.wmem_max`` / ``rmem_max``; a process that may (root) forces it
+    past them."""
+    for opt, force in ((socket.SO_SNDBUF, _SO_SNDBUFFORCE), (socket.SO_RCVBUF, _SO_RCVBUFFORCE)):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        if sock.getsockopt(socket.SOL_SOCKET, opt) < SOCKET_BUFFER_BYTES:  # Linux reports 2x
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
+
+
 class FrameSocket:
     """Frames over a connected stream socket; ``send`` is thread safe, ``recv`` is not."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        # Room for a whole image batch in the socket: fewer wake-ups per large tensor.
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        size_buffers(sock)
         self._send_lock = threading.Lock()
         # Receive buffer: one ``recv`` takes every frame that has arrived (a batch's replies, a
         # burst of requests), so a busy reader makes one system call, and takes the GIL once, for
