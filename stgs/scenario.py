@@ -32,6 +32,7 @@ from pydantic import (
 
 from stgs.catalog import get_sku
 from stgs.errors import ConfigError, UnknownSkuError
+from stgs.hostcosts import planner_term
 from stgs.profiles import example_interference_path, example_profiles_path
 from stgs.types import GpuSpec, ModelSpec
 
@@ -138,21 +139,35 @@ class PlannerOptions(_Strict):
     max_spare_factor: float = Field(
         default=8.0, ge=1, le=64, description='spare_factor = "fill": the largest factor'
     )
-    # Host time around the GPU batch, which the profiles do not contain (measured on the lent
-    # H100's host through the runtime's worker trace; docs/planner.md "Host costs"): a request's
-    # way from the router into the worker's queue and its answer back (per request, outside
-    # the cycle), the worker's work per batch (taking it, launching the graph, replies) and per
-    # request in a batch (the input copy into the pinned buffer). A batch of b then takes
+    # Host time around the GPU batch, which the profiles do not contain: a request's way from
+    # the router into the worker's queue and its answer back (per request, outside the cycle),
+    # the worker's work per batch (taking it, launching the graph, replies) and per request in
+    # a batch (the input copy into the pinned buffer). A batch of b then takes
     # L(b) + host_batch_ms + b host_item_ms of the cycle, and a request must see
-    # d + that + host_request_ms <= slo. All 0: plan on GPU batch latency alone.
+    # d + that + host_request_ms <= slo. All 0: plan on GPU batch latency alone. Defaults: the
+    # measured host-cost file (stgs/data/host-costs.json or $STGS_HOST_COSTS, stgs.hostcosts;
+    # docs/planner.md "Host costs"), derived at an image-sized input; read at first use, so a
+    # bad file is a ConfigError where options are made, not an import error.
     host_request_ms: float = Field(
-        default=0.6, ge=0, le=1000, description="a request's host way to its worker and back (ms)"
+        default_factory=planner_term("request_ms"),
+        ge=0,
+        le=1000,
+        description="a request's host way to its worker and back (ms; default: from the"
+        " measured host-cost file)",
     )
     host_batch_ms: float = Field(
-        default=0.25, ge=0, le=1000, description="worker host time per batch, beside the GPU (ms)"
+        default_factory=planner_term("batch_ms"),
+        ge=0,
+        le=1000,
+        description="worker host time per batch, beside the GPU (ms; default: from the measured"
+        " host-cost file)",
     )
     host_item_ms: float = Field(
-        default=0.07, ge=0, le=1000, description="worker host time per request in a batch (ms)"
+        default_factory=planner_term("item_ms"),
+        ge=0,
+        le=1000,
+        description="worker host time per request in a batch (ms; default: from the measured"
+        " host-cost file)",
     )
 
     def options(self) -> PlannerOptions:
