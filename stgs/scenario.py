@@ -63,6 +63,32 @@ def _spare_factor(v: object) -> object:
 # The spare capacity setting: a fixed factor, or "fill" (see PlannerOptions.spare_factor).
 SpareFactor = Annotated[float | Literal["fill"], BeforeValidator(_spare_factor)]
 
+FORBID = "forbid"
+DEFAULT_EXTRAPOLATION_MARGIN = 1.1
+MAX_EXTRAPOLATION_MARGIN = 10.0
+
+
+def _extrapolation_margin(v: object) -> object:
+    """``extrapolation_margin``: a factor in [1, 10], or "forbid" (any case, spaces stripped)."""
+    if isinstance(v, str) and v.strip().lower() == FORBID:
+        return FORBID
+    try:
+        f = float(v) if isinstance(v, int | float | str) and not isinstance(v, bool) else None
+    except ValueError:
+        f = None
+    if f is None or not 1 <= f <= MAX_EXTRAPOLATION_MARGIN:
+        raise ValueError(
+            "extrapolation_margin must be a factor from 1 to"
+            f" {MAX_EXTRAPOLATION_MARGIN:g} (latency below the smallest profiled partition is"
+            f' assumed that much slower than extrapolated; 1: as extrapolated) or "forbid" (no'
+            f" partition below the profiled range), not {v!r}"
+        )
+    return f
+
+
+# Planning below the profiled range: a factor on the extrapolated latency, or "forbid".
+ExtrapolationMargin = Annotated[float | Literal["forbid"], BeforeValidator(_extrapolation_margin)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -138,6 +164,15 @@ class PlannerOptions(_Strict):
     )
     max_spare_factor: float = Field(
         default=8.0, ge=1, le=64, description='spare_factor = "fill": the largest factor'
+    )
+    # No planning on unmeasured ground: a partition smaller than the smallest profiled one of
+    # its kind (an MPS share below the smallest measured, an SM count below the measured green
+    # contexts) has an extrapolated latency; it is multiplied by this factor, or with "forbid"
+    # such partitions are not used (docs/planner.md "Extrapolation margin").
+    extrapolation_margin: ExtrapolationMargin = Field(
+        default=DEFAULT_EXTRAPOLATION_MARGIN,
+        description="factor on the latency of partitions below the smallest profiled one (1: the"
+        ' extrapolation as it is); "forbid": never use such partitions',
     )
     # Host time around the GPU batch, which the profiles do not contain: a request's way from
     # the router into the worker's queue and its answer back (per request, outside the cycle),
