@@ -1,10 +1,16 @@
 """Planner benchmark: peak load factor k per policy against the fluid bound, gap to the exact
 optimum on small instances, and solve times.
 
-    python -m benchmarks.planner [--quick] [--json OUT.json]
+    python -m benchmarks.planner [--quick] [--json OUT.json] [--option KEY=VALUE ...]
+        [--simulate SECONDS]
 
 Scenarios: a mixed model zoo on 1 to 16 GPUs (MIG and non-MIG), rates 10 to 5000 rps, SLOs 10 to
 200 ms, on the profiles shipped in the package. Prints tables; numbers are what this run measured.
+``--option KEY=VALUE`` sets a planner option (``stgs.scenario.PlannerOptions``) on every
+scenario, e.g. the host costs or ``extrapolation_margin`` of another day; ``--simulate S``
+also simulates each scenario's stgs plan at its peak for S seconds (Poisson arrivals, the
+profiles' noise, the simulator's host costs from the measured file, seed 0) and prints its
+SLO attainment.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.lib.cases import LOAD, geomean, measured_scenarios, scenarios, timing_case
 from partitioner.fluid import fluid_bound
@@ -22,9 +29,12 @@ from partitioner.peak import find_peak
 from partitioner.policies import get_policy, policy_names
 from partitioner.policies.optimal import exact_peak
 from partitioner.problem import Problem
+from partitioner.sim import SimOptions, WorkloadSpec, generate
+from partitioner.sim.run import noise_for, simulate
 from stgs.errors import PlanningError
+from stgs.plan import Plan
 from stgs.profiles import default_profiles_path
-from stgs.scenario import scenario_from_mapping
+from stgs.scenario import PlannerOptions, scenario_from_mapping
 
 HEURISTICS = ["stgs", "temporal", "mig-only", "mps-only"]
 HOST_OPTIONS = ("host_request_ms", "host_batch_ms", "host_item_ms")
@@ -51,8 +61,34 @@ def main() -> int:
         help="measured: the planner's default host costs (planner.host_*_ms, measured on the "
         "H100 host); none: all 0, the issue's validity rules exactly",
     )
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a planner option on every scenario (repeatable)",
+    )
+    ap.add_argument(
+        "--simulate",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="simulate each stgs peak plan for S seconds and print its SLO attainment",
+    )
     args = ap.parse_args()
-    host = {} if args.host_costs == "measured" else dict.fromkeys(HOST_OPTIONS, 0.0)
+    host: dict[str, object] = (
+        {} if args.host_costs == "measured" else dict.fromkeys(HOST_OPTIONS, 0.0)
+    )
+    for kv in args.option:
+        key, sep, value = kv.partition("=")
+        if not sep or key not in PlannerOptions.model_fields:
+            ap.error(f"--option {kv!r}: KEY=VALUE with KEY a planner option")
+        host[key] = value
+    try:
+        checked = PlannerOptions(**host)  # type: ignore[arg-type]
+    except ValueError as exc:
+        ap.error(f"--option: {exc}")
+    host = {k: getattr(checked, k) for k in host}  # validated values (with_options does not)
 
     print(
         f"# planner benchmark · {time.strftime('%Y-%m-%d')} · python {platform.python_version()}"
@@ -70,8 +106,16 @@ def main() -> int:
             c.data["interference"] = str(data_dir / "example-interference.csv")
     print(f"# scenario set: {args.set}" + (f" ({args.sku})" if args.set == "measured" else ""))
     print(f"# host costs: {args.host_costs}")
+    opts = checked
+    print(
+        f"# planner: host_request_ms {opts.host_request_ms:.4f}, host_batch_ms"
+        f" {opts.host_batch_ms:.4f}, host_item_ms {opts.host_item_ms:.4f}, extrapolation_margin"
+        f" {opts.extrapolation_margin}"
+        + (f"; options {', '.join(args.option)}" if args.option else "")
+    )
     for case in cases:
-        prob = Problem.from_scenario(scenario_from_mapping(case.data))
+        sc = scenario_from_mapping(case.data)
+        prob = Problem.from_scenario(sc)
         if host:
             prob = prob.with_options(**host)
         bound = fluid_bound(prob)
@@ -103,6 +147,10 @@ def main() -> int:
                 continue
             row[pol] = pk.k
             row[f"{pol}_s"] = time.perf_counter() - t0
+            if pol == "stgs" and args.simulate > 0 and pk.k > 0:
+                row["sim_attainment"] = simulated_attainment(
+                    p2, pk.k, pk.plan, args.simulate, sc.profiles or default_profiles_path()
+                )
             solver = pk.plan.info.get("solver")
             if isinstance(solver, dict):
                 row[f"{pol}_status"] = solver.get("status")
@@ -162,6 +210,20 @@ def main() -> int:
         )
         cells.append(ratio(s, single, "single"))
         print("| " + " | ".join(cells) + " |")
+    if args.simulate > 0:
+        print(f"\n## Simulated SLO attainment of the stgs plan at its peak ({args.simulate:g} s)\n")
+        print("| scenario | stgs k | attainment |")
+        print("|---|---|---|")
+        for r in rows:
+            att = r.get("sim_attainment")
+            k = r.get("stgs")
+            print(
+                f"| {r['scenario']} | {k if k is None else f'{k:.3f}'} |"
+                f" {'-' if att is None else f'{att:.4f}'} |"
+            )
+        atts = [float(r["sim_attainment"]) for r in rows if r.get("sim_attainment") is not None]  # type: ignore[arg-type]
+        if atts:
+            print(f"\nmin {min(atts):.4f}, mean {statistics.fmean(atts):.4f}")
     print("\n## Geometric means of stgs's ratios\n")
     print("| ratio | geomean | min | target |")
     print("|---|---|---|---|")
@@ -209,6 +271,21 @@ def main() -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"peak": rows, "timing": timing}, fh, indent=2, default=str)
     return 0
+
+
+def simulated_attainment(
+    prob: Problem, k: float, plan: Plan, seconds: float, profiles: Path
+) -> float:
+    """SLO attainment of ``plan`` (the stgs plan at load factor ``k``) in the simulator, with
+    the noise of ``profiles``."""
+    rates = {m.name: m.rate_rps * k for m in prob.models}
+    opts = SimOptions(duration_s=seconds)
+    arrivals = generate(WorkloadSpec(name="poisson"), rates, seconds, seed=0)
+    noise = noise_for(opts, profiles)
+    _, metrics = simulate(
+        prob, get_policy("stgs"), arrivals, rates, opts, seed=0, noise=noise, plan=plan
+    )
+    return float(metrics.summary["slo_attainment"])
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ factor ``1 + h`` and, for MPS partitions, the interference factor):
     d + L_m(b_m)  <=  slo_m - t    (a request waits at most one cycle, then its batch runs)
 
 where ``L_m(b) = (1 + h) slowdown l_m(b) + host_batch_ms + b host_item_ms`` (the worker's host
-work around a batch is part of the cycle) and ``t = host_request_ms`` (the way to the worker
-and back; ``PlannerOptions``). ``Curve.lat`` is ``L``, ``Curve.slo`` is ``slo_m - t``.
+work around a batch is part of the cycle; ``l_m`` is the profile's latency, multiplied by
+``extrapolation_margin`` on a partition below the smallest profiled one) and
+``t = host_request_ms`` (the way to the worker and back; ``PlannerOptions``). ``Curve.lat`` is
+``L``, ``Curve.slo`` is ``slo_m - t``.
 
 Batches come from the runtime's CUDA-graph buckets (``BATCH_BUCKETS``): the runtime pads a batch
 to its bucket, so planning with bucket sizes predicts what runs.
@@ -39,7 +41,7 @@ from stgs.profiles import (
     read_interference,
     read_profiles,
 )
-from stgs.scenario import PlannerOptions, Scenario
+from stgs.scenario import FORBID, PlannerOptions, Scenario
 from stgs.types import GpuSpec, ModelSpec
 
 FloatArray = npt.NDArray[np.float64]
@@ -333,7 +335,9 @@ class Problem:
         return lm.max_measured_batch if lm is not None else BATCH_BUCKETS[0]
 
     def curve(self, model: ModelSpec, gtype: GpuSpec, shape: Shape) -> Curve | None:
-        """Latency curve of ``model`` on ``shape``, or None when it has no profile there."""
+        """Latency curve of ``model`` on ``shape``, or None when it has no profile there (or
+        the shape lies below its profiled range and ``extrapolation_margin`` is "forbid"; with
+        a factor, the latency there is multiplied by it)."""
         # A curve depends on the model's name, profile and SLO, not on its rate: plans at other
         # rates (peak search, replanning) reuse it. Rates live in schedules, never in curves.
         key = (model.name, model.profile, model.slo_ms, gtype, shape)
@@ -346,10 +350,22 @@ class Problem:
         bmax = self.max_batch(model, gtype.sku)
         buckets = np.array([b for b in BATCH_BUCKETS if b <= bmax] or [1], dtype=np.int64)
         mig_profile = shape.mig_profile if shape.in_mig else None
-        solo = lm.latency_curve(buckets, shape.sm_count, mig_profile=mig_profile, kind=shape.kind)
+        opts = self.options
+        margin = opts.extrapolation_margin
+        if margin == FORBID and lm.extrapolates(
+            shape.sm_count, mig_profile=mig_profile, kind=shape.kind
+        ):
+            self._curves[key] = None  # below the profiled range: not planned on
+            return None
+        solo = lm.latency_curve(
+            buckets,
+            shape.sm_count,
+            mig_profile=mig_profile,
+            kind=shape.kind,
+            extrapolation_margin=1.0 if margin == FORBID else float(margin),
+        )
         slowdown = self.interference.slowdown(model.profile, gtype.sku, shape.neighbour_pct())
         memory = np.array([lm.memory_mib(int(b)) for b in buckets], dtype=np.float64)
-        opts = self.options
         host = opts.host_batch_ms + opts.host_item_ms * buckets.astype(np.float64)
         c = Curve(
             model,

@@ -27,6 +27,11 @@ Interpolation (monotone by construction: a larger batch is never faster, more SM
    Amdahl case). Linear interpolation in x between monotone rows is monotone in both
    directions, and a whole row at a given SM count is a blend of two stored rows, so
    :meth:`LatencyModel.latency_curve` costs one ``np.interp`` per call (rows are cached).
+4. Below the smallest SM count measured on a curve the line through the two smallest counts is
+   an extrapolation, which can be optimistic (the work may scale closer to 1/s there): the
+   planner multiplies it by its ``extrapolation_margin`` (``latency_curve(...,
+   extrapolation_margin=f)``; :meth:`LatencyModel.extrapolates` says where) or, with
+   ``"forbid"``, uses no such partition. The simulator predicts with the line as it is.
 
 Partition kinds: an MPS client runs 4-7% slower than a green context or the whole GPU at the
 same SM count (measured on an H100: the MPS server's per-launch overhead), so rows are also
@@ -309,6 +314,37 @@ class LatencyModel:
             f"mig={list(self.mig_profiles)}, max_batch={self.max_measured_batch})"
         )
 
+    def _curve(self, sm_count: float, mig_profile: str | None, kind: str | None) -> _Curve:
+        """The curve a prediction at (``sm_count``, ``mig_profile``, ``kind``) comes from."""
+        if mig_profile is not None and self._mig is not None:
+            own = self._profiles.get(mig_profile)
+            if own is not None and own[0] == sm_count:
+                return own[1]
+            return self._mig
+        if kind == "mps":
+            return self._families.get("mps", self._shared)
+        if kind == "full" and "full" in self._families:
+            full = self._families["full"]
+            return full if sm_count in full.sm_counts else self._families.get("green", full)
+        if kind in ("full", "green", "mig") or mig_profile is not None:
+            # a MIG instance without MIG rows: predicted from the green-context SM curve
+            return self._families.get("green", self._shared)
+        return self._shared
+
+    def smallest_measured(
+        self, sm_count: float, *, mig_profile: str | None = None, kind: str | None = None
+    ) -> int:
+        """The smallest SM count measured on the curve a prediction at ``sm_count`` (of this
+        partition kind) comes from: below it latency is extrapolated, not interpolated."""
+        return self._curve(sm_count, mig_profile, kind).sm_counts[0]
+
+    def extrapolates(
+        self, sm_count: float, *, mig_profile: str | None = None, kind: str | None = None
+    ) -> bool:
+        """Whether a prediction at ``sm_count`` lies below the measured range of its curve
+        (a partition smaller than the smallest profiled one of its kind)."""
+        return sm_count < self.smallest_measured(sm_count, mig_profile=mig_profile, kind=kind)
+
     def _row(
         self, sm_count: float, mig_profile: str | None, kind: str | None = None
     ) -> tuple[FloatArray, FloatArray, float]:
@@ -317,20 +353,7 @@ class LatencyModel:
         if hit is not None:
             return hit
         _check_sm(sm_count)
-        curve = self._shared
-        if mig_profile is not None and self._mig is not None:
-            curve = self._mig
-            own = self._profiles.get(mig_profile)
-            if own is not None and own[0] == sm_count:
-                curve = own[1]
-        elif kind == "mps":
-            curve = self._families.get("mps", self._shared)
-        elif kind == "full" and "full" in self._families:
-            full = self._families["full"]
-            curve = full if sm_count in full.sm_counts else self._families.get("green", full)
-        elif kind in ("full", "green", "mig") or mig_profile is not None:
-            # a MIG instance without MIG rows: predicted from the green-context SM curve
-            curve = self._families.get("green", self._shared)
+        curve = self._curve(sm_count, mig_profile, kind)
         vals, tail = curve.row(sm_count)
         out = (curve.grid, vals, tail)
         if len(self._cache) >= _CACHE_SIZE:
@@ -345,6 +368,7 @@ class LatencyModel:
         *,
         mig_profile: str | None = None,
         kind: str | None = None,
+        extrapolation_margin: float = 1.0,
     ) -> FloatArray:
         """Latency (ms) of each batch size in ``batches`` on ``sm_count`` SMs.
 
@@ -355,12 +379,17 @@ class LatencyModel:
         curve is used when this model has MIG measurements: the profile's own rows when it was
         measured at this SM count, else the MIG curve across SM counts; without MIG rows the
         shared-GPU SM curve predicts MIG latency at the instance's SM count.
+
+        Below the smallest SM count measured on that curve (:meth:`extrapolates`) the
+        prediction is multiplied by ``extrapolation_margin`` (the planner's
+        ``PlannerOptions.extrapolation_margin``; 1: the extrapolation as it is).
         """
         b = np.asarray(batches, dtype=np.float64)
         if b.size and not bool(np.all(b > 0)):
             raise ValueError("batch sizes must be > 0")
         grid, vals, tail = self._row(sm_count, mig_profile, kind)
-        return _eval(grid, vals, tail, b)
+        out = _eval(grid, vals, tail, b)
+        return out * self._margin(sm_count, mig_profile, kind, extrapolation_margin)
 
     def latency_ms(
         self,
@@ -369,12 +398,23 @@ class LatencyModel:
         *,
         mig_profile: str | None = None,
         kind: str | None = None,
+        extrapolation_margin: float = 1.0,
     ) -> float:
         """Latency (ms) of one batch of ``batch`` on ``sm_count`` SMs (see latency_curve)."""
         if not batch > 0:
             raise ValueError(f"batch size must be > 0, got {batch}")
         grid, vals, tail = self._row(sm_count, mig_profile, kind)
-        return float(_eval(grid, vals, tail, np.array([batch], dtype=np.float64))[0])
+        out = float(_eval(grid, vals, tail, np.array([batch], dtype=np.float64))[0])
+        return out * self._margin(sm_count, mig_profile, kind, extrapolation_margin)
+
+    def _margin(
+        self, sm_count: float, mig_profile: str | None, kind: str | None, margin: float
+    ) -> float:
+        if margin == 1.0:
+            return 1.0
+        if not (math.isfinite(margin) and margin >= 1.0):
+            raise ValueError(f"extrapolation_margin must be a factor >= 1, got {margin}")
+        return margin if self.extrapolates(sm_count, mig_profile=mig_profile, kind=kind) else 1.0
 
     def memory_mib(self, batch: float) -> float:
         """Device memory (MiB) at ``batch``: the largest measured over partitions, linear in

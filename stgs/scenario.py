@@ -32,6 +32,7 @@ from pydantic import (
 
 from stgs.catalog import get_sku
 from stgs.errors import ConfigError, UnknownSkuError
+from stgs.hostcosts import planner_term
 from stgs.profiles import example_interference_path, example_profiles_path
 from stgs.types import GpuSpec, ModelSpec
 
@@ -61,6 +62,32 @@ def _spare_factor(v: object) -> object:
 
 # The spare capacity setting: a fixed factor, or "fill" (see PlannerOptions.spare_factor).
 SpareFactor = Annotated[float | Literal["fill"], BeforeValidator(_spare_factor)]
+
+FORBID = "forbid"
+DEFAULT_EXTRAPOLATION_MARGIN = 1.1
+MAX_EXTRAPOLATION_MARGIN = 10.0
+
+
+def _extrapolation_margin(v: object) -> object:
+    """``extrapolation_margin``: a factor in [1, 10], or "forbid" (any case, spaces stripped)."""
+    if isinstance(v, str) and v.strip().lower() == FORBID:
+        return FORBID
+    try:
+        f = float(v) if isinstance(v, int | float | str) and not isinstance(v, bool) else None
+    except ValueError:
+        f = None
+    if f is None or not 1 <= f <= MAX_EXTRAPOLATION_MARGIN:
+        raise ValueError(
+            "extrapolation_margin must be a factor from 1 to"
+            f" {MAX_EXTRAPOLATION_MARGIN:g} (latency below the smallest profiled partition is"
+            f' assumed that much slower than extrapolated; 1: as extrapolated) or "forbid" (no'
+            f" partition below the profiled range), not {v!r}"
+        )
+    return f
+
+
+# Planning below the profiled range: a factor on the extrapolated latency, or "forbid".
+ExtrapolationMargin = Annotated[float | Literal["forbid"], BeforeValidator(_extrapolation_margin)]
 
 
 class _Strict(BaseModel):
@@ -138,21 +165,44 @@ class PlannerOptions(_Strict):
     max_spare_factor: float = Field(
         default=8.0, ge=1, le=64, description='spare_factor = "fill": the largest factor'
     )
-    # Host time around the GPU batch, which the profiles do not contain (measured on the lent
-    # H100's host through the runtime's worker trace; docs/planner.md "Host costs"): a request's
-    # way from the router into the worker's queue and its answer back (per request, outside
-    # the cycle), the worker's work per batch (taking it, launching the graph, replies) and per
-    # request in a batch (the input copy into the pinned buffer). A batch of b then takes
+    # No planning on unmeasured ground: a partition smaller than the smallest profiled one of
+    # its kind (an MPS share below the smallest measured, an SM count below the measured green
+    # contexts) has an extrapolated latency; it is multiplied by this factor, or with "forbid"
+    # such partitions are not used (docs/planner.md "Extrapolation margin").
+    extrapolation_margin: ExtrapolationMargin = Field(
+        default=DEFAULT_EXTRAPOLATION_MARGIN,
+        description="factor on the latency of partitions below the smallest profiled one (1: the"
+        ' extrapolation as it is); "forbid": never use such partitions',
+    )
+    # Host time around the GPU batch, which the profiles do not contain: a request's way from
+    # the router into the worker's queue and its answer back (per request, outside the cycle),
+    # the worker's work per batch (taking it, launching the graph, replies) and per request in
+    # a batch (the input copy into the pinned buffer). A batch of b then takes
     # L(b) + host_batch_ms + b host_item_ms of the cycle, and a request must see
-    # d + that + host_request_ms <= slo. All 0: plan on GPU batch latency alone.
+    # d + that + host_request_ms <= slo. All 0: plan on GPU batch latency alone. Defaults: the
+    # measured host-cost file (stgs/data/host-costs.json or $STGS_HOST_COSTS, stgs.hostcosts;
+    # docs/planner.md "Host costs"), derived at an image-sized input; read at first use, so a
+    # bad file is a ConfigError where options are made, not an import error.
     host_request_ms: float = Field(
-        default=0.6, ge=0, le=1000, description="a request's host way to its worker and back (ms)"
+        default_factory=planner_term("request_ms"),
+        ge=0,
+        le=1000,
+        description="a request's host way to its worker and back (ms; default: from the"
+        " measured host-cost file)",
     )
     host_batch_ms: float = Field(
-        default=0.25, ge=0, le=1000, description="worker host time per batch, beside the GPU (ms)"
+        default_factory=planner_term("batch_ms"),
+        ge=0,
+        le=1000,
+        description="worker host time per batch, beside the GPU (ms; default: from the measured"
+        " host-cost file)",
     )
     host_item_ms: float = Field(
-        default=0.07, ge=0, le=1000, description="worker host time per request in a batch (ms)"
+        default_factory=planner_term("item_ms"),
+        ge=0,
+        le=1000,
+        description="worker host time per request in a batch (ms; default: from the measured"
+        " host-cost file)",
     )
 
     def options(self) -> PlannerOptions:

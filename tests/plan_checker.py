@@ -18,7 +18,9 @@ whole GPUs and whole MIG instances), and the plan is valid when
     sum_m mem_m(b_m) <= memory
 
 (``host_*``: the scenario's ``planner.host_*_ms``, the host time around a batch and a
-request's way to the worker and back).
+request's way to the worker and back). Below the smallest SM count its latency function
+measured for the partition's kind, ``l_m`` is multiplied by ``planner.extrapolation_margin``;
+with ``"forbid"`` such a partition is a violation.
 
 Tolerances: 1e-6, plus the rounding of the plan's JSON (duty cycles to 1e-4 ms, rates to 1e-6
 request/s, latencies to 1e-4 ms, memory to 0.1 MiB).
@@ -479,7 +481,17 @@ def _check_partition(
             continue
         # the latency function of the partition's kind (an MPS client is slower than a green
         # context or the whole GPU at the same SM count)
-        solo = lm.latency_ms(b, sm, mig_profile=mig_profile, kind=str(p.get("kind")))
+        kind = str(p.get("kind"))
+        solo = lm.latency_ms(b, sm, mig_profile=mig_profile, kind=kind)
+        floor = lm.smallest_measured(sm, mig_profile=mig_profile, kind=kind)
+        if sm < floor:  # below the profiled range: the scenario's margin, or not at all
+            if opts.extrapolation_margin == "forbid":
+                v.append(
+                    f"{mw}: {sm} SMs is below the smallest profiled {kind} partition ({floor}"
+                    " SMs) and extrapolation_margin is 'forbid'"
+                )
+            else:
+                solo *= float(opts.extrapolation_margin)
         slow = interference.slowdown(spec.profile, sku.name, neighbours)
         raw = solo * slow
         lat = (1.0 + h) * raw + opts.host_batch_ms + b * opts.host_item_ms

@@ -24,6 +24,7 @@ def test_example_config_loads_with_the_defaults() -> None:
     assert cfg.controller.hold_s == 30.0
     assert cfg.planner.spare_factor == DaemonConfig().planner.spare_factor == "fill"
     assert cfg.planner.max_spare_factor == DaemonConfig().planner.max_spare_factor
+    assert cfg.planner.extrapolation_margin == DaemonConfig().planner.extrapolation_margin
 
 
 def test_systemd_unit() -> None:

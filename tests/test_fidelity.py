@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import recorded_runs
+from _helpers import recorded_runs, run_python
 
-from benchmarks import fidelity, repeatability, stall_windows
+from benchmarks import fidelity, fit_host_costs, repeatability, stall_windows
 from benchmarks.lib import fitting
 from benchmarks.lib import runs as rf
 from partitioner.sim.config import HostCosts
+from stgs.hostcosts import load_host_costs, write_host_costs
 
 REC = recorded_runs() or Path("/nonexistent")  # skipped below where the history is missing
 RUNS = REC / "2026-11-22-h100"
@@ -52,24 +53,40 @@ s3 = pytest.mark.skipif(not (S3 / "full.npz").is_file(), reason="session-3 runs 
 
 
 @s3
-def test_defaults_are_the_trace_fit_of_session_3() -> None:
-    """The simulator's default host costs are what --fit measures on the workers' trace of
-    the two session-3 runs (one set for every model)."""
-    runs = [rf.load_run(S3 / "full.json"), rf.load_run(S3 / "half.json")]
-    fitted, info = fitting.fit_host_trace(runs)
-    d = HostCosts()
-    for k in (
-        "request_ms",
-        "request_ms_per_mb",
-        "batch_ms",
-        "sample_ms",
-        "sample_ms_per_mb",
-        "reply_ms",
-    ):
-        assert getattr(fitted, k) == pytest.approx(getattr(d, k), abs=1e-4), k
+def test_the_host_cost_file_is_the_trace_fit_of_session_3(tmp_path: Path) -> None:
+    """``python -m benchmarks.fit_host_costs`` on the two session-3 runs: ``--check`` finds the
+    shipped stgs/data/host-costs.json holding what they give (the simulator's defaults too);
+    written to another file, the entry carries its provenance and the fit's parts."""
+    runs = [str(S3 / "full.npz"), str(S3 / "half.json")]  # either file of a run names it
+    proc = run_python("-m", "benchmarks.fit_host_costs", *runs, "--check", timeout=300)
+    assert "holds these terms" in proc.stdout
+    out = tmp_path / "host-costs.json"
+    assert fit_host_costs.main([*runs, "--out", str(out)]) == 0
+    f = load_host_costs(out)
+    e = f.entry()
+    assert f.default == "H100-80GB"  # the runs' GPU; the first entry of a new file
+    assert e.terms == load_host_costs().entry().terms == HostCosts().terms()
+    assert [r.run for r in e.provenance.runs] == [
+        "2026-11-22-h100-s3/full",
+        "2026-11-22-h100-s3/half",
+    ]
+    assert all(
+        "serve_gpu.py" in r.command and r.date.startswith("2026-11-22") for r in e.provenance.runs
+    )
+    assert e.provenance.command.startswith("python -m benchmarks.fit_host_costs")
+    assert "H100" in e.provenance.machine and e.fit["batches"] > 100_000
     # images take longer from the send to the worker's queue than token ids
-    med = info["sent_to_queued_median_ms"]
+    med = e.fit["sent_to_queued_median_ms"]
     assert med["0.6021 MB"] > med["0.0010 MB"] > 0
+    # an entry that no longer matches its runs: --check exits 1
+    bumped = e.terms.model_copy(update={"batch_ms": e.terms.batch_ms + 0.1})
+    write_host_costs(out, "H100-80GB", e.model_copy(update={"terms": bumped}), default=True)
+    assert fit_host_costs.main([*runs, "--check", "--out", str(out)]) == 1
+    # bad input: exit 2, nothing written
+    before = out.read_text()
+    assert fit_host_costs.main([str(RUNS / "full.json"), "--out", str(out)]) == 2  # no trace
+    assert fit_host_costs.main([str(tmp_path / "nope.npz"), "--out", str(out)]) == 2
+    assert out.read_text() == before
 
 
 @s3

@@ -3,8 +3,10 @@
 workers' trace or the client's record), the interference check, the profiles calibrated on other
 runs, and the runtime's latency factors fitted as the simulator's ``runtime_noise`` file.
 
-The host costs it fits are the product's defaults (``partitioner.sim.config.HostCosts``):
-``fidelity.py --fit`` regenerates them, ``tests/test_fidelity.py`` checks they still agree."""
+The worker-trace fit itself is the product's (:func:`stgs.hostcosts.fit_trace`); this module
+gathers its observations from a run (:func:`trace_observations`). ``python -m
+benchmarks.fit_host_costs`` writes the result into ``stgs/data/host-costs.json``, the one file
+the planner, the daemon and the simulator read their host costs from."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from partitioner.sim.engine import Simulator
 from partitioner.sim.noise import FALLBACK, quantiles
 from partitioner.sim.run import noise_for, simulate
 from stgs.batching import batch_buckets
+from stgs.hostcosts import TraceObservations, fit_trace, l1_line, nonneg_line
 from stgs.plan import Partition
 from stgs.profiles import default_profiles_path
 
@@ -100,39 +103,19 @@ def _median_points(
     return loop_pts, around
 
 
-def _nnls2(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """Weighted least squares y ~ a + b x with a, b >= 0."""
-    sw = np.sqrt(w)
-    best: tuple[float, float, float] | None = None
-    cands = []
-    a_mat = np.c_[np.ones_like(x), x] * sw[:, None]
-    sol, *_ = np.linalg.lstsq(a_mat, y * sw, rcond=None)
-    cands.append((float(sol[0]), float(sol[1])))
-    cands.append((float(np.average(y, weights=w)), 0.0))  # b = 0
-    bx = float(np.sum(w * x * y) / np.sum(w * x * x)) if np.any(x) else 0.0
-    cands.append((0.0, bx))  # a = 0
-    for a, b in cands:
-        if a < 0 or b < 0:
-            continue
-        err = float(np.sum(w * (y - a - b * x) ** 2))
-        if best is None or err < best[2]:
-            best = (a, b, err)
-    return (best[0], best[1]) if best else (0.0, 0.0)
-
-
 def fit_host(runs: list[Run], exclude: set[str] | None = None) -> tuple[HostCosts, dict[str, Any]]:
     """Host costs from the runs' client-side records (see the module docstring)."""
     loop_pts, around = _median_points(runs, set(exclude or ()))
     if not loop_pts:
         raise SystemExit("no back-to-back batches to fit the loop's host cost on")
     arr = np.asarray(loop_pts, dtype=np.float64)
-    batch_ms, per_mb = _nnls2(arr[:, 0], arr[:, 2], arr[:, 3])
+    batch_ms, per_mb = nonneg_line(arr[:, 0], arr[:, 2], arr[:, 3])
     host = HostCosts()
     pts = [(host.mb(p), v) for p, vs in around.items() for v in vs]
     if pts:
         xs = np.asarray([p[0] for p in pts])
         ys = np.asarray([p[1] for p in pts])
-        req_ms, req_per_mb = _nnls2(xs, ys, np.ones_like(xs))
+        req_ms, req_per_mb = nonneg_line(xs, ys, np.ones_like(xs))
     else:
         req_ms, req_per_mb = 0.0, 0.0
     fitted = HostCosts(
@@ -303,22 +286,14 @@ def trace_batches(run: Run, tr: Trace) -> list[dict[str, Any]]:
     return out
 
 
-def _l1_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least absolute deviations y ~ x @ c (IRLS): robust to the few stalled batches."""
-    w = np.ones(len(y))
-    sol = np.zeros(x.shape[1])
-    for _ in range(50):
-        sw = np.sqrt(w)
-        sol = np.linalg.lstsq(x * sw[:, None], y * sw, rcond=None)[0]
-        w = 1.0 / np.maximum(np.abs(y - x @ sol), 1e-3)
-    return sol
-
-
-def fit_host_trace(runs: list[Run]) -> tuple[HostCosts, dict[str, Any]]:
-    """Host costs measured on the workers' trace (module docstring), one set for every model."""
-    runner_x, runner_y, loop_x, loop_y, gaps = [], [], [], [], []
-    req: dict[float, list[np.ndarray]] = {}
-    replies = []
+def trace_observations(runs: list[Run]) -> TraceObservations:
+    """What the host-cost fit (:func:`stgs.hostcosts.fit_trace`) needs, from the runs' worker
+    traces joined to their client records (phase 1): per batch the runner's time less the
+    profile's GPU latency x the interference of the busy neighbours, and the loop's time
+    outside the runner; the turns between batches with work waiting; per request the way in
+    (sent -> queued in the worker) and back (batch replied -> the client's answer)."""
+    obs = TraceObservations()
+    host = HostCosts()
     for run in runs:
         tr = load_trace(run)
         if tr is None:
@@ -327,10 +302,7 @@ def fit_host_trace(runs: list[Run]) -> tuple[HostCosts, dict[str, Any]]:
         for d in trace_batches(run, tr):
             # runner = copies (a + b x n x MB) + GPU latency x interference of the busy neighbours
             gpu = d["solo_ms"] * (1.0 + d["gamma"] * d["busy_pct"] / 100.0)
-            runner_x.append(np.c_[np.ones(len(gpu)), d["n"] * d["mb"]])
-            runner_y.append(d["run_ms"] - gpu)
-            loop_x.append(np.c_[np.ones(len(gpu)), d["n"]])
-            loop_y.append(d["pre_ms"] + d["reply_ms"])
+            obs.add_batches(d["n"], d["mb"], d["run_ms"] - gpu, d["pre_ms"] + d["reply_ms"])
         # the loop's turn between two batches of a worker that had work waiting
         sel = np.flatnonzero(tr.req_row >= 0)
         t = z["t_sched"]
@@ -346,42 +318,25 @@ def fit_host_trace(runs: list[Run]) -> tuple[HostCosts, dict[str, Any]]:
             np.maximum.at(last_q, brow, q_ns)
             prev, nxt = b_idx[:-1], b_idx[1:]
             ok = (tr.wb[prev, 3] > 0) & (last_q[nxt] > 0) & (last_q[nxt] < tr.wb[prev, 7])
-            gaps.append((tr.wb[nxt[ok], 4] - tr.wb[prev[ok], 7]) / 1e6)
+            obs.turn_ms = np.r_[obs.turn_ms, (tr.wb[nxt[ok], 4] - tr.wb[prev[ok], 7]) / 1e6]
         # on the way in (sent -> queued) and back (batch replied -> client answer)
         sent_ns = tr.t0_ns + np.round(z["sent"][sel] * 1e9)
         for mi in range(len(run.names)):
             k = z["model"][sel] == mi
             if k.sum() >= 100:
-                mb = HostCosts().mb(run.problem.models[mi].profile)
-                req.setdefault(mb, []).append((q_ns[k] - sent_ns[k]) / 1e6)
+                mb = host.mb(run.problem.models[mi].profile)
+                obs.add_way_in(mb, (q_ns[k] - sent_ns[k]) / 1e6)
         okr = z["status"][sel] == _OK
         done_ns = tr.t0_ns + np.round(z["done"][sel][okr] * 1e9)
-        replies.append((done_ns - tr.wb[brow[okr], 7]) / 1e6)
-    a, b = _l1_fit(np.concatenate(runner_x), np.concatenate(runner_y))
-    r0, r1 = _l1_fit(np.concatenate(loop_x), np.concatenate(loop_y))
-    gap = float(np.median(np.concatenate(gaps))) if gaps else 0.0
-    mbs = sorted(req)
-    med = np.asarray([float(np.median(np.concatenate(req[x]))) for x in mbs])
-    q0, q1 = _nnls2(np.asarray(mbs), med, np.ones(len(mbs)))
-    reply = float(np.median(np.concatenate(replies)))
-    fitted = HostCosts(
-        request_ms=round(q0, 4),
-        request_ms_per_mb=round(q1, 4),
-        batch_ms=round(max(a, 0.0) + max(r0, 0.0) + gap, 4),
-        sample_ms=round(max(r1, 0.0), 4),
-        sample_ms_per_mb=round(max(b, 0.0), 4),
-        reply_ms=round(reply, 4),
-    )
-    info = {
-        "runner_copy_ms": {"per_batch": round(float(a), 4), "per_mb": round(float(b), 4)},
-        "loop_ms": {"per_batch": round(float(r0), 4), "per_request": round(float(r1), 4)},
-        "turn_between_batches_ms": round(gap, 4),
-        "sent_to_queued_median_ms": {
-            f"{x:.4f} MB": round(float(v), 4) for x, v in zip(mbs, med, strict=True)
-        },
-        "reply_median_ms": round(reply, 4),
-    }
-    return fitted, info
+        obs.way_back_ms = np.r_[obs.way_back_ms, (done_ns - tr.wb[brow[okr], 7]) / 1e6]
+    return obs
+
+
+def fit_host_trace(runs: list[Run]) -> tuple[HostCosts, dict[str, Any]]:
+    """Host costs measured on the workers' trace, one set for every model: the product's fit
+    (:func:`stgs.hostcosts.fit_trace`) on :func:`trace_observations`."""
+    terms, info = fit_trace(trace_observations(runs))
+    return HostCosts(**terms.model_dump()), info
 
 
 def interference_check(runs: list[Run]) -> tuple[list[str], dict[str, float]]:
@@ -408,7 +363,7 @@ def interference_check(runs: list[Run]) -> tuple[list[str], dict[str, float]]:
             xs.append(np.c_[np.ones(len(gpu)), d["n"] * d["mb"]])
             ys.append(d["run_ms"] - gpu)
             gpus.append(gpu)
-        c = _l1_fit(np.concatenate(xs), np.concatenate(ys))
+        c = l1_line(np.concatenate(xs), np.concatenate(ys))
         pred[mode] = [x @ c + g for x, g in zip(xs, gpus, strict=True)]
         err = np.concatenate([p - d["run_ms"] for p, (_, d) in zip(pred[mode], data, strict=True)])
         mae[mode] = float(np.mean(np.abs(err)))

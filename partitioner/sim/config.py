@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from partitioner.control import MIN_RATE_RPS, ControlRules
+from stgs.hostcosts import HostCostTerms, measured_term
 from stgs.registry import sample_bytes
 
 # Median spread of batch latency measured on an H100 with CUDA graphs (the 344 rows of
@@ -38,8 +39,9 @@ class ReconfigCosts(_Strict):
     graph_capture_s: float = Field(default=0.05, ge=0)  # per captured batch bucket
 
 
-class HostCosts(_Strict):
-    """Host-side time around each GPU batch, as the runtime spends it (milliseconds).
+class HostCosts(HostCostTerms):
+    """Host-side time around each GPU batch, as the runtime spends it (milliseconds): the
+    measured host-cost model of :mod:`stgs.hostcosts`, per model with its input size.
 
     A request is queued in the worker ``request_ms + request_ms_per_mb x MB`` after it arrives
     (sender, router, socket transport of its input); a batch of n occupies the worker for the
@@ -48,18 +50,17 @@ class HostCosts(_Strict):
     answer reaches the client ``reply_ms`` after its batch ends. MB: the request's input size
     in MB (10^6 bytes), ``input_mb`` per model or the registry's sample size
     (:func:`stgs.registry.sample_bytes`: a 3x224x224 float32 image for names it does not
-    know). Defaults: measured on the workers' trace of the lent H100's
-    serve_gpu.py runs of session 3 (2026-11-22, full and half rate pooled; docs/simulator.md,
-    ``benchmarks/fidelity.py --fit``), one set for every model.
+    know). Defaults: the default entry of ``stgs/data/host-costs.json`` (the same terms the
+    planner's three numbers are derived from; docs/simulator.md); a key set here overrides it.
     """
 
     enabled: bool = True
-    request_ms: float = Field(default=0.1678, ge=0)
-    request_ms_per_mb: float = Field(default=0.2862, ge=0)
-    batch_ms: float = Field(default=0.3768, ge=0)
-    sample_ms: float = Field(default=0.0129, ge=0)
-    sample_ms_per_mb: float = Field(default=0.1412, ge=0)
-    reply_ms: float = Field(default=0.1085, ge=0)
+    request_ms: float = Field(default_factory=measured_term("request_ms"), ge=0)
+    request_ms_per_mb: float = Field(default_factory=measured_term("request_ms_per_mb"), ge=0)
+    batch_ms: float = Field(default_factory=measured_term("batch_ms"), ge=0)
+    sample_ms: float = Field(default_factory=measured_term("sample_ms"), ge=0)
+    sample_ms_per_mb: float = Field(default_factory=measured_term("sample_ms_per_mb"), ge=0)
+    reply_ms: float = Field(default_factory=measured_term("reply_ms"), ge=0)
     input_mb: dict[str, float] = Field(default_factory=dict)
 
     def mb(self, model: str) -> float:
@@ -69,15 +70,11 @@ class HostCosts(_Strict):
 
     def request_delay_ms(self, model: str) -> float:
         """From arrival to the worker's queue."""
-        if not self.enabled:
-            return 0.0
-        return self.request_ms + self.request_ms_per_mb * self.mb(model)
+        return self.way_in_ms(self.mb(model)) if self.enabled else 0.0
 
     def batch_extra_ms(self, model: str, n: int) -> float:
         """Host time a batch of ``n`` requests adds to the worker's loop."""
-        if not self.enabled or n <= 0:
-            return 0.0
-        return self.batch_ms + n * (self.sample_ms + self.sample_ms_per_mb * self.mb(model))
+        return self.loop_ms(n, self.mb(model)) if self.enabled else 0.0
 
     def reply_delay_ms(self) -> float:
         """From the end of the batch to the client's answer."""
