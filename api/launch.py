@@ -111,6 +111,16 @@ class LocalDaemon:
         self.procs.append(p)
         return p
 
+    def start_ready(
+        self, timeout_s: float = 60.0, env: dict[str, str] | None = None, args: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """:meth:`start`, then wait until ``/v2/health/ready`` answers 200 (RuntimeError when the
+        process exits first or ``timeout_s`` passes)."""
+        p = self.start(env, args)
+        with self.client() as c:
+            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, timeout_s, p)
+        return p
+
     def start_serving(
         self,
         model: str,
@@ -122,9 +132,7 @@ class LocalDaemon:
         """Start the daemon, register ``model`` over REST (profiled in the background on the
         simulated node) and return once it serves (``/v2/models/{model}/ready``). ``extra``:
         more registration fields (``source``, ``inputs``)."""
-        p = self.start()
-        with self.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+        p = self.start_ready()
         self.register(model, slo_ms, rate_rps, timeout_s, extra)
         return p
 

@@ -32,9 +32,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, layout_violation
-from stgs.errors import ConfigError, UnknownSkuError
+from stgs.errors import ConfigError
 from stgs.migparted import MIG_PARTED_VERSION, export_mig_parted, import_mig_parted
 from stgs.plan import Plan
+from stgs.scenario import SkuName
 from stgs.transition import gpu_layout
 
 __all__ = [
@@ -160,17 +161,9 @@ class _PlacementEntry(_Strict):
 
 class _GpuEntry(_Strict):
     index: int = Field(ge=0, le=4095)
-    sku: str
+    sku: SkuName
     mig: bool
     placements: list[_PlacementEntry] = Field(default_factory=list)
-
-    @field_validator("sku")
-    @classmethod
-    def _known_sku(cls, v: str) -> str:
-        try:
-            return get_sku(v).name
-        except UnknownSkuError as exc:
-            raise ValueError(str(exc)) from exc
 
     @model_validator(mode="after")
     def _valid_layout(self) -> _GpuEntry:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -90,22 +91,25 @@ def _extrapolation_margin(v: object) -> object:
 ExtrapolationMargin = Annotated[float | Literal["forbid"], BeforeValidator(_extrapolation_margin)]
 
 
+def _sku_name(v: str) -> str:
+    try:
+        return get_sku(v).name
+    except UnknownSkuError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+SkuName = Annotated[str, AfterValidator(_sku_name)]
+"""A GPU SKU of the catalog, in its canonical name (an unknown one fails validation)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class GpuEntry(_Strict):
-    sku: str
+    sku: SkuName
     count: int = Field(default=1, ge=1, le=4096)
     mig: bool | None = None  # None: MIG where the SKU supports it
-
-    @field_validator("sku")
-    @classmethod
-    def _known_sku(cls, v: str) -> str:
-        try:
-            return get_sku(v).name
-        except UnknownSkuError as exc:
-            raise ValueError(str(exc)) from exc
 
     @model_validator(mode="after")
     def _mig_supported(self) -> GpuEntry:

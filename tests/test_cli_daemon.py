@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from api.launch import ONE_SIMULATED_GPU, ROOT, LocalDaemon, wait_until
+from api.launch import ONE_SIMULATED_GPU, ROOT, LocalDaemon
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
     d = LocalDaemon(tmp_path_factory.mktemp("cli"), ONE_SIMULATED_GPU)
-    p = d.start()
     try:
-        with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+        d.start_ready()
         yield d
     finally:
         d.stop()

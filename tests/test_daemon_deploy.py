@@ -114,9 +114,7 @@ def test_json_logs_and_the_access_log(tmp_path: Path) -> None:
         server_options='frontends = 1\nlog_format = "json"\naccess_log = true\n',
     )
     try:
-        p = d.start()
-        with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+        p = d.start_ready()
         for _ in range(3):
             assert httpx.get(f"{d.url}/v2/health/live").status_code == 200
 
@@ -131,3 +129,49 @@ def test_json_logs_and_the_access_log(tmp_path: Path) -> None:
     assert all({"time", "level", "logger", "process", "message"} <= o.keys() for o in objs)
     assert {o["process"] for o in objs} >= {"daemon", "frontend 0"}
     assert any("/v2/health/live" in o["message"] for o in objs)
+
+
+def test_every_event_is_logged_once_with_its_reason(tmp_path: Path) -> None:
+    """Registrations, plans, transitions and faults reach the daemon's log once each, with the
+    reason its event holds (``GET /v1/events``): a registration, a worker killed with SIGKILL
+    (failed, restarted), a deletion."""
+    import json
+    import os
+    import signal
+
+    from api.launch import ONE_SIMULATED_GPU, LocalDaemon, wait_until
+
+    d = LocalDaemon(tmp_path, ONE_SIMULATED_GPU, server_options='log_format = "json"\n')
+    try:
+        p = d.start_ready()
+        d.register("tiny_mlp", 5000, 5, 300)
+        with d.client() as c:
+            part = c.get("/v1/plan").json()["partitions"][0]
+            os.kill(int(part["pid"]), signal.SIGKILL)
+
+            def restarted() -> bool:
+                kinds = [e["kind"] for e in c.get("/v1/events", params={"limit": 500}).json()]
+                return "worker_failed" in kinds and "worker_restarted" in kinds
+
+            wait_until("the worker restarted", restarted, 60, p)
+            assert c.delete("/v1/models/tiny_mlp").status_code in (200, 202, 204)
+            wait_until(
+                "the deletion applied",
+                lambda: c.get("/v1/events", params={"limit": 1}).json()[0]["kind"] == "apply",
+                60,
+                p,
+            )
+            events = c.get("/v1/events", params={"limit": 500}).json()
+    finally:
+        d.stop()
+    lines = [json.loads(ln) for ln in d.log_path.read_text().splitlines() if ln.strip()]
+    logged = [(o["level"], o["message"]) for o in lines if o["logger"] == "api.events"]
+    kinds = {e["kind"] for e in events}
+    assert {"register", "apply", "worker_failed", "worker_restarted", "delete"} <= kinds, kinds
+    for e in events:
+        text = f"{e['kind']}: {e['message']}"
+        got = [level for level, msg in logged if msg == text]
+        assert len(got) == 1, (text, got)  # once, with its reason
+        assert got[0] == ("WARNING" if e["kind"].endswith("_failed") else "INFO"), (text, got)
+    # the runtime does not log the fault a second time beside its event
+    assert not any("failed" in o["message"] and o["logger"] != "api.events" for o in lines)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from api.cli import main
-from api.launch import ROOT, LocalDaemon, wait_until
+from api.launch import ROOT, LocalDaemon
 from api.migcmd import _apply_on
 from stgs.backend import SimulatedNode
 from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, layout_violation
@@ -386,10 +386,8 @@ interval_s = 3600.0
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
     d = LocalDaemon(tmp_path_factory.mktemp("migd"), MIG_GPU)
-    p = d.start()
     try:
-        with d.client() as c:
-            wait_until("ready", lambda: c.get("/v2/health/ready").status_code == 200, 60, p)
+        d.start_ready()
         yield d
     finally:
         d.stop()

@@ -123,7 +123,6 @@ class Loading:
             except Exception as exc:  # one model's trouble never stops the others, or the start
                 why = str(exc) if isinstance(exc, StgsError) else f"{type(exc).__name__}: {exc}"
                 self.repository.errors[name] = why
-                log.warning("model repository: %s", why)
                 self.store.log_event("repository_error", why, model=name)
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:

@@ -116,7 +116,6 @@ class Profiles:
                         seconds=secs,
                     )
         except Exception as exc:  # a background task: record every failure, never raise
-            log.warning("profiling %s failed: %s", name, exc)
             if self.store.get_model(name) is not None:
                 self.store.set_model_status(name, FAILED, f"profiling failed: {exc}")
             self.store.log_event("profile_failed", f"{name}: {exc}", model=name)

@@ -213,8 +213,8 @@ class Registration:
         """After profiling (a background task): admission; its outcome is the status."""
         try:
             self._admit(name)
-        except StgsError as exc:
-            log.info("model %s not admitted: %s", name, exc)
+        except StgsError:
+            pass  # the outcome is the model's status, and an event (logged) says why
         except Exception as exc:
             log.exception("admitting %s failed", name)
             self.store.set_model_status(name, FAILED, f"admission failed: {exc}")
@@ -249,6 +249,7 @@ class Registration:
             with planning.lock:
                 if self.store.get_model(name) is not None:
                     self.store.set_model_status(name, FAILED, str(exc))
+                    self.store.log_event("admission_failed", f"model {name}: {exc}", model=name)
             raise
         finally:
             planning.end_admission(name)

@@ -368,7 +368,6 @@ class Runtime:
             if p.failures > 1:
                 then += f" ({p.failures} failed starts in a row)"
         p.restart_at = None if delay is None else self.clock() + delay
-        log.warning("partition %s failed: %s; %s", p.key, reason, then)
         self._event("worker_failed", f"partition {p.key} failed: {reason}; {then}", p)
         self._routing(frozenset(), wait=False)
         if delay == 0:
@@ -392,7 +391,10 @@ class Runtime:
             log.exception("routing hook failed")
 
     def _event(self, kind: str, message: str, p: PartitionRuntime) -> None:
+        """A worker event: to ``on_event`` (the daemon stores and logs it), else to the log
+        here, so that it is logged once either way."""
         if self.on_event is None:
+            log.log(logging.WARNING if kind == "worker_failed" else logging.INFO, "%s", message)
             return
         data = {"partition": str(p.key), "pid": p.pid, "restarts": p.restarts}
         try:
