@@ -229,9 +229,6 @@ class DataPlane:
         delay = RESTART_BACKOFF_S[min(max(n, 1), len(RESTART_BACKOFF_S)) - 1] if n else 0.0
         self._restart_at[fe.slot] = now + delay
         why = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        log.warning(
-            "frontend %d (pid %d) died: %s; restart in %g s", fe.slot, fe.proc.pid, why, delay
-        )
         self._event(
             "frontend_failed",
             f"frontend {fe.slot} (pid {fe.proc.pid}) died: {why}; restart in {delay:g} s",
@@ -342,7 +339,10 @@ class DataPlane:
             ]
 
     def _event(self, kind: str, message: str, **data: Any) -> None:
-        if self.on_event is not None:
+        """An event: to ``on_event`` (the daemon stores and logs it), else to the log here."""
+        if self.on_event is None:
+            log.log(logging.WARNING if kind.endswith("_failed") else logging.INFO, "%s", message)
+        else:
             try:
                 self.on_event(kind, message, data)
             except Exception:
