@@ -6,8 +6,9 @@
     # anywhere: the simulated node with CPU workers and tiny models
     python -m benchmarks.api_gpu --simulated
 
-1. ``stgs serve`` (NVML backend, or the simulated node) with the data plane (``--frontends``
-   processes) and a controller that does not re-plan (the plan must stay the one measured)
+1. ``stgs serve`` (NVML backend, or the simulated node; ``--planner KEY=VALUE``: lines of its
+   ``[planner]`` section) with the data plane (``--frontends`` processes) and a controller
+   that does not re-plan (the plan must stay the one measured)
    registers the mix's models over REST (``POST /v1/models``: SLO and rate; the shipped H100
    profiles plan the zoo models, nothing is profiled) and waits until every one is ready.
 2. Through the API: for each scale s of the registered rates (``--scales``, ascending), an
@@ -145,9 +146,10 @@ def through_api(
     args: argparse.Namespace, models: list[ModelCfg], work: Path, protos: list[str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Register the mix over REST, sweep the scales through the API; (plan view, rows)."""
+    planner = "".join(f"{kv}\n" for kv in args.planner)  # TOML lines of [planner]
     d = LocalDaemon(
         work / "daemon",
-        daemon_sections(args.simulated),
+        daemon_sections(args.simulated) + (f"[planner]\n{planner}" if planner else ""),
         server_options=f"frontends = {args.frontends}\n",
     )
     rows: list[dict[str, Any]] = []
@@ -314,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--trace", action="store_true", help="host breakdown from the worker trace")
     ap.add_argument("--api-only", action="store_true", help="no in-process run (no ratio)")
+    ap.add_argument(
+        "--planner",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [planner] line of the daemon's config (TOML), e.g. host_request_ms=3.0; repeatable",
+    )
     ap.add_argument("--json", default=None, help="summary path (default $OUT/api_gpu-MIX.json)")
     args = ap.parse_args(argv)
     sys.setswitchinterval(1e-3)  # as serve_gpu.py's in-process load generator runs
