@@ -33,6 +33,11 @@ Lower-level errors (YAML, CSV, pydantic, NVML) are mapped at the boundary with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class StgsError(Exception):
     """Base class of every error stgs raises on purpose."""
@@ -143,3 +148,14 @@ class TransitionError(StgsError):
         super().__init__(f"plan transition failed: {reason} ({suffix})")
         self.reason = reason
         self.rolled_back = rolled_back
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic ValidationError as one line, every error ``location: message``, for the
+    ConfigError that reports it."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, layout_violation
-from stgs.errors import ConfigError
+from stgs.errors import ConfigError, validation_message
 from stgs.migparted import MIG_PARTED_VERSION, export_mig_parted, import_mig_parted
 from stgs.plan import Plan
 from stgs.scenario import SkuName
@@ -233,22 +233,13 @@ def from_mapping(data: Any, source: str = "MIG layout file") -> NodeLayouts:
     try:
         f = _FileEntry.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_one_line(exc)}") from exc
+        raise ConfigError(f"{source}: {validation_message(exc)}") from exc
     gpus = tuple(GpuLayout(g.index, g.sku, g.layout()) for g in sorted(f.gpus, key=_index))
     return NodeLayouts(f.name, gpus)
 
 
 def _index(g: _GpuEntry) -> int:
     return g.index
-
-
-def _one_line(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 def from_mig_parted(

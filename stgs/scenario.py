@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from stgs.catalog import get_sku
-from stgs.errors import ConfigError, UnknownSkuError
+from stgs.errors import ConfigError, UnknownSkuError, validation_message
 from stgs.hostcosts import planner_term
 from stgs.profiles import example_interference_path, example_profiles_path
 from stgs.types import GpuSpec, ModelSpec
@@ -262,15 +262,6 @@ class Scenario:
         )
 
 
-def _one_line(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def scenario_from_mapping(
     data: Any, base_dir: Path | None = None, source: str = "scenario"
 ) -> Scenario:
@@ -279,7 +270,7 @@ def scenario_from_mapping(
     try:
         sf = ScenarioFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_one_line(exc)}") from exc
+        raise ConfigError(f"{source}: {validation_message(exc)}") from exc
     gpus: list[GpuSpec] = []
     for entry in sf.gpus:
         mig = get_sku(entry.sku).supports_mig if entry.mig is None else entry.mig

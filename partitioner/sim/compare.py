@@ -52,7 +52,7 @@ from partitioner.sim.engine import NoiseModel
 from partitioner.sim.noise import load_runtime_noise
 from partitioner.sim.run import fresh_problem, noise_for, runtime_noise_path, simulate
 from partitioner.sim.workload import WorkloadSpec, generate, read_trace, trace_rates
-from stgs.errors import ConfigError
+from stgs.errors import ConfigError, validation_message
 from stgs.profiles import default_profiles_path
 from stgs.scenario import GpuEntry, Scenario, scenario_from_mapping
 
@@ -140,15 +140,6 @@ def _stgs_version() -> str:
     return __version__
 
 
-def _one_line(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     try:
@@ -164,7 +155,7 @@ def experiment_from_mapping(data: Any, base_dir: Path, source: str = "experiment
     try:
         spec = ExperimentFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_one_line(exc)}") from exc
+        raise ConfigError(f"{source}: {validation_message(exc)}") from exc
     if isinstance(spec.scenario, str):
         sp = Path(spec.scenario)
         sp = sp if sp.is_absolute() else base_dir / sp
