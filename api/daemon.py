@@ -37,6 +37,7 @@ from profiler.adapters import clean_stale_profiling, cpu_profiler, gpu_profiler
 from stgs.backend.base import Backend
 from stgs.backend.simulated import SimulatedNode
 from stgs.errors import BackendError, ConfigError
+from stgs.hostmem import keep_large_buffers
 from stgs.runtime import Runtime
 from stgs.runtime.stalls import StallProbe
 
@@ -247,6 +248,7 @@ def serve(cfg: DaemonConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean stop."""
     import uvicorn
 
+    keep_large_buffers()  # request bodies without page faults (stgs.hostmem)
     logs.setup(cfg.server.log_format, logging.INFO)
     d = build(cfg)
     server: Any = None

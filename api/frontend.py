@@ -76,6 +76,7 @@ from stgs.errors import (
     NoWorkerError,
     StgsError,
 )
+from stgs.hostmem import keep_large_buffers
 from stgs.lifeline import die_with_parent
 from stgs.runtime.aio import AsyncWorkerConnection
 
@@ -636,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a daemon killed with SIGKILL takes its frontends along at once: none keeps the public
     # port (inherited) from the daemon that starts next
     die_with_parent()
+    keep_large_buffers()  # request bodies without page faults (stgs.hostmem)
     ap = argparse.ArgumentParser(prog="stgs-frontend")
     ap.add_argument("--control-fd", type=int, required=True, help="the control channel's fd")
     ap.add_argument("--config", required=True, help="FrontendConfig as JSON")

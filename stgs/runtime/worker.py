@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from stgs.batching import ADMISSION_DECAY
+from stgs.hostmem import keep_large_buffers
 from stgs.lifeline import die_with_parent
 from stgs.registry import ModelEntry
 from stgs.runtime.models import BatchRunner, load_runner, model_entry
@@ -499,6 +500,7 @@ def _invalid_one(shape: tuple[int, ...] | None, dtype: str, arr: Any, what: str)
 
 def main(argv: Sequence[str] | None = None) -> int:
     die_with_parent()  # a daemon killed while this loads must not leave it running
+    keep_large_buffers()  # image frames without page faults (stgs.hostmem)
     ap = argparse.ArgumentParser(prog="stgs-worker")
     ap.add_argument("--fd", type=int, required=True, help="connected socket inherited")
     ap.add_argument("--spec", required=True, help="WorkerSpec as JSON")
