@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a [planner] line of the daemon's config (TOML), e.g. host_request_ms=3.0; repeatable",
+        help="a [planner] line of the daemon's config (TOML), e.g. headroom=0.2; repeatable",
     )
     ap.add_argument("--json", default=None, help="summary path (default $OUT/api_gpu-MIX.json)")
     args = ap.parse_args(argv)
