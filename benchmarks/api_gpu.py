@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ngoodput (highest load with >= 99% within SLO; mix {mix}, {total:g} req/s at x1):")
     base = goodput(rows, "in-process")
     out["goodput"] = {}
-    for path in [*(f"api-{p}" for p in protos), "in-process"]:
+    for path in [*(f"api-{p}" for p in protos), *([] if args.api_only else ["in-process"])]:
         g = goodput(rows, path)
         out["goodput"][path] = g
         ratio = f"{g / base:.2f} of in-process" if base else "in-process: none"
