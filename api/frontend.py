@@ -44,6 +44,7 @@ import os
 import socket
 import sys
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,12 @@ log = logging.getLogger("stgs.frontend")
 EWMA_ALPHA = 0.2  # weight of a new per-round service time sample
 STATS_INTERVAL_S = 1.0
 MAX_CONTROL_LINE_BYTES = 64 << 20  # a routing snapshot of many models and partitions
+# Trace (benchmarks), as the workers' (stgs.runtime.worker.TRACE_ENV): with STGS_FRONTEND_TRACE=DIR
+# in its environment a frontend records, per HTTP inference request, FRONTEND_TRACE
+# (time.monotonic_ns(), the host's one clock; status: the HTTP status answered) and writes them
+# to DIR/frontend-<pid>.npz when it exits normally.
+FRONTEND_TRACE_ENV = "STGS_FRONTEND_TRACE"
+FRONTEND_TRACE = ("t_arrival", "t_body", "t_parsed", "t_answered", "t_written", "status")
 
 
 # ---------------------------------------------------------------------------- routing
@@ -329,6 +336,19 @@ class FrontendApp:
         self.token = token
         self.auth_all = auth_all
         self._proxy: Any = None  # httpx.AsyncClient over the control socket, made on first use
+        self.trace_dir = os.environ.get(FRONTEND_TRACE_ENV) or None
+        self.trace: array[int] = array("q")  # FRONTEND_TRACE rows, flat
+
+    def write_trace(self) -> None:
+        """The trace as ``<dir>/frontend-<pid>.npz`` (nothing without STGS_FRONTEND_TRACE)."""
+        if self.trace_dir is None:
+            return
+        try:
+            os.makedirs(self.trace_dir, exist_ok=True)
+            rows = np.frombuffer(self.trace, dtype=np.int64).reshape(-1, len(FRONTEND_TRACE))
+            np.savez(os.path.join(self.trace_dir, f"frontend-{os.getpid()}.npz"), requests=rows)
+        except OSError as exc:
+            log.warning("frontend trace not written: %s", exc)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -373,6 +393,9 @@ class FrontendApp:
             elif msg["type"] == "lifespan.shutdown":
                 if self._proxy is not None:
                     await self._proxy.aclose()
+                # here, not after the server returns: uvicorn re-raises a SIGTERM it caught once
+                # it is done, and the process ends there
+                self.write_trace()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -437,6 +460,7 @@ class FrontendApp:
         self, scope: Scope, receive: Receive, send: Send, model: str, version: str = ""
     ) -> None:
         msg = await receive()  # BodyLimits hands the whole body as one message
+        t_body = time.monotonic_ns()
         body: bytes = msg.get("body", b"")
         header_len = None
         for name, value in scope["headers"]:
@@ -445,19 +469,27 @@ class FrontendApp:
                 break
         arrival_ns = scope.get("state", {}).get("arrival_ns")
         r = self.router
+        t_parsed = t_answered = 0
+        status = 200
         try:
             io = r.model_io(model, version)
             call = parse_infer(body, header_len, io)
+            t_parsed = time.monotonic_ns()
             result = await r.infer_arrays(model, call.arrays, arrival_ns)
+            t_answered = time.monotonic_ns()
             answer = answer_outputs(io, call, result)
         except InferError as exc:
+            status = exc.status
             await _error(send, exc.status, exc.message)
-            return
         except StgsError as exc:
-            await _error(send, status_of(exc), str(exc))
-            return
-        content, headers = encode_infer(model, call.request_id, answer, version=io.version)
-        await _answer(send, 200, content, headers)
+            status = status_of(exc)
+            await _error(send, status, str(exc))
+        else:
+            content, headers = encode_infer(model, call.request_id, answer, version=io.version)
+            await _answer(send, 200, content, headers)
+        if self.trace_dir is not None:
+            t0 = arrival_ns or t_body
+            self.trace.extend((t0, t_body, t_parsed, t_answered, time.monotonic_ns(), status))
 
     async def _proxy_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Forward the request to the control plane's HTTP server; stream its answer back."""

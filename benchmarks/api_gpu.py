@@ -25,7 +25,9 @@
    one ``CLOCK_MONOTONIC`` for the host): ``in`` from the request's arrival (where its deadline
    counts from: the frontend's HTTP arrival, or the in-process router's scheduled time) to the
    worker's queue, ``wait`` in the queue, ``run`` the batch, ``out`` the replies sent. The rest
-   of what the client saw is the client's and the HTTP layer's.
+   of what the client saw is the client's and the HTTP layer's. The frontends record their part
+   too (``STGS_FRONTEND_TRACE``, ``api.frontend.FRONTEND_TRACE``): from the request's first byte,
+   the body read whole, the KServe parse, routing to the worker's answer, the response written.
 5. Goodput of each path: the highest scale whose share within SLO is >= 0.99, times the mix's
    total rate; a sweep stops at the first scale below 0.99. The ratio API / in-process is the
    figure issue 14 asks for (>= 0.9).
@@ -48,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from api.frontend import FRONTEND_TRACE, FRONTEND_TRACE_ENV
 from api.launch import LocalDaemon, wait_until
 from benchmarks.lib import kserve_load
 from benchmarks.lib.kserve_load import Target, summarize
@@ -129,6 +132,45 @@ def breakdown(
     return out
 
 
+FRONTEND_SPANS = {  # name: (from, to) columns of FRONTEND_TRACE
+    "body": ("t_arrival", "t_body"),  # the HTTP body read whole (limits)
+    "parse": ("t_body", "t_parsed"),  # the KServe parse
+    "serve": ("t_parsed", "t_answered"),  # routed, sent, the worker's answer back
+    "respond": ("t_answered", "t_written"),  # encoded and written to the client
+    "frontend_total": ("t_arrival", "t_written"),
+}
+
+
+def _add_frontend_breakdown(
+    trace_dir: Path | None, windows: list[tuple[dict[str, Any], int, int]]
+) -> None:
+    """Each API row's frontend breakdown (p50/p99 ms of FRONTEND_SPANS, answers 200) from the
+    frontends' trace files (``STGS_FRONTEND_TRACE``)."""
+    if trace_dir is None:
+        return
+    parts = []
+    for f in sorted((trace_dir / "frontends").glob("frontend-*.npz")):
+        with np.load(f) as z:
+            parts.append(z["requests"])
+    if not parts:
+        print("frontend trace: none written")
+        return
+    req = np.concatenate(parts)
+    col = {c: k for k, c in enumerate(FRONTEND_TRACE)}
+    print(f"frontend trace: {len(req)} requests")
+    for row, t0, t1 in windows:
+        a = req[:, col["t_arrival"]]
+        sel = req[(a >= t0) & (a < t1) & (req[:, col["status"]] == 200)]
+        if not len(sel):
+            continue
+        out: dict[str, float] = {}
+        for name, (c0, c1) in FRONTEND_SPANS.items():
+            v = (sel[:, col[c1]] - sel[:, col[c0]]) / 1e6
+            out[f"{name}_p50_ms"] = float(np.percentile(v, 50))
+            out[f"{name}_p99_ms"] = float(np.percentile(v, 99))
+        row["frontend"] = out
+
+
 def _print_breakdown(rows: list[dict[str, Any]]) -> None:
     keys = ("in", "wait", "run", "out", "worker_total")
     print("host breakdown from the worker trace (ms, p50/p99; client = what the client saw):")
@@ -140,6 +182,14 @@ def _print_breakdown(rows: list[dict[str, Any]]) -> None:
         cells = [f"{bd[k + '_p50_ms']:5.2f}/{bd[k + '_p99_ms']:6.2f}" for k in keys]
         cells.append(f"{r.get('p50_ms', 0):5.2f}/{r.get('p99_ms', 0):6.2f}")
         print(f"  {r['path']:11} x{r['scale']:<5g} " + " ".join(f"{c:>13}" for c in cells))
+    fronts = [r for r in rows if r.get("frontend")]
+    if fronts:
+        print("the frontends' part (ms, p50/p99, from the request's first byte; answers 200):")
+        print(f"  {'path':11} {'scale':>6} " + " ".join(f"{k:>14}" for k in FRONTEND_SPANS))
+        for r in fronts:
+            fe = r["frontend"]
+            cells = [f"{fe[k + '_p50_ms']:5.2f}/{fe[k + '_p99_ms']:6.2f}" for k in FRONTEND_SPANS]
+            print(f"  {r['path']:11} x{r['scale']:<5g} " + " ".join(f"{c:>14}" for c in cells))
 
 
 def through_api(
@@ -156,8 +206,13 @@ def through_api(
     total = sum(m.rate_rps for m in models)
     trace_dir = work / "trace-api" if args.trace else None
     windows: list[tuple[dict[str, Any], int, int]] = []
+    env = (
+        {TRACE_ENV: str(trace_dir), FRONTEND_TRACE_ENV: str(trace_dir / "frontends")}
+        if trace_dir
+        else None
+    )
     try:
-        p = d.start(env={TRACE_ENV: str(trace_dir)} if trace_dir else None)
+        p = d.start(env=env)
         with d.client() as c:
             wait_until("the daemon", lambda: c.get("/v2/health/live").status_code == 200, 120, p)
             t0 = time.monotonic()
@@ -209,6 +264,7 @@ def through_api(
         if not args.simulated:
             quit_mps(d.work / "run")
     _add_breakdown(trace_dir, models, windows)
+    _add_frontend_breakdown(trace_dir, windows)
     return view, rows
 
 

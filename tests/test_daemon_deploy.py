@@ -175,3 +175,30 @@ def test_every_event_is_logged_once_with_its_reason(tmp_path: Path) -> None:
         assert got[0] == ("WARNING" if e["kind"].endswith("_failed") else "INFO"), (text, got)
     # the runtime does not log the fault a second time beside its event
     assert not any("failed" in o["message"] and o["logger"] != "api.events" for o in lines)
+
+
+def test_frontend_trace_is_written_at_a_clean_stop(tmp_path: Path) -> None:
+    """``STGS_FRONTEND_TRACE=DIR``: each frontend writes its requests' times when the daemon
+    stops it (SIGTERM, which uvicorn re-raises once done: the file is written before that)."""
+    import httpx
+    import numpy as np
+
+    from api.frontend import FRONTEND_TRACE, FRONTEND_TRACE_ENV
+    from api.launch import ONE_SIMULATED_GPU, LocalDaemon
+
+    d = LocalDaemon(tmp_path / "d", ONE_SIMULATED_GPU, server_options="frontends = 1\n")
+    try:
+        d.start_ready(env={FRONTEND_TRACE_ENV: str(tmp_path / "trace")})
+        for _ in range(3):
+            assert httpx.post(f"{d.url}/v2/models/nosuch/infer", content=b"{}").status_code == 404
+    finally:
+        d.stop()
+    files = list((tmp_path / "trace").glob("frontend-*.npz"))
+    assert len(files) == 1, files
+    with np.load(files[0]) as z:
+        rows = z["requests"]
+    col = {c: k for k, c in enumerate(FRONTEND_TRACE)}
+    assert rows.shape == (3, len(FRONTEND_TRACE))
+    assert (rows[:, col["status"]] == 404).all()
+    assert (rows[:, col["t_arrival"]] <= rows[:, col["t_body"]]).all()
+    assert (rows[:, col["t_body"]] <= rows[:, col["t_written"]]).all()
