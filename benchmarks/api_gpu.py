@@ -68,6 +68,7 @@ from benchmarks.lib.loadgen import (
 )
 from benchmarks.lib.node import daemon_sections, open_backend, quit_mps, stop_daemons
 from benchmarks.lib.probes import collect_traces
+from benchmarks.lib.runs import write_summary
 from stgs.plan import Plan
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
@@ -415,12 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         out["goodput"][path] = g
         ratio = f"{g / base:.2f} of in-process" if base else "in-process: none"
         print(f"  {path:11} {g:7.0f} req/s  ({ratio})")
-    path = args.json or (
-        str(Path(os.environ["OUT"]) / f"api_gpu-{mix}.json") if os.environ.get("OUT") else None
-    )
-    if path:
-        Path(path).write_text(json.dumps(out, indent=1, default=str))
-        print(f"wrote {path}")
+    write_summary(out, args.json, f"api_gpu-{mix}")
     return 0
 
 

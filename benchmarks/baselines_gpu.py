@@ -101,7 +101,7 @@ from benchmarks.lib.loadgen import (
     window_stats,
 )
 from benchmarks.lib.node import open_backend, stop_daemons
-from benchmarks.lib.runs import run_header
+from benchmarks.lib.runs import run_header, summary_path
 from partitioner.fluid import fluid_bound
 from partitioner.planner import make_plan
 from partitioner.problem import Problem
@@ -921,9 +921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="default $OUT/baselines_gpu.json")
     ap.add_argument("--combine", nargs="+", default=None, help="result files to merge, print")
     args = ap.parse_args(argv)
-    json_path = args.json or (
-        str(Path(os.environ["OUT"]) / "baselines_gpu.json") if os.environ.get("OUT") else None
-    )
+    json_path = summary_path(args.json, "baselines_gpu")
     if args.combine:
         return combine(args.combine, args.json)
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from api.launch import LocalDaemon, wait_until
 from benchmarks.lib.node import quit_mps
-from benchmarks.lib.runs import run_header
+from benchmarks.lib.runs import run_header, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -309,12 +309,7 @@ hold_s = 1.0
         d.stop()
         quit_mps(work / "run")  # what the killed daemon left behind
         result["log_tail"] = d.log_path.read_text(errors="replace")[-4000:]
-        path = args.json or (
-            str(Path(os.environ["OUT"]) / "daemon_gpu.json") if os.environ.get("OUT") else None
-        )
-        if path:
-            Path(path).write_text(json.dumps(result, indent=1, default=str))
-            print(f"wrote {path}")
+        write_summary(result, args.json, "daemon_gpu")
         shutil.rmtree(work, ignore_errors=True)
     return rc
 

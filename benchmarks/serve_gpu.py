@@ -73,7 +73,7 @@ from benchmarks.lib.loadgen import (
 )
 from benchmarks.lib.node import open_backend, stop_daemons
 from benchmarks.lib.probes import Probe, collect_traces, mps_pids
-from benchmarks.lib.runs import run_header
+from benchmarks.lib.runs import run_header, summary_path
 from stgs.errors import StgsError
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
@@ -133,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shares2 = [int(s) for s in args.switch_shares.split(",") if s]
     runtime_dir = Path(args.runtime_dir or f"/tmp/stgs-serve-{os.getpid()}")
     runtime_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.json or (
-        str(Path(os.environ["OUT"]) / "serve_gpu.json") if os.environ.get("OUT") else None
-    )
+    json_path = summary_path(args.json, "serve_gpu")
 
     # ---- plans
     t = time.monotonic()

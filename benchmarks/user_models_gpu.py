@@ -55,7 +55,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -74,7 +73,7 @@ from benchmarks.lib import kserve_load
 from benchmarks.lib.kserve_load import Target, summarize
 from benchmarks.lib.loadgen import DEFAULT_MODELS, describe_plan, parse_models
 from benchmarks.lib.node import daemon_sections, gpu_label, quit_mps
-from benchmarks.lib.runs import run_header
+from benchmarks.lib.runs import run_header, write_summary
 from stgs.plan import Plan
 
 T = TypeVar("T")
@@ -794,12 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         if tail:
             print("the daemon's log, last lines:\n" + "\n".join(tail.splitlines()[-30:]))
     finally:
-        path = args.json or (
-            str(Path(os.environ["OUT"]) / "user_models_gpu.json") if os.environ.get("OUT") else None
-        )
-        if path:
-            Path(path).write_text(json.dumps(out, indent=1, default=str))
-            print(f"wrote {path}")
+        write_summary(out, args.json, "user_models_gpu")
         shutil.rmtree(work, ignore_errors=True)
     return rc
 

@@ -6,6 +6,7 @@ stall_windows.py)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import sys
@@ -23,7 +24,33 @@ from partitioner.problem import Problem
 from stgs.plan import Plan
 from stgs.scenario import scenario_from_mapping
 
-__all__ = ["NOT_SENT", "OK", "Run", "RunError", "load_run", "read_run", "run_header"]
+__all__ = [
+    "NOT_SENT",
+    "OK",
+    "Run",
+    "RunError",
+    "load_run",
+    "read_run",
+    "run_header",
+    "summary_path",
+    "write_summary",
+]
+
+
+def summary_path(explicit: str | None, name: str) -> str | None:
+    """Where a benchmark writes its JSON summary: ``--json``, else ``$OUT/<name>.json`` when
+    ``$OUT`` is set (the lent GPU's output folder), else nowhere."""
+    out = os.environ.get("OUT")
+    return explicit or (str(Path(out) / f"{name}.json") if out else None)
+
+
+def write_summary(obj: Any, explicit: str | None, name: str) -> str | None:
+    """The summary as JSON at :func:`summary_path` (said on stdout); the path, or None."""
+    path = summary_path(explicit, name)
+    if path:
+        Path(path).write_text(json.dumps(obj, indent=1, default=str))
+        print(f"wrote {path}")
+    return path
 
 
 def run_header(script: str, argv: Sequence[str] | None = None) -> dict[str, str]:
