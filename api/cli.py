@@ -18,8 +18,7 @@ from pathlib import Path
 # api.client is light (no httpx, FastAPI): the daemon verbs' arguments and their names
 from api.client import DAEMON_COMMANDS, add_live_arguments
 from api.client import add_arguments as add_daemon_arguments
-from api.completion import SHELLS
-from api.completion import path as path_argument
+from api.completion import SHELLS, path_argument
 from api.dispatch import EXIT_INCOMPLETE, EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, dispatch, fail
 from api.migcmd import add_arguments as add_mig_arguments
 from stgs import __version__

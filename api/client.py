@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from api.completion import path
+from api.completion import path_argument
 from api.dispatch import dispatch, fail
 
 DAEMON_COMMANDS = ("serve", "status", "models")
@@ -33,15 +33,19 @@ class ClientError(Exception):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help=f"daemon URL (default: $STGS_URL, the config's, {DEFAULT_URL})")
-    path(p.add_argument("--token-file", help="bearer token file (default: $STGS_TOKEN_FILE)"))
-    path(p.add_argument("--config", help="daemon config TOML (for its address and token)"))
+    path_argument(
+        p.add_argument("--token-file", help="bearer token file (default: $STGS_TOKEN_FILE)")
+    )
+    path_argument(p.add_argument("--config", help="daemon config TOML (for its address and token)"))
     p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
 
 
 def add_arguments(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the daemon (REST API, KServe v2 inference, controller)")
-    path(s.add_argument("--config", help="TOML config (default: built-in defaults, state in ./)"))
-    path(
+    path_argument(
+        s.add_argument("--config", help="TOML config (default: built-in defaults, state in ./)")
+    )
+    path_argument(
         s.add_argument(
             "--model-repository",
             metavar="DIR",
@@ -92,8 +96,8 @@ def add_arguments(sub: Any) -> None:
 def add_live_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", action="store_true", help="show the running daemon's plan")
     p.add_argument("--url", help="daemon URL for --live")
-    path(p.add_argument("--token-file", help="bearer token file for --live"))
-    path(
+    path_argument(p.add_argument("--token-file", help="bearer token file for --live"))
+    path_argument(
         p.add_argument(
             "--config", "--config-file", dest="config", help="daemon config TOML for --live"
         )

@@ -2,7 +2,7 @@
 from its argparse parser by shtab (every sub-command, option and choice, as the parser has them
 now: nothing to keep in step by hand).
 
-Arguments that take a path are marked where they are defined, with :func:`path`; the shells
+Arguments that take a path are marked where they are defined, with :func:`path_argument`; the shells
 complete file (or directory) names for them. shtab is imported only when a script is asked for,
 so the other verbs start as light as before.
 """
@@ -16,7 +16,7 @@ SHELLS = ("bash", "zsh")
 _MARK = "stgs_path"
 
 
-def path(action: argparse.Action, *, directory: bool = False) -> argparse.Action:
+def path_argument(action: argparse.Action, *, directory: bool = False) -> argparse.Action:
     """Mark ``action`` (what ``add_argument`` returned) as a file path, or a directory."""
     vars(action)[_MARK] = "directory" if directory else "file"
     return action

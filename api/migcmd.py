@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from api.completion import path_argument
 from api.dispatch import EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, fail
 from stgs.errors import (
     BackendError,
@@ -53,11 +54,13 @@ def add_arguments(sub: Any) -> None:
         "export",
         help="a plan's MIG layouts as a mig-parted config (counts) or stgs's form (placements)",
     )
-    e.add_argument(
-        "plan",
-        nargs="?",
-        metavar="PLAN.json",
-        help="a plan (`stgs plan --json`) or a saved GET /v1/plan answer; '-': standard input",
+    path_argument(
+        e.add_argument(
+            "plan",
+            nargs="?",
+            metavar="PLAN.json",
+            help="a plan (`stgs plan --json`) or a saved GET /v1/plan answer; '-': standard input",
+        )
     )
     e.add_argument(
         "--format",
@@ -70,17 +73,23 @@ def add_arguments(sub: Any) -> None:
         help="config name, the nvidia.com/mig.config label value (default: stgs-plan)",
     )
     e.add_argument("--json", action="store_true", help="stgs's form as JSON (default: YAML)")
-    e.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    path_argument(
+        e.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    )
     e.add_argument("--live", dest="mig_live", action="store_true", help="the running daemon's plan")
     e.add_argument("--url", help="daemon URL for --live (default: $STGS_URL, the config's)")
-    e.add_argument("--token-file", help="bearer token file for --live")
-    e.add_argument("--config", help="daemon config TOML for --live (its address and token)")
+    path_argument(e.add_argument("--token-file", help="bearer token file for --live"))
+    path_argument(
+        e.add_argument("--config", help="daemon config TOML for --live (its address and token)")
+    )
 
     i = msub.add_parser(
         "import",
         help="read a mig-parted config (placements chosen, and shown) or stgs's form (exact)",
     )
-    i.add_argument("file", help="mig-parted YAML or stgs's form (YAML or JSON); '-': stdin")
+    path_argument(
+        i.add_argument("file", help="mig-parted YAML or stgs's form (YAML or JSON); '-': stdin")
+    )
     _read_arguments(i)
     i.add_argument(
         "--sku", help="the GPUs' SKU, e.g. H100-80GB (a mig-parted file needs it: counts only)"
@@ -92,13 +101,17 @@ def add_arguments(sub: Any) -> None:
         help="the node's GPU count (a mig-parted entry with 'devices: all' needs it)",
     )
     i.add_argument("--json", action="store_true", help="write stgs's form as JSON (default YAML)")
-    i.add_argument("--out", metavar="FILE", help="write stgs's form to FILE (default: stdout)")
+    path_argument(
+        i.add_argument("--out", metavar="FILE", help="write stgs's form to FILE (default: stdout)")
+    )
 
     a = msub.add_parser(
         "apply",
         help="make the node's MIG layouts those of a file (real MIG changes need root)",
     )
-    a.add_argument("file", help="stgs's form (exact) or a mig-parted config; '-': stdin")
+    path_argument(
+        a.add_argument("file", help="stgs's form (exact) or a mig-parted config; '-': stdin")
+    )
     _read_arguments(a)
     a.add_argument("--gpu", type=int, metavar="N", help="only GPU N of the file")
     a.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
