@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from api.inference import InferenceStats, InferError, model_io
-from stgs import lifeline
+from stgs import events, lifeline
 
 if TYPE_CHECKING:
     from api.service import Service
@@ -341,7 +341,7 @@ class DataPlane:
     def _event(self, kind: str, message: str, **data: Any) -> None:
         """An event: to ``on_event`` (the daemon stores and logs it), else to the log here."""
         if self.on_event is None:
-            log.log(logging.WARNING if kind.endswith("_failed") else logging.INFO, "%s", message)
+            log.log(events.level(kind), "%s", message)
         else:
             try:
                 self.on_event(kind, message, data)

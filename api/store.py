@@ -37,15 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stgs import __version__
+from stgs import __version__, events
 from stgs.errors import ConfigError
 from stgs.plan import Plan
 from stgs.profiles import PROFILE_COLUMNS, ProfileRow
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("api.events")
-# event kinds logged as WARNING besides every "*_failed" one
-WARNING_EVENTS = frozenset({"refused", "plan_timeout", "repository_error", "controller_error"})
 
 # Version 1: the schema of stgs 0.1.0, as that release wrote it. Never edit it: every change
 # is a migration below, and a new database is made by version 1 plus every migration (the path
@@ -467,11 +465,8 @@ class Store:
     def log_event(self, kind: str, message: str, **data: Any) -> int:
         """Store an event (``GET /v1/events``) and log it, once: the one place where the
         daemon's registrations, plans, transitions and faults reach its log with their reason
-        (WARNING for failures and refusals, INFO otherwise; logger ``api.events``)."""
-        level = (
-            logging.WARNING if kind in WARNING_EVENTS or kind.endswith("_failed") else logging.INFO
-        )
-        events_log.log(level, "%s: %s", kind, message)
+        (:func:`stgs.events.level`; logger ``api.events``)."""
+        events_log.log(events.level(kind), "%s: %s", kind, message)
         with self._tx() as cur:
             cur.execute(
                 "INSERT INTO events (ts, kind, message, data) VALUES (?, ?, ?, ?)",

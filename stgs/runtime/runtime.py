@@ -52,6 +52,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
+from stgs import events
 from stgs.backend.base import Backend, DeviceRef
 from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, layout_violation
 from stgs.errors import (
@@ -394,7 +395,7 @@ class Runtime:
         """A worker event: to ``on_event`` (the daemon stores and logs it), else to the log
         here, so that it is logged once either way."""
         if self.on_event is None:
-            log.log(logging.WARNING if kind == "worker_failed" else logging.INFO, "%s", message)
+            log.log(events.level(kind), "%s", message)
             return
         data = {"partition": str(p.key), "pid": p.pid, "restarts": p.restarts}
         try:
