@@ -4,9 +4,10 @@ glibc's malloc serves a block above ``M_MMAP_THRESHOLD`` (128 KiB at start, then
 what was freed) from fresh ``mmap``'d pages and returns them to the kernel when it is freed. A
 serving process allocates and frees several such blocks per image request (a 3x224x224 FP32
 tensor is 602 KB: the event loop's read buffers, the HTTP parser's body pieces, the joined body,
-a worker's received frame), and each fresh page costs a page fault and zeroing: about 0.8 ms of
-the 1.4 ms that one 600 KB POST took through uvicorn on the 2-core VM, and milliseconds at the
-p99 under load (docs/benchmarks.md, session 9). With the threshold raised, such blocks come from
+a worker's received frame), and each fresh page costs a page fault and zeroing: 262 page faults
+and about 0.7 ms of the 1.6 ms that one 600 KB POST into a frontend took on the 2-core VM
+(``python -m benchmarks.http_body``; docs/benchmarks.md, session 9). With the threshold raised,
+such blocks come from
 the heap and are reused, already mapped, by the next request; freed memory is kept up to the
 trim threshold instead of being returned at once.
 
