@@ -2,7 +2,8 @@
 
     # on a GPU (MIG disabled; the daemon and the in-process runtime start their own MPS daemons):
     python -m benchmarks.api_gpu [--mix serve|second|NAME:SLO_MS:RATE,...] [--scales 1,1.5,2]
-        [--seconds 10] [--clients 4] [--frontends 4] [--protos http,grpc] [--json OUT]
+        [--seconds 10] [--clients 4] [--client-cpus auto|none|N] [--frontends 4]
+        [--protos http,grpc] [--json OUT]
     # anywhere: the simulated node with CPU workers and tiny models
     python -m benchmarks.api_gpu --simulated
 
@@ -88,10 +89,21 @@ def _row(path: str, scale: float, total: float, s: dict[str, Any]) -> dict[str, 
         f"  {path:11} x{scale:<5g} {scale * total:7.0f}/s  n={s['n']:6d}"
         f"  within SLO {s['within_slo']:.4f}  p50 {s.get('p50_ms', 0):7.2f} ms"
         f"  p99 {s.get('p99_ms', 0):8.2f} ms  client lag p99 {s.get('lag_p99_ms', 0):6.2f} ms"
-        f"  {s['codes']}",
+        f"  {s['codes']}{_worst(s)}",
         flush=True,
     )
     return {"path": path, "scale": scale, "offered_rps": scale * total, **s}
+
+
+def _worst(s: dict[str, Any]) -> str:
+    """The model furthest from its SLO in a row, when it is below 99%."""
+    by = s.get("by_model") or {}
+    if not by:
+        return ""
+    name, m = min(by.items(), key=lambda kv: kv[1]["within_slo"])
+    if m["within_slo"] >= 0.99:
+        return ""
+    return f"  worst {name} {m['within_slo']:.4f} (p99 {m['p99_ms']:.2f} ms)"
 
 
 def breakdown(
@@ -236,6 +248,7 @@ def through_api(
             for i, m in enumerate(models)
         ]
         slos = [m.slo_ms / 1e3 for m in models]
+        names = [m.name for m in models]
         for proto in protos:
             addr = f"127.0.0.1:{d.grpc_port if proto == 'grpc' else d.port}"
             warm = [Target(t.model, 20.0, t.x) for t in targets]
@@ -243,8 +256,16 @@ def through_api(
             for scale in args.scale_list:
                 scaled = [Target(t.model, t.rate * scale, t.x) for t in targets]
                 t0 = time.monotonic_ns()
-                got = kserve_load.load(proto, addr, scaled, args.seconds, args.clients, work / "c")
-                row = _row(f"api-{proto}", scale, total, summarize(got, slos))
+                got = kserve_load.load(
+                    proto,
+                    addr,
+                    scaled,
+                    args.seconds,
+                    args.clients,
+                    work / "c",
+                    cpus=args.client_cpus,
+                )
+                row = _row(f"api-{proto}", scale, total, summarize(got, slos, names))
                 rows.append(row)
                 windows.append((row, t0, time.monotonic_ns()))
                 if row["within_slo"] < 0.99:
@@ -335,7 +356,7 @@ def in_process(
                     m_idx[sent], lg.sent[sent], lg.t[sent], lat[sent], code[sent], strict=True
                 )
             ]
-            row = _row("in-process", scale, total, summarize(recs, list(slo_of)))
+            row = _row("in-process", scale, total, summarize(recs, list(slo_of), names))
             rows.append(row)
             windows.append((row, t0, time.monotonic_ns()))
             if row["within_slo"] < 0.99:
@@ -353,6 +374,21 @@ def in_process(
     return rows
 
 
+SPLIT_MIN_CPUS = 12
+
+
+def split_cpus(spec: str, clients: int) -> tuple[list[int] | None, list[int] | None]:
+    """(the clients' CPUs, the server's CPUs) for ``--client-cpus``: the clients get the last
+    cores of this process's set so that they never compete with what they measure."""
+    have = sorted(os.sched_getaffinity(0))
+    if spec == "none" or (spec == "auto" and len(have) < SPLIT_MIN_CPUS):
+        return None, None
+    n = clients if spec == "auto" else int(spec)
+    if not 0 < n <= len(have) - 2:
+        raise SystemExit(f"--client-cpus {spec}: {len(have)} CPUs, the server needs at least 2")
+    return have[-n:], have[:-n]
+
+
 def goodput(rows: list[dict[str, Any]], path: str) -> float:
     return max(
         (r["offered_rps"] for r in rows if r["path"] == path and r["within_slo"] >= 0.99),
@@ -367,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--frontends", type=int, default=4)
+    ap.add_argument(
+        "--client-cpus",
+        default="auto",
+        help="CPUs of their own for the client processes: N (the last N cores; the daemon, its"
+        " frontends and workers and the in-process runtime get the others), none, or auto (as"
+        f" many as --clients on a host of >= {SPLIT_MIN_CPUS} cores, else none)",
+    )
     ap.add_argument("--protos", default="http")
     ap.add_argument("--simulated", action="store_true")
     ap.add_argument("--ready-timeout-s", type=float, default=300.0)
@@ -386,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     mix = args.mix or ("sim" if args.simulated else "serve")
     models = parse_models(MIXES.get(mix, mix))
     args.scale_list = [float(s) for s in args.scales.split(",")]
+    args.client_cpus, server_cpus = split_cpus(args.client_cpus, args.clients)
+    if server_cpus:  # the daemon and its processes, or the in-process runtime, inherit it
+        os.sched_setaffinity(0, server_cpus)
+        print(f"CPUs: server {server_cpus[0]}-{server_cpus[-1]}, clients {args.client_cpus}")
     protos = args.protos.split(",")
     work = Path(tempfile.mkdtemp(prefix="stgs-apigpu-"))
     total = sum(m.rate_rps for m in models)

@@ -203,9 +203,12 @@ def load(
     return out
 
 
-def summarize(rows: Sequence[Row], slo_s: float | Sequence[float]) -> dict[str, Any]:
+def summarize(
+    rows: Sequence[Row], slo_s: float | Sequence[float], names: Sequence[str] = ()
+) -> dict[str, Any]:
     """Share within SLO (a 200 within the model's SLO of the scheduled send), percentiles of
-    every answer's latency, the client's lag and the status counts."""
+    every answer's latency, the client's lag and the status counts; with ``names`` (the models
+    by index) also each model's share within SLO and p99 (``by_model``)."""
     if not rows:
         return {"n": 0, "within_slo": 0.0, "codes": {}}
     arr = np.array(rows, dtype=np.float64)
@@ -216,9 +219,19 @@ def summarize(rows: Sequence[Row], slo_s: float | Sequence[float]) -> dict[str, 
     codes: dict[str, int] = {}
     for c in code.astype(int).tolist():
         codes[str(c)] = codes.get(str(c), 0) + 1
+    by_model = {}
+    for i, name in enumerate(names):
+        mine = arr[:, 0] == i
+        if mine.any():
+            by_model[name] = {
+                "n": int(mine.sum()),
+                "within_slo": float(ok[mine].mean()),
+                "p99_ms": float(np.percentile(lat[mine], 99) * 1e3),
+            }
     return {
         "n": len(rows),
         "within_slo": float(ok.mean()),
+        **({"by_model": by_model} if by_model else {}),
         "p50_ms": float(np.percentile(lat, 50) * 1e3),
         "p99_ms": float(np.percentile(lat, 99) * 1e3),
         "lag_p99_ms": float(np.percentile(lag, 99) * 1e3),
