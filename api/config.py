@@ -14,10 +14,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from partitioner.control import ControlRules
 from stgs.errors import ConfigError, StgsError
+from stgs.hostcosts import api_request_ms
 from stgs.scenario import PlannerOptions, SpareFactor
 
 
@@ -242,6 +250,22 @@ class DaemonConfig(_Strict):
     controller: ControllerConfig = Field(default_factory=lambda: ControllerConfig())
     workers: WorkersConfig = Field(default_factory=lambda: WorkersConfig())
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
+
+    @model_validator(mode="after")
+    def _plan_for_the_api_way(self) -> DaemonConfig:
+        """A daemon that serves through its frontends plans each request's host way as the
+        measured API way (``stgs.hostcosts.api_request_ms``), unless ``[planner]`` sets
+        ``host_request_ms`` itself; with no frontends (the control plane serves) or no API
+        measurement for this host, the in-process way stays."""
+        if "host_request_ms" in self.planner.model_fields_set or self.server.frontend_count() == 0:
+            return self
+        way = api_request_ms()
+        if way is not None:
+            # (frozen: set once, here, while validating)
+            object.__setattr__(
+                self, "planner", self.planner.model_copy(update={"host_request_ms": way})
+            )
+        return self
 
     @field_validator("server")
     @classmethod

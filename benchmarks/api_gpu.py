@@ -67,9 +67,15 @@ from benchmarks.lib.loadgen import (
     parse_models,
     poisson_arrivals,
 )
-from benchmarks.lib.node import daemon_sections, open_backend, quit_mps, stop_daemons
+from benchmarks.lib.node import (
+    daemon_sections,
+    gpu_label,
+    open_backend,
+    quit_mps,
+    stop_daemons,
+)
 from benchmarks.lib.probes import collect_traces
-from benchmarks.lib.runs import write_summary
+from benchmarks.lib.runs import run_header, write_summary
 from stgs.plan import Plan
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
@@ -108,10 +114,11 @@ def _worst(s: dict[str, Any]) -> str:
 
 def breakdown(
     traces: dict[str, np.ndarray], slo_ms: dict[str, float], t0_ns: int, t1_ns: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The worker trace's host breakdown (p50/p99 ms) of the requests that arrived in
     [t0_ns, t1_ns) and ran: arrival -> worker queue (``in``), queue (``wait``), batch (``run``),
-    replies sent (``out``), and arrival -> replies sent (``worker_total``)."""
+    replies sent (``out``), and arrival -> replies sent (``worker_total``); per model
+    (``by_model``) the median ``in`` and stay in the worker (queued -> replies sent)."""
     if not traces:
         return {}
     parts = json.loads(str(traces["w_parts"]))
@@ -138,10 +145,22 @@ def breakdown(
         "out": b[:, col_b["t_replied"]] - b[:, col_b["t_ran"]],
         "worker_total": b[:, col_b["t_replied"]] - a,
     }
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for k, v in spans.items():
         out[f"{k}_p50_ms"] = float(np.percentile(v, 50)) / 1e6
         out[f"{k}_p99_ms"] = float(np.percentile(v, 99)) / 1e6
+    # per model (the API way's fit, stgs.hostcosts.fit_api_way): arrival -> queue, and the
+    # stay in the worker (queued -> replies sent)
+    names = np.array([parts[int(w)]["models"][int(s)] for w, s in pairs[ran]])
+    stay = b[:, col_b["t_replied"]] - q
+    out["by_model"] = {
+        str(name): {
+            "n": int((names == name).sum()),
+            "in_p50_ms": float(np.median(spans["in"][names == name])) / 1e6,
+            "stay_p50_ms": float(np.median(stay[names == name])) / 1e6,
+        }
+        for name in np.unique(names)
+    }
     return out
 
 
@@ -437,11 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="stgs-apigpu-"))
     total = sum(m.rate_rps for m in models)
     out: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "mix": mix,
         "models": [m.__dict__ for m in models],
         "args": {k: v for k, v in vars(args).items() if k != "scale_list"},
         "cpus": os.cpu_count(),
+        "device": "simulated node (CPU workers)" if args.simulated else gpu_label(),
+        **run_header("api_gpu", argv),
     }
     try:
         view, rows = through_api(args, models, work, protos)

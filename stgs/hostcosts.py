@@ -54,13 +54,17 @@ __all__ = [
     "FORMAT",
     "HOST_COSTS_ENV",
     "PLANNER_INPUT_MB",
+    "ApiPoint",
+    "ApiWay",
     "HostCostEntry",
     "HostCostFile",
     "HostCostTerms",
     "PlannerHostCosts",
     "Provenance",
     "TraceObservations",
+    "api_request_ms",
     "default_host_costs_path",
+    "fit_api_way",
     "fit_trace",
     "load_host_costs",
     "measured_host_costs",
@@ -141,10 +145,34 @@ class Provenance(_Strict):
     method: str = ""
 
 
+class ApiWay(_Strict):
+    """A request's host way through the daemon's data plane (its frontend processes), as its
+    client sees it: the client's send to the worker's queue and the worker's replies back to
+    the client's answer. ``request_ms + request_ms_per_mb x MB`` is what the frontends' side
+    shows (the request's first byte at a frontend to the worker's queue); ``reply_ms`` is the
+    rest of the way (the client's send and read, the sockets, the way back), which no trace on
+    the server's side sees apart. It replaces the in-process way (``request_ms``,
+    ``request_ms_per_mb``, ``reply_ms`` of the terms) for a daemon that serves through its
+    frontends; the worker's loop terms are the same on both paths."""
+
+    request_ms: float = Field(ge=0, description="a frontend's first byte -> the worker's queue")
+    request_ms_per_mb: float = Field(ge=0, description="... and per MB of the input")
+    reply_ms: float = Field(ge=0, description="the rest of the client's way, in and back")
+    provenance: Provenance
+    fit: dict[str, Any] = Field(default_factory=dict, description="the fit's diagnostics")
+
+    def way_ms(self, mb: float) -> float:
+        """The whole way in and back for an input of ``mb`` MB (outside the duty cycle)."""
+        return self.request_ms + self.request_ms_per_mb * mb + self.reply_ms
+
+
 class HostCostEntry(_Strict):
     terms: HostCostTerms
     provenance: Provenance
     fit: dict[str, Any] = Field(default_factory=dict, description="the fit's diagnostics")
+    api: ApiWay | None = Field(
+        None, description="the way through the daemon's frontends, when it was measured"
+    )
 
 
 class HostCostFile(_Strict):
@@ -214,6 +242,14 @@ def measured_host_costs(host: str | None = None) -> HostCostTerms:
 def planner_host_costs(host: str | None = None) -> PlannerHostCosts:
     """The planner's three numbers from the default file (see the module docstring)."""
     return PlannerHostCosts.of(measured_host_costs(host))
+
+
+def api_request_ms(host: str | None = None) -> float | None:
+    """The planner's ``host_request_ms`` for a daemon that serves through its frontends: the
+    measured API way (:class:`ApiWay`) at the planner's input size; None when the file has
+    none for ``host``."""
+    api = load_host_costs().entry(host).api
+    return None if api is None else round(api.way_ms(PLANNER_INPUT_MB), 4)
 
 
 def measured_term(name: str) -> Callable[[], float]:
@@ -339,6 +375,47 @@ def fit_trace(obs: TraceObservations) -> tuple[HostCostTerms, dict[str, Any]]:
         },
         "requests_way_in": int(sum(len(v) for v in obs.way_in_ms.values())),
         "reply_median_ms": round(reply, 4),
+    }
+    return terms, info
+
+
+@dataclass(frozen=True)
+class ApiPoint:
+    """One model's way through the API at one load (medians, ms): ``in_ms`` a frontend's first
+    byte -> the worker's queue, ``way_ms`` the client's latency less the request's stay in the
+    worker (queued -> replies sent), for an input of ``mb`` MB."""
+
+    mb: float
+    in_ms: float
+    way_ms: float
+    label: str = ""  # the model and load it was measured at (diagnostics)
+
+
+def fit_api_way(points: Sequence[ApiPoint]) -> tuple[dict[str, float], dict[str, Any]]:
+    """:class:`ApiWay`'s three terms from per-model medians: ``request_ms + request_ms_per_mb
+    x MB`` fitted on ``in_ms`` (non-negative least squares over the input sizes), ``reply_ms``
+    the median of what is left of ``way_ms``; and the fit's diagnostics."""
+    if not points:
+        raise ValueError("no API measurements to fit the API way on")
+    mb = np.asarray([p.mb for p in points], dtype=np.float64)
+    way_in = np.asarray([p.in_ms for p in points], dtype=np.float64)
+    way = np.asarray([p.way_ms for p in points], dtype=np.float64)
+    if len(np.unique(mb)) > 1:
+        q0, q1 = nonneg_line(mb, way_in)
+    else:
+        q0, q1 = float(np.median(way_in)), 0.0
+    rest = way - (q0 + q1 * mb)
+    reply = max(float(np.median(rest)), 0.0)
+    terms = {
+        "request_ms": round(q0, 4),
+        "request_ms_per_mb": round(q1, 4),
+        "reply_ms": round(reply, 4),
+    }
+    info = {
+        "points": {
+            p.label or str(k): {"mb": round(p.mb, 4), "in_ms": p.in_ms, "way_ms": p.way_ms}
+            for k, p in enumerate(points)
+        },
     }
     return terms, info
 

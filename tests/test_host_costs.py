@@ -21,7 +21,14 @@ from partitioner.peak import find_peak
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
 from partitioner.sim.config import HostCosts, SimOptions
-from stgs.hostcosts import HOST_COSTS_ENV, HostCostTerms, load_host_costs
+from stgs.hostcosts import (
+    HOST_COSTS_ENV,
+    ApiPoint,
+    ApiWay,
+    HostCostTerms,
+    fit_api_way,
+    load_host_costs,
+)
 from stgs.scenario import PlannerOptions, scenario_from_mapping
 
 ZERO = {"host_request_ms": 0.0, "host_batch_ms": 0.0, "host_item_ms": 0.0}
@@ -67,13 +74,13 @@ def test_planner_daemon_and_simulator_read_the_one_file() -> None:
     t = f.entry().terms
     assert f.default == "H100-80GB" and f.hosts[f.default].provenance.runs
     want = _planner_numbers(t)
-    for o in (
-        _scenario().options,
-        PlannerOptions(),
-        DaemonConfig().planner,
-        load_config(ROOT / "deploy" / "stgs.toml").planner,
-    ):
+    for o in (_scenario().options, PlannerOptions()):
         assert (o.host_request_ms, o.host_batch_ms, o.host_item_ms) == want
+    # the daemon serves through its frontends: the API way, when the file has one
+    api = f.entry().api
+    daemon = want if api is None else (_api_way(api), *want[1:])
+    for o in (DaemonConfig().planner, load_config(ROOT / "deploy" / "stgs.toml").planner):
+        assert (o.host_request_ms, o.host_batch_ms, o.host_item_ms) == daemon
     for host in (HostCosts(), SimOptions().host):
         assert host.terms() == t
     # the simulator's costs of an image request are the planner's numbers
@@ -82,6 +89,62 @@ def test_planner_daemon_and_simulator_read_the_one_file() -> None:
     assert sim.batch_extra_ms("resnet50", 8) == pytest.approx(want[1] + 8 * want[2])
     # a value set in a config or scenario still wins
     assert _scenario(host_batch_ms=0.5).options.host_batch_ms == 0.5
+
+
+def _api_way(api: ApiWay) -> float:
+    """The API way at an image, by hand."""
+    return round(api.request_ms + api.request_ms_per_mb * 3 * 224 * 224 * 4 / 1e6 + api.reply_ms, 4)
+
+
+def test_a_daemon_with_frontends_plans_the_api_way(tmp_path: Path) -> None:
+    """A file whose entry has the API way: a daemon with frontends plans host_request_ms from
+    it, one without frontends (the control plane serves) keeps the in-process way, and a value
+    set in [planner] wins over both."""
+    shipped = load_host_costs()
+    prov = shipped.entry().provenance
+    api = ApiWay(request_ms=0.5, request_ms_per_mb=1.0, reply_ms=0.75, provenance=prov)
+    doc = shipped.model_copy(
+        update={"hosts": {shipped.default: shipped.entry().model_copy(update={"api": api})}}
+    )
+    other = tmp_path / "host-costs.json"
+    other.write_text(json.dumps(doc.model_dump()))
+    code = (
+        "import json\n"
+        "from api.config import DaemonConfig\n"
+        "out = []\n"
+        "for server, planner in (({'frontends': 2}, {}), ({'frontends': 0}, {}),"
+        " ({'frontends': 2}, {'host_request_ms': 2.0})):\n"
+        "    c = DaemonConfig.model_validate({'server': server, 'planner': planner})\n"
+        "    out.append(c.planner.host_request_ms)\n"
+        "print(json.dumps(out))\n"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, HOST_COSTS_ENV: str(other)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    in_process = _planner_numbers(shipped.entry().terms)[0]
+    assert json.loads(got) == [pytest.approx(_api_way(api)), pytest.approx(in_process), 2.0]
+
+
+def test_the_api_way_fit_recovers_its_terms() -> None:
+    """fit_api_way on per-model medians made from known terms gives them back: the way in a
+    line over the input sizes, the rest of the way its median."""
+    points = [
+        ApiPoint(mb=mb, in_ms=0.3 + 0.8 * mb, way_ms=0.3 + 0.8 * mb + 0.6 + noise, label=str(k))
+        for k, (mb, noise) in enumerate([(0.0003, 0.0), (0.602, 0.01), (0.602, -0.01), (1.2, 0.0)])
+    ]
+    terms, info = fit_api_way(points)
+    assert terms == pytest.approx(
+        {"request_ms": 0.3, "request_ms_per_mb": 0.8, "reply_ms": 0.6}, abs=2e-3
+    )
+    assert set(info["points"]) == {"0", "1", "2", "3"}
+    with pytest.raises(ValueError, match="no API measurements"):
+        fit_api_way([])
 
 
 _PRINT_DEFAULTS = """
@@ -109,7 +172,7 @@ def test_another_file_moves_planner_daemon_and_simulator(tmp_path: Path) -> None
         reply_ms=0.4,
     )
     shipped = load_host_costs()
-    entry = shipped.entry().model_copy(update={"terms": terms})
+    entry = shipped.entry().model_copy(update={"terms": terms, "api": None})
     doc = shipped.model_copy(update={"default": "other", "hosts": {"other": entry}})
     other = tmp_path / "host-costs.json"
     other.write_text(json.dumps(doc.model_dump()))

@@ -226,6 +226,7 @@ def summarize(
             by_model[name] = {
                 "n": int(mine.sum()),
                 "within_slo": float(ok[mine].mean()),
+                "p50_ms": float(np.percentile(lat[mine], 50) * 1e3),
                 "p99_ms": float(np.percentile(lat[mine], 99) * 1e3),
             }
     return {
