@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import make_partition, recorded_runs
+from _helpers import make_partition, recorded_runs, run_python
 
 from stgs.backend import DeviceRef, SimulatedNode
 from stgs.errors import DeadlineExceededError, WorkerDiedError, WorkerError
@@ -181,6 +181,31 @@ def test_the_trace_shows_the_next_batch_launched_before_the_last_is_answered(
     else:
         assert not staged_early.any() and not launched_early.any()
         assert np.all(gaps.gap_ns > 0)
+
+
+@SETTINGS
+def test_requests_that_arrive_while_a_batch_runs_join_the_next_one(
+    node: SimulatedNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pipeline: bool
+) -> None:
+    """The next batch is taken shortly before the one in flight ends, unless a full batch is
+    waiting: a request that arrives while a 200 ms batch runs joins the partial batch queued
+    before it (taken as soon as the batch before was launched, that one would run alone and the
+    late request wait a whole batch more)."""
+    w = _worker(node, monkeypatch, pipeline, ("sleep:200", 2), trace=tmp_path)
+    x = np.ones(3, np.float32)
+    w.transport.submit("sleep:200", x).result(TIMEOUT)  # the batch latency is known from here
+    futs = [w.transport.submit("sleep:200", x)]  # 0 ms: a batch of one, 0-200 ms
+    time.sleep(0.05)
+    futs += [w.transport.submit("sleep:200", x) for _ in range(3)]  # 50 ms: 2 + 1 waiting
+    time.sleep(0.2)
+    futs.append(w.transport.submit("sleep:200", x))  # 250 ms: joins the one left waiting
+    for f in futs:
+        f.result(TIMEOUT)
+    w.stop(TIMEOUT)
+    _, r = _trace(tmp_path)
+    batch = r[:, 3].tolist()  # each request's batch, in the order they were taken
+    assert len(batch) == 6, batch
+    assert batch[2] == batch[3] and batch[4] == batch[5] and len(set(batch)) == 4, batch
 
 
 @SETTINGS
@@ -495,3 +520,39 @@ def test_host_gaps_of_a_recorded_gpu_run() -> None:
         assert g.legacy and np.all(g.gap_ns >= 0)
         total += len(g.gap_ns)
     assert total > 1000
+
+
+# ---------------------------------------------------------------------- the benchmark
+@pytest.mark.slow
+def test_worker_pipeline_benchmark_simulated(tmp_path: Path) -> None:
+    """benchmarks/worker_pipeline_gpu.py --simulated: both settings side by side through the
+    runtime; the stand-in worker alone shows host time on the critical path only sequentially."""
+    out = tmp_path / "wp.json"
+    proc = run_python(
+        "-m",
+        "benchmarks.worker_pipeline_gpu",
+        "--simulated",
+        "--seconds",
+        "1.5",
+        "--runtime-dir",
+        str(tmp_path / "rt"),
+        "--json",
+        str(out),
+        timeout=180,
+    )
+    assert "host ms p50" in proc.stdout
+    res = json.loads(out.read_text())
+    assert [s["setting"] for s in res["settings"]] == ["sequential", "pipelined"]
+    assert res["probe_agrees"] is True
+    assert set(res["probe_max_rel_diff"].values()) == {0.0}  # stand-ins and the CPU model: exact
+    rows = {(r["setting"], r["phase"], r["worker"]): r for r in res["rows"]}
+    assert len(rows) == 8
+    for r in rows.values():
+        assert r["batches"] > 0 and r["throughput_rps"] > 0 and 0 < r["device_busy"] <= 1.05
+    seq = rows[("sequential", "saturated", "sleep:4/8@50%")]
+    pipe = rows[("pipelined", "saturated", "sleep:4/8@50%")]
+    assert seq["gap_n"] > 10 and seq["gap_p50_ms"] > 0
+    assert pipe["gap_n"] > 10 and pipe["gap_p50_ms"] == 0
+    # the same open-loop rates for both settings: the sequential setting's saturated throughput
+    near = [s["near_rates"] for s in res["settings"]]
+    assert near[0] == near[1]

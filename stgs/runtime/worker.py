@@ -10,16 +10,19 @@ request instead of sleeping out the planned cycle length, so latency never pays 
 Pipelining: a batch goes through its model's runner (:mod:`stgs.runtime.models`) in three steps:
 ``stage`` (gather the requests' tensors into the pinned input buffers), ``launch`` (queue the
 input copy, the CUDA graph and the output copy on the worker's one stream) and ``collect`` (wait
-for the results). While batch N runs on the GPU, the loop takes batch N+1 (the next model's turn
-in the round robin, or the same model's), answers what it refuses, stages it and launches it
+for the results). While batch N runs on the GPU, the loop takes batch N+1 (the round robin's
+next turn, which may be the same model), answers what it refuses, stages it and launches it
 behind N; only then does it wait for N's results and send N's replies, which N+1 runs through.
-The host waits for the GPU only in ``collect``, where it needs a result; when nothing is queued
-it collects at once (no request waits on a batch that is not coming). At most two batches are in
-flight (a runner holds two sets of buffers). A synchronous runner (the CPU's, whose ``launch``
-computes) stages N+1 while N is in flight but launches it only after N's replies. With
-``STGS_WORKER_PIPELINE=0`` (:data:`PIPELINE_ENV`, read once at start) the worker runs one batch
-at a time: take, stage, launch, collect, reply, as before the pipeline (for before/after
-measurements); the READY frame says which (``pipeline``).
+It takes N+1 shortly before N is predicted to end (N's start on the device plus its model's
+estimate, less the host's lead: the slowest slot's measured take-to-launch time plus
+``TAKE_MARGIN_NS``), or at once when that turn's queue holds a full batch: a request that
+arrives while N runs still joins N+1, where taking N+1 as soon as N is launched would leave it
+for N+2, a whole turn more. The host waits for the GPU only in ``collect``, where it needs a
+result. At most two batches are in flight (a runner holds two sets of buffers). A synchronous
+runner (the CPU's, whose ``launch`` computes) stages N+1 while N is in flight but launches it
+only after N's replies. With ``STGS_WORKER_PIPELINE=0`` (:data:`PIPELINE_ENV`, read once at
+start) the worker runs one batch at a time: take, stage, launch, collect, reply, as before the
+pipeline (for before/after measurements); the READY frame says which (``pipeline``).
 
 Deadlines: a request whose deadline has passed, or (with admission on) that would finish after
 its deadline given the model's measured batch latency (an EMA), is answered "deadline exceeded"
@@ -133,6 +136,10 @@ __all__ = [
 
 SWITCH_INTERVAL_S = 200e-6  # the worker's GIL switch interval (see main)
 PIPELINE_ENV = "STGS_WORKER_PIPELINE"
+# The pipeline takes the next batch this long, beyond its measured preparation time, before the
+# batch in flight is predicted to end: the thread's wake-up (GIL switch interval 200 us) and
+# the prediction's error.
+TAKE_MARGIN_NS = 300_000
 _NB = len(TRACE_BATCH)
 STATS_INTERVAL_NS = 1_000_000_000  # at most one STATS frame a second
 # How long a send on a data connection may wait for its client to read (SO_SNDTIMEO): far below
@@ -254,6 +261,8 @@ class Worker:
         self.stats_sent_ns = 0
         self.beat_ns = 0  # when the duty-cycle loop last sent something (a beat or replies)
         self.max_run_ns = 0  # the longest batch so far (the supervisor's hang threshold)
+        # per slot, EMA of the host time from a take to its launch returned (the pipeline's lead)
+        self.prep_ns = [0.0] * len(spec.models)
 
     def load(self) -> None:
         entries = [m.model() for m in self.spec.models]
@@ -394,6 +403,8 @@ class Worker:
                     while not self.gone and not self.stopping and not any(self.queues):
                         if not self.cond.wait(HEARTBEAT_INTERVAL_S):
                             break  # idle: beat, then wait again
+                elif self.pipeline and not inflight.done_ns:
+                    self._wait_for_turn(cursor, inflight)
                 waiting = not self.gone and any(self.queues)
                 ending = self.gone or (self.stopping and not waiting)
             nxt: _Batch | None = None
@@ -416,6 +427,30 @@ class Worker:
                 inflight = None
             if ending and inflight is None:
                 return
+
+    def _wait_for_turn(self, cursor: int, inflight: _Batch) -> None:
+        """With a batch in flight on the device, hold the next take (under ``self.cond``) until
+        shortly before that batch's predicted end: the host's lead (the slowest slot's time
+        from take to launch, plus ``TAKE_MARGIN_NS``). Requests that arrive meanwhile join the
+        batch instead of waiting a whole turn more. No wait when the next turn's queue holds a
+        full batch (nothing more would fit), when the batch's end cannot be predicted yet, or
+        once the worker is stopping."""
+        est = self.est_ns[inflight.slot]
+        if not est:
+            return
+        take_at = inflight.start_ns + est - max(self.prep_ns) - TAKE_MARGIN_NS
+        n_slots = len(self.queues)
+        while not self.gone and not self.stopping:
+            left = take_at - time.monotonic_ns()
+            if left <= 0:
+                return
+            for step in range(n_slots):  # the next turn: the first queue with a request
+                i = (cursor + step) % n_slots
+                if self.queues[i]:
+                    if len(self.queues[i]) >= self.spec.models[i].batch:
+                        return
+                    break
+            self.cond.wait(left / 1e9)
 
     def _next_batch(
         self, cursor: int, n_slots: int, inflight: _Batch | None
@@ -501,8 +536,13 @@ class Worker:
             self._failed(b, exc)
             return None
         b.launched = True
+        now = time.monotonic_ns()
         if not runner.asynchronous:
-            b.done_ns = time.monotonic_ns()
+            b.done_ns = now
+        else:
+            prep = now - b.t_take
+            p = self.prep_ns[b.slot]
+            self.prep_ns[b.slot] = prep if p == 0 else 0.8 * p + 0.2 * prep
         return b
 
     def _finish(self, b: _Batch) -> int:
