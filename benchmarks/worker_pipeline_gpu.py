@@ -244,6 +244,16 @@ def open_stats(rec: Any, lo: float, hi: float) -> dict[str, Any]:
     }
 
 
+def inputs(names: Sequence[str]) -> list[np.ndarray]:
+    """The request each model's load client sends: the registry's example (zeros for a test
+    model)."""
+    out = []
+    for k, n in enumerate(names):
+        entry = model_entry(n)
+        out.append(np.zeros(16, np.float32) if entry.kind == "test" else entry.example(seed=k))
+    return out
+
+
 def probe(runtime: Runtime, names: Sequence[str], batches: Sequence[int]) -> dict[str, Any]:
     """Per model, ``2 x batch + 1`` distinct inputs at once: their answers (float64 arrays)."""
     out: dict[str, Any] = {}
@@ -336,17 +346,22 @@ def run_setting(
     work = trace_root.parent / "clients" / setting
     span = WARMUP_S + args.seconds
 
+    work.mkdir(parents=True, exist_ok=True)
+    for k, x in enumerate(inputs(names)):
+        np.save(work / f"input-{k}.npy", x)
+
     def specs(mode: str, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
             {
                 "socket": where[n][0],
                 "models": where[n][1],
                 "model": n,
+                "input": str(work / f"input-{k}.npy"),
                 "mode": mode,
                 "seconds": span,
                 **x,
             }
-            for n, x in zip(names, extra, strict=True)
+            for k, (n, x) in enumerate(zip(names, extra, strict=True))
         ]
 
     start, recs = run_clients(specs("closed", [{"window": 4 * b} for b in batches]), work, span)
@@ -514,9 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"worker_pipeline_gpu: out of time after {args.max_s:g} s", file=sys.stderr)
         result["error"] = f"out of time after {args.max_s:g} s"
         code = 4
-    except RuntimeError as exc:
-        print(f"worker_pipeline_gpu: {exc}", file=sys.stderr)
-        result["error"] = str(exc)
+    except Exception as exc:  # a plan that did not come up, a probe not answered, ...
+        print(f"worker_pipeline_gpu: {type(exc).__name__}: {exc}", file=sys.stderr)
+        result["error"] = f"{type(exc).__name__}: {exc}"
         code = 3
     finally:
         signal.alarm(0)

@@ -8,8 +8,8 @@ SPEC (JSON): ``socket`` (the worker's data socket), ``models`` (its slots' names
 deadline; ``open``: Poisson arrivals at ``rate`` per second, ``seed``, each due ``slo_ms`` after
 its scheduled arrival) and ``seconds``. Once connected, the client prints ``ready`` and reads
 its start time from stdin (``time.monotonic()``, one clock for every process of the host), so
-that every client of a phase starts at once however long its imports took. The input: the
-registry's example of the model (``seed`` 0), zeros for a test model. Writes per request
+that every client of a phase starts at once however long its imports took. ``input``: a
+``.npy`` file, the request sent every time. Writes per request
 ``t_sched`` (the scheduled arrival; the send for ``closed``), ``sent``, ``done`` (monotonic s,
 NaN: not answered) and ``status`` (:data:`OK`, :data:`DEADLINE`, :data:`ERROR`; :data:`PENDING`
 never answered). One process per model: a client's own Python (sending 600 KB images at
@@ -31,16 +31,10 @@ from typing import Any
 import numpy as np
 
 from stgs.errors import DeadlineExceededError
-from stgs.runtime.models import model_entry
 from stgs.runtime.transport import SocketTransport
 
 PENDING, OK, DEADLINE, ERROR = 0, 1, 2, 3
 DRAIN_S = 15.0  # how long the last answers may take
-
-
-def _input(name: str) -> np.ndarray:
-    entry = model_entry(name)
-    return np.zeros(16, np.float32) if entry.kind == "test" else entry.example(seed=0)
 
 
 class _Record:
@@ -117,7 +111,7 @@ def open_loop(t: SocketTransport, spec: dict[str, Any], x: np.ndarray) -> _Recor
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(args[0]).read_text())
-    x = _input(spec["model"])
+    x = np.load(spec["input"])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(spec["socket"])
     t = SocketTransport(sock, list(spec["models"]), name=f"load-{spec['model']}")
