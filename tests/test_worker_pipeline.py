@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -324,44 +324,103 @@ class _FailsOnCollect(BatchRunner):
         return staged.samples
 
 
-@SETTINGS
-def test_a_batch_failing_in_collect_is_answered_failed(pipeline: bool) -> None:
-    """The worker's loop in this process over a real socket pair, with a runner that fails when
-    a batch is collected: those requests get FAILED, every other one its answer, then STOP."""
-    a, b = socket.socketpair()
-    spec = WorkerSpec("w", (ModelSlot("echo", 1),), device="cpu")
-    worker = Worker(spec, FrameSocket(a), pipeline=pipeline)
-    worker.load()
-    worker.runners[0] = _FailsOnCollect(worker.runners[0].entry)
-    reader = threading.Thread(target=worker.read, daemon=True)
-    reader.start()
-    serving = threading.Thread(target=worker.serve, daemon=True)
-    serving.start()
-    client = FrameSocket(b)
-    try:
-        for k in range(10):
-            client.send(REQUEST, model=0, req_id=k, array=np.full(2, k, np.float32))
-        got: dict[int, tuple[int, object]] = {}
-        b.settimeout(TIMEOUT)
-        while len(got) < 10:
-            frame = client.recv()
+class _InProcess:
+    """The worker's loop in this process over a real socket pair, its one slot (``batch``)
+    served by ``runner``; the test is the client."""
+
+    def __init__(
+        self, runner: Callable[[ModelEntry], BatchRunner], batch: int, pipeline: bool
+    ) -> None:
+        a, self.b = socket.socketpair()
+        spec = WorkerSpec("w", (ModelSlot("echo", batch),), device="cpu")
+        self.worker = Worker(spec, FrameSocket(a), pipeline=pipeline)
+        self.worker.load()
+        self.worker.runners[0] = runner(self.worker.runners[0].entry)
+        threading.Thread(target=self.worker.read, daemon=True).start()
+        self.serving = threading.Thread(target=self.worker.serve, daemon=True)
+        self.serving.start()
+        self.client = FrameSocket(self.b)
+        self.b.settimeout(TIMEOUT)
+
+    def send(self, k: int) -> None:
+        self.client.send(REQUEST, model=0, req_id=k, array=np.full(2, k, np.float32))
+
+    def answers(self, n: int) -> dict[int, tuple[int, object, float]]:
+        """The next ``n`` answers: req_id -> (status, array or message, monotonic s)."""
+        got: dict[int, tuple[int, object, float]] = {}
+        while len(got) < n:
+            frame = self.client.recv()
             assert frame is not None
             if frame.kind == RESPONSE:
-                got[frame.req_id] = (
-                    frame.status,
-                    frame.array() if frame.status == OK else frame.text(),
-                )
-        client.send(STOP)
-        serving.join(TIMEOUT)
-        assert not serving.is_alive()
-        failed = [k for k, (st, _) in got.items() if st == FAILED]
+                out = frame.array() if frame.status == OK else frame.text()
+                got[frame.req_id] = (frame.status, out, time.monotonic())
+        return got
+
+    def stop(self) -> None:
+        try:
+            self.client.send(STOP)
+            self.serving.join(TIMEOUT)
+            assert not self.serving.is_alive()
+        finally:
+            self.client.close()
+            self.worker.fs.close()
+
+
+@SETTINGS
+def test_a_batch_failing_in_collect_is_answered_failed(pipeline: bool) -> None:
+    """A runner that fails when a batch is collected: those requests get FAILED, every other
+    one its answer, then STOP ends the loop."""
+    w = _InProcess(_FailsOnCollect, 1, pipeline)
+    try:
+        for k in range(10):
+            w.send(k)
+        got = w.answers(10)
+        failed = [k for k, (st, _, _) in got.items() if st == FAILED]
         assert len(failed) == 5 and all("device error" in str(got[k][1]) for k in failed)
-        for k, (st, out) in got.items():
+        for k, (st, out, _) in got.items():
             if st == OK:
                 np.testing.assert_array_equal(out, np.full(2, k, np.float32))
     finally:
-        client.close()
-        worker.fs.close()
+        w.stop()
+
+
+class _DoneEarly(BatchRunner):
+    """An asynchronous runner whose batches are done at once but say they took 2 s on the
+    device: the worker's estimate of the batch in flight runs far too long."""
+
+    asynchronous = True
+
+    def __init__(self, entry: ModelEntry) -> None:
+        self.entry = entry
+
+    def stage(self, samples: list[Tensors]) -> Staged:
+        return Staged(len(samples), samples)
+
+    def launch(self, staged: Staged) -> None:
+        staged.device_ns = 2_000_000_000
+
+    def collect(self, staged: Staged) -> Sequence[Tensors]:
+        assert staged.samples is not None
+        return staged.samples
+
+
+def test_a_batch_done_before_its_estimate_does_not_hold_the_next_take() -> None:
+    """Waiting for the next turn, the loop checks whether the batch in flight is done: with an
+    estimate of 2 s and batches done at once, a request queued behind one is answered at once,
+    not when the estimate runs out."""
+    w = _InProcess(_DoneEarly, 4, True)
+    try:
+        w.send(0)
+        w.answers(1)  # the estimate is 2 s from here
+        w.send(1)  # a batch of one, in flight; what comes next waits for its turn
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        w.send(2)
+        got = w.answers(2)
+        assert {k: st for k, (st, _, _) in got.items()} == {1: OK, 2: OK}
+        assert got[2][2] - t0 < 1.0  # not ~2 s
+    finally:
+        w.stop()
 
 
 # ---------------------------------------------------------------------- liveness (runtime)

@@ -112,6 +112,10 @@ class BatchRunner(ABC):
         device in ``staged.device_ns``. The results may be views of the runner's output
         buffers, valid until the runner stages its batch after next: send them before."""
 
+    def done(self, staged: Staged) -> bool:
+        """Whether a launched batch's results exist (collect would not wait); never waits."""
+        return True
+
     def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
         """One batch, start to end: :meth:`stage`, :meth:`launch`, :meth:`collect`."""
         staged = self.stage(samples)
@@ -182,6 +186,9 @@ class _Sleep(BatchRunner):
         start = max(time.monotonic_ns(), _STAND_IN.free_ns)
         staged.ready_ns = _STAND_IN.free_ns = start + self._ns
         staged.device_ns = self._ns
+
+    def done(self, staged: Staged) -> bool:
+        return time.monotonic_ns() >= staged.ready_ns
 
     def collect(self, staged: Staged) -> Sequence[Tensors]:
         samples, staged.samples = staged.samples, None
@@ -412,6 +419,9 @@ class _TorchCudaGraphs(BatchRunner):
             self.stream.synchronize()  # nothing queued still reads the buffers
             buf.busy = False
             raise
+
+    def done(self, staged: Staged) -> bool:
+        return bool(self.bufs[staged.buf].end.query())  # type: ignore[no-untyped-call]
 
     def collect(self, staged: Staged) -> Sequence[Tensors]:
         n, buf = staged.n, self.bufs[staged.buf]

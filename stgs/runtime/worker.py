@@ -15,14 +15,15 @@ next turn, which may be the same model), answers what it refuses, stages it and 
 behind N; only then does it wait for N's results and send N's replies, which N+1 runs through.
 It takes N+1 shortly before N is predicted to end (N's start on the device plus its model's
 estimate, less the host's lead: the slowest slot's measured take-to-launch time plus
-``TAKE_MARGIN_NS``), or at once when that turn's queue holds a full batch: a request that
-arrives while N runs still joins N+1, where taking N+1 as soon as N is launched would leave it
-for N+2, a whole turn more. The host waits for the GPU only in ``collect``, where it needs a
-result. At most two batches are in flight (a runner holds two sets of buffers). A synchronous
-runner (the CPU's, whose ``launch`` computes) stages N+1 while N is in flight but launches it
-only after N's replies. With ``STGS_WORKER_PIPELINE=0`` (:data:`PIPELINE_ENV`, read once at
-start) the worker runs one batch at a time: take, stage, launch, collect, reply, as before the
-pipeline (for before/after measurements); the READY frame says which (``pipeline``).
+``TAKE_MARGIN_NS``; earlier if N is done), or at once when that turn's queue holds a full
+batch: a request that arrives while N runs still joins N+1, where taking N+1 as soon as N is
+launched would leave it for N+2, a whole turn more. The host waits for the GPU only in
+``collect``, where it needs a result. At most two batches are in flight (a runner holds two sets
+of buffers). A synchronous runner (the CPU's, whose ``launch`` computes) stages N+1 while N is
+in flight but launches it only after N's replies. With ``STGS_WORKER_PIPELINE=0``
+(:data:`PIPELINE_ENV`, read once at start) the worker runs one batch at a time: take, stage,
+launch, collect, reply, as before the pipeline (for before/after measurements); the READY frame
+says which (``pipeline``).
 
 Deadlines: a request whose deadline has passed, or (with admission on) that would finish after
 its deadline given the model's measured batch latency (an EMA), is answered "deadline exceeded"
@@ -140,6 +141,7 @@ PIPELINE_ENV = "STGS_WORKER_PIPELINE"
 # batch in flight is predicted to end: the thread's wake-up (GIL switch interval 200 us) and
 # the prediction's error.
 TAKE_MARGIN_NS = 300_000
+TAKE_POLL_NS = 250_000  # meanwhile, how often at least it checks whether the batch is done
 _NB = len(TRACE_BATCH)
 STATS_INTERVAL_NS = 1_000_000_000  # at most one STATS frame a second
 # How long a send on a data connection may wait for its client to read (SO_SNDTIMEO): far below
@@ -434,15 +436,20 @@ class Worker:
         from take to launch, plus ``TAKE_MARGIN_NS``). Requests that arrive meanwhile join the
         batch instead of waiting a whole turn more. No wait when the next turn's queue holds a
         full batch (nothing more would fit), when the batch's end cannot be predicted yet, or
-        once the worker is stopping."""
+        once the worker is stopping; the wait ends early when the batch is done (polled every
+        ``TAKE_POLL_NS`` or eighth of the estimate: an estimate that runs long must not leave
+        the device idle)."""
         est = self.est_ns[inflight.slot]
         if not est:
             return
         take_at = inflight.start_ns + est - max(self.prep_ns) - TAKE_MARGIN_NS
+        poll = max(TAKE_POLL_NS, est / 8)
+        runner, staged = self.runners[inflight.slot], inflight.staged
+        assert staged is not None
         n_slots = len(self.queues)
         while not self.gone and not self.stopping:
             left = take_at - time.monotonic_ns()
-            if left <= 0:
+            if left <= 0 or runner.done(staged):
                 return
             for step in range(n_slots):  # the next turn: the first queue with a request
                 i = (cursor + step) % n_slots
@@ -450,7 +457,7 @@ class Worker:
                     if len(self.queues[i]) >= self.spec.models[i].batch:
                         return
                     break
-            self.cond.wait(left / 1e9)
+            self.cond.wait(min(left, poll) / 1e9)
 
     def _next_batch(
         self, cursor: int, n_slots: int, inflight: _Batch | None
