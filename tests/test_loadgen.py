@@ -17,6 +17,7 @@ import pytest
 
 from stgs.batching import ADMISSION_DECAY
 from stgs.errors import DeadlineExceededError
+from stgs.runtime.models import SyncRunner
 from stgs.runtime.transport import (
     DEADLINE,
     OK,
@@ -195,15 +196,22 @@ class _Fs:
         self.ok += [r for r, _ in replies]
 
 
-class _Runner:
+class _Runner(SyncRunner):
     def __init__(self, ms: float) -> None:
         self.ms = ms
         self.batches: list[int] = []
 
-    def run(self, samples: list[Any]) -> list[Any]:
+    def compute(self, samples: list[Any]) -> list[Any]:
         self.batches.append(len(samples))
         time.sleep(self.ms / 1e3)
         return samples
+
+
+def _run(w: Worker, i: int, take: list[_Request]) -> None:
+    """One take through the worker's loop steps, start to end (the sequential path)."""
+    b = w._take(i, take, None)
+    if b is not None and w._stage(b) and w._launch(b) is not None:
+        w._finish(b)
 
 
 def test_admission_recovers_after_slow_batches() -> None:
@@ -217,7 +225,7 @@ def test_admission_recovers_after_slow_batches() -> None:
     ran_at = None
     for k in range(40):
         dl = time.monotonic_ns() + 20_000_000  # 20 ms left, as a fresh request
-        w._run(0, [_Request(k, dl, x, w.control)])
+        _run(w, 0, [_Request(k, dl, x, w.control)])
         if fs.ok:
             ran_at = k
             break
@@ -229,7 +237,7 @@ def test_admission_recovers_after_slow_batches() -> None:
     assert len(fs.stats) == 1 and '"batches": [1]' in fs.stats[0]  # the batch that ran
     # requests already late decay nothing: only predictions that refused a whole take do
     est = w.est_ns[0] = 5e6
-    w._run(0, [_Request(100, time.monotonic_ns() - 1, x, w.control)])
+    _run(w, 0, [_Request(100, time.monotonic_ns() - 1, x, w.control)])
     assert w.est_ns[0] == est
     assert 0 < ADMISSION_DECAY < 1
 

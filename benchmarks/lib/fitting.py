@@ -150,7 +150,9 @@ class Trace:
     """
 
     t0_ns: int
-    wb: np.ndarray  # worker, slot, taken, live, t_take, t_run, t_ran, t_replied
+    # worker, slot, taken, live, t_take, t_run, t_ran, t_replied (and, in traces of the
+    # pipelined worker, t_launch, device_ns: stgs.workertrace)
+    wb: np.ndarray
     wr: np.ndarray  # worker, slot, deadline, t_queued, batch (row in its worker's), ran
     parts: list[dict[str, Any]]
     row_model: np.ndarray  # per wr row: model index (-1: a model of no plan-1 worker)

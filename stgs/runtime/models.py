@@ -19,6 +19,24 @@ GPU). A worker replays its graphs one after another (time sharing), which is the
 run graphs of several models in one process. ONNX files run in an onnxruntime session (CPU
 provider, or CUDA where the worker runs on a GPU; see :mod:`stgs.registry` for why), without
 the runtime's CUDA graphs. ``echo``, ``sleep:<ms>`` and ``fail`` run without torch.
+
+A batch goes through a runner in three steps, so that the worker can overlap its host work
+with the device (:mod:`stgs.runtime.worker`, "Pipelining"): :meth:`BatchRunner.stage` gathers
+the samples (on a GPU into pinned host buffers) and returns a :class:`Staged` handle;
+:meth:`BatchRunner.launch` queues the batch on the device and returns; :meth:`BatchRunner.collect`
+waits for its results and returns them with the batch's time on the device
+(``Staged.device_ns``). ``run`` does the three at once. On a GPU the three steps are
+asynchronous: every runner of a worker queues its batches on the process's one CUDA stream (so
+graphs of several models never run concurrently), in order: the host-to-device copy, the
+graph, the device-to-host copy into pinned output buffers, between two CUDA events whose
+elapsed time is the batch's device time. A runner holds two sets of buffers (pinned inputs,
+pinned outputs, the two events), so two of its batches can be in flight: the next one is
+gathered while the previous one runs, and its results do not overwrite the previous one's.
+The CPU runners (torch, ONNX, ``echo``, ``fail``) are synchronous (:class:`SyncRunner`): their
+``launch`` computes, and ``device_ns`` is the host time it took. ``sleep:<ms>``, the GPU
+stand-in of the simulated node, behaves like a device: ``launch`` queues ``ms`` on the
+process's stand-in device timeline (one batch after another, as on a stream) and returns,
+``collect`` sleeps until the batch's end.
 """
 
 from __future__ import annotations
@@ -26,7 +44,9 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +62,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchRunner",
     "ModelEntry",
+    "Staged",
+    "SyncRunner",
     "batch_buckets",
     "build_module",
     "load_runner",
@@ -51,29 +73,130 @@ __all__ = [
 Array = npt.NDArray[Any]
 
 
+@dataclass(eq=False, slots=True)
+class Staged:
+    """A batch between :meth:`BatchRunner.stage` and :meth:`BatchRunner.collect`."""
+
+    n: int  # its samples
+    samples: list[Tensors] | None = None  # runners that keep the samples until launch
+    buf: int = -1  # the runner's buffer set it holds (a GPU runner)
+    outs: Sequence[Tensors] | None = None  # a synchronous runner's results, from launch
+    device_ns: int = 0  # its time on the device (set by launch or collect)
+    ready_ns: int = 0  # the stand-in device: when its results exist (time.monotonic_ns)
+
+
 class BatchRunner(ABC):
-    """Runs one batch of samples of one model; a worker loads each model once."""
+    """Runs batches of samples of one model; a worker loads each model once.
+
+    A sample is an array (a model of one input) or a tuple of arrays (several inputs, in the
+    entry's order); a result likewise (a tuple when the model has several outputs). A batch is
+    staged, launched, then collected, in that order; at most two
+    batches of one runner are between stage and collect at once, and they are collected in the
+    order they were staged. ``asynchronous``: launch returns before the results exist (the
+    device works on while the host goes on)."""
 
     entry: ModelEntry
+    asynchronous: ClassVar[bool] = False
 
     @abstractmethod
+    def stage(self, samples: list[Tensors]) -> Staged:
+        """Gather a batch's samples for the device (nothing runs yet)."""
+
+    @abstractmethod
+    def launch(self, staged: Staged) -> None:
+        """Queue the staged batch on the device (a synchronous runner computes it here)."""
+
+    @abstractmethod
+    def collect(self, staged: Staged) -> Sequence[Tensors]:
+        """Wait for a launched batch: one result per sample, in order, and its time on the
+        device in ``staged.device_ns``. The results may be views of the runner's output
+        buffers, valid until the runner stages its batch after next: send them before."""
+
+    def done(self, staged: Staged) -> bool:
+        """Whether a launched batch's results exist (collect would not wait); never waits."""
+        return True
+
     def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
-        """One result per sample, in order. A sample is an array (a model of one input) or a
-        tuple of arrays (several inputs, in the entry's order); a result likewise (a tuple when
-        the model has several outputs)."""
+        """One batch, start to end: :meth:`stage`, :meth:`launch`, :meth:`collect`."""
+        staged = self.stage(samples)
+        self.launch(staged)
+        return self.collect(staged)
 
 
-class _Echo(BatchRunner):
-    def __init__(self, entry: ModelEntry, sleep_s: float = 0.0, fail: bool = False) -> None:
+class SyncRunner(BatchRunner):
+    """A runner that computes in :meth:`launch` (the CPU runners): staging keeps the samples,
+    collect hands back what launch computed; ``device_ns``: the host time of the computation."""
+
+    def stage(self, samples: list[Tensors]) -> Staged:
+        return Staged(len(samples), samples)
+
+    def launch(self, staged: Staged) -> None:
+        samples, staged.samples = staged.samples, None
+        if samples is None:
+            raise RuntimeError("batch launched twice")
+        t0 = time.monotonic_ns()
+        staged.outs = self.compute(samples)
+        staged.device_ns = time.monotonic_ns() - t0
+
+    def collect(self, staged: Staged) -> Sequence[Tensors]:
+        outs, staged.outs = staged.outs, None
+        if outs is None:
+            raise RuntimeError("batch collected before it was launched")
+        return outs
+
+    @abstractmethod
+    def compute(self, samples: list[Tensors]) -> Sequence[Tensors]:
+        """One result per sample, in order."""
+
+
+class _Echo(SyncRunner):
+    def __init__(self, entry: ModelEntry, fail: bool = False) -> None:
         self.entry = entry
-        self._sleep_s = sleep_s
         self._fail = fail
 
-    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
+    def compute(self, samples: list[Tensors]) -> Sequence[Tensors]:
         if self._fail:
             raise RuntimeError("the 'fail' model always fails")
-        if self._sleep_s:
-            time.sleep(self._sleep_s)
+        return samples
+
+
+class _StandInDevice:
+    """The simulated node's stand-in for a worker's GPU stream: ``sleep:<ms>`` batches run on
+    it one after another, whichever model they belong to."""
+
+    free_ns = 0  # when its last queued batch ends (time.monotonic_ns)
+
+
+_STAND_IN = _StandInDevice()
+
+
+class _Sleep(BatchRunner):
+    """``sleep:<ms>``: echo after ``ms`` on the stand-in device (asynchronous, like a GPU)."""
+
+    asynchronous = True
+
+    def __init__(self, entry: ModelEntry, sleep_s: float) -> None:
+        self.entry = entry
+        self._ns = int(sleep_s * 1e9)
+
+    def stage(self, samples: list[Tensors]) -> Staged:
+        return Staged(len(samples), samples)
+
+    def launch(self, staged: Staged) -> None:
+        start = max(time.monotonic_ns(), _STAND_IN.free_ns)
+        staged.ready_ns = _STAND_IN.free_ns = start + self._ns
+        staged.device_ns = self._ns
+
+    def done(self, staged: Staged) -> bool:
+        return time.monotonic_ns() >= staged.ready_ns
+
+    def collect(self, staged: Staged) -> Sequence[Tensors]:
+        samples, staged.samples = staged.samples, None
+        if samples is None or not staged.ready_ns:
+            raise RuntimeError("batch collected before it was launched")
+        wait = staged.ready_ns - time.monotonic_ns()
+        if wait > 0:
+            time.sleep(wait / 1e9)
         return samples
 
 
@@ -112,6 +235,15 @@ def _outputs(out: Any, n_out: int) -> list[torch.Tensor]:
     return outs[:n_out]
 
 
+def _host_dtype(t: torch.dtype, dtype: str) -> torch.dtype:
+    """The host dtype of an output of torch dtype ``t`` declared ``dtype`` (``_host_torch``'s)."""
+    import torch
+
+    if t.is_floating_point:
+        return torch.float64 if dtype == "float64" else torch.float32
+    return t
+
+
 def _host_torch(t: torch.Tensor, dtype: str) -> Array:
     """An output tensor on the host as it travels back (see :func:`_host_np`)."""
     if t.is_floating_point():
@@ -119,14 +251,14 @@ def _host_torch(t: torch.Tensor, dtype: str) -> Array:
     return _host_np(t.cpu().numpy(), dtype)
 
 
-class _TorchCpu(BatchRunner):
+class _TorchCpu(SyncRunner):
     def __init__(self, entry: ModelEntry, module: torch.nn.Module) -> None:
         self.entry = entry
         self.module = module
         self.n_in = len(entry.inputs)
         self.n_out = max(1, len(entry.outputs))
 
-    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
+    def compute(self, samples: list[Tensors]) -> Sequence[Tensors]:
         import torch
 
         cols = _columns(samples, self.n_in)
@@ -148,10 +280,44 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return got
 
 
+# Batches of one GPU runner in flight at once (staged, not yet collected): the worker's
+# pipeline stages the next batch while the previous one runs, and no more.
+_DEPTH = 2
+
+
+@cache
+def _stream() -> torch.cuda.Stream:
+    """The worker process's one CUDA stream: every runner's batches (and graph captures) go on
+    it, so batches of several models run one after another, in the order they were launched."""
+    import torch
+
+    return torch.cuda.Stream()  # type: ignore[no-untyped-call]
+
+
+class _Buffers:
+    """One in-flight batch's host side: pinned inputs and outputs, the events around it."""
+
+    __slots__ = ("busy", "end", "host_in", "host_out", "np_in", "np_out", "start")
+
+    def __init__(self, host_in: list[torch.Tensor], host_out: list[torch.Tensor]) -> None:
+        import torch
+
+        self.host_in = host_in
+        self.host_out = host_out
+        self.np_in = [h.numpy() for h in host_in]  # views of the pinned memory
+        self.np_out = [h.numpy() for h in host_out]
+        self.start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self.end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self.busy = False  # staged, not yet collected
+
+
 class _TorchCudaGraphs(BatchRunner):
-    """One CUDA graph per batch bucket, fp16 weights, one static buffer per input (on the GPU,
-    and a pinned one on the host) and per output. Float inputs run in the weights' dtype,
-    others in their own."""
+    """One CUDA graph per batch bucket, fp16 weights, one static buffer per input and output
+    on the GPU; on the host, :data:`_DEPTH` sets of pinned input and output buffers. Float
+    inputs run in the weights' dtype, others in their own; float outputs come back to the host
+    as float32 (float64 where declared)."""
+
+    asynchronous = True
 
     def __init__(
         self, entry: ModelEntry, module: torch.nn.Module, max_batch: int, dtype: str
@@ -166,7 +332,7 @@ class _TorchCudaGraphs(BatchRunner):
         self.module = module.to(device=dev, dtype=wdtype)
         top = self.buckets[-1]
         self.static_in: list[torch.Tensor] = []
-        self.host_in: list[torch.Tensor] = []
+        in_shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
         for spec in entry.inputs:
             shape = spec.shape or (1,)
             if spec.dtype.startswith("float") or spec.dtype == "bfloat16":
@@ -174,8 +340,8 @@ class _TorchCudaGraphs(BatchRunner):
             else:
                 dev_dtype = host_dtype = _torch_dtype(spec.dtype)
             self.static_in.append(torch.zeros((top, *shape), dtype=dev_dtype, device=dev))
-            self.host_in.append(torch.zeros((top, *shape), dtype=host_dtype).pin_memory())
-        self.stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            in_shapes.append(((top, *shape), host_dtype))
+        self.stream = _stream()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
         with torch.inference_mode():
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -193,37 +359,82 @@ class _TorchCudaGraphs(BatchRunner):
                 pool = g.pool()
                 self.graphs[b] = (g, outs)
         torch.cuda.synchronize()
+        out_specs = [
+            (tuple(o.shape), _host_dtype(o.dtype, _out_dtype(entry, k)))
+            for k, o in enumerate(self.graphs[top][1])
+        ]
+        self.bufs = [
+            _Buffers(
+                [torch.zeros(s, dtype=d, pin_memory=True) for s, d in in_shapes],
+                [torch.zeros(s, dtype=d, pin_memory=True) for s, d in out_specs],
+            )
+            for _ in range(_DEPTH)
+        ]
+        self._next = 0  # the buffer set the next batch stages into
 
     def _forward(self, b: int) -> list[torch.Tensor]:
         """The module on the first ``b`` rows of every static input: its static outputs."""
         return _outputs(self.module(*(x[:b] for x in self.static_in)), self.n_out)
 
-    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
-        import torch
-
+    def stage(self, samples: list[Tensors]) -> Staged:
         n = len(samples)
-        bucket = next(b for b in self.buckets if b >= n)
-        hosts = [h.numpy() for h in self.host_in]  # pinned: one copy per sample, no np.stack
+        if not 0 < n <= self.buckets[-1]:
+            raise ValueError(f"a batch of {n}: 1 to {self.buckets[-1]} samples")
+        k = self._next
+        buf = self.bufs[k]
+        if buf.busy:
+            raise RuntimeError(f"more than {_DEPTH} batches of one model in flight")
+        hosts = buf.np_in  # pinned: one copy per sample, no np.stack
         if len(hosts) == 1:
             host = hosts[0]
-            for k, sample in enumerate(samples):
-                host[k] = sample
+            for j, sample in enumerate(samples):
+                host[j] = sample
         else:
-            for k, sample in enumerate(samples):
+            for j, sample in enumerate(samples):
                 for h, x in zip(hosts, sample, strict=True):
-                    h[k] = x
-        with torch.cuda.stream(self.stream):
-            # Pad on the GPU: only the n real rows move; rows n..bucket keep stale inputs.
-            for static, pinned in zip(self.static_in, self.host_in, strict=True):
-                static[:n].copy_(pinned[:n], non_blocking=True)
-            graph, outs = self.graphs[bucket]
-            graph.replay()
-            # the first copy to the host synchronises the stream
-            result = [_host_torch(o[:n], _out_dtype(self.entry, k)) for k, o in enumerate(outs)]
+                    h[j] = x
+        buf.busy = True
+        self._next = (k + 1) % _DEPTH
+        return Staged(n, buf=k)
+
+    def launch(self, staged: Staged) -> None:
+        import torch
+
+        n, buf = staged.n, self.bufs[staged.buf]
+        graph, outs = self.graphs[next(b for b in self.buckets if b >= n)]
+        try:
+            with torch.cuda.stream(self.stream):
+                buf.start.record(self.stream)
+                # Pad on the GPU: only the n real rows move; rows n..bucket keep stale inputs.
+                # Every copy is asynchronous (pinned host memory; a dtype conversion runs on
+                # the GPU), in stream order with the graph: the next batch's replay cannot
+                # overwrite the static outputs before this batch's copies to the host read them.
+                for static, pinned in zip(self.static_in, buf.host_in, strict=True):
+                    static[:n].copy_(pinned[:n], non_blocking=True)
+                graph.replay()
+                for o, host in zip(outs, buf.host_out, strict=True):
+                    host[:n].copy_(o[:n], non_blocking=True)
+                buf.end.record(self.stream)
+        except BaseException:
+            self.stream.synchronize()  # nothing queued still reads the buffers
+            buf.busy = False
+            raise
+
+    def done(self, staged: Staged) -> bool:
+        return bool(self.bufs[staged.buf].end.query())  # type: ignore[no-untyped-call]
+
+    def collect(self, staged: Staged) -> Sequence[Tensors]:
+        n, buf = staged.n, self.bufs[staged.buf]
+        try:
+            buf.end.synchronize()  # (releases the GIL while it waits)
+            staged.device_ns = int(buf.start.elapsed_time(buf.end) * 1e6)
+            result = [_host_np(h[:n], _out_dtype(self.entry, k)) for k, h in enumerate(buf.np_out)]
+        finally:
+            buf.busy = False
         return _rows(result, n)
 
 
-class _Onnx(BatchRunner):
+class _Onnx(SyncRunner):
     """An onnxruntime session: every input of the entry (by name), its outputs."""
 
     def __init__(self, entry: ModelEntry, device: str) -> None:
@@ -242,7 +453,7 @@ class _Onnx(BatchRunner):
         declared = [t.name for t in entry.outputs if t.name in graph_outs]
         self.out_names = declared if declared else graph_outs[:1]
 
-    def run(self, samples: list[Tensors]) -> Sequence[Tensors]:
+    def compute(self, samples: list[Tensors]) -> Sequence[Tensors]:
         cols = [
             c.astype(d, copy=False)
             for c, d in zip(_columns(samples, len(self.in_names)), self.in_dtypes, strict=True)
@@ -275,7 +486,7 @@ def load_runner(
         if name == "fail":
             return _Echo(entry, fail=True)
         if name.startswith("sleep:"):
-            return _Echo(entry, sleep_s=float(name.split(":", 1)[1]) / 1000.0)
+            return _Sleep(entry, sleep_s=float(name.split(":", 1)[1]) / 1000.0)
         return _Echo(entry)
     if entry.kind == "onnx":
         return _Onnx(entry, device)

@@ -7,22 +7,48 @@ partition's duty cycle: round-robin over its models, one batch of up to ``batch`
 per model per cycle. The loop is work conserving: a cycle with nothing queued waits for the next
 request instead of sleeping out the planned cycle length, so latency never pays for idle time.
 
+Pipelining: a batch goes through its model's runner (:mod:`stgs.runtime.models`) in three steps:
+``stage`` (gather the requests' tensors into the pinned input buffers), ``launch`` (queue the
+input copy, the CUDA graph and the output copy on the worker's one stream) and ``collect`` (wait
+for the results). While batch N runs on the GPU, the loop takes batch N+1 (the round robin's
+next turn, which may be the same model), answers what it refuses, stages it and launches it
+behind N; only then does it wait for N's results and send N's replies, which N+1 runs through.
+It takes N+1 shortly before N is predicted to end (N's start on the device plus its model's
+estimate, less the host's lead: the slowest slot's measured take-to-launch time plus
+``TAKE_MARGIN_NS``; earlier if N is done), or at once when that turn's queue holds a full
+batch: a request that arrives while N runs still joins N+1, where taking N+1 as soon as N is
+launched would leave it for N+2, a whole turn more. The host waits for the GPU only in
+``collect``, where it needs a result. At most two batches are in flight (a runner holds two sets
+of buffers). A synchronous runner (the CPU's, whose ``launch`` computes) stages N+1 while N is
+in flight but launches it only after N's replies. With ``STGS_WORKER_PIPELINE=0``
+(:data:`PIPELINE_ENV`, read once at start) the worker runs one batch at a time: take, stage,
+launch, collect, reply, as before the pipeline (for before/after measurements); the READY frame
+says which (``pipeline``).
+
 Deadlines: a request whose deadline has passed, or (with admission on) that would finish after
 its deadline given the model's measured batch latency (an EMA), is answered "deadline exceeded"
-without running. When nothing of a take runs and a request was refused on that prediction,
-the estimate shrinks (``ADMISSION_DECAY``): only batches that run re-measure it, so a few slow
-batches must not make a model refuse everything from then on. A STOP frame drains: what is
-queued is served, then the worker exits; a closed socket (the daemon is gone) ends the worker at
-once.
+without running. The batch latency is the batch's time on the device (CUDA events around its
+copies and graph; on the CPU the runner's computation), not the host time from launch to
+collect: in the pipeline that span also holds the batch before it on the stream and whatever
+the host did before collecting. Admission adds the wait explicitly: a request taken while a
+batch is in flight is predicted to end after that batch's predicted end (its start on the
+device plus its model's estimate) plus its own model's estimate. When nothing of a take runs
+and a request was refused on that prediction, the estimate shrinks (``ADMISSION_DECAY``): only
+batches that run re-measure it, so a few slow batches must not make a model refuse everything
+from then on. A STOP frame drains: what is queued is served (the batch in flight answered),
+then the worker exits; a closed socket (the daemon is gone) ends the worker once the batch in
+flight is answered.
 
-Liveness: the duty-cycle loop sends a HEARTBEAT frame (with its longest batch so far) whenever it
-has sent nothing for ``HEARTBEAT_INTERVAL_S``, idle or between batches. A worker that is stopped
-(SIGSTOP) or stuck inside a batch falls silent, and the supervisor kills and restarts it.
+Liveness: the duty-cycle loop sends a HEARTBEAT frame (with its longest batch so far, on the
+device) whenever it has sent nothing for ``HEARTBEAT_INTERVAL_S``, idle or between batches. A
+worker that is stopped (SIGSTOP) or stuck inside a batch falls silent (the loop blocks in that
+batch's ``collect``), and the supervisor kills and restarts it. A batch that fails (the runner
+raises in stage, launch or collect) is answered FAILED, and the loop goes on.
 
 Batch statistics: at most once a second, after a batch, the worker sends a STATS frame (JSON,
 ``STATS_KEYS``): per model slot, cumulative since it started, the batches it ran and their run
-time (the runner's call: input copy, GPU, output copy), and the same for full batches (the
-planned batch size) alone. The daemon compares them with the plan's predicted batch latency
+time (their time on the device: input copy, graph, output copy), and the same for full batches
+(the planned batch size) alone. The daemon compares them with the plan's predicted batch latency
 (metrics ``stgs_partition_*batch*``): a model that overruns its profile shows there.
 
 Data connections (``WorkerSpec.listen``): besides its control connection (the socketpair from
@@ -50,7 +76,8 @@ Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker r
 batch, ``TRACE_BATCH`` and, per request taken, ``TRACE_REQUEST`` (``time.monotonic_ns()``, one
 clock for every process of the host), and writes them to ``DIR/<pid>.npz`` when it exits
 normally (after a drain or a closed connection; not when killed). A few integers per batch and
-per request: nothing measurable beside a batch.
+per request: nothing measurable beside a batch. The columns, and the host time on the GPU's
+critical path computed from them: :mod:`stgs.workertrace`.
 """
 
 from __future__ import annotations
@@ -74,10 +101,11 @@ from typing import Any
 import numpy as np
 
 from stgs.batching import ADMISSION_DECAY
+from stgs.errors import ConfigError
 from stgs.hostmem import keep_large_buffers
 from stgs.lifeline import die_with_parent
 from stgs.registry import ModelEntry
-from stgs.runtime.models import BatchRunner, load_runner, model_entry
+from stgs.runtime.models import BatchRunner, Staged, load_runner, model_entry
 from stgs.runtime.transport import (
     DEADLINE,
     FAILED,
@@ -93,17 +121,28 @@ from stgs.runtime.transport import (
     FrameSocket,
     Tensors,
 )
+from stgs.workertrace import TRACE_BATCH, TRACE_ENV, TRACE_REQUEST
 
-__all__ = ["TRACE_BATCH", "TRACE_ENV", "TRACE_REQUEST", "ModelSlot", "WorkerSpec", "main", "run"]
+__all__ = [
+    "PIPELINE_ENV",
+    "TRACE_BATCH",
+    "TRACE_ENV",
+    "TRACE_REQUEST",
+    "ModelSlot",
+    "WorkerSpec",
+    "main",
+    "pipeline_setting",
+    "run",
+]
 
-TRACE_ENV = "STGS_WORKER_TRACE"
 SWITCH_INTERVAL_S = 200e-6  # the worker's GIL switch interval (see main)
-# slot: the model's index in the spec; times in ns: taken from the queue (after the deadline
-# check's clock read), runner started, runner returned (outputs on the host), replies sent.
-TRACE_BATCH = ("slot", "taken", "live", "t_take", "t_run", "t_ran", "t_replied")
-# per request taken: its deadline, when the reader queued it, its batch (row in the batch
-# record), 1 if it ran, 0 if answered "deadline exceeded".
-TRACE_REQUEST = ("slot", "deadline", "t_queued", "batch", "ran")
+PIPELINE_ENV = "STGS_WORKER_PIPELINE"
+# The pipeline takes the next batch this long, beyond its measured preparation time, before the
+# batch in flight is predicted to end: the thread's wake-up (GIL switch interval 200 us) and
+# the prediction's error.
+TAKE_MARGIN_NS = 300_000
+TAKE_POLL_NS = 250_000  # meanwhile, how often at least it checks whether the batch is done
+_NB = len(TRACE_BATCH)
 STATS_INTERVAL_NS = 1_000_000_000  # at most one STATS frame a second
 # How long a send on a data connection may wait for its client to read (SO_SNDTIMEO): far below
 # the supervisor's hang threshold (twice the slowest batch plus 0.8 s by default), far above
@@ -112,6 +151,19 @@ DATA_SEND_TIMEOUT_S = 0.25
 _DATA_SEND_TIMEOUT = struct.pack(  # a struct timeval
     "@ll", int(DATA_SEND_TIMEOUT_S), int(DATA_SEND_TIMEOUT_S % 1 * 1e6)
 )
+
+
+def pipeline_setting(environ: dict[str, str] | None = None) -> bool:
+    """Whether workers pipeline their batches: ``STGS_WORKER_PIPELINE`` unset or ``1`` (the
+    default), or ``0`` (one batch at a time: take, run, reply, as before the pipeline; for
+    before/after measurements). ConfigError for any other value."""
+    raw = (os.environ if environ is None else environ).get(PIPELINE_ENV, "")
+    value = raw.strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{PIPELINE_ENV}={raw!r}: 1 (pipelined, the default) or 0 (sequential)")
 
 
 @dataclass(frozen=True)
@@ -171,9 +223,27 @@ class _Request:
     t_queued: int = 0
 
 
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """A batch between its take and its replies."""
+
+    slot: int
+    live: list[_Request]
+    taken: int
+    row: int  # its trace row (-1 without a trace)
+    t_take: int
+    t_run: int = 0  # staging began
+    t_launch: int = 0  # launched: its work queued on the device
+    staged: Staged | None = None
+    launched: bool = False
+    start_ns: int = 0  # when it started on the device, as far as the host knows
+    done_ns: int = 0  # a synchronous runner's batch: when its results existed
+
+
 class Worker:
-    def __init__(self, spec: WorkerSpec, fs: FrameSocket) -> None:
+    def __init__(self, spec: WorkerSpec, fs: FrameSocket, *, pipeline: bool = True) -> None:
         self.spec = spec
+        self.pipeline = pipeline
         self.fs = fs
         self.control = _Conn(fs)
         self.conns: set[_Conn] = set()  # open data connections (closed when the worker exits)
@@ -193,6 +263,8 @@ class Worker:
         self.stats_sent_ns = 0
         self.beat_ns = 0  # when the duty-cycle loop last sent something (a beat or replies)
         self.max_run_ns = 0  # the longest batch so far (the supervisor's hang threshold)
+        # per slot, EMA of the host time from a take to its launch returned (the pipeline's lead)
+        self.prep_ns = [0.0] * len(spec.models)
 
     def load(self) -> None:
         entries = [m.model() for m in self.spec.models]
@@ -322,31 +394,106 @@ class Worker:
             self.fs.send(HEARTBEAT, req_id=self.max_run_ns)
 
     def serve(self) -> None:
-        models = self.spec.models
+        """The duty-cycle loop (module docstring, "The loop" and "Pipelining")."""
+        n_slots = len(self.spec.models)
+        cursor = 0  # the slot whose turn is next (round robin)
+        inflight: _Batch | None = None  # launched, not yet collected
         while True:
             self.beat(time.monotonic_ns())
             with self.cond:
-                while not self.gone and not self.stopping and not any(self.queues):
-                    if not self.cond.wait(HEARTBEAT_INTERVAL_S):
-                        break  # idle: beat, then wait again
-                if self.gone or (self.stopping and not any(self.queues)):
-                    return
-                if not any(self.queues):
-                    continue
-            for i, slot in enumerate(models):
-                with self.cond:
-                    q = self.queues[i]
-                    take = [q.popleft() for _ in range(min(slot.batch, len(q)))]
-                if take:
-                    self._run(i, take)
+                if inflight is None:
+                    while not self.gone and not self.stopping and not any(self.queues):
+                        if not self.cond.wait(HEARTBEAT_INTERVAL_S):
+                            break  # idle: beat, then wait again
+                elif self.pipeline and not inflight.done_ns:
+                    self._wait_for_turn(cursor, inflight)
+                waiting = not self.gone and any(self.queues)
+                ending = self.gone or (self.stopping and not waiting)
+            nxt: _Batch | None = None
+            if waiting:
+                nxt, cursor = self._next_batch(cursor, n_slots, inflight)
+            # The next batch goes on the device behind the one in flight, before the host
+            # waits for that one's results; a synchronous runner's launch computes, so it
+            # waits until the batch in flight is answered.
+            if nxt is not None and (inflight is None or self.runners[nxt.slot].asynchronous):
+                nxt = self._launch(nxt)
+            if inflight is not None:
+                ended = self._finish(inflight)
+                if nxt is not None:  # it started on the device when the one before ended
+                    nxt.start_ns = max(nxt.start_ns, ended)
+            if nxt is not None and not nxt.launched:
+                nxt = self._launch(nxt)
+            inflight = nxt
+            if inflight is not None and not self.pipeline:
+                self._finish(inflight)
+                inflight = None
+            if ending and inflight is None:
+                return
 
-    def _run(self, i: int, take: list[_Request]) -> None:
+    def _wait_for_turn(self, cursor: int, inflight: _Batch) -> None:
+        """With a batch in flight on the device, hold the next take (under ``self.cond``) until
+        shortly before that batch's predicted end: the host's lead (the slowest slot's time
+        from take to launch, plus ``TAKE_MARGIN_NS``). Requests that arrive meanwhile join the
+        batch instead of waiting a whole turn more. No wait when the next turn's queue holds a
+        full batch (nothing more would fit), when the batch's end cannot be predicted yet, or
+        once the worker is stopping; the wait ends early when the batch is done (polled every
+        ``TAKE_POLL_NS`` or eighth of the estimate: an estimate that runs long must not leave
+        the device idle)."""
+        est = self.est_ns[inflight.slot]
+        if not est:
+            return
+        take_at = inflight.start_ns + est - max(self.prep_ns) - TAKE_MARGIN_NS
+        poll = max(TAKE_POLL_NS, est / 8)
+        runner, staged = self.runners[inflight.slot], inflight.staged
+        assert staged is not None
+        n_slots = len(self.queues)
+        while not self.gone and not self.stopping:
+            left = take_at - time.monotonic_ns()
+            if left <= 0 or runner.done(staged):
+                return
+            for step in range(n_slots):  # the next turn: the first queue with a request
+                i = (cursor + step) % n_slots
+                if self.queues[i]:
+                    if len(self.queues[i]) >= self.spec.models[i].batch:
+                        return
+                    break
+            self.cond.wait(min(left, poll) / 1e9)
+
+    def _next_batch(
+        self, cursor: int, n_slots: int, inflight: _Batch | None
+    ) -> tuple[_Batch | None, int]:
+        """From ``cursor`` on, round robin: the first take that leaves requests to run, staged
+        (None when every queue was empty, or every take refused or failed); the next cursor."""
+        for step in range(n_slots):
+            i = (cursor + step) % n_slots
+            with self.cond:
+                q = self.queues[i]
+                take = [q.popleft() for _ in range(min(self.spec.models[i].batch, len(q)))]
+            if not take:
+                continue
+            b = self._take(i, take, inflight)
+            if b is not None and self._stage(b):
+                return b, (i + 1) % n_slots
+        return None, cursor
+
+    def _take(self, i: int, take: list[_Request], inflight: _Batch | None) -> _Batch | None:
+        """Answer what must not run (its client gone, its deadline passed, or missed on the
+        prediction); the batch of the rest, None when nothing is left."""
         now = time.monotonic_ns()
-        margin = self.est_ns[i] if self.spec.admission else 0.0
+        margin = 0.0
+        if self.spec.admission:
+            # its own batch latency, after the batch in flight (if any) ends on the device
+            margin = self.est_ns[i]
+            if inflight is not None:
+                end = inflight.done_ns or inflight.start_ns + self.est_ns[inflight.slot]
+                margin += max(0.0, end - now)
         live = []
         predicted = 0  # refused only because the predicted batch latency would miss
         trace = self.trace_dir is not None
-        row = len(self.tb) // len(TRACE_BATCH)
+        row = -1
+        if trace:
+            row = len(self.tb) // _NB
+            self.tb.extend((0,) * _NB)  # its row, filled when it is done
         for r in take:
             if not r.conn.open:  # its client is gone: nobody to answer
                 continue
@@ -372,34 +519,89 @@ class Worker:
                 # under time slicing) would keep the model refusing every request for good.
                 self.est_ns[i] *= ADMISSION_DECAY
             if trace:
-                self.tb.extend((i, len(take), 0, now, now, now, now))
-            return
-        t0 = time.monotonic_ns()
+                self._trace(row, (i, len(take), 0, now, now, now, now, now, 0))
+            return None
+        return _Batch(i, live, len(take), row, now)
+
+    def _stage(self, b: _Batch) -> bool:
+        b.t_run = time.monotonic_ns()
         try:
-            outs = self.runners[i].run([r.array for r in live])
+            b.staged = self.runners[b.slot].stage([r.array for r in b.live])
         except Exception as exc:  # the model failed: answer, keep serving
-            for r in live:
-                self._reply_error(r.conn, r.req_id, FAILED, f"{self.spec.models[i].name}: {exc!r}")
-            if trace:
-                t1 = time.monotonic_ns()
-                self.tb.extend((i, len(take), len(live), now, t0, t1, t1))
-            return
+            self._failed(b, exc)
+            return False
+        return True
+
+    def _launch(self, b: _Batch) -> _Batch | None:
+        """Queue ``b`` on the device; None when that failed (answered FAILED)."""
+        runner = self.runners[b.slot]
+        assert b.staged is not None
+        b.t_launch = b.start_ns = time.monotonic_ns()
+        try:
+            runner.launch(b.staged)
+        except Exception as exc:  # the model failed: answer, keep serving
+            self._failed(b, exc)
+            return None
+        b.launched = True
+        now = time.monotonic_ns()
+        if not runner.asynchronous:
+            b.done_ns = now
+        else:
+            prep = now - b.t_take
+            p = self.prep_ns[b.slot]
+            self.prep_ns[b.slot] = prep if p == 0 else 0.8 * p + 0.2 * prep
+        return b
+
+    def _finish(self, b: _Batch) -> int:
+        """Wait for ``b``'s results and send its replies; account for it. When its results were
+        on the host (``time.monotonic_ns``)."""
+        i = b.slot
+        assert b.staged is not None
+        try:
+            outs = self.runners[i].collect(b.staged)
+        except Exception as exc:  # the model failed: answer, keep serving
+            t1 = time.monotonic_ns()
+            self._failed(b, exc)
+            return t1
         t1 = time.monotonic_ns()
-        dt = t1 - t0
+        # The batch's latency is its time on the device (CUDA events on a GPU): what it costs
+        # wherever the host happened to be meanwhile (in the pipeline, launch to collect also
+        # spans the batch before it on the stream); admission adds the wait behind a batch in
+        # flight itself (_take).
+        dt = b.staged.device_ns
         self.est_ns[i] = dt if self.est_ns[i] == 0 else 0.8 * self.est_ns[i] + 0.2 * dt
         self.max_run_ns = max(self.max_run_ns, dt)
         st = self.stats
         st["batches"][i] += 1
         st["run_ns"][i] += dt
-        if len(live) >= self.spec.models[i].batch:
+        if len(b.live) >= self.spec.models[i].batch:
             st["full_batches"][i] += 1
             st["full_run_ns"][i] += dt
-        if self._send_replies(live, outs):
+        if self._send_replies(b.live, outs):
             self.beat_ns = t1  # the replies told the supervisor the loop is alive
-        if trace:
-            self.tb.extend((i, len(take), len(live), now, t0, t0 + dt, time.monotonic_ns()))
+        if b.row >= 0:
+            done = time.monotonic_ns()
+            self._trace(
+                b.row,
+                (i, b.taken, len(b.live), b.t_take, b.t_run, t1, done, b.t_launch, dt),
+            )
         if t1 - self.stats_sent_ns >= STATS_INTERVAL_NS:
             self.send_stats(t1)
+        return t1
+
+    def _failed(self, b: _Batch, exc: Exception) -> None:
+        """The model raised in stage, launch or collect: every request of ``b`` gets FAILED."""
+        name = self.spec.models[b.slot].name
+        for r in b.live:
+            self._reply_error(r.conn, r.req_id, FAILED, f"{name}: {exc!r}")
+        if b.row >= 0:
+            t1 = time.monotonic_ns()
+            t_run = b.t_run or t1
+            vals = (b.slot, b.taken, len(b.live), b.t_take, t_run, t1, t1, b.t_launch or t1, 0)
+            self._trace(b.row, vals)
+
+    def _trace(self, row: int, values: tuple[int, ...]) -> None:
+        self.tb[row * _NB : (row + 1) * _NB] = array("q", values)
 
     def _send_replies(self, live: list[_Request], outs: Sequence[Any]) -> bool:
         """A batch's replies, in one ``send_responses`` per connection (one system call for
@@ -507,7 +709,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     spec = WorkerSpec.from_json(args.spec)
     fs = FrameSocket(socket.socket(fileno=args.fd))
-    worker = Worker(spec, fs)
+    try:
+        pipeline = pipeline_setting()
+    except ConfigError as exc:
+        print(f"stgs worker {spec.name}: {exc}", file=sys.stderr)
+        return 3
+    worker = Worker(spec, fs, pipeline=pipeline)
     t0 = time.monotonic()
     try:
         worker.load()
@@ -531,7 +738,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"stgs worker {spec.name}: cannot listen on {spec.listen}: {exc}", file=sys.stderr
             )
             return 3
-    info = {"pid": os.getpid(), "device": worker.device, "load_s": time.monotonic() - t0}
+    info = {
+        "pid": os.getpid(),
+        "device": worker.device,
+        "load_s": time.monotonic() - t0,
+        "pipeline": pipeline,
+    }
     fs.send(READY, data=json.dumps(info).encode())
     reader = threading.Thread(target=worker.read, name="reader", daemon=True)
     reader.start()
