@@ -42,9 +42,10 @@ within its SLO, and prints it beside the fluid bound.
     * a default queue policy that rejects a request still queued after ``S`` (it can only miss;
       rejecting it keeps an overloaded queue from growing, as stgs's deadline drop does).
 
-    Its interpreter: a virtual environment made over this one whose site-packages put
-    ``--triton-site`` (``nvidia-pytriton`` with numpy < 2, which its Python backend stub needs)
-    first (:func:`triton_python`); the stub needs the interpreter's shared ``libpython``.
+    Its interpreter (:func:`triton_python`): a virtual environment made over this one. Triton's
+    Python backend stubs see ``--triton-site`` first (``nvidia-pytriton`` with numpy < 2, which
+    the stubs need); the server process sees this interpreter's site-packages first (its numpy,
+    torch). The stub links the interpreter's shared ``libpython``.
 
 One call serves the systems one after another (``--systems``; each started, searched, stopped:
 its MPS daemons quit). A trial at ``f``: ``--warmup-s`` of load (not counted), then ``--trial-s``
@@ -265,13 +266,21 @@ class DaemonServer:
 def triton_python(site: Path, work: Path) -> tuple[str, dict[str, str], dict[str, str]]:
     """The interpreter the Triton server runs in, its environment, and the versions found.
 
-    A virtual environment over this interpreter (``work/triton-venv``) whose site-packages list
-    ``site`` first, then this interpreter's site-packages and the repository: the Python backend
-    stubs that Triton starts find nvidia-pytriton and its numpy < 2 there (they ignore
-    ``PYTHONPATH``), while torch and stgs come from this interpreter's. ``LD_LIBRARY_PATH``: the
-    interpreter's shared ``libpython`` (which the stub for this Python version links) and the
-    libraries pytriton ships (it looks for them beside site-packages, not in a ``--target``
-    directory). RuntimeError, saying what is missing, when it cannot run."""
+    Two views of one virtual environment made over this interpreter (``work/triton-venv``),
+    whose site-packages list ``site`` first, then this interpreter's site-packages and the
+    repository:
+
+    * Triton's Python backend stubs run the environment's ``python3`` (pytriton puts its
+      ``bin`` first on ``PATH``) and Triton sets their ``PYTHONPATH``: they see ``site`` first,
+      so nvidia-pytriton's numpy < 2 (the stub's compiled numpy interface needs it) and pyzmq;
+    * the server process (stgs's model code, torch) runs with ``PYTHONPATH`` = this
+      interpreter's site-packages first: numpy, torch and whatever was built against them are
+      this interpreter's; only what it lacks (nvidia-pytriton) comes from ``site``.
+
+    ``LD_LIBRARY_PATH``: the interpreter's shared ``libpython`` (the stub for this Python
+    version links it) and the libraries pytriton ships (it looks for them beside
+    site-packages, not in a ``--target`` directory). RuntimeError, saying what is missing,
+    when it cannot run."""
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
     if not (site / "pytriton").is_dir():
         raise RuntimeError(
@@ -302,30 +311,35 @@ def triton_python(site: Path, work: Path) -> tuple[str, dict[str, str], dict[str
     libs = [libdir, str(site.resolve() / "nvidia_pytriton.libs")]
     if os.environ.get("LD_LIBRARY_PATH"):
         libs.append(os.environ["LD_LIBRARY_PATH"])
-    env = {"LD_LIBRARY_PATH": ":".join(libs)}
-    probe = subprocess.run(
-        [
-            py,
-            "-c",
-            "import json, numpy, importlib.metadata as m; import pytriton.triton; "
-            "print(json.dumps({'numpy': numpy.__version__, "
-            "'nvidia-pytriton': m.version('nvidia-pytriton')}))",
-        ],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if probe.returncode != 0:
-        raise RuntimeError(f"{py} cannot import pytriton: {probe.stderr.strip()[-800:]}")
-    versions: dict[str, str] = json.loads(probe.stdout.strip().splitlines()[-1])
-    if int(versions["numpy"].split(".")[0]) >= 2:
+    path = [*parent, *os.environ.get("PYTHONPATH", "").split(os.pathsep), str(ROOT)]
+    env = {"LD_LIBRARY_PATH": ":".join(libs), "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    stub_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    versions = {
+        "stub": _probe(py, stub_env, "import zmq"),
+        "server": _probe(py, {**os.environ, **env}, "import pytriton.triton"),
+    }
+    if int(versions["stub"]["numpy"].split(".")[0]) >= 2:
         raise RuntimeError(
-            f"{py} imports numpy {versions['numpy']}: Triton's Python backend stub needs numpy"
-            f" < 2 in {site} (its outputs come back the wrong size with numpy 2)"
+            f"{py} without PYTHONPATH (as Triton's Python backend stub) imports numpy"
+            f" {versions['stub']['numpy']}: the stub needs numpy < 2 in {site} (with numpy 2"
+            " its outputs come back the wrong size)"
         )
-    return py, env, versions
+    return py, env, {"numpy_stub": versions["stub"]["numpy"], **versions["server"]}
+
+
+def _probe(py: str, env: dict[str, str], stmt: str) -> dict[str, str]:
+    """numpy's and nvidia-pytriton's versions as ``py`` sees them in ``env`` after ``stmt``."""
+    code = (
+        f"{stmt}; import json, numpy, importlib.metadata as m; print(json.dumps({{"
+        "'numpy': numpy.__version__, 'nvidia-pytriton': m.version('nvidia-pytriton')}))"
+    )
+    got = subprocess.run(
+        [py, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    if got.returncode != 0:
+        raise RuntimeError(f"{py}: {stmt} failed: {got.stderr.strip()[-800:]}")
+    out: dict[str, str] = json.loads(got.stdout.strip().splitlines()[-1])
+    return out
 
 
 def triton_models(problem: Problem, frac: float) -> list[dict[str, Any]]:
@@ -379,9 +393,6 @@ class TritonServer:
             "log": str(self.log),
         }
         argv = [py, str(SERVER), "--spec", json.dumps(spec)]
-        env["PYTHONPATH"] = os.pathsep.join(
-            x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x
-        )
         self.proc = self.backend.spawn_worker(GPU0, None, argv, extra_env=env)
         proc = self.proc
         url = f"http://{self.addr}"
