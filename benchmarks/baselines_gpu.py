@@ -30,9 +30,10 @@ that can no longer meet its SLO is answered "deadline exceeded" without running)
 of a model is the largest power of two whose latency on the process's own partition, alone, is
 <= SLO / 2: with a work-conserving batcher a request may wait for the batch in progress, then
 run in the next one, so two batch latencies must fit in the SLO (the rule the planner and the
-fluid bound use too). For ``timeslice`` and ``streams`` that is the profiled full-GPU latency;
-for ``mps`` the latency at its share (100/N %) that the planner's latency model predicts from
-the measured MPS profiles (``--mps-batch full``: the full-GPU rule there too). A batch of 64
+fluid bound use too; ``partitioner.policies.sharing.sharing_max_batch``, which the placements
+of ``benchmarks/triton_gpu.py`` use too). The latency is the planner's latency model's, from the
+measured profiles: for ``timeslice`` and ``streams`` on the whole GPU, for ``mps`` at its share
+(100/N %) (``--mps-batch full``: the full-GPU rule there too). A batch of 64
 resnet50 images takes 7.2 ms on the whole GPU but ~25 ms at 20%: with the full-GPU rule an
 overloaded MPS client would run batches that miss a 15 ms SLO by construction.
 Requests travel over the same socket transport (``stgs.runtime.transport``), one connection per

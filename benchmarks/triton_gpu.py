@@ -292,7 +292,11 @@ def triton_python(site: Path, work: Path) -> tuple[str, dict[str, str], dict[str
         have = sorted(p.name for p in stubs.iterdir()) if stubs.is_dir() else []
         raise RuntimeError(f"pytriton in {site} has no Python backend stub for {ver} ({have})")
     soname = str(sysconfig.get_config_var("INSTSONAME") or f"libpython{ver}.so.1.0")
-    dirs = [str(sysconfig.get_config_var("LIBDIR") or ""), os.path.join(sys.base_prefix, "lib")]
+    libdir_var = str(sysconfig.get_config_var("LIBDIR") or "")
+    arch = str(sysconfig.get_config_var("MULTIARCH") or "")
+    dirs = [libdir_var, os.path.join(sys.base_prefix, "lib")]
+    if arch:  # Debian's and Ubuntu's libpython3.X packages
+        dirs += [os.path.join(libdir_var, arch), os.path.join("/usr/lib", arch)]
     libdir = next((d for d in dirs if d and (Path(d) / soname).is_file()), None)
     if libdir is None:
         raise RuntimeError(
