@@ -18,8 +18,10 @@ capture beside another model's CUDA work). Then each is bound to Triton as a Tri
 a Python callable: one model instance (Triton's default), the callable taking the batch Triton's
 dynamic batcher formed (``max_batch_size``, ``max_queue_delay_microseconds``), a default queue
 policy that rejects a request still queued after ``timeout_us`` (its SLO: it can only miss),
-strict input and output tensors from the registry entry. The callables of different models run
-in their own threads, so their batches run concurrently on the GPU, each on its own stream.
+strict input and output tensors (the registry entry's dtypes and shapes, named ``input`` and
+``output`` as stgs's API names a built-in's, so that one request serves both). The callables of
+different models run in their own threads, so their batches run concurrently on the GPU, each on
+its own stream.
 HTTP, gRPC and metrics listen on 127.0.0.1 only.
 
 This process's GIL switch interval is 200 us, as the stgs worker's and the ``streams``
@@ -47,6 +49,10 @@ from stgs.lifeline import die_with_parent
 from stgs.runtime.models import BatchRunner, load_runner, model_entry
 from stgs.runtime.worker import SWITCH_INTERVAL_S
 from stgs.runtime.worker import run as worker_run
+
+# The tensors' names: those stgs's API gives a built-in model of one input and one output
+# (api.inference), so that the client sends every system the same request.
+INPUT, OUTPUT = "input", "output"
 
 
 def _infer_fn(runner: BatchRunner, in_name: str, out_name: str) -> Callable[..., Any]:
@@ -105,9 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             inp, out = entry.inputs[0], entry.outputs[0]
             triton.bind(
                 model_name=m["name"],
-                infer_func=_infer_fn(runner, inp.name, out.name),
-                inputs=[Tensor(name=inp.name, dtype=np.dtype(inp.dtype), shape=inp.shape)],
-                outputs=[Tensor(name=out.name, dtype=np.dtype(out.dtype), shape=out.shape)],
+                infer_func=_infer_fn(runner, INPUT, OUTPUT),
+                inputs=[Tensor(name=INPUT, dtype=np.dtype(inp.dtype), shape=inp.shape)],
+                outputs=[Tensor(name=OUTPUT, dtype=np.dtype(out.dtype), shape=out.shape)],
                 config=ModelConfig(
                     max_batch_size=int(m["max_batch"]),
                     batcher=DynamicBatcher(

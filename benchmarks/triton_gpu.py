@@ -470,10 +470,9 @@ class Run:
         self.json_path = summary_path(a.json, "triton_gpu")
         self.t0 = time.monotonic()
         self.targets = []
-        for i, m in enumerate(models):
-            entry = model_entry(m.name)
+        for i, m in enumerate(models):  # the input "input", as stgs's API and Triton's name it
             self.targets.append(
-                Target(m.name, m.rate_rps, entry.example(seed=i)[None], entry.inputs[0].name)
+                Target(m.name, m.rate_rps, model_entry(m.name).example(seed=i)[None])
             )
 
     @property

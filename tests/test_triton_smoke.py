@@ -177,6 +177,32 @@ def test_triton_python_says_what_is_missing(tg: ModuleType, tmp_path: Path) -> N
         tg.triton_python(tmp_path / "site", tmp_path)
 
 
+def test_one_request_for_every_system(tg: ModuleType) -> None:
+    """The client sends each model the request that stgs's API parses (a built-in's input is
+    ``input`` there, whatever the registry calls it: bert_base's ``input_ids``), and Triton's
+    server binds the same names."""
+    import argparse
+    from types import SimpleNamespace
+
+    from api.inference import model_io, parse_infer
+    from api.kserve import HEADER, binary_request
+    from benchmarks import _triton_server
+    from stgs.registry import model_entry
+
+    assert (_triton_server.INPUT, _triton_server.OUTPUT) == ("input", "output")
+    mix = tg.parse_models("bert_base:25:1,tiny_mlp:50:1,tiny_cnn:50:1")
+    run = tg.Run(argparse.Namespace(json=None), mix, {})
+    for m, t in zip(mix, run.targets, strict=True):
+        lookup = SimpleNamespace(
+            record=lambda name: SimpleNamespace(spec={}),
+            entry=lambda rec, name=m.name: model_entry(name),
+        )
+        body, headers = binary_request(t.inputs(), binary_output=True)
+        call = parse_infer(body, headers[HEADER], model_io(lookup, m.name))
+        assert call is not None, m.name
+    assert model_entry("bert_base").inputs[0].name == "input_ids"  # what this test is about
+
+
 # ---------------------------------------------------------------------- Triton, for real
 def test_triton_serves_stgs_model_code_on_cpu(tg: ModuleType, tmp_path: Path) -> None:
     """pytriton's Triton serves tiny torch models through stgs's runner: each model's answers
