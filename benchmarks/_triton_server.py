@@ -7,8 +7,8 @@ Started by ``benchmarks/triton_gpu.py`` through ``Backend.spawn_worker`` (pinned
 stgs worker is; ``STGS_DEVICE`` says cuda or, on the simulated node, cpu), in an interpreter
 whose site has ``nvidia-pytriton`` and numpy < 2 (``benchmarks.triton_gpu.triton_python``).
 The spec (JSON): ``models`` (each ``name``, ``max_batch``, ``queue_delay_us``, ``timeout_us``),
-``http_port``, ``grpc_port``, ``metrics_port``, ``log`` (this process's stdout and stderr, and
-so Triton's, go there).
+``http_port``, ``grpc_port``, ``metrics_port``, ``access_token`` (the restricted APIs':
+statistics), ``log`` (this process's stdout and stderr, and so Triton's, go there).
 
 Each model is loaded once with stgs's runner (:func:`stgs.runtime.models.load_runner`: the
 registry's module and weights, fp16, one CUDA graph per power-of-two batch bucket up to its max
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
     from pytriton.model_config.common import TimeoutAction
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     t0 = time.monotonic()
     runners = []
@@ -105,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_address="127.0.0.1",
         metrics_port=int(spec["metrics_port"]),
     )
-    with Triton(config=cfg) as triton:
+    # pytriton's default restricts the model-control and statistics APIs to a token: ours
+    security = TritonSecurityConfig(access_token=spec["access_token"])
+    with Triton(config=cfg, security_config=security) as triton:
         for m, runner in zip(spec["models"], runners, strict=True):
             entry = model_entry(m["name"])
             inp, out = entry.inputs[0], entry.outputs[0]

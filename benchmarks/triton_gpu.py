@@ -72,6 +72,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -381,6 +382,7 @@ class TritonServer:
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = work / "triton.log"
+        self.token = secrets.token_urlsafe(16)  # Triton's restricted APIs (statistics)
 
     @property
     def addr(self) -> str:
@@ -394,6 +396,7 @@ class TritonServer:
             "http_port": self.http_port,
             "grpc_port": free_port(),
             "metrics_port": free_port(),
+            "access_token": self.token,
             "log": str(self.log),
         }
         argv = [py, str(SERVER), "--spec", json.dumps(spec)]
@@ -424,6 +427,19 @@ class TritonServer:
             "models": self.models,
             "log": str(self.log),
         }
+
+    def stats(self) -> dict[str, dict[str, int | float]]:
+        """Per model, Triton's counts since it started (``/v2/models/stats``): requests,
+        batches run, and the mean batch."""
+        with httpx.Client(timeout=10.0) as c:
+            got = c.get(
+                f"http://{self.addr}/v2/models/stats", headers={"triton-access-token": self.token}
+            ).json()
+        out: dict[str, dict[str, int | float]] = {}
+        for m in got.get("model_stats", []):
+            n, runs = int(m.get("inference_count", 0)), int(m.get("execution_count", 0))
+            out[m["name"]] = {"requests": n, "batches": runs, "mean_batch": n / runs if runs else 0}
+        return out
 
     def _tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -545,6 +561,10 @@ class Run:
                 budget_ok=lambda: self.fits(self.trial_cost_s),
             )
         finally:
+            if isinstance(server, TritonServer) and server.proc is not None:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    sres["stats"] = server.stats()
+                    print(f"  Triton's counts: {sres['stats']}")
             sres["cleanup"] = server.close()
         base = float(self.res["base_rps"])
         sres["result"] = {

@@ -308,6 +308,9 @@ def test_triton_gpu_simulated(tmp_path: Path) -> None:
     assert tri["server"]["server"]["name"] == "triton"
     assert [m["name"] for m in tri["server"]["models"]] == [m["name"] for m in res["models"]]
     assert any("exited" in note for note in tri["cleanup"])
+    for m in tri["server"]["models"]:  # Triton's own counts: it ran them, in batches
+        st = tri["stats"][m["name"]]
+        assert st["requests"] > 0 and 1 <= st["mean_batch"] <= m["max_batch"]
     with pytest.raises(ProcessLookupError):
         os.kill(tri["server"]["pid"], 0)
     # --combine: the table of several calls' files
