@@ -26,7 +26,13 @@ $(BIN)/promtool: | $(BIN)/stgs
 $(BIN)/systemd-analyze: | $(BIN)/stgs
 	bash scripts/install_systemd_analyze.sh $@
 
-setup: $(BIN)/stgs $(BIN)/promtool $(BIN)/systemd-analyze
+# nvidia-pytriton (NVIDIA Triton Inference Server), for the Triton benchmark and its tests: in a
+# directory of its own, since it pins numpy < 2 (never fails; without it those tests skip, or
+# fail where STGS_REQUIRE_PYTRITON=1 as in CI)
+$(VENV)/triton-site: | $(BIN)/stgs
+	PY=$(BIN)/python bash scripts/install_pytriton.sh $@
+
+setup: $(BIN)/stgs $(BIN)/promtool $(BIN)/systemd-analyze $(VENV)/triton-site
 
 ## Set up, plan the embedded example scenario, then run the daemon on the simulated node:
 ## register two models over REST, serve KServe v2 inference, stop (no GPU needed).

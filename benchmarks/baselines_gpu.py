@@ -30,9 +30,10 @@ that can no longer meet its SLO is answered "deadline exceeded" without running)
 of a model is the largest power of two whose latency on the process's own partition, alone, is
 <= SLO / 2: with a work-conserving batcher a request may wait for the batch in progress, then
 run in the next one, so two batch latencies must fit in the SLO (the rule the planner and the
-fluid bound use too). For ``timeslice`` and ``streams`` that is the profiled full-GPU latency;
-for ``mps`` the latency at its share (100/N %) that the planner's latency model predicts from
-the measured MPS profiles (``--mps-batch full``: the full-GPU rule there too). A batch of 64
+fluid bound use too; ``partitioner.policies.sharing.sharing_max_batch``, which the placements
+of ``benchmarks/triton_gpu.py`` use too). The latency is the planner's latency model's, from the
+measured profiles: for ``timeslice`` and ``streams`` on the whole GPU, for ``mps`` at its share
+(100/N %) (``--mps-batch full``: the full-GPU rule there too). A batch of 64
 resnet50 images takes 7.2 ms on the whole GPU but ~25 ms at 20%: with the full-GPU rule an
 overloaded MPS client would run batches that miss a 15 ms SLO by construction.
 Requests travel over the same socket transport (``stgs.runtime.transport``), one connection per
@@ -75,10 +76,9 @@ import math
 import os
 import signal
 import socket
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -104,9 +104,10 @@ from benchmarks.lib.node import open_backend, stop_daemons
 from benchmarks.lib.runs import run_header, summary_path
 from partitioner.fluid import fluid_bound
 from partitioner.planner import make_plan
+from partitioner.policies.sharing import sharing_batches
 from partitioner.problem import Problem
 from stgs.backend.base import Backend, DeviceRef
-from stgs.errors import StgsError
+from stgs.errors import ProfileError, StgsError
 from stgs.plan import Plan
 from stgs.profiles import ProfileTable, default_profiles_path, read_profiles
 from stgs.runtime import Runtime
@@ -131,61 +132,31 @@ GPU0 = DeviceRef(0)
 
 
 # ---------------------------------------------------------------------- the models' max batch
-def max_batches(
-    models: Sequence[ModelCfg], table: ProfileTable, sku: str = PLAN_SKU
+def _batches(
+    models: Sequence[ModelCfg], mps_pct: int | None, headroom: float, table: ProfileTable | None
 ) -> dict[str, int]:
-    """Per model: the largest power-of-two batch whose full-GPU latency is <= SLO / 2.
+    """Per model: the sharing policies' max-batch rule (:func:`partitioner.policies.sharing.
+    sharing_max_batch`) on one GPU, whole or at an MPS share; ValueError without a profile."""
+    sc = _scenario(models, headroom)
+    try:
+        prob = Problem.from_scenario(sc, table)
+        return {k: b for k, (b, _) in sharing_batches(prob, mps_pct).items()}
+    except ProfileError as exc:
+        raise ValueError(str(exc)) from exc
 
-    Latency: the median of the profiled rows of partition ``full`` (``mps:100`` when the model
-    has no ``full`` rows). A model whose batch 1 already misses gets 1.
-    """
-    out: dict[str, int] = {}
-    for m in models:
-        rows = table.rows_for(sku, m.name)
-        full = [r for r in rows if r.partition == "full"] or [
-            r for r in rows if r.partition == "mps:100"
-        ]
-        if not full:
-            raise ValueError(f"no full-GPU profile of {m.name} on {sku}")
-        lat: dict[int, list[float]] = {}
-        for r in full:
-            lat.setdefault(r.batch, []).append(r.latency_ms)
-        fits = [
-            b for b, v in lat.items() if b & (b - 1) == 0 and statistics.median(v) <= m.slo_ms / 2.0
-        ]
-        out[m.name] = max(fits, default=1)
-    return out
+
+def max_batches(models: Sequence[ModelCfg], table: ProfileTable | None = None) -> dict[str, int]:
+    """Per model: the largest power-of-two batch whose full-GPU latency is <= SLO / 2 (the
+    planner's latency model, fitted to the profiled rows of ``table``, default the shipped
+    profiles, without headroom); 1 when batch 1 already misses."""
+    return _batches(models, None, 0.0, table)
 
 
 def mps_max_batches(models: Sequence[ModelCfg], pct: int, headroom: float) -> dict[str, int]:
     """Per model: the largest power-of-two batch whose latency at an MPS share of ``pct`` percent,
     alone, is <= SLO / 2: the planner's latency model (fitted to the measured MPS profiles, here
     interpolating between the profiled shares), without headroom or interference."""
-    sc = scenario_from_mapping(
-        {
-            "headroom": headroom,
-            "gpus": [{"sku": PLAN_SKU, "count": 1, "mig": False}],
-            "planner": {"mps_shares": [pct]},
-            "models": [
-                {"name": m.name, "slo_ms": m.slo_ms, "rate_rps": m.rate_rps} for m in models
-            ],
-        }
-    )
-    prob = Problem.from_scenario(sc)
-    gtype = prob.gpu_types[0]
-    shape = next(s for s in prob.shapes(gtype) if s.kind == "mps" and s.mps_pct == pct)
-    out: dict[str, int] = {}
-    for m in prob.models:
-        curve = prob.curve(m, gtype, shape)
-        if curve is None:
-            raise ValueError(f"no profile of {m.name} on {PLAN_SKU}")
-        fits = [
-            int(b)
-            for b, lat in zip(curve.buckets, curve.raw_solo, strict=True)
-            if int(b) & (int(b) - 1) == 0 and lat <= m.slo_ms / 2.0
-        ]
-        out[m.name] = max(fits, default=1)
-    return out
+    return _batches(models, pct, headroom, None)
 
 
 # ---------------------------------------------------------------------- search
@@ -598,8 +569,14 @@ def _fmt(x: float | None, nd: int = 3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def summary_table(res: dict[str, Any]) -> str:
-    """The markdown table: factor per system, stgs / baseline and stgs / fluid with targets."""
+def summary_table(
+    res: dict[str, Any],
+    labels: Mapping[str, str] = LABELS,
+    targets: Mapping[str, float] = TARGETS,
+    fluid_target: float = FLUID_TARGET,
+) -> str:
+    """The markdown table: factor per system (``labels``' order), stgs / baseline and
+    stgs / fluid with targets."""
     base = float(res["base_rps"])
     systems = res.get("systems", {})
     stgs_f = (systems.get("stgs", {}).get("result") or {}).get("factor")
@@ -608,7 +585,7 @@ def summary_table(res: dict[str, Any]) -> str:
         "stgs / this | target | met |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    for name in SYSTEMS:
+    for name in labels:
         if name not in systems:
             continue
         s = systems[name]
@@ -625,9 +602,9 @@ def summary_table(res: dict[str, Any]) -> str:
         n_lim = sum(1 for t in trials if t.get("load_generator_limited"))
         n_trials = f"{len(trials)}" + (f" ({n_lim} load generator limited)" if n_lim else "")
         ratio = stgs_f / f if stgs_f and f else None
-        target = TARGETS.get(name)
+        target = targets.get(name)
         met = "-" if target is None or ratio is None else ("yes" if ratio >= target else "no")
-        label = LABELS[name]
+        label = labels[name]
         if name == "stgs" and s.get("plan_mode") == "peak":
             label += f"; the planner's peak plan (k = {_fmt(res.get('planner_peak_k'))}) at every f"
         elif name == "stgs" and s.get("over_peak"):
@@ -639,11 +616,11 @@ def summary_table(res: dict[str, Any]) -> str:
         )
     fk = res.get("fluid_k")
     ratio = stgs_f / fk if stgs_f and fk else None
-    met = "-" if ratio is None else ("yes" if ratio >= FLUID_TARGET else "no")
+    met = "-" if ratio is None else ("yes" if ratio >= fluid_target else "no")
     lines.append(
         f"| fluid bound (LP; not a system) | {_fmt(fk)} | "
         f"{'-' if fk is None else f'{fk * base:.0f}'} | - | - | - | {_fmt(ratio, 2)} | "
-        f">= {FLUID_TARGET:g} | {met} |"
+        f">= {fluid_target:g} | {met} |"
     )
     pk = res.get("planner_peak_k")
     lines.append(
@@ -654,14 +631,15 @@ def summary_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def print_summary(res: dict[str, Any]) -> None:
+def print_summary(res: dict[str, Any], **table: Any) -> None:
+    """The heading and :func:`summary_table` (``table``: its labels, targets, fluid_target)."""
     scale = float(res.get("load_scale", 1.0))
     sim = f"; simulated: rates x {scale:g}" if scale != 1.0 else ""
     print(
         f"\n## Highest load factor with >= {100 * res['target']:g}% within SLO for every model "
         f"(factor 1 = {res['base_rps']:.0f} req/s: {res['models_text']}{sim})\n"
     )
-    print(summary_table(res))
+    print(summary_table(res, **table))
     print(
         "\n'stgs / this' is stgs's factor over the row's; for the fluid bound, stgs / fluid. "
         "'&ge;' marks a factor that passed with nothing above it tried (a lower bound).",
@@ -844,8 +822,9 @@ def _sigterm(_sig: int, _frame: Any) -> None:
     raise SystemExit(143)  # so that the finally blocks stop the workers and quit MPS
 
 
-def combine(paths: Sequence[str], out: str | None) -> int:
-    """Merge result files of several calls (later files win per system); print the table."""
+def combine(paths: Sequence[str], out: str | None, **table: Any) -> int:
+    """Merge result files of several calls (later files win per system); print the table
+    (``table``: :func:`summary_table`'s labels, targets, fluid_target)."""
     merged: dict[str, Any] | None = None
     for p in paths:
         res = json.loads(Path(p).read_text())
@@ -855,8 +834,8 @@ def combine(paths: Sequence[str], out: str | None) -> int:
             merged["systems"].update(res.get("systems", {}))
     if merged is None:
         return 2
-    print_summary(merged)
-    merged["table"] = summary_table(merged)
+    print_summary(merged, **table)
+    merged["table"] = summary_table(merged, **table)
     if out:
         Path(out).write_text(json.dumps(merged, indent=1, default=str))
         print(f"wrote {out}")

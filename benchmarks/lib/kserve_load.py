@@ -115,7 +115,12 @@ def _channel(addr: str) -> Any:
 
 
 async def _drive(
-    kind: str, addr: str, targets: Sequence[Target], seconds: float, seed: int
+    kind: str,
+    addr: str,
+    targets: Sequence[Target],
+    seconds: float,
+    seed: int,
+    warmup_s: float = 0.0,
 ) -> list[Row]:
     senders = [_sender(kind, addr, t) for t in targets]
     total = sum(t.rate for t in targets)
@@ -123,10 +128,11 @@ async def _drive(
     rng = random.Random(seed)
     out: list[Row] = []
 
-    async def one(i: int, t_plan: float) -> None:
+    async def one(i: int, t_plan: float, counted: bool) -> None:
         lag = time.monotonic() - t_plan
         code = await senders[i]()
-        out.append((i, lag, time.monotonic() - t_plan, code))
+        if counted:
+            out.append((i, lag, time.monotonic() - t_plan, code))
 
     tasks = []
     start = time.monotonic() + 0.2
@@ -134,13 +140,13 @@ async def _drive(
     idx = range(len(targets))
     while total > 0:
         t += rng.expovariate(total)  # the sum of the models' Poisson processes
-        if t >= seconds:
+        if t >= warmup_s + seconds:
             break
         i = rng.choices(idx, weights)[0] if len(targets) > 1 else 0
         delay = start + t - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, start + t)))
+        tasks.append(asyncio.create_task(one(i, start + t, t >= warmup_s)))
     await asyncio.gather(*tasks)
     for ch in _channels.values():
         await ch.close()
@@ -159,6 +165,7 @@ def _client(
     seed: int,
     path: str,
     cpus: Sequence[int] | None,
+    warmup_s: float = 0.0,
 ) -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -168,7 +175,7 @@ def _client(
         uvloop.install()
     except ImportError:
         pass
-    res = asyncio.run(_drive(kind, addr, targets, seconds, seed))
+    res = asyncio.run(_drive(kind, addr, targets, seconds, seed, warmup_s))
     Path(path).write_text(json.dumps(res))
 
 
@@ -182,21 +189,24 @@ def load(
     *,
     cpus: Sequence[int] | None = None,
     seed: int = 17,
+    warmup_s: float = 0.0,
 ) -> list[Row]:
     """The targets' rates for ``seconds`` from ``clients`` processes (each a share of every
-    model's rate), pinned to ``cpus`` when given; every request's record."""
+    model's rate), pinned to ``cpus`` when given; every request's record. With ``warmup_s`` the
+    load runs that much longer first, and the requests scheduled then are sent but not
+    recorded."""
     ctx = mp.get_context("spawn")
     work.mkdir(parents=True, exist_ok=True)
     paths = [str(work / f"c{i}.json") for i in range(clients)]
     share = [replace(t, rate=t.rate / clients) for t in targets]
     procs = [
-        ctx.Process(target=_client, args=(kind, addr, share, seconds, seed + i, p, cpus))
+        ctx.Process(target=_client, args=(kind, addr, share, seconds, seed + i, p, cpus, warmup_s))
         for i, p in enumerate(paths)
     ]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(seconds + 120)
+        p.join(warmup_s + seconds + 120)
     out: list[Row] = []
     for p in paths:
         out += [tuple(r) for r in json.loads(Path(p).read_text())]  # type: ignore[misc]
