@@ -842,17 +842,24 @@ def combine(paths: Sequence[str], out: str | None, **table: Any) -> int:
     return 0
 
 
+def add_search_arguments(
+    ap: argparse.ArgumentParser, *, trial_s: float, warmup_s: float, max_trials: int
+) -> None:
+    """The trials and the search's options (this script's and benchmarks/triton_gpu.py's)."""
+    ap.add_argument("--trial-s", type=float, default=trial_s, help="measured load per trial")
+    ap.add_argument("--warmup-s", type=float, default=warmup_s, help="load before it, not counted")
+    ap.add_argument("--max-trials", type=int, default=max_trials, help="per system")
+    ap.add_argument("--step", type=float, default=1.5, help="bracketing step (x or /)")
+    ap.add_argument("--tol", type=float, default=0.05, help="bisect until fail/pass <= 1+tol")
+    ap.add_argument("--target", type=float, default=0.99, help="within-SLO share, every model")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help="name:slo_ms:base_rate_rps,...")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="in this order")
-    ap.add_argument("--trial-s", type=float, default=15.0, help="measured load per trial")
-    ap.add_argument("--warmup-s", type=float, default=3.0, help="load before it, not counted")
+    add_search_arguments(ap, trial_s=15.0, warmup_s=3.0, max_trials=7)
     ap.add_argument("--drain-s", type=float, default=2.0, help="wait for answers after a trial")
-    ap.add_argument("--max-trials", type=int, default=7, help="per system")
-    ap.add_argument("--step", type=float, default=1.5, help="bracketing step (x or /)")
-    ap.add_argument("--tol", type=float, default=0.05, help="bisect until fail/pass <= 1+tol")
-    ap.add_argument("--target", type=float, default=0.99, help="within-SLO share, every model")
     ap.add_argument("--start", type=float, default=None, help="baselines' first factor")
     ap.add_argument(
         "--stgs-start",

@@ -90,6 +90,7 @@ import numpy as np
 from api.launch import ROOT, LocalDaemon, free_port, wait_until
 from benchmarks.baselines_gpu import (
     GPU0,
+    add_search_arguments,
     combine,
     print_summary,
     search,
@@ -594,12 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--models", default=None, help="name:slo_ms:base_rate_rps,...")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="in this order")
-    ap.add_argument("--trial-s", type=float, default=10.0, help="measured load per trial")
-    ap.add_argument("--warmup-s", type=float, default=2.0, help="load before it, not counted")
-    ap.add_argument("--max-trials", type=int, default=4, help="per system")
-    ap.add_argument("--step", type=float, default=1.5, help="bracketing step (x or /)")
-    ap.add_argument("--tol", type=float, default=0.05, help="bisect until fail/pass <= 1+tol")
-    ap.add_argument("--target", type=float, default=0.99, help="within-SLO share, every model")
+    add_search_arguments(ap, trial_s=10.0, warmup_s=2.0, max_trials=4)
     ap.add_argument("--start", type=float, default=None, help="first factor but stgs's")
     ap.add_argument("--stgs-start", type=float, default=None, help="stgs's first factor")
     ap.add_argument("--time-budget-s", type=float, default=0.0, help="0: none")
