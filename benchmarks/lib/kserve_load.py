@@ -207,9 +207,19 @@ def load(
         p.start()
     for p in procs:
         p.join(warmup_s + seconds + 120)
+    stuck = [k for k, p in enumerate(procs) if p.is_alive()]
+    for k in stuck:
+        procs[k].kill()
+        procs[k].join(10)
+    failed = [k for k, (p, path) in enumerate(zip(procs, paths, strict=True)) if p.exitcode != 0]
+    if failed or not all(Path(path).is_file() for path in paths):
+        raise RuntimeError(
+            f"load clients {failed or stuck} did not finish (exit codes"
+            f" {[p.exitcode for p in procs]}; stuck and killed: {stuck})"
+        )
     out: list[Row] = []
-    for p in paths:
-        out += [tuple(r) for r in json.loads(Path(p).read_text())]  # type: ignore[misc]
+    for path in paths:
+        out += [tuple(r) for r in json.loads(Path(path).read_text())]  # type: ignore[misc]
     return out
 
 
