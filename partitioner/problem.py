@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from partitioner.margin import cycle_capacity as margin_capacity
+from partitioner.margin import patience, z_capacity
 from stgs.catalog import GpuSku, get_sku
 from stgs.errors import ProfileError
 from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
@@ -157,9 +159,14 @@ class Curve:
     memory: FloatArray
     slowdown: float
     headroom: float
-    margin_z: float = 0.0  # Poisson batch margin (PlannerOptions.batch_margin_z)
+    margin_z: float = 0.0  # PlannerOptions.batch_margin_z (with margin "z")
     host_request_ms: float = 0.0  # PlannerOptions.host_request_ms: outside the cycle
+    margin: str = "z"  # PlannerOptions.batch_margin: "slo" or "z"
+    margin_target: float = 0.99  # PlannerOptions.batch_margin_target (with margin "slo")
     cycle_cache: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
+    _kcap: dict[tuple[int, int, int], float] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def slo(self) -> float:
@@ -168,23 +175,46 @@ class Curve:
 
     @cached_property
     def capacity(self) -> FloatArray:
-        """Requests a cycle may *expect* at each bucket: the n with n + z sqrt(n) = b."""
+        """Requests a duty cycle may *expect* at each bucket (the rule ``b >= r d / 1000``):
+        with margin "z", the n with n + z sqrt(n) = b; with margin "slo", b itself (its margin
+        is checked on the partition's cycle, :meth:`cycle_capacity`)."""
         b = self.buckets.astype(np.float64)
-        z = self.margin_z
-        if z <= 0:
+        if self.margin == "slo" or self.margin_z <= 0:
             return b
-        root = (-z + np.sqrt(z * z + 4.0 * b)) / 2.0
-        return np.asarray(root * root, dtype=np.float64)
+        return np.array([z_capacity(float(x), self.margin_z) for x in b], dtype=np.float64)
 
     @cached_property
     def capacity_list(self) -> list[float]:
         return [float(x) for x in self.capacity]
 
-    def need(self, expected: float) -> float:
-        """The batch a cycle expecting ``expected`` requests needs (margin included)."""
-        if expected <= 0 or self.margin_z <= 0:
-            return expected
-        return expected + self.margin_z * math.sqrt(expected)
+    @cached_property
+    def cap1_list(self) -> list[float]:
+        """Margin "slo": each bucket's capacity with one cycle of patience (the least)."""
+        t = self.margin_target
+        return [margin_capacity(int(b), 1, 0, t) for b in self.buckets]
+
+    def cycle_capacity(self, i: int, cycle_ms: float) -> float:
+        """Requests per cycle that bucket ``i`` serves when the partition's cycle (its busy
+        time) is ``cycle_ms``, keeping the batch margin: with margin "slo", the Poisson mean
+        whose share of requests served within the visits the SLO allows is the target
+        (:mod:`partitioner.margin`); with margin "z", :attr:`capacity`."""
+        if self.margin != "slo":
+            return self.capacity_list[i]
+        k, f = patience(self.slo - self.lat_list[i], cycle_ms)
+        key = (i, k, f)
+        cap = self._kcap.get(key)
+        if cap is None:
+            cap = self._kcap[key] = margin_capacity(self.bucket_list[i], k, f, self.margin_target)
+        return cap
+
+    def keeps_margin(self, i: int, rate: float, cycle_ms: float) -> bool:
+        """Does bucket ``i`` at ``rate`` keep the batch margin in a cycle of ``cycle_ms``?"""
+        if self.margin != "slo" or rate <= 0:
+            return True
+        expected = rate * cycle_ms / 1000.0
+        if expected <= self.cap1_list[i] + 1e-12:
+            return True
+        return expected <= self.cycle_capacity(i, cycle_ms) + 1e-12
 
     @cached_property
     def bucket_list(self) -> list[int]:
@@ -200,11 +230,15 @@ class Curve:
 
     @cached_property
     def max_rps(self) -> float:
-        """Saturated throughput alone on the partition: max 1000 b / L(b) with 2 L(b) <= slo."""
+        """Saturated throughput alone on the partition: max 1000 n(b) / L(b) with 2 L(b) <=
+        slo, n(b) the requests a cycle of L(b) may expect at bucket b (its batch margin)."""
         ok = (2 * self.lat <= self.slo + _EPS) & (self.memory <= self.shape.memory_mib)
         if not ok.any():
             return 0.0
-        return float(np.max(1000.0 * self.capacity[ok] / self.lat[ok]))
+        lat = self.lat_list
+        return max(
+            1000.0 * self.cycle_capacity(i, lat[i]) / lat[i] for i in np.flatnonzero(ok).tolist()
+        )
 
     @cached_property
     def cost_per_rps(self) -> float:
@@ -378,6 +412,8 @@ class Problem:
             self.headroom,
             opts.batch_margin_z,
             opts.host_request_ms,
+            opts.batch_margin,
+            opts.batch_margin_target,
         )
         self._curves[key] = c
         return c
@@ -498,21 +534,50 @@ def _max_cycle_uncached(curve: Curve, rate: float) -> float:
 
 
 def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Schedule | None:
-    slots = []
+    """The schedule at duty cycle ``d``: each model's smallest bucket with ``b >= r d / 1000``
+    (its capacity), then, with the "slo" batch margin, the least batches that keep the margin
+    in the partition's cycle (its busy time: a batch grown for its margin lengthens the cycle
+    of every model, so this is a fixed point, reached from below; the least one, since a model
+    whose margin fails at some batches fails at any smaller ones of the others). The cycle
+    reported is ``d``, lowered where an SLO needs it (a cycle shorter than ``d`` keeps every
+    rule but ``busy <= cycle``, which is checked)."""
+    idx: list[int] = []
     busy = 0.0
-    mem = 0.0
     for curve, rate in items:
-        i = _bucket_index(curve, rate * d / 1000.0) if rate > 0 else 0
-        if i >= len(curve.bucket_list):
-            return None
+        if rate > 0:
+            i = bisect.bisect_left(curve.capacity_list, rate * d / 1000.0 - 1e-9)
+            if i >= len(curve.bucket_list):
+                return None
+        else:
+            i = 0
+        idx.append(i)
+        busy += curve.lat_list[i]
+    if busy > d + 1e-9:
+        return None
+    if items[0][0].margin == "slo":  # one problem's curves: one margin rule
+        grown = True
+        while grown:
+            grown = False
+            for j, (curve, rate) in enumerate(items):
+                i = idx[j]
+                if rate <= 0 or rate * busy <= 1000.0 * curve.cap1_list[i] + 1e-9:
+                    continue  # within even the least patience's capacity
+                if curve.keeps_margin(i, rate, busy):
+                    continue
+                if i + 1 >= len(curve.bucket_list):
+                    return None
+                idx[j] = i + 1
+                busy += curve.lat_list[i + 1] - curve.lat_list[i]
+                grown = True
+            if busy > d + 1e-9:
+                return None
+    slots = []
+    mem = 0.0
+    for (curve, rate), i in zip(items, idx, strict=True):
         lat = curve.lat_list[i]
-        if d + lat > curve.slo + 1e-9:
-            return None
-        busy += lat
-        if busy > d + 1e-9:
-            return None
+        d = min(d, curve.slo - lat)
         mem += curve.memory_list[i]
         slots.append(Slot(curve, rate, curve.bucket_list[i], lat))
-    if mem > shape_mem + 1e-6:
+    if busy > d + 1e-9 or mem > shape_mem + 1e-6:
         return None
     return Schedule(d, tuple(slots))

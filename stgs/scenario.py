@@ -147,12 +147,28 @@ class PlannerOptions(_Strict):
         default=0.05, ge=0, description="GPU-fractions one changed partition costs a re-plan"
     )
     time_limit_s: float = Field(default=30.0, gt=0, description="the exact solver's time limit")
+    # The batch margin (docs/planner.md "Batch margin"): "slo" sizes each model's batch for
+    # its Poisson arrivals per cycle of the partition, its SLO slack and batch_margin_target
+    # (partitioner/margin.py); "z", the former fixed rule, b >= n + z sqrt(n) on the duty cycle.
+    batch_margin: Literal["slo", "z"] = Field(
+        default="slo",
+        description='the batch margin: "slo", per model from its rate, batch, cycle and SLO'
+        ' slack, for batch_margin_target of its requests in time; "z": b >= n + z sqrt(n) with'
+        " z = batch_margin_z, n the requests a duty cycle expects",
+    )
+    batch_margin_target: float = Field(
+        default=0.99,
+        ge=0.5,
+        le=0.9999,
+        description='batch_margin "slo": the share of requests that Poisson bursts may not'
+        " push past their SLO",
+    )
     batch_margin_z: float = Field(
         default=1.0,
         ge=0,
         le=5,
-        description="Poisson margin on batches: a cycle that expects n requests gets a batch of"
-        " at least n + z sqrt(n), so bursts rarely spill into the next cycle (0: b >= n)",
+        description='batch_margin "z": a cycle that expects n requests gets a batch of at least'
+        " n + z sqrt(n) (0: b >= n)",
     )
     # Spare capacity (stgs policy): when > 1, plan the rates x this factor (or the largest of
     # x factor, x sqrt(factor) that fits) and serve the real rates on that plan, so that idle

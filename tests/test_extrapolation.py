@@ -46,7 +46,9 @@ def toy(tmp_path: Path) -> Path:
 
 def _scenario(profile: Path, margin: Any) -> Any:
     """Eight light models on one H100 without MIG: trusting the extrapolation, its best plan
-    puts them on 12% shares."""
+    puts them on 12% shares. The fixed batch margin (``batch_margin: z``) keeps the duty cycles
+    near their batches' time, so that a slower latency breaks the cycles too (the "slo" margin
+    plans longer cycles with room, which only the SLO rule then catches)."""
     return scenario_from_mapping(
         {
             "gpus": [{"sku": "H100-80GB", "count": 1, "mig": False}],
@@ -54,7 +56,7 @@ def _scenario(profile: Path, margin: Any) -> Any:
             "models": [
                 {"name": f"m{i}", "profile": "toy", "slo_ms": 30, "rate_rps": 100} for i in range(8)
             ],
-            "planner": {"extrapolation_margin": margin},
+            "planner": {"extrapolation_margin": margin, "batch_margin": "z"},
         }
     )
 

@@ -151,16 +151,16 @@ def _enumerate(
     (checked per curve; without it nothing is pruned for that model). A model with no load only
     ever needs its smallest bucket.
     """
-    cands: list[tuple[int, bool, list[tuple[int, float, float, float, float]]]] = []
+    cands: list[tuple[int, bool, list[tuple[int, float, float, float]]]] = []
     for mi, c in sorted(curves.items()):
         slo = c.slo
         mono = bool(np.all(np.diff(c.lat) >= 0) and np.all(np.diff(c.memory) >= 0))
-        opts: list[tuple[int, float, float, float, float]] = []
+        opts: list[tuple[int, float, float, float]] = []
         for bi in range(len(c.buckets)):
             lat = float(c.lat[bi])
             mem = float(c.memory[bi])
             if lat > 0 and 2 * lat <= slo + _EPS and mem <= shape.memory_mib:
-                opts.append((bi, float(c.capacity[bi]), lat, mem, slo - lat))
+                opts.append((bi, lat, mem, slo - lat))
         if rates[mi] <= 0:
             opts = opts[:1]
         if opts:
@@ -174,20 +174,23 @@ def _enumerate(
         for (mi, mono, k), (_, _, opts) in zip(chosen, picked, strict=True):
             if not mono or k == 0:
                 continue
-            _, b_prev, l_prev, _, _ = opts[k - 1]
-            lat = opts[k][2]
-            if 1000.0 * b_prev >= rates[mi] * (total - lat + l_prev):
+            bi_prev, l_prev, _, _ = opts[k - 1]
+            lat = opts[k][1]
+            cycle = total - lat + l_prev
+            if 1000.0 * curves[mi].cycle_capacity(bi_prev, cycle) >= rates[mi] * cycle:
                 return True
         return False
 
-    picked: list[tuple[int, bool, list[tuple[int, float, float, float, float]]]] = []
+    picked: list[tuple[int, bool, list[tuple[int, float, float, float]]]] = []
 
     def walk(i: int, total: float, mem: float, slack: float) -> None:
         if i == len(cands):
             if runs and not dominated(total):
                 if len(out) >= budget:
                     raise _TooLarge
-                caps = tuple(1000.0 * float(curves[mi].capacity[bi]) / total for mi, bi in runs)
+                caps = tuple(
+                    1000.0 * curves[mi].cycle_capacity(bi, total) / total for mi, bi in runs
+                )
                 out.append(_Config(tuple(runs), total, caps))
             return
         walk(i + 1, total, mem, slack)
@@ -195,7 +198,7 @@ def _enumerate(
             return
         mi, mono, opts = cands[i]
         rate = rates[mi]
-        for k, (bi, _, lat, m_mem, m_slack) in enumerate(opts):
+        for k, (bi, lat, m_mem, m_slack) in enumerate(opts):
             t2 = total + lat
             s2 = min(slack, m_slack)
             if t2 > s2 + _EPS:
@@ -208,7 +211,13 @@ def _enumerate(
                 continue
             # the final cycle is at most s2: if the smaller bucket serves the rate even then,
             # this bucket and every larger one are dominated
-            if mono and k > 0 and rate > 0 and 1000.0 * opts[k - 1][1] >= rate * s2:
+            # (the capacity at a cycle of s2 is the least of any shorter cycle)
+            if (
+                mono
+                and k > 0
+                and rate > 0
+                and 1000.0 * curves[mi].cycle_capacity(opts[k - 1][0], s2) >= rate * s2
+            ):
                 break
             runs.append((mi, bi))
             chosen.append((mi, mono, k))
@@ -938,22 +947,28 @@ class _Solver:
             sched = schedule(_fit(items)) if items else None
             if sched is not None:
                 fitted.append((gi, sc, start, host, sched))
-        # MPS neighbours (interference): the shares present in the same host
-        host_pct: dict[tuple[int, int | None], int] = defaultdict(int)
-        for _, sc, _, host, _ in fitted:
+        # MPS neighbours (interference): the shares present in the same host, with the largest
+        # batch each runs
+        host_parts: dict[tuple[int, int | None], list[tuple[int, float, int]]] = defaultdict(list)
+        for j, (_, sc, _, host, sched) in enumerate(fitted):
             if sc.shape.kind == "mps":
-                host_pct[host] += sc.shape.mps_pct or 0
+                big = max(s.batch for s in sched.slots)
+                host_parts[host].append((j, float(sc.shape.mps_pct or 0), big))
         index = {m.name: i for i, m in enumerate(self.models)}
         served: dict[int, float] = defaultdict(float)
         by_gpu: dict[int, list[tuple[tuple[int, int], Partition]]] = defaultdict(list)
-        for gi, sc, start, host, sched in fitted:
+        for j, (gi, sc, start, host, sched) in enumerate(fitted):
             shape = sc.shape
             sku = self.p.gpus[gi].sku
-            neighbours = host_pct[host] - (shape.mps_pct or 0) if shape.kind == "mps" else 0
+            neighbours: list[tuple[float, int | None]] = (
+                [(pct, big) for k, pct, big in host_parts[host] if k != j]
+                if shape.kind == "mps"
+                else []
+            )
             models = []
             for s in sched.slots:
                 i = int(s.curve.buckets.searchsorted(s.batch))
-                slow = self.p.interference.slowdown(s.curve.model.profile, sku, neighbours)
+                slow = self.p.interference.slowdown_beside(s.curve.model.profile, sku, neighbours)
                 models.append(
                     ModelAssignment(
                         s.curve.model.name, s.batch, s.rate_rps, float(s.curve.raw_solo[i]) * slow

@@ -80,7 +80,13 @@ def at_rates(plan: Plan, factor: float) -> Plan:
         )
         for g in plan.gpus
     )
-    return replace(plan, gpus=gpus).with_info(spare_factor=round(factor, 4))
+    return replace(plan, gpus=gpus).with_info(spare_factor=_room(factor))
+
+
+def _room(factor: float) -> float:
+    """A plan's reported ``spare_factor``: 4 decimals, rounded down (never more room than the
+    plan has: ``hold_plan`` holds rates up to it, and a batch may fill its cycle exactly)."""
+    return math.floor(factor * 1e4 + 1e-9) / 1e4
 
 
 def hold_plan(problem: Problem, current: Plan) -> Plan | None:
@@ -122,7 +128,7 @@ def hold_plan(problem: Problem, current: Plan) -> Plan | None:
             parts.append(replace(p, models=tuple(assigned)))
         gpus.append(replace(g, partitions=tuple(parts)))
     held = replace(current, gpus=tuple(gpus), unserved=())
-    return held.with_info(spare_factor=round(room if math.isfinite(room) else factor, 4))
+    return held.with_info(spare_factor=_room(room if math.isfinite(room) else factor))
 
 
 def gpus_by_type(plan: Plan, problem: Problem) -> Counter[GpuSpec]:
