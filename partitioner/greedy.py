@@ -705,7 +705,10 @@ class Greedy:
                 parts = by_bin.get(bi, [])
                 b = st.bins[bi] if bi < len(st.bins) else GpuBin(t.sku)
                 gpu_plans[idx] = GpuPlan(
-                    idx, t.sku, bool(b.mig), tuple(self._partition(p, b) for p in _ordered(parts))
+                    idx,
+                    t.sku,
+                    bool(b.mig),
+                    tuple(self._partition(p, b, parts) for p in _ordered(parts)),
                 )
         unserved = tuple(
             Unserved(name, sum(r for r, _ in items), items[0][1])
@@ -718,19 +721,27 @@ class Greedy:
             unserved=unserved,
         )
 
-    def _partition(self, part: Part, b: GpuBin) -> Partition:
+    def _partition(self, part: Part, b: GpuBin, on_gpu: Sequence[Part]) -> Partition:
+        """``part`` as the plan states it: its latencies with the interference of its actual
+        MPS neighbours (``on_gpu``: the parts on its GPU) at the batches they run."""
         shape = part.shape
+        neighbours: list[tuple[float, int | None]] = []
         if shape.kind == "mps":
             if part.instance is not None:
-                neighbours = sum(part.instance.mps_pcts) - (shape.mps_pct or 0)
+                total: float = sum(part.instance.mps_pcts) - (shape.mps_pct or 0)
             else:
-                neighbours = sum(b.mps_pcts) - (shape.mps_pct or 0)
-        else:
-            neighbours = 0
+                total = sum(b.mps_pcts) - (shape.mps_pct or 0)
+            for q in on_gpu:
+                if q is not part and q.shape.kind == "mps" and q.instance is part.instance:
+                    pct = float(q.shape.mps_pct or 0)
+                    neighbours.append((pct, max(s.batch for s in q.sched.slots)))
+                    total -= pct
+            if total > 1e-9:  # shares held by no part here: their batches are not known
+                neighbours.append((float(total), None))
         models = []
         for slot in part.sched.slots:
             i = int(slot.curve.buckets.searchsorted(slot.batch))
-            slow = self.p.interference.slowdown(
+            slow = self.p.interference.slowdown_beside(
                 slot.curve.model.profile, part.gtype.sku, neighbours
             )
             models.append(

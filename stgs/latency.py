@@ -58,6 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stgs.errors import ProfileError
+from stgs.interference import WeightsFile, load_weights
 from stgs.profiles import InterferenceRow, ProfileRow, ProfileTable, normalise_gpu
 
 __all__ = [
@@ -544,9 +545,11 @@ DEFAULT_INTERFERENCE_GAMMA = 0.45
 class InterferenceModel:
     """Slowdown of a model in an MPS partition beside co-located MPS neighbours.
 
-    ``slowdown = 1 + gamma * neighbour_pct / 100``, where ``neighbour_pct`` is the total share
-    of the partition's MPS neighbours on the same GPU (or the same MIG instance). Separate MPS
-    partitions still share L2 and memory bandwidth, so co-location costs latency.
+    ``slowdown = 1 + gamma * sum_n (pct_n / 100) * w(b_n)`` over the partition's MPS neighbours
+    on the same GPU (or the same MIG instance), ``pct_n`` their shares and ``w(b_n)`` the
+    *neighbour weight* of the batches they run (:mod:`stgs.interference`: measured per GPU,
+    1 where unmeasured or when the batch is not known, so ``1 + gamma * neighbour_pct / 100``).
+    Separate MPS partitions still share L2 and memory bandwidth, so co-location costs latency.
 
     Default ``gamma = 0.45`` (no measurements for the pair): a stated, conservative default
     chosen to cover the co-location measurements of docs/gpu-facts.md (H200, CUDA graphs, fp16):
@@ -559,12 +562,15 @@ class InterferenceModel:
 
     With interference rows for (gpu, model): gamma = the 90th percentile of
     ``(latency / solo - 1) / (neighbour_pct / 100)`` over those rows, never below 0.
+    ``weights``: the neighbour weights (default: the file :func:`stgs.interference.load_weights`
+    reads).
     """
 
     def __init__(
         self,
         gammas: Mapping[tuple[str, str], float] | None = None,
         default_gamma: float = DEFAULT_INTERFERENCE_GAMMA,
+        weights: WeightsFile | None = None,
     ) -> None:
         if not (math.isfinite(default_gamma) and default_gamma >= 0):
             raise ValueError(f"default_gamma must be finite and >= 0, got {default_gamma}")
@@ -572,12 +578,14 @@ class InterferenceModel:
         self.gammas: dict[tuple[str, str], float] = {
             (normalise_gpu(g), m): float(v) for (g, m), v in (gammas or {}).items()
         }
+        self.weights = weights if weights is not None else load_weights()
 
     @classmethod
     def from_rows(
         cls,
         rows: Iterable[InterferenceRow],
         default_gamma: float = DEFAULT_INTERFERENCE_GAMMA,
+        weights: WeightsFile | None = None,
     ) -> InterferenceModel:
         """Fit gamma per (gpu, model) from co-location rows (see the class docstring)."""
         ratios: dict[tuple[str, str], list[float]] = {}
@@ -587,7 +595,7 @@ class InterferenceModel:
             k: max(0.0, float(np.percentile(np.asarray(v, dtype=np.float64), 90)))
             for k, v in ratios.items()
         }
-        return cls(gammas, default_gamma)
+        return cls(gammas, default_gamma, weights)
 
     def gamma(self, model: str, gpu: str) -> float:
         """The fitted gamma of (gpu, model), else the default."""
@@ -596,9 +604,29 @@ class InterferenceModel:
     def is_fitted(self, model: str, gpu: str) -> bool:
         return (normalise_gpu(gpu), model.strip()) in self.gammas
 
-    def slowdown(self, model: str, gpu: str, neighbour_pct: float) -> float:
+    def neighbour_weight(self, gpu: str, batch: int | None) -> float:
+        """The weight of a neighbour on ``gpu`` running batches of ``batch`` (None: not known,
+        the largest weight)."""
+        return self.weights.weight(gpu, batch)
+
+    def slowdown(
+        self, model: str, gpu: str, neighbour_pct: float, neighbour_batch: int | None = None
+    ) -> float:
         """Multiplicative latency factor (>= 1) for ``model`` on ``gpu`` beside MPS neighbours
-        holding ``neighbour_pct`` percent in total (0 -> 1.0)."""
+        holding ``neighbour_pct`` percent in total (0 -> 1.0) that run batches of at most
+        ``neighbour_batch`` (None: not known, the worst case)."""
         if not (math.isfinite(neighbour_pct) and neighbour_pct >= 0):
             raise ValueError(f"neighbour_pct must be finite and >= 0, got {neighbour_pct}")
-        return 1.0 + self.gamma(model, gpu) * neighbour_pct / 100.0
+        w = self.neighbour_weight(gpu, neighbour_batch)
+        return 1.0 + self.gamma(model, gpu) * neighbour_pct / 100.0 * w
+
+    def slowdown_beside(
+        self, model: str, gpu: str, neighbours: Iterable[tuple[float, int | None]]
+    ) -> float:
+        """The factor beside several neighbours: ``(share %, largest batch it runs)`` each."""
+        load = 0.0
+        for pct, batch in neighbours:
+            if not (math.isfinite(pct) and pct >= 0):
+                raise ValueError(f"a neighbour's share must be finite and >= 0, got {pct}")
+            load += pct / 100.0 * self.neighbour_weight(gpu, batch)
+        return 1.0 + self.gamma(model, gpu) * load

@@ -11,8 +11,9 @@ and rate ``r_m`` has planning latency
     L_m = (1 + h) * l_m(b_m, sm_count[, mig_profile]) * slowdown_m + host_batch + b_m host_item
 
 where ``slowdown_m`` is the interference model's factor for the *actual* MPS neighbours of the
-partition (the other MPS shares on the same non-MIG GPU or in the same MIG instance; none for
-whole GPUs and whole MIG instances), and the plan is valid when
+partition (the other MPS shares on the same non-MIG GPU or in the same MIG instance, each with
+the largest batch it runs, for its neighbour weight; none for whole GPUs and whole MIG
+instances), and the plan is valid when
 
     sum_m L_m <= d,   b_m >= r_m d / 1000,   d + L_m + host_request <= slo_m,
     sum_m mem_m(b_m) <= memory
@@ -280,7 +281,8 @@ def _check_gpu(
 ) -> list[str]:
     v: list[str] = []
     # Expected SMs / memory and neighbour share per partition (None: shape invalid, skip).
-    shape: list[tuple[int, float, float, str | None] | None] = []
+    # per partition: SMs, memory, its MPS neighbours (share, largest batch), MIG profile
+    shape: list[tuple[int, float, list[tuple[float, int | None]], str | None] | None] = []
 
     mig_whole: dict[int, str] = {}  # start -> profile, instances used whole
     whole_list: list[tuple[int, str]] = []  # every whole instance, duplicates included
@@ -299,7 +301,7 @@ def _check_gpu(
             if prof_name is not None or start is not None or pct is not None:
                 v.append(f"{pw}: whole-GPU partition with MIG/MPS fields set")
             fulls.append(i)
-            shape[i] = (sku.sm_count, float(sku.memory_mib), 0.0, None)
+            shape[i] = (sku.sm_count, float(sku.memory_mib), [], None)
         elif kind == "mig":
             prof = _profile(sku, prof_name)
             if not mig:
@@ -320,7 +322,7 @@ def _check_gpu(
             else:
                 mig_whole[start] = prof.name
             whole_list.append((start, prof.name))
-            shape[i] = (prof.sm_count, float(prof.memory_mib), 0.0, prof.name)
+            shape[i] = (prof.sm_count, float(prof.memory_mib), [], prof.name)
         elif kind == "mps":
             if _int(pct) is None or not 0 < pct <= 100:
                 v.append(f"{pw}: mps_pct {pct!r} is not a percentage in 1..100")
@@ -334,7 +336,7 @@ def _check_gpu(
                 shape[i] = (
                     sku.mps_sm_count(pct),
                     sku.memory_mib * pct / 100.0,
-                    math.nan,
+                    [],
                     None,
                 )
             else:
@@ -353,7 +355,7 @@ def _check_gpu(
                 shape[i] = (
                     sku.mps_sm_count(pct, within_sm=prof.sm_count),
                     prof.memory_mib * pct / 100.0,
-                    math.nan,
+                    [],
                     prof.name,
                 )
         else:
@@ -367,8 +369,11 @@ def _check_gpu(
         v.append(f"{where}: MPS shares sum to {flat_sum}%, more than 100%")
     if len(flat_mps) > sku.mps_max_clients:
         v.append(f"{where}: {len(flat_mps)} MPS clients, at most {sku.mps_max_clients}")
-    for i, pct in flat_mps:
-        shape[i] = (*shape[i][:2], float(flat_sum - pct), None)  # type: ignore[index]
+    for i, _ in flat_mps:
+        beside = [(float(q), _largest_batch(parts[j])) for j, q in flat_mps if j != i]
+        base = shape[i]
+        assert base is not None
+        shape[i] = (base[0], base[1], beside, None)
 
     instances: list[tuple[int, str]] = list(whole_list)
     for start, members in sorted(mps_in.items()):
@@ -388,10 +393,11 @@ def _check_gpu(
         total = sum(pct for _, _, pct in members)
         if total > 100:
             v.append(f"{where}: MPS shares in instance @{start} sum to {total}%, more than 100%")
-        for i, prof_name, pct in members:
+        for i, prof_name, _ in members:
             base = shape[i]
             assert base is not None
-            shape[i] = (base[0], base[1], float(total - pct), prof_name)
+            beside = [(float(q), _largest_batch(parts[j])) for j, _, q in members if j != i]
+            shape[i] = (base[0], base[1], beside, prof_name)
     if instances:
         v.extend(f"{where}: {msg}" for msg in mig_layout_violations(sku, instances))
 
@@ -410,7 +416,7 @@ def _check_gpu(
                 p,
                 sm,
                 mem,
-                0.0 if math.isnan(neighbours) else neighbours,
+                neighbours,
                 prof_name,
                 models,
                 latency_models,
@@ -422,13 +428,23 @@ def _check_gpu(
     return v
 
 
+def _largest_batch(p: Mapping[str, Any]) -> int | None:
+    """The largest batch a partition of the plan's JSON runs (None: none stated)."""
+    batches = [_int(m.get("batch")) for m in p.get("models") or []]
+    return max((b for b in batches if b is not None), default=None)
+
+
+def _beside(neighbours: Sequence[tuple[float, int | None]]) -> str:
+    return ", ".join(f"{pct:g}% at batch {b}" for pct, b in neighbours) or "no neighbours"
+
+
 def _check_partition(
     pw: str,
     sku: GpuSku,
     p: Mapping[str, Any],
     sm: int,
     mem: float,
-    neighbours: float,
+    neighbours: list[tuple[float, int | None]],
     mig_profile: str | None,
     models: Mapping[str, Any],
     latency_models: Mapping[tuple[str, str], LatencyModel],
@@ -492,7 +508,7 @@ def _check_partition(
                 )
             else:
                 solo *= float(opts.extrapolation_margin)
-        slow = interference.slowdown(spec.profile, sku.name, neighbours)
+        slow = interference.slowdown_beside(spec.profile, sku.name, neighbours)
         raw = solo * slow
         lat = (1.0 + h) * raw + opts.host_batch_ms + b * opts.host_item_ms
         busy += lat
@@ -516,7 +532,7 @@ def _check_partition(
         if rep is None or abs(rep - raw) > LATENCY_REL_TOL * raw + LAT_ROUND:
             v.append(
                 f"{mw}: reported latency_ms {a.get('latency_ms')!r}, re-derived {raw:.4f} ms "
-                f"(batch {b}, {sm} SMs, slowdown {slow:.4f} for {neighbours:g}% neighbours)"
+                f"(batch {b}, {sm} SMs, slowdown {slow:.4f} beside {_beside(neighbours)})"
             )
     # (1) every batch runs once per cycle
     if busy > d + d_tol:

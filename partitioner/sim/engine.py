@@ -6,7 +6,9 @@ and a heap of partition and controller events. What it mirrors of the runtime
 
 * **Routing** (``Runtime.submit``): a request goes to the READY partition serving its model with
   the least ``(in_flight + 1) / rate`` (the rate the plan assigned there); ties go to the older
-  partition. No READY partition: the request fails at once ("no worker").
+  partition. No READY partition: the request fails at once ("no worker"). ``in_flight`` is the
+  worker's, all its models' (``SimOptions.routing = "worker"``, the runtime's rule), or that
+  model's alone (``"model"``, not the runtime's: it sends each partition its planned share).
 * **Executor** (``Worker.serve``): work conserving round-robin over the partition's models in
   plan order; a cycle starts at the first model whenever something is queued; each visit takes up
   to ``batch`` queued requests of that model (FIFO), answers "deadline exceeded" for those whose
@@ -15,12 +17,13 @@ and a heap of partition and controller events. What it mirrors of the runtime
 * **Batch latency**: the runtime pads a batch of n to the smallest captured bucket >= n, its
   buckets being the powers of two below the planned batch and the planned batch itself
   (``stgs.batching.batch_buckets``); latency = l(bucket, partition) from the latency
-  functions x the interference slowdown ``1 + gamma x pct / 100`` x a noise factor: lognormal
-  (median 1, sigma fitted from the profile's ``p99_ms``), or with ``noise: runtime`` drawn from
-  the runtime's measured factors (``partitioner/sim/noise.py``). ``pct``: the MPS shares of the
-  neighbours (same GPU or MIG instance) running a batch when this one starts
+  functions x the interference slowdown ``1 + gamma x sum(pct x w) / 100`` x a noise factor:
+  lognormal (median 1, sigma fitted from the profile's ``p99_ms``), or with ``noise: runtime``
+  drawn from the runtime's measured factors (``partitioner/sim/noise.py``). ``pct``: the MPS
+  shares of the neighbours (same GPU or MIG instance) running a batch when this one starts,
+  ``w`` the neighbour weight of the batch each runs (``stgs.interference``)
   (``SimOptions.interference = "busy"``, the default), or of every MPS neighbour in the plan
-  (``"static"``, as the planner charges it).
+  at its largest batch (``"static"``, as the plan reports it).
 * **Host costs** (``SimOptions.host``): a request is queued in the worker a fixed time after it
   arrives; a batch holds the worker for its GPU latency plus a per-batch and per-request host
   time; answers reach the client a fixed time after the batch (docs/simulator.md).
@@ -149,6 +152,7 @@ class _Part:
         "key",
         "lat",
         "margin",
+        "model_flight",
         "model_idx",
         "nbatch",
         "neigh",
@@ -157,10 +161,12 @@ class _Part:
         "partition",
         "queues",
         "rates",
+        "run_weight",
         "sigma",
         "slot_of",
         "state",
         "weight",
+        "weight_n",
     )
 
     def __init__(self, key: PartKey, gpu: GpuPlan, partition: Partition) -> None:
@@ -169,6 +175,7 @@ class _Part:
         self.partition = partition
         self.state = STARTING
         self.in_flight = 0
+        self.model_flight: dict[int, int] = {}  # per model index: its requests in flight here
         self.busy = False
         self.busy_ms = 0.0
         self.born_ms = 0.0
@@ -181,6 +188,10 @@ class _Part:
         # activity at a batch's start slows it; "static": lat already holds the plan's slowdown
         self.gamma: list[float] = []
         self.neigh: list[tuple[_Part, float]] = []
+        # per slot, n = 0..batch: the neighbour weight of its batch of n (stgs.interference);
+        # run_weight: that of the batch running now (what it costs the neighbours)
+        self.weight_n: list[list[float]] = []
+        self.run_weight = 1.0
         self.host: list[list[float]] = []  # per slot: host time (ms) a batch of n adds
         # per slot: lognormal sigma (> 0), 0 (no noise) or -1 (noise "runtime": a factor drawn
         # from ``factors[slot]``)
@@ -327,7 +338,7 @@ class Simulator:
     def _make_part(self, key: PartKey, g: GpuPlan, p: Partition, plan: Plan) -> _Part:
         part = _Part(key, g, p)
         sku = g.sku
-        neighbour = _neighbour_pct(plan, g, p)
+        neighbour = _neighbours(plan, g, p)
         busy_mode = self.options.interference == "busy"
         mig_profile = p.mig_profile if (g.mig and p.mig_profile is not None) else None
         for slot, a in enumerate(p.models):
@@ -348,15 +359,18 @@ class Simulator:
                 slow = 1.0
                 part.gamma.append(self.problem.interference.gamma(spec.profile, sku))
             else:
-                slow = self.problem.interference.slowdown(spec.profile, sku, neighbour)
+                slow = self.problem.interference.slowdown_beside(spec.profile, sku, neighbour)
                 part.gamma.append(0.0)
             slow *= self.options.overrun.get(a.name, 1.0)  # unknown to planner and controller
             by_n = [0.0]
+            w_n = [0.0]  # the neighbour weight of this slot's batch of n (its bucket)
             j = 0
             for n in range(1, a.batch + 1):
                 while buckets[j] < n:
                     j += 1
                 by_n.append(float(lat_b[j]) * slow)
+                w_n.append(self.problem.interference.neighbour_weight(sku, int(buckets[j])))
+            part.weight_n.append(w_n)
             mi = self.midx[a.name]
             part.model_idx.append(mi)
             part.nbatch.append(a.batch)
@@ -479,6 +493,7 @@ class Simulator:
         self._deadline = deadline
 
         heap = self.heap
+        by_model = opts.routing == "model"
         heappop = heapq.heappop
         i = 0
         inf = math.inf
@@ -497,6 +512,14 @@ class Simulator:
                     continue
                 if len(cands) == 1:
                     part = cands[0][0]
+                elif by_model:
+                    part = cands[0][0]
+                    best = (part.model_flight.get(m, 0) + 1) * cands[0][1]
+                    for c, inv in cands[1:]:
+                        load = (c.model_flight.get(m, 0) + 1) * inv
+                        if load < best:
+                            best = load
+                            part = c
                 else:
                     part = cands[0][0]
                     best = (part.in_flight + 1) * cands[0][1]
@@ -507,6 +530,7 @@ class Simulator:
                             part = c
                 part.queues[part.slot_of[m]].append(i)
                 part.in_flight += 1
+                part.model_flight[m] = part.model_flight.get(m, 0) + 1
                 if not part.busy:
                     self._serve(part, t, 0)
                 i += 1
@@ -524,6 +548,8 @@ class Simulator:
                     c_done[mi] += len(live)
                     c_met[mi] += sum(1 for j in live if t_ans <= deadline[j])
                 part.in_flight -= len(live)
+                mi = part.model_idx[slot]
+                part.model_flight[mi] -= len(live)
                 est = part.margin[slot]
                 part.margin[slot] = dur if est == 0.0 else 0.8 * est + 0.2 * dur
                 part.busy_ms += dur
@@ -589,6 +615,7 @@ class Simulator:
                         else:
                             live.append(j)
                     part.in_flight -= len(take) - len(live)
+                    part.model_flight[part.model_idx[slot]] -= len(take) - len(live)
                     if self.ctrl is not None and len(take) > len(live):
                         self.c_done[part.model_idx[slot]] += len(take) - len(live)
                     if not live and predicted:
@@ -600,7 +627,7 @@ class Simulator:
                             pct = 0.0
                             for other, share in part.neigh:
                                 if other.busy:
-                                    pct += share
+                                    pct += share * other.run_weight
                             dur *= 1.0 + part.gamma[slot] * pct / 100.0
                         sigma = part.sigma[slot]
                         if sigma > 0.0:
@@ -610,6 +637,7 @@ class Simulator:
                             dur *= fs[int(self._draw(part) * len(fs))]
                         dur += part.host[slot][len(live)]
                         part.busy = True
+                        part.run_weight = part.weight_n[slot][len(live)]
                         self.batches += 1
                         self._push(t + dur, _DONE, (part, slot, live, dur))
                         return
@@ -821,11 +849,12 @@ def _unlink(part: _Part) -> None:
     part.neigh = []
 
 
-def _neighbour_pct(plan: Plan, g: GpuPlan, p: Partition) -> float:
-    """Share held by the other MPS partitions of the same GPU (or MIG instance) in ``plan``."""
+def _neighbours(plan: Plan, g: GpuPlan, p: Partition) -> list[tuple[float, int | None]]:
+    """The other MPS partitions of the same GPU (or MIG instance) in ``plan``: (share, the
+    largest batch it runs) each."""
     if p.kind != "mps":
-        return 0.0
-    total = 0.0
+        return []
+    out: list[tuple[float, int | None]] = []
     seen_self = False
     for q in g.partitions:
         if q.kind != "mps" or q.mig_start != p.mig_start:
@@ -833,5 +862,5 @@ def _neighbour_pct(plan: Plan, g: GpuPlan, p: Partition) -> float:
         if q is p and not seen_self:
             seen_self = True
             continue
-        total += float(q.mps_pct or 0)
-    return total
+        out.append((float(q.mps_pct or 0), max((a.batch for a in q.models), default=None)))
+    return out
