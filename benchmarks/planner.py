@@ -3,6 +3,8 @@ optimum on small instances, and solve times.
 
     python -m benchmarks.planner [--quick] [--json OUT.json] [--option KEY=VALUE ...]
         [--simulate SECONDS]
+    python -m benchmarks.planner --margins [--quick] [--seed N] [--simulate SECONDS]
+        [--routing worker|model] [--weights FILE] [--json OUT.json]
 
 Scenarios: a mixed model zoo on 1 to 16 GPUs (MIG and non-MIG), rates 10 to 5000 rps, SLOs 10 to
 200 ms, on the profiles shipped in the package. Prints tables; numbers are what this run measured.
@@ -11,6 +13,14 @@ scenario, e.g. the host costs or ``extrapolation_margin`` of another day; ``--si
 also simulates each scenario's stgs plan at its peak for S seconds (Poisson arrivals, the
 profiles' noise, the simulator's host costs from the measured file, seed 0) and prints its
 SLO attainment.
+
+``--margins`` (issue 17): per scenario, the stgs peak with the former margins (``batch_margin:
+z``, z = 1; every MPS neighbour weighing 1) and with the new ones (``batch_margin: slo``, the
+neighbour weights of ``--weights``, default the shipped file), each as a fraction of the fluid
+bound, and the simulator's SLO attainment at each peak (``--simulate`` seconds, default 10;
+Poisson, seed 0; overall and the least model's, since the SLO is per model; ``--routing``: the
+simulator's routing, default the runtime's). ``--seed``: another draw of the scenarios
+(held-out mixes of the same shapes).
 """
 
 from __future__ import annotations
@@ -23,7 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.lib.cases import LOAD, geomean, measured_scenarios, scenarios, timing_case
+from benchmarks.lib.cases import (
+    LOAD,
+    SEED,
+    geomean,
+    measured_scenarios,
+    scenarios,
+    timing_case,
+)
 from partitioner.fluid import fluid_bound
 from partitioner.peak import find_peak
 from partitioner.policies import get_policy, policy_names
@@ -31,7 +48,9 @@ from partitioner.policies.optimal import exact_peak
 from partitioner.problem import Problem
 from partitioner.sim import SimOptions, WorkloadSpec, generate
 from partitioner.sim.run import noise_for, simulate
-from stgs.errors import PlanningError
+from stgs.errors import ConfigError, PlanningError
+from stgs.interference import WeightsFile, load_weights
+from stgs.latency import InterferenceModel
 from stgs.plan import Plan
 from stgs.profiles import default_profiles_path
 from stgs.scenario import PlannerOptions, scenario_from_mapping
@@ -75,7 +94,30 @@ def main() -> int:
         metavar="S",
         help="simulate each stgs peak plan for S seconds and print its SLO attainment",
     )
+    ap.add_argument(
+        "--margins",
+        action="store_true",
+        help="the stgs peak with the former and the new batch margin and interference model",
+    )
+    ap.add_argument("--seed", type=int, default=SEED, help="the scenarios' draw (measured set)")
+    ap.add_argument(
+        "--routing",
+        choices=["worker", "model"],
+        default="worker",
+        help="--margins: the simulator's routing (worker: the runtime's rule)",
+    )
+    ap.add_argument("--weights", help="--margins: neighbour weights file of the new model")
     args = ap.parse_args()
+    if args.margins:
+        if args.set != "measured" or args.option:
+            ap.error("--margins plans the measured set with its own options")
+        try:
+            weights = load_weights(Path(args.weights) if args.weights else None)
+        except ConfigError as exc:
+            ap.error(str(exc))
+        return margins(args, weights)
+    if args.weights or args.routing != "worker":
+        ap.error("--weights and --routing go with --margins")
     host: dict[str, object] = (
         {} if args.host_costs == "measured" else dict.fromkeys(HOST_OPTIONS, 0.0)
     )
@@ -97,7 +139,7 @@ def main() -> int:
     pols = HEURISTICS + (["optimal"] if "optimal" in policy_names() else [])
     rows = []
     if args.set == "measured":
-        cases = measured_scenarios(args.quick, args.sku, args.profiles)
+        cases = measured_scenarios(args.quick, args.sku, args.profiles, args.seed)
     else:
         cases = scenarios(args.quick)
         data_dir = default_profiles_path().parent
@@ -278,14 +320,96 @@ def simulated_attainment(
 ) -> float:
     """SLO attainment of ``plan`` (the stgs plan at load factor ``k``) in the simulator, with
     the noise of ``profiles``."""
+    return simulated(prob, k, plan, seconds, profiles)[0]
+
+
+def simulated(
+    prob: Problem, k: float, plan: Plan, seconds: float, profiles: Path, routing: str = "worker"
+) -> tuple[float, float, str]:
+    """(SLO attainment, the least model's, that model) of ``plan`` (the stgs plan at load
+    factor ``k``) in the simulator: Poisson, the noise of ``profiles``, seed 0."""
     rates = {m.name: m.rate_rps * k for m in prob.models}
-    opts = SimOptions(duration_s=seconds)
+    opts = SimOptions(duration_s=seconds, routing=routing)  # type: ignore[arg-type]
     arrivals = generate(WorkloadSpec(name="poisson"), rates, seconds, seed=0)
     noise = noise_for(opts, profiles)
     _, metrics = simulate(
         prob, get_policy("stgs"), arrivals, rates, opts, seed=0, noise=noise, plan=plan
     )
-    return float(metrics.summary["slo_attainment"])
+    per = {n: float(v["slo_attainment"]) for n, v in metrics.per_model.items() if v["requests"]}
+    worst = min(per, key=lambda n: per[n]) if per else "-"
+    return float(metrics.summary["slo_attainment"]), per.get(worst, float("nan")), worst
+
+
+FORMER = {"batch_margin": "z", "batch_margin_z": 1.0}  # the margins before issue 17
+NEW = {"batch_margin": "slo"}
+
+
+def margins(args: argparse.Namespace, weights: WeightsFile) -> int:
+    """``--margins``: see the module docstring."""
+    seconds = args.simulate if args.simulate > 0 else 10.0
+    print(
+        f"# planner margins (issue 17) · {time.strftime('%Y-%m-%d')} · python"
+        f" {platform.python_version()} · {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"# scenario set: measured ({args.sku}), seed {args.seed}; former: batch_margin z = 1,"
+        " every MPS neighbour weighs 1; new: batch_margin slo (target 0.99), neighbour weights"
+        f" {args.weights or 'shipped'} (GPUs measured: {', '.join(weights.gpus) or 'none'})"
+    )
+    print(f"# simulated {seconds:g} s at each peak, Poisson, seed 0, routing {args.routing}")
+    none = WeightsFile(format="stgs.interference-weights/v1")
+    rows: list[dict[str, object]] = []
+    hdr = (
+        "| scenario | fluid k* | former k | /k* | new k | /k* | new/former | former: attained"
+        " (least model) | new: attained (least model) |"
+    )
+    print("\n" + hdr + "\n|" + "---|" * 9)
+    profiles = Path(args.profiles) if args.profiles else default_profiles_path()
+    for case in measured_scenarios(args.quick, args.sku, args.profiles, args.seed):
+        base = Problem.from_scenario(scenario_from_mapping(case.data))
+        bound = fluid_bound(base)
+        row: dict[str, object] = {"scenario": case.name, "bound": bound}
+        cells = [case.name, f"{bound:.3f}"]
+        sims = []
+        for label, opts, w in (("former", FORMER, none), ("new", NEW, weights)):
+            im = InterferenceModel(base.interference.gammas, base.interference.default_gamma, w)
+            prob = Problem(
+                base.gpus, base.models, base.latency, im, base.headroom, base.options
+            ).with_options(**opts)
+            t0 = time.perf_counter()
+            pk = find_peak(prob, get_policy("stgs"))
+            row[f"{label}_s"] = time.perf_counter() - t0
+            row[label] = pk.k
+            cells += [f"{pk.k:.3f}", f"{pk.k / bound:.3f}"]
+            if pk.k > 0:
+                att, least, who = simulated(prob, pk.k, pk.plan, seconds, profiles, args.routing)
+                row[f"{label}_attained"], row[f"{label}_least"] = att, least
+                row[f"{label}_least_model"] = who
+                sims.append(f"{att:.4f} ({least:.4f} {who})")
+            else:
+                sims.append("-")
+        former, new = float(row["former"]), float(row["new"])  # type: ignore[arg-type]
+        cells.append(f"{new / former:.3f}" if former > 0 else "-")
+        print("| " + " | ".join(cells + sims) + " |", flush=True)
+        rows.append(row)
+
+    def col(key: str) -> list[float]:
+        return [float(r[key]) for r in rows if key in r]  # type: ignore[arg-type]
+
+    bound = col("bound")
+    print("\n| | former | new |\n|---|---|---|")
+    fb = [geomean([k / b for k, b in zip(col(x), bound, strict=True)]) for x in ("former", "new")]
+    print(f"| stgs / fluid bound, geomean | {fb[0]:.3f} | {fb[1]:.3f} |")
+    least = [col("former_least"), col("new_least")]
+    print(f"| least model's attainment, min | {min(least[0]):.4f} | {min(least[1]):.4f} |")
+    below = [f"{sum(x < 0.99 for x in v)} of {len(v)}" for v in least]
+    print(f"| scenarios with a model below 0.99 | {below[0]} | {below[1]} |")
+    gain = geomean([n / f for f, n in zip(col("former"), col("new"), strict=True) if f > 0])
+    print(f"\nnew / former peak, geomean over the scenarios: {gain:.3f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"margins": rows}, fh, indent=2, default=str)
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def _models(rng: random.Random, n: int, rate_lo: float, rate_hi: float) -> list[
 
 
 def scenarios(quick: bool) -> list[Case]:
-    rng = random.Random(20261122)
+    rng = random.Random(SEED)
     cases = [
         Case(
             "small-1xH100-3m",
@@ -113,12 +113,16 @@ def scenarios(quick: bool) -> list[Case]:
     return cases[:6] if quick else cases
 
 
-def measured_scenarios(quick: bool, sku: str, profiles: str | None) -> list[Case]:
+SEED = 20261122  # the scenario sets' draw; another seed gives held-out mixes of the same shape
+
+
+def measured_scenarios(quick: bool, sku: str, profiles: str | None, seed: int = SEED) -> list[Case]:
     """The same shapes of mix on the GPU the shipped profiles were measured on (MIG on and off).
 
     ``profiles``: a profile CSV (None: the shipped default); its interference companion is read
-    when the scenario names none (see stgs.scenario)."""
-    rng = random.Random(20261122)
+    when the scenario names none (see stgs.scenario). ``seed``: the draw of models, rates and
+    SLOs (another than :data:`SEED`: held-out scenarios of the same shapes)."""
+    rng = random.Random(seed)
 
     def g(count: int, mig: bool = True) -> dict[str, object]:
         return {"sku": sku, "count": count, "mig": mig}
