@@ -162,7 +162,7 @@ class Curve:
     margin_z: float = 0.0  # PlannerOptions.batch_margin_z (with margin "z")
     host_request_ms: float = 0.0  # PlannerOptions.host_request_ms: outside the cycle
     margin: str = "z"  # PlannerOptions.batch_margin: "slo" or "z"
-    margin_target: float = 0.99  # PlannerOptions.batch_margin_target (with margin "slo")
+    margin_target: float = 0.995  # PlannerOptions.batch_margin_target (with margin "slo")
     cycle_cache: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
     _kcap: dict[tuple[int, int, int], float] = field(
         default_factory=dict, repr=False, compare=False
@@ -188,6 +188,14 @@ class Curve:
         return [float(x) for x in self.capacity]
 
     @cached_property
+    def pred_list(self) -> list[float]:
+        """Each bucket's *predicted* latency in the cycle: ``lat`` without the headroom (the
+        profile's latency with the shape's interference, and the host time). The batch margin
+        is sized on it; the headroom stays for the latency's own error."""
+        h = self.headroom * self.slowdown
+        return [float(lat - h * raw) for lat, raw in zip(self.lat, self.raw_solo, strict=True)]
+
+    @cached_property
     def cap1_list(self) -> list[float]:
         """Margin "slo": each bucket's capacity with one cycle of patience (the least)."""
         t = self.margin_target
@@ -195,12 +203,12 @@ class Curve:
 
     def cycle_capacity(self, i: int, cycle_ms: float) -> float:
         """Requests per cycle that bucket ``i`` serves when the partition's cycle (its busy
-        time) is ``cycle_ms``, keeping the batch margin: with margin "slo", the Poisson mean
-        whose share of requests served within the visits the SLO allows is the target
-        (:mod:`partitioner.margin`); with margin "z", :attr:`capacity`."""
+        time, at the predicted latencies) is ``cycle_ms``, keeping the batch margin: with
+        margin "slo", the Poisson mean whose share of requests served within the visits the SLO
+        allows is the target (:mod:`partitioner.margin`); with margin "z", :attr:`capacity`."""
         if self.margin != "slo":
             return self.capacity_list[i]
-        k, f = patience(self.slo - self.lat_list[i], cycle_ms)
+        k, f = patience(self.slo - self.pred_list[i], cycle_ms)
         key = (i, k, f)
         cap = self._kcap.get(key)
         if cap is None:
@@ -208,13 +216,26 @@ class Curve:
         return cap
 
     def keeps_margin(self, i: int, rate: float, cycle_ms: float) -> bool:
-        """Does bucket ``i`` at ``rate`` keep the batch margin in a cycle of ``cycle_ms``?"""
+        """Does bucket ``i`` at ``rate`` keep the batch margin in a cycle of ``cycle_ms`` (the
+        partition's busy time at the predicted latencies, :attr:`pred_list`)?"""
         if self.margin != "slo" or rate <= 0:
             return True
         expected = rate * cycle_ms / 1000.0
         if expected <= self.cap1_list[i] + 1e-12:
             return True
         return expected <= self.cycle_capacity(i, cycle_ms) + 1e-12
+
+    def rate_cap(self, i: int, busy_ms: float, busy_pred_ms: float) -> float:
+        """The largest rate (request/s) bucket ``i`` serves in a partition whose batches take
+        ``busy_ms`` (planning latencies: the shortest duty cycle) and ``busy_pred_ms``
+        (predicted): the duty-cycle rule ``b >= r d / 1000`` at ``d = busy_ms`` and the batch
+        margin on the predicted cycle."""
+        if self.margin != "slo":
+            return 1000.0 * self.capacity_list[i] / busy_ms
+        return min(
+            1000.0 * self.bucket_list[i] / busy_ms,
+            1000.0 * self.cycle_capacity(i, busy_pred_ms) / busy_pred_ms,
+        )
 
     @cached_property
     def bucket_list(self) -> list[int]:
@@ -230,15 +251,13 @@ class Curve:
 
     @cached_property
     def max_rps(self) -> float:
-        """Saturated throughput alone on the partition: max 1000 n(b) / L(b) with 2 L(b) <=
-        slo, n(b) the requests a cycle of L(b) may expect at bucket b (its batch margin)."""
+        """Saturated throughput alone on the partition: the largest :meth:`rate_cap` of a
+        bucket alone (its batch the whole cycle) with 2 L(b) <= slo."""
         ok = (2 * self.lat <= self.slo + _EPS) & (self.memory <= self.shape.memory_mib)
         if not ok.any():
             return 0.0
-        lat = self.lat_list
-        return max(
-            1000.0 * self.cycle_capacity(i, lat[i]) / lat[i] for i in np.flatnonzero(ok).tolist()
-        )
+        lat, pred = self.lat_list, self.pred_list
+        return max(self.rate_cap(i, lat[i], pred[i]) for i in np.flatnonzero(ok).tolist())
 
     @cached_property
     def cost_per_rps(self) -> float:
@@ -536,9 +555,10 @@ def _max_cycle_uncached(curve: Curve, rate: float) -> float:
 def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Schedule | None:
     """The schedule at duty cycle ``d``: each model's smallest bucket with ``b >= r d / 1000``
     (its capacity), then, with the "slo" batch margin, the least batches that keep the margin
-    in the partition's cycle (its busy time: a batch grown for its margin lengthens the cycle
-    of every model, so this is a fixed point, reached from below; the least one, since a model
-    whose margin fails at some batches fails at any smaller ones of the others). The cycle
+    in the partition's cycle (its busy time at the predicted latencies: a batch grown for its
+    margin lengthens the cycle of every model, so this is a fixed point, reached from below;
+    the least one, since a model whose margin fails at some batches fails at any smaller ones
+    of the others). The cycle
     reported is ``d``, lowered where an SLO needs it (a cycle shorter than ``d`` keeps every
     rule but ``busy <= cycle``, which is checked)."""
     idx: list[int] = []
@@ -555,19 +575,21 @@ def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Sc
     if busy > d + 1e-9:
         return None
     if items[0][0].margin == "slo":  # one problem's curves: one margin rule
+        pred = sum(curve.pred_list[i] for (curve, _), i in zip(items, idx, strict=True))
         grown = True
         while grown:
             grown = False
             for j, (curve, rate) in enumerate(items):
                 i = idx[j]
-                if rate <= 0 or rate * busy <= 1000.0 * curve.cap1_list[i] + 1e-9:
+                if rate <= 0 or rate * pred <= 1000.0 * curve.cap1_list[i] + 1e-9:
                     continue  # within even the least patience's capacity
-                if curve.keeps_margin(i, rate, busy):
+                if curve.keeps_margin(i, rate, pred):
                     continue
                 if i + 1 >= len(curve.bucket_list):
                     return None
                 idx[j] = i + 1
                 busy += curve.lat_list[i + 1] - curve.lat_list[i]
+                pred += curve.pred_list[i + 1] - curve.pred_list[i]
                 grown = True
             if busy > d + 1e-9:
                 return None

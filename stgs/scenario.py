@@ -157,11 +157,12 @@ class PlannerOptions(_Strict):
         " z = batch_margin_z, n the requests a duty cycle expects",
     )
     batch_margin_target: float = Field(
-        default=0.99,
+        default=0.995,
         ge=0.5,
         le=0.9999,
         description='batch_margin "slo": the share of requests that Poisson bursts may not'
-        " push past their SLO",
+        " push past their SLO (0.995: half of a 99% SLO's 1% left to latency noise and"
+        " admission)",
     )
     batch_margin_z: float = Field(
         default=1.0,

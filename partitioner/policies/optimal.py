@@ -11,8 +11,9 @@ Formulation: a configuration program, solved by HiGHS (``scipy.optimize.milp``).
 * A *configuration* of a shape: models with one batch bucket each (at most
   ``max_models_per_partition``), their memory within the shape's, whose smallest duty cycle
   ``D = sum_m L_m(b_m)`` meets every SLO: ``D + L_m(b_m) <= slo_m``. It serves any rates
-  ``r_m <= cap_m = 1000 n(b_m) / D`` (at ``d = D`` the duty-cycle rule holds; a larger d serves
-  less; n(b) is the number of requests a batch b may expect, its Poisson margin taken off).
+  ``r_m <= cap_m = Curve.rate_cap(b_m, D, D')`` (the duty-cycle rule at ``d = D`` and the batch
+  margin on the partition's predicted cycle ``D'``, both of the batches alone; a larger d serves
+  less).
   A partition's feasible rates are exactly the union of its configurations' boxes
   ``[0, cap]``, so choosing one configuration per partition linearises the duty cycle exactly
   (no McCormick products, a strong LP relaxation). Enumerated depth first with SLO and memory
@@ -169,31 +170,30 @@ def _enumerate(
     runs: list[tuple[int, int]] = []
     chosen: list[tuple[int, bool, int]] = []  # (model, monotone, option index)
 
-    def dominated(total: float) -> bool:
+    def dominated(total: float, pred: float) -> bool:
         """Could one model take its next smaller bucket and still serve its whole rate?"""
         for (mi, mono, k), (_, _, opts) in zip(chosen, picked, strict=True):
             if not mono or k == 0:
                 continue
-            bi_prev, l_prev, _, _ = opts[k - 1]
-            lat = opts[k][1]
-            cycle = total - lat + l_prev
-            if 1000.0 * curves[mi].cycle_capacity(bi_prev, cycle) >= rates[mi] * cycle:
+            c = curves[mi]
+            bi, bi_prev = opts[k][0], opts[k - 1][0]
+            cycle = total - c.lat_list[bi] + c.lat_list[bi_prev]
+            cycle_pred = pred - c.pred_list[bi] + c.pred_list[bi_prev]
+            if c.rate_cap(bi_prev, cycle, cycle_pred) >= rates[mi]:
                 return True
         return False
 
     picked: list[tuple[int, bool, list[tuple[int, float, float, float]]]] = []
 
-    def walk(i: int, total: float, mem: float, slack: float) -> None:
+    def walk(i: int, total: float, pred: float, mem: float, slack: float) -> None:
         if i == len(cands):
-            if runs and not dominated(total):
+            if runs and not dominated(total, pred):
                 if len(out) >= budget:
                     raise _TooLarge
-                caps = tuple(
-                    1000.0 * curves[mi].cycle_capacity(bi, total) / total for mi, bi in runs
-                )
+                caps = tuple(curves[mi].rate_cap(bi, total, pred) for mi, bi in runs)
                 out.append(_Config(tuple(runs), total, caps))
             return
-        walk(i + 1, total, mem, slack)
+        walk(i + 1, total, pred, mem, slack)
         if len(runs) >= max_models:
             return
         mi, mono, opts = cands[i]
@@ -209,25 +209,19 @@ def _enumerate(
                 if mono:
                     break
                 continue
-            # the final cycle is at most s2: if the smaller bucket serves the rate even then,
-            # this bucket and every larger one are dominated
-            # (the capacity at a cycle of s2 is the least of any shorter cycle)
-            if (
-                mono
-                and k > 0
-                and rate > 0
-                and 1000.0 * curves[mi].cycle_capacity(opts[k - 1][0], s2) >= rate * s2
-            ):
+            # the final cycle is at most s2 (its predicted part too): if the smaller bucket
+            # serves the rate even then, this bucket and every larger one are dominated
+            if mono and k > 0 and rate > 0 and curves[mi].rate_cap(opts[k - 1][0], s2, s2) >= rate:
                 break
             runs.append((mi, bi))
             chosen.append((mi, mono, k))
             picked.append(cands[i])
-            walk(i + 1, t2, mem + m_mem, s2)
+            walk(i + 1, t2, pred + curves[mi].pred_list[bi], mem + m_mem, s2)
             runs.pop()
             chosen.pop()
             picked.pop()
 
-    walk(0, 0.0, 0.0, math.inf)
+    walk(0, 0.0, 0.0, 0.0, math.inf)
     return out
 
 
