@@ -224,6 +224,7 @@ class GpuRun:
         self.daemon: Any = None
         self.victim: Any = None
         self.neighbours: list[Any] = []
+        self.started: list[Any] = []  # every neighbour worker started, in time or late
         self.points: list[dict[str, Any]] = []
         self.gpu = "unknown"
         self.device = "unknown"
@@ -276,6 +277,7 @@ class GpuRun:
             self.points.append(_point("alone", vb, None, self._victim_for(), []))
         # (2) the neighbours, started together (each start takes seconds: CUDA, imports)
         started: list[Any] = [None] * len(args.neighbours)
+        self.started = started
         errors: list[BaseException] = []
 
         def start(i: int, c: Any) -> None:
@@ -318,7 +320,7 @@ class GpuRun:
                 print(f"  neighbours b={nb}: victim b={vb} {p['median_ms']:.3f} ms", flush=True)
 
     def close(self) -> None:
-        for w in [self.victim, *self.neighbours]:
+        for w in [self.victim, *self.started]:
             if w is not None:
                 with suppress(Exception):
                     w.close()

@@ -20,7 +20,9 @@ neighbour weights of ``--weights``, default the shipped file), each as a fractio
 bound, and the simulator's SLO attainment at each peak (``--simulate`` seconds, default 10;
 Poisson, seed 0; overall and the least model's, since the SLO is per model), with batches at
 their predicted latency and at the planned one (x 1 + headroom: the headroom spent, a stress
-test). ``--routing``: the simulator's routing (default the runtime's).
+test). ``--routing``: the simulator's routing (default the runtime's). ``--planner-inputs``:
+every model simulated with the input size the planner's host costs assume (the simulator's
+host costs are otherwise per model, with its own input size).
 ``--seed``: another draw of the scenarios (held-out mixes of the same shapes).
 """
 
@@ -48,8 +50,10 @@ from partitioner.policies import get_policy, policy_names
 from partitioner.policies.optimal import exact_peak
 from partitioner.problem import Problem
 from partitioner.sim import SimOptions, WorkloadSpec, generate
+from partitioner.sim.config import HostCosts
 from partitioner.sim.run import noise_for, simulate
 from stgs.errors import ConfigError, PlanningError
+from stgs.hostcosts import PLANNER_INPUT_MB
 from stgs.interference import WeightsFile, load_weights
 from stgs.latency import InterferenceModel
 from stgs.plan import Plan
@@ -108,6 +112,12 @@ def main() -> int:
         help="--margins: the simulator's routing (worker: the runtime's rule)",
     )
     ap.add_argument("--weights", help="--margins: neighbour weights file of the new model")
+    ap.add_argument(
+        "--planner-inputs",
+        action="store_true",
+        help="--margins: simulate every model with the input size the planner's host costs"
+        " assume (an image), so that the simulator's host costs are the planner's",
+    )
     args = ap.parse_args()
     if args.margins:
         if args.set != "measured" or args.option:
@@ -117,8 +127,8 @@ def main() -> int:
         except ConfigError as exc:
             ap.error(str(exc))
         return margins(args, weights)
-    if args.weights or args.routing != "worker":
-        ap.error("--weights and --routing go with --margins")
+    if args.weights or args.routing != "worker" or args.planner_inputs:
+        ap.error("--weights, --routing and --planner-inputs go with --margins")
     host: dict[str, object] = (
         {} if args.host_costs == "measured" else dict.fromkeys(HOST_OPTIONS, 0.0)
     )
@@ -332,13 +342,21 @@ def simulated(
     profiles: Path,
     routing: str = "worker",
     slower: float = 1.0,
+    planner_inputs: bool = False,
 ) -> tuple[float, float, str]:
     """(SLO attainment, the least model's, that model) of ``plan`` (the stgs plan at load
     factor ``k``) in the simulator: Poisson, the noise of ``profiles``, seed 0; every batch
-    ``slower`` times its predicted latency (``SimOptions.overrun``)."""
+    ``slower`` times its predicted latency (``SimOptions.overrun``); ``planner_inputs``: every
+    model's input of the size the planner's host costs assume (an image), so that the
+    simulator's host costs are the planner's."""
     rates = {m.name: m.rate_rps * k for m in prob.models}
     over = {m.name: slower for m in prob.models} if slower != 1.0 else {}
-    opts = SimOptions(duration_s=seconds, routing=routing, overrun=over)  # type: ignore[arg-type]
+    host = HostCosts(
+        input_mb=dict.fromkeys({m.profile for m in prob.models}, PLANNER_INPUT_MB)
+        if planner_inputs
+        else {}
+    )
+    opts = SimOptions(duration_s=seconds, routing=routing, overrun=over, host=host)  # type: ignore[arg-type]
     arrivals = generate(WorkloadSpec(name="poisson"), rates, seconds, seed=0)
     noise = noise_for(opts, profiles)
     _, metrics = simulate(
@@ -367,7 +385,8 @@ def margins(args: argparse.Namespace, weights: WeightsFile) -> int:
         f" {args.weights or 'shipped'} (GPUs measured: {', '.join(weights.gpus) or 'none'})"
     )
     print(
-        f"# simulated {seconds:g} s at each peak, Poisson, seed 0, routing {args.routing}; the"
+        f"# simulated {seconds:g} s at each peak, Poisson, seed 0, routing {args.routing},"
+        f" inputs {'of the planner' if args.planner_inputs else 'per model'}; the"
         " least model's attainment with batches at their predicted latency, and at the latency"
         " planned (x 1 + headroom: the headroom spent, a stress test)"
     )
@@ -396,12 +415,15 @@ def margins(args: argparse.Namespace, weights: WeightsFile) -> int:
             row[label] = pk.k
             cells += [f"{pk.k:.3f}", f"{pk.k / bound:.3f}"]
             if pk.k > 0:
-                att, least, who = simulated(prob, pk.k, pk.plan, seconds, profiles, args.routing)
+                same = args.planner_inputs
+                att, least, who = simulated(
+                    prob, pk.k, pk.plan, seconds, profiles, args.routing, planner_inputs=same
+                )
                 row[f"{label}_attained"], row[f"{label}_least"] = att, least
                 row[f"{label}_least_model"] = who
                 sims.append(f"{att:.4f} ({least:.4f} {who})")
                 _, least_p, who_p = simulated(
-                    prob, pk.k, pk.plan, seconds, profiles, args.routing, 1.0 + base.headroom
+                    prob, pk.k, pk.plan, seconds, profiles, args.routing, 1.0 + base.headroom, same
                 )
                 row[f"{label}_least_planned"], row[f"{label}_least_planned_model"] = least_p, who_p
                 sims.append(f"{least_p:.4f} {who_p}")

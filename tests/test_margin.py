@@ -323,7 +323,7 @@ def test_the_planner_benchmark_compares_the_margins(
     monkeypatch.setattr(planner, "measured_scenarios", lambda *a: [case])
     args = argparse.Namespace(
         simulate=2.0, sku="L4", seed=1, weights=None, routing="model", quick=True,
-        profiles=None, json=None,
+        profiles=None, json=None, planner_inputs=True,
     )  # fmt: skip
     assert planner.margins(args, load_weights()) == 0
     out = capsys.readouterr().out
