@@ -92,7 +92,12 @@ def _problem() -> Any:
     """Just what the simulator reads of a problem, for two cheap models on every SKU."""
     models = [ModelSpec("echo", 100.0, 1.0), ModelSpec("sleep:1", 100.0, 1.0)]
     latency = {(sku.name, m.profile): _Latency() for sku in SKU_LIST for m in models}
-    interference = SimpleNamespace(gamma=lambda *_: 0.0, slowdown=lambda *_: 1.0)
+    interference = SimpleNamespace(
+        gamma=lambda *_: 0.0,
+        slowdown=lambda *_: 1.0,
+        slowdown_beside=lambda *_: 1.0,
+        neighbour_weight=lambda *_: 1.0,
+    )
     return SimpleNamespace(models=models, latency=latency, interference=interference)
 
 
