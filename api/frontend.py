@@ -72,6 +72,7 @@ from api.inference import (
 )
 from api.limits import BodyLimits, uvicorn_config
 from stgs import __version__
+from stgs.batching import route_load
 from stgs.errors import (
     DeadlineExceededError,
     NoWorkerError,
@@ -107,6 +108,7 @@ class _Partition:
     service_s: dict[str, float]  # model -> EWMA of the time per round of batches, once measured
     batches: dict[str, int] = field(default_factory=dict)  # model -> planned batch (default 1)
     draining: bool = False
+    in_flight: dict[str, int] = field(default_factory=dict)  # model -> sent, not yet answered
 
     def rounds(self, model: str, requests: int) -> int:
         """The worker's duty-cycle rounds that ``requests`` queued requests take: one batch of
@@ -177,9 +179,11 @@ class Router:
         slot = p.slots[model]
         ahead = conn.in_flight
         futs = [conn.submit(slot, row, deadline_ns) for row in rows_of(arrays)]
+        p.in_flight[model] = p.in_flight.get(model, 0) + n
         try:
             await await_answers(model, futs, now, deadline_ns)
         finally:
+            p.in_flight[model] -= n
             if p.draining and conn.awaited == 0:  # drained, or the rest timed out
                 self._close_drained(p)
         outs = [f.result() for f in futs]
@@ -192,7 +196,8 @@ class Router:
         return stack_rows(outs)
 
     def _choose(self, model: str, n: int, now_ns: int, deadline_ns: int) -> _Partition:
-        """The least loaded partition ((in flight + 1) / planned rate) that can meet the
+        """The least loaded partition (``stgs.batching.route_load``: the model's requests in
+        flight there over its planned rate there) that can meet the
         deadline; DeadlineExceededError (429) when none can, NoWorkerError (503) when none
         serves the model."""
         if deadline_ns and now_ns >= deadline_ns:
@@ -222,7 +227,7 @@ class Router:
                     f" ms, {left_s * 1e3:.1f} ms are left"
                 )
                 continue
-            load = (queued + 1) / max(p.rates.get(model, 0.0), 1e-6)
+            load = route_load(p.in_flight.get(model, 0), p.rates.get(model, 0.0))
             if best is None or load < best[0]:
                 best = (load, p)
         if best is not None:

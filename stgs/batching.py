@@ -5,7 +5,7 @@ never reaches into the runtime."""
 
 from __future__ import annotations
 
-__all__ = ["ADMISSION_DECAY", "batch_buckets"]
+__all__ = ["ADMISSION_DECAY", "batch_buckets", "route_load"]
 
 # When a take runs nothing and some request was refused on the predicted batch latency, the
 # estimate shrinks by this factor, so that a model whose estimate exceeds its SLO (nothing
@@ -24,3 +24,13 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
         b *= 2
     out.append(max_batch)
     return tuple(out)
+
+
+def route_load(in_flight: int, planned_rate: float) -> float:
+    """A partition's load for one model, as every router (the runtime's, the frontends', the
+    simulator's) weighs it: that model's requests in flight there, the one to route included,
+    over the rate the plan gives the model there; the least loaded partition gets the request.
+    Per model, not the worker's total: a model planned on a partition of its own and on a
+    shared one would otherwise be pushed onto its own (the shared worker's requests of other
+    models counting against it) and the shared one's planned share would go unused."""
+    return (in_flight + 1) / max(planned_rate, 1e-6)

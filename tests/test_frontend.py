@@ -434,3 +434,64 @@ def test_admission_counts_rounds_of_batches(tmp_path: Path, workers: list[PathWo
         assert codes.count(429) >= 8 and codes.count(200) >= 8, codes
     finally:
         fe.close()
+
+
+def test_a_model_split_over_a_shared_partition_gets_its_share_there(
+    tmp_path: Path, workers: list[PathWorker]
+) -> None:
+    """A model planned on a partition of its own and on one it shares, at equal rates: while
+    the shared worker is busy with another model's requests, a burst of the first model still
+    goes to both partitions (the router weighs that model's own requests in flight,
+    stgs.batching.route_load). Weighing the worker's total sent the whole burst to the
+    partition of its own and left the shared one's planned share unused."""
+    own = PathWorker(tmp_path, "own", ("sleep:30", 4))
+    shared = PathWorker(tmp_path, "shared", ("sleep:30", 4), ("sleep:400", 8))
+    workers += [own, shared]
+    fe = FrontendProc()
+    try:
+        p_shared = {
+            "id": "shared",
+            "socket": shared.path,
+            "models": ["sleep:30", "sleep:400"],
+            "rates": {"sleep:30": 50.0, "sleep:400": 20.0},
+            "batches": {"sleep:30": 4, "sleep:400": 8},
+        }
+        p_own = {**_part("own", own, ["sleep:30"], 50.0), "batches": {"sleep:30": 4}}
+        fe.route(
+            1,
+            {"sleep:30": _model(5000.0), "sleep:400": _model(5000.0)},
+            [p_own, p_shared],
+        )
+
+        async def both() -> tuple[list[int], list[int]]:
+            import aiohttp
+
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+                async def one(model: str, delay: float) -> int:
+                    await asyncio.sleep(delay)
+                    async with s.post(f"{fe.url}/v2/models/{model}/infer", data=BODY) as r:
+                        await r.read()
+                        return r.status
+
+                busy = [asyncio.create_task(one("sleep:400", 0.0)) for _ in range(8)]
+                burst = [asyncio.create_task(one("sleep:30", 0.1)) for _ in range(8)]
+                return list(await asyncio.gather(*busy)), list(await asyncio.gather(*burst))
+
+        busy, burst = asyncio.run(both())
+        assert busy == [200] * 8 and burst == [200] * 8, (busy, burst)
+        # a worker sends its cumulative STATS after a batch, at most once a second: one more
+        # batch on the shared worker, a second later, brings them
+        time.sleep(1.2)
+        assert _burst(f"{fe.url}/v2/models/sleep:400/infer", 1, BODY)[0][0] == 200
+
+        def shared_ran_the_model() -> bool:
+            st = shared.worker.transport.batch_stats
+            return bool(st) and st.get("sleep:30", {}).get("batches", 0) > 0
+
+        deadline = time.monotonic() + 15
+        while not shared_ran_the_model() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert shared_ran_the_model(), dict(shared.worker.transport.batch_stats)
+    finally:
+        fe.close()

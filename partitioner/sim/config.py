@@ -135,12 +135,12 @@ class SimOptions(_Strict):
     # MPS interference: "busy" slows a batch by the neighbours running when it starts (gamma x
     # their shares); "static" by every neighbour of the plan, busy or not (docs/simulator.md)
     interference: Literal["busy", "static"] = "busy"
-    # Routing among the partitions of a model: the least (in flight + 1) / planned rate, with
-    # the worker's requests in flight, all models ("worker": the runtime's and the frontend's
-    # rule), or that model's own ("model": not the runtime's; each partition then gets about
-    # its planned share of the model's rate, which "worker" does not give a model split over
-    # partitions shared with others: docs/simulator.md)
-    routing: Literal["worker", "model"] = "worker"
+    # Routing among the partitions of a model: the least (in flight + 1) / planned rate
+    # (stgs.batching.route_load), with that model's own requests in flight ("model": the
+    # runtime's and the frontends' rule; each partition gets about its planned share of the
+    # model's rate), or the worker's, all models ("worker": their former rule, which starves a
+    # shared partition of a model split over partitions: docs/simulator.md)
+    routing: Literal["worker", "model"] = "model"
     # model name -> factor: its batches run that much slower (or faster, < 1) than its profile
     # says, unknown to the planner and the controller: a model that overruns its profile
     # (DeepRT's case; a driver, clock or input that differs from the profiled one)

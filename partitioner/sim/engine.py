@@ -6,9 +6,10 @@ and a heap of partition and controller events. What it mirrors of the runtime
 
 * **Routing** (``Runtime.submit``): a request goes to the READY partition serving its model with
   the least ``(in_flight + 1) / rate`` (the rate the plan assigned there); ties go to the older
-  partition. No READY partition: the request fails at once ("no worker"). ``in_flight`` is the
-  worker's, all its models' (``SimOptions.routing = "worker"``, the runtime's rule), or that
-  model's alone (``"model"``, not the runtime's: it sends each partition its planned share).
+  partition. No READY partition: the request fails at once ("no worker"). ``in_flight`` is that
+  model's alone (``SimOptions.routing = "model"``, the runtime's rule,
+  ``stgs.batching.route_load``, inlined in the event loop), or the worker's, all its models'
+  (``"worker"``, the runtime's former rule).
 * **Executor** (``Worker.serve``): work conserving round-robin over the partition's models in
   plan order; a cycle starts at the first model whenever something is queued; each visit takes up
   to ``batch`` queued requests of that model (FIFO), answers "deadline exceeded" for those whose

@@ -54,6 +54,7 @@ from typing import Any, Literal
 
 from stgs import events
 from stgs.backend.base import Backend, DeviceRef
+from stgs.batching import route_load
 from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, layout_violation
 from stgs.errors import (
     BackendError,
@@ -129,6 +130,7 @@ class PartitionRuntime:
     ready_at: float = 0.0
     rates: dict[str, float] = field(default_factory=dict)
     socket_path: str | None = None  # where its current worker accepts data connections
+    in_flight: dict[str, int] = field(default_factory=dict)  # per model, routed and unanswered
 
     def slowest_batch_s(self) -> float:
         """The longest batch this partition is known to run: planned, or measured so far."""
@@ -217,6 +219,7 @@ class Runtime:
         self.partitions: dict[PartitionKey, PartitionRuntime] = {}
         self._lock = threading.RLock()  # one transition or reconcile step at a time
         self._route_lock = threading.Lock()  # routing choices vs state changes
+        self._count_lock = threading.Lock()  # PartitionRuntime.in_flight
         self._wake = threading.Event()
         self._stop_monitor = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -252,18 +255,28 @@ class Runtime:
                     continue
                 if model not in p.rates or p.worker.transport.closed:
                     continue
-                load = (p.worker.transport.in_flight + 1) / max(p.rates[model], 1e-6)
+                load = route_load(p.in_flight.get(model, 0), p.rates[model])
                 if best is None or load < best[0]:
                     best = (load, p)
             if best is not None:
-                assert best[1].worker is not None
-                fut, send = best[1].worker.transport.reserve(model, array, deadline_ns=deadline_ns)
+                chosen = best[1]
+                assert chosen.worker is not None
+                fut, send = chosen.worker.transport.reserve(model, array, deadline_ns=deadline_ns)
+                with self._count_lock:
+                    chosen.in_flight[model] = chosen.in_flight.get(model, 0) + 1
         if best is not None:
+            fut.add_done_callback(lambda _: self._answered(chosen, model))
             send()  # outside the lock: large tensors to different workers go in parallel
             return fut
         fut = Future()
         fut.set_exception(NoWorkerError(f"no ready worker serves {model!r}"))
         return fut
+
+    def _answered(self, p: PartitionRuntime, model: str) -> None:
+        """A routed request's future is done: it no longer counts as in flight there (its own
+        lock: the callback may run in the caller's thread, under the routing lock)."""
+        with self._count_lock:
+            p.in_flight[model] -= 1
 
     def infer(
         self,
