@@ -70,11 +70,11 @@ class Model:
 MIXES: dict[str, tuple[str, str, str]] = {
     # the simulated node (CPU workers), planned on SIM_PROFILE_MS: a whole GPU holds tiny_mlp and
     # tiny_cnn at ~50 req/s together, echo fits beside either. Planned: tiny_mlp on one GPU,
-    # tiny_cnn and echo on the other; tiny_cnn's step to 60 moves echo over to tiny_mlp's GPU;
+    # tiny_cnn and echo on the other; tiny_cnn's step to 80 moves it (or echo) to the other GPU;
     # the drop fits one GPU.
     "sim": (
         "tiny_mlp:500:60,tiny_cnn:500:20,echo:500:10",
-        "tiny_cnn:60",
+        "tiny_cnn:80",
         "tiny_mlp:8,tiny_cnn:8,echo:8",
     ),
     # two H100s on the shipped profiles (stgs plan: 2 GPUs at these rates, one at the drop's)
@@ -102,9 +102,9 @@ def write_sim_profiles(path: Path) -> Path:
 # the controller of the run: re-plans within seconds of a load change
 CONTROLLER = {
     "interval_s": "0.5",
-    "rate_halflife_s": "2.0",
+    "rate_halflife_s": "1.0",
     "hysteresis": "0.5",
-    "hold_s": "2.0",
+    "hold_s": "3.0",
 }
 
 
@@ -116,9 +116,9 @@ def parse_mix(spec: str) -> list[Model]:
             name, slo, rate = item.strip().rsplit(":", 2)
             out.append(Model(name, float(slo), float(rate)))
         except ValueError:
-            raise SystemExit(f"bad model {item!r}: use NAME:SLO_MS:RATE") from None
+            raise ValueError(f"bad model {item!r}: use NAME:SLO_MS:RATE") from None
     if len({m.name for m in out}) != len(out):
-        raise SystemExit(f"a model is named twice in {spec!r}")
+        raise ValueError(f"a model is named twice in {spec!r}")
     return out
 
 
@@ -128,13 +128,13 @@ def parse_rates(spec: str, models: list[Model], what: str) -> list[float]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, rate = item.rpartition(":")
         if name not in rates:
-            raise SystemExit(f"{what} {item!r}: no model {name!r} in the mix")
+            raise ValueError(f"{what} {item!r}: no model {name!r} in the mix")
         try:
             rates[name] = float(rate)
         except ValueError:
-            raise SystemExit(f"{what} {item!r}: use NAME:RATE") from None
+            raise ValueError(f"{what} {item!r}: use NAME:RATE") from None
         if rates[name] < 0:
-            raise SystemExit(f"{what} {item!r}: a rate is >= 0")
+            raise ValueError(f"{what} {item!r}: a rate is >= 0")
     return [rates[m.name] for m in models]
 
 
@@ -278,6 +278,15 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
             if len(gpus) < 2:
                 ck.check("two GPUs", False, f"the node has {len(gpus)} GPU(s)")
                 raise _Stop
+            # the load runs from before the registrations: the controller never sees the
+            # models idle (an idle model is re-planned at its least rate)
+            targets = [
+                Target(m.name, m.rate_rps, model_entry(m.name).example(seed=i)[None])
+                for i, m in enumerate(models)
+            ]
+            load = PhasedLoad(
+                "http", f"127.0.0.1:{d.port}", targets, rates, args.clients, work / "load"
+            )
             t0 = time.monotonic()
             for m in models:
                 r = c.post(
@@ -292,13 +301,6 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
                     raise RuntimeError(f"POST /v1/models {m.name}: {r.status_code} {r.text}")
             d.wait_all_ready(args.ready_timeout_s)
             print(f"{len(models)} models registered and ready in {time.monotonic() - t0:.1f} s")
-            targets = [
-                Target(m.name, m.rate_rps, model_entry(m.name).example(seed=i)[None])
-                for i, m in enumerate(models)
-            ]
-            load = PhasedLoad(
-                "http", f"127.0.0.1:{d.port}", targets, rates, args.clients, work / "load"
-            )
 
             # 0: warm-up until the plan spans both GPUs and no transition is under way
             calm: list[float] = []  # since when the warm-up's conditions hold
@@ -389,6 +391,7 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
             # c: the load drop
             seen: dict[int, set[int]] = {0: set(), 1: set()}  # GPU -> worker pids seen on it
             mps_seen: dict[int, set[int]] = {0: set(), 1: set()}  # GPU -> MPS daemon pids
+            mps_listed: set[int] = set()  # GPUs an MPS daemon was listed on during the phase
 
             def note(node: dict[str, Any]) -> None:
                 for g in node["gpus"]:
@@ -397,6 +400,7 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
                             seen.setdefault(g["index"], set()).add(int(part["pid"]))
                 for m in node.get("mps_daemons", []):
                     gi = int(m["device"].removeprefix("gpu").split("/")[0])
+                    mps_listed.add(gi)
                     if m.get("pid"):
                         mps_seen.setdefault(gi, set()).add(int(m["pid"]))
 
@@ -448,8 +452,12 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
             ck.check(
                 f"c: GPU {g}'s MPS control daemon stopped",
                 not mps_on and not live_mps,
-                f"MPS daemons listed on it: {len(mps_on)}; their pids seen {mps_pids},"
-                f" alive {live_mps}"
+                f"MPS daemons listed on it now: {len(mps_on)}"
+                + (
+                    f"; one ran on it in the phase, pids seen {mps_pids}, alive {live_mps}"
+                    if g in mps_listed
+                    else "; none ran on it in the phase (its partitions were not MPS)"
+                )
                 + (" (the simulated node's daemons have no process)" if args.simulated else ""),
             )
             time.sleep(args.settle_s)
@@ -528,9 +536,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--controller {kv!r}: use KEY=VALUE")
     mix = args.mix or ("sim" if args.simulated else "h100")
     spec, step, drop = MIXES.get(mix, (mix, "", ""))
-    models = parse_mix(spec)
-    args.step_rates = parse_rates(args.step or step, models, "--step")
-    args.drop_rates = parse_rates(args.drop or drop, models, "--drop")
+    try:
+        models = parse_mix(spec)
+        args.step_rates = parse_rates(args.step or step, models, "--step")
+        args.drop_rates = parse_rates(args.drop or drop, models, "--drop")
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.step_rates == [m.rate_rps for m in models]:
         ap.error("--step: no rate changes (give NAME:RATE)")
     args.clients = args.clients or (1 if args.simulated else 2)
