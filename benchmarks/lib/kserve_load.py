@@ -333,8 +333,8 @@ class PhasedLoad:
             if p.exitcode != 0:
                 raise RuntimeError(f"a load client failed (exit {p.exitcode})")
         out: list[PhasedRow] = []
-        for p in self._paths:
-            out += [tuple(r) for r in json.loads(Path(p).read_text())]  # type: ignore[misc]
+        for path in self._paths:
+            out += [tuple(r) for r in json.loads(Path(path).read_text())]
         return out
 
 
