@@ -327,25 +327,37 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
 
             # 0: warm-up until the plan spans both GPUs and no transition is under way
             calm: list[float] = []  # since when the warm-up's conditions hold
+            warm_why = [""]  # why they do not, last poll
 
             def spans_both() -> bool:
                 """The plan spans GPUs 0 and 1, no transition is under way and the controller
                 sees the offered rates (within its band) and holds nothing, for hold_s."""
                 pl = placement(c.get("/v1/plan").json())
-                st = c.get("/v1/status").json()
-                ctl_st = st.get("controller") or {}
+                ctl_st = c.get("/v1/status").json().get("controller") or {}
                 rates_seen = measured(c)
                 h = float(ctl["hysteresis"])
-                ok = (
-                    len(pl) == len(models)
-                    and {0, 1} <= set().union(*pl.values())
-                    and settled(c)
-                    and not ctl_st.get("holding")
-                    and all(
-                        m.rate_rps / (1 + h) <= rates_seen.get(m.name, 0.0) <= m.rate_rps * (1 + h)
-                        for m in models
-                    )
+                off = [
+                    m.name
+                    for m in models
+                    if not m.rate_rps / (1 + h)
+                    <= rates_seen.get(m.name, 0.0)
+                    <= m.rate_rps * (1 + h)
+                ]
+                why = (
+                    "not every model is planned"
+                    if len(pl) != len(models)
+                    else "the plan is on one GPU"
+                    if not {0, 1} <= set().union(*pl.values())
+                    else "a transition is under way"
+                    if not settled(c)
+                    else f"the controller holds {ctl_st['holding']}: {ctl_st.get('reasons')}"
+                    if ctl_st.get("holding")
+                    else f"measured rates of {off} off the offered ones: {rates_seen}"
+                    if off
+                    else ""
                 )
+                warm_why[:] = [why]
+                ok = not why
                 if not ok:
                     calm.clear()
                     return False
@@ -365,7 +377,8 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
             if not ck.check(
                 "a: plan across both GPUs",
                 bool(both),
-                f"models on GPUs {sorted(set().union(*before.values())) if before else []}",
+                f"models on GPUs {sorted(set().union(*before.values())) if before else []}"
+                + ("" if both else f"; the warm-up did not settle: {warm_why[0]}"),
             ):
                 raise _Stop
 

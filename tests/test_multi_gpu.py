@@ -1,6 +1,6 @@
 """benchmarks/multi_gpu.py on the simulated node with two GPUs (issue 19): the daemon plans
 across both, a load step moves a model between them without losing a request, a load drop gives
-a GPU back (its workers gone); and the checks that decide it."""
+a GPU back (its workers and its MPS daemon gone); and the checks that decide it."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def test_multi_gpu_simulated(tmp_path: Path) -> None:
             "3",
             "--settle-s",
             "1",
+            # plans of MPS shares (the daemon's default, "fill", plans these rates as whole
+            # GPUs): the GPU given back had an MPS daemon to stop
+            "--planner",
+            "spare_factor=1",
             "--json",
             str(out),
         ],
@@ -55,6 +59,8 @@ def test_multi_gpu_simulated(tmp_path: Path) -> None:
     ):
         assert name in checks, sorted(checks)
     assert any(n.endswith("workers gone") for n in checks)
+    mps = [c for n, c in checks.items() if n.endswith("MPS control daemon stopped")]
+    assert mps and "one ran on it in the phase" in mps[0]["detail"], mps
     # what the checks read, from the plans the daemon served
     gpus_a = {g["index"] for g in res["plan_a"]["gpus"] if g["partitions"]}
     assert gpus_a == {0, 1}
