@@ -1,11 +1,11 @@
 """Two GPUs of one host: a plan across both served under load, a model moved between them by a
 load step, and a GPU given back when the load falls (issue 19).
 
-    # on a host with >= 2 GPUs (MIG disabled; the daemon starts one MPS daemon per GPU it uses):
-    python -m benchmarks.multi_gpu [--seconds 60] [--mix h100] [--clients 8] [--frontends 4]
-        [--controller KEY=VALUE ...] [--json OUT]
-    # the same mechanics on the GPUs with the stand-in mix (below) instead of the zoo:
-    python -m benchmarks.multi_gpu --mix sim
+    # on a host with >= 2 GPUs (MIG disabled; the daemon starts one MPS daemon per GPU it uses),
+    # both: the zoo at planned rates (a, c), and the stand-ins (a, b, c; MPS shares as planned)
+    python -m benchmarks.multi_gpu [--seconds 60] [--mix h100] [--clients 4] [--frontends 4]
+        [--controller KEY=VALUE ...] [--planner KEY=VALUE ...] [--json OUT]
+    python -m benchmarks.multi_gpu --mix sim --planner spare_factor=1
     # anywhere: the simulated node with two H100s and CPU workers (about 30 s)
     python -m benchmarks.multi_gpu --simulated --seconds 5
 
@@ -92,11 +92,14 @@ MIXES: dict[str, tuple[str, str, str]] = {
         "tiny_cnn:80",
         "tiny_mlp:8,tiny_cnn:8,echo:8",
     ),
-    # two H100s on the shipped profiles (stgs plan: 2 GPUs at these rates, one at the drop's)
+    # two H100s on the shipped profiles: stgs plan (spare_factor "fill") needs both GPUs at these
+    # rates and at the hysteresis band's lower edge (x 1/1.5; one GPU peaks at 0.89 of it),
+    # one GPU at the drop's. For the step it grows vit_b_16's partitions in place (no model
+    # moves whole in `stgs plan --current`): check (b) is the stand-ins' (--mix sim) on GPUs.
     "h100": (
-        "vit_b_16:30:1500,bert_base:40:1200,resnet50:20:2000",
-        "bert_base:3000",
-        "vit_b_16:150,bert_base:150,resnet50:200",
+        "vit_b_16:30:450,bert_base:40:1200,resnet50:20:4500",
+        "vit_b_16:1500",
+        "vit_b_16:200,bert_base:200,resnet50:200",
     ),
 }
 
@@ -544,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", default=None, help="the load step: NAME:RATE,...")
     ap.add_argument("--drop", default=None, help="the load drop: NAME:RATE,...")
     ap.add_argument("--seconds", type=float, default=60.0, help="phase a's length")
-    ap.add_argument("--clients", type=int, default=None, help="load processes (default 2, sim 1)")
+    ap.add_argument("--clients", type=int, default=None, help="load processes (default 4, sim 1)")
     ap.add_argument("--frontends", type=int, default=None, help="data plane (default 4, sim 1)")
     ap.add_argument(
         "--controller",
@@ -580,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     if args.step_rates == [m.rate_rps for m in models]:
         ap.error("--step: no rate changes (give NAME:RATE)")
-    args.clients = args.clients or (1 if args.simulated else 2)
+    args.clients = args.clients or (1 if args.simulated else 4)
     args.frontends = args.frontends if args.frontends is not None else (1 if args.simulated else 4)
     names = gpu_names()
     device = "simulated node: 2 x H100-80GB (CPU workers)" if args.simulated else gpu_label()
