@@ -29,6 +29,9 @@ import numpy as np
 from api.kserve import KSERVE_OF, binary_request
 
 Row = tuple[int, float, float, int]  # model index, lag s, latency s, status
+PhasedRow = tuple[int, float, float, int, int]  # ... and the phase it was scheduled in
+NO_ANSWER = -2  # a request the client gave up on (no status within ``ANSWER_TIMEOUT_S``)
+ANSWER_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,128 @@ def load(
     for path in paths:
         out += [tuple(r) for r in json.loads(Path(path).read_text())]  # type: ignore[misc]
     return out
+
+
+async def _drive_phased(
+    kind: str,
+    addr: str,
+    targets: Sequence[Target],
+    rates: Sequence[Sequence[float]],
+    phase: Any,
+    seed: int,
+) -> list[PhasedRow]:
+    """Poisson arrivals at ``rates[phase.value]`` (one rate per target) until ``phase.value``
+    is -1; every request's record with its phase. A request that raises or gets no answer
+    within ``ANSWER_TIMEOUT_S`` is recorded as ``NO_ANSWER``."""
+    senders = [_sender(kind, addr, t) for t in targets]
+    rng = random.Random(seed)
+    out: list[PhasedRow] = []
+
+    async def one(i: int, t_plan: float, k: int) -> None:
+        lag = time.monotonic() - t_plan
+        try:
+            code = await asyncio.wait_for(senders[i](), ANSWER_TIMEOUT_S)
+        except Exception:  # a timeout, or the client's own failure: not an answer
+            code = NO_ANSWER
+        out.append((i, lag, time.monotonic() - t_plan, code, k))
+
+    tasks = []
+    t = time.monotonic() + 0.2
+    idx = range(len(targets))
+    while (k := int(phase.value)) >= 0:
+        weights = list(rates[k])
+        total = sum(weights)
+        if total <= 0:
+            await asyncio.sleep(0.05)
+            t = time.monotonic()
+            continue
+        t += rng.expovariate(total)  # memoryless: a new phase's rates apply from the next draw
+        i = rng.choices(idx, weights)[0]
+        delay = t - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, t, k)))
+    await asyncio.gather(*tasks)
+    for ch in _channels.values():
+        await ch.close()
+    for s in _sessions.values():
+        await s.close()
+    _channels.clear()
+    _sessions.clear()
+    return out
+
+
+def _phased_client(
+    kind: str,
+    addr: str,
+    targets: Sequence[Target],
+    rates: Sequence[Sequence[float]],
+    phase: Any,
+    seed: int,
+    path: str,
+) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    res = asyncio.run(_drive_phased(kind, addr, targets, rates, phase, seed))
+    Path(path).write_text(json.dumps(res))
+
+
+class PhasedLoad:
+    """Open-loop load whose rates the caller switches while it runs: ``rates[k]`` (one rate per
+    target, req/s in all) while the phase is ``k`` (:meth:`set_phase`), from ``clients``
+    processes that each send a share; :meth:`stop` ends it, waits for every answer and returns
+    every request's record with the phase it was scheduled in. For load steps whose end is an
+    event (a re-plan seen), not a time."""
+
+    def __init__(
+        self,
+        kind: str,
+        addr: str,
+        targets: Sequence[Target],
+        rates: Sequence[Sequence[float]],
+        clients: int,
+        work: Path,
+        *,
+        seed: int = 17,
+    ) -> None:
+        if any(len(r) != len(targets) for r in rates):
+            raise ValueError("every phase needs one rate per target")
+        ctx = mp.get_context("spawn")
+        work.mkdir(parents=True, exist_ok=True)
+        self._phase = ctx.Value("i", 0)
+        self._paths = [str(work / f"phased{i}.json") for i in range(clients)]
+        share = [[r / clients for r in rs] for rs in rates]
+        self._procs = [
+            ctx.Process(
+                target=_phased_client,
+                args=(kind, addr, list(targets), share, self._phase, seed + i, p),
+            )
+            for i, p in enumerate(self._paths)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def set_phase(self, k: int) -> None:
+        self._phase.value = k
+
+    def stop(self, timeout_s: float = ANSWER_TIMEOUT_S + 60.0) -> list[PhasedRow]:
+        self._phase.value = -1
+        for p in self._procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+                raise RuntimeError(f"a load client did not end within {timeout_s:.0f} s")
+            if p.exitcode != 0:
+                raise RuntimeError(f"a load client failed (exit {p.exitcode})")
+        out: list[PhasedRow] = []
+        for path in self._paths:
+            out += [tuple(r) for r in json.loads(Path(path).read_text())]
+        return out
 
 
 def summarize(

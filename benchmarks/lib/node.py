@@ -15,17 +15,18 @@ from stgs.backend.base import Backend
 from stgs.errors import StgsError
 
 
-def daemon_sections(simulated: bool) -> str:
+def daemon_sections(simulated: bool, gpus: int = 1, controller: str | None = None) -> str:
     """``LocalDaemon`` sections of a GPU benchmark's daemon: the NVML backend, never changing MIG
-    (or the simulated node: one H100 without MIG, CPU workers), and a controller that does not
-    re-plan on its own (the plan stays the one measured)."""
+    (or the simulated node: ``gpus`` H100s without MIG, CPU workers), and a controller that does
+    not re-plan on its own (the plan stays the one measured), or ``controller``'s lines of
+    ``[controller]`` (TOML) for one that does."""
     kind = "simulated" if simulated else "nvml"
     return f"""[backend]
 kind = "{kind}"
-simulated_gpus = [{{ sku = "H100-80GB", count = 1, mig = false }}]
+simulated_gpus = [{{ sku = "H100-80GB", count = {gpus}, mig = false }}]
 allow_mig_changes = false
 [controller]
-interval_s = 3600.0
+{controller if controller is not None else "interval_s = 3600.0"}
 """
 
 
@@ -63,6 +64,23 @@ def gpu_label() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.splitlines()[0] if out else "unknown"
+
+
+def gpu_names() -> list[str]:
+    """Every GPU's ``index, name, driver`` as nvidia-smi gives them (none without it)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def stop_daemons(backend: Backend, timeout_s: float = 15.0) -> list[str]:
