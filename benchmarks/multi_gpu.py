@@ -15,10 +15,11 @@ half-life for the run, ``--controller`` overrides them) and the data plane (``--
 The mix's models are registered over REST (``POST /v1/models``: SLO and rate) at rates that
 need both GPUs: ``h100`` (the default on GPUs) zoo models planned on the shipped H100 profiles;
 ``sim`` (the default with ``--simulated``) tiny_mlp, tiny_cnn and echo planned on profiles the
-run writes (``SIM_PROFILE_MS``, ``[planner] profiles``: a batch takes 100 ms on a whole GPU),
-so that tens of requests per second need two GPUs and the workers, far faster than planned,
-keep every SLO on a loaded 2-core machine; the controller's decisions are the ones it makes on
-real profiles. One open-loop load (``benchmarks.lib.kserve_load.PhasedLoad``: Poisson, KServe
+run writes (``SIM_PROFILE_MS``, ``[planner] profiles``: a batch takes 100 ms on a whole GPU)
+with the fixed batch margin (``batch_margin = "z"``, unless ``--planner`` sets one), so that
+tens of requests per second need two GPUs and the workers, far faster than planned, keep every
+SLO on a loaded 2-core machine; the controller's decisions are the ones it makes on real
+profiles. One open-loop load (``benchmarks.lib.kserve_load.PhasedLoad``: Poisson, KServe
 v2 binary tensors over HTTP from ``--clients`` processes) runs from before the registrations
 (the controller never sees a registered model idle) to the end; its rates change at each
 phase, so the controller sees the load the phases describe and nothing else:
@@ -282,6 +283,10 @@ def run(args: argparse.Namespace, models: list[Model], work: Path, out: dict[str
     if all(m.name in SIM_PROFILE_MS for m in models):  # the stand-ins, on any node
         work.mkdir(parents=True, exist_ok=True)
         planner.append(f'profiles = "{write_sim_profiles(work / "sim-profiles.csv")}"')
+        # the stand-ins' rates are sized for the fixed batch margin: with the per-model one
+        # ("slo", the default) their long SLOs let one GPU hold the whole mix
+        if not any(kv.replace(" ", "").startswith("batch_margin=") for kv in planner):
+            planner.append('batch_margin = "z"')
     d = LocalDaemon(
         work / "daemon",
         daemon_sections(
