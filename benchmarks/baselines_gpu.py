@@ -491,26 +491,8 @@ def run_trial(router: Any, cfg: LoadCfg, f: float) -> dict[str, Any]:
     per = win["rows"][:-1]
     sel = (lg.t >= cfg.warmup_s) & (lg.status != NOT_SENT)
     lag = (lg.sent - (lg.t0 + lg.t))[sel] * 1e3
-    atts = [r["attainment"] if r["attainment"] is not None else 0.0 for r in per]
-    worst = int(np.argmin(atts))
-    passed = all(a >= cfg.target for a in atts)
-    lag_p99 = float(np.percentile(lag, 99)) if lag.size else None
-    # The load generator fell behind its schedule: the misses may be its own, not the system's.
-    limited = not passed and lag_p99 is not None and lag_p99 > cfg.max_lag_ms
     return {
-        "factor": round(f, 5),
-        "rate_rps": round(sum(rates), 1),
-        "passed": passed,
-        "load_generator_limited": limited,
-        "verdict": "pass" if passed else ("load generator limited" if limited else "fail"),
-        "worst_model": per[worst]["model"],
-        "worst_attainment": atts[worst],
-        "attainment": {r["model"]: r["attainment"] for r in per},
-        "sender_lag_ms": {
-            "p50": round(float(np.percentile(lag, 50)), 3) if lag.size else None,
-            "p99": None if lag_p99 is None else round(lag_p99, 3),
-            "max_allowed_p99": cfg.max_lag_ms,
-        },
+        **trial_verdict(f, rates, per, lag, cfg.target, cfg.max_lag_ms),
         # "deadline exceeded" answers per model (whole run, warmup included): refused on the
         # predicted batch latency (admission) or found late in the worker's queue
         "deadline_kinds": {
@@ -840,6 +822,40 @@ def combine(paths: Sequence[str], out: str | None, **table: Any) -> int:
         Path(out).write_text(json.dumps(merged, indent=1, default=str))
         print(f"wrote {out}")
     return 0
+
+
+def trial_verdict(
+    f: float,
+    rates: Sequence[float],
+    per: Sequence[dict[str, Any]],
+    lag_ms: np.ndarray,
+    target: float,
+    max_lag_ms: float,
+) -> dict[str, Any]:
+    """A trial's verdict (this script's and benchmarks/triton_gpu.py's): passed when every
+    model (``per``: rows with ``model`` and ``attainment``) has >= ``target`` within SLO; "load
+    generator limited" when it failed while the client's lag p99 (``lag_ms``) exceeded
+    ``max_lag_ms``: the misses may then be the load generator's, not the system's."""
+    atts = [r["attainment"] if r["attainment"] is not None else 0.0 for r in per]
+    worst = int(np.argmin(atts))
+    passed = all(a >= target for a in atts)
+    lag_p99 = float(np.percentile(lag_ms, 99)) if lag_ms.size else None
+    limited = not passed and lag_p99 is not None and lag_p99 > max_lag_ms
+    return {
+        "factor": round(f, 5),
+        "rate_rps": round(sum(rates), 1),
+        "passed": passed,
+        "load_generator_limited": limited,
+        "verdict": "pass" if passed else ("load generator limited" if limited else "fail"),
+        "worst_model": per[worst]["model"],
+        "worst_attainment": atts[worst],
+        "attainment": {r["model"]: r["attainment"] for r in per},
+        "sender_lag_ms": {
+            "p50": round(float(np.percentile(lag_ms, 50)), 3) if lag_ms.size else None,
+            "p99": None if lag_p99 is None else round(lag_p99, 3),
+            "max_allowed_p99": max_lag_ms,
+        },
+    }
 
 
 def add_search_arguments(

@@ -97,6 +97,7 @@ from benchmarks.baselines_gpu import (
     summary_table,
     trial_line,
     trial_outcome,
+    trial_verdict,
 )
 from benchmarks.lib import kserve_load
 from benchmarks.lib.kserve_load import Row, Target
@@ -185,26 +186,8 @@ def trial_from_records(
     idx = rec[:, 0].astype(int)
     rows = [_stats(m.name, rec[idx == i], slo_s[i], rates[i]) for i, m in enumerate(models)]
     rows.append(_stats("all", rec, slo_s[idx], sum(rates)))
-    atts = [r["attainment"] if r["attainment"] is not None else 0.0 for r in rows[:-1]]
-    worst = int(np.argmin(atts))
-    passed = all(a >= target for a in atts)
-    lag = rec[:, 1] * 1e3
-    lag_p99 = float(np.percentile(lag, 99)) if lag.size else None
-    limited = not passed and lag_p99 is not None and lag_p99 > max_lag_ms
     return {
-        "factor": round(f, 5),
-        "rate_rps": round(sum(rates), 1),
-        "passed": passed,
-        "load_generator_limited": limited,
-        "verdict": "pass" if passed else ("load generator limited" if limited else "fail"),
-        "worst_model": models[worst].name,
-        "worst_attainment": atts[worst],
-        "attainment": {r["model"]: r["attainment"] for r in rows[:-1]},
-        "sender_lag_ms": {
-            "p50": round(float(np.percentile(lag, 50)), 3) if lag.size else None,
-            "p99": None if lag_p99 is None else round(lag_p99, 3),
-            "max_allowed_p99": max_lag_ms,
-        },
+        **trial_verdict(f, rates, rows[:-1], rec[:, 1] * 1e3, target, max_lag_ms),
         "rows": rows,
     }
 

@@ -111,6 +111,16 @@ _channels: dict[str, Any] = {}
 _sessions: dict[str, Any] = {}
 
 
+async def _close_connections() -> None:
+    """Close this client process's gRPC channels and HTTP sessions (after its last request)."""
+    for ch in _channels.values():
+        await ch.close()
+    for s in _sessions.values():
+        await s.close()
+    _channels.clear()
+    _sessions.clear()
+
+
 def _channel(addr: str) -> Any:
     import grpc
 
@@ -151,12 +161,7 @@ async def _drive(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, start + t, t >= warmup_s)))
     await asyncio.gather(*tasks)
-    for ch in _channels.values():
-        await ch.close()
-    for s in _sessions.values():
-        await s.close()
-    _channels.clear()
-    _sessions.clear()
+    await _close_connections()
     return out
 
 
@@ -266,12 +271,7 @@ async def _drive_phased(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, t, k)))
     await asyncio.gather(*tasks)
-    for ch in _channels.values():
-        await ch.close()
-    for s in _sessions.values():
-        await s.close()
-    _channels.clear()
-    _sessions.clear()
+    await _close_connections()
     return out
 
 

@@ -50,29 +50,13 @@ def open_backend(simulated: bool, runtime_dir: Path) -> tuple[Backend, str] | No
     return backend, label
 
 
-def gpu_label() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "unknown"
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.splitlines()[0] if out else "unknown"
-
-
-def gpu_names() -> list[str]:
-    """Every GPU's ``index, name, driver`` as nvidia-smi gives them (none without it)."""
+def _gpu_rows(fields: str) -> list[str]:
+    """nvidia-smi's CSV rows of ``fields`` per GPU (none without it, or when it fails)."""
     if shutil.which("nvidia-smi") is None:
         return []
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,name,driver_version", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -81,6 +65,17 @@ def gpu_names() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def gpu_label() -> str:
+    """The first GPU's ``name, driver`` ("unknown" without nvidia-smi)."""
+    rows = _gpu_rows("name,driver_version")
+    return rows[0] if rows else "unknown"
+
+
+def gpu_names() -> list[str]:
+    """Every GPU's ``index, name, driver`` as nvidia-smi gives them (none without it)."""
+    return _gpu_rows("index,name,driver_version")
 
 
 def stop_daemons(backend: Backend, timeout_s: float = 15.0) -> list[str]:
