@@ -170,6 +170,17 @@ class SearchResult:
     reason: str = ""
     limited: float | None = None  # the lowest factor the load generator could not drive
 
+    def summary(self, base_rps: float) -> dict[str, Any]:
+        """The result as the summaries write it (``base_rps``: the mix's rate at factor 1)."""
+        return {
+            "factor": self.best,
+            "rate_rps": round(self.best * base_rps, 1),
+            "lo": self.lo,
+            "hi": self.hi,
+            "load_generator_limited_at": self.limited,
+            "reason": self.reason,
+        }
+
 
 def search(
     passes: Callable[[float], bool | None],
@@ -1052,14 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             if sr is None:
                 continue
-            sres["result"] = {
-                "factor": sr.best,
-                "rate_rps": round(sr.best * base_rps, 1),
-                "lo": sr.lo,
-                "hi": sr.hi,
-                "load_generator_limited_at": sr.limited,
-                "reason": sr.reason,
-            }
+            sres["result"] = sr.summary(base_rps)
             sres["wall_s"] = round(time.monotonic() - t_sys, 1)
             for note in sres.get("cleanup", []):
                 print(f"  {note}")

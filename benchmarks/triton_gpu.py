@@ -550,15 +550,7 @@ class Run:
                     sres["stats"] = server.stats()
                     print(f"  Triton's counts: {sres['stats']}")
             sres["cleanup"] = server.close()
-        base = float(self.res["base_rps"])
-        sres["result"] = {
-            "factor": sr.best,
-            "rate_rps": round(sr.best * base, 1),
-            "lo": sr.lo,
-            "hi": sr.hi,
-            "load_generator_limited_at": sr.limited,
-            "reason": sr.reason,
-        }
+        sres["result"] = sr.summary(float(self.res["base_rps"]))
         print(f"  -> {name}: {sr.best:.3f} ({sr.reason})", flush=True)
 
 

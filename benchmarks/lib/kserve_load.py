@@ -19,7 +19,7 @@ import multiprocessing as mp
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,22 @@ async def _drive(
     return out
 
 
+def _run_client(
+    drive: Coroutine[Any, Any, list[Any]], path: str, cpus: Sequence[int] | None
+) -> None:
+    """A client process's body: pinned to ``cpus`` when given, on uvloop when installed, runs
+    ``drive`` and writes its records to ``path``."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    Path(path).write_text(json.dumps(asyncio.run(drive)))
+
+
 def _client(
     kind: str,
     addr: str,
@@ -175,16 +191,7 @@ def _client(
     cpus: Sequence[int] | None,
     warmup_s: float = 0.0,
 ) -> None:
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    res = asyncio.run(_drive(kind, addr, targets, seconds, seed, warmup_s))
-    Path(path).write_text(json.dumps(res))
+    _run_client(_drive(kind, addr, targets, seconds, seed, warmup_s), path, cpus)
 
 
 def load(
@@ -284,14 +291,7 @@ def _phased_client(
     seed: int,
     path: str,
 ) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    res = asyncio.run(_drive_phased(kind, addr, targets, rates, phase, seed))
-    Path(path).write_text(json.dumps(res))
+    _run_client(_drive_phased(kind, addr, targets, rates, phase, seed), path, None)
 
 
 class PhasedLoad:
