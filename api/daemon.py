@@ -21,8 +21,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from api import logs
@@ -34,7 +35,7 @@ from api.metrics import Metrics
 from api.service import Observer, Service
 from api.store import Store
 from profiler.adapters import clean_stale_profiling, cpu_profiler, gpu_profiler
-from stgs.backend.base import Backend
+from stgs.backend.base import Backend, DeviceRef
 from stgs.backend.simulated import SimulatedNode
 from stgs.errors import BackendError, ConfigError
 from stgs.hostmem import keep_large_buffers
@@ -91,6 +92,16 @@ def make_backend(cfg: DaemonConfig) -> tuple[Backend, str, list[bool] | None]:
         mig += [g.mig] * g.count
     node = SimulatedNode(names, runtime_dir=cfg.paths.runtime_dir / "sim")
     return node, "simulated", mig
+
+
+def _node_mps_pipe(backend: Backend, gpu: int) -> Callable[[], Path] | None:
+    """The profiler's MPS door on ``gpu``: the node's own control daemon there (started, or
+    found running, by the backend, which the runtime's plans share), not a second one that would
+    fail to start beside it. None on a MIG-enabled GPU (no MPS on the whole GPU there)."""
+    info = next((g for g in backend.gpus() if g.index == gpu), None)
+    if info is None or info.mig_enabled:
+        return None
+    return lambda: backend.start_mps(DeviceRef(gpu)).pipe_dir
 
 
 @dataclass
@@ -157,7 +168,11 @@ def build(cfg: DaemonConfig, *, background: bool = True) -> Daemon:
     stale = clean_stale_profiling(profiling_dir)
     if stale:
         log.info("removed %d stale profiling dir(s) of a killed run: %s", len(stale), stale)
-    profiler = cpu_profiler(profiling_dir) if kind == "simulated" else gpu_profiler(profiling_dir)
+    profiler = (
+        cpu_profiler(profiling_dir)
+        if kind == "simulated"
+        else gpu_profiler(profiling_dir, mps_pipe_dir=_node_mps_pipe(backend, 0))
+    )
     service = Service(
         cfg,
         store,

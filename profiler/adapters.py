@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stgs.catalog import get_sku
-from stgs.errors import ProfileError
+from stgs.errors import BackendError, ProfileError
 from stgs.profiles import ProfileRow, read_profiles
 from stgs.registry import ModelEntry
 
@@ -82,8 +82,16 @@ def cpu_profiler(
     return run
 
 
-def gpu_profiler(work_dir: Path, device: str = "0") -> ProfileFn:
-    """Profile on a real GPU with the profiler's default grid (whole GPU, MPS shares)."""
+def gpu_profiler(
+    work_dir: Path, device: str = "0", mps_pipe_dir: Callable[[], Path] | None = None
+) -> ProfileFn:
+    """Profile on a real GPU with the profiler's default grid (whole GPU, MPS shares).
+
+    ``mps_pipe_dir``: the pipe directory of the MPS control daemon that already owns the GPU
+    (the daemon's node backend starts it, or finds it running). A GPU takes one MPS control
+    daemon: a second one, the profiler's own, fails to start while the serving plan's runs, and
+    the plan's fails while the profiler's runs. Without it the profiler starts its own (the
+    stand-alone ``python -m profiler``)."""
 
     def run(entry: ModelEntry, sku: str) -> list[ProfileRow]:
         from profiler.models import ModelSpec as ProfiledModel
@@ -92,6 +100,10 @@ def gpu_profiler(work_dir: Path, device: str = "0") -> ProfileFn:
         model = entry.name
         work_dir.mkdir(parents=True, exist_ok=True)
         out = work_dir / f"{model}.csv"  # resumable across restarts
+        try:
+            pipe = mps_pipe_dir() if mps_pipe_dir is not None else None
+        except BackendError as exc:
+            raise ProfileError(f"profiling {model}: the GPU's MPS daemon: {exc}") from exc
         summary = run_profile(
             ProfileConfig(
                 models=(ProfiledModel.of(entry),),
@@ -99,6 +111,7 @@ def gpu_profiler(work_dir: Path, device: str = "0") -> ProfileFn:
                 device=device,
                 gpu_label=sku,  # the rows are the planning SKU's, as the backend names it
                 quiet=True,
+                mps_pipe_dir=pipe,
             )
         )
         if summary.load_failures:

@@ -165,6 +165,39 @@ def test_make_before_break_loses_no_request(rt: Runtime, node: SimulatedNode) ->
     assert all(s is PartitionState.READY for s in rt.states().values())
 
 
+def test_an_mps_daemon_with_other_clients_is_kept_not_a_failed_transition(
+    rt: Runtime, node: SimulatedNode
+) -> None:
+    """The daemon's profiler measures MPS shares as clients of the node's MPS daemon. A plan
+    that no longer needs that daemon must not fail (and roll back) because of them: the daemon
+    stays until it is idle, and a later transition stops it."""
+    rt.apply(PLAN_A)
+    mps_ref = DeviceRef(0, 4)
+    profiler_client = node.attach_client(mps_ref, mps_pct=20)
+    no_mps = plan(
+        "no-mps",
+        (
+            "H100-80GB",
+            True,
+            [
+                part([("echo", 8, 100.0)], kind="mig", mig=("3g.40gb", 0)),
+                part([("sleep:5", 2, 50.0)], kind="mig", mig=("2g.20gb", 4)),
+            ],
+        ),
+    )
+    rec = rt.apply(no_mps)
+    assert rec.state is TransitionState.SUCCEEDED, rec.error
+    assert [d.ref for d in node.mps_daemons()] == [mps_ref]  # kept for its other client
+    np.testing.assert_array_equal(rt.infer("sleep:5", X), X)
+    node.detach_client(profiler_client)
+    only_3g = plan(
+        "3g",
+        ("H100-80GB", True, [part([("echo", 8, 100.0)], kind="mig", mig=("3g.40gb", 0))]),
+    )
+    assert rt.apply(only_3g).state is TransitionState.SUCCEEDED
+    assert node.mps_daemons() == []  # idle now: stopped
+
+
 def test_instances_in_the_way_are_drained_first(rt: Runtime, node: SimulatedNode) -> None:
     rt.apply(PLAN_A)
     old = set(pids(rt).values())

@@ -59,6 +59,7 @@ from stgs.catalog import MigLayout, MigPlacement, canonical_layout, get_sku, lay
 from stgs.errors import (
     BackendError,
     ConfigError,
+    InUseError,
     NoWorkerError,
     StgsError,
     TransitionError,
@@ -689,6 +690,20 @@ class Runtime:
     def _stop_mps(self, ref: DeviceRef) -> None:
         try:
             self.backend.stop_mps(ref)
+        except InUseError as exc:
+            mine = [
+                p.key
+                for p in self.partitions.values()
+                if p.ref == ref
+                and p.partition.kind == "mps"
+                and p.state is not PartitionState.STOPPED
+            ]
+            if mine:
+                raise
+            # clients that are not this runtime's workers: the daemon's profiler measuring MPS
+            # shares on the node's daemon. Keep it; a later transition stops it once idle.
+            log.info("MPS daemon on %s kept for its other clients: %s", ref, exc)
+            return
         except BackendError as exc:
             if self._daemon_exists(ref):
                 raise
