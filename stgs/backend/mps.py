@@ -118,9 +118,11 @@ class MpsControl:
             logd.mkdir(parents=True, exist_ok=True, mode=0o700)
             res = self._run([self.binary, "-d"], "", self.env(device_uuid), self.timeout_s)
             if res.returncode != 0:
+                said = (res.stderr or res.stdout).strip()
                 raise MpsError(
-                    f"could not start the MPS daemon for {device_uuid} ({res.returncode}): "
-                    f"{(res.stderr or res.stdout).strip()}; see {logd / 'control.log'}"
+                    f"could not start the MPS daemon for {device_uuid} (exit {res.returncode})"
+                    f"{': ' + said if said else ''}; {logd / 'control.log'} ends:"
+                    f" {_log_tail(logd / 'control.log') or '(empty)'}"
                 )
             end = time.monotonic() + self.timeout_s
             while not self.alive(device_uuid):
@@ -164,6 +166,14 @@ def parse_pids(text: str) -> list[int]:
         if line.isdigit():
             out.append(int(line))
     return out
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines of an MPS log, joined with " | " ("" where it cannot be read)."""
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def _read_pid(pipe: Path) -> int | None:
