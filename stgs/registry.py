@@ -47,8 +47,11 @@ Model files (:func:`file_entry`, the daemon's ``source: file:<path>``), with the
   model within float error on the CPU. The cost: an ONNX model is not a torch module, so a
   GPU worker cannot capture it in the runtime's CUDA graphs (onnxruntime has its own CUDA
   graph option), and the profiler's GPU mode times it eagerly, through host copies. The GPU
-  latency of onnxruntime-CUDA against torch with CUDA graphs is still to be measured on the
-  lent GPU. Inputs and outputs come from the graph (initializers excluded); external data
+  latency of onnxruntime-CUDA against torch with CUDA graphs is still to be measured (the lent
+  GPUs have no onnxruntime-gpu). A conversion was tried (onnx2torch 1.5.15, 2026-12-07): it
+  has no converter for what ``torch.onnx.export`` writes today (opset 20: ``Shape``-19,
+  ``ReduceMean``-18; at opset 17 after onnx's version converter, ``Reshape`` with
+  ``allowzero=1``), which is the subset problem above, measured (docs/operations.md). Inputs and outputs come from the graph (initializers excluded); external data
   files are refused (they could name paths outside the model directory).
 
 Files load only from a path the caller resolved inside its model directory
