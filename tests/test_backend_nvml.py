@@ -151,6 +151,18 @@ def test_mps_start_failures(tmp_path: Path) -> None:
         missing.start(DeviceRef(0), "GPU-1")
 
 
+def test_mps_start_exit_status_1_but_the_daemon_listens(tmp_path: Path) -> None:
+    """``-d`` exits 1 while the daemon it forked goes on to listen: it is used, not refused."""
+    fake = FakeMps()
+
+    def late(argv: Sequence[str], stdin: str, env: dict[str, str], timeout: float) -> RunResult:
+        res = fake(argv, stdin, env, timeout)
+        return RunResult(1, "", "") if list(argv[1:]) == ["-d"] else res
+
+    info = MpsControl(tmp_path, runner=late, timeout_s=1.0).start(DeviceRef(0), "GPU-1")
+    assert "GPU-1" in fake.daemons and info.device_uuid == "GPU-1"
+
+
 def test_parse_pids() -> None:
     assert parse_pids("12\n 34 \n\nfoo\n") == [12, 34]
     assert parse_pids("") == []

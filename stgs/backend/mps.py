@@ -117,7 +117,7 @@ class MpsControl:
             pipe.mkdir(parents=True, exist_ok=True, mode=0o700)
             logd.mkdir(parents=True, exist_ok=True, mode=0o700)
             res = self._run([self.binary, "-d"], "", self.env(device_uuid), self.timeout_s)
-            if res.returncode != 0:
+            if res.returncode != 0 and not self._answers_within(device_uuid, 2.0):
                 said = (res.stderr or res.stdout).strip()
                 raise MpsError(
                     f"could not start the MPS daemon for {device_uuid} (exit {res.returncode})"
@@ -132,6 +132,17 @@ class MpsControl:
         info = MpsDaemonInfo(ref, device_uuid, pipe, logd, _read_pid(pipe))
         self.daemons[ref] = info
         return info
+
+    def _answers_within(self, device_uuid: str, seconds: float) -> bool:
+        """Whether the daemon answers within ``seconds``: ``-d`` may exit non-zero although
+        the daemon it forked goes on to listen (then it is used, not started twice)."""
+        end = time.monotonic() + seconds
+        while True:
+            if self.alive(device_uuid):
+                return True
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.1)
 
     def clients(self, device_uuid: str) -> list[int]:
         """PIDs of the clients of every MPS server under this daemon."""
