@@ -17,7 +17,8 @@ Control channel (the inherited Unix socket ``--control-fd``; newline-delimited J
   planned rates). Applied in order; answered ``{"type": "ack", "version", "failed": [ids]}``
   once a connection to every listed partition is open (``failed``: those it could not reach)
   and nothing new goes to partitions no longer listed (their requests in flight finish on the
-  old connections, closed when drained).
+  old connections, closed when drained: a draining worker serves a connection until its client
+  hangs up, so the close is what lets it exit; :mod:`stgs.runtime.worker`, Drain).
 * frontend -> daemon ``{"type": "hello", "pid"}`` first; then about once a second
   ``{"type": "stats", "models": {...}}``, cumulative since start
   (:meth:`api.inference.InferenceStats.to_dict`, which the daemon adds to its own).
