@@ -320,11 +320,10 @@ class Worker:
         """The accept thread: wait for connections, accept them (until the listener is shut
         down: the worker is exiting)."""
         assert self.listener is not None
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
         while True:
-            try:
-                select.select([self.listener], [], [])
-            except (OSError, ValueError):  # closed under us
-                return
+            poller.poll()  # a shut or closed listener wakes it too: then the accept fails
             if not self._accept_pending():
                 return
 
