@@ -144,6 +144,7 @@ class DataPlane:
         self.on_stats = on_stats
         self.ack_timeout_s = ack_timeout_s
         self.version = 0
+        self._leaving: frozenset[PartitionKey] = frozenset()  # left out of version's routing
         self.restarts = 0
         self._frontends: dict[int, _Frontend] = {}
         self._retired = InferenceStats()  # what frontends that died had counted
@@ -248,7 +249,7 @@ class DataPlane:
                     log.warning("frontend %d: unreadable control message", fe.slot)
                     continue
                 if kind == "hello":
-                    fe.send(routing_snapshot(self.svc, self.version))
+                    self._hello(fe)
                 elif kind == "ack":
                     with self._lock:
                         fe.acked = max(fe.acked, int(msg.get("version", 0)))
@@ -275,12 +276,24 @@ class DataPlane:
             if any(d.values()):
                 self.on_stats(model, d)
 
+    def _hello(self, fe: _Frontend) -> None:
+        """A (re)started frontend's first routing: the current version, its leaving partitions
+        left out as in the published one (a frontend that starts while a transition waits for
+        the acks must not route to the partitions about to drain). It may arrive after a newer
+        version that a publish sent meanwhile: the frontend ignores a version older than its
+        own."""
+        with self._lock:
+            version, leaving = self.version, self._leaving
+        fe.send(routing_snapshot(self.svc, version, leaving))
+
     # ------------------------------------------------------------------ routing
     def publish(self, leaving: Collection[PartitionKey] = (), *, wait: bool = False) -> bool:
         """Send every frontend the routing now (without ``leaving``); with ``wait``, return
         once all live frontends acknowledged it (False after ``ack_timeout_s``)."""
         with self._publish_lock:
-            self.version += 1
+            with self._lock:
+                self.version += 1
+                self._leaving = frozenset(leaving)
             snap = routing_snapshot(self.svc, self.version, leaving)
             with self._lock:
                 live = list(self._frontends.values())

@@ -14,10 +14,13 @@ Control channel (the inherited Unix socket ``--control-fd``; newline-delimited J
 
 * daemon -> frontend ``{"type": "routing", "version", "ready", "models", "partitions"}``: the
   models (SLO, input tensor) and the partitions serving them (data socket, models in slot order,
-  planned rates). Applied in order; answered ``{"type": "ack", "version", "failed": [ids]}``
-  once a connection to every listed partition is open (``failed``: those it could not reach)
-  and nothing new goes to partitions no longer listed (their requests in flight finish on the
-  old connections, closed when drained).
+  planned rates). Applied in order, a version older than the one in use ignored (the snapshot
+  answering ``hello`` can arrive after a newer one); answered
+  ``{"type": "ack", "version", "failed": [ids]}`` once a connection to every listed partition
+  is open (``failed``: those it could not reach) and nothing new goes to partitions no longer
+  listed (their requests in flight finish on the old connections, closed when drained: a
+  draining worker serves a connection until its client hangs up, so the close is what lets it
+  exit; :mod:`stgs.runtime.worker`, Drain).
 * frontend -> daemon ``{"type": "hello", "pid"}`` first; then about once a second
   ``{"type": "stats", "models": {...}}``, cumulative since start
   (:meth:`api.inference.InferenceStats.to_dict`, which the daemon adds to its own).
@@ -238,7 +241,11 @@ class Router:
 
     # ------------------------------------------------------------ snapshots
     async def apply(self, snapshot: dict[str, Any]) -> list[str]:
-        """Apply a routing snapshot; the ids of listed partitions it could not connect to."""
+        """Apply a routing snapshot; the ids of listed partitions it could not connect to. A
+        version older than the one in use is ignored: it could list partitions that have left
+        since (and are draining)."""
+        if int(snapshot.get("version", -1)) < self.version:
+            return []
         models: dict[str, _Model] = {}
         for name, m in snapshot.get("models", {}).items():
             io = ModelIO.from_dict(name, m.get("input") or {})

@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
+from api.frontend import Router
 from api.inference import EXTENSIONS
 from stgs.backend import DeviceRef, SimulatedNode
 from stgs.errors import DeadlineExceededError, WorkerDiedError
@@ -172,6 +173,36 @@ def test_async_connection_serves_and_fails_in_flight_when_the_worker_dies(
         with pytest.raises(WorkerDiedError):
             await conn.submit(0, x[0], 0)
         conn.close()
+
+    asyncio.run(go())
+
+
+def test_a_routing_older_than_the_one_in_use_is_ignored(
+    tmp_path: Path, workers: list[PathWorker]
+) -> None:
+    """The daemon answers a frontend's hello with the current routing; a publish can overtake
+    that answer. Applying the older snapshot after the newer one would route again to a
+    partition the newer one left out, one the daemon drains once the newer one is acknowledged."""
+    a = PathWorker(tmp_path, "a", ("echo", 4))
+    b = PathWorker(tmp_path, "b", ("echo", 4))
+    workers += [a, b]
+    models = {"echo": _model(5000.0)}
+
+    def snap(version: int, *parts: dict[str, Any]) -> dict[str, Any]:
+        return {"version": version, "ready": True, "models": models, "partitions": list(parts)}
+
+    async def go() -> None:
+        r = Router()
+        try:
+            assert await r.apply(snap(2, _part("pb", b, ["echo"], 10.0))) == []
+            assert await r.apply(snap(1, _part("pa", a, ["echo"], 10.0))) == []  # overtaken
+            assert r.version == 2 and list(r.partitions) == ["pb"]
+            x = np.ones((1, 4), np.float32)
+            out = await r.infer_arrays("echo", (x,), None)
+            np.testing.assert_array_equal(out[0], x)
+            assert r.partitions["pb"].service_s  # served by b
+        finally:
+            r.close()
 
     asyncio.run(go())
 

@@ -243,18 +243,66 @@ def test_a_client_that_stops_reading_is_cut_off(rt: Runtime) -> None:
 
 
 def test_stop_serves_what_data_connections_queued(rt: Runtime) -> None:
+    """The drain ends when the data client hangs up, long before its deadline."""
     p = _only(rt)
     path = p.socket_path
-    assert path is not None
+    assert path is not None and p.worker is not None
+    proc = p.worker.proc
+    rt.drain_timeout_s = 60.0  # far past the joins below: the hang-up ends the drain
     fs = _connect(rt)
     for i in range(8):  # two batches
         fs.send(REQUEST, model=SLEEP, req_id=i, array=X)
     time.sleep(0.1)  # queued in the worker
-    rt.apply(EMPTY)  # drains and stops the partition
-    assert p.state is PartitionState.STOPPED
+    applying = threading.Thread(target=rt.apply, args=(EMPTY,))  # drains and stops it
+    applying.start()
     assert sorted(_answers(fs, 8)) == list(range(8))
-    assert fs.recv() is None  # then the worker closed the connection
+    fs.close()  # what a frontend does once the routing left the partition out: drained
+    applying.join(TIMEOUT)
+    assert not applying.is_alive()
+    assert p.state is PartitionState.STOPPED
+    assert proc.returncode == 0  # it exited on its own, not killed
     assert not os.path.exists(path)
+
+
+def test_a_drain_ends_at_its_deadline_under_a_client_that_stays(rt: Runtime) -> None:
+    """A data client that never hangs up holds a drain until its deadline only: then the worker
+    exits on its own and the client sees end of file after its answers."""
+    p = _only(rt)
+    assert p.worker is not None
+    proc = p.worker.proc
+    rt.drain_timeout_s = 0.5
+    fs = _connect(rt)
+    for i in range(4):
+        fs.send(REQUEST, model=SLEEP, req_id=i, array=X)
+    time.sleep(0.1)  # queued in the worker
+    rt.apply(EMPTY)  # the stop's deadline: the drain timeout plus a second
+    assert p.state is PartitionState.STOPPED
+    assert proc.returncode == 0  # exited at the deadline, not killed after it
+    assert sorted(_answers(fs, 4)) == list(range(4))
+    assert fs.recv() is None  # then the worker closed the connection
+
+
+def test_a_draining_worker_serves_its_data_clients_until_they_hang_up(rt: Runtime) -> None:
+    """Make before break across processes: a frontend can write a request it routed before the
+    routing change after the worker was told to drain (its write still queued in its event
+    loop, or not yet read by the worker's reader thread when STOP came). The worker must serve
+    it: it exits only once its data clients hung up (a frontend closes a partition's connection
+    once the routing left the partition out and its answers are in). The worker used to exit as
+    soon as its queues were empty: the client's write failed (EPIPE), or its requests in the
+    socket were lost with the connection, "request lost in flight"."""
+    w = _only(rt).worker
+    assert w is not None
+    fs = _connect(rt)
+    fs.send(REQUEST, model=ECHO, req_id=1, array=X)
+    assert list(_answers(fs, 1)) == [1]  # connected, accepted and served
+    w.transport.stop()  # STOP, with nothing queued
+    time.sleep(0.5)  # the worker has read STOP and found its queues empty
+    assert w.proc.poll() is None, "the worker exited under a data client that had not hung up"
+    for i in range(2, 6):
+        fs.send(REQUEST, model=ECHO, req_id=i, array=X)
+    assert sorted(_answers(fs, 4)) == [2, 3, 4, 5]
+    fs.close()  # the client hangs up: the drain is done
+    assert w.proc.wait(TIMEOUT) == 0
 
 
 def test_a_restarted_worker_gets_a_new_socket(rt: Runtime) -> None:

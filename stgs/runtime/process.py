@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 from stgs.backend.base import Backend, DeviceRef
@@ -23,6 +24,10 @@ from stgs.runtime.transport import SocketTransport
 from stgs.runtime.worker import WorkerSpec
 
 __all__ = ["WorkerProcess"]
+
+# How long after its drain deadline a stopped worker may take to exit before it is killed: the
+# batch in flight and the exit itself.
+STOP_GRACE_S = 1.0
 
 
 class WorkerProcess:
@@ -102,11 +107,13 @@ class WorkerProcess:
         return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Drain: the worker serves what it has queued, then exits; killed after the timeout."""
+        """Drain: the worker serves what it has queued, and its data clients until they hang
+        up, for at most ``timeout_s`` (the STOP's deadline), then exits; killed if it has not
+        exited ``STOP_GRACE_S`` after that."""
         if self.proc.poll() is None:
-            self.transport.stop()
+            self.transport.stop(deadline_ns=time.monotonic_ns() + int(timeout_s * 1e9))
             try:
-                self.proc.wait(timeout_s)
+                self.proc.wait(timeout_s + STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

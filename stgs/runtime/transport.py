@@ -99,7 +99,7 @@ RECV_BUFFER_BYTES = 64 << 10
 REQUEST = 1
 RESPONSE = 2
 READY = 3  # worker -> daemon once its models are loaded; payload: JSON facts
-STOP = 4  # daemon -> worker: finish what is queued, then exit
+STOP = 4  # daemon -> worker: drain (deadline_ns: how long at most), then exit
 STATS = 5  # worker -> daemon: cumulative batch statistics per model slot; payload: JSON
 STATS_KEYS = ("batches", "run_ns", "full_batches", "full_run_ns")
 HEARTBEAT = 6  # worker -> daemon from its duty-cycle loop; req_id: its longest batch so far (ns)
@@ -525,10 +525,12 @@ class SocketTransport(Transport):
 
         return fut, send
 
-    def stop(self) -> None:
-        """Ask the worker to finish its queue and exit (it closes the socket when done)."""
+    def stop(self, deadline_ns: int = 0) -> None:
+        """Ask the worker to drain and exit (it closes the socket when done): it serves what is
+        queued, and its data connections' clients until they hang up or ``deadline_ns`` (on
+        ``time.monotonic_ns()``; 0: no deadline) passes (:mod:`stgs.runtime.worker`, Drain)."""
         with contextlib.suppress(OSError):
-            self._fs.send(STOP)
+            self._fs.send(STOP, deadline_ns=deadline_ns)
 
     def _pop(self, req_id: int) -> Future[Tensors] | None:
         with self._lock:

@@ -35,9 +35,8 @@ batch is in flight is predicted to end after that batch's predicted end (its sta
 device plus its model's estimate) plus its own model's estimate. When nothing of a take runs
 and a request was refused on that prediction, the estimate shrinks (``ADMISSION_DECAY``): only
 batches that run re-measure it, so a few slow batches must not make a model refuse everything
-from then on. A STOP frame drains: what is queued is served (the batch in flight answered),
-then the worker exits; a closed socket (the daemon is gone) ends the worker once the batch in
-flight is answered.
+from then on. A STOP frame drains (Drain, below); a closed socket (the daemon is gone) ends the
+worker once the batch in flight is answered.
 
 Liveness: the duty-cycle loop sends a HEARTBEAT frame (with its longest batch so far, on the
 device) whenever it has sent nothing for ``HEARTBEAT_INTERVAL_S``, idle or between batches. A
@@ -69,8 +68,21 @@ the path every request takes. A data connection that closes (end of file: a clie
 half-close while it waits) drops its requests still queued when they are taken (nobody to
 answer); the others are untouched. A client that stops reading is cut off: a reply that cannot
 be sent for ``DATA_SEND_TIMEOUT_S`` closes its connection, so that it never stalls the batch
-loop that every connection shares. A drain (STOP) serves what is queued from every connection;
-when the worker exits it closes its data connections and unlinks the socket file.
+loop that every connection shares. When the worker exits it closes its data connections and
+unlinks the socket file.
+
+Drain (STOP, on the control connection): the worker serves what is queued, from every
+connection, and goes on serving its data connections until every client hung up, or until the
+STOP's ``deadline_ns`` (0: none; the supervisor kills a worker that outlives it); only then does
+it exit. A worker cannot tell from its queues that a client sent everything: a frontend routes
+a request to a partition, then learns that the partition leaves and acknowledges it, and the
+request may still be in the frontend's write buffer, or in the socket unread by this worker's
+reader thread, when STOP arrives. Exiting on empty queues lost it ("request lost in flight" at
+the frontend; EPIPE on its write). The client's hang-up is the proof instead: a frontend closes
+its connection to a partition once the routing left it out and every answer is in (end of file
+comes after every frame it sent). When STOP arrives the loop also accepts every connection still
+in the listener's backlog (accepting and registering one happen under one lock), so that no
+client that connected before is overlooked.
 
 Trace (benchmarks): with ``STGS_WORKER_TRACE=DIR`` in its environment a worker records, per
 batch, ``TRACE_BATCH`` and, per request taken, ``TRACE_REQUEST`` (``time.monotonic_ns()``, one
@@ -87,6 +99,7 @@ import contextlib
 import gc
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -252,7 +265,10 @@ class Worker:
         self.queues: list[deque[_Request]] = [deque() for _ in spec.models]
         self.cond = threading.Condition()
         self.stopping = False
+        self.stop_deadline_ns = 0  # the STOP's deadline (0: none): the drain waits no longer
         self.gone = False
+        self._accept_lock = threading.Lock()  # a connection is taken off the listener and
+        # added to self.conns in one hold of it (_accept_pending)
         self.est_ns = [0.0] * len(spec.models)  # EMA of measured batch latency
         self.runners: list[BatchRunner] = []
         self.trace_dir = os.environ.get(TRACE_ENV) or None
@@ -296,26 +312,48 @@ class Worker:
         finally:
             os.umask(old)
         sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)  # accepts happen in _accept_pending, never blocking in it
         self.listener = sock
         threading.Thread(target=self._accept, name="accept", daemon=True).start()
 
     def _accept(self) -> None:
+        """The accept thread: wait for connections, accept them (until the listener is shut
+        down: the worker is exiting)."""
         assert self.listener is not None
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
         while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:  # the listener was shut down: the worker is exiting
+            poller.poll()  # a shut or closed listener wakes it too: then the accept fails
+            if not self._accept_pending():
                 return
-            # A client that stops reading must not stall the batch loop, and so every other
-            # connection, on a full socket: a send that makes no progress for this long fails,
-            # and the connection is cut (_cut).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _DATA_SEND_TIMEOUT)
-            conn = _Conn(FrameSocket(sock))
-            with self.cond:
-                self.conns.add(conn)
-            threading.Thread(
-                target=self.read, args=(conn,), name="data-reader", daemon=True
-            ).start()
+
+    def _accept_pending(self) -> bool:
+        """Accept every connection waiting on the listener, each added to ``self.conns`` with
+        its reader started in the same hold of the accept lock; False once the listener is shut
+        down. The accept thread calls it, and the batch loop once it is told to drain: then
+        every client that connected before STOP is in ``self.conns`` (none waits unaccepted in
+        the backlog, unseen by the drain)."""
+        if self.listener is None:
+            return True
+        with self._accept_lock:
+            while True:
+                try:
+                    sock, _ = self.listener.accept()
+                except BlockingIOError:  # none waiting
+                    return True
+                except OSError:  # the listener was shut down: the worker is exiting
+                    return False
+                sock.setblocking(True)
+                # A client that stops reading must not stall the batch loop, and so every
+                # other connection, on a full socket: a send that makes no progress for this
+                # long fails, and the connection is cut (_cut).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _DATA_SEND_TIMEOUT)
+                conn = _Conn(FrameSocket(sock))
+                with self.cond:
+                    self.conns.add(conn)
+                threading.Thread(
+                    target=self.read, args=(conn,), name="data-reader", daemon=True
+                ).start()
 
     def close_data(self) -> None:
         """At exit: no new connections, the socket file gone, every data connection closed (its
@@ -349,6 +387,7 @@ class Worker:
                     if frame.kind == STOP and control:
                         with self.cond:
                             self.stopping = True
+                            self.stop_deadline_ns = frame.deadline_ns
                             self.cond.notify()
                     continue
                 if frame.model >= len(self.queues):
@@ -376,6 +415,7 @@ class Worker:
         c.open = False
         with self.cond:
             self.conns.discard(c)
+            self.cond.notify()  # a draining loop waits for its last client to hang up
         fs.close()
 
     def _reply_error(self, c: _Conn, req_id: int, status: int, message: str) -> None:
@@ -393,22 +433,36 @@ class Worker:
         with contextlib.suppress(OSError):
             self.fs.send(HEARTBEAT, req_id=self.max_run_ns)
 
+    def _clients_gone(self) -> bool:
+        """Draining (under ``self.cond``): every data client hung up, or the STOP's deadline
+        passed."""
+        if not self.conns:
+            return True
+        return bool(self.stop_deadline_ns) and time.monotonic_ns() >= self.stop_deadline_ns
+
     def serve(self) -> None:
-        """The duty-cycle loop (module docstring, "The loop" and "Pipelining")."""
+        """The duty-cycle loop (module docstring, "The loop", "Pipelining" and "Drain")."""
         n_slots = len(self.spec.models)
         cursor = 0  # the slot whose turn is next (round robin)
         inflight: _Batch | None = None  # launched, not yet collected
+        swept = False  # told to drain, and every client that had connected accepted since
         while True:
             self.beat(time.monotonic_ns())
+            if self.stopping and not swept:  # (outside self.cond: _accept_pending takes it)
+                self._accept_pending()
+                swept = True
             with self.cond:
                 if inflight is None:
-                    while not self.gone and not self.stopping and not any(self.queues):
-                        if not self.cond.wait(HEARTBEAT_INTERVAL_S):
+                    while not self.gone and not any(self.queues):
+                        if self.stopping and (not swept or self._clients_gone()):
+                            break
+                        if not self.cond.wait(self._idle_wait_s()):
                             break  # idle: beat, then wait again
                 elif self.pipeline and not inflight.done_ns:
                     self._wait_for_turn(cursor, inflight)
                 waiting = not self.gone and any(self.queues)
-                ending = self.gone or (self.stopping and not waiting)
+                drained = self.stopping and swept and not waiting and self._clients_gone()
+                ending = self.gone or drained
             nxt: _Batch | None = None
             if waiting:
                 nxt, cursor = self._next_batch(cursor, n_slots, inflight)
@@ -429,6 +483,14 @@ class Worker:
                 inflight = None
             if ending and inflight is None:
                 return
+
+    def _idle_wait_s(self) -> float:
+        """How long the idle loop waits for a request: until its next heartbeat, or, draining,
+        the STOP's deadline if that comes first."""
+        if not self.stop_deadline_ns:
+            return HEARTBEAT_INTERVAL_S
+        left = (self.stop_deadline_ns - time.monotonic_ns()) / 1e9
+        return max(0.0, min(HEARTBEAT_INTERVAL_S, left))
 
     def _wait_for_turn(self, cursor: int, inflight: _Batch) -> None:
         """With a batch in flight on the device, hold the next take (under ``self.cond``) until
