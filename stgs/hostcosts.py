@@ -28,6 +28,13 @@ Who reads what:
   cycle), ``batch_ms`` per batch and ``sample_ms + sample_ms_per_mb x MB`` per request in a
   batch (inside it). Smaller inputs (token ids) cost less than that, so the planner errs on the
   slow side for them; a config or scenario value still overrides each number.
+
+How a batch's host time meets its GPU time in the duty cycle is one rule,
+:func:`batch_occupancy_ms`, which the planner (``partitioner.problem``), its checks and the
+simulator's worker model follow: a sequential worker (``STGS_WORKER_PIPELINE=0``) holds its
+partition for GPU time + host time; a pipelined one (the default) stages the next batch and
+replies to the last one while this one runs, so a batch holds it for the longer of the two.
+A request's own latency still includes its batch's host time in both.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ __all__ = [
     "Provenance",
     "TraceObservations",
     "api_request_ms",
+    "batch_occupancy_ms",
     "default_host_costs_path",
     "fit_api_way",
     "fit_trace",
@@ -255,6 +263,20 @@ def api_request_ms(host: str | None = None) -> float | None:
 def measured_term(name: str) -> Callable[[], float]:
     """A default factory: the default file's term ``name`` (read at first use)."""
     return lambda: float(getattr(measured_host_costs(), name))
+
+
+def batch_occupancy_ms(
+    device_ms: npt.ArrayLike, host_ms: npt.ArrayLike, pipelined: bool
+) -> npt.NDArray[np.float64]:
+    """How long a batch holds its partition's worker (ms, elementwise): its GPU time
+    ``device_ms`` and the worker's host time around it ``host_ms`` (``batch_ms + n item``),
+    added for a sequential worker (take, stage, run, reply, then the next batch), the larger of
+    the two for a pipelined one (``PlannerOptions.worker_pipeline``): its host work overlaps
+    the neighbouring batches' GPU runs and is on the critical path only where it is longer. A
+    request's latency is not this: it includes its batch's host time in both cases."""
+    dev = np.asarray(device_ms, dtype=np.float64)
+    host = np.asarray(host_ms, dtype=np.float64)
+    return np.maximum(dev, host) if pipelined else dev + host
 
 
 def planner_term(name: str) -> Callable[[], float]:

@@ -10,7 +10,8 @@ Formulation: a configuration program, solved by HiGHS (``scipy.optimize.milp``).
 
 * A *configuration* of a shape: models with one batch bucket each (at most
   ``max_models_per_partition``), their memory within the shape's, whose smallest duty cycle
-  ``D = sum_m L_m(b_m)`` meets every SLO: ``D + L_m(b_m) <= slo_m``. It serves any rates
+  ``D = sum_m O_m(b_m)`` (the batches' occupancies, ``Curve.occ``) meets every SLO:
+  ``D + L_m(b_m) <= slo_m`` (their latencies, ``Curve.lat``). It serves any rates
   ``r_m <= cap_m = Curve.rate_cap(b_m, D, D')`` (the duty-cycle rule at ``d = D`` and the batch
   margin on the partition's predicted cycle ``D'``, both of the batches alone; a larger d serves
   less).
@@ -152,16 +153,21 @@ def _enumerate(
     (checked per curve; without it nothing is pruned for that model). A model with no load only
     ever needs its smallest bucket.
     """
+    # per model, its options (bucket index, occupancy, memory, SLO slack ``slo - L``)
     cands: list[tuple[int, bool, list[tuple[int, float, float, float]]]] = []
     for mi, c in sorted(curves.items()):
         slo = c.slo
-        mono = bool(np.all(np.diff(c.lat) >= 0) and np.all(np.diff(c.memory) >= 0))
+        mono = bool(
+            np.all(np.diff(c.lat) >= 0)
+            and np.all(np.diff(c.occ) >= 0)
+            and np.all(np.diff(c.memory) >= 0)
+        )
         opts: list[tuple[int, float, float, float]] = []
         for bi in range(len(c.buckets)):
-            lat = float(c.lat[bi])
+            lat, occ = float(c.lat[bi]), float(c.occ[bi])
             mem = float(c.memory[bi])
-            if lat > 0 and 2 * lat <= slo + _EPS and mem <= shape.memory_mib:
-                opts.append((bi, lat, mem, slo - lat))
+            if occ > 0 and occ + lat <= slo + _EPS and mem <= shape.memory_mib:
+                opts.append((bi, occ, mem, slo - lat))
         if rates[mi] <= 0:
             opts = opts[:1]
         if opts:
@@ -177,8 +183,8 @@ def _enumerate(
                 continue
             c = curves[mi]
             bi, bi_prev = opts[k][0], opts[k - 1][0]
-            cycle = total - c.lat_list[bi] + c.lat_list[bi_prev]
-            cycle_pred = pred - c.pred_list[bi] + c.pred_list[bi_prev]
+            cycle = total - c.occ_list[bi] + c.occ_list[bi_prev]
+            cycle_pred = pred - c.pred_occ_list[bi] + c.pred_occ_list[bi_prev]
             if c.rate_cap(bi_prev, cycle, cycle_pred) >= rates[mi]:
                 return True
         return False
@@ -198,8 +204,8 @@ def _enumerate(
             return
         mi, mono, opts = cands[i]
         rate = rates[mi]
-        for k, (bi, lat, m_mem, m_slack) in enumerate(opts):
-            t2 = total + lat
+        for k, (bi, occ, m_mem, m_slack) in enumerate(opts):
+            t2 = total + occ
             s2 = min(slack, m_slack)
             if t2 > s2 + _EPS:
                 if mono:
@@ -216,7 +222,7 @@ def _enumerate(
             runs.append((mi, bi))
             chosen.append((mi, mono, k))
             picked.append(cands[i])
-            walk(i + 1, t2, pred + curves[mi].pred_list[bi], mem + m_mem, s2)
+            walk(i + 1, t2, pred + curves[mi].pred_occ_list[bi], mem + m_mem, s2)
             runs.pop()
             chosen.pop()
             picked.pop()
