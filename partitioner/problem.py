@@ -14,14 +14,16 @@ worker's host time around it ``H(b) = host_batch_ms + b host_item_ms`` and
 ``t = host_request_ms`` (the way to the worker and back; ``PlannerOptions``):
 
 * ``L_m(b) = G_m(b) + H(b)``, the batch's latency as its requests see it;
-* ``O_m(b)``, what the batch occupies of the cycle (:func:`stgs.hostcosts.batch_occupancy_ms`,
-  the one rule): with ``PlannerOptions.worker_pipeline`` (the workers' default) ``max(G_m(b),
-  H(b))``, since the worker stages the next batch and replies to the last one while this one
-  runs, so its host time is on the critical path only where it exceeds the GPU time; without
-  (``STGS_WORKER_PIPELINE=0``) ``G_m(b) + H(b) = L_m(b)``.
+* ``O_m``, what the batch occupies of the cycle (:func:`stgs.hostcosts.round_shares_ms`, the
+  one rule; :func:`round_shares` here): with ``PlannerOptions.worker_pipeline`` (the workers'
+  default) ``max(G_m(b_m), H(b_next))``, ``next`` the model the worker visits after ``m`` (the
+  first after the last; ``m`` itself when alone): the worker stages the next batch while this
+  one runs on the GPU, so host time is on the critical path only where it exceeds the GPU
+  time; without (``STGS_WORKER_PIPELINE=0``) ``G_m(b_m) + H(b_m) = L_m(b_m)``.
 
-``Curve.lat`` is ``L`` (SLO checks), ``Curve.occ`` is ``O`` (the cycle's sums, throughput,
-utilisation), ``Curve.slo`` is ``slo_m - t``.
+``Curve.lat`` is ``L`` (SLO checks), ``Curve.occ`` is ``O`` of the batch alone on its worker
+(``max(G, H)`` pipelined: throughput alone, and a lower bound of any round's length),
+``Curve.slo`` is ``slo_m - t``.
 
 Batches come from the runtime's CUDA-graph buckets (``BATCH_BUCKETS``): the runtime pads a batch
 to its bucket, so planning with bucket sizes predicts what runs.
@@ -43,7 +45,7 @@ from partitioner.margin import cycle_capacity as margin_capacity
 from partitioner.margin import patience, z_capacity
 from stgs.catalog import GpuSku, get_sku
 from stgs.errors import ProfileError
-from stgs.hostcosts import batch_occupancy_ms
+from stgs.hostcosts import batch_occupancy_ms, round_shares_ms
 from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
 from stgs.profiles import (
     InterferenceRow,
@@ -274,6 +276,20 @@ class Curve:
     @cached_property
     def occ_list(self) -> list[float]:
         return [float(x) for x in self.occ]
+
+    @cached_property
+    def dev_list(self) -> list[float]:
+        """Each bucket's planning GPU time (``lat`` less the host time)."""
+        return [float(x) for x in self.raw_solo * self.slowdown * (1.0 + self.headroom)]
+
+    @cached_property
+    def pred_dev_list(self) -> list[float]:
+        """Each bucket's predicted GPU time (without the headroom)."""
+        return [float(x) for x in self.raw_solo * self.slowdown]
+
+    @cached_property
+    def host_list(self) -> list[float]:
+        return [float(x) for x in self.host]
 
     @cached_property
     def memory_list(self) -> list[float]:
@@ -587,6 +603,20 @@ def _max_cycle_uncached(curve: Curve, rate: float) -> float:
     return float(np.max(cap[ok]))
 
 
+def round_shares(
+    items: Sequence[tuple[Curve, float]], idx: Sequence[int], predicted: bool = False
+) -> list[float]:
+    """Each model's share (ms) of its partition's round, the models in ``items`` order (the
+    worker's) at bucket indices ``idx``: :func:`stgs.hostcosts.round_shares_ms` of their GPU
+    times (planning, or ``predicted``: without the headroom) and host times."""
+    dev = [
+        (c.pred_dev_list if predicted else c.dev_list)[i]
+        for (c, _), i in zip(items, idx, strict=True)
+    ]
+    host = [c.host_list[i] for (c, _), i in zip(items, idx, strict=True)]
+    return [float(x) for x in round_shares_ms(dev, host, items[0][0].pipelined)]
+
+
 def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Schedule | None:
     """The schedule at duty cycle ``d``: each model's smallest bucket with ``b >= r d / 1000``
     (its capacity), then, with the "slo" batch margin, the least batches that keep the margin
@@ -607,10 +637,18 @@ def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Sc
             i = 0
         idx.append(i)
         busy += curve.occ_list[i]
+    # pipelined workers with several models: a batch's share of the round depends on the next
+    # batch's host time (round_shares), not on its own alone (occ)
+    rounds = len(items) > 1 and items[0][0].pipelined
+    if rounds:
+        busy = sum(round_shares(items, idx))
     if busy > d + 1e-9:
         return None
     if items[0][0].margin == "slo":  # one problem's curves: one margin rule
-        pred = sum(curve.pred_occ_list[i] for (curve, _), i in zip(items, idx, strict=True))
+        if rounds:
+            pred = sum(round_shares(items, idx, predicted=True))
+        else:
+            pred = sum(curve.pred_occ_list[i] for (curve, _), i in zip(items, idx, strict=True))
         grown = True
         while grown:
             grown = False
@@ -623,18 +661,27 @@ def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Sc
                 if i + 1 >= len(curve.bucket_list):
                     return None
                 idx[j] = i + 1
-                busy += curve.occ_list[i + 1] - curve.occ_list[i]
-                pred += curve.pred_occ_list[i + 1] - curve.pred_occ_list[i]
+                if rounds:
+                    busy = sum(round_shares(items, idx))
+                    pred = sum(round_shares(items, idx, predicted=True))
+                else:
+                    busy += curve.occ_list[i + 1] - curve.occ_list[i]
+                    pred += curve.pred_occ_list[i + 1] - curve.pred_occ_list[i]
                 grown = True
             if busy > d + 1e-9:
                 return None
     slots = []
     mem = 0.0
-    for (curve, rate), i in zip(items, idx, strict=True):
+    shares = (
+        round_shares(items, idx)
+        if rounds
+        else [c.occ_list[i] for (c, _), i in zip(items, idx, strict=True)]
+    )
+    for (curve, rate), i, share in zip(items, idx, shares, strict=True):
         lat = curve.lat_list[i]
         d = min(d, curve.slo - lat)
         mem += curve.memory_list[i]
-        slots.append(Slot(curve, rate, curve.bucket_list[i], lat, curve.occ_list[i]))
+        slots.append(Slot(curve, rate, curve.bucket_list[i], lat, share))
     if busy > d + 1e-9 or mem > shape_mem + 1e-6:
         return None
     return Schedule(d, tuple(slots))

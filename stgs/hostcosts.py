@@ -30,11 +30,12 @@ Who reads what:
   slow side for them; a config or scenario value still overrides each number.
 
 How a batch's host time meets its GPU time in the duty cycle is one rule,
-:func:`batch_occupancy_ms`, which the planner (``partitioner.problem``), its checks and the
-simulator's worker model follow: a sequential worker (``STGS_WORKER_PIPELINE=0``) holds its
-partition for GPU time + host time; a pipelined one (the default) stages the next batch and
-replies to the last one while this one runs, so a batch holds it for the longer of the two.
-A request's own latency still includes its batch's host time in both.
+:func:`round_shares_ms` (:func:`batch_occupancy_ms` for a batch alone), which the planner
+(``partitioner.problem``), its checks and the simulator's worker model follow: a sequential
+worker (``STGS_WORKER_PIPELINE=0``) holds its partition for GPU time + host time of each
+batch; a pipelined one (the default) stages the next batch while this one runs, so each batch
+holds it for the longer of its GPU time and the next batch's host time. A request's own
+latency still includes its batch's host time in both.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ __all__ = [
     "measured_term",
     "planner_host_costs",
     "planner_term",
+    "round_shares_ms",
     "shipped_host_costs_path",
     "write_host_costs",
 ]
@@ -265,15 +267,32 @@ def measured_term(name: str) -> Callable[[], float]:
     return lambda: float(getattr(measured_host_costs(), name))
 
 
+def round_shares_ms(
+    device_ms: npt.ArrayLike, host_ms: npt.ArrayLike, pipelined: bool
+) -> npt.NDArray[np.float64]:
+    """Each batch's share (ms) of its worker's round: the batches of the worker's models in the
+    order it visits them, with their GPU times ``device_ms`` and the worker's host time around
+    each ``host_ms`` (``batch_ms + n item``); the round takes their sum.
+
+    A sequential worker (take, stage, run, reply, then the next batch) spends ``device + host``
+    on each. A pipelined one (``PlannerOptions.worker_pipeline``) stages the next batch while
+    this one runs on the GPU and can start staging it only once this one is launched, so the
+    GPU's time from this batch's start to the next one's is ``max(device_j, host_{j+1})``, the
+    next batch's host time (the last batch's next is the first: a round). Alone on its worker a
+    batch takes ``max(device, host)``. A request's latency is not this: it includes its own
+    batch's host time in both cases."""
+    dev = np.asarray(device_ms, dtype=np.float64)
+    host = np.asarray(host_ms, dtype=np.float64)
+    if not pipelined:
+        return dev + host
+    return np.maximum(dev, np.roll(host, -1))
+
+
 def batch_occupancy_ms(
     device_ms: npt.ArrayLike, host_ms: npt.ArrayLike, pipelined: bool
 ) -> npt.NDArray[np.float64]:
-    """How long a batch holds its partition's worker (ms, elementwise): its GPU time
-    ``device_ms`` and the worker's host time around it ``host_ms`` (``batch_ms + n item``),
-    added for a sequential worker (take, stage, run, reply, then the next batch), the larger of
-    the two for a pipelined one (``PlannerOptions.worker_pipeline``): its host work overlaps
-    the neighbouring batches' GPU runs and is on the critical path only where it is longer. A
-    request's latency is not this: it includes its batch's host time in both cases."""
+    """:func:`round_shares_ms` of batches each alone on its worker (elementwise: one batch per
+    round): ``device + host`` sequential, ``max(device, host)`` pipelined."""
     dev = np.asarray(device_ms, dtype=np.float64)
     host = np.asarray(host_ms, dtype=np.float64)
     return np.maximum(dev, host) if pipelined else dev + host

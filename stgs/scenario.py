@@ -237,10 +237,10 @@ class PlannerOptions(_Strict):
 
     # How the workers run their batches (stgs.runtime.worker): pipelined (the next batch staged
     # and launched while this one runs, the replies of the last sent meanwhile) or one at a
-    # time. Pipelined, a batch holds the cycle for max(GPU time, host time), else their sum
-    # (stgs.hostcosts.batch_occupancy_ms); a request's latency includes its batch's host time
-    # in both. Default: the workers' own setting, $STGS_WORKER_PIPELINE read as they read it
-    # (stgs.runtime.worker.pipeline_setting: pipelined unless it is 0), so that a daemon
+    # time. Pipelined, a batch holds the cycle for max(its GPU time, the next batch's host time),
+    # else their sum (stgs.hostcosts.round_shares_ms); a request's latency includes its batch's
+    # host time in both. Default: the workers' own setting, $STGS_WORKER_PIPELINE read as they
+    # read it (stgs.runtime.worker.pipeline_setting: pipelined unless it is 0), so that a daemon
     # started with STGS_WORKER_PIPELINE=0 plans for the sequential workers it runs.
     worker_pipeline: bool = Field(
         default_factory=_worker_pipeline_default,

@@ -11,11 +11,12 @@ and rate ``r_m`` has GPU time, host time, planning latency and cycle occupancy
     G_m = (1 + h) * l_m(b_m, sm_count[, mig_profile]) * slowdown_m
     H_m = host_batch + b_m host_item
     L_m = G_m + H_m
-    O_m = max(G_m, H_m) with planner.worker_pipeline, else G_m + H_m
+    O_m = max(G_m, H_next(m)) with planner.worker_pipeline, else G_m + H_m
 
-(``O_m`` by :func:`stgs.hostcosts.batch_occupancy_ms`, the one rule, which the planner uses too:
-a pipelined worker stages the next batch while this one runs), where ``slowdown_m`` is the
-interference model's factor for the *actual* MPS neighbours of the
+(``next(m)``: the model after ``m`` in the partition's list, the first after the last: the
+worker's round; ``O_m`` by :func:`stgs.hostcosts.round_shares_ms`, the one rule, which the
+planner uses too: a pipelined worker stages the next batch while this one runs), where
+``slowdown_m`` is the interference model's factor for the *actual* MPS neighbours of the
 partition (the other MPS shares on the same non-MIG GPU or in the same MIG instance, each with
 the largest batch it runs, for its neighbour weight; none for whole GPUs and whole MIG
 instances), and the plan is valid when
@@ -41,7 +42,7 @@ from typing import Any
 
 from stgs.catalog import GpuSku, MigProfile, get_sku
 from stgs.errors import MigLayoutError, UnknownSkuError
-from stgs.hostcosts import batch_occupancy_ms
+from stgs.hostcosts import round_shares_ms
 from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
 from stgs.plan import Plan
 from stgs.profiles import (
@@ -478,7 +479,8 @@ def _check_partition(
     if len(set(names)) != len(names):
         v.append(f"{pw}: a model appears twice: {names}")
 
-    busy = 0.0
+    round_gpu: list[float] = []  # the worker's round, in the partition's order
+    round_host: list[float] = []
     memory = 0.0
     d_tol = EPS + D_ROUND
     for a in assigned:
@@ -518,7 +520,8 @@ def _check_partition(
         raw = solo * slow
         gpu, host = (1.0 + h) * raw, opts.host_batch_ms + b * opts.host_item_ms
         lat = gpu + host
-        busy += float(batch_occupancy_ms(gpu, host, opts.worker_pipeline))
+        round_gpu.append(gpu)
+        round_host.append(host)
         memory += lm.memory_mib(b)
         # (2) a cycle's arrivals fit in one batch
         need = r * d / 1000.0
@@ -542,6 +545,7 @@ def _check_partition(
                 f"(batch {b}, {sm} SMs, slowdown {slow:.4f} beside {_beside(neighbours)})"
             )
     # (1) every batch runs once per cycle
+    busy = float(round_shares_ms(round_gpu, round_host, opts.worker_pipeline).sum())
     if busy > d + d_tol:
         how = "pipelined" if opts.worker_pipeline else "sequential"
         v.append(

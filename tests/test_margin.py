@@ -28,7 +28,7 @@ from partitioner.problem import Problem, schedule
 from partitioner.sim import SimOptions, WorkloadSpec, generate
 from partitioner.sim.run import noise_for, simulate
 from stgs.errors import ConfigError
-from stgs.hostcosts import batch_occupancy_ms
+from stgs.hostcosts import round_shares_ms
 from stgs.profiles import default_profiles_path
 from stgs.scenario import PlannerOptions, scenario_from_mapping
 
@@ -134,13 +134,16 @@ def _predicted(curve: Any, i: int) -> float:
     return float(curve.lat[i] - curve.headroom * curve.slowdown * curve.raw_solo[i])
 
 
-def _occupancy(opts: PlannerOptions, curve: Any, i: int, headroom: bool = False) -> float:
-    """A batch's time in the cycle, from the planner's options and the one rule
-    (``batch_occupancy_ms``): its GPU time (with the headroom or not) and its host time, added
-    for a sequential worker, the larger for a pipelined one."""
-    gpu = curve.raw_solo[i] * curve.slowdown * ((1.0 + curve.headroom) if headroom else 1.0)
-    host = opts.host_batch_ms + curve.bucket_list[i] * opts.host_item_ms
-    return float(batch_occupancy_ms(gpu, host, opts.worker_pipeline))
+def _round(opts: PlannerOptions, batches: list[tuple[Any, int]], headroom: bool = False) -> float:
+    """A partition's cycle, its (curve, bucket index) batches in the worker's order, from the
+    planner's options and the one rule (``round_shares_ms``): GPU times (with the headroom or
+    not) and host times, added for a sequential worker; for a pipelined one each batch's GPU
+    time or the next batch's host time, the larger."""
+    gpu = [
+        c.raw_solo[i] * c.slowdown * ((1.0 + c.headroom) if headroom else 1.0) for c, i in batches
+    ]
+    host = [opts.host_batch_ms + c.bucket_list[i] * opts.host_item_ms for c, i in batches]
+    return float(round_shares_ms(gpu, host, opts.worker_pipeline).sum())
 
 
 def _keeps(curve: Any, i: int, rate: float, busy: float) -> bool:
@@ -155,7 +158,7 @@ def _keeps(curve: Any, i: int, rate: float, busy: float) -> bool:
 
 
 def _pred_busy(opts: PlannerOptions, sched: Any) -> float:
-    return sum(_occupancy(opts, s.curve, s.curve.bucket_list.index(s.batch)) for s in sched.slots)
+    return _round(opts, [(s.curve, s.curve.bucket_list.index(s.batch)) for s in sched.slots])
 
 
 PIPELINE = pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sequential"])
@@ -177,9 +180,9 @@ def test_every_partition_keeps_the_margin_on_its_cycle(pipelined: bool) -> None:
     for _, p in plan.partitions():
         label = "full" if p.kind == "full" else f"mps:{p.mps_pct}"
         curves = {m.name: prob.curve(m, gtype, shapes[label]) for m in prob.models}
-        busy = sum(
-            _occupancy(prob.options, curves[a.name], curves[a.name].bucket_list.index(a.batch))  # type: ignore[union-attr]
-            for a in p.models
+        busy = _round(
+            prob.options,
+            [(curves[a.name], curves[a.name].bucket_list.index(a.batch)) for a in p.models],  # type: ignore[union-attr]
         )
         for a in p.models:
             c = curves[a.name]
@@ -209,7 +212,7 @@ def test_a_saturated_partition_keeps_room_for_bursts() -> None:
         )
     ).curve(prob.models[0], gtype, shape)
     assert curve is not None and z0 is not None
-    occ = [_occupancy(opts, curve, i, headroom=True) for i in range(len(curve.bucket_list))]
+    occ = [_round(opts, [(curve, i)], headroom=True) for i in range(len(curve.bucket_list))]
     top = max(i for i, lat in enumerate(curve.lat_list) if occ[i] + lat <= curve.slo)
     rate = 0.97 * 1000.0 * curve.bucket_list[top] / occ[top]
     plain = schedule([(z0, rate)])
@@ -248,7 +251,7 @@ def test_schedule_finds_a_schedule_whenever_one_keeps_every_rule(pipelined: bool
                 assert _keeps(s.curve, i, s.rate_rps, busy)
         brute = False
         for i, j in itertools.product(range(len(ca.bucket_list)), range(len(cb.bucket_list))):
-            busy = _occupancy(opts, ca, i, headroom=True) + _occupancy(opts, cb, j, headroom=True)
+            busy = _round(opts, [(ca, i), (cb, j)], headroom=True)
             d = min(
                 ca.slo - ca.lat_list[i],
                 cb.slo - cb.lat_list[j],
@@ -257,7 +260,7 @@ def test_schedule_finds_a_schedule_whenever_one_keeps_every_rule(pipelined: bool
             )
             if busy > d or ca.memory_list[i] + cb.memory_list[j] > shape.memory_mib:
                 continue
-            pred = _occupancy(opts, ca, i) + _occupancy(opts, cb, j)
+            pred = _round(opts, [(ca, i), (cb, j)])
             if _keeps(ca, i, ra, pred) and _keeps(cb, j, rb, pred):
                 brute = True
                 break
@@ -319,18 +322,21 @@ def test_the_simulator_keeps_99_percent_at_the_planned_peak() -> None:
     """At the peak the planner finds, the simulated model keeps >= 99% within its SLO; without
     a margin (z = 0) it does not; 5% more load than planned breaks it (the margin is not larger
     than it needs to be), where the former z = 1 kept 99% at 15% more than its own, lower,
-    peak."""
-    assert _least_attained({}) >= 0.99
-    assert _least_attained({"batch_margin": "z", "batch_margin_z": 0}) < 0.99
-    assert _least_attained({}, load=1.05) < 0.99
-    former = {"batch_margin": "z", "batch_margin_z": 1.0}
+    peak. On sequential workers (the case it was sized on); pipelined ones keep >= 99% at their
+    own, higher, peak too (and 5% above it keep about 99%: 0.991 here)."""
+    assert _least_attained({}) >= 0.99  # pipelined (the default)
+    seq = {"worker_pipeline": False}
+    assert _least_attained(seq) >= 0.99
+    assert _least_attained({**seq, "batch_margin": "z", "batch_margin_z": 0}) < 0.99
+    assert _least_attained(seq, load=1.05) < 0.99
+    former = {**seq, "batch_margin": "z", "batch_margin_z": 1.0}
     assert _least_attained(former, load=1.15) >= 0.99
     peaks = [
         find_peak(
             Problem.from_scenario(scenario_from_mapping({**SIM_SCENARIO, "planner": p})),
             get_policy("stgs"),
         ).k
-        for p in ({}, former)
+        for p in (seq, former)
     ]
     assert peaks[0] > 1.1 * peaks[1]
 

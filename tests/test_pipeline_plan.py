@@ -1,8 +1,9 @@
 """Planning for the pipelined worker (issue 17): ``planner.worker_pipeline`` chooses how a
 batch's host time meets its GPU time in the duty cycle (one rule,
-``stgs.hostcosts.batch_occupancy_ms``): their sum for a sequential worker, the larger of the
-two for a pipelined one; a request's latency includes its batch's host time in both. The
-planner, the independent plan checker and the simulator follow the one setting."""
+``stgs.hostcosts.round_shares_ms``): their sum for a sequential worker, for a pipelined one the
+larger of a batch's GPU time and the next batch's host time; a request's latency includes its
+batch's host time in both. The planner, the independent plan checker and the simulator follow
+the one setting."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from partitioner.problem import Problem
 from partitioner.sim import SimOptions, WorkloadSpec, generate
 from partitioner.sim.run import noise_for, simulate
 from stgs.errors import ConfigError
-from stgs.hostcosts import batch_occupancy_ms
+from stgs.hostcosts import batch_occupancy_ms, round_shares_ms
 from stgs.profiles import default_profiles_path
 from stgs.runtime.worker import PIPELINE_ENV
 from stgs.scenario import PlannerOptions, scenario_from_mapping
@@ -41,9 +42,13 @@ def _sc(models: list[dict[str, Any]], **planner: Any) -> Any:
 
 
 def test_the_rule() -> None:
-    dev, host = np.array([1.0, 2.0, 0.5]), np.array([0.7, 0.7, 0.7])
-    assert batch_occupancy_ms(dev, host, False).tolist() == [1.7, 2.7, 1.2]
-    assert batch_occupancy_ms(dev, host, True).tolist() == [1.0, 2.0, 0.7]
+    """Sequential: GPU + host per batch; pipelined: each batch's GPU time or the next batch's
+    host time (the worker stages it while this one runs), round the partition's models."""
+    dev, host = np.array([1.0, 2.0, 0.5]), np.array([0.7, 3.0, 0.25])
+    assert round_shares_ms(dev, host, False).tolist() == [1.7, 5.0, 0.75]
+    assert round_shares_ms(dev, host, True).tolist() == [3.0, 2.0, 0.7]
+    assert round_shares_ms([0.5], [0.7], True).tolist() == [0.7]  # alone: max(GPU, host)
+    assert batch_occupancy_ms(dev, host, True).tolist() == [1.0, 3.0, 0.5]
 
 
 def test_the_default_is_the_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -439,7 +439,7 @@ def test_overrun_slows_only_the_named_model(problem: Problem) -> None:
 def test_pipelined_host_costs_hand_computable(problem: Problem) -> None:
     """The arrivals above on a pipelined worker (``planner.worker_pipeline``): a batch taken
     at t launches at max(t + host, the GPU free); the next is taken at max(that launch, its
-    end - host). Requests still see their batch's host time; back to back, batches follow
+    end - the host time of a planned batch). Requests still see their batch's host time; back to back, batches follow
     each other at the GPU's pace."""
     assert problem.options.worker_pipeline
     lm = problem.latency[("H100-80GB", "resnet50")]
@@ -460,7 +460,8 @@ def test_pipelined_host_costs_hand_computable(problem: Problem) -> None:
     lat = res.finish_ms - res.arrival_ms
     a_launch = 0.5 + h1
     a_end = a_launch + l1
-    b_take = max(a_launch, a_end - h1)  # four queued at 0.5 ms (and the 1 ms one: a batch of 4)
+    # the worker leads the GPU by its slowest slot's host time: h4 at the planned batch of 4
+    b_take = max(a_launch, a_end - h4)  # four queued at 0.5 ms (a batch of 4)
     b_launch = max(b_take + h4, a_end)
     b_end = b_launch + l4
     c_take = max(b_launch, b_end - h4)

@@ -33,9 +33,10 @@ and a heap of partition and controller events. What it mirrors of the runtime
   partition for the GPU latency + the host time of each batch, then takes the next; a
   *pipelined* one stages a batch (its host time) while the one before runs: a batch taken at
   ``t`` launches at ``max(t + host, the GPU free)``, the next is taken at ``max(this launch,
-  this end - host)`` (the worker's own timing: staged just before the GPU frees, its last
-  batch's host time the estimate), so a saturated worker spends ``max(GPU, host)`` per batch
-  while each request still sees its batch's host time and GPU latency.
+  this end - lead)`` (the worker's own timing: staged just before the GPU frees, ``lead`` the
+  slowest slot's host time at its planned batch, as the worker leads by its slowest slot's
+  take-to-launch time), so a saturated worker spends ``max(GPU, the next batch's host)`` per
+  batch while each request still sees its batch's host time and GPU latency.
 * **Re-planning** (the controller, in virtual time): the daemon's rules and parameters,
   ``partitioner.control.ControlLoop``, fed each request's arrival and SLO outcome when it is
   answered (as the daemon's meter is); the policy call and the transition it starts hold the
@@ -158,6 +159,7 @@ class _Part:
         "gamma",
         "gpu",
         "host",
+        "host_lead",
         "in_flight",
         "key",
         "lat",
@@ -204,6 +206,9 @@ class _Part:
         self.weight_n: list[list[float]] = []
         self.run_weight = 1.0
         self.host: list[list[float]] = []  # per slot: host time (ms) a batch of n adds
+        # pipelined: how long before the GPU frees the worker takes its next batch (the slowest
+        # slot's host time at its planned batch, as the worker leads by its slowest slot's)
+        self.host_lead = 0.0
         # per slot: lognormal sigma (> 0), 0 (no noise) or -1 (noise "runtime": a factor drawn
         # from ``factors[slot]``)
         self.sigma: list[float] = []
@@ -391,6 +396,7 @@ class Simulator:
             part.lat.append(by_n)
             host = self.options.host
             part.host.append([host.batch_extra_ms(spec.profile, n) for n in range(a.batch + 1)])
+            part.host_lead = max(part.host_lead, part.host[-1][a.batch])
             if self.options.noise == "runtime":
                 part.sigma.append(-1.0)
                 part.factors.append(factors_for(self.noise.factors, spec.profile))
@@ -667,7 +673,7 @@ class Simulator:
                             part.busy_ms += end - max(t, part.dev_free)
                             part.dev_free = end
                             self._push(end, _DONE, (part, slot, live, end - t))
-                            self._push(max(launch, end - host), _TAKE, (part, slot + 1))
+                            self._push(max(launch, end - part.host_lead), _TAKE, (part, slot + 1))
                             return
                         dur += host
                         self._push(t + dur, _DONE, (part, slot, live, dur))
