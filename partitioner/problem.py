@@ -614,7 +614,7 @@ def round_shares(
         for (c, _), i in zip(items, idx, strict=True)
     ]
     host = [c.host_list[i] for (c, _), i in zip(items, idx, strict=True)]
-    return [float(x) for x in round_shares_ms(dev, host, items[0][0].pipelined)]
+    return round_shares_ms(dev, host, items[0][0].pipelined)
 
 
 def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Schedule | None:

@@ -268,8 +268,8 @@ def measured_term(name: str) -> Callable[[], float]:
 
 
 def round_shares_ms(
-    device_ms: npt.ArrayLike, host_ms: npt.ArrayLike, pipelined: bool
-) -> npt.NDArray[np.float64]:
+    device_ms: Sequence[float], host_ms: Sequence[float], pipelined: bool
+) -> list[float]:
     """Each batch's share (ms) of its worker's round: the batches of the worker's models in the
     order it visits them, with their GPU times ``device_ms`` and the worker's host time around
     each ``host_ms`` (``batch_ms + n item``); the round takes their sum.
@@ -281,11 +281,12 @@ def round_shares_ms(
     next batch's host time (the last batch's next is the first: a round). Alone on its worker a
     batch takes ``max(device, host)``. A request's latency is not this: it includes its own
     batch's host time in both cases."""
-    dev = np.asarray(device_ms, dtype=np.float64)
-    host = np.asarray(host_ms, dtype=np.float64)
+    n = len(device_ms)
+    if len(host_ms) != n:
+        raise ValueError(f"{n} GPU times and {len(host_ms)} host times")
     if not pipelined:
-        return dev + host
-    return np.maximum(dev, np.roll(host, -1))
+        return [float(d + h) for d, h in zip(device_ms, host_ms, strict=True)]
+    return [float(max(device_ms[j], host_ms[(j + 1) % n])) for j in range(n)]
 
 
 def batch_occupancy_ms(

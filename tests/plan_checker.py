@@ -545,7 +545,7 @@ def _check_partition(
                 f"(batch {b}, {sm} SMs, slowdown {slow:.4f} beside {_beside(neighbours)})"
             )
     # (1) every batch runs once per cycle
-    busy = float(round_shares_ms(round_gpu, round_host, opts.worker_pipeline).sum())
+    busy = sum(round_shares_ms(round_gpu, round_host, opts.worker_pipeline))
     if busy > d + d_tol:
         how = "pipelined" if opts.worker_pipeline else "sequential"
         v.append(

@@ -143,7 +143,7 @@ def _round(opts: PlannerOptions, batches: list[tuple[Any, int]], headroom: bool 
         c.raw_solo[i] * c.slowdown * ((1.0 + c.headroom) if headroom else 1.0) for c, i in batches
     ]
     host = [opts.host_batch_ms + c.bucket_list[i] * opts.host_item_ms for c, i in batches]
-    return float(round_shares_ms(gpu, host, opts.worker_pipeline).sum())
+    return sum(round_shares_ms(gpu, host, opts.worker_pipeline))
 
 
 def _keeps(curve: Any, i: int, rate: float, busy: float) -> bool:

@@ -45,9 +45,9 @@ def test_the_rule() -> None:
     """Sequential: GPU + host per batch; pipelined: each batch's GPU time or the next batch's
     host time (the worker stages it while this one runs), round the partition's models."""
     dev, host = np.array([1.0, 2.0, 0.5]), np.array([0.7, 3.0, 0.25])
-    assert round_shares_ms(dev, host, False).tolist() == [1.7, 5.0, 0.75]
-    assert round_shares_ms(dev, host, True).tolist() == [3.0, 2.0, 0.7]
-    assert round_shares_ms([0.5], [0.7], True).tolist() == [0.7]  # alone: max(GPU, host)
+    assert round_shares_ms(list(dev), list(host), False) == [1.7, 5.0, 0.75]
+    assert round_shares_ms(list(dev), list(host), True) == [3.0, 2.0, 0.7]
+    assert round_shares_ms([0.5], [0.7], True) == [0.7]  # alone: max(GPU, host)
     assert batch_occupancy_ms(dev, host, True).tolist() == [1.0, 3.0, 0.5]
 
 

@@ -439,8 +439,8 @@ def test_overrun_slows_only_the_named_model(problem: Problem) -> None:
 def test_pipelined_host_costs_hand_computable(problem: Problem) -> None:
     """The arrivals above on a pipelined worker (``planner.worker_pipeline``): a batch taken
     at t launches at max(t + host, the GPU free); the next is taken at max(that launch, its
-    end - the host time of a planned batch). Requests still see their batch's host time; back to back, batches follow
-    each other at the GPU's pace."""
+    end - the host time of a planned batch). Requests still see their batch's host time; back
+    to back, batches follow each other at the GPU's pace."""
     assert problem.options.worker_pipeline
     lm = problem.latency[("H100-80GB", "resnet50")]
     l1, l4 = lm.latency_ms(1, 132), lm.latency_ms(4, 132)
