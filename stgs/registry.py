@@ -51,8 +51,9 @@ Model files (:func:`file_entry`, the daemon's ``source: file:<path>``), with the
   GPUs have no onnxruntime-gpu). A conversion was tried (onnx2torch 1.5.15, 2026-12-07): it
   has no converter for what ``torch.onnx.export`` writes today (opset 20: ``Shape``-19,
   ``ReduceMean``-18; at opset 17 after onnx's version converter, ``Reshape`` with
-  ``allowzero=1``), which is the subset problem above, measured (docs/operations.md). Inputs and outputs come from the graph (initializers excluded); external data
-  files are refused (they could name paths outside the model directory).
+  ``allowzero=1``), which is the subset problem above, measured (docs/operations.md). Inputs
+  and outputs come from the graph (initializers excluded); external data files are refused
+  (they could name paths outside the model directory).
 
 Files load only from a path the caller resolved inside its model directory
 (:func:`resolve_model_file`: no ``..``, no absolute path, no symlink out of it) and up to a
