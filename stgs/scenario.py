@@ -126,9 +126,8 @@ class ModelEntry(_Strict):
 
 
 def _worker_pipeline_default() -> bool:
-    """The workers' pipeline setting, from where it lives (imported late: the runtime package
-    is not needed to read a scenario)."""
-    from stgs.runtime.worker import pipeline_setting
+    """The workers' pipeline setting (stgs.batching.pipeline_setting, as they read it)."""
+    from stgs.batching import pipeline_setting
 
     return pipeline_setting()
 
@@ -240,7 +239,7 @@ class PlannerOptions(_Strict):
     # time. Pipelined, a batch holds the cycle for max(its GPU time, the next batch's host time),
     # else their sum (stgs.hostcosts.round_shares_ms); a request's latency includes its batch's
     # host time in both. Default: the workers' own setting, $STGS_WORKER_PIPELINE read as they
-    # read it (stgs.runtime.worker.pipeline_setting: pipelined unless it is 0), so that a daemon
+    # read it (stgs.batching.pipeline_setting: pipelined unless it is 0), so that a daemon
     # started with STGS_WORKER_PIPELINE=0 plans for the sequential workers it runs.
     worker_pipeline: bool = Field(
         default_factory=_worker_pipeline_default,
