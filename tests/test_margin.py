@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _helpers import least_attained
 from plan_checker import build_models, check_plan
 
 from partitioner.margin import (
@@ -25,11 +26,8 @@ from partitioner.margin import (
 from partitioner.peak import find_peak
 from partitioner.policies import get_policy
 from partitioner.problem import Problem, schedule
-from partitioner.sim import SimOptions, WorkloadSpec, generate
-from partitioner.sim.run import noise_for, simulate
 from stgs.errors import ConfigError
 from stgs.hostcosts import round_shares_ms
-from stgs.profiles import default_profiles_path
 from stgs.scenario import PlannerOptions, scenario_from_mapping
 
 TARGET = PlannerOptions().batch_margin_target  # the Poisson share of a 99% SLO's budget
@@ -303,19 +301,7 @@ def _least_attained(planner: dict[str, Any], *, load: float = 1.0) -> float:
     prob = Problem.from_scenario(scenario_from_mapping({**SIM_SCENARIO, "planner": planner}))
     peak = find_peak(prob, get_policy("stgs"))
     rates = {m.name: m.rate_rps * peak.k * load for m in prob.models}
-    opts = SimOptions(duration_s=10, routing="model")
-    arrivals = generate(WorkloadSpec(name="poisson"), rates, 10, seed=0)
-    _, metrics = simulate(
-        prob,
-        get_policy("stgs"),
-        arrivals,
-        rates,
-        opts,
-        seed=0,
-        noise=noise_for(opts, default_profiles_path()),
-        plan=peak.plan,
-    )
-    return min(float(v["slo_attainment"]) for v in metrics.per_model.values())
+    return least_attained(prob, peak.plan, rates)
 
 
 def test_the_simulator_keeps_99_percent_at_the_planned_peak() -> None:

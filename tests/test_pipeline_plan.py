@@ -11,17 +11,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _helpers import least_attained
 from plan_checker import build_models, check_plan
 
 from partitioner.fluid import fluid_bound
 from partitioner.peak import find_peak
 from partitioner.policies import get_policy
 from partitioner.problem import Problem
-from partitioner.sim import SimOptions, WorkloadSpec, generate
-from partitioner.sim.run import noise_for, simulate
 from stgs.errors import ConfigError
 from stgs.hostcosts import batch_occupancy_ms, round_shares_ms
-from stgs.profiles import default_profiles_path
 from stgs.runtime.worker import PIPELINE_ENV
 from stgs.scenario import PlannerOptions, scenario_from_mapping
 
@@ -107,20 +105,9 @@ def test_the_simulator_keeps_99_percent_of_a_pipelined_plan() -> None:
     rates = {m.name: m.rate_rps * k for m in prob.models}
     plan = get_policy("stgs").plan(prob.with_models([m.scaled(k) for m in prob.models]))
     assert plan.feasible
-    opts = SimOptions(duration_s=10, routing="model")
-    arrivals = generate(WorkloadSpec(name="poisson"), rates, 10, seed=0)
-    attained = {}
-    for pipelined in (True, False):
-        _, metrics = simulate(
-            prob.with_options(worker_pipeline=pipelined),
-            get_policy("stgs"),
-            arrivals,
-            rates,
-            opts,
-            seed=0,
-            noise=noise_for(opts, default_profiles_path()),
-            plan=plan,
-        )
-        attained[pipelined] = min(float(v["slo_attainment"]) for v in metrics.per_model.values())
+    attained = {
+        pipelined: least_attained(prob.with_options(worker_pipeline=pipelined), plan, rates)
+        for pipelined in (True, False)
+    }
     assert attained[True] >= 0.99, attained
     assert attained[False] < 0.9, attained
