@@ -41,9 +41,7 @@ def free_port() -> int:
 def wait_until(
     what: str, fn: Callable[[], Any], timeout_s: float, proc: subprocess.Popen[bytes]
 ) -> Any:
-    """Poll ``fn`` every 50 ms until it returns something true; RuntimeError on timeout or
-    daemon exit. (At 200 ms, each wait overran what it waited for by 100 ms on average: a
-    daemon start and a registration are a few of them, and the tests wait hundreds.)"""
+    """Poll ``fn`` until it returns something true; RuntimeError on timeout or daemon exit."""
     end = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < end:
@@ -55,7 +53,7 @@ def wait_until(
                 return last
         except (httpx.HTTPError, OSError) as exc:
             last = exc
-        time.sleep(0.05)
+        time.sleep(0.2)
     raise RuntimeError(f"timed out waiting for {what}: last {last!r}")
 
 
