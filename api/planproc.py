@@ -137,31 +137,12 @@ class PlannerPool:
         self._idle: list[_Child] = []
         self._slots = threading.Semaphore(MAX_CHILDREN)
         self._closed = False
-        self._starting: threading.Thread | None = None  # start(wait=False)'s
 
-    def start(self, wait: bool = True) -> None:
-        """Start one child (with the forkserver), so that the first plan finds it warm.
-        ``wait`` False: start it in a thread and return at once (the daemon: the forkserver's
-        import of the planner, about a second, overlaps the rest of its start); a plan waits
-        for that start, within its budget, rather than starting a second child beside it."""
-        if wait:
-            self._warm()
-            return
-        t = threading.Thread(target=self._warm, name="stgs-planner-start", daemon=True)
-        self._starting = t
-        t.start()
-
-    def _warm(self) -> None:
-        try:
-            child = _Child(self._ctx)
-        except Exception:  # the first plan starts a child again and reports its error
-            log.exception("starting a planner process failed")
-            return
+    def start(self) -> None:
+        """Start one child now (with the forkserver), so that the first plan finds it warm."""
+        child = _Child(self._ctx)
         with self._lock:
-            if not self._closed:
-                self._idle.append(child)
-                return
-        child.kill()
+            self._idle.append(child)
 
     def plan(self, job: PlanJob, table: ProfileTable, budget_s: float) -> Plan:
         """Make ``job``'s plan within ``budget_s`` seconds (waiting for a free child counts).
@@ -177,9 +158,6 @@ class PlannerPool:
                 f" {MAX_CHILDREN} plans are running"
             )
         try:
-            starting = self._starting
-            if starting is not None:
-                starting.join(max(0.0, deadline - time.monotonic()))
             with self._lock:
                 if self._closed:
                     raise PlanningError("the planner is shut down")

@@ -222,26 +222,11 @@ BAD_INFER: list[tuple[dict[str, str], bytes, int, str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def echo_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    """One daemon serving echo for the bad requests below: each is refused before it reaches
-    the worker and changes nothing, so they share it (a daemon and a worker start each)."""
-    d = _daemon(tmp_path_factory.mktemp("bad-infer"))
-    try:
-        with TestClient(create_app(d.ctx), raise_server_exceptions=True) as c:
-            c.headers["Authorization"] = f"Bearer {TOKEN}"
-            register(c)
-            yield c
-    finally:
-        d.close()
-
-
 @pytest.mark.parametrize(("headers", "body", "status", "msg"), BAD_INFER)
 def test_bad_inference_requests_get_clear_4xx(
-    echo_client: TestClient, headers: dict[str, str], body: bytes, status: int, msg: str
+    client: TestClient, headers: dict[str, str], body: bytes, status: int, msg: str
 ) -> None:
-    client = echo_client
-    assert client.get("/v2/models/echo/ready").status_code == 200  # still served
+    register(client)
     r = client.post("/v2/models/echo/infer", content=body, headers=headers)
     assert r.status_code == status, r.text
     assert msg in r.json()["error"]

@@ -224,7 +224,7 @@ def _check_trial(tr: dict[str, Any], n_models: int) -> None:
 
 @pytest.mark.shipped_profiles
 def test_baselines_simulated(tmp_path: Path) -> None:
-    proc, res = _run(tmp_path, "all", "--warmup-s", "0.2", "--trial-s", "0.8", "--max-trials", "2")
+    proc, res = _run(tmp_path, "all", "--warmup-s", "0.4", "--trial-s", "1.2", "--max-trials", "2")
     out = proc.stdout
     assert out.count("| fluid bound") == 4  # the table after each system
     assert res["fluid_k"] > res["planner_peak_k"] > 0

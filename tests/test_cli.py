@@ -34,19 +34,16 @@ def test_plan_embedded_example_json_matches_schema(capsys: pytest.CaptureFixture
 
 
 @pytest.mark.parametrize("policy", ["stgs", "temporal", "mig-only", "mps-only"])
-def test_plan_table_every_policy(
-    policy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_plan_table_every_policy(policy: str, tmp_path: Path) -> None:
     sc = tmp_path / "s.yaml"
     sc.write_text(
         "gpus: [{sku: H100-80GB, count: 2}]\n"
         "models: [{name: resnet50, slo_ms: 50, rate_rps: 400}, {name: bert_base, slo_ms: 100,"
         " rate_rps: 100}]\n"
     )
-    code = main(["plan", str(sc), "--policy", policy])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert "resnet50" in out and "bert_base" in out
+    r = run("plan", str(sc), "--policy", policy)
+    assert r.returncode == 0, r.stderr
+    assert "resnet50" in r.stdout and "bert_base" in r.stdout
 
 
 def test_peak_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,23 +70,17 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_exit_2_one_line(
-    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """In this process (an exception would fail the test); the command's own one line and
-    exit 2 through ``python -m``: test_missing_file_and_unknown_policy."""
+def test_bad_input_exit_2_one_line(case: str, tmp_path: Path) -> None:
     sc = tmp_path / f"{case}.yaml"
     sc.write_text(BAD[case])
-    assert main(["plan", str(sc)]) == 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("stgs: error:"), (out, err)
+    r = run("plan", str(sc))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("stgs: error:")
 
 
 def test_missing_file_and_unknown_policy() -> None:
-    r = run("plan", "/nonexistent.yaml")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("stgs: error:")
+    assert run("plan", "/nonexistent.yaml").returncode == 2
     r = run("plan", "--policy", "nope")
     assert r.returncode == 2 and "known:" in r.stderr
 

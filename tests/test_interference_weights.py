@@ -5,7 +5,6 @@ interference_gpu.py``) and the fit that writes the file, run here with ``--simul
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -215,16 +214,10 @@ def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
         (["--out", "x.json"], "go with --fit"),
     ],
 )
-def test_the_benchmark_refuses_bad_arguments(
-    args: list[str], why: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Its argument checks, in this process (the command's exit 2 through ``python -m``:
-    test_the_simulated_run_fits_into_a_weights_file)."""
-    bench = importlib.import_module("benchmarks.interference_gpu")
-    with pytest.raises(SystemExit) as exit_:
-        bench.main([*args, "--simulated"])
-    assert exit_.value.code == 2
-    assert why in capsys.readouterr().err
+def test_the_benchmark_refuses_bad_arguments(args: list[str], why: str) -> None:
+    r = _bench(*args, "--simulated")
+    assert r.returncode == 2, r
+    assert why in r.stderr
 
 
 def test_the_simulated_run_fits_into_a_weights_file(tmp_path: Path) -> None:

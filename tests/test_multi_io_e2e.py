@@ -135,15 +135,7 @@ def daemon(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     save_torchscript(work / "repo" / "tsmulti" / "1" / "model.pt")
     (work / "repo" / "tsmulti" / "config.pbtxt").write_text(TS_CONFIG)
     options = "frontends = 0\n" if request.param == "control-plane" else ""
-    sections = ONE_SIMULATED_GPU + '[models]\nrepository = "repo"\n'
-    if request.param == "control-plane":
-        # profiled by the "frontends" daemon (the same profiling, whoever serves): here their
-        # profiles come with the config, as an operator's profile file
-        rows = ["gpu,model,partition,sm_count,batch,latency_ms,memory_mib"]
-        rows += [f"H100-80GB,{m},full,132,{b},0.5,64" for m in MODELS for b in (1, 2, 4, 8, 16)]
-        (work / "profiles.csv").write_text("\n".join(rows) + "\n")
-        sections += '[planner]\nprofiles = "profiles.csv"\n'
-    d = LocalDaemon(work, sections, options)
+    d = LocalDaemon(work, ONE_SIMULATED_GPU + '[models]\nrepository = "repo"\n', options)
     try:
         p = d.start()
         with d.client() as c:

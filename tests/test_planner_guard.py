@@ -373,25 +373,6 @@ def test_a_planner_process_that_dies_fails_its_call_only() -> None:
         pool.close()
 
 
-def test_a_plan_waits_for_the_background_start_and_uses_its_process() -> None:
-    """The daemon starts its first planner process in the background (ready sooner): a plan
-    made meanwhile waits for that process and plans in it, rather than starting another."""
-    table = ProfileTable(_profile_rows())
-    sc = scenario_from_mapping(
-        {
-            "gpus": [{"sku": "H100-80GB", "count": GPUS}],
-            "models": [{"name": "echo", "slo_ms": 100, "rate_rps": 50}],
-        }
-    )
-    pool = PlannerPool()
-    try:
-        pool.start(wait=False)
-        assert pool.plan(PlanJob(sc, "stgs", None, table_key=1), table, 60.0).feasible
-        assert len(pool._idle) == 1  # the background start's process planned; no second one
-    finally:
-        pool.close()
-
-
 def test_a_concurrent_admission_never_drops_a_model_just_admitted(tmp_path: Path) -> None:
     """Two registrations at once (a repository's models at start): the second one's plan is
     made right after the first was applied, while the first was still finishing its admission.

@@ -187,7 +187,7 @@ def test_compare_with_runtime_noise_same_results_with_more_processes(tmp_path: P
     }
 
     def rows(sim: dict[str, object], jobs: int) -> str:
-        exp = experiment_from_mapping({**base, "simulator": {"duration_s": 1, **sim}}, tmp_path)
+        exp = experiment_from_mapping({**base, "simulator": {"duration_s": 2, **sim}}, tmp_path)
         got = run_experiment(exp, jobs=jobs, progress=False)
         strip = [{k: v for k, v in r.items() if k not in ("wall_s", "plan_s")} for r in got]
         return json.dumps(strip, sort_keys=True)

@@ -592,7 +592,7 @@ def test_worker_pipeline_benchmark_simulated(tmp_path: Path) -> None:
         "benchmarks.worker_pipeline_gpu",
         "--simulated",
         "--seconds",
-        "1.0",
+        "1.5",
         "--runtime-dir",
         str(tmp_path / "rt"),
         "--json",

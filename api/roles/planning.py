@@ -82,8 +82,8 @@ class Planning:
         self.last_error: str | None = None
 
     def start(self) -> None:
-        """Start the planner processes (in the background: a plan waits for them)."""
-        self._pool.start(wait=False)
+        """Start the planner processes."""
+        self._pool.start()
 
     def close(self) -> None:
         self._pool.close()
