@@ -77,7 +77,7 @@ from benchmarks.lib.runs import run_header, summary_path
 from stgs.errors import StgsError
 from stgs.runtime import Runtime
 from stgs.runtime.models import model_entry
-from stgs.runtime.worker import TRACE_ENV, pipeline_setting
+from stgs.runtime.worker import TRACE_ENV
 
 
 def _sigterm(_sig: int, _frame: Any) -> None:
@@ -182,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         **run_header("serve_gpu", argv),  # command, machine, date
         "args": vars(args),
         "load_scale": load_scale,
-        # how the workers ran their batches (STGS_WORKER_PIPELINE; replays simulate the same)
-        "worker_pipeline": pipeline_setting(),
         "models": [m.__dict__ for m in models],
         "plan1": plan1.to_dict() if hasattr(plan1, "to_dict") else None,
         "plan2": plan2.to_dict() if hasattr(plan2, "to_dict") else None,

@@ -93,10 +93,8 @@ def _columns(
     ``k=None``: the classic frontier, every feasible batch at its saturated throughput. Else the
     batches a model's rate ``k r`` can fill: a duty cycle ``d`` gathers ``n = k r d / 1000``
     requests and ``d + L(b) <= slo``, so a bucket ``b`` carries at most
-    ``n_b = min(b, k r (slo - L(b)) / 1000)`` requests per run at cost ``frac O(b) / (1000 n_b)``
-    per request/s (a split rate only gathers fewer). ``L``: the batch's latency, ``O``: what it
-    occupies of the partition's cycle (``Curve.lat`` and ``Curve.occ`` with ``interference``,
-    both the profile's latency with headroom in the classic bound).
+    ``n_b = min(b, k r (slo - L(b)) / 1000)`` requests per run at cost ``frac L(b) / (1000 n_b)``
+    per request/s (a split rate only gathers fewer).
     """
     cols: list[tuple[int, int, float, float]] = []
     for mi, m in enumerate(models):
@@ -109,19 +107,17 @@ def _columns(
                 # the classic bound: profile latency with headroom only; with
                 # ``interference``: the planner's latency (interference and host costs)
                 lat = curve.lat if interference else curve.raw_solo * (1.0 + curve.headroom)
-                occ = curve.occ if interference else lat
                 slo = curve.slo if interference else m.slo_ms
-                ok = (occ + lat <= slo + _EPS) & (curve.memory <= shape.memory_mib)
+                ok = (2 * lat <= slo + _EPS) & (curve.memory <= shape.memory_mib)
                 if not ok.any():
                     continue
                 b = curve.buckets[ok].astype(np.float64)
                 lb = lat[ok]
-                ob = occ[ok]
                 n = b if k is None else np.minimum(b, k * m.rate_rps * (slo - lb) / 1000.0)
                 pos = n > 0
                 if not pos.any():
                     continue
-                per_rps = float(np.min(ob[pos] / (1000.0 * n[pos])))  # cycle time per request/s
+                per_rps = float(np.min(lb[pos] / (1000.0 * n[pos])))  # GPU-time per request/s
                 front.append((shape.frac * per_rps, shape.mem_frac * per_rps))
             # keep the Pareto front of (compute, memory) cost per request/s
             front.sort()

@@ -265,21 +265,18 @@ class Greedy:
         return lo
 
     def _refusal(self, m: ModelSpec) -> str:
-        # alone, a batch of 1 needs a cycle of at least its occupancy, and a request waits one
-        # cycle then its batch's latency: occ + lat <= slo
-        best: tuple[float, float, str] | None = None
+        best: tuple[float, str] | None = None
         for t, st in self.types.items():
             for s in st.shapes:
                 c = self.p.curve(m, t, s)
-                if c is not None and (best is None or float(c.occ[0] + c.lat[0]) < best[0]):
-                    best = (float(c.occ[0] + c.lat[0]), float(c.lat[0]), f"{t.sku} {s.label}")
+                if c is not None and (best is None or float(c.lat[0]) < best[0]):
+                    best = (float(c.lat[0]), f"{t.sku} {s.label}")
         if best is None:
             return f"no profile of {m.profile!r} on these GPUs"
         return (
             f"cannot meet slo_ms={m.slo_ms:g} on any partition of these GPUs: the fastest batch"
-            f" of 1 takes {best[1]:.2f} ms with headroom, interference and host time"
-            f" ({best[2]}), and a request may wait one duty cycle before its batch runs"
-            f" ({best[0]:.2f} ms in all)"
+            f" of 1 takes {best[0]:.2f} ms with headroom and interference ({best[1]}), and"
+            f" a request may wait one duty cycle before its batch runs"
         )
 
     # ------------------------------------------------------------------ step 2

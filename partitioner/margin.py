@@ -2,9 +2,8 @@
 the requests within their SLO (docs/planner.md "Batch margin").
 
 The model (one model of a partition, as the worker serves it): the worker visits the model once
-per cycle of at most ``C`` ms (the partition's busy time: what every model's planned batch
-occupies of it, with headroom and host time, ``Curve.occ`` of :mod:`partitioner.problem`; the
-executor is work conserving, so a cycle is never longer) and takes
+per cycle of at most ``C`` ms (the partition's busy time, every model's planned batch with
+headroom and host time: the executor is work conserving, so a cycle is never longer) and takes
 up to ``b`` queued requests, oldest first. Between two visits ``N ~ Poisson(lam)`` requests
 arrive, ``lam = rate x C / 1000``. A request must *start* its batch within ``W = slo - L``
 (``L`` its batch's latency) of its arrival; one that arrives ``u`` before a visit may be served

@@ -4,26 +4,15 @@ the duty-cycle schedule check that every policy shares.
 Feasibility of one partition (Nexus's duty cycle; every latency below carries the headroom
 factor ``1 + h`` and, for MPS partitions, the interference factor):
 
-    sum_m O_m(b_m)  <=  d          (the partition runs each model's batch once per cycle)
+    sum_m L_m(b_m)  <=  d          (the partition runs each model's batch once per cycle)
     b_m  >=  r_m * d / 1000        (a cycle's arrivals fit in one batch)
     d + L_m(b_m)  <=  slo_m - t    (a request waits at most one cycle, then its batch runs)
 
-with a batch's GPU time ``G_m(b) = (1 + h) slowdown l_m(b)`` (``l_m`` the profile's latency,
-multiplied by ``extrapolation_margin`` on a partition below the smallest profiled one), the
-worker's host time around it ``H(b) = host_batch_ms + b host_item_ms`` and
-``t = host_request_ms`` (the way to the worker and back; ``PlannerOptions``):
-
-* ``L_m(b) = G_m(b) + H(b)``, the batch's latency as its requests see it;
-* ``O_m``, what the batch occupies of the cycle (:func:`stgs.hostcosts.round_shares_ms`, the
-  one rule; :func:`round_shares` here): with ``PlannerOptions.worker_pipeline`` (the workers'
-  default) ``max(G_m(b_m), H(b_next))``, ``next`` the model the worker visits after ``m`` (the
-  first after the last; ``m`` itself when alone): the worker stages the next batch while this
-  one runs on the GPU, so host time is on the critical path only where it exceeds the GPU
-  time; without (``STGS_WORKER_PIPELINE=0``) ``G_m(b_m) + H(b_m) = L_m(b_m)``.
-
-``Curve.lat`` is ``L`` (SLO checks), ``Curve.occ`` is ``O`` of the batch alone on its worker
-(``max(G, H)`` pipelined: throughput alone, and a lower bound of any round's length),
-``Curve.slo`` is ``slo_m - t``.
+where ``L_m(b) = (1 + h) slowdown l_m(b) + host_batch_ms + b host_item_ms`` (the worker's host
+work around a batch is part of the cycle; ``l_m`` is the profile's latency, multiplied by
+``extrapolation_margin`` on a partition below the smallest profiled one) and
+``t = host_request_ms`` (the way to the worker and back; ``PlannerOptions``). ``Curve.lat`` is
+``L``, ``Curve.slo`` is ``slo_m - t``.
 
 Batches come from the runtime's CUDA-graph buckets (``BATCH_BUCKETS``): the runtime pads a batch
 to its bucket, so planning with bucket sizes predicts what runs.
@@ -45,7 +34,6 @@ from partitioner.margin import cycle_capacity as margin_capacity
 from partitioner.margin import patience, z_capacity
 from stgs.catalog import GpuSku, get_sku
 from stgs.errors import ProfileError
-from stgs.hostcosts import batch_occupancy_ms, round_shares_ms
 from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
 from stgs.profiles import (
     InterferenceRow,
@@ -159,19 +147,14 @@ def shapes_for(gpu: GpuSpec, options: PlannerOptions) -> tuple[Shape, ...]:
 class Curve:
     """One model on one shape of one GPU type: batch latencies with headroom and interference.
 
-    ``lat[i]`` is the planning latency (ms) of batch ``buckets[i]`` (GPU time with headroom and
-    the shape's worst-case interference, plus the worker's host time ``host[i]``): what its
-    requests see, for SLO checks. ``occ[i]`` is what the batch occupies of the partition's
-    duty cycle (the module docstring's ``O``; ``lat`` for a sequential worker): for cycle sums,
-    throughput and utilisation. ``raw_solo[i]`` is the profile's latency alone on the shape.
+    ``lat[i]`` is the planning latency (ms) of batch ``buckets[i]``; ``raw[i]`` the predicted
+    latency without headroom and with the shape's worst-case interference.
     """
 
     model: ModelSpec
     shape: Shape
     buckets: npt.NDArray[np.int64]
     lat: FloatArray
-    occ: FloatArray
-    host: FloatArray
     raw_solo: FloatArray
     memory: FloatArray
     slowdown: float
@@ -180,7 +163,6 @@ class Curve:
     host_request_ms: float = 0.0  # PlannerOptions.host_request_ms: outside the cycle
     margin: str = "z"  # PlannerOptions.batch_margin: "slo" or "z"
     margin_target: float = 0.995  # PlannerOptions.batch_margin_target (with margin "slo")
-    pipelined: bool = False  # PlannerOptions.worker_pipeline: how ``occ`` was derived
     cycle_cache: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
     _kcap: dict[tuple[int, int, int], float] = field(
         default_factory=dict, repr=False, compare=False
@@ -207,21 +189,11 @@ class Curve:
 
     @cached_property
     def pred_list(self) -> list[float]:
-        """Each bucket's *predicted* latency: ``lat`` without the headroom (the profile's
-        latency with the shape's interference, and the host time). The batch margin's slack
-        (``slo - pred``) is sized on it; the headroom stays for the latency's own error."""
+        """Each bucket's *predicted* latency in the cycle: ``lat`` without the headroom (the
+        profile's latency with the shape's interference, and the host time). The batch margin
+        is sized on it; the headroom stays for the latency's own error."""
         h = self.headroom * self.slowdown
         return [float(lat - h * raw) for lat, raw in zip(self.lat, self.raw_solo, strict=True)]
-
-    @cached_property
-    def pred_occ_list(self) -> list[float]:
-        """Each bucket's *predicted* occupancy of the cycle: ``occ`` without the headroom (the
-        same rule, :func:`stgs.hostcosts.batch_occupancy_ms`, at the predicted GPU time). The
-        batch margin's cycle is the sum of these."""
-        if not self.pipelined:
-            return self.pred_list
-        occ = batch_occupancy_ms(self.raw_solo * self.slowdown, self.host, True)
-        return [float(x) for x in occ]
 
     @cached_property
     def cap1_list(self) -> list[float]:
@@ -236,7 +208,7 @@ class Curve:
         allows is the target (:mod:`partitioner.margin`); with margin "z", :attr:`capacity`."""
         if self.margin != "slo":
             return self.capacity_list[i]
-        k, f = patience(self.slo - self.pred_list[i], cycle_ms)  # latency slack, cycles
+        k, f = patience(self.slo - self.pred_list[i], cycle_ms)
         key = (i, k, f)
         cap = self._kcap.get(key)
         if cap is None:
@@ -245,7 +217,7 @@ class Curve:
 
     def keeps_margin(self, i: int, rate: float, cycle_ms: float) -> bool:
         """Does bucket ``i`` at ``rate`` keep the batch margin in a cycle of ``cycle_ms`` (the
-        partition's busy time at the predicted occupancies, :attr:`pred_occ_list`)?"""
+        partition's busy time at the predicted latencies, :attr:`pred_list`)?"""
         if self.margin != "slo" or rate <= 0:
             return True
         expected = rate * cycle_ms / 1000.0
@@ -254,10 +226,10 @@ class Curve:
         return expected <= self.cycle_capacity(i, cycle_ms) + 1e-12
 
     def rate_cap(self, i: int, busy_ms: float, busy_pred_ms: float) -> float:
-        """The largest rate (request/s) bucket ``i`` serves in a partition whose batches occupy
-        ``busy_ms`` (planning occupancies :attr:`occ`: the shortest duty cycle) and
-        ``busy_pred_ms`` (predicted, :attr:`pred_occ_list`): the duty-cycle rule
-        ``b >= r d / 1000`` at ``d = busy_ms`` and the batch margin on the predicted cycle."""
+        """The largest rate (request/s) bucket ``i`` serves in a partition whose batches take
+        ``busy_ms`` (planning latencies: the shortest duty cycle) and ``busy_pred_ms``
+        (predicted): the duty-cycle rule ``b >= r d / 1000`` at ``d = busy_ms`` and the batch
+        margin on the predicted cycle."""
         if self.margin != "slo":
             return 1000.0 * self.capacity_list[i] / busy_ms
         return min(
@@ -274,36 +246,18 @@ class Curve:
         return [float(x) for x in self.lat]
 
     @cached_property
-    def occ_list(self) -> list[float]:
-        return [float(x) for x in self.occ]
-
-    @cached_property
-    def dev_list(self) -> list[float]:
-        """Each bucket's planning GPU time (``lat`` less the host time)."""
-        return [float(x) for x in self.raw_solo * self.slowdown * (1.0 + self.headroom)]
-
-    @cached_property
-    def pred_dev_list(self) -> list[float]:
-        """Each bucket's predicted GPU time (without the headroom)."""
-        return [float(x) for x in self.raw_solo * self.slowdown]
-
-    @cached_property
-    def host_list(self) -> list[float]:
-        return [float(x) for x in self.host]
-
-    @cached_property
     def memory_list(self) -> list[float]:
         return [float(x) for x in self.memory]
 
     @cached_property
     def max_rps(self) -> float:
         """Saturated throughput alone on the partition: the largest :meth:`rate_cap` of a
-        bucket alone (its batch the whole cycle, ``d = O(b)``) with O(b) + L(b) <= slo."""
-        ok = (self.occ + self.lat <= self.slo + _EPS) & (self.memory <= self.shape.memory_mib)
+        bucket alone (its batch the whole cycle) with 2 L(b) <= slo."""
+        ok = (2 * self.lat <= self.slo + _EPS) & (self.memory <= self.shape.memory_mib)
         if not ok.any():
             return 0.0
-        occ, pred = self.occ_list, self.pred_occ_list
-        return max(self.rate_cap(i, occ[i], pred[i]) for i in np.flatnonzero(ok).tolist())
+        lat, pred = self.lat_list, self.pred_list
+        return max(self.rate_cap(i, lat[i], pred[i]) for i in np.flatnonzero(ok).tolist())
 
     @cached_property
     def cost_per_rps(self) -> float:
@@ -466,14 +420,11 @@ class Problem:
         slowdown = self.interference.slowdown(model.profile, gtype.sku, shape.neighbour_pct())
         memory = np.array([lm.memory_mib(int(b)) for b in buckets], dtype=np.float64)
         host = opts.host_batch_ms + opts.host_item_ms * buckets.astype(np.float64)
-        device = np.asarray(solo, dtype=np.float64) * slowdown * (1.0 + self.headroom)
         c = Curve(
             model,
             shape,
             buckets,
-            device + host,
-            batch_occupancy_ms(device, host, opts.worker_pipeline),
-            host,
+            np.asarray(solo, dtype=np.float64) * slowdown * (1.0 + self.headroom) + host,
             np.asarray(solo, dtype=np.float64),
             memory,
             slowdown,
@@ -482,7 +433,6 @@ class Problem:
             opts.host_request_ms,
             opts.batch_margin,
             opts.batch_margin_target,
-            opts.worker_pipeline,
         )
         self._curves[key] = c
         return c
@@ -508,8 +458,7 @@ class Slot:
     curve: Curve
     rate_rps: float
     batch: int
-    latency_ms: float  # planning latency (headroom, interference and host time): Curve.lat
-    occupancy_ms: float  # what its batch occupies of the cycle: Curve.occ
+    latency_ms: float  # planning latency (headroom and interference included)
 
 
 @dataclass(frozen=True)
@@ -519,7 +468,7 @@ class Schedule:
 
     @property
     def busy_ms(self) -> float:
-        return sum(s.occupancy_ms for s in self.slots)
+        return sum(s.latency_ms for s in self.slots)
 
     @property
     def utilisation(self) -> float:
@@ -603,24 +552,10 @@ def _max_cycle_uncached(curve: Curve, rate: float) -> float:
     return float(np.max(cap[ok]))
 
 
-def round_shares(
-    items: Sequence[tuple[Curve, float]], idx: Sequence[int], predicted: bool = False
-) -> list[float]:
-    """Each model's share (ms) of its partition's round, the models in ``items`` order (the
-    worker's) at bucket indices ``idx``: :func:`stgs.hostcosts.round_shares_ms` of their GPU
-    times (planning, or ``predicted``: without the headroom) and host times."""
-    dev = [
-        (c.pred_dev_list if predicted else c.dev_list)[i]
-        for (c, _), i in zip(items, idx, strict=True)
-    ]
-    host = [c.host_list[i] for (c, _), i in zip(items, idx, strict=True)]
-    return round_shares_ms(dev, host, items[0][0].pipelined)
-
-
 def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Schedule | None:
     """The schedule at duty cycle ``d``: each model's smallest bucket with ``b >= r d / 1000``
     (its capacity), then, with the "slo" batch margin, the least batches that keep the margin
-    in the partition's cycle (its busy time at the predicted occupancies: a batch grown for its
+    in the partition's cycle (its busy time at the predicted latencies: a batch grown for its
     margin lengthens the cycle of every model, so this is a fixed point, reached from below;
     the least one, since a model whose margin fails at some batches fails at any smaller ones
     of the others). The cycle
@@ -636,19 +571,11 @@ def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Sc
         else:
             i = 0
         idx.append(i)
-        busy += curve.occ_list[i]
-    # pipelined workers with several models: a batch's share of the round depends on the next
-    # batch's host time (round_shares), not on its own alone (occ)
-    rounds = len(items) > 1 and items[0][0].pipelined
-    if rounds:
-        busy = sum(round_shares(items, idx))
+        busy += curve.lat_list[i]
     if busy > d + 1e-9:
         return None
     if items[0][0].margin == "slo":  # one problem's curves: one margin rule
-        if rounds:
-            pred = sum(round_shares(items, idx, predicted=True))
-        else:
-            pred = sum(curve.pred_occ_list[i] for (curve, _), i in zip(items, idx, strict=True))
+        pred = sum(curve.pred_list[i] for (curve, _), i in zip(items, idx, strict=True))
         grown = True
         while grown:
             grown = False
@@ -661,27 +588,18 @@ def _try(items: Sequence[tuple[Curve, float]], d: float, shape_mem: float) -> Sc
                 if i + 1 >= len(curve.bucket_list):
                     return None
                 idx[j] = i + 1
-                if rounds:
-                    busy = sum(round_shares(items, idx))
-                    pred = sum(round_shares(items, idx, predicted=True))
-                else:
-                    busy += curve.occ_list[i + 1] - curve.occ_list[i]
-                    pred += curve.pred_occ_list[i + 1] - curve.pred_occ_list[i]
+                busy += curve.lat_list[i + 1] - curve.lat_list[i]
+                pred += curve.pred_list[i + 1] - curve.pred_list[i]
                 grown = True
             if busy > d + 1e-9:
                 return None
     slots = []
     mem = 0.0
-    shares = (
-        round_shares(items, idx)
-        if rounds
-        else [c.occ_list[i] for (c, _), i in zip(items, idx, strict=True)]
-    )
-    for (curve, rate), i, share in zip(items, idx, shares, strict=True):
+    for (curve, rate), i in zip(items, idx, strict=True):
         lat = curve.lat_list[i]
         d = min(d, curve.slo - lat)
         mem += curve.memory_list[i]
-        slots.append(Slot(curve, rate, curve.bucket_list[i], lat, share))
+        slots.append(Slot(curve, rate, curve.bucket_list[i], lat))
     if busy > d + 1e-9 or mem > shape_mem + 1e-6:
         return None
     return Schedule(d, tuple(slots))

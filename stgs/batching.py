@@ -5,29 +5,7 @@ never reaches into the runtime."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-
-from stgs.errors import ConfigError
-
-__all__ = ["ADMISSION_DECAY", "PIPELINE_ENV", "batch_buckets", "pipeline_setting", "route_load"]
-
-PIPELINE_ENV = "STGS_WORKER_PIPELINE"
-
-
-def pipeline_setting(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether workers pipeline their batches: ``STGS_WORKER_PIPELINE`` unset or ``1`` (the
-    default), or ``0`` (one batch at a time: take, run, reply, as before the pipeline; for
-    before/after measurements). ConfigError for any other value. The workers read it at start,
-    and the planner's default (``PlannerOptions.worker_pipeline``) is what they read."""
-    raw = (os.environ if environ is None else environ).get(PIPELINE_ENV, "")
-    value = raw.strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{PIPELINE_ENV}={raw!r}: 1 (pipelined, the default) or 0 (sequential)")
-
+__all__ = ["ADMISSION_DECAY", "batch_buckets", "route_load"]
 
 # When a take runs nothing and some request was refused on the predicted batch latency, the
 # estimate shrinks by this factor, so that a model whose estimate exceeds its SLO (nothing

@@ -28,14 +28,6 @@ Who reads what:
   cycle), ``batch_ms`` per batch and ``sample_ms + sample_ms_per_mb x MB`` per request in a
   batch (inside it). Smaller inputs (token ids) cost less than that, so the planner errs on the
   slow side for them; a config or scenario value still overrides each number.
-
-How a batch's host time meets its GPU time in the duty cycle is one rule,
-:func:`round_shares_ms` (:func:`batch_occupancy_ms` for a batch alone), which the planner
-(``partitioner.problem``), its checks and the simulator's worker model follow: a sequential
-worker (``STGS_WORKER_PIPELINE=0``) holds its partition for GPU time + host time of each
-batch; a pipelined one (the default) stages the next batch while this one runs, so each batch
-holds it for the longer of its GPU time and the next batch's host time. A request's own
-latency still includes its batch's host time in both.
 """
 
 from __future__ import annotations
@@ -71,7 +63,6 @@ __all__ = [
     "Provenance",
     "TraceObservations",
     "api_request_ms",
-    "batch_occupancy_ms",
     "default_host_costs_path",
     "fit_api_way",
     "fit_trace",
@@ -80,7 +71,6 @@ __all__ = [
     "measured_term",
     "planner_host_costs",
     "planner_term",
-    "round_shares_ms",
     "shipped_host_costs_path",
     "write_host_costs",
 ]
@@ -265,38 +255,6 @@ def api_request_ms(host: str | None = None) -> float | None:
 def measured_term(name: str) -> Callable[[], float]:
     """A default factory: the default file's term ``name`` (read at first use)."""
     return lambda: float(getattr(measured_host_costs(), name))
-
-
-def round_shares_ms(
-    device_ms: Sequence[float], host_ms: Sequence[float], pipelined: bool
-) -> list[float]:
-    """Each batch's share (ms) of its worker's round: the batches of the worker's models in the
-    order it visits them, with their GPU times ``device_ms`` and the worker's host time around
-    each ``host_ms`` (``batch_ms + n item``); the round takes their sum.
-
-    A sequential worker (take, stage, run, reply, then the next batch) spends ``device + host``
-    on each. A pipelined one (``PlannerOptions.worker_pipeline``) stages the next batch while
-    this one runs on the GPU and can start staging it only once this one is launched, so the
-    GPU's time from this batch's start to the next one's is ``max(device_j, host_{j+1})``, the
-    next batch's host time (the last batch's next is the first: a round). Alone on its worker a
-    batch takes ``max(device, host)``. A request's latency is not this: it includes its own
-    batch's host time in both cases."""
-    n = len(device_ms)
-    if len(host_ms) != n:
-        raise ValueError(f"{n} GPU times and {len(host_ms)} host times")
-    if not pipelined:
-        return [float(d + h) for d, h in zip(device_ms, host_ms, strict=True)]
-    return [float(max(device_ms[j], host_ms[(j + 1) % n])) for j in range(n)]
-
-
-def batch_occupancy_ms(
-    device_ms: npt.ArrayLike, host_ms: npt.ArrayLike, pipelined: bool
-) -> npt.NDArray[np.float64]:
-    """:func:`round_shares_ms` of batches each alone on its worker (elementwise: one batch per
-    round): ``device + host`` sequential, ``max(device, host)`` pipelined."""
-    dev = np.asarray(device_ms, dtype=np.float64)
-    host = np.asarray(host_ms, dtype=np.float64)
-    return np.maximum(dev, host) if pipelined else dev + host
 
 
 def planner_term(name: str) -> Callable[[], float]:

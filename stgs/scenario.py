@@ -125,13 +125,6 @@ class ModelEntry(_Strict):
     profile: str | None = None
 
 
-def _worker_pipeline_default() -> bool:
-    """The workers' pipeline setting (stgs.batching.pipeline_setting, as they read it)."""
-    from stgs.batching import pipeline_setting
-
-    return pipeline_setting()
-
-
 class PlannerOptions(_Strict):
     """Knobs of the planner; every policy reads the ones that concern it. The one declaration:
     a scenario's ``planner:`` section and the daemon's ``[planner]`` (which extends it) both
@@ -206,9 +199,8 @@ class PlannerOptions(_Strict):
     # the router into the worker's queue and its answer back (per request, outside the cycle),
     # the worker's work per batch (taking it, launching the graph, replies) and per request in
     # a batch (the input copy into the pinned buffer). A batch of b then takes
-    # L(b) + host_batch_ms + b host_item_ms of the cycle (with worker_pipeline, the larger of
-    # the two), and a request must see d + L(b) + host_batch_ms + b host_item_ms +
-    # host_request_ms <= slo. All 0: plan on GPU batch latency alone. Defaults: the
+    # L(b) + host_batch_ms + b host_item_ms of the cycle, and a request must see
+    # d + that + host_request_ms <= slo. All 0: plan on GPU batch latency alone. Defaults: the
     # measured host-cost file (stgs/data/host-costs.json or $STGS_HOST_COSTS, stgs.hostcosts;
     # docs/planner.md "Host costs"), derived at an image-sized input; read at first use, so a
     # bad file is a ConfigError where options are made, not an import error.
@@ -234,20 +226,6 @@ class PlannerOptions(_Strict):
         " host-cost file)",
     )
 
-    # How the workers run their batches (stgs.runtime.worker): pipelined (the next batch staged
-    # and launched while this one runs, the replies of the last sent meanwhile) or one at a
-    # time. Pipelined, a batch holds the cycle for max(its GPU time, the next batch's host time),
-    # else their sum (stgs.hostcosts.round_shares_ms); a request's latency includes its batch's
-    # host time in both. Default: the workers' own setting, $STGS_WORKER_PIPELINE read as they
-    # read it (stgs.batching.pipeline_setting: pipelined unless it is 0), so that a daemon
-    # started with STGS_WORKER_PIPELINE=0 plans for the sequential workers it runs.
-    worker_pipeline: bool = Field(
-        default_factory=_worker_pipeline_default,
-        description="plan for pipelined workers: a batch's host time overlaps the GPU runs of"
-        " its neighbours (default: the workers' STGS_WORKER_PIPELINE setting, pipelined unless"
-        " it is 0)",
-    )
-
     def options(self) -> PlannerOptions:
         """Just the planner's options (a subclass, such as the daemon's config, adds its own
         settings)."""
@@ -267,7 +245,7 @@ class ScenarioFile(_Strict):
     profiles: str | None = None
     interference: str | None = None
     headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1)
-    planner: PlannerOptions = Field(default_factory=PlannerOptions)
+    planner: PlannerOptions = PlannerOptions()
 
     @model_validator(mode="after")
     def _unique_names(self) -> ScenarioFile:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from stgs.plan import ModelAssignment, Partition
 
@@ -96,26 +95,3 @@ def make_partition(
         mig_start=None if mig is None else mig[1],
         mps_pct=mps,
     )
-
-
-def least_attained(prob: Any, plan: Any, rates: dict[str, float], seconds: float = 10.0) -> float:
-    """``plan`` of ``prob`` simulated ``seconds`` at ``rates`` (Poisson arrivals, seed 0, each
-    partition sent its planned share, the profiles' noise): the least model's SLO attainment."""
-    from partitioner.policies import get_policy
-    from partitioner.sim import SimOptions, WorkloadSpec, generate
-    from partitioner.sim.run import noise_for, simulate
-    from stgs.profiles import default_profiles_path
-
-    opts = SimOptions(duration_s=seconds, routing="model")
-    arrivals = generate(WorkloadSpec(name="poisson"), rates, seconds, seed=0)
-    _, metrics = simulate(
-        prob,
-        get_policy("stgs"),
-        arrivals,
-        rates,
-        opts,
-        seed=0,
-        noise=noise_for(opts, default_profiles_path()),
-        plan=plan,
-    )
-    return min(float(v["slo_attainment"]) for v in metrics.per_model.values())

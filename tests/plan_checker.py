@@ -6,22 +6,16 @@ the GPU catalog (SKU and MIG profile data only: placement rules are re-implement
 the latency / interference models fitted to the scenario's profile tables.
 
 Per partition, with headroom ``h`` and duty cycle ``d``, each model ``m`` with batch ``b_m``
-and rate ``r_m`` has GPU time, host time, planning latency and cycle occupancy
+and rate ``r_m`` has planning latency
 
-    G_m = (1 + h) * l_m(b_m, sm_count[, mig_profile]) * slowdown_m
-    H_m = host_batch + b_m host_item
-    L_m = G_m + H_m
-    O_m = max(G_m, H_next(m)) with planner.worker_pipeline, else G_m + H_m
+    L_m = (1 + h) * l_m(b_m, sm_count[, mig_profile]) * slowdown_m + host_batch + b_m host_item
 
-(``next(m)``: the model after ``m`` in the partition's list, the first after the last: the
-worker's round; ``O_m`` by :func:`stgs.hostcosts.round_shares_ms`, the one rule, which the
-planner uses too: a pipelined worker stages the next batch while this one runs), where
-``slowdown_m`` is the interference model's factor for the *actual* MPS neighbours of the
+where ``slowdown_m`` is the interference model's factor for the *actual* MPS neighbours of the
 partition (the other MPS shares on the same non-MIG GPU or in the same MIG instance, each with
 the largest batch it runs, for its neighbour weight; none for whole GPUs and whole MIG
 instances), and the plan is valid when
 
-    sum_m O_m <= d,   b_m >= r_m d / 1000,   d + L_m + host_request <= slo_m,
+    sum_m L_m <= d,   b_m >= r_m d / 1000,   d + L_m + host_request <= slo_m,
     sum_m mem_m(b_m) <= memory
 
 (``host_*``: the scenario's ``planner.host_*_ms``, the host time around a batch and a
@@ -42,7 +36,6 @@ from typing import Any
 
 from stgs.catalog import GpuSku, MigProfile, get_sku
 from stgs.errors import MigLayoutError, UnknownSkuError
-from stgs.hostcosts import round_shares_ms
 from stgs.latency import InterferenceModel, LatencyModel, build_latency_models
 from stgs.plan import Plan
 from stgs.profiles import (
@@ -479,8 +472,7 @@ def _check_partition(
     if len(set(names)) != len(names):
         v.append(f"{pw}: a model appears twice: {names}")
 
-    round_gpu: list[float] = []  # the worker's round, in the partition's order
-    round_host: list[float] = []
+    busy = 0.0
     memory = 0.0
     d_tol = EPS + D_ROUND
     for a in assigned:
@@ -518,10 +510,8 @@ def _check_partition(
                 solo *= float(opts.extrapolation_margin)
         slow = interference.slowdown_beside(spec.profile, sku.name, neighbours)
         raw = solo * slow
-        gpu, host = (1.0 + h) * raw, opts.host_batch_ms + b * opts.host_item_ms
-        lat = gpu + host
-        round_gpu.append(gpu)
-        round_host.append(host)
+        lat = (1.0 + h) * raw + opts.host_batch_ms + b * opts.host_item_ms
+        busy += lat
         memory += lm.memory_mib(b)
         # (2) a cycle's arrivals fit in one batch
         need = r * d / 1000.0
@@ -545,12 +535,9 @@ def _check_partition(
                 f"(batch {b}, {sm} SMs, slowdown {slow:.4f} beside {_beside(neighbours)})"
             )
     # (1) every batch runs once per cycle
-    busy = sum(round_shares_ms(round_gpu, round_host, opts.worker_pipeline))
     if busy > d + d_tol:
-        how = "pipelined" if opts.worker_pipeline else "sequential"
         v.append(
-            f"{pw}: batches take {busy:.4f} ms (headroom, interference, host; {how} worker) >"
-            f" duty cycle {d:g} ms"
+            f"{pw}: batches take {busy:.4f} ms (headroom, interference, host) > duty cycle {d:g} ms"
         )
     # (4) memory
     if memory > mem + EPS:

@@ -56,12 +56,7 @@ def _scenario(profile: Path, margin: Any) -> Any:
             "models": [
                 {"name": f"m{i}", "profile": "toy", "slo_ms": 30, "rate_rps": 100} for i in range(8)
             ],
-            # sequential workers: the partition sizes below were chosen on that model
-            "planner": {
-                "extrapolation_margin": margin,
-                "batch_margin": "z",
-                "worker_pipeline": False,
-            },
+            "planner": {"extrapolation_margin": margin, "batch_margin": "z"},
         }
     )
 

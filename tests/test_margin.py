@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _helpers import least_attained
 from plan_checker import build_models, check_plan
 
 from partitioner.margin import (
@@ -26,8 +25,10 @@ from partitioner.margin import (
 from partitioner.peak import find_peak
 from partitioner.policies import get_policy
 from partitioner.problem import Problem, schedule
+from partitioner.sim import SimOptions, WorkloadSpec, generate
+from partitioner.sim.run import noise_for, simulate
 from stgs.errors import ConfigError
-from stgs.hostcosts import round_shares_ms
+from stgs.profiles import default_profiles_path
 from stgs.scenario import PlannerOptions, scenario_from_mapping
 
 TARGET = PlannerOptions().batch_margin_target  # the Poisson share of a 99% SLO's budget
@@ -128,25 +129,13 @@ MODELS = [
 
 
 def _predicted(curve: Any, i: int) -> float:
-    """A batch's predicted latency: its planning latency less the headroom."""
+    """A batch's predicted time in the cycle: its planning latency less the headroom."""
     return float(curve.lat[i] - curve.headroom * curve.slowdown * curve.raw_solo[i])
-
-
-def _round(opts: PlannerOptions, batches: list[tuple[Any, int]], headroom: bool = False) -> float:
-    """A partition's cycle, its (curve, bucket index) batches in the worker's order, from the
-    planner's options and the one rule (``round_shares_ms``): GPU times (with the headroom or
-    not) and host times, added for a sequential worker; for a pipelined one each batch's GPU
-    time or the next batch's host time, the larger."""
-    gpu = [
-        c.raw_solo[i] * c.slowdown * ((1.0 + c.headroom) if headroom else 1.0) for c, i in batches
-    ]
-    host = [opts.host_batch_ms + c.bucket_list[i] * opts.host_item_ms for c, i in batches]
-    return sum(round_shares_ms(gpu, host, opts.worker_pipeline))
 
 
 def _keeps(curve: Any, i: int, rate: float, busy: float) -> bool:
     """The margin, re-derived from partitioner.margin alone (not the curve's cache): ``busy``
-    is the partition's cycle at the predicted occupancies."""
+    is the partition's cycle at the predicted latencies."""
     if rate <= 0:
         return True
     k, fs = patience(curve.slo - _predicted(curve, i), busy)
@@ -155,19 +144,15 @@ def _keeps(curve: Any, i: int, rate: float, busy: float) -> bool:
     )
 
 
-def _pred_busy(opts: PlannerOptions, sched: Any) -> float:
-    return _round(opts, [(s.curve, s.curve.bucket_list.index(s.batch)) for s in sched.slots])
+def _pred_busy(sched: Any) -> float:
+    return sum(_predicted(s.curve, s.curve.bucket_list.index(s.batch)) for s in sched.slots)
 
 
-PIPELINE = pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sequential"])
-
-
-@PIPELINE
-def test_every_partition_keeps_the_margin_on_its_cycle(pipelined: bool) -> None:
+def test_every_partition_keeps_the_margin_on_its_cycle() -> None:
     """A plan's partitions: each model's batch keeps the target share of its Poisson arrivals
-    in time on the partition's cycle (its busy time at the predicted occupancies), and the plan
+    in time on the partition's cycle (its busy time at the predicted latencies), and the plan
     is valid by the independent rules."""
-    sc = scenario_from_mapping(_data(MODELS, worker_pipeline=pipelined))
+    sc = scenario_from_mapping(_data(MODELS))
     prob = Problem.from_scenario(sc)
     plan = get_policy("stgs").plan(prob)
     assert plan.feasible
@@ -178,9 +163,9 @@ def test_every_partition_keeps_the_margin_on_its_cycle(pipelined: bool) -> None:
     for _, p in plan.partitions():
         label = "full" if p.kind == "full" else f"mps:{p.mps_pct}"
         curves = {m.name: prob.curve(m, gtype, shapes[label]) for m in prob.models}
-        busy = _round(
-            prob.options,
-            [(curves[a.name], curves[a.name].bucket_list.index(a.batch)) for a in p.models],  # type: ignore[union-attr]
+        busy = sum(
+            _predicted(curves[a.name], curves[a.name].bucket_list.index(a.batch))  # type: ignore[union-attr]
+            for a in p.models
         )
         for a in p.models:
             c = curves[a.name]
@@ -193,45 +178,32 @@ def test_every_partition_keeps_the_margin_on_its_cycle(pipelined: bool) -> None:
 def test_a_saturated_partition_keeps_room_for_bursts() -> None:
     """One model alone on a partition at 97% of what its largest batch serves: the duty-cycle
     rule alone (b >= r d) plans it, and would lose more than 1% of the requests to Poisson
-    bursts; with the margin that rate does not fit, and the partition's ``max_rps`` does.
-    (A sequential worker: a pipelined one's shorter cycle leaves this batch two cycles of
-    slack, within which 97% keeps the margin.)"""
-    pipelined = False
-    prob = Problem.from_scenario(
-        scenario_from_mapping(_data(MODELS[1:2], worker_pipeline=pipelined))
-    )
-    opts = prob.options
+    bursts; with the margin that rate does not fit, and the partition's ``max_rps`` does."""
+    prob = Problem.from_scenario(scenario_from_mapping(_data(MODELS[1:2])))
     gtype = prob.gpu_types[0]
     shape = next(s for s in prob.shapes(gtype) if s.label == "mps:25")
     curve = prob.curve(prob.models[0], gtype, shape)
     z0 = Problem.from_scenario(
-        scenario_from_mapping(
-            _data(MODELS[1:2], batch_margin="z", batch_margin_z=0, worker_pipeline=pipelined)
-        )
+        scenario_from_mapping(_data(MODELS[1:2], batch_margin="z", batch_margin_z=0))
     ).curve(prob.models[0], gtype, shape)
     assert curve is not None and z0 is not None
-    occ = [_round(opts, [(curve, i)], headroom=True) for i in range(len(curve.bucket_list))]
-    top = max(i for i, lat in enumerate(curve.lat_list) if occ[i] + lat <= curve.slo)
-    rate = 0.97 * 1000.0 * curve.bucket_list[top] / occ[top]
+    top = max(i for i, lat in enumerate(curve.lat_list) if 2 * lat <= curve.slo)
+    rate = 0.97 * 1000.0 * curve.bucket_list[top] / curve.lat_list[top]
     plain = schedule([(z0, rate)])
     assert plain is not None and plain.slots[0].batch == curve.bucket_list[top]
-    assert not _keeps(curve, top, rate, _pred_busy(opts, plain))
+    assert not _keeps(curve, top, rate, _pred_busy(plain))
     assert schedule([(curve, rate)]) is None
     kept = schedule([(curve, curve.max_rps * 0.999)])
     assert kept is not None
     s = kept.slots[0]
-    assert _keeps(curve, curve.bucket_list.index(s.batch), s.rate_rps, _pred_busy(opts, kept))
+    assert _keeps(curve, curve.bucket_list.index(s.batch), s.rate_rps, _pred_busy(kept))
 
 
-@PIPELINE
-def test_schedule_finds_a_schedule_whenever_one_keeps_every_rule(pipelined: bool) -> None:
+def test_schedule_finds_a_schedule_whenever_one_keeps_every_rule() -> None:
     """Against brute force over duty cycles and batches: two models time-sharing a partition,
     rates on a grid; whenever some (d, batches) keeps the duty-cycle rules and the margins,
     ``schedule`` finds a schedule (its batches the least fixed point)."""
-    prob = Problem.from_scenario(
-        scenario_from_mapping(_data(MODELS[:2], worker_pipeline=pipelined))
-    )
-    opts = prob.options
+    prob = Problem.from_scenario(scenario_from_mapping(_data(MODELS[:2])))
     gtype = prob.gpu_types[0]
     shape = next(s for s in prob.shapes(gtype) if s.label == "mps:50")
     ca, cb = (prob.curve(m, gtype, shape) for m in prob.models)
@@ -241,7 +213,7 @@ def test_schedule_finds_a_schedule_whenever_one_keeps_every_rule(pipelined: bool
         found = schedule([(ca, ra), (cb, rb)])
         if found is not None:
             assert found.busy_ms <= found.duty_cycle_ms + 1e-9
-            busy = _pred_busy(opts, found)
+            busy = _pred_busy(found)
             for s in found.slots:
                 i = s.curve.bucket_list.index(s.batch)
                 assert s.batch >= s.rate_rps * found.duty_cycle_ms / 1000.0 - 1e-9
@@ -249,7 +221,7 @@ def test_schedule_finds_a_schedule_whenever_one_keeps_every_rule(pipelined: bool
                 assert _keeps(s.curve, i, s.rate_rps, busy)
         brute = False
         for i, j in itertools.product(range(len(ca.bucket_list)), range(len(cb.bucket_list))):
-            busy = _round(opts, [(ca, i), (cb, j)], headroom=True)
+            busy = ca.lat_list[i] + cb.lat_list[j]
             d = min(
                 ca.slo - ca.lat_list[i],
                 cb.slo - cb.lat_list[j],
@@ -258,7 +230,7 @@ def test_schedule_finds_a_schedule_whenever_one_keeps_every_rule(pipelined: bool
             )
             if busy > d or ca.memory_list[i] + cb.memory_list[j] > shape.memory_mib:
                 continue
-            pred = _round(opts, [(ca, i), (cb, j)])
+            pred = _predicted(ca, i) + _predicted(cb, j)
             if _keeps(ca, i, ra, pred) and _keeps(cb, j, rb, pred):
                 brute = True
                 break
@@ -301,28 +273,37 @@ def _least_attained(planner: dict[str, Any], *, load: float = 1.0) -> float:
     prob = Problem.from_scenario(scenario_from_mapping({**SIM_SCENARIO, "planner": planner}))
     peak = find_peak(prob, get_policy("stgs"))
     rates = {m.name: m.rate_rps * peak.k * load for m in prob.models}
-    return least_attained(prob, peak.plan, rates)
+    opts = SimOptions(duration_s=10, routing="model")
+    arrivals = generate(WorkloadSpec(name="poisson"), rates, 10, seed=0)
+    _, metrics = simulate(
+        prob,
+        get_policy("stgs"),
+        arrivals,
+        rates,
+        opts,
+        seed=0,
+        noise=noise_for(opts, default_profiles_path()),
+        plan=peak.plan,
+    )
+    return min(float(v["slo_attainment"]) for v in metrics.per_model.values())
 
 
 def test_the_simulator_keeps_99_percent_at_the_planned_peak() -> None:
     """At the peak the planner finds, the simulated model keeps >= 99% within its SLO; without
     a margin (z = 0) it does not; 5% more load than planned breaks it (the margin is not larger
     than it needs to be), where the former z = 1 kept 99% at 15% more than its own, lower,
-    peak. On sequential workers (the case it was sized on); pipelined ones keep >= 99% at their
-    own, higher, peak too (and 5% above it keep about 99%: 0.991 here)."""
-    assert _least_attained({}) >= 0.99  # pipelined (the default)
-    seq = {"worker_pipeline": False}
-    assert _least_attained(seq) >= 0.99
-    assert _least_attained({**seq, "batch_margin": "z", "batch_margin_z": 0}) < 0.99
-    assert _least_attained(seq, load=1.05) < 0.99
-    former = {**seq, "batch_margin": "z", "batch_margin_z": 1.0}
+    peak."""
+    assert _least_attained({}) >= 0.99
+    assert _least_attained({"batch_margin": "z", "batch_margin_z": 0}) < 0.99
+    assert _least_attained({}, load=1.05) < 0.99
+    former = {"batch_margin": "z", "batch_margin_z": 1.0}
     assert _least_attained(former, load=1.15) >= 0.99
     peaks = [
         find_peak(
             Problem.from_scenario(scenario_from_mapping({**SIM_SCENARIO, "planner": p})),
             get_policy("stgs"),
         ).k
-        for p in (seq, former)
+        for p in ({}, former)
     ]
     assert peaks[0] > 1.1 * peaks[1]
 

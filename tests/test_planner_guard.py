@@ -166,9 +166,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDaemon]:
         work,
         '[backend]\nkind = "simulated"\n'
         f'simulated_gpus = [{{ sku = "H100-80GB", count = {GPUS} }}]\n'
-        # sequential workers: the ~20 s plans below were sized on that model
         f'[planner]\nprofiles = "profiles.csv"\ntime_budget_s = {BUDGET_S}\n'
-        "worker_pipeline = false\n"
         "[controller]\ninterval_s = 600\n",
     )
     proc = d.start()
@@ -302,11 +300,7 @@ def test_a_controller_replan_over_the_budget_is_logged_and_retried(tmp_path: Pat
                 "kind": "simulated",
                 "simulated_gpus": [{"sku": "H100-80GB", "count": GPUS}],
             },
-            "planner": {
-                "profiles": "profiles.csv",
-                "time_budget_s": 30.0,
-                "worker_pipeline": False,  # the slow plans here were sized on that model
-            },
+            "planner": {"profiles": "profiles.csv", "time_budget_s": 30.0},
         }
     ).resolved(tmp_path)
     d = build(cfg, background=False)

@@ -35,12 +35,8 @@ MODELS = [
 ]
 
 
-# Sequential workers: the cases below (which rates take another GPU) were sized on that model.
-PLANNER = {"worker_pipeline": False}
-
-
 def _data(models: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"gpus": GPUS, "models": models, "planner": PLANNER}
+    return {"gpus": GPUS, "models": models}
 
 
 def _problem(models: list[dict[str, Any]]) -> Problem:
@@ -177,7 +173,7 @@ def test_align_puts_a_new_layout_on_the_idle_gpu() -> None:
 def test_spare_factor_plans_headroom_and_keeps_it() -> None:
     """spare_factor 1.5: a plan for 1.5x the rates serving the real rates (valid at them), and
     a later 1.3x rise is absorbed by keeping the layout (at most a batch change restarts one)."""
-    data = {**_data(MODELS), "planner": {**PLANNER, "spare_factor": 1.5}}
+    data = {**_data(MODELS), "planner": {"spare_factor": 1.5}}
     prob = Problem.from_scenario(scenario_from_mapping(data))
     plan = get_policy("stgs").plan(prob)
     assert plan.feasible and plan.info.get("spare_factor") in (1.5, round(1.5**0.5, 4))
@@ -203,7 +199,7 @@ def _scaled(k: float) -> list[dict[str, Any]]:
 
 
 def _fill_problem(models: list[dict[str, Any]], **planner: Any) -> Problem:
-    data = {**_data(models), "planner": {**PLANNER, "spare_factor": "fill", **planner}}
+    data = {**_data(models), "planner": {"spare_factor": "fill", **planner}}
     return Problem.from_scenario(scenario_from_mapping(data))
 
 

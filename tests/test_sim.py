@@ -90,10 +90,9 @@ def test_hand_computable_latencies(problem: Problem) -> None:
 
 
 def test_host_costs_hand_computable(problem: Problem) -> None:
-    """The same arrivals as above with host costs, sequential workers: queued 0.5 ms after
-    arrival, a batch of n holds the worker 0.2 + n x (0.1 + 0.05 x MB) ms beyond its GPU
-    latency, answers arrive 0.3 ms after the batch."""
-    problem = problem.with_options(worker_pipeline=False)
+    """The same arrivals as above with host costs: queued 0.5 ms after arrival, a batch of n
+    holds the worker 0.2 + n x (0.1 + 0.05 x MB) ms beyond its GPU latency, answers arrive
+    0.3 ms after the batch."""
     lm = problem.latency[("H100-80GB", "resnet50")]
     l1, l4 = lm.latency_ms(1, 132), lm.latency_ms(4, 132)
     host = HostCosts(
@@ -421,7 +420,6 @@ def test_overrun_slows_only_the_named_model(problem: Problem) -> None:
     """simulator.overrun: the named model's batches run that much longer than its profile
     says (the planner does not know); other models and bad keys as stated."""
     arr = {"resnet50": np.array([0.0]), "bert_base": np.array([0.0])}
-    problem = problem.with_options(worker_pipeline=False)  # a plan with a partition per model
     plan = get_policy("stgs").plan(problem)
     opts = {"duration_s": 1, "noise": "off", "admission": False, "host": HostCosts(enabled=False)}
     base = Simulator(problem, plan, arr, SimOptions(**opts)).run()
@@ -434,91 +432,3 @@ def test_overrun_slows_only_the_named_model(problem: Problem) -> None:
         SimOptions(overrun={"resnet50": 0.0})
     with pytest.raises(ConfigError, match="not in the problem"):
         Simulator(problem, plan, arr, SimOptions(**opts, overrun={"vgg16": 1.2}))
-
-
-def test_pipelined_host_costs_hand_computable(problem: Problem) -> None:
-    """The arrivals above on a pipelined worker (``planner.worker_pipeline``): a batch taken
-    at t launches at max(t + host, the GPU free); the next is taken at max(that launch, its
-    end - the host time of a planned batch). Requests still see their batch's host time; back
-    to back, batches follow each other at the GPU's pace."""
-    assert problem.options.worker_pipeline
-    lm = problem.latency[("H100-80GB", "resnet50")]
-    l1, l4 = lm.latency_ms(1, 132), lm.latency_ms(4, 132)
-    mb = 3 * 224 * 224 * 4 / 1e6
-    host = HostCosts(
-        request_ms=0.5,
-        request_ms_per_mb=0.0,
-        batch_ms=0.2,
-        sample_ms=0.1,
-        sample_ms_per_mb=0.05,
-        reply_ms=0.3,
-    )
-    h1, h4 = 0.2 + (0.1 + 0.05 * mb), 0.2 + 4 * (0.1 + 0.05 * mb)
-    arr = np.array([0, 0, 0, 0, 0, 0.001, 0.2])
-    opts = SimOptions(duration_s=1, noise="off", admission=False, host=host)
-    res = Simulator(problem, one_model_plan(4), {"resnet50": arr}, opts).run()
-    lat = res.finish_ms - res.arrival_ms
-    a_launch = 0.5 + h1
-    a_end = a_launch + l1
-    # the worker leads the GPU by its slowest slot's host time: h4 at the planned batch of 4
-    b_take = max(a_launch, a_end - h4)  # four queued at 0.5 ms (a batch of 4)
-    b_launch = max(b_take + h4, a_end)
-    b_end = b_launch + l4
-    c_take = max(b_launch, b_end - h4)
-    c_end = max(c_take + h1, b_end) + l1
-    want = [a_end + 0.3, *[b_end + 0.3] * 4, c_end + 0.3 - 1.0, 0.5 + h1 + l1 + 0.3]
-    np.testing.assert_allclose(lat, want, rtol=0, atol=1e-9)
-    seq = Simulator(
-        problem.with_options(worker_pipeline=False), one_model_plan(4), {"resnet50": arr}, opts
-    ).run()
-    assert (lat <= seq.finish_ms - seq.arrival_ms + 1e-9).all()
-    assert lat[5] < (seq.finish_ms - seq.arrival_ms)[5] - 0.1  # its batch no longer waits
-    assert res.status.tolist() == [OK] * 7
-
-
-def test_sequential_workers_simulate_as_before() -> None:
-    """``worker_pipeline: false`` reproduces the simulator of before the pipelined model to
-    the bit: this run's numbers were recorded on main at d0f5ef5, on the example profiles the
-    tests use (three models, two MPS
-    partitions, busy interference, noise, host costs, admission)."""
-    sc = scenario_from_mapping(
-        {
-            "gpus": [{"sku": "H100-80GB", "count": 1, "mig": False}],
-            "models": [
-                {"name": "resnet50", "slo_ms": 20, "rate_rps": 1500},
-                {"name": "bert_base", "slo_ms": 40, "rate_rps": 400},
-                {"name": "mobilenet_v3_large", "slo_ms": 10, "rate_rps": 1000},
-            ],
-            "planner": {"worker_pipeline": False},
-        }
-    )
-    a = ModelAssignment
-    parts = (
-        Partition(
-            "mps",
-            66,
-            40000.0,
-            6.0,
-            (a("resnet50", 12, 1500, 1), a("mobilenet_v3_large", 8, 1000, 1)),
-            mps_pct=50,
-        ),
-        Partition("mps", 66, 40000.0, 12.0, (a("bert_base", 8, 400, 1),), mps_pct=50),
-    )
-    plan = Plan("hand", True, (GpuPlan(0, "H100-80GB", False, parts),))
-    rng = np.random.default_rng(3)
-    rates = (("resnet50", 1500), ("bert_base", 400), ("mobilenet_v3_large", 1000))
-    arr = {m: np.sort(rng.uniform(0, 3, int(3 * r))) for m, r in rates}
-    host = HostCosts(
-        request_ms=0.2,
-        request_ms_per_mb=0.1,
-        batch_ms=0.35,
-        sample_ms=0.03,
-        sample_ms_per_mb=0.1,
-        reply_ms=0.1,
-    )
-    opts = SimOptions(duration_s=3, noise=0.05, host=host)
-    res = Simulator(Problem.from_scenario(sc), plan, arr, opts, seed=7).run()
-    assert int((res.status == OK).sum()) == 8392
-    assert res.batches == 1836
-    assert res.busy_weighted_ms == pytest.approx(2505.660012563522, rel=1e-12)
-    assert float(res.finish_ms.sum()) == pytest.approx(13026486.45052877, rel=1e-12)

@@ -98,12 +98,7 @@ def _problem() -> Any:
         slowdown_beside=lambda *_: 1.0,
         neighbour_weight=lambda *_: 1.0,
     )
-    return SimpleNamespace(
-        models=models,
-        latency=latency,
-        interference=interference,
-        options=SimpleNamespace(worker_pipeline=False),  # the runs below were sized on it
-    )
+    return SimpleNamespace(models=models, latency=latency, interference=interference)
 
 
 def _sim_change(sim: Simulator, t: float, new: Plan) -> dict[str, Any]:

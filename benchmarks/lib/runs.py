@@ -105,9 +105,6 @@ def load_run(summary: str | Path, npz: str | Path | None = None, sku: str = "H10
                 {"name": m["name"], "slo_ms": m["slo_ms"], "rate_rps": rates[m["name"]]}
                 for m in models
             ],
-            # the workers' setting in the run; a run that does not record it predates the
-            # pipelined worker (session 10): sequential
-            "planner": {"worker_pipeline": bool(res.get("worker_pipeline", False))},
         }
     )
     return Run(

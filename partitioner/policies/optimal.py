@@ -10,8 +10,7 @@ Formulation: a configuration program, solved by HiGHS (``scipy.optimize.milp``).
 
 * A *configuration* of a shape: models with one batch bucket each (at most
   ``max_models_per_partition``), their memory within the shape's, whose smallest duty cycle
-  ``D = sum_m O_m(b_m)`` (the batches' shares of the round, ``round_shares``) meets every SLO:
-  ``D + L_m(b_m) <= slo_m`` (their latencies, ``Curve.lat``). It serves any rates
+  ``D = sum_m L_m(b_m)`` meets every SLO: ``D + L_m(b_m) <= slo_m``. It serves any rates
   ``r_m <= cap_m = Curve.rate_cap(b_m, D, D')`` (the duty-cycle rule at ``d = D`` and the batch
   margin on the partition's predicted cycle ``D'``, both of the batches alone; a larger d serves
   less).
@@ -89,7 +88,7 @@ from scipy.sparse import coo_array, csr_array, vstack
 from partitioner.fluid import fluid_bound
 from partitioner.policies import Policy, register
 from partitioner.policies.stgs_policy import Stgs
-from partitioner.problem import Curve, Problem, Shape, round_shares, schedule
+from partitioner.problem import Curve, Problem, Shape, schedule
 from stgs.catalog import MigLayout, MigPlacement, enumerate_layouts, get_sku
 from stgs.errors import PlanningError
 from stgs.plan import GpuPlan, ModelAssignment, Partition, Plan, Unserved
@@ -153,21 +152,16 @@ def _enumerate(
     (checked per curve; without it nothing is pruned for that model). A model with no load only
     ever needs its smallest bucket.
     """
-    # per model, its options (bucket index, occupancy, memory, SLO slack ``slo - L``)
     cands: list[tuple[int, bool, list[tuple[int, float, float, float]]]] = []
     for mi, c in sorted(curves.items()):
         slo = c.slo
-        mono = bool(
-            np.all(np.diff(c.lat) >= 0)
-            and np.all(np.diff(c.occ) >= 0)
-            and np.all(np.diff(c.memory) >= 0)
-        )
+        mono = bool(np.all(np.diff(c.lat) >= 0) and np.all(np.diff(c.memory) >= 0))
         opts: list[tuple[int, float, float, float]] = []
         for bi in range(len(c.buckets)):
-            lat, occ = float(c.lat[bi]), float(c.occ[bi])
+            lat = float(c.lat[bi])
             mem = float(c.memory[bi])
-            if occ > 0 and occ + lat <= slo + _EPS and mem <= shape.memory_mib:
-                opts.append((bi, occ, mem, slo - lat))
+            if lat > 0 and 2 * lat <= slo + _EPS and mem <= shape.memory_mib:
+                opts.append((bi, lat, mem, slo - lat))
         if rates[mi] <= 0:
             opts = opts[:1]
         if opts:
@@ -176,57 +170,36 @@ def _enumerate(
     runs: list[tuple[int, int]] = []
     chosen: list[tuple[int, bool, int]] = []  # (model, monotone, option index)
 
-    # pipelined workers: a batch's share of the round depends on the next batch's host time
-    # (partitioner.problem.round_shares), so a configuration's cycle is summed at its end; on
-    # the way, max(sum of GPU times, sum of host times) bounds it from below
-    pipe = any(c.pipelined for c in curves.values())
-
-    def round_ms(rs: Sequence[tuple[int, int]], predicted: bool = False) -> float:
-        items = [(curves[mi], 0.0) for mi, _ in rs]
-        return sum(round_shares(items, [bi for _, bi in rs], predicted))
-
     def dominated(total: float, pred: float) -> bool:
         """Could one model take its next smaller bucket and still serve its whole rate?"""
-        for j, ((mi, mono, k), (_, _, opts)) in enumerate(zip(chosen, picked, strict=True)):
+        for (mi, mono, k), (_, _, opts) in zip(chosen, picked, strict=True):
             if not mono or k == 0:
                 continue
             c = curves[mi]
             bi, bi_prev = opts[k][0], opts[k - 1][0]
-            if pipe:
-                smaller = [*runs[:j], (mi, bi_prev), *runs[j + 1 :]]
-                cycle, cycle_pred = round_ms(smaller), round_ms(smaller, True)
-            else:
-                cycle = total - c.occ_list[bi] + c.occ_list[bi_prev]
-                cycle_pred = pred - c.pred_occ_list[bi] + c.pred_occ_list[bi_prev]
+            cycle = total - c.lat_list[bi] + c.lat_list[bi_prev]
+            cycle_pred = pred - c.pred_list[bi] + c.pred_list[bi_prev]
             if c.rate_cap(bi_prev, cycle, cycle_pred) >= rates[mi]:
                 return True
         return False
 
     picked: list[tuple[int, bool, list[tuple[int, float, float, float]]]] = []
 
-    def walk(
-        i: int, total: float, pred: float, mem: float, slack: float, sd: float, sh: float
-    ) -> None:
+    def walk(i: int, total: float, pred: float, mem: float, slack: float) -> None:
         if i == len(cands):
-            if runs and pipe:
-                total, pred = round_ms(runs), round_ms(runs, True)
-                if total > slack + _EPS:
-                    return
             if runs and not dominated(total, pred):
                 if len(out) >= budget:
                     raise _TooLarge
                 caps = tuple(curves[mi].rate_cap(bi, total, pred) for mi, bi in runs)
                 out.append(_Config(tuple(runs), total, caps))
             return
-        walk(i + 1, total, pred, mem, slack, sd, sh)
+        walk(i + 1, total, pred, mem, slack)
         if len(runs) >= max_models:
             return
         mi, mono, opts = cands[i]
         rate = rates[mi]
-        c = curves[mi]
-        for k, (bi, occ, m_mem, m_slack) in enumerate(opts):
-            dev, host = c.dev_list[bi], c.host_list[bi]
-            t2 = max(sd + dev, sh + host) if pipe else total + occ
+        for k, (bi, lat, m_mem, m_slack) in enumerate(opts):
+            t2 = total + lat
             s2 = min(slack, m_slack)
             if t2 > s2 + _EPS:
                 if mono:
@@ -243,12 +216,12 @@ def _enumerate(
             runs.append((mi, bi))
             chosen.append((mi, mono, k))
             picked.append(cands[i])
-            walk(i + 1, t2, pred + c.pred_occ_list[bi], mem + m_mem, s2, sd + dev, sh + host)
+            walk(i + 1, t2, pred + curves[mi].pred_list[bi], mem + m_mem, s2)
             runs.pop()
             chosen.pop()
             picked.pop()
 
-    walk(0, 0.0, 0.0, 0.0, math.inf, 0.0, 0.0)
+    walk(0, 0.0, 0.0, 0.0, math.inf)
     return out
 
 

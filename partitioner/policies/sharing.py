@@ -23,12 +23,10 @@ most SLO / 2 (:func:`sharing_max_batch`): with a work-conserving batcher a reque
 the batch in progress and then run in the next, so two batches must fit in the SLO. A model
 whose batch 1 already misses gets 1.
 
-What the plan claims it serves (its rates and ``feasible``), with the planner's own batch
-occupancies ``O(b)`` (``Curve.occ``: headroom and host costs included, the host time overlapped
-with the GPU's for pipelined workers, ``partitioner.problem``): a model alone serves at most
-``1000 b / O(b)`` req/s; the models that share a GPU's time (``TimeSlice``, ``Concurrent``)
-together at most its whole time: ``sum rate x O(b) / b <= 1000`` ms per second. Above that
-the rates are scaled down to
+What the plan claims it serves (its rates and ``feasible``), with the planner's own latencies
+(headroom and host costs included): a model alone serves at most ``1000 b / L(b)`` req/s;
+the models that share a GPU's time (``TimeSlice``, ``Concurrent``) together at most its whole
+time: ``sum rate x L(b) / b <= 1000`` ms per second. Above that the rates are scaled down to
 what fits and the rest is listed as unserved (``feasible`` false), which the daemon's admission
 refuses, as it refuses a stgs plan that cannot serve a model.
 
@@ -149,7 +147,7 @@ class _OnePartitionPerModel(Policy):
                 continue
             b = sharing_max_batch(curve)
             k = int(curve.buckets.searchsorted(b))
-            lat = float(curve.occ[k])  # what a batch holds of the partition's cycle
+            lat = float(curve.lat[k])
             cap = 1000.0 * b / lat
             placed.append(
                 (m, b, float(curve.raw_solo[k] * curve.slowdown), lat, min(m.rate_rps, cap))

@@ -26,17 +26,8 @@ and a heap of partition and controller events. What it mirrors of the runtime
   (``SimOptions.interference = "busy"``, the default), or of every MPS neighbour in the plan
   at its largest batch (``"static"``, as the plan reports it).
 * **Host costs** (``SimOptions.host``): a request is queued in the worker a fixed time after it
-  arrives; a batch takes a per-batch and per-request host time beside its GPU latency; answers
-  reach the client a fixed time after the batch (docs/simulator.md). How the two meet is the
-  scenario's ``planner.worker_pipeline`` (the rule of :func:`stgs.hostcosts.batch_occupancy_ms`,
-  which the planner plans with): a *sequential* worker (``STGS_WORKER_PIPELINE=0``) holds its
-  partition for the GPU latency + the host time of each batch, then takes the next; a
-  *pipelined* one stages a batch (its host time) while the one before runs: a batch taken at
-  ``t`` launches at ``max(t + host, the GPU free)``, the next is taken at ``max(this launch,
-  this end - lead)`` (the worker's own timing: staged just before the GPU frees, ``lead`` the
-  slowest slot's host time at its planned batch, as the worker leads by its slowest slot's
-  take-to-launch time), so a saturated worker spends ``max(GPU, the next batch's host)`` per
-  batch while each request still sees its batch's host time and GPU latency.
+  arrives; a batch holds the worker for its GPU latency plus a per-batch and per-request host
+  time; answers reach the client a fixed time after the batch (docs/simulator.md).
 * **Re-planning** (the controller, in virtual time): the daemon's rules and parameters,
   ``partitioner.control.ControlLoop``, fed each request's arrival and SLO outcome when it is
   answered (as the daemon's meter is); the policy call and the transition it starts hold the
@@ -89,7 +80,7 @@ OK, DEADLINE, NO_WORKER = 0, 1, 2
 # partition states (the runtime's PartitionState, those that matter here)
 STARTING, READY, DRAINING, STOPPED = 0, 1, 2, 3
 # event kinds
-_DONE, _CTRL, _READY, _FINISH, _TAKE = 0, 1, 2, 3, 4
+_DONE, _CTRL, _READY, _FINISH = 0, 1, 2, 3
 
 _NOISE_BLOCK = 4096
 _NOISE_STREAM = 0x401
@@ -152,14 +143,12 @@ class _Part:
         "born_ms",
         "busy",
         "busy_ms",
-        "dev_free",
         "died_ms",
         "draw_block",
         "factors",
         "gamma",
         "gpu",
         "host",
-        "host_lead",
         "in_flight",
         "key",
         "lat",
@@ -188,8 +177,7 @@ class _Part:
         self.state = STARTING
         self.in_flight = 0
         self.model_flight: dict[int, int] = {}  # per model index: its requests in flight here
-        self.busy = False  # the worker's loop has a batch to take, stage or run
-        self.dev_free = 0.0  # pipelined: when the GPU ends the last batch launched
+        self.busy = False
         self.busy_ms = 0.0
         self.born_ms = 0.0
         self.died_ms = math.nan
@@ -206,9 +194,6 @@ class _Part:
         self.weight_n: list[list[float]] = []
         self.run_weight = 1.0
         self.host: list[list[float]] = []  # per slot: host time (ms) a batch of n adds
-        # pipelined: how long before the GPU frees the worker takes its next batch (the slowest
-        # slot's host time at its planned batch, as the worker leads by its slowest slot's)
-        self.host_lead = 0.0
         # per slot: lognormal sigma (> 0), 0 (no noise) or -1 (noise "runtime": a factor drawn
         # from ``factors[slot]``)
         self.sigma: list[float] = []
@@ -300,9 +285,6 @@ class Simulator:
     ) -> None:
         self.problem = problem
         self.options = options
-        # how the workers run their batches: the setting the plan was made for (one rule,
-        # stgs.hostcosts.batch_occupancy_ms; the module docstring)
-        self.pipelined = problem.options.worker_pipeline
         self.seed = seed
         self.noise = noise or NoiseModel(default=0.0)
         self.replan_fn = replan
@@ -396,7 +378,6 @@ class Simulator:
             part.lat.append(by_n)
             host = self.options.host
             part.host.append([host.batch_extra_ms(spec.profile, n) for n in range(a.batch + 1)])
-            part.host_lead = max(part.host_lead, part.host[-1][a.batch])
             if self.options.noise == "runtime":
                 part.sigma.append(-1.0)
                 part.factors.append(factors_for(self.noise.factors, spec.profile))
@@ -558,10 +539,7 @@ class Simulator:
             if not heap:
                 break
             t, _, kind, payload = heappop(heap)
-            if kind == _TAKE:
-                part, slot = payload
-                self._serve(part, t, slot)
-            elif kind == _DONE:
+            if kind == _DONE:
                 part, slot, live, dur = payload
                 t_ans = t + reply_ms
                 for j in live:
@@ -575,10 +553,6 @@ class Simulator:
                 part.model_flight[mi] -= len(live)
                 est = part.margin[slot]
                 part.margin[slot] = dur if est == 0.0 else 0.8 * est + 0.2 * dur
-                if self.pipelined:  # the worker took its next batch at its own time (_TAKE)
-                    if not part.busy and part.state == DRAINING and part.dev_free <= t:
-                        self._stopped(part, t)
-                    continue
                 part.busy_ms += dur
                 self._serve(part, t, slot + 1)
             elif kind == _CTRL:
@@ -653,7 +627,7 @@ class Simulator:
                         if part.neigh:  # interference "busy": the neighbours running now
                             pct = 0.0
                             for other, share in part.neigh:
-                                if other.busy or other.dev_free > t:
+                                if other.busy:
                                     pct += share * other.run_weight
                             dur *= 1.0 + part.gamma[slot] * pct / 100.0
                         sigma = part.sigma[slot]
@@ -662,20 +636,10 @@ class Simulator:
                         elif sigma < 0.0:  # noise "runtime": a measured factor
                             fs = part.factors[slot]
                             dur *= fs[int(self._draw(part) * len(fs))]
-                        host = part.host[slot][len(live)]
+                        dur += part.host[slot][len(live)]
                         part.busy = True
                         part.run_weight = part.weight_n[slot][len(live)]
                         self.batches += 1
-                        if self.pipelined:
-                            launch = max(t + host, part.dev_free)
-                            end = launch + dur
-                            # the partition's time this batch holds (the batches' spans apart)
-                            part.busy_ms += end - max(t, part.dev_free)
-                            part.dev_free = end
-                            self._push(end, _DONE, (part, slot, live, end - t))
-                            self._push(max(launch, end - part.host_lead), _TAKE, (part, slot + 1))
-                            return
-                        dur += host
                         self._push(t + dur, _DONE, (part, slot, live, dur))
                         return
                 slot += 1
@@ -683,7 +647,7 @@ class Simulator:
                 slot = 0
                 continue
             part.busy = False
-            if part.state == DRAINING and part.dev_free <= t:  # no batch left on the GPU
+            if part.state == DRAINING:
                 self._stopped(part, t)
             return
 
@@ -831,7 +795,7 @@ class Simulator:
             _unlink(part)
             return
         part.state = DRAINING
-        if not part.busy and not any(part.queues) and part.dev_free <= t:
+        if not part.busy and not any(part.queues):
             self._stopped(part, t)
 
     def _stopped(self, part: _Part, t: float) -> None:

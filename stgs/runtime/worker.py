@@ -113,7 +113,7 @@ from typing import Any
 
 import numpy as np
 
-from stgs.batching import ADMISSION_DECAY, PIPELINE_ENV, pipeline_setting
+from stgs.batching import ADMISSION_DECAY
 from stgs.errors import ConfigError
 from stgs.hostmem import keep_large_buffers
 from stgs.lifeline import die_with_parent
@@ -149,6 +149,7 @@ __all__ = [
 ]
 
 SWITCH_INTERVAL_S = 200e-6  # the worker's GIL switch interval (see main)
+PIPELINE_ENV = "STGS_WORKER_PIPELINE"
 # The pipeline takes the next batch this long, beyond its measured preparation time, before the
 # batch in flight is predicted to end: the thread's wake-up (GIL switch interval 200 us) and
 # the prediction's error.
@@ -163,6 +164,19 @@ DATA_SEND_TIMEOUT_S = 0.25
 _DATA_SEND_TIMEOUT = struct.pack(  # a struct timeval
     "@ll", int(DATA_SEND_TIMEOUT_S), int(DATA_SEND_TIMEOUT_S % 1 * 1e6)
 )
+
+
+def pipeline_setting(environ: dict[str, str] | None = None) -> bool:
+    """Whether workers pipeline their batches: ``STGS_WORKER_PIPELINE`` unset or ``1`` (the
+    default), or ``0`` (one batch at a time: take, run, reply, as before the pipeline; for
+    before/after measurements). ConfigError for any other value."""
+    raw = (os.environ if environ is None else environ).get(PIPELINE_ENV, "")
+    value = raw.strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{PIPELINE_ENV}={raw!r}: 1 (pipelined, the default) or 0 (sequential)")
 
 
 @dataclass(frozen=True)
